@@ -1,0 +1,239 @@
+"""The `compute-swarm` command line: a dispatcher, and the engine's own subcommands.
+
+Each part of the product registers its subcommands through the `compute_swarm.commands` entry-point
+group, so this module never imports another part, and a buyer's light install never imports torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+from collections.abc import Callable
+from importlib.metadata import entry_points
+from pathlib import Path
+
+from pydantic import ValidationError
+
+ENTRY_POINT_GROUP = "compute_swarm.commands"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="compute-swarm", description="Fine-tune and serve LLMs on a swarm of idle GPUs."
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="show the engine's log messages")
+    subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
+    registrations: dict[str, Callable] = {"engine": register_commands}
+    for entry_point in entry_points(group=ENTRY_POINT_GROUP):
+        if entry_point.name not in registrations:
+            registrations[entry_point.name] = entry_point.load()
+    for register in registrations.values():
+        register(subcommands)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    logging.basicConfig(
+        level=logging.INFO if arguments.verbose else logging.WARNING,
+        format="%(levelname)s %(name)s: %(message)s",
+    )
+    try:
+        return arguments.handler(arguments) or 0
+    except KeyboardInterrupt:
+        return 130
+
+
+def register_commands(subcommands: argparse._SubParsersAction) -> None:
+    train = subcommands.add_parser(
+        "train",
+        help="fine-tune a LoRA adapter on this machine",
+        description="Fine-tune a LoRA adapter locally. The adapter lands in --output in peft's layout; "
+        "the last line printed is that directory.",
+    )
+    train.add_argument(
+        "--model",
+        default=None,
+        help="catalogue name, Hugging Face directory or .gguf file (default: the demo model)",
+    )
+    train.add_argument(
+        "--data", required=True, type=Path, help="JSONL: chat 'messages' or 'prompt'/'completion'"
+    )
+    length = train.add_mutually_exclusive_group()
+    length.add_argument("--steps", type=int, help="optimizer steps (default 100 unless --epochs)")
+    length.add_argument("--epochs", type=int)
+    train.add_argument("--output", type=Path, help="adapter directory (default: ./adapters/<time>)")
+    train.add_argument("--rank", type=int)
+    train.add_argument("--alpha", type=float)
+    train.add_argument("--dropout", type=float)
+    train.add_argument("--target-modules", help="comma-separated, e.g. q_proj,v_proj")
+    train.add_argument("--learning-rate", type=float)
+    train.add_argument("--schedule", choices=["constant", "linear", "cosine"])
+    train.add_argument("--warmup-steps", type=int)
+    train.add_argument("--batch-size", type=int)
+    train.add_argument("--accumulation", type=int, dest="gradient_accumulation_steps")
+    train.add_argument("--max-length", type=int, dest="max_sequence_length")
+    train.add_argument("--seed", type=int)
+    train.add_argument("--eval-fraction", type=float)
+    train.add_argument("--checkpoint-every", type=int, dest="checkpoint_interval")
+    train.add_argument("--device", help="cpu, cuda:N or mps (default: the best one found)")
+    train.add_argument(
+        "--resume", action="store_true", help="continue from the latest checkpoint in --output"
+    )
+    train.set_defaults(handler=_train)
+
+    fetch = subcommands.add_parser("models", help="fetch and verify catalogue models")
+    fetch.add_argument("names", nargs="*", help="catalogue names (default: the demo model)")
+    fetch.set_defaults(handler=_fetch_models)
+
+    devices = subcommands.add_parser("devices", help="show the GPUs and CPU this machine offers")
+    devices.add_argument("--json", action="store_true")
+    devices.set_defaults(handler=_show_devices)
+
+
+_SPEC_OPTIONS = [
+    "rank",
+    "alpha",
+    "dropout",
+    "learning_rate",
+    "schedule",
+    "warmup_steps",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "max_sequence_length",
+    "seed",
+    "eval_fraction",
+    "checkpoint_interval",
+    "epochs",
+]
+
+
+def _train(arguments: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from engine.jobs import LoraJobSpec
+    from engine.models import DEFAULT_MODEL
+    from engine.records import CheckpointSaved, Completed, Failed, Log, Progress, Started
+    from engine.runner import JobRunner
+
+    fields = {
+        name: getattr(arguments, name) for name in _SPEC_OPTIONS if getattr(arguments, name) is not None
+    }
+    if arguments.target_modules:
+        fields["target_modules"] = tuple(
+            name.strip() for name in arguments.target_modules.split(",") if name.strip()
+        )
+    if arguments.epochs is None:
+        fields["max_steps"] = arguments.steps if arguments.steps is not None else 100
+    try:
+        spec = LoraJobSpec(
+            base_model=arguments.model or DEFAULT_MODEL, dataset=str(arguments.data.resolve()), **fields
+        )
+    except ValidationError as error:
+        print(f"compute-swarm train: invalid settings:\n{_describe_validation(error)}", file=sys.stderr)
+        return 2
+    output = arguments.output or Path("adapters") / time.strftime("%Y%m%d-%H%M%S")
+    runner = JobRunner(
+        spec, output.resolve(), device=arguments.device, resume_from="latest" if arguments.resume else None
+    )
+    print(f"Training {spec.base_model} on {arguments.data} (log: {runner.log_path})", file=sys.stderr)
+    bar: tqdm | None = None
+    final = None
+    try:
+        runner.start()
+        for record in runner.records():
+            if isinstance(record, Started):
+                bar = tqdm(
+                    total=record.total_steps, initial=record.resumed_from_step, unit="step", file=sys.stderr
+                )
+                print(
+                    f"{record.train_examples} training and {record.eval_examples} held-out examples on "
+                    f"{record.device}",
+                    file=sys.stderr,
+                )
+            elif isinstance(record, Progress) and bar is not None:
+                bar.update(record.step - bar.n)
+                postfix = {"loss": f"{record.loss:.3f}", "tok/s": f"{record.tokens_per_second:.0f}"}
+                if record.eval_loss is not None:
+                    postfix["eval"] = f"{record.eval_loss:.3f}"
+                bar.set_postfix(postfix)
+            elif isinstance(record, CheckpointSaved | Log):
+                message = (
+                    f"checkpoint at step {record.step}"
+                    if isinstance(record, CheckpointSaved)
+                    else record.message
+                )
+                (bar.write if bar else print)(message, file=sys.stderr)
+            final = record
+    except KeyboardInterrupt:
+        print("\nStopping: saving a checkpoint (Ctrl-C again to abandon it)...", file=sys.stderr)
+        runner.cancel()
+        try:
+            final = runner.run()
+        except KeyboardInterrupt:
+            runner.kill()
+            return 130
+    finally:
+        if bar is not None:
+            bar.close()
+    if isinstance(final, Completed):
+        eval_text = f", held-out loss {final.eval_loss:.4f}" if final.eval_loss is not None else ""
+        print(
+            f"Done: {final.steps} steps in {final.seconds:.0f} s, final loss {final.final_loss:.4f}{eval_text}",
+            file=sys.stderr,
+        )
+        print(final.output_dir)
+        return 0
+    assert isinstance(final, Failed)
+    print(f"compute-swarm train: {final.kind.replace('_', ' ')}: {final.message}", file=sys.stderr)
+    if final.kind == "crashed" and final.details:
+        print(final.details, file=sys.stderr)
+    if final.checkpoint:
+        print(f"Resume with the same command plus --resume --output {output}", file=sys.stderr)
+    return 1
+
+
+def _describe_validation(error: ValidationError) -> str:
+    return "\n".join(
+        f"  --{'.'.join(str(part) for part in problem['loc']).replace('_', '-') or 'settings'}: "
+        f"{problem['msg'].removeprefix('Value error, ')}"
+        for problem in error.errors()
+    )
+
+
+def _fetch_models(arguments: argparse.Namespace) -> int:
+    from engine.models import DEFAULT_MODEL, ModelError, fetch_catalogue_model
+
+    for name in arguments.names or [DEFAULT_MODEL]:
+        try:
+            print(fetch_catalogue_model(name))
+        except ModelError as error:
+            print(f"compute-swarm models: {error}", file=sys.stderr)
+            return 1
+    return 0
+
+
+def _show_devices(arguments: argparse.Namespace) -> int:
+    from engine.devices import probe
+
+    inventory = probe()
+    if arguments.json:
+        print(inventory.model_dump_json(indent=2))
+        return 0
+    cpu = inventory.cpu
+    print(
+        f"CPU: {cpu.name or 'unknown'}, {cpu.logical_cores} threads, "
+        f"{cpu.memory_available_bytes / 2**30:.1f} of {cpu.memory_total_bytes / 2**30:.1f} GiB free"
+    )
+    for gpu in inventory.gpus:
+        memory = (
+            f"{gpu.memory_free_bytes / 2**30:.1f} of {gpu.memory_total_bytes / 2**30:.1f} GiB free"
+            if gpu.memory_free_bytes is not None and gpu.memory_total_bytes is not None
+            else "memory unknown"
+        )
+        temperature = f", {gpu.temperature_celsius:.0f} °C" if gpu.temperature_celsius is not None else ""
+        print(f"GPU {gpu.index}: {gpu.name} ({gpu.backend}), {memory}{temperature}")
+    print(f"Backends: {', '.join(inventory.backends)}; training would use {inventory.best_device()}")
+    return 0

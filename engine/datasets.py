@@ -1,0 +1,213 @@
+"""Fine-tuning datasets: JSONL validated line by line, and tokenized with loss only on the answers.
+
+Two line shapes are accepted: a chat (`{"messages": [{"role": ..., "content": ...}, ...]}`, loss on
+the assistant turns) and a pair (`{"prompt": ..., "completion": ...}`, loss on the completion).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from engine.jobs import InvalidJobError
+
+if TYPE_CHECKING:
+    from transformers import PreTrainedTokenizerBase
+
+# Labels with this value are ignored by the loss (the convention of torch's cross_entropy).
+IGNORED_LABEL = -100
+MAXIMUM_LINE_BYTES = 8 << 20
+MAXIMUM_REPORTED_ERRORS = 20
+
+# Used only for tokenizers that ship without a chat template.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+
+
+class _Line(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class ChatMessage(_Line):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAXIMUM_LINE_BYTES)
+
+
+class ChatExample(_Line):
+    messages: tuple[ChatMessage, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _has_an_answer(self) -> ChatExample:
+        if not any(message.role == "assistant" and message.content for message in self.messages):
+            raise ValueError("a chat needs at least one non-empty assistant message to learn from")
+        return self
+
+
+class PromptCompletionExample(_Line):
+    prompt: str
+    completion: str = Field(min_length=1)
+
+
+Example = ChatExample | PromptCompletionExample
+
+
+@dataclass(frozen=True)
+class LineError:
+    line_number: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"line {self.line_number}: {self.message}"
+
+
+class DatasetError(InvalidJobError):
+    """A dataset that cannot be used; `errors` names each bad line."""
+
+    def __init__(self, summary: str, errors: tuple[LineError, ...] = ()):
+        self.errors = errors
+        details = "".join(f"\n  {error}" for error in errors)
+        super().__init__(summary + details)
+
+
+@dataclass(frozen=True)
+class TokenizedExample:
+    input_ids: tuple[int, ...]
+    labels: tuple[int, ...]  # IGNORED_LABEL where no loss is taken
+
+    @property
+    def label_count(self) -> int:
+        return sum(label != IGNORED_LABEL for label in self.labels)
+
+
+def parse_line(text: str) -> Example:
+    """Validate one JSONL line; raises ValueError with a message a person can act on."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    if "messages" in data:
+        shape: type[_Line] = ChatExample
+    elif "prompt" in data or "completion" in data:
+        shape = PromptCompletionExample
+    else:
+        raise ValueError("expected a 'messages' list or 'prompt' and 'completion' strings")
+    try:
+        return shape.model_validate_json(text)
+    except ValidationError as error:
+        raise ValueError(_describe(error)) from None
+
+
+def _describe(error: ValidationError) -> str:
+    problems = error.errors()
+    failing_containers = {
+        problem["loc"][:length] for problem in problems for length in range(len(problem["loc"]))
+    }
+    described = []
+    for problem in problems:
+        # A list whose items failed also reports being too short after validation: say it once.
+        if problem["type"] == "too_short" and problem["loc"] in failing_containers:
+            continue
+        where = ".".join(str(part) for part in problem["loc"])
+        message = problem["msg"].removeprefix("Value error, ")
+        described.append(f"{where}: {message}" if where else message)
+    return "; ".join(described)
+
+
+def read_jsonl(path: str | Path) -> list[Example]:
+    """Read and validate every line; all bad lines are reported together (up to a limit)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DatasetError(f"dataset {path} does not exist or is not a file")
+    examples: list[Example] = []
+    errors: list[LineError] = []
+    with open(path, "rb") as file:
+        for line_number, raw in enumerate(file, start=1):
+            if len(raw) > MAXIMUM_LINE_BYTES:
+                errors.append(LineError(line_number, f"longer than {MAXIMUM_LINE_BYTES} bytes"))
+                continue
+            try:
+                text = raw.decode("utf-8")
+            except UnicodeDecodeError as error:
+                errors.append(LineError(line_number, f"not UTF-8 (byte {error.start})"))
+                continue
+            if not text.strip():
+                continue
+            try:
+                examples.append(parse_line(text))
+            except ValueError as error:
+                errors.append(LineError(line_number, str(error)))
+    if errors:
+        shown = tuple(errors[:MAXIMUM_REPORTED_ERRORS])
+        more = f" (showing the first {len(shown)})" if len(errors) > len(shown) else ""
+        raise DatasetError(f"{path}: {len(errors)} bad line(s){more}:", shown)
+    if not examples:
+        raise DatasetError(f"{path} holds no examples")
+    return examples
+
+
+def ensure_chat_template(tokenizer: PreTrainedTokenizerBase) -> None:
+    if not getattr(tokenizer, "chat_template", None):
+        tokenizer.chat_template = CHATML_TEMPLATE
+
+
+def tokenize_example(
+    example: Example, tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> TokenizedExample:
+    """Token ids and labels, truncated on the right to max_length."""
+    if isinstance(example, PromptCompletionExample):
+        prompt = tokenizer(example.prompt, add_special_tokens=True)["input_ids"]
+        completion = tokenizer(example.completion, add_special_tokens=False)["input_ids"]
+        completion = [*completion, tokenizer.eos_token_id]
+        input_ids = [*prompt, *completion]
+        labels = [IGNORED_LABEL] * len(prompt) + completion
+    else:
+        input_ids, labels = _tokenize_chat(example, tokenizer)
+    return TokenizedExample(tuple(input_ids[:max_length]), tuple(labels[:max_length]))
+
+
+def _tokenize_chat(example: ChatExample, tokenizer: PreTrainedTokenizerBase) -> tuple[list[int], list[int]]:
+    # The loss covers each assistant turn's characters (its content and the template's end-of-turn
+    # marker). Those character spans come from rendering the conversation up to and including each
+    # turn; the token offsets of the full rendering then say which tokens fall inside a span.
+    messages = [message.model_dump() for message in example.messages]
+    full_text = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans: list[tuple[int, int]] = []
+    for index, message in enumerate(messages):
+        if message["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:index], tokenize=False, add_generation_prompt=True)
+        through = tokenizer.apply_chat_template(messages[: index + 1], tokenize=False)
+        if not (full_text.startswith(through) and through.startswith(before)):
+            raise DatasetError(
+                "this model's chat template renders a conversation differently from its prefixes, "
+                "so assistant turns cannot be located; use prompt/completion lines instead"
+            )
+        spans.append((len(before), len(through)))
+    encoded = tokenizer(full_text, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [
+        token if any(start <= begin < end for start, end in spans) else IGNORED_LABEL
+        for token, (begin, _) in zip(encoded["input_ids"], encoded["offset_mapping"], strict=True)
+    ]
+    return list(encoded["input_ids"]), labels
+
+
+def tokenize_dataset(
+    examples: list[Example], tokenizer: PreTrainedTokenizerBase, max_length: int
+) -> list[TokenizedExample]:
+    """Tokenize all examples, dropping those whose answer is truncated away entirely."""
+    ensure_chat_template(tokenizer)
+    tokenized = [tokenize_example(example, tokenizer, max_length) for example in examples]
+    usable = [example for example in tokenized if example.label_count > 0]
+    if not usable:
+        raise DatasetError(
+            f"no example has any answer token within max_sequence_length={max_length}; raise it"
+        )
+    return usable

@@ -1,0 +1,108 @@
+"""Job specifications: the declarative, validated description of work a node may run.
+
+Shared by the coordinator and the nodes, so this module imports nothing heavier than pydantic.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+
+# Module names that peft matches against `named_modules()`; plain identifiers only, so a spec can
+# never smuggle a regular expression or a path into the trainer.
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+class InvalidJobError(ValueError):
+    """A job that can never run as given (bad data, unknown modules, a foreign checkpoint): retrying
+    it elsewhere will not help, and the node that found out is not at fault."""
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class LoraJobSpec(_Spec):
+    """A LoRA fine-tune of a causal language model on a JSONL dataset."""
+
+    type: Literal["lora"] = "lora"
+
+    base_model: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="A catalogue name (see engine.models.CATALOGUE), a Hugging Face model directory, "
+        "or a .gguf file.",
+    )
+    dataset: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="A JSONL file: one {'messages': [...]} or {'prompt': ..., 'completion': ...} per line.",
+    )
+
+    # The adapter.
+    rank: int = Field(default=8, ge=1, le=1024)
+    alpha: float = Field(default=16.0, gt=0, le=1e4)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: tuple[str, ...] = Field(
+        default=("q_proj", "k_proj", "v_proj", "o_proj"), min_length=1, max_length=64
+    )
+
+    # The optimisation.
+    learning_rate: float = Field(default=2e-4, gt=0, le=1.0)
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0, le=1_000_000)
+    max_steps: int | None = Field(default=None, ge=1, le=10_000_000)
+    epochs: int | None = Field(default=None, ge=1, le=10_000)
+    batch_size: int = Field(default=4, ge=1, le=4096)
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=4096)
+    max_sequence_length: int = Field(default=512, ge=8, le=131_072)
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    max_grad_norm: float = Field(default=1.0, gt=0, le=1e6)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+
+    # Evaluation and durability.
+    eval_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    checkpoint_interval: int = Field(
+        default=0, ge=0, le=10_000_000, description="Save a resumable checkpoint every N steps; 0: never."
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _module_names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        for name in names:
+            if not _MODULE_NAME.match(name):
+                raise ValueError(f"target module {name!r} is not a plain module name like 'q_proj'")
+        if len(set(names)) != len(names):
+            raise ValueError("target_modules lists a module twice")
+        return names
+
+    @model_validator(mode="after")
+    def _length_of_training(self) -> LoraJobSpec:
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of max_steps and epochs")
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps and self.warmup_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must be smaller than max_steps ({self.max_steps})"
+            )
+        return self
+
+    @property
+    def examples_per_step(self) -> int:
+        return self.batch_size * self.gradient_accumulation_steps
+
+
+JobSpec = Annotated[LoraJobSpec, Field(discriminator="type")]
+_job_spec_adapter: TypeAdapter[JobSpec] = TypeAdapter(JobSpec)
+
+
+def parse_job_spec(data: str | bytes | dict) -> JobSpec:
+    """Validate a spec given as JSON text or as JSON-like data (as it arrives on the wire).
+
+    Raises pydantic.ValidationError, whose message names each bad field.
+    """
+    if isinstance(data, dict):
+        data = json.dumps(data)
+    return _job_spec_adapter.validate_json(data)

