@@ -50,6 +50,18 @@ def latest_checkpoint(output_dir: Path) -> Path | None:
     return complete[-1] if complete else None
 
 
+def save_adapter(model: PeftModel, directory: Path) -> None:
+    """Save in peft's layout, with the same bytes for the same weights in every process."""
+    model.save_pretrained(directory)
+    # peft keeps target_modules as a set, whose order follows Python's per-process string hashing;
+    # a sorted list makes the file reproducible (peft reads either).
+    config_path = directory / "adapter_config.json"
+    config = json.loads(config_path.read_text())
+    if isinstance(config.get("target_modules"), list):
+        config["target_modules"] = sorted(config["target_modules"])
+    config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+
+
 def save_checkpoint(
     output_dir: Path,
     *,
@@ -63,7 +75,7 @@ def save_checkpoint(
     final = parent / f"step-{state.step:08d}"
     scratch = parent / f".step-{state.step:08d}.partial"
     shutil.rmtree(scratch, ignore_errors=True)
-    model.save_pretrained(scratch)
+    save_adapter(model, scratch)
     save_file(_optimizer_tensors(optimizer), scratch / OPTIMIZER_FILE)
     save_file(_random_state(), scratch / RANDOM_STATE_FILE)
     document = {

@@ -375,7 +375,7 @@ def train_lora(
             save(step)
             last_checkpoint_step = step
 
-    model.save_pretrained(output_dir)
+    checkpoints.save_adapter(model, output_dir)
     final_eval = history["eval_loss"][-1][1] if history["eval_loss"] else None
     completed = Completed(
         output_dir=str(output_dir),

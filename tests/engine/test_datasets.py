@@ -24,8 +24,13 @@ def tokenizer(demo_model_directory: Path):
 
 
 def answer_text(tokenizer, example) -> str:
-    return tokenizer.decode([token for token, label in zip(example.input_ids, example.labels, strict=True)
-                             if label != IGNORED_LABEL])
+    return tokenizer.decode(
+        [
+            token
+            for token, label in zip(example.input_ids, example.labels, strict=True)
+            if label != IGNORED_LABEL
+        ]
+    )
 
 
 def test_reads_both_line_shapes_and_skips_blank_lines(tmp_path: Path) -> None:
@@ -100,7 +105,9 @@ def test_chat_loss_covers_only_the_assistant_turns(tmp_path: Path, tokenizer) ->
 
 
 def test_prompt_completion_loss_covers_the_completion_and_end_token(tmp_path: Path, tokenizer) -> None:
-    path = write_jsonl(tmp_path / "pairs.jsonl", [{"prompt": "The capital of France is", "completion": " Paris"}])
+    path = write_jsonl(
+        tmp_path / "pairs.jsonl", [{"prompt": "The capital of France is", "completion": " Paris"}]
+    )
     [example] = tokenize_dataset(read_jsonl(path), tokenizer, max_length=512)
     assert answer_text(tokenizer, example) == " Paris" + tokenizer.eos_token
 
