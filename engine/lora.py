@@ -151,13 +151,10 @@ def answer_loss_sum(
     )
     with autocast:
         logits = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
-    logits = logits[:, :-1, :].float()
-    targets = batch["labels"][:, 1:]
+    # Shift the labels, not the logits: slicing the (batch, seq, vocab) logits would copy them.
+    targets = functional.pad(batch["labels"][:, 1:], (0, 1), value=datasets.IGNORED_LABEL)
     return functional.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]),
-        targets.reshape(-1),
-        ignore_index=datasets.IGNORED_LABEL,
-        reduction="sum",
+        logits.float().flatten(0, 1), targets.flatten(), ignore_index=datasets.IGNORED_LABEL, reduction="sum"
     )
 
 
