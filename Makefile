@@ -6,8 +6,8 @@ BIN := $(VENV)/bin
 # Pick the build for your GPU with e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
 EXTRAS ?= engine,dev
-INSTALLED := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 comma := ,
+INSTALLED := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
 .PHONY: setup run test lint format bench clean
 
@@ -22,7 +22,8 @@ $(INSTALLED): pyproject.toml
 
 # The main job: fine-tune a LoRA adapter on the demo model with the demo dataset.
 run: $(INSTALLED)
-	$(BIN)/compute-swarm train --data engine/data/demo_chat.jsonl --steps 30 --output adapters/demo
+	$(BIN)/compute-swarm train --data engine/data/demo_chat.jsonl --steps 30 --learning-rate 1e-3 --output adapters/demo \
+		--sample "What is the capital of Peru?"
 
 test: $(INSTALLED)
 	$(BIN)/python -m pytest

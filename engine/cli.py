@@ -10,6 +10,7 @@ import argparse
 import logging
 import sys
 import time
+import warnings
 from collections.abc import Callable
 from importlib.metadata import entry_points
 from pathlib import Path
@@ -82,6 +83,11 @@ def register_commands(subcommands: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in --output"
     )
+    train.add_argument(
+        "--sample",
+        metavar="PROMPT",
+        help="afterwards, show the base and the fine-tuned model's answers to PROMPT",
+    )
     train.set_defaults(handler=_train)
 
     fetch = subcommands.add_parser("models", help="fetch and verify catalogue models")
@@ -140,18 +146,20 @@ def _train(arguments: argparse.Namespace) -> int:
     )
     print(f"Training {spec.base_model} on {arguments.data} (log: {runner.log_path})", file=sys.stderr)
     bar: tqdm | None = None
+    trained_on = arguments.device or "cpu"
     final = None
     try:
         runner.start()
         for record in runner.records():
             if isinstance(record, Started):
-                bar = tqdm(
-                    total=record.total_steps, initial=record.resumed_from_step, unit="step", file=sys.stderr
-                )
+                trained_on = record.device
                 print(
                     f"{record.train_examples} training and {record.eval_examples} held-out examples on "
                     f"{record.device}",
                     file=sys.stderr,
+                )
+                bar = tqdm(
+                    total=record.total_steps, initial=record.resumed_from_step, unit="step", file=sys.stderr
                 )
             elif isinstance(record, Progress) and bar is not None:
                 bar.update(record.step - bar.n)
@@ -184,6 +192,8 @@ def _train(arguments: argparse.Namespace) -> int:
             f"Done: {final.steps} steps in {final.seconds:.0f} s, final loss {final.final_loss:.4f}{eval_text}",
             file=sys.stderr,
         )
+        if arguments.sample:
+            _show_sample(spec, final.output_dir, arguments.sample, trained_on)
         print(final.output_dir)
         return 0
     assert isinstance(final, Failed)
@@ -193,6 +203,19 @@ def _train(arguments: argparse.Namespace) -> int:
     if final.checkpoint:
         print(f"Resume with the same command plus --resume --output {output}", file=sys.stderr)
     return 1
+
+
+def _show_sample(spec, adapter_dir: str, prompt: str, device: str) -> None:
+    from transformers.utils import logging as transformers_logging
+
+    from engine.lora import compare_answers
+
+    transformers_logging.disable_progress_bar()
+    # peft calls a transformers helper that transformers 5 renamed; the warning means nothing to a user.
+    warnings.filterwarnings("ignore", message=".*is_gradient_checkpointing.*", category=FutureWarning)
+
+    base_answer, tuned_answer = compare_answers(spec, adapter_dir, prompt, device=device)
+    print(f"\nPrompt:     {prompt}\nBase model: {base_answer}\nFine-tuned: {tuned_answer}\n", file=sys.stderr)
 
 
 def _describe_validation(error: ValidationError) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 import os
 import random
@@ -26,7 +27,7 @@ from engine import checkpoints, datasets, devices, models, resources
 from engine.jobs import InvalidJobError, LoraJobSpec
 from engine.records import CheckpointSaved, Completed, Progress, Record, Started
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+logger = logging.getLogger(__name__)
 METRICS_FILE = "metrics.json"
 
 
@@ -277,7 +278,9 @@ def train_lora(
         path = (
             checkpoints.latest_checkpoint(output_dir) if str(resume_from) == "latest" else Path(resume_from)
         )
-        if path is not None:
+        if path is None:
+            logger.warning("no checkpoint in %s yet: starting from step 0", output_dir)
+        else:
             state = checkpoints.load_checkpoint(path, spec=spec, model=model, optimizer=optimizer)
             step, history = state.step, state.metrics
             if scaler is not None and state.scaler:
@@ -391,3 +394,34 @@ def train_lora(
     }
     (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     return completed
+
+
+@torch.no_grad()
+def compare_answers(
+    spec: LoraJobSpec, adapter_dir: str | Path, prompt: str, *, device: str = "cpu", max_new_tokens: int = 48
+) -> tuple[str, str]:
+    """Greedy answers to one chat prompt from the base model and from the base model with the adapter,
+    so a person can see what the fine-tune changed."""
+    tokenizer = models.load_tokenizer(spec.base_model)
+    datasets.ensure_chat_template(tokenizer)
+    model = PeftModel.from_pretrained(
+        models.load_causal_lm(spec.base_model, dtype=choose_precision(device).weights_dtype, device=device),
+        str(adapter_dir),
+    )
+    model.eval()
+    inputs = tokenizer.apply_chat_template(
+        [{"role": "user", "content": prompt}],
+        add_generation_prompt=True,
+        return_tensors="pt",
+        return_dict=True,
+    ).to(device)
+
+    def answer() -> str:
+        output = model.generate(
+            **inputs, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tokenizer.pad_token_id
+        )
+        return tokenizer.decode(output[0, inputs["input_ids"].shape[1] :], skip_special_tokens=True).strip()
+
+    with model.disable_adapter():
+        base_answer = answer()
+    return base_answer, answer()

@@ -120,6 +120,9 @@ class JobRunner:
         return_code = self.process.wait()
         if self._killer is not None:
             self._killer.cancel()
+        for stream in (self.process.stdin, self.process.stdout):
+            if stream is not None:
+                stream.close()
         if final is None:
             yield self._failure_without_record(return_code)
 

@@ -37,6 +37,8 @@ def test_train_writes_a_peft_adapter_and_prints_its_directory_last(
         str(output),
         "--checkpoint-every",
         "2",
+        "--sample",
+        "What is 2 plus 3?",
         cwd=tmp_path,
     )
     assert result.returncode == 0, result.stderr
@@ -44,6 +46,7 @@ def test_train_writes_a_peft_adapter_and_prints_its_directory_last(
     assert (output / "adapter_model.safetensors").is_file() and (output / "adapter_config.json").is_file()
     assert "3/3" in result.stderr  # the progress bar reached the end
     assert "checkpoint at step 2" in result.stderr and "Done: 3 steps" in result.stderr
+    assert "Prompt:     What is 2 plus 3?" in result.stderr and "Fine-tuned: " in result.stderr
 
 
 def test_train_refuses_bad_data_naming_the_line(tiny_model_directory: Path, tmp_path: Path) -> None:

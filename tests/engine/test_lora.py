@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+import json
 import math
 from pathlib import Path
 
@@ -169,3 +170,17 @@ def test_epochs_set_the_number_of_steps() -> None:
     spec = LoraJobSpec(base_model="m", dataset="d", epochs=3, batch_size=4, gradient_accumulation_steps=2)
     # 10 examples: 3 micro-batches per epoch, 9 micro-batches, 5 optimizer steps (the last one short).
     assert lora.total_optimizer_steps(spec, 10) == 5
+
+
+@pytest.mark.gpu
+def test_mixed_precision_training_on_the_gpu_learns_and_is_deterministic(
+    tiny_model_directory: Path, chat_dataset: Path, tmp_path: Path
+) -> None:
+    device = "cuda:0" if torch.cuda.is_available() else "mps"
+    spec = tiny_spec(tiny_model_directory, chat_dataset, max_steps=12, checkpoint_interval=6)
+    first = lora.train_lora(spec, tmp_path / "first", device=device)
+    second = lora.train_lora(spec, tmp_path / "second", device=device)
+    assert math.isfinite(first.final_loss) and first.final_loss == second.final_loss
+    assert adapter_bytes(tmp_path / "first") == adapter_bytes(tmp_path / "second")
+    metrics = json.loads((tmp_path / "first" / "metrics.json").read_text())
+    assert sum(metrics["loss"][-3:]) < sum(metrics["loss"][:3])

@@ -49,3 +49,9 @@ def test_references_that_are_not_models_are_refused(tmp_path: Path, layout: dict
     )
     with pytest.raises(models.ModelError, match=message):
         models.resolve_model_path(reference)
+
+
+def test_a_gguf_file_is_prepared_once_into_the_same_safetensors_directory(demo_model_directory: Path) -> None:
+    gguf_file = models.fetch_catalogue_model(models.DEFAULT_MODEL)
+    # Keyed by content: the path of the file does not matter, only its bytes.
+    assert models.prepared_model_directory(str(gguf_file)) == demo_model_directory
