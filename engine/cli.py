@@ -187,11 +187,9 @@ def _train(arguments: argparse.Namespace) -> int:
         if bar is not None:
             bar.close()
     if isinstance(final, Completed):
+        loss_text = f", final loss {final.final_loss:.4f}" if final.final_loss is not None else ""
         eval_text = f", held-out loss {final.eval_loss:.4f}" if final.eval_loss is not None else ""
-        print(
-            f"Done: {final.steps} steps in {final.seconds:.0f} s, final loss {final.final_loss:.4f}{eval_text}",
-            file=sys.stderr,
-        )
+        print(f"Done: {final.steps} steps in {final.seconds:.0f} s{loss_text}{eval_text}", file=sys.stderr)
         if arguments.sample:
             _show_sample(spec, final.output_dir, arguments.sample, trained_on)
         print(final.output_dir)

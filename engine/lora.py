@@ -193,16 +193,17 @@ def seed_everything(seed: int) -> None:
 
 def build_model(spec: LoraJobSpec, device: str, precision: Precision) -> PeftModel:
     base = models.load_causal_lm(spec.base_model, dtype=precision.weights_dtype, device=device)
-    linear_layers = {
+    # peft adapts layers with a 2-D weight: linear (and GPT-2's Conv1D) and embedding layers.
+    adaptable = {
         name.rsplit(".", 1)[-1]
         for name, module in base.named_modules()
-        if isinstance(module, torch.nn.Linear)
+        if isinstance(getattr(module, "weight", None), torch.Tensor) and module.weight.ndim == 2
     }
-    missing = [name for name in spec.target_modules if name not in linear_layers]
+    missing = [name for name in spec.target_modules if name not in adaptable]
     if missing:
         raise InvalidJobError(
-            f"target modules {', '.join(missing)} are not linear layers of this model; "
-            f"it has {', '.join(sorted(linear_layers))}"
+            f"target modules {', '.join(missing)} are not adaptable layers of this model; "
+            f"it has {', '.join(sorted(adaptable))}"
         )
     config = LoraConfig(
         r=spec.rank,
@@ -317,7 +318,7 @@ def train_lora(
 
     run_tokens, run_started, first_step = 0, time.monotonic(), step
     last_checkpoint_step = step
-    loss = float("nan")
+    loss = history["loss"][-1] if history["loss"] else None
     while step < total_steps:
         if should_stop():
             raise TrainingCancelled(
@@ -347,6 +348,10 @@ def train_lora(
         else:
             optimizer.step()
         optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(
+                f"the loss became {step_loss} at step {step + 1}; lower learning_rate or max_grad_norm"
+            )
         step += 1
         loss = step_loss
         history["loss"].append(loss)
@@ -380,7 +385,7 @@ def train_lora(
     completed = Completed(
         output_dir=str(output_dir),
         steps=step,
-        final_loss=loss if history["loss"] else float("nan"),
+        final_loss=loss,
         eval_loss=final_eval,
         train_tokens=run_tokens,
         seconds=time.monotonic() - started_at,

@@ -12,7 +12,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
 
 class _Record(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid")
+    # NaN and infinity travel as JSON's usual extensions, not as null, so a record always reads back.
+    model_config = ConfigDict(frozen=True, extra="forbid", ser_json_inf_nan="constants")
 
 
 class Started(_Record):
@@ -53,7 +54,7 @@ class Completed(_Record):
     type: Literal["completed"] = "completed"
     output_dir: str
     steps: int
-    final_loss: float
+    final_loss: float | None  # None when a resumed run had no step left to take
     eval_loss: float | None
     train_tokens: int
     seconds: float

@@ -148,7 +148,9 @@ def test_unknown_target_modules_are_refused_naming_the_real_ones(
     tiny_model_directory: Path, chat_dataset: Path, tmp_path: Path
 ) -> None:
     spec = tiny_spec(tiny_model_directory, chat_dataset, target_modules=("query", "v_proj"))
-    with pytest.raises(InvalidJobError, match=r"query are not linear layers of this model; it has .*q_proj"):
+    with pytest.raises(
+        InvalidJobError, match=r"query are not adaptable layers of this model; it has .*q_proj"
+    ):
         lora.train_lora(spec, tmp_path / "run")
 
 
