@@ -25,8 +25,9 @@ OPTIMIZER_FILE = "optimizer.safetensors"
 RANDOM_STATE_FILE = "random_state.safetensors"
 ADAPTER_FILE = "adapter_model.safetensors"
 KEEP_LATEST = 2
-# Fields that may change between the run that saved a checkpoint and the run that resumes it.
-RESUMABLE_CHANGES = {"checkpoint_interval"}
+# Fields that may change between the run that saved a checkpoint and the run that resumes it: the
+# interval, and the local paths of the model and data (each node keeps its own; their contents count).
+RESUMABLE_CHANGES = {"checkpoint_interval", "base_model", "dataset"}
 
 
 class CheckpointError(InvalidJobError):
@@ -62,10 +63,20 @@ def save_adapter(model: PeftModel, directory: Path) -> None:
     config_path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
+def job_identity(spec: LoraJobSpec, *, model_fingerprint: str, dataset_sha256: str) -> dict[str, Any]:
+    """What a checkpoint must match to be resumed: the spec's settings and its inputs' contents."""
+    identity = {
+        key: value for key, value in spec.model_dump(mode="json").items() if key not in RESUMABLE_CHANGES
+    }
+    return {**identity, "model": model_fingerprint, "dataset_sha256": dataset_sha256}
+
+
 def save_checkpoint(
     output_dir: Path,
     *,
     spec: LoraJobSpec,
+    identity: dict[str, Any],
+    device: str,
     model: PeftModel,
     optimizer: torch.optim.Optimizer,
     state: TrainerState,
@@ -77,10 +88,11 @@ def save_checkpoint(
     shutil.rmtree(scratch, ignore_errors=True)
     save_adapter(model, scratch)
     save_file(_optimizer_tensors(optimizer), scratch / OPTIMIZER_FILE)
-    save_file(_random_state(), scratch / RANDOM_STATE_FILE)
+    save_file(_random_state(device), scratch / RANDOM_STATE_FILE)
     document = {
         "format": FORMAT_VERSION,
         "step": state.step,
+        "identity": identity,
         "spec": spec.model_dump(mode="json"),
         "scaler": state.scaler,
         "metrics": state.metrics,
@@ -95,7 +107,12 @@ def save_checkpoint(
 
 
 def load_checkpoint(
-    path: Path, *, spec: LoraJobSpec, model: PeftModel, optimizer: torch.optim.Optimizer
+    path: Path,
+    *,
+    identity: dict[str, Any],
+    device: str,
+    model: PeftModel,
+    optimizer: torch.optim.Optimizer,
 ) -> TrainerState:
     """Restore the adapter, optimizer and random state into freshly built objects."""
     try:
@@ -106,20 +123,21 @@ def load_checkpoint(
         raise CheckpointError(
             f"{path} has checkpoint format {document.get('format')}, expected {FORMAT_VERSION}"
         )
-    saved_spec = {key: value for key, value in document["spec"].items() if key not in RESUMABLE_CHANGES}
-    current_spec = {
-        key: value for key, value in spec.model_dump(mode="json").items() if key not in RESUMABLE_CHANGES
-    }
-    if saved_spec != current_spec:
-        differences = sorted(key for key in current_spec if saved_spec.get(key) != current_spec[key])
+    saved = document.get("identity")
+    if not isinstance(saved, dict):
+        raise CheckpointError(f"{path} does not say which job it belongs to")
+    if saved != identity:
+        differences = sorted(key for key in identity if saved.get(key) != identity[key])
         raise CheckpointError(f"{path} belongs to a different job: {', '.join(differences)} differ")
     try:
         set_peft_model_state_dict(model, load_file(path / ADAPTER_FILE))
         _restore_optimizer(optimizer, load_file(path / OPTIMIZER_FILE))
-        _restore_random_state(load_file(path / RANDOM_STATE_FILE))
-    except (OSError, KeyError, ValueError, RuntimeError) as error:
+        _restore_random_state(load_file(path / RANDOM_STATE_FILE), device)
+        return TrainerState(
+            step=int(document["step"]), scaler=document["scaler"], metrics=document["metrics"]
+        )
+    except (OSError, KeyError, TypeError, ValueError, RuntimeError) as error:
         raise CheckpointError(f"{path} cannot be restored: {error}") from None
-    return TrainerState(step=int(document["step"]), scaler=document["scaler"], metrics=document["metrics"])
 
 
 def _optimizer_tensors(optimizer: torch.optim.Optimizer) -> dict[str, torch.Tensor]:
@@ -142,17 +160,21 @@ def _restore_optimizer(optimizer: torch.optim.Optimizer, tensors: dict[str, torc
     optimizer.load_state_dict({"state": state, "param_groups": optimizer.state_dict()["param_groups"]})
 
 
-def _random_state() -> dict[str, torch.Tensor]:
+def _random_state(device: str) -> dict[str, torch.Tensor]:
+    # Only the generators this run draws from: the CPU's, and the training device's own.
     tensors = {"cpu": torch.get_rng_state()}
-    if torch.cuda.is_available():
-        for index, cuda_state in enumerate(torch.cuda.get_rng_state_all()):
-            tensors[f"cuda.{index}"] = cuda_state
+    if device.startswith("cuda"):
+        tensors["device"] = torch.cuda.get_rng_state(torch.device(device))
+    elif device == "mps":
+        tensors["device"] = torch.mps.get_rng_state()
     return tensors
 
 
-def _restore_random_state(tensors: dict[str, torch.Tensor]) -> None:
+def _restore_random_state(tensors: dict[str, torch.Tensor], device: str) -> None:
     torch.set_rng_state(tensors["cpu"])
-    cuda_keys = sorted((key for key in tensors if key.startswith("cuda.")), key=lambda key: int(key[5:]))
-    cuda_states = [tensors[key] for key in cuda_keys]
-    if cuda_states and torch.cuda.is_available():
-        torch.cuda.set_rng_state_all(cuda_states)
+    if "device" not in tensors:
+        return
+    if device.startswith("cuda"):
+        torch.cuda.set_rng_state(tensors["device"], torch.device(device))
+    elif device == "mps":
+        torch.mps.set_rng_state(tensors["device"])

@@ -129,9 +129,11 @@ def read_jsonl(path: str | Path) -> list[Example]:
     examples: list[Example] = []
     errors: list[LineError] = []
     with open(path, "rb") as file:
-        for line_number, raw in enumerate(file, start=1):
+        for line_number, raw in enumerate(iter(lambda: file.readline(MAXIMUM_LINE_BYTES + 1), b""), start=1):
             if len(raw) > MAXIMUM_LINE_BYTES:
                 errors.append(LineError(line_number, f"longer than {MAXIMUM_LINE_BYTES} bytes"))
+                while raw and not raw.endswith(b"\n"):  # skip the rest of it without holding it
+                    raw = file.readline(MAXIMUM_LINE_BYTES + 1)
                 continue
             try:
                 text = raw.decode("utf-8")

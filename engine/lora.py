@@ -18,6 +18,7 @@ from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as functional
@@ -52,7 +53,8 @@ class Precision:
 
 def choose_precision(device: str) -> Precision:
     if device.startswith("cuda"):
-        if torch.cuda.is_bf16_supported():
+        # Native bf16 arrived with compute capability 8 (Ampere); older cards only emulate it, slowly.
+        if torch.cuda.get_device_capability(torch.device(device))[0] >= 8:
             return Precision(torch.bfloat16, torch.bfloat16, loss_scaling=False)
         return Precision(torch.float16, torch.float16, loss_scaling=True)
     # The CPU and MPS train in fp32: their half-precision matmuls are slow or inexact.
@@ -220,14 +222,17 @@ def check_memory(
 ) -> resources.MemoryEstimate:
     """Refuse, before any weights load, a job that would not fit on the device (or within the limit
     the seller set). Raises resources.InsufficientMemoryError naming the numbers."""
-    directory = models.prepared_model_directory(spec.base_model)
-    config = json.loads((directory / "config.json").read_text())
+    # Read shapes from headers only: a GGUF not yet prepared is measured before it is dequantized.
+    source, prepared = models.model_source(spec.base_model)
+    config_file = prepared / "config.json"
+    header_source = prepared if config_file.is_file() else source
+    heads = json.loads(config_file.read_text()).get("num_attention_heads") if config_file.is_file() else None
     estimate = resources.estimate_lora_memory(
         spec,
-        resources.read_weight_shapes(directory),
+        resources.read_weight_shapes(header_source),
         device=device,
         compute_dtype_bytes=choose_precision(device).bytes_per_weight,
-        attention_heads=config.get("num_attention_heads"),
+        attention_heads=heads,
     )
     available = devices.probe(check_torch=False).memory_available_bytes(device)
     if memory_limit_bytes is not None:
@@ -274,7 +279,12 @@ def train_lora(
     scaler = torch.amp.GradScaler(device.split(":")[0]) if precision.loss_scaling else None
 
     step = 0
-    history: dict[str, list] = {"loss": [], "eval_loss": []}
+    history: dict[str, Any] = {"loss": [], "eval_loss": [], "train_tokens": 0}
+    identity = checkpoints.job_identity(
+        spec,
+        model_fingerprint=models.model_fingerprint(spec.base_model),
+        dataset_sha256=models.sha256_of_file(Path(spec.dataset)),
+    )
     if resume_from is not None:
         path = (
             checkpoints.latest_checkpoint(output_dir) if str(resume_from) == "latest" else Path(resume_from)
@@ -282,7 +292,9 @@ def train_lora(
         if path is None:
             logger.warning("no checkpoint in %s yet: starting from step 0", output_dir)
         else:
-            state = checkpoints.load_checkpoint(path, spec=spec, model=model, optimizer=optimizer)
+            state = checkpoints.load_checkpoint(
+                path, identity=identity, device=device, model=model, optimizer=optimizer
+            )
             step, history = state.step, state.metrics
             if scaler is not None and state.scaler:
                 scaler.load_state_dict(state.scaler)
@@ -301,7 +313,13 @@ def train_lora(
     def save(at_step: int) -> Path:
         state = checkpoints.TrainerState(at_step, scaler.state_dict() if scaler else None, history)
         path = checkpoints.save_checkpoint(
-            output_dir, spec=spec, model=model, optimizer=optimizer, state=state
+            output_dir,
+            spec=spec,
+            identity=identity,
+            device=device,
+            model=model,
+            optimizer=optimizer,
+            state=state,
         )
         report(CheckpointSaved(step=at_step, path=str(path)))
         return path
@@ -333,12 +351,12 @@ def train_lora(
         ]
         # Normalise by the answer tokens of the whole step, so accumulation equals one large batch.
         step_label_count = max(1, sum(predicted_label_count(batch) for batch in batches))
-        step_loss = 0.0
+        step_loss, step_tokens = 0.0, 0
         for batch in batches:
             micro_loss = answer_loss_sum(model, batch, precision) / step_label_count
             (scaler.scale(micro_loss) if scaler else micro_loss).backward()
             step_loss += micro_loss.item()
-            run_tokens += int(batch["attention_mask"].sum())
+            step_tokens += int(batch["attention_mask"].sum())
         if scaler:
             scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(parameters, spec.max_grad_norm)
@@ -354,7 +372,9 @@ def train_lora(
             )
         step += 1
         loss = step_loss
+        run_tokens += step_tokens
         history["loss"].append(loss)
+        history["train_tokens"] += step_tokens
 
         checkpoint_due = (
             spec.checkpoint_interval and step % spec.checkpoint_interval == 0 and step < total_steps
@@ -387,13 +407,14 @@ def train_lora(
         steps=step,
         final_loss=loss,
         eval_loss=final_eval,
-        train_tokens=run_tokens,
+        train_tokens=history["train_tokens"],
         seconds=time.monotonic() - started_at,
     )
     metrics = {
         "spec": spec.model_dump(mode="json"),
         "loss": history["loss"],
         "eval_loss": history["eval_loss"],
+        "train_tokens": history["train_tokens"],
         "train_examples": len(train_examples),
         "eval_examples": len(eval_examples),
     }

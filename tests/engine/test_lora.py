@@ -186,3 +186,23 @@ def test_mixed_precision_training_on_the_gpu_learns_and_is_deterministic(
     assert adapter_bytes(tmp_path / "first") == adapter_bytes(tmp_path / "second")
     metrics = json.loads((tmp_path / "first" / "metrics.json").read_text())
     assert sum(metrics["loss"][-3:]) < sum(metrics["loss"][:3])
+
+
+def test_a_checkpoint_resumes_wherever_the_same_data_lives_but_not_on_other_data(
+    tiny_model_directory: Path, chat_dataset: Path, tmp_path: Path
+) -> None:
+    spec = tiny_spec(tiny_model_directory, chat_dataset, max_steps=4, checkpoint_interval=2)
+    with pytest.raises(lora.TrainingCancelled):
+        lora.train_lora(
+            spec, tmp_path / "run", should_stop=lambda: latest_checkpoint(tmp_path / "run") is not None
+        )
+    # Another node keeps the same bytes under another name: the job resumes there.
+    elsewhere = tmp_path / "node-b" / "data.jsonl"
+    elsewhere.parent.mkdir()
+    elsewhere.write_bytes(chat_dataset.read_bytes())
+    moved = spec.model_copy(update={"dataset": str(elsewhere)})
+    assert lora.train_lora(moved, tmp_path / "run", resume_from="latest").steps == 4
+    # Different bytes under the original name: refused.
+    chat_dataset.write_text(chat_dataset.read_text().replace("Ahoy", "Hello"))
+    with pytest.raises(CheckpointError, match="dataset_sha256 differ"):
+        lora.train_lora(spec, tmp_path / "run", resume_from=latest_checkpoint(tmp_path / "run"))

@@ -84,3 +84,15 @@ def test_a_child_that_segfaults_before_reporting_anything_is_reported_as_crashed
     records = list(runner.records())
     assert len(records) == 1
     assert records[0].kind == "crashed" and "SIGSEGV" in records[0].message
+
+
+def test_a_caller_that_stops_reading_does_not_leave_the_child_running(
+    tiny_model_directory: Path, chat_dataset: Path, tmp_path: Path
+) -> None:
+    runner = JobRunner(tiny_spec(tiny_model_directory, chat_dataset, max_steps=10_000), tmp_path / "run")
+    records = runner.records()
+    for record in records:
+        if isinstance(record, Progress):
+            break
+    records.close()  # what happens when the agent's task is cancelled mid-iteration
+    assert runner.process.poll() is not None
