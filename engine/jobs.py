@@ -26,7 +26,12 @@ class _Spec(BaseModel):
 
 
 class LoraJobSpec(_Spec):
-    """A LoRA fine-tune of a causal language model on a JSONL dataset."""
+    """A LoRA fine-tune of a causal language model on a JSONL dataset.
+
+    base_model and dataset are resolved on the machine that runs the job. Locally (the CLI) they may
+    be paths; a coordinator must only ever send catalogue names and content-addressed artifacts that
+    the node itself placed, never a path chosen by a buyer.
+    """
 
     type: Literal["lora"] = "lora"
 
