@@ -193,8 +193,8 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def build_model(spec: LoraJobSpec, device: str, precision: Precision) -> PeftModel:
-    base = models.load_causal_lm(spec.base_model, dtype=precision.weights_dtype, device=device)
+def build_model(spec: LoraJobSpec, directory: Path, device: str, precision: Precision) -> PeftModel:
+    base = models.load_causal_lm(directory, dtype=precision.weights_dtype, device=device)
     # peft adapts layers with a 2-D weight: linear (and GPT-2's Conv1D) and embedding layers.
     adaptable = {
         name.rsplit(".", 1)[-1]
@@ -223,13 +223,12 @@ def check_memory(
     """Refuse, before any weights load, a job that would not fit on the device (or within the limit
     the seller set). Raises resources.InsufficientMemoryError naming the numbers."""
     # Read shapes from headers only: a GGUF not yet prepared is measured before it is dequantized.
-    source, prepared = models.model_source(spec.base_model)
-    config_file = prepared / "config.json"
-    header_source = prepared if config_file.is_file() else source
-    heads = json.loads(config_file.read_text()).get("num_attention_heads") if config_file.is_file() else None
+    model = models.resolve_model(spec.base_model)
+    config_file = model.directory / "config.json"
+    heads = json.loads(config_file.read_text()).get("num_attention_heads") if model.is_prepared else None
     estimate = resources.estimate_lora_memory(
         spec,
-        resources.read_weight_shapes(header_source),
+        resources.read_weight_shapes(model.directory if model.is_prepared else model.source),
         device=device,
         compute_dtype_bytes=choose_precision(device).bytes_per_weight,
         attention_heads=heads,
@@ -263,7 +262,9 @@ def train_lora(
     precision = choose_precision(device)
     seed_everything(spec.seed)
 
-    tokenizer = models.load_tokenizer(spec.base_model)
+    base_model = models.resolve_model(spec.base_model)
+    directory = base_model.prepare()
+    tokenizer = models.load_tokenizer(directory)
     examples = datasets.tokenize_dataset(
         datasets.read_jsonl(spec.dataset), tokenizer, spec.max_sequence_length
     )
@@ -272,7 +273,7 @@ def train_lora(
     plan = BatchPlan(train_examples, spec.batch_size, spec.seed)
     pad_token_id = tokenizer.pad_token_id
 
-    model = build_model(spec, device, precision)
+    model = build_model(spec, directory, device, precision)
     model.train()
     parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
     optimizer = torch.optim.AdamW(parameters, lr=spec.learning_rate, weight_decay=spec.weight_decay)
@@ -282,7 +283,7 @@ def train_lora(
     history: dict[str, Any] = {"loss": [], "eval_loss": [], "train_tokens": 0}
     identity = checkpoints.job_identity(
         spec,
-        model_fingerprint=models.model_fingerprint(spec.base_model),
+        model_fingerprint=base_model.fingerprint,
         dataset_sha256=models.sha256_of_file(Path(spec.dataset)),
     )
     if resume_from is not None:
@@ -428,10 +429,11 @@ def compare_answers(
 ) -> tuple[str, str]:
     """Greedy answers to one chat prompt from the base model and from the base model with the adapter,
     so a person can see what the fine-tune changed."""
-    tokenizer = models.load_tokenizer(spec.base_model)
+    directory = models.prepared_model_directory(spec.base_model)
+    tokenizer = models.load_tokenizer(directory)
     datasets.ensure_chat_template(tokenizer)
     model = PeftModel.from_pretrained(
-        models.load_causal_lm(spec.base_model, dtype=choose_precision(device).weights_dtype, device=device),
+        models.load_causal_lm(directory, dtype=choose_precision(device).weights_dtype, device=device),
         str(adapter_dir),
     )
     model.eval()

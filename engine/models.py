@@ -158,38 +158,52 @@ def resolve_model_path(reference: str) -> Path:
     )
 
 
-def model_source(reference: str) -> tuple[Path, Path]:
-    """(the model's own file or directory, the safetensors directory it is or becomes when prepared)."""
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model found on this machine: its own file or directory, and the safetensors directory it is
+    (or becomes, once a GGUF is prepared). Resolve once per job: resolving may hash gigabytes."""
+
+    source: Path
+    directory: Path
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the model wherever a node keeps it: a GGUF's sha256, or a directory's config and
+        weight layout."""
+        if self.source != self.directory:
+            return self.directory.name  # the GGUF file's sha256
+        # Its config and safetensors headers (names, shapes, dtypes, offsets) change with any change of
+        # architecture or precision, without hashing gigabytes of weights.
+        digest = hashlib.sha256((self.source / "config.json").read_bytes())
+        for weights in sorted(self.source.glob("*.safetensors")):
+            with open(weights, "rb") as file:
+                header_length = int.from_bytes(file.read(8), "little")
+                digest.update(file.read(min(header_length, 100 << 20)))
+        return digest.hexdigest()
+
+    @property
+    def is_prepared(self) -> bool:
+        return (self.directory / "config.json").is_file()
+
+    def prepare(self) -> Path:
+        """The safetensors directory, dequantizing a GGUF into the cache the first time."""
+        if not self.is_prepared:
+            _convert_gguf(self.source, self.directory)
+        return self.directory
+
+
+def resolve_model(reference: str) -> ResolvedModel:
     path = resolve_model_path(reference)
     if path.is_dir():
-        return path, path
+        return ResolvedModel(path, path)
     # A catalogue file was just verified against its pinned hash; hashing it again would add nothing.
     digest = CATALOGUE[reference].sha256 if reference in CATALOGUE else sha256_of_file(path)
-    return path, models_directory() / "converted" / digest
-
-
-def model_fingerprint(reference: str) -> str:
-    """Identifies a model wherever a node keeps it: a GGUF's sha256, or a directory's config and
-    weight layout."""
-    source, prepared = model_source(reference)
-    if source != prepared:
-        return prepared.name  # the GGUF file's sha256
-    # A directory: its config and its safetensors headers (names, shapes, dtypes, offsets), which
-    # change with any change of architecture or precision, without hashing gigabytes of weights.
-    digest = hashlib.sha256((source / "config.json").read_bytes())
-    for weights in sorted(source.glob("*.safetensors")):
-        with open(weights, "rb") as file:
-            header_length = int.from_bytes(file.read(8), "little")
-            digest.update(file.read(min(header_length, 100 << 20)))
-    return digest.hexdigest()
+    return ResolvedModel(path, models_directory() / "converted" / digest)
 
 
 def prepared_model_directory(reference: str) -> Path:
     """A safetensors directory for the model: the directory itself, or the cached conversion of a GGUF."""
-    source, prepared = model_source(reference)
-    if not (prepared / "config.json").is_file():
-        _convert_gguf(source, prepared)
-    return prepared
+    return resolve_model(reference).prepare()
 
 
 def _convert_gguf(gguf_file: Path, destination: Path) -> None:
@@ -221,20 +235,19 @@ def _convert_gguf(gguf_file: Path, destination: Path) -> None:
             os.mkdir(scratch)  # leave something for TemporaryDirectory to clean up
 
 
-def load_tokenizer(reference: str) -> PreTrainedTokenizerBase:
+def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of a prepared model directory, with a pad token for batching."""
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(str(prepared_model_directory(reference)))
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
 
 
-def load_causal_lm(reference: str, *, dtype: torch.dtype, device: str = "cpu") -> PreTrainedModel:
-    """Load a causal LM's weights (safetensors only) for training or evaluation."""
+def load_causal_lm(directory: Path, *, dtype: torch.dtype, device: str = "cpu") -> PreTrainedModel:
+    """Load a prepared model directory's weights (safetensors only) for training or evaluation."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(
-        str(prepared_model_directory(reference)), dtype=dtype, use_safetensors=True
-    )
+    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, use_safetensors=True)
     return model.to(device)
