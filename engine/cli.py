@@ -17,6 +17,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from engine.jobs import add_lora_options
+
 ENTRY_POINT_GROUP = "compute_swarm.commands"
 
 
@@ -28,8 +30,14 @@ def build_parser() -> argparse.ArgumentParser:
     subcommands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
     registrations: dict[str, Callable] = {"engine": register_commands}
     for entry_point in entry_points(group=ENTRY_POINT_GROUP):
-        if entry_point.name not in registrations:
+        if entry_point.name in registrations:
+            continue
+        try:
             registrations[entry_point.name] = entry_point.load()
+        except ImportError as error:
+            # A part whose extra is not installed here (a buyer's light install has no coordinator or
+            # node agent): its commands are absent, the rest work.
+            logging.getLogger(__name__).debug("no %s commands: %s", entry_point.name, error)
     for register in registrations.values():
         register(subcommands)
     return parser
@@ -62,23 +70,8 @@ def register_commands(subcommands: argparse._SubParsersAction) -> None:
     train.add_argument(
         "--data", required=True, type=Path, help="JSONL: chat 'messages' or 'prompt'/'completion'"
     )
-    length = train.add_mutually_exclusive_group()
-    length.add_argument("--steps", type=int, help="optimizer steps (default 100 unless --epochs)")
-    length.add_argument("--epochs", type=int)
+    add_lora_options(train)
     train.add_argument("--output", type=Path, help="adapter directory (default: ./adapters/<time>)")
-    train.add_argument("--rank", type=int)
-    train.add_argument("--alpha", type=float)
-    train.add_argument("--dropout", type=float)
-    train.add_argument("--target-modules", help="comma-separated, e.g. q_proj,v_proj")
-    train.add_argument("--learning-rate", type=float)
-    train.add_argument("--schedule", choices=["constant", "linear", "cosine"])
-    train.add_argument("--warmup-steps", type=int)
-    train.add_argument("--batch-size", type=int)
-    train.add_argument("--accumulation", type=int, dest="gradient_accumulation_steps")
-    train.add_argument("--max-length", type=int, dest="max_sequence_length")
-    train.add_argument("--seed", type=int)
-    train.add_argument("--eval-fraction", type=float)
-    train.add_argument("--checkpoint-every", type=int, dest="checkpoint_interval")
     train.add_argument("--device", help="cpu, cuda:N or mps (default: the best one found)")
     train.add_argument(
         "--resume", action="store_true", help="continue from the latest checkpoint in --output"
@@ -99,46 +92,22 @@ def register_commands(subcommands: argparse._SubParsersAction) -> None:
     devices.set_defaults(handler=_show_devices)
 
 
-_SPEC_OPTIONS = [
-    "rank",
-    "alpha",
-    "dropout",
-    "learning_rate",
-    "schedule",
-    "warmup_steps",
-    "batch_size",
-    "gradient_accumulation_steps",
-    "max_sequence_length",
-    "seed",
-    "eval_fraction",
-    "checkpoint_interval",
-    "epochs",
-]
-
-
 def _train(arguments: argparse.Namespace) -> int:
     from tqdm import tqdm
 
-    from engine.jobs import LoraJobSpec
-    from engine.models import DEFAULT_MODEL
+    from engine.jobs import DEFAULT_MODEL, LoraJobSpec, describe_option_errors, lora_fields_from_options
     from engine.records import CheckpointSaved, Completed, Failed, Log, Progress, Started
     from engine.runner import JobRunner
 
-    fields = {
-        name: getattr(arguments, name) for name in _SPEC_OPTIONS if getattr(arguments, name) is not None
-    }
-    if arguments.target_modules:
-        fields["target_modules"] = tuple(
-            name.strip() for name in arguments.target_modules.split(",") if name.strip()
-        )
-    if arguments.epochs is None:
-        fields["max_steps"] = arguments.steps if arguments.steps is not None else 100
     try:
         spec = LoraJobSpec(
-            base_model=arguments.model or DEFAULT_MODEL, dataset=str(arguments.data.resolve()), **fields
+            base_model=arguments.model or DEFAULT_MODEL,
+            dataset=str(arguments.data.resolve()),
+            **lora_fields_from_options(arguments),
         )
     except ValidationError as error:
-        print(f"compute-swarm train: invalid settings:\n{_describe_validation(error)}", file=sys.stderr)
+        problems = "\n".join(f"  {line}" for line in describe_option_errors(error))
+        print(f"compute-swarm train: invalid settings:\n{problems}", file=sys.stderr)
         return 2
     output = arguments.output or Path("adapters") / time.strftime("%Y%m%d-%H%M%S")
     runner = JobRunner(
@@ -216,14 +185,6 @@ def _show_sample(spec, adapter_dir: str, prompt: str, device: str) -> None:
     print(f"\nPrompt:     {prompt}\nBase model: {base_answer}\nFine-tuned: {tuned_answer}\n", file=sys.stderr)
 
 
-def _describe_validation(error: ValidationError) -> str:
-    return "\n".join(
-        f"  --{'.'.join(str(part) for part in problem['loc']).replace('_', '-') or 'settings'}: "
-        f"{problem['msg'].removeprefix('Value error, ')}"
-        for problem in error.errors()
-    )
-
-
 def _fetch_models(arguments: argparse.Namespace) -> int:
     from engine.models import DEFAULT_MODEL, ModelError, fetch_catalogue_model
 
@@ -258,3 +219,7 @@ def _show_devices(arguments: argparse.Namespace) -> int:
         print(f"GPU {gpu.index}: {gpu.name} ({gpu.backend}), {memory}{temperature}")
     print(f"Backends: {', '.join(inventory.backends)}; training would use {inventory.best_device()}")
     return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

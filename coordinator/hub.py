@@ -1,0 +1,276 @@
+"""The connected nodes, and the loops that feed them: dispatch (queued jobs → leases) and the lease
+sweeper (renewals and expiries).
+
+Everything here runs on the server's event loop; database work goes to threads. Other threads (the
+REST handlers) reach the hub only through `wake()` and `revoke()`, which are thread-safe.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+from collections.abc import Awaitable, Callable, Iterable
+from dataclasses import dataclass, field
+
+from coordinator import protocol
+from coordinator.jobs import Grant, JobService, Revocation
+from coordinator.metrics import Metrics
+from coordinator.protocol import CloseCode
+from coordinator.scheduler import NodeSnapshot, node_snapshot, plan
+from coordinator.settings import Settings
+
+logger = logging.getLogger("coordinator.hub")
+
+
+@dataclass(eq=False)
+class Connection:
+    """A node's open websocket, as the hub sees it."""
+
+    node_id: str
+    send_text: Callable[[str], Awaitable[None]]
+    close: Callable[[int, str], Awaitable[None]]
+    hello: protocol.Hello
+    telemetry: protocol.Telemetry
+    accepting_jobs: bool
+    snapshot: NodeSnapshot | None = None
+    leases: dict[str, str] = field(default_factory=dict)  # lease id → job id
+    # Leases told to stop whose job may still be winding down (saving a checkpoint): they keep the
+    # node's slot until the node reports them ended or stops listing them as running.
+    stopping: set[str] = field(default_factory=set)
+    last_message_at: float = field(default_factory=time.monotonic)
+    send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def send(self, message: protocol.CoordinatorMessage) -> bool:
+        try:
+            async with self.send_lock:
+                await self.send_text(message.model_dump_json())
+            return True
+        except Exception:  # the socket is closing; its disconnect handling cleans up
+            return False
+
+
+class Hub:
+    def __init__(self, service: JobService, settings: Settings, metrics: Metrics):
+        self.service = service
+        self.settings = settings
+        self.metrics = metrics
+        self.connections: dict[str, Connection] = {}
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._work_waiting = asyncio.Event()
+        self._tasks: list[asyncio.Task] = []
+
+    # ---- life
+
+    async def start(self) -> None:
+        self._loop = asyncio.get_running_loop()
+        recovered = await asyncio.to_thread(self.service.recover_after_restart)
+        if recovered:
+            logger.warning(
+                "%d jobs were leased when the coordinator stopped; waiting for their nodes", recovered
+            )
+        self._tasks = [
+            asyncio.create_task(self._dispatch_forever(), name="dispatch"),
+            asyncio.create_task(self._sweep_forever(), name="sweep"),
+        ]
+        self._work_waiting.set()
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for connection in list(self.connections.values()):
+            with contextlib.suppress(Exception):
+                await connection.close(CloseCode.GOING_AWAY, "the coordinator is shutting down")
+
+    # ---- thread-safe entry points
+
+    def wake(self) -> None:
+        """Something may be dispatchable now (a job was submitted, a node freed up)."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._work_waiting.set)
+
+    def revoke(self, revocations: Iterable[Revocation]) -> None:
+        revocations = list(revocations)
+        if self._loop is not None and revocations:
+            asyncio.run_coroutine_threadsafe(self._send_cancels(revocations), self._loop)
+
+    # ---- connections
+
+    async def connect(self, connection: Connection) -> None:
+        """Register a greeted node and welcome it; adopt the jobs it says it still runs, stop the others."""
+        previous = self.connections.pop(connection.node_id, None)
+        if previous is not None:
+            await previous.close(CloseCode.REPLACED, "the node connected again")
+        kept, revoked = await asyncio.to_thread(
+            self.service.adopt, connection.node_id, connection.hello.running
+        )
+        connection.leases = {
+            reference.lease_id: reference.job_id
+            for reference in connection.hello.running
+            if reference.lease_id in kept
+        }
+        self._refresh_snapshot(connection)
+        self.connections[connection.node_id] = connection
+        self.metrics.nodes_connected.set(len(self.connections))
+        earnings = await asyncio.to_thread(self.service.earnings, connection.node_id)
+        await connection.send(
+            protocol.Welcome(
+                protocol_version=protocol.PROTOCOL_VERSION,
+                node_id=connection.node_id,
+                heartbeat_interval_seconds=protocol.HEARTBEAT_INTERVAL_SECONDS,
+                lease_seconds=self.settings.lease_seconds,
+                earnings=earnings,
+            )
+        )
+        await self._send_cancels(revoked)
+        self._work_waiting.set()
+
+    async def disconnect(self, connection: Connection, reason: str) -> None:
+        if self.connections.get(connection.node_id) is not connection:
+            return  # replaced by a newer connection, which now owns the node's jobs
+        del self.connections[connection.node_id]
+        self.metrics.nodes_connected.set(len(self.connections))
+        if connection.leases:
+            await asyncio.to_thread(self.service.release_node, connection.node_id, reason)
+            self._work_waiting.set()
+
+    async def handle(self, connection: Connection, message: protocol.NodeMessage) -> None:
+        connection.last_message_at = time.monotonic()
+        if isinstance(message, protocol.Heartbeat):
+            was_free = self._has_free_slot(connection)
+            connection.telemetry, connection.accepting_jobs = message.telemetry, message.accepting_jobs
+            connection.stopping &= {reference.lease_id for reference in message.running}
+            self._refresh_snapshot(connection)
+            if self._has_free_slot(connection) and not was_free:
+                self._work_waiting.set()
+        elif isinstance(message, protocol.JobProgress):
+            if not await asyncio.to_thread(self.service.progress, connection.node_id, message):
+                await connection.send(
+                    protocol.Cancel(
+                        job_id=message.job_id,
+                        lease_id=message.lease_id,
+                        reason="this lease is no longer valid",
+                    )
+                )
+        elif isinstance(message, protocol.CheckpointUploaded):
+            await connection.send(
+                await asyncio.to_thread(self.service.checkpoint, connection.node_id, message)
+            )
+        elif isinstance(message, protocol.JobResult | protocol.JobFailure):
+            settle = self.service.result if isinstance(message, protocol.JobResult) else self.service.failure
+            acknowledgement = await asyncio.to_thread(settle, connection.node_id, message)
+            connection.stopping.discard(message.lease_id)
+            self._end_lease(connection, message.lease_id)
+            await connection.send(acknowledgement)
+            if acknowledgement.accepted and isinstance(message, protocol.JobResult):
+                await connection.send(await asyncio.to_thread(self.service.earnings, connection.node_id))
+
+    def _end_lease(self, connection: Connection, lease_id: str) -> None:
+        if connection.leases.pop(lease_id, None) is not None:
+            self._refresh_snapshot(connection)
+            self._work_waiting.set()
+
+    def _refresh_snapshot(self, connection: Connection) -> None:
+        connection.snapshot = node_snapshot(
+            connection.node_id,
+            connection.telemetry,
+            models=connection.hello.models,
+            running_jobs=len(connection.leases) + len(connection.stopping),
+            accepting_jobs=connection.accepting_jobs,
+        )
+
+    @staticmethod
+    def _has_free_slot(connection: Connection) -> bool:
+        snapshot = connection.snapshot
+        return snapshot is not None and snapshot.accepting_jobs and snapshot.running_jobs < snapshot.capacity
+
+    # ---- dispatch
+
+    async def _dispatch_forever(self) -> None:
+        while True:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._work_waiting.wait(), timeout=5.0)
+            self._work_waiting.clear()
+            try:
+                await self.dispatch_once()
+            except Exception:
+                logger.exception("dispatch failed; retrying")
+                await asyncio.sleep(1.0)
+
+    async def dispatch_once(self) -> int:
+        free = [
+            connection.snapshot for connection in self.connections.values() if self._has_free_slot(connection)
+        ]
+        if not free:
+            return 0
+        queued = await asyncio.to_thread(self.service.queued)
+        if not queued:
+            return 0
+        assignments = plan(queued, free, allowed_backends=self.settings.allowed_backends)
+        if not assignments:
+            return 0
+        grants = await asyncio.to_thread(
+            self.service.lease, [(assignment.job_id, assignment.node_id) for assignment in assignments]
+        )
+        await asyncio.gather(*(self._deliver(grant) for grant in grants))
+        return len(grants)
+
+    async def _deliver(self, grant: Grant) -> None:
+        connection = self.connections.get(grant.node_id)
+        if connection is None:
+            # It left between planning and leasing: its disconnect handling may have run already.
+            await asyncio.to_thread(
+                self.service.release_node, grant.node_id, "the node left before its lease"
+            )
+            return
+        connection.leases[grant.message.lease_id] = grant.message.job_id
+        self._refresh_snapshot(connection)
+        if await connection.send(grant.message):
+            self.metrics.leases_granted.inc()
+            self.metrics.dispatch_latency.observe(max(0.0, time.time() - grant.queued_at))
+
+    # ---- leases
+
+    async def _sweep_forever(self) -> None:
+        while True:
+            await asyncio.sleep(self.settings.sweep_interval_seconds)
+            try:
+                await self.sweep_once()
+            except Exception:
+                logger.exception("lease sweep failed; retrying")
+
+    async def sweep_once(self) -> None:
+        # A node that is connected and sending heartbeats keeps its leases (websocket pings close the
+        # connection of one that stops answering); a node whose loop hangs misses heartbeats.
+        now = time.monotonic()
+        alive = [
+            lease_id
+            for connection in self.connections.values()
+            if now - connection.last_message_at < 3 * protocol.HEARTBEAT_INTERVAL_SECONDS
+            for lease_id in connection.leases
+        ]
+        await asyncio.to_thread(self.service.renew, alive)
+        # Ops revoke tokens from another process (`admin revoke-node`): drop those nodes here.
+        for node_id in await asyncio.to_thread(self.service.revoked_nodes, list(self.connections)):
+            connection = self.connections.get(node_id)
+            if connection is not None:
+                await connection.close(CloseCode.UNAUTHORIZED, "this node's token was revoked")
+        expired = await asyncio.to_thread(self.service.expire_leases)
+        if expired:
+            await self._send_cancels(expired)
+            self._work_waiting.set()
+
+    async def _send_cancels(self, revocations: Iterable[Revocation]) -> None:
+        for revocation in revocations:
+            connection = self.connections.get(revocation.node_id)
+            if connection is None:
+                continue
+            connection.stopping.add(revocation.lease_id)
+            self._end_lease(connection, revocation.lease_id)
+            await connection.send(
+                protocol.Cancel(
+                    job_id=revocation.job_id, lease_id=revocation.lease_id, reason=revocation.reason
+                )
+            )

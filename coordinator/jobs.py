@@ -1,0 +1,489 @@
+"""Jobs in the database: submission, leases, reports from nodes, settlement.
+
+Every state change commits together with its ledger entries and its event, in one transaction, so a
+coordinator killed at any instant restarts consistent. Reports from nodes are identified by
+(job id, lease id): one that does not match the job's current lease changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from coordinator import ledger, lifecycle, pricing, protocol
+from coordinator.database import Database
+from coordinator.lifecycle import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    HELD_STATES,
+    LEASED,
+    OPEN_STATES,
+    QUEUED,
+    RUNNING,
+)
+from coordinator.scheduler import QueuedJob, required_memory_bytes
+from coordinator.settings import Settings
+from coordinator.tables import ArtifactHolder, File, Job, JobEvent, Node
+from engine.jobs import CATALOGUE, parse_job_spec
+
+
+class JobError(Exception):
+    """A request about a job that cannot be met; status_code is the HTTP answer."""
+
+    def __init__(self, message: str, status_code: int = 400):
+        super().__init__(message)
+        self.status_code = status_code
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A lease just granted: what the node needs to start."""
+
+    node_id: str
+    message: protocol.Lease
+    queued_at: float
+
+
+@dataclass(frozen=True)
+class Revocation:
+    """A lease that ended while a node may still be working on it: tell the node to stop."""
+
+    node_id: str
+    job_id: str
+    lease_id: str
+    reason: str
+
+
+def new_lease_id() -> str:
+    return f"lease_{secrets.token_hex(8)}"
+
+
+class JobService:
+    def __init__(self, database: Database, settings: Settings):
+        self.database = database
+        self.settings = settings
+
+    # ---- buyers
+
+    def submit(self, buyer_id: str, spec_data: Any, max_attempts: int | None) -> Job:
+        if not isinstance(spec_data, dict):
+            raise JobError("spec must be a JSON object", 422)
+        spec_data = {"type": "lora", **spec_data}
+        try:
+            spec = parse_job_spec(spec_data)
+        except ValidationError as error:
+            raise JobError(_describe(error), 422) from None
+        model = CATALOGUE.get(spec.base_model)
+        if model is None:
+            raise JobError(
+                f"unknown base_model {spec.base_model!r}; this coordinator offers: {', '.join(sorted(CATALOGUE))}",
+                422,
+            )
+        attempts = max_attempts if max_attempts is not None else self.settings.default_max_attempts
+        if not 1 <= attempts <= 20:
+            raise JobError("max_attempts must be between 1 and 20", 422)
+        now = time.time()
+        with self.database.transaction() as session:
+            dataset = session.get(File, spec.dataset)
+            if dataset is None or dataset.buyer_id != buyer_id or dataset.purpose != "dataset":
+                raise JobError(
+                    f"no file {spec.dataset!r}: upload the dataset first and give its file id", 422
+                )
+            try:
+                price = pricing.price_micro(spec, model, dataset.lines)
+            except ValueError as error:
+                raise JobError(str(error), 422) from None
+            job = Job(
+                id=_new_job_id(),
+                buyer_id=buyer_id,
+                kind=spec.type,
+                spec=spec.model_dump(mode="json"),
+                base_model=spec.base_model,
+                dataset_sha256=dataset.sha256,
+                dataset_size=dataset.size,
+                required_memory_bytes=required_memory_bytes(spec, model, backend="cpu"),
+                required_memory_bytes_16bit=required_memory_bytes(spec, model, backend="cuda"),
+                price_micro=price,
+                state=QUEUED,
+                attempt=0,
+                max_attempts=attempts,
+                queued_at=now,
+                excluded_nodes=[],
+                created_at=now,
+                updated_at=now,
+            )
+            session.add(job)
+            session.flush()
+            try:
+                ledger.hold_in_escrow(session, buyer_id, job.id, price)
+            except ledger.InsufficientCredits as error:
+                raise JobError(str(error), 402) from None
+            _record(session, job, f"submitted; {ledger.format_credits(price)} credits held in escrow")
+            return job
+
+    def cancel(self, job_id: str) -> tuple[Job, Revocation | None]:
+        """Cancel a job (its owner was checked by the caller) and refund its escrow."""
+        with self.database.transaction() as session:
+            job = _locked_job(session, job_id)
+            if job is None:
+                raise JobError(f"no job {job_id!r}", 404)
+            if job.state not in OPEN_STATES:
+                raise JobError(f"job {job_id} is {job.state} already", 409)
+            revocation = (
+                Revocation(job.node_id, job.id, job.lease_id, "the buyer cancelled the job")
+                if job.state in HELD_STATES and job.node_id and job.lease_id
+                else None
+            )
+            self._finish(session, job, CANCELLED, "cancelled by the buyer", refund=True)
+            return job, revocation
+
+    # ---- scheduling
+
+    def queued(self, limit: int = 5000) -> list[QueuedJob]:
+        with self.database.transaction() as session:
+            rows = session.execute(
+                select(
+                    Job.id,
+                    Job.base_model,
+                    Job.required_memory_bytes,
+                    Job.required_memory_bytes_16bit,
+                    Job.queued_at,
+                    Job.excluded_nodes,
+                )
+                .where(Job.state == QUEUED)
+                .order_by(Job.queued_at)
+                .limit(limit)
+            ).all()
+        return [
+            QueuedJob(
+                job_id=row.id,
+                base_model=row.base_model,
+                required_memory_bytes=row.required_memory_bytes,
+                required_memory_bytes_16bit=row.required_memory_bytes_16bit,
+                queued_at=row.queued_at,
+                excluded_nodes=frozenset(row.excluded_nodes or ()),
+            )
+            for row in rows
+        ]
+
+    def lease(self, assignments: Iterable[tuple[str, str]]) -> list[Grant]:
+        """Lease each (job id, node id) whose job is still queued, all in one transaction."""
+        now = time.time()
+        grants = []
+        with self.database.transaction() as session:
+            for job_id, node_id in assignments:
+                job = _locked_job(session, job_id)
+                if job is None or job.state != QUEUED:
+                    continue
+                job.state = LEASED
+                job.attempt += 1
+                job.node_id = node_id
+                job.lease_id = new_lease_id()
+                job.lease_expires_at = now + self.settings.lease_seconds
+                job.updated_at = now
+                _record(session, job, f"leased to {node_id} (attempt {job.attempt} of {job.max_attempts})")
+                grants.append(
+                    Grant(node_id=node_id, message=self._lease_message(job), queued_at=job.queued_at)
+                )
+        return grants
+
+    def _lease_message(self, job: Job) -> protocol.Lease:
+        # The node receives the dataset as an artifact to fetch: never the buyer's file id or name.
+        spec = {**job.spec, "dataset": job.dataset_sha256}
+        return protocol.Lease(
+            job_id=job.id,
+            lease_id=job.lease_id,
+            attempt=job.attempt,
+            spec=spec,
+            dataset_sha256=job.dataset_sha256,
+            dataset_size=job.dataset_size,
+            checkpoint_sha256=job.checkpoint_sha256,
+            checkpoint_step=job.checkpoint_step,
+            lease_seconds=self.settings.lease_seconds,
+        )
+
+    # ---- leases: renewal, loss, recovery
+
+    def renew(self, lease_ids: Iterable[str]) -> None:
+        lease_ids = list(lease_ids)
+        if not lease_ids:
+            return
+        with self.database.transaction() as session:
+            for start in range(0, len(lease_ids), 500):
+                session.execute(
+                    update(Job)
+                    .where(Job.lease_id.in_(lease_ids[start : start + 500]), Job.state.in_(HELD_STATES))
+                    .values(lease_expires_at=time.time() + self.settings.lease_seconds)
+                )
+
+    def expire_leases(self) -> list[Revocation]:
+        with self.database.transaction() as session:
+            jobs = session.scalars(
+                select(Job)
+                .where(Job.state.in_(HELD_STATES), Job.lease_expires_at < time.time())
+                .with_for_update()
+            ).all()
+            return [self._lose_lease(session, job, "the lease expired") for job in jobs]
+
+    def release_node(self, node_id: str, reason: str) -> list[Revocation]:
+        """The node is gone: its jobs go back to the queue (or fail, when out of attempts)."""
+        with self.database.transaction() as session:
+            jobs = session.scalars(
+                select(Job).where(Job.node_id == node_id, Job.state.in_(HELD_STATES)).with_for_update()
+            ).all()
+            return [self._lose_lease(session, job, reason) for job in jobs]
+
+    def _lose_lease(self, session: Session, job: Job, reason: str) -> Revocation:
+        revocation = Revocation(job.node_id or "", job.id, job.lease_id or "", reason)
+        outcome = lifecycle.after_lost_lease(job.attempt, job.max_attempts, reason)
+        self._apply(session, job, outcome)
+        return revocation
+
+    def adopt(
+        self, node_id: str, running: Iterable[protocol.LeaseReference]
+    ) -> tuple[list[str], list[Revocation]]:
+        """A node (re)connected saying what it is running. Returns the leases it may keep, and the ones
+        it must stop. Jobs leased to it that it does not mention are queued again."""
+        claimed = {reference.lease_id: reference.job_id for reference in running}
+        kept, revoked = [], []
+        with self.database.transaction() as session:
+            for lease_id, job_id in claimed.items():
+                job = session.get(Job, job_id)
+                if (
+                    job is not None
+                    and job.lease_id == lease_id
+                    and job.node_id == node_id
+                    and job.state in HELD_STATES
+                ):
+                    job.lease_expires_at = time.time() + self.settings.lease_seconds
+                    kept.append(lease_id)
+                else:
+                    revoked.append(Revocation(node_id, job_id, lease_id, "this lease is no longer valid"))
+            forgotten = session.scalars(
+                select(Job)
+                .where(
+                    Job.node_id == node_id,
+                    Job.state.in_(HELD_STATES),
+                    Job.lease_id.not_in(list(claimed) or [""]),
+                )
+                .with_for_update()
+            ).all()
+            for job in forgotten:
+                self._lose_lease(session, job, "the node reconnected without it")
+        return kept, revoked
+
+    def recover_after_restart(self) -> int:
+        """At start-up: give nodes one lease period to reconnect and claim the jobs they still run."""
+        with self.database.transaction() as session:
+            result = session.execute(
+                update(Job)
+                .where(Job.state.in_(HELD_STATES))
+                .values(lease_expires_at=time.time() + self.settings.restart_grace_seconds)
+            )
+            return result.rowcount or 0
+
+    # ---- reports from nodes
+
+    def progress(self, node_id: str, report: protocol.JobProgress) -> bool:
+        with self.database.transaction() as session:
+            job = self._current(session, node_id, report.job_id, report.lease_id)
+            if job is None:
+                return False
+            now = time.time()
+            if job.state == LEASED:
+                job.state = RUNNING
+                _record(session, job, f"running on {node_id}")
+            job.progress = report.model_dump(
+                mode="json", exclude={"type", "job_id", "lease_id", "learning_rate"}
+            )
+            job.lease_expires_at = now + self.settings.lease_seconds
+            job.updated_at = now
+            return True
+
+    def checkpoint(self, node_id: str, report: protocol.CheckpointUploaded) -> protocol.Acknowledged:
+        with self.database.transaction() as session:
+            job = self._current(session, node_id, report.job_id, report.lease_id)
+            if job is None:
+                return self._stale(session, report, "checkpoint")
+            if not _holds(session, node_id, report.sha256):
+                return _ack(
+                    report, "checkpoint", False, job.state, "upload the checkpoint before reporting it"
+                )
+            if report.step > job.checkpoint_step:
+                job.checkpoint_sha256 = report.sha256
+                job.checkpoint_step = report.step
+                job.updated_at = time.time()
+                _record(session, job, f"checkpoint at step {report.step}")
+            return _ack(report, "checkpoint", True, job.state)
+
+    def result(self, node_id: str, report: protocol.JobResult) -> protocol.Acknowledged:
+        with self.database.transaction() as session:
+            job = self._current(session, node_id, report.job_id, report.lease_id)
+            if job is None:
+                return self._stale(session, report, "result")
+            if not _holds(session, node_id, report.sha256):
+                return _ack(report, "result", False, job.state, "upload the result before reporting it")
+            job.result_sha256 = report.sha256
+            job.metrics = {
+                "steps": report.steps,
+                "final_loss": _finite(report.final_loss),
+                "eval_loss": _finite(report.eval_loss),
+                "train_tokens": report.train_tokens,
+                "seconds": report.seconds,
+            }
+            node_share, fee = pricing.split_payment(job.price_micro, self.settings.platform_fee_basis_points)
+            ledger.charge(session, job.id, node_id, node_share, fee)
+            node = session.get(Node, node_id)
+            if node is not None:
+                node.jobs_completed += 1
+            self._finish(session, job, COMPLETED, f"completed on {node_id}", refund=False)
+            return _ack(report, "result", True, job.state)
+
+    def failure(self, node_id: str, report: protocol.JobFailure) -> protocol.Acknowledged:
+        with self.database.transaction() as session:
+            job = self._current(session, node_id, report.job_id, report.lease_id)
+            if job is None:
+                return self._stale(session, report, "failure")
+            outcome = lifecycle.after_failure(report.kind, report.message, job.attempt, job.max_attempts)
+            job.error_kind = report.kind
+            self._apply(session, job, outcome)
+            return _ack(report, "failure", True, job.state)
+
+    def earnings(self, node_id: str) -> protocol.Earnings:
+        with self.database.transaction() as session:
+            node = session.get(Node, node_id)
+            return protocol.Earnings(
+                pending_micro=ledger.balance(session, ledger.node_pending_account(node_id)),
+                available_micro=ledger.balance(session, ledger.node_available_account(node_id)),
+                jobs_completed=node.jobs_completed if node else 0,
+            )
+
+    def may_download(self, node_id: str, sha256: str) -> bool:
+        """A node reads only the dataset and checkpoint of a job it holds now."""
+        with self.database.transaction() as session:
+            return (
+                session.scalar(
+                    select(func.count())
+                    .select_from(Job)
+                    .where(
+                        Job.node_id == node_id,
+                        Job.state.in_(HELD_STATES),
+                        (Job.dataset_sha256 == sha256) | (Job.checkpoint_sha256 == sha256),
+                    )
+                )
+                > 0
+            )
+
+    def holds_lease(self, node_id: str, job_id: str, lease_id: str) -> bool:
+        with self.database.transaction() as session:
+            return self._current(session, node_id, job_id, lease_id) is not None
+
+    def revoked_nodes(self, node_ids: Iterable[str]) -> list[str]:
+        node_ids = list(node_ids)
+        revoked: list[str] = []
+        with self.database.transaction() as session:
+            for start in range(0, len(node_ids), 500):
+                revoked += session.scalars(
+                    select(Node.id).where(
+                        Node.id.in_(node_ids[start : start + 500]), Node.revoked_at.is_not(None)
+                    )
+                ).all()
+        return revoked
+
+    def counts(self) -> dict[str, int]:
+        with self.database.transaction() as session:
+            rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+        return {state: count for state, count in rows}
+
+    # ---- helpers
+
+    def _current(self, session: Session, node_id: str, job_id: str, lease_id: str) -> Job | None:
+        job = _locked_job(session, job_id)
+        if job is None or job.lease_id != lease_id or job.node_id != node_id or job.state not in HELD_STATES:
+            return None
+        return job
+
+    def _stale(self, session: Session, report: Any, about: str) -> protocol.Acknowledged:
+        job = session.get(Job, report.job_id)
+        state = job.state if job is not None else "unknown"
+        return _ack(report, about, False, state, "not the job's current lease: nothing changed")
+
+    def _apply(self, session: Session, job: Job, outcome: lifecycle.AttemptOutcome) -> None:
+        if outcome.exclude_node and job.node_id and job.node_id not in job.excluded_nodes:
+            job.excluded_nodes = [*job.excluded_nodes, job.node_id]
+        if not outcome.attempt_counts:
+            job.attempt -= 1
+        if outcome.state == FAILED:
+            job.error_message = outcome.message
+            job.error_kind = job.error_kind or "attempts_exhausted"
+            self._finish(session, job, FAILED, outcome.message, refund=True)
+            return
+        job.state = QUEUED
+        job.queued_at = job.updated_at = time.time()
+        job.node_id = job.lease_id = job.lease_expires_at = None
+        job.progress = None
+        _record(session, job, outcome.message)
+
+    def _finish(self, session: Session, job: Job, state: str, message: str, *, refund: bool) -> None:
+        if refund:
+            ledger.refund(session, job.id, job.buyer_id, memo=f"job {state}: {message}"[:500])
+        job.state = state
+        job.finished_at = job.updated_at = time.time()
+        job.lease_id = job.lease_expires_at = None
+        _record(session, job, message)
+
+
+def _new_job_id() -> str:
+    return f"job_{secrets.token_hex(8)}"
+
+
+def _locked_job(session: Session, job_id: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.id == job_id).with_for_update())
+
+
+def _holds(session: Session, node_id: str, sha256: str) -> bool:
+    return session.get(ArtifactHolder, (sha256, f"node:{node_id}")) is not None
+
+
+def _record(session: Session, job: Job, message: str) -> None:
+    session.add(
+        JobEvent(
+            job_id=job.id,
+            at=time.time(),
+            state=job.state,
+            attempt=job.attempt,
+            node_id=job.node_id,
+            message=message,
+        )
+    )
+
+
+def _ack(report: Any, about: str, accepted: bool, state: str, message: str = "") -> protocol.Acknowledged:
+    return protocol.Acknowledged(
+        job_id=report.job_id,
+        lease_id=report.lease_id,
+        about=about,
+        accepted=accepted,
+        state=state,
+        message=message,
+    )
+
+
+def _finite(value: float | None) -> float | None:
+    return value if value is not None and math.isfinite(value) else None
+
+
+def _describe(error: ValidationError) -> str:
+    return "; ".join(
+        f"{'.'.join(str(part) for part in problem['loc']) or 'spec'}: {problem['msg'].removeprefix('Value error, ')}"
+        for problem in error.errors()
+    )

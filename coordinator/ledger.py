@@ -1,0 +1,172 @@
+"""The double-entry ledger: integer micro-credits moving between accounts, append-only.
+
+Accounts are named, not stored: `buyer:<id>`, `escrow:<job id>`, `node:<id>:pending`,
+`node:<id>:available`, `platform:fees`, and `platform:issued` (the source of granted credits, so it
+runs negative by exactly what was ever granted). Each transaction's entries sum to zero, so all
+balances together always sum to zero; a balance is the sum of an account's entries.
+"""
+
+from __future__ import annotations
+
+import time
+
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from coordinator.tables import LedgerEntry, LedgerTransaction
+
+ISSUED = "platform:issued"
+FEES = "platform:fees"
+
+
+def buyer_account(buyer_id: str) -> str:
+    return f"buyer:{buyer_id}"
+
+
+def escrow_account(job_id: str) -> str:
+    return f"escrow:{job_id}"
+
+
+def node_pending_account(node_id: str) -> str:
+    return f"node:{node_id}:pending"
+
+
+def node_available_account(node_id: str) -> str:
+    return f"node:{node_id}:available"
+
+
+class LedgerError(Exception):
+    pass
+
+
+class InsufficientCredits(LedgerError):
+    pass
+
+
+def post(
+    session: Session,
+    *,
+    kind: str,
+    idempotency_key: str,
+    entries: dict[str, int],
+    job_id: str | None = None,
+    memo: str = "",
+) -> LedgerTransaction | None:
+    """Record one transaction, in the caller's database transaction. Returns None, changing nothing,
+    when a transaction with this idempotency key exists already."""
+    if any(not isinstance(amount, int) for amount in entries.values()):
+        raise LedgerError("ledger amounts are whole micro-credits")
+    if sum(entries.values()) != 0:
+        raise LedgerError(f"a {kind} transaction must sum to zero, not {sum(entries.values())}")
+    existing = session.scalar(
+        select(LedgerTransaction.id).where(LedgerTransaction.idempotency_key == idempotency_key)
+    )
+    if existing is not None:
+        return None
+    transaction = LedgerTransaction(
+        kind=kind, idempotency_key=idempotency_key, job_id=job_id, memo=memo, created_at=time.time()
+    )
+    session.add(transaction)
+    session.flush()
+    session.add_all(
+        LedgerEntry(transaction_id=transaction.id, account=account, amount_micro=amount)
+        for account, amount in entries.items()
+        if amount != 0
+    )
+    return transaction
+
+
+def balance(session: Session, account: str) -> int:
+    return int(
+        session.scalar(
+            select(func.coalesce(func.sum(LedgerEntry.amount_micro), 0)).where(LedgerEntry.account == account)
+        )
+    )
+
+
+def grant(
+    session: Session, buyer_id: str, amount_micro: int, *, idempotency_key: str, memo: str = ""
+) -> bool:
+    if amount_micro <= 0:
+        raise LedgerError("a grant must be a positive amount")
+    posted = post(
+        session,
+        kind="grant",
+        idempotency_key=idempotency_key,
+        entries={ISSUED: -amount_micro, buyer_account(buyer_id): amount_micro},
+        memo=memo,
+    )
+    return posted is not None
+
+
+def hold_in_escrow(session: Session, buyer_id: str, job_id: str, amount_micro: int) -> None:
+    available = balance(session, buyer_account(buyer_id))
+    if available < amount_micro:
+        raise InsufficientCredits(
+            f"this job costs {format_credits(amount_micro)} credits; the balance is {format_credits(available)}"
+        )
+    post(
+        session,
+        kind="escrow",
+        idempotency_key=f"escrow:{job_id}",
+        job_id=job_id,
+        entries={buyer_account(buyer_id): -amount_micro, escrow_account(job_id): amount_micro},
+        memo="held at submission",
+    )
+
+
+def charge(session: Session, job_id: str, node_id: str, node_share: int, platform_fee: int) -> bool:
+    """Pay for a completed job out of its escrow: the node's share (pending until verified) and the fee.
+    Returns False, changing nothing, when the job was settled (charged or refunded) before."""
+    if _settled(session, job_id):
+        return False
+    held = balance(session, escrow_account(job_id))
+    if held != node_share + platform_fee:
+        raise LedgerError(f"job {job_id} has {held} in escrow, not {node_share + platform_fee}")
+    posted = post(
+        session,
+        kind="charge",
+        idempotency_key=f"settle:{job_id}",
+        job_id=job_id,
+        entries={
+            escrow_account(job_id): -held,
+            node_pending_account(node_id): node_share,
+            FEES: platform_fee,
+        },
+        memo="job completed",
+    )
+    return posted is not None
+
+
+def refund(session: Session, job_id: str, buyer_id: str, memo: str) -> bool:
+    if _settled(session, job_id):
+        return False
+    held = balance(session, escrow_account(job_id))
+    posted = post(
+        session,
+        kind="refund",
+        idempotency_key=f"settle:{job_id}",
+        job_id=job_id,
+        entries={escrow_account(job_id): -held, buyer_account(buyer_id): held},
+        memo=memo,
+    )
+    return posted is not None
+
+
+def _settled(session: Session, job_id: str) -> bool:
+    key = f"settle:{job_id}"
+    return (
+        session.scalar(select(LedgerTransaction.id).where(LedgerTransaction.idempotency_key == key))
+        is not None
+    )
+
+
+def total(session: Session) -> int:
+    """The sum of every entry: zero, always."""
+    return int(session.scalar(select(func.coalesce(func.sum(LedgerEntry.amount_micro), 0))))
+
+
+def format_credits(amount_micro: int) -> str:
+    sign = "-" if amount_micro < 0 else ""
+    whole, fraction = divmod(abs(amount_micro), 1_000_000)
+    return f"{sign}{whole}.{fraction:06d}".rstrip("0").rstrip(".") if fraction else f"{sign}{whole}"

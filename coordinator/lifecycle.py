@@ -1,0 +1,47 @@
+"""The job lifecycle's decisions, as pure functions: what happens to a job when an attempt ends badly.
+
+States: queued → leased → running → completed (→ verified), plus failed and cancelled. A lease that
+is lost (node gone, lease expired) or a failure the node reports sends the job back to the queue
+until it has used max_attempts; then it fails and its escrow is refunded. Nodes are never blamed for
+a job that fails everywhere.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+QUEUED, LEASED, RUNNING = "queued", "leased", "running"
+COMPLETED, VERIFIED, FAILED, CANCELLED = "completed", "verified", "failed", "cancelled"
+STATES = (QUEUED, LEASED, RUNNING, COMPLETED, VERIFIED, FAILED, CANCELLED)
+HELD_STATES = frozenset({LEASED, RUNNING})  # a node holds a lease
+OPEN_STATES = frozenset({QUEUED, LEASED, RUNNING})  # escrow still held
+FINAL_STATES = frozenset({COMPLETED, VERIFIED, FAILED, CANCELLED})
+
+
+@dataclass(frozen=True)
+class AttemptOutcome:
+    state: str  # QUEUED (try again) or FAILED (give up, refund)
+    message: str
+    exclude_node: bool = False  # do not lease this job to the same node again
+    attempt_counts: bool = True  # False: the attempt did no work and does not use up max_attempts
+
+
+def after_lost_lease(attempt: int, max_attempts: int, reason: str) -> AttemptOutcome:
+    """The node disconnected or stopped renewing its lease."""
+    if attempt >= max_attempts:
+        return AttemptOutcome(FAILED, f"{reason}; gave up after {attempt} attempts")
+    return AttemptOutcome(QUEUED, f"{reason}; queued again (attempt {attempt} of {max_attempts} used)")
+
+
+def after_failure(kind: str, message: str, attempt: int, max_attempts: int) -> AttemptOutcome:
+    """The node reported that the job failed (engine.records.Failed.kind)."""
+    if kind == "invalid_spec":
+        # The buyer's data or settings: it would fail the same way on every node.
+        return AttemptOutcome(FAILED, message)
+    if kind == "insufficient_memory":
+        # Refused before it started: no work was done and another node may fit it.
+        return AttemptOutcome(QUEUED, message, exclude_node=True, attempt_counts=False)
+    exclude = kind == "out_of_memory"
+    if attempt >= max_attempts:
+        return AttemptOutcome(FAILED, f"{message} (failed on all {attempt} attempts)", exclude_node=exclude)
+    return AttemptOutcome(QUEUED, message, exclude_node=exclude)

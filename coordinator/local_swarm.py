@@ -1,0 +1,163 @@
+"""`compute-swarm local-swarm`: a coordinator and one node on this machine, for trying the product.
+
+Both run as child processes of this one, exactly as ops and sellers run them; Ctrl-C stops both.
+The demo buyer's API key is kept (mode 0600) in the data directory, so a second start reuses it.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+KEY_FILE = "demo-buyer-api-key"
+
+
+def run(data_dir: Path, host: str, port: int) -> int:
+    data_dir = data_dir.expanduser().resolve()
+    data_dir.mkdir(parents=True, exist_ok=True)
+    command = _command()
+    url = f"http://{host}:{port}"
+    coordinator_dir, node_dir = data_dir / "coordinator", data_dir / "node"
+    children: list[subprocess.Popen] = []
+    try:
+        children.append(
+            _start(
+                [
+                    *command,
+                    "coordinator",
+                    "--host",
+                    host,
+                    "--port",
+                    str(port),
+                    "--data-dir",
+                    str(coordinator_dir),
+                ],
+                data_dir / "coordinator.log",
+            )
+        )
+        _wait_until_healthy(url, children[0], data_dir / "coordinator.log")
+        api_key = _demo_buyer_key(command, coordinator_dir, data_dir / KEY_FILE)
+        children.append(
+            _start(
+                [
+                    *command,
+                    "-v",
+                    "node",
+                    "--coordinator",
+                    url,
+                    "--data-dir",
+                    str(node_dir),
+                    "--name",
+                    "local-node",
+                ],
+                data_dir / "node.log",
+                {"SWARM_TOKEN_STORE": "file"},
+            )
+        )
+        demo_data = Path(__file__).resolve().parent.parent / "engine" / "data" / "demo_chat.jsonl"
+        print(
+            f"""
+The swarm is up: a coordinator and one local node.
+
+  Coordinator:   {url}   (health: {url}/healthz, metrics: {url}/metrics)
+  Buyer API key: {api_key}
+  Logs:          {data_dir / "coordinator.log"}, {data_dir / "node.log"}
+
+Fine-tune the demo model on the demo data through the swarm (paste into another terminal):
+
+  SWARM_COORDINATOR={url} SWARM_API_KEY={api_key} \\
+    {" ".join(command)} submit lora --data {demo_data} --steps 30 --learning-rate 1e-3 --follow
+
+Then `... download JOB_ID` fetches the adapter. Press Ctrl-C here to stop both.
+""",
+            flush=True,
+        )
+        while all(child.poll() is None for child in children):
+            time.sleep(0.5)
+        crashed = next(child for child in children if child.poll() is not None)
+        print(f"a swarm process exited with code {crashed.returncode}; see the logs above", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("\nStopping the node and the coordinator...", file=sys.stderr)
+        return 0
+    finally:
+        _stop(children)
+
+
+def _command() -> list[str]:
+    installed = shutil.which("compute-swarm", path=str(Path(sys.executable).parent)) or shutil.which(
+        "compute-swarm"
+    )
+    return [installed] if installed else [sys.executable, "-m", "engine.cli"]
+
+
+def _start(arguments: list[str], log: Path, environment: dict[str, str] | None = None) -> subprocess.Popen:
+    with open(log, "ab") as output:
+        # Its own process group: Ctrl-C reaches this process, which then stops the children in order.
+        return subprocess.Popen(
+            arguments,
+            stdout=output,
+            stderr=subprocess.STDOUT,
+            env={**os.environ, "PYTHONUNBUFFERED": "1", **(environment or {})},
+            start_new_session=True,
+        )
+
+
+def _wait_until_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise SystemExit(f"the coordinator exited; its log:\n{log.read_text(errors='replace')[-3000:]}")
+        try:
+            if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    raise SystemExit(f"the coordinator did not answer at {url} within {timeout:.0f} s (is the port taken?)")
+
+
+def _demo_buyer_key(command: list[str], coordinator_dir: Path, key_file: Path) -> str:
+    if key_file.is_file():
+        return key_file.read_text().strip()
+    result = subprocess.run(
+        [
+            *command,
+            "admin",
+            "create-buyer",
+            "--data-dir",
+            str(coordinator_dir),
+            "--name",
+            "demo",
+            "--credits",
+            "100",
+        ],
+        capture_output=True,
+        text=True,
+    )
+    if result.returncode != 0:
+        raise SystemExit(f"could not create the demo buyer: {result.stderr.strip()}")
+    api_key = result.stdout.strip().splitlines()[-1]
+    descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(api_key + "\n")
+    return api_key
+
+
+def _stop(children: list[subprocess.Popen]) -> None:
+    # The node first (it checkpoints a running job and says goodbye), then the coordinator.
+    for child in reversed(children):
+        if child.poll() is None:
+            child.send_signal(signal.SIGINT)
+            try:
+                child.wait(30)
+            except subprocess.TimeoutExpired:
+                child.kill()
+                child.wait()

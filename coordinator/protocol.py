@@ -1,0 +1,253 @@
+"""The node ⇄ coordinator wire protocol: typed JSON messages over the `/node` websocket.
+
+Shared by the coordinator and the node agent, so it imports nothing heavier than pydantic. Every
+message is a frozen, strict model tagged by `type`; one union per direction. Large data never travels
+here: datasets, checkpoints and adapters move as content-addressed artifacts over HTTP.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated, Any, Literal, NewType
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+PROTOCOL_VERSION = 1
+
+JobId = NewType("JobId", str)
+LeaseId = NewType("LeaseId", str)
+NodeId = NewType("NodeId", str)
+
+# Where the node token goes in the websocket handshake (and in HTTP requests from a node).
+AUTHORIZATION_HEADER = "Authorization"
+TOKEN_SCHEME = "Bearer"
+
+MAX_FRAME_BYTES = 256 * 1024
+PING_INTERVAL_SECONDS = 20.0
+PING_TIMEOUT_SECONDS = 20.0  # with the interval above, a dead node is noticed within about 40 s
+HEARTBEAT_INTERVAL_SECONDS = 10.0
+# A node may send this many messages per second on average, in bursts of MESSAGE_BURST.
+MESSAGES_PER_SECOND = 20.0
+MESSAGE_BURST = 100
+
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN)]
+Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+
+
+class CloseCode:
+    """Websocket close codes the coordinator uses; the reason text says what went wrong."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001  # the coordinator is shutting down: reconnect later
+    POLICY_VIOLATION = 1008  # too many messages
+    MESSAGE_TOO_BIG = 1009
+    MALFORMED = 4400  # not JSON, not a known message, or a message out of order
+    UNAUTHORIZED = 4401  # missing, unknown or revoked token
+    REPLACED = 4409  # the same node connected again; this older connection is closed
+    UNSUPPORTED_VERSION = 4426  # protocol versions differ: the agent needs an update
+
+
+# Close codes after which reconnecting with the same token cannot help.
+FATAL_CLOSE_CODES = frozenset({CloseCode.UNAUTHORIZED, CloseCode.UNSUPPORTED_VERSION})
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+# ---- telemetry (the coordinator's own copy of what engine.devices reports: it must not import torch)
+
+
+class GpuTelemetry(_Message):
+    index: int = Field(ge=0, le=1024)
+    vendor: Literal["nvidia", "amd", "apple"]
+    name: str = Field(max_length=256)
+    backend: Literal["cuda", "rocm", "mps"]
+    memory_total_bytes: int | None = Field(default=None, ge=0)
+    memory_free_bytes: int | None = Field(default=None, ge=0)
+    temperature_celsius: float | None = None
+    utilization_percent: float | None = None
+    power_watts: float | None = None
+
+
+class CpuTelemetry(_Message):
+    name: str = Field(max_length=256)
+    logical_cores: int = Field(ge=1, le=65536)
+    memory_total_bytes: int = Field(ge=0)
+    memory_available_bytes: int = Field(ge=0)
+
+
+class Telemetry(_Message):
+    gpus: tuple[GpuTelemetry, ...] = Field(default=(), max_length=64)
+    cpu: CpuTelemetry
+    backends: tuple[Literal["cuda", "rocm", "mps", "cpu"], ...] = Field(min_length=1, max_length=8)
+
+
+class LeaseReference(_Message):
+    job_id: Identifier
+    lease_id: Identifier
+
+
+# ---- node → coordinator
+
+
+class Hello(_Message):
+    """First message on every connection."""
+
+    type: Literal["hello"] = "hello"
+    protocol_version: int
+    agent_version: str = Field(max_length=64)
+    telemetry: Telemetry
+    models: tuple[str, ...] = Field(default=(), max_length=256)  # catalogue models already on disk
+    running: tuple[LeaseReference, ...] = Field(default=(), max_length=64)  # jobs still running here
+    accepting_jobs: bool = True
+
+
+class Heartbeat(_Message):
+    type: Literal["heartbeat"] = "heartbeat"
+    telemetry: Telemetry
+    running: tuple[LeaseReference, ...] = Field(default=(), max_length=64)
+    accepting_jobs: bool = True  # False while paused (GPU hot, a game running, the seller paused)
+
+
+class JobProgress(_Message):
+    type: Literal["progress"] = "progress"
+    job_id: Identifier
+    lease_id: Identifier
+    step: int = Field(ge=0)
+    total_steps: int = Field(ge=0)
+    loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+
+
+class CheckpointUploaded(_Message):
+    """A resumable checkpoint (a tar of the engine's checkpoint directory) is stored as an artifact."""
+
+    type: Literal["checkpoint"] = "checkpoint"
+    job_id: Identifier
+    lease_id: Identifier
+    step: int = Field(ge=1)
+    sha256: Sha256
+
+
+class JobResult(_Message):
+    """The job finished; its adapter (a tar of the adapter directory) is stored as an artifact."""
+
+    type: Literal["result"] = "result"
+    job_id: Identifier
+    lease_id: Identifier
+    sha256: Sha256
+    steps: int = Field(ge=0)
+    final_loss: float | None = None
+    eval_loss: float | None = None
+    train_tokens: int = Field(default=0, ge=0)
+    seconds: float = Field(default=0.0, ge=0)
+
+
+class JobFailure(_Message):
+    type: Literal["failure"] = "failure"
+    job_id: Identifier
+    lease_id: Identifier
+    kind: Literal["invalid_spec", "insufficient_memory", "out_of_memory", "cancelled", "crashed", "error"]
+    message: str = Field(max_length=4000)
+
+
+NodeMessage = Annotated[
+    Hello | Heartbeat | JobProgress | CheckpointUploaded | JobResult | JobFailure, Field(discriminator="type")
+]
+node_message_adapter: TypeAdapter[NodeMessage] = TypeAdapter(NodeMessage)
+
+
+# ---- coordinator → node
+
+
+class Earnings(_Message):
+    type: Literal["earnings"] = "earnings"
+    pending_micro: int  # credited for completed jobs, held until verified
+    available_micro: int
+    jobs_completed: int
+
+
+class Welcome(_Message):
+    type: Literal["welcome"] = "welcome"
+    protocol_version: int
+    node_id: Identifier
+    heartbeat_interval_seconds: float
+    lease_seconds: float
+    earnings: Earnings
+
+
+class Lease(_Message):
+    """Run this job. The spec's `dataset` is replaced by the artifact to fetch; `base_model` is always a
+    catalogue name. Resume from the checkpoint artifact when one is given."""
+
+    type: Literal["lease"] = "lease"
+    job_id: Identifier
+    lease_id: Identifier
+    attempt: int = Field(ge=1)
+    spec: dict[str, Any]
+    dataset_sha256: Sha256
+    dataset_size: int = Field(ge=0)
+    checkpoint_sha256: Sha256 | None = None
+    checkpoint_step: int = 0
+    lease_seconds: float
+
+
+class Cancel(_Message):
+    """Stop this job now; its lease is no longer valid (the buyer cancelled, or it was re-leased)."""
+
+    type: Literal["cancel"] = "cancel"
+    job_id: Identifier
+    lease_id: Identifier
+    reason: str = Field(max_length=1000)
+
+
+class Acknowledged(_Message):
+    """The answer to a checkpoint, result or failure: whether it changed anything, and the job's state.
+    A duplicate or stale message is answered with accepted=False and the state as it is."""
+
+    type: Literal["ack"] = "ack"
+    job_id: Identifier
+    lease_id: Identifier
+    about: Literal["checkpoint", "result", "failure"]
+    accepted: bool
+    state: str
+    message: str = ""
+
+
+CoordinatorMessage = Annotated[
+    Welcome | Lease | Cancel | Acknowledged | Earnings, Field(discriminator="type")
+]
+coordinator_message_adapter: TypeAdapter[CoordinatorMessage] = TypeAdapter(CoordinatorMessage)
+
+
+class ProtocolViolation(Exception):
+    """A message the other side must not have sent; the connection closes with `code` and `reason`."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code = code
+        # Websocket close reasons are limited to 123 bytes.
+        self.reason = reason.encode()[:120].decode(errors="ignore")
+
+
+def _parse(adapter: TypeAdapter, text: str | bytes) -> Any:
+    if len(text) > MAX_FRAME_BYTES:
+        raise ProtocolViolation(CloseCode.MESSAGE_TOO_BIG, f"message larger than {MAX_FRAME_BYTES} bytes")
+    try:
+        return adapter.validate_json(text)
+    except ValidationError as error:
+        problem = error.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"]) or "message"
+        raise ProtocolViolation(CloseCode.MALFORMED, f"bad message: {where}: {problem['msg']}") from None
+
+
+def parse_node_message(text: str | bytes) -> NodeMessage:
+    return _parse(node_message_adapter, text)
+
+
+def parse_coordinator_message(text: str | bytes) -> CoordinatorMessage:
+    return _parse(coordinator_message_adapter, text)

@@ -1,0 +1,61 @@
+"""The coordinator's settings: command-line flags and SWARM_* environment variables, checked once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import platformdirs
+from pydantic import Field, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+MIB = 1024 * 1024
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("compute-swarm", appauthor=False)) / "coordinator"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SWARM_", extra="forbid", frozen=True)
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    # Empty: SQLite at <data_dir>/coordinator.sqlite3. For a large swarm, e.g.
+    # postgresql+psycopg://user:password@host/compute_swarm (same code, same migrations).
+    database_url: str = ""
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+
+    # Jobs.
+    lease_seconds: float = Field(default=60.0, gt=0)
+    # After a restart, how long nodes have to reconnect and claim the jobs they still run: longer than
+    # the agent's longest reconnect back-off (60 s).
+    restart_grace_seconds: float = Field(default=90.0, gt=0)
+    sweep_interval_seconds: float = Field(default=2.0, gt=0)
+    default_max_attempts: int = Field(default=3, ge=1, le=20)
+    allowed_backends: frozenset[str] = frozenset({"cuda", "rocm", "mps", "cpu"})
+
+    # Money.
+    platform_fee_basis_points: int = Field(default=1000, ge=0, le=10_000)  # 10 %
+
+    # Artifacts.
+    max_dataset_bytes: int = Field(default=1024 * MIB, gt=0)
+    max_checkpoint_bytes: int = Field(default=4096 * MIB, gt=0)
+    max_result_bytes: int = Field(default=4096 * MIB, gt=0)
+    chunk_limit_bytes: int = Field(default=8 * MIB, gt=0, le=64 * MIB)
+
+    # Nodes.
+    max_nodes: int = Field(default=20_000, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.database_url and not self.database_url.startswith(("sqlite", "postgresql")):
+            raise ValueError("database_url must be a sqlite:// or postgresql:// URL")
+        return self
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'coordinator.sqlite3'}"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"

@@ -1,0 +1,513 @@
+"""The scheduler's decisions, checked on snapshots: who gets which job, and how fast it decides."""
+
+from __future__ import annotations
+
+import dataclasses
+import random
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from fractions import Fraction
+
+import pytest
+
+from coordinator.protocol import CpuTelemetry, GpuTelemetry, Telemetry
+from coordinator.scheduler import (
+    ALL_BACKENDS,
+    Assignment,
+    NodeSnapshot,
+    QueuedJob,
+    node_snapshot,
+    plan,
+    queued_job,
+    required_memory_bytes,
+)
+from engine.jobs import CATALOGUE, DEFAULT_MODEL, LoraJobSpec
+
+GIB = 1024**3
+DEMO_MODEL = CATALOGUE[DEFAULT_MODEL]
+
+
+def node(
+    node_id: str,
+    memory_gib: float = 16,
+    backend: str = "cuda",
+    models: Sequence[str] = (),
+    running_jobs: int = 0,
+    capacity: int = 1,
+    accepting_jobs: bool = True,
+) -> NodeSnapshot:
+    return NodeSnapshot(
+        node_id=node_id,
+        backends=(backend, "cpu") if backend != "cpu" else ("cpu",),
+        memory_bytes=int(memory_gib * GIB),
+        best_backend=backend,
+        models=frozenset(models),
+        running_jobs=running_jobs,
+        capacity=capacity,
+        accepting_jobs=accepting_jobs,
+    )
+
+
+def job(
+    job_id: str,
+    memory_gib: float = 4,
+    queued_at: float = 0.0,
+    base_model: str = DEFAULT_MODEL,
+    excluded_nodes: Sequence[str] = (),
+    memory_gib_16bit: float | None = None,
+) -> QueuedJob:
+    return QueuedJob(
+        job_id=job_id,
+        base_model=base_model,
+        required_memory_bytes=int(memory_gib * GIB),
+        queued_at=queued_at,
+        excluded_nodes=frozenset(excluded_nodes),
+        required_memory_bytes_16bit=None if memory_gib_16bit is None else int(memory_gib_16bit * GIB),
+    )
+
+
+def placed(assignments: list[Assignment]) -> dict[str, str]:
+    return {assignment.job_id: assignment.node_id for assignment in assignments}
+
+
+# ---- the rules, one at a time
+
+
+def test_a_job_goes_only_where_its_memory_fits() -> None:
+    nodes = [node("small", memory_gib=4), node("large", memory_gib=16)]
+
+    assert placed(plan([job("j", memory_gib=8)], nodes)) == {"j": "large"}
+    assert plan([job("j", memory_gib=17)], nodes) == []
+    assert placed(plan([job("j", memory_gib=16)], nodes)) == {"j": "large"}  # exactly enough is enough
+
+
+def test_only_allowed_backends_are_used() -> None:
+    nodes = [node("gpu", backend="cuda", memory_gib=8), node("cpu", backend="cpu", memory_gib=64)]
+
+    assert placed(plan([job("j")], nodes, allowed_backends=frozenset({"cpu"}))) == {"j": "cpu"}
+    assert plan([job("j")], nodes, allowed_backends=frozenset({"rocm", "mps"})) == []
+    # A node whose best device is not allowed is not used through its other backends either.
+    assert plan([job("j")], [node("gpu", backend="cuda")], allowed_backends=frozenset({"cpu"})) == []
+
+
+def test_excluded_nodes_are_not_offered_the_job_again() -> None:
+    nodes = [node("a", memory_gib=24), node("b", memory_gib=16), node("c", memory_gib=8)]
+
+    assert placed(plan([job("j", excluded_nodes=["a"])], nodes)) == {"j": "b"}
+    assert placed(plan([job("j", excluded_nodes=["a", "b"])], nodes)) == {"j": "c"}
+    assert plan([job("j", excluded_nodes=["a", "b", "c"])], nodes) == []
+    # The exclusion is the job's own: another job still gets the node.
+    assignments = plan([job("old", queued_at=1, excluded_nodes=["a"]), job("new", queued_at=2)], nodes)
+    assert placed(assignments) == {"old": "b", "new": "a"}
+
+
+def test_nodes_holding_the_model_come_first_then_gpus() -> None:
+    holder_cpu = node("holder-cpu", backend="cpu", memory_gib=8, models=[DEFAULT_MODEL])
+    other_gpu = node("other-gpu", backend="cuda", memory_gib=80)
+    other_cpu = node("other-cpu", backend="cpu", memory_gib=512)
+    holder_gpu = node("holder-gpu", backend="rocm", memory_gib=6, models=[DEFAULT_MODEL, "other"])
+
+    assert placed(plan([job("j")], [holder_cpu, other_gpu, other_cpu, holder_gpu])) == {"j": "holder-gpu"}
+    assert placed(plan([job("j")], [holder_cpu, other_gpu, other_cpu])) == {"j": "holder-cpu"}
+    assert placed(plan([job("j")], [other_gpu, other_cpu])) == {"j": "other-gpu"}
+    mac = node("mac", backend="mps", memory_gib=32)
+    assert placed(plan([job("j")], [other_cpu, mac])) == {"j": "mac"}  # an Apple GPU is a GPU
+    # Holding some other model is no reason to prefer a node.
+    assert placed(plan([job("j", base_model="other")], [holder_gpu, other_gpu])) == {"j": "holder-gpu"}
+    assert placed(plan([job("j", base_model="third")], [holder_gpu, other_gpu])) == {"j": "other-gpu"}
+
+
+def test_load_is_spread_across_nodes() -> None:
+    nodes = [node("a", capacity=4, memory_gib=24), node("b", capacity=4, memory_gib=16)]
+    jobs = [job(f"j{number}", queued_at=number, memory_gib=1) for number in range(4)]
+
+    assignments = plan(jobs, nodes)
+
+    # Each job goes to the least-loaded node; between equal loads, to the most free memory.
+    assert [assignment.node_id for assignment in assignments] == ["a", "b", "a", "b"]
+
+
+def test_load_is_measured_relative_to_capacity() -> None:
+    quarter_busy = node("quarter", running_jobs=1, capacity=4, memory_gib=8)
+    half_busy = node("half", running_jobs=1, capacity=2, memory_gib=64)
+    idle = node("idle", running_jobs=0, capacity=1, memory_gib=4)
+
+    assert placed(plan([job("j", memory_gib=2)], [quarter_busy, half_busy])) == {"j": "quarter"}
+    assert placed(plan([job("j", memory_gib=2)], [quarter_busy, half_busy, idle])) == {"j": "idle"}
+
+
+def test_capacity_is_respected() -> None:
+    jobs = [job(f"j{number}", queued_at=number, memory_gib=1) for number in range(5)]
+
+    assert len(plan(jobs, [node("single")])) == 1
+    assert len(plan(jobs, [node("triple", capacity=3)])) == 3
+    assert len(plan(jobs, [node("busy", running_jobs=2, capacity=3)])) == 1
+    assert plan(jobs, [node("full", running_jobs=1, capacity=1)]) == []
+    assert plan(jobs, [node("overfull", running_jobs=3, capacity=2)]) == []
+    assert plan(jobs, [node("none", capacity=0)]) == []
+    assert plan(jobs, [node("paused", accepting_jobs=False, capacity=8)]) == []
+
+
+def test_jobs_placed_on_one_node_share_its_memory() -> None:
+    nodes = [node("a", capacity=4, memory_gib=10)]
+    jobs = [job(f"j{number}", queued_at=number, memory_gib=4) for number in range(3)]
+
+    assert placed(plan(jobs, nodes)) == {"j0": "a", "j1": "a"}  # the third no longer fits in what is left
+
+
+def test_oldest_job_goes_first() -> None:
+    nodes = [node("only")]
+    jobs = [job("young", queued_at=20.0), job("old", queued_at=10.0), job("middle", queued_at=15.0)]
+
+    assert placed(plan(jobs, nodes)) == {"old": "only"}
+    # Same age: job_id decides, so the order of the input does not.
+    twins = [job("b", queued_at=1.0), job("a", queued_at=1.0)]
+    assert placed(plan(twins, nodes)) == placed(plan(twins[::-1], nodes)) == {"a": "only"}
+
+
+def test_a_job_that_fits_nowhere_does_not_block_younger_ones() -> None:
+    nodes = [node("a", memory_gib=8), node("b", memory_gib=8, backend="cpu")]
+    jobs = [
+        job("huge", queued_at=1, memory_gib=100),
+        job("excluded", queued_at=2, excluded_nodes=["a", "b"]),
+        job("foreign", queued_at=3, memory_gib=4),
+        job("later", queued_at=4, memory_gib=4),
+    ]
+
+    assert placed(plan(jobs, nodes)) == {"foreign": "a", "later": "b"}
+
+
+def test_16bit_requirement_applies_to_cuda_and_rocm_only() -> None:
+    # 10 GiB in fp32, 6 GiB in 16 bits: an 8 GiB CUDA card fits, an 8 GiB Mac or CPU does not.
+    big = job("j", memory_gib=10, memory_gib_16bit=6)
+
+    assert placed(plan([big], [node("cuda", memory_gib=8)])) == {"j": "cuda"}
+    assert placed(plan([big], [node("rocm", memory_gib=8, backend="rocm")])) == {"j": "rocm"}
+    assert (
+        plan([big], [node("mac", memory_gib=8, backend="mps"), node("cpu", memory_gib=8, backend="cpu")])
+        == []
+    )
+    # Without the 16-bit figure the single one applies everywhere.
+    assert plan([job("j", memory_gib=10)], [node("cuda", memory_gib=8)]) == []
+
+
+def test_plan_is_deterministic_and_ignores_input_order() -> None:
+    generator = random.Random(5)
+    nodes = [
+        node(f"n{number:03}", memory_gib=generator.choice([8, 16]), capacity=generator.choice([1, 2]))
+        for number in range(50)
+    ]
+    jobs = [
+        job(f"j{number:03}", queued_at=generator.choice([1.0, 2.0]), memory_gib=2) for number in range(60)
+    ]
+
+    first = plan(jobs, nodes)
+    for _ in range(5):
+        generator.shuffle(nodes)
+        generator.shuffle(jobs)
+        assert plan(jobs, nodes) == first
+    # Among equals, the smallest node_id wins.
+    assert placed(plan([job("j")], [node("b"), node("c"), node("a")])) == {"j": "a"}
+
+
+def test_duplicate_ids_are_refused() -> None:
+    with pytest.raises(ValueError, match="job_id"):
+        plan([job("j"), job("j")], [node("a")])
+    with pytest.raises(ValueError, match="node_id"):
+        plan([job("j")], [node("a"), node("a")])
+
+
+def test_nothing_to_do() -> None:
+    assert plan([], []) == []
+    assert plan([], [node("a")]) == []
+    assert plan([job("j")], []) == []
+
+
+# ---- against a plain reading of the rules
+
+
+def reference_plan(
+    jobs: Sequence[QueuedJob], nodes: Sequence[NodeSnapshot], allowed_backends: frozenset[str]
+) -> list[Assignment]:
+    """The rules as written, scanning every node for every job."""
+    running = {snapshot.node_id: snapshot.running_jobs for snapshot in nodes}
+    memory = {snapshot.node_id: snapshot.memory_bytes for snapshot in nodes}
+    assignments = []
+    for queued in sorted(jobs, key=lambda queued: (queued.queued_at, queued.job_id)):
+        best = None
+        for snapshot in nodes:
+            node_id = snapshot.node_id
+            half_precision = snapshot.best_backend in ("cuda", "rocm")
+            needed = queued.required_memory_bytes
+            if half_precision and queued.required_memory_bytes_16bit is not None:
+                needed = queued.required_memory_bytes_16bit
+            if (
+                not snapshot.accepting_jobs
+                or running[node_id] >= snapshot.capacity
+                or snapshot.best_backend not in allowed_backends
+                or node_id in queued.excluded_nodes
+                or memory[node_id] < needed
+            ):
+                continue
+            key = (
+                queued.base_model not in snapshot.models,
+                snapshot.best_backend == "cpu",
+                Fraction(running[node_id], snapshot.capacity),
+                -memory[node_id],
+                node_id,
+            )
+            if best is None or key < best[0]:
+                best = (key, node_id, needed)
+        if best is not None:
+            _, node_id, needed = best
+            running[node_id] += 1
+            memory[node_id] -= needed
+            assignments.append(Assignment(job_id=queued.job_id, node_id=node_id))
+    return assignments
+
+
+def random_case(generator: random.Random) -> tuple[list[QueuedJob], list[NodeSnapshot], frozenset[str]]:
+    backends = ["cuda", "rocm", "mps", "cpu"]
+    node_ids = [f"n{number}" for number in range(generator.randint(0, 12))]
+    nodes = [
+        node(
+            node_id,
+            memory_gib=generator.choice([2, 4, 4, 8, 16]),
+            backend=generator.choice(backends),
+            models=generator.sample(["a", "b", "c"], generator.randint(0, 2)),
+            running_jobs=generator.randint(0, 3),
+            capacity=generator.choice([0, 1, 1, 2, 3, 4, 7, 12]),
+            accepting_jobs=generator.random() < 0.9,
+        )
+        for node_id in node_ids
+    ]
+    jobs = [
+        job(
+            f"j{number}",
+            memory_gib=generator.choice([1, 2, 4, 8, 20]),
+            memory_gib_16bit=generator.choice([None, 1, 2]),
+            queued_at=generator.choice([1.0, 2.0, 3.0]),
+            base_model=generator.choice(["a", "b", "c", "d"]),
+            excluded_nodes=generator.sample(node_ids, min(len(node_ids), generator.randint(0, 3))),
+        )
+        for number in range(generator.randint(0, 15))
+    ]
+    allowed = frozenset(backend for backend in backends if generator.random() < 0.8) or ALL_BACKENDS
+    return jobs, nodes, allowed
+
+
+def test_plan_agrees_with_the_rules_as_written() -> None:
+    generator = random.Random(1)
+    for _ in range(3000):
+        jobs, nodes, allowed = random_case(generator)
+        assert plan(jobs, nodes, allowed_backends=allowed) == reference_plan(jobs, nodes, allowed)
+
+
+# ---- scale
+
+
+def large_swarm(
+    node_count: int, job_count: int, largest_capacity: int = 4
+) -> tuple[list[QueuedJob], list[NodeSnapshot]]:
+    """Gaming PCs mostly (one job each), some multi-GPU machines; jobs of all sizes, some too big."""
+    generator = random.Random(42)
+    models = [DEFAULT_MODEL, "model-b", "model-c", "model-d"]
+    nodes = []
+    for number in range(node_count):
+        capacity = 1 if generator.random() < 0.85 else generator.randint(1, largest_capacity)
+        nodes.append(
+            NodeSnapshot(
+                node_id=f"node-{number:05}",
+                backends=("cuda", "cpu"),
+                memory_bytes=generator.randint(2 * GIB, 24 * GIB),
+                best_backend=generator.choices(["cuda", "rocm", "mps", "cpu"], weights=[70, 5, 5, 20])[0],
+                models=frozenset(generator.sample(models, generator.randint(0, 2))),
+                running_jobs=generator.randrange(capacity + 1),
+                capacity=capacity,
+                accepting_jobs=generator.random() < 0.95,
+            )
+        )
+    jobs = [
+        QueuedJob(
+            job_id=f"job-{number:05}",
+            base_model=generator.choice(models),
+            required_memory_bytes=generator.randint(1 * GIB, 30 * GIB),
+            queued_at=generator.uniform(0, 3600),
+            excluded_nodes=frozenset(
+                f"node-{generator.randrange(node_count):05}" for _ in range(generator.choice([0, 0, 0, 1, 3]))
+            ),
+            required_memory_bytes_16bit=generator.choice([None, 2 * GIB]),
+        )
+        for number in range(job_count)
+    ]
+    return jobs, nodes
+
+
+@pytest.mark.parametrize("largest_capacity", [4, 64])
+def test_plan_places_2000_jobs_on_10000_nodes_quickly(largest_capacity: int) -> None:
+    jobs, nodes = large_swarm(10_000, 2_000, largest_capacity)
+
+    timings = []
+    for _ in range(3):
+        started = time.perf_counter()
+        assignments = plan(jobs, nodes)
+        timings.append(time.perf_counter() - started)
+
+    print(
+        f"plan(): 2,000 jobs × 10,000 nodes (capacities up to {largest_capacity}) "
+        f"in {min(timings) * 1000:.1f} ms (best of 3)"
+    )
+    assert min(timings) < 1.0
+    assert 1_000 < len(assignments) < 2_000  # most fit; the largest fit nowhere
+    assert len({assignment.job_id for assignment in assignments}) == len(assignments)
+    # The fast plan makes the decisions the rules say, on a slice small enough to check by scanning.
+    small_jobs, small_nodes = jobs[:300], nodes[:1_500]
+    assert plan(small_jobs, small_nodes) == reference_plan(small_jobs, small_nodes, ALL_BACKENDS)
+
+
+# ---- snapshots and estimates
+
+
+def telemetry(gpus: Sequence[GpuTelemetry] = (), backends: Sequence[str] = ("cpu",)) -> Telemetry:
+    return Telemetry(
+        gpus=tuple(gpus),
+        cpu=CpuTelemetry(
+            name="cpu", logical_cores=8, memory_total_bytes=64 * GIB, memory_available_bytes=40 * GIB
+        ),
+        backends=tuple(backends),  # type: ignore[arg-type]
+    )
+
+
+def gpu(
+    index: int, free_gib: float | None, backend: str = "cuda", total_gib: float | None = 24
+) -> GpuTelemetry:
+    return GpuTelemetry(
+        index=index,
+        vendor={"cuda": "nvidia", "rocm": "amd", "mps": "apple"}[backend],  # type: ignore[arg-type]
+        name=f"gpu {index}",
+        backend=backend,  # type: ignore[arg-type]
+        memory_total_bytes=None if total_gib is None else int(total_gib * GIB),
+        memory_free_bytes=None if free_gib is None else int(free_gib * GIB),
+    )
+
+
+def test_snapshot_takes_the_gpu_with_most_free_memory() -> None:
+    snapshot = node_snapshot(
+        "n",
+        telemetry([gpu(0, 4), gpu(1, 10), gpu(2, 10)], backends=("cuda", "cpu")),
+        [DEFAULT_MODEL],
+        1,
+        True,
+        2,
+    )
+
+    assert snapshot == NodeSnapshot(
+        node_id="n",
+        backends=("cuda", "cpu"),
+        memory_bytes=10 * GIB,
+        best_backend="cuda",
+        models=frozenset({DEFAULT_MODEL}),
+        running_jobs=1,
+        capacity=2,
+        accepting_jobs=True,
+    )
+
+
+def test_snapshot_falls_back_as_the_node_reports() -> None:
+    # A GPU whose backend is not usable (no CUDA torch) leaves the CPU.
+    on_cpu = node_snapshot("n", telemetry([gpu(0, 10)], backends=("cpu",)), [], 0, True)
+    assert (on_cpu.best_backend, on_cpu.memory_bytes) == ("cpu", 40 * GIB)
+    # Apple GPUs share the system memory.
+    mac = node_snapshot("n", telemetry([gpu(0, None, "mps", None)], backends=("mps", "cpu")), [], 0, True)
+    assert (mac.best_backend, mac.memory_bytes) == ("mps", 40 * GIB)
+    # No free figure: the total stands in; no figure at all: the GPU is not counted.
+    unknown_free = node_snapshot(
+        "n", telemetry([gpu(0, None, "rocm", 16)], backends=("rocm", "cpu")), [], 0, True
+    )
+    assert (unknown_free.best_backend, unknown_free.memory_bytes) == ("rocm", 16 * GIB)
+    unknown = node_snapshot(
+        "n", telemetry([gpu(0, None, total_gib=None)], backends=("cuda", "cpu")), [], 0, True
+    )
+    assert (unknown.best_backend, unknown.memory_bytes) == ("cpu", 40 * GIB)
+    # Nothing usable: the node takes no jobs.
+    stranded = node_snapshot("n", telemetry([], backends=("cuda",)), [], 0, True)
+    assert stranded.accepting_jobs is False
+    assert plan([job("j", memory_gib=0)], [stranded]) == []
+    # A paused node stays paused.
+    assert node_snapshot("n", telemetry(), [], 0, False).accepting_jobs is False
+
+
+def demo_spec(**fields: object) -> LoraJobSpec:
+    return LoraJobSpec(base_model=DEFAULT_MODEL, dataset="data.jsonl", max_steps=30, **fields)
+
+
+def test_memory_estimate_is_near_the_engines_for_the_demo() -> None:
+    fp32 = required_memory_bytes(demo_spec(), DEMO_MODEL)
+    half = required_memory_bytes(demo_spec(), DEMO_MODEL, backend="cuda")
+
+    # engine.resources says 7.9 GiB (fp32) and 5.1 GiB (bf16), of which a node may use 90% of its free memory.
+    assert 7.9 / 0.9 * GIB <= fp32 <= 10 * GIB
+    assert 5.1 / 0.9 * GIB <= half <= 6.5 * GIB
+    assert required_memory_bytes(demo_spec(), DEMO_MODEL, backend="mps") == fp32
+    assert required_memory_bytes(demo_spec(), DEMO_MODEL, backend="rocm") == half
+
+
+@pytest.mark.parametrize("backend", ["cpu", "cuda"])
+def test_memory_estimate_grows_with_batch_length_and_model(backend: str) -> None:
+    by_batch = [
+        required_memory_bytes(demo_spec(batch_size=size), DEMO_MODEL, backend=backend)
+        for size in [1, 2, 3, 8, 64]
+    ]
+    by_length = [
+        required_memory_bytes(demo_spec(max_sequence_length=length), DEMO_MODEL, backend=backend)
+        for length in [8, 9, 128, 513, 4096]
+    ]
+    by_size = [
+        required_memory_bytes(
+            demo_spec(), dataclasses.replace(DEMO_MODEL, parameters=parameters), backend=backend
+        )
+        for parameters in [1, 10**6, 134_515_008, 10**9, 7 * 10**9, 70 * 10**9]
+    ]
+
+    for estimates in (by_batch, by_length, by_size):
+        assert estimates == sorted(set(estimates))  # strictly increasing
+
+
+def test_memory_estimate_refuses_nonsense() -> None:
+    with pytest.raises(ValueError, match="unknown backend"):
+        required_memory_bytes(demo_spec(), DEMO_MODEL, backend="tpu")
+    with pytest.raises(ValueError, match="parameters"):
+        required_memory_bytes(demo_spec(), dataclasses.replace(DEMO_MODEL, parameters=0))
+
+
+def test_queued_job_carries_both_memory_figures() -> None:
+    queued = queued_job("j", demo_spec(), DEMO_MODEL, queued_at=5.0, excluded_nodes=frozenset({"x"}))
+
+    assert queued == QueuedJob(
+        job_id="j",
+        base_model=DEFAULT_MODEL,
+        required_memory_bytes=required_memory_bytes(demo_spec(), DEMO_MODEL),
+        queued_at=5.0,
+        excluded_nodes=frozenset({"x"}),
+        required_memory_bytes_16bit=required_memory_bytes(demo_spec(), DEMO_MODEL, backend="cuda"),
+    )
+    # The demo job fits an 8 GiB gaming card (about 7 GiB free) but not a laptop with 8 GiB of RAM.
+    card = node("card", memory_gib=7, backend="cuda")
+    laptop = node("laptop", memory_gib=7, backend="cpu")
+    assert placed(plan([queued], [laptop, card])) == {"j": "card"}
+    assert plan([queued], [laptop]) == []
+
+
+def test_decisions_import_nothing_heavy() -> None:
+    # The coordinator runs on a small VM without torch: these modules must not pull it in.
+    code = (
+        "import sys, coordinator.scheduler, coordinator.pricing; "
+        "print(','.join(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'peft'})))"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
+    )
+
+    assert result.stdout.strip() == ""

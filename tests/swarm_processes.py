@@ -1,0 +1,137 @@
+"""Real coordinator and node processes on loopback, for tests that need the swarm as users run it."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+REPOSITORY = Path(__file__).resolve().parent.parent
+# The console script installed beside this interpreter (the venv's `compute-swarm`).
+COMMAND = str(Path(sys.executable).parent / "compute-swarm")
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def run_cli(
+    *arguments: str, environment: dict[str, str] | None = None, timeout: float = 120
+) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [COMMAND, *arguments],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=REPOSITORY,
+        env={**os.environ, **(environment or {})},
+    )
+
+
+class SwarmProcess:
+    """A `compute-swarm ...` child process with its output in a log file."""
+
+    def __init__(self, arguments: list[str], log: Path, environment: dict[str, str] | None = None):
+        self.arguments = arguments
+        self.log_path = log
+        self.environment = {**os.environ, "PYTHONUNBUFFERED": "1", **(environment or {})}
+        self.process: subprocess.Popen | None = None
+
+    def start(self) -> SwarmProcess:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [COMMAND, *self.arguments],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPOSITORY,
+                env=self.environment,
+                start_new_session=True,
+            )
+        return self
+
+    def kill(self) -> None:
+        """SIGKILL the process and everything it started (a node's training child too)."""
+        if self.process is not None and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait(10)
+
+    def stop(self, timeout: float = 30) -> int | None:
+        if self.process is None:
+            return None
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout)
+            except subprocess.TimeoutExpired:
+                self.kill()
+        return self.process.returncode
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+
+class Coordinator(SwarmProcess):
+    def __init__(self, data_dir: Path, *, port: int | None = None, environment: dict[str, str] | None = None):
+        self.data_dir = data_dir
+        self.port = port or free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        super().__init__(
+            ["coordinator", "--port", str(self.port), "--data-dir", str(data_dir)],
+            data_dir / "coordinator.log",
+            {"SWARM_LEASE_SECONDS": "6", "SWARM_SWEEP_INTERVAL_SECONDS": "0.5", **(environment or {})},
+        )
+
+    def start(self, timeout: float = 60) -> Coordinator:
+        super().start()
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            assert self.process is not None
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the coordinator exited:\n{self.log()}")
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return self
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError(f"the coordinator did not come up:\n{self.log()}")
+
+    def create_buyer(self, name: str, credits: str = "100") -> str:
+        result = run_cli(
+            "admin", "create-buyer", "--data-dir", str(self.data_dir), "--name", name, "--credits", credits
+        )
+        assert result.returncode == 0, result.stderr
+        return result.stdout.strip().splitlines()[-1]
+
+    def health(self) -> dict:
+        return httpx.get(f"{self.url}/healthz", timeout=5).json()
+
+
+class Node(SwarmProcess):
+    def __init__(self, coordinator: Coordinator, data_dir: Path, *, name: str = "test-node"):
+        self.data_dir = data_dir
+        data_dir.mkdir(parents=True, exist_ok=True)
+        super().__init__(
+            ["-v", "node", "--coordinator", coordinator.url, "--data-dir", str(data_dir), "--name", name],
+            data_dir / "node.log",
+            {"SWARM_TOKEN_STORE": "file"},
+        )
+
+
+def wait_for(condition, timeout: float, message: str, interval: float = 0.2):
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = condition()
+        if value:
+            return value
+        time.sleep(interval)
+    raise AssertionError(f"timed out after {timeout} s waiting for {message}")
