@@ -5,11 +5,11 @@ BIN := $(VENV)/bin
 # torch goes in first, on its own: a bare "torch" requirement would pull a multi-GB CUDA build.
 # Pick the build for your GPU with e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= engine,dev
+EXTRAS ?= engine,coordinator,node,dev
 comma := ,
 INSTALLED := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: setup run test lint format bench clean
+.PHONY: setup run train-demo test lint format bench clean
 
 setup: $(INSTALLED)
 
@@ -20,8 +20,12 @@ $(INSTALLED): pyproject.toml
 	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
 	touch $@
 
-# The main job: fine-tune a LoRA adapter on the demo model with the demo dataset.
+# The main job: a coordinator and one local node; prints the URL, a buyer API key and a submit command.
 run: $(INSTALLED)
+	$(BIN)/compute-swarm local-swarm --data-dir .swarm
+
+# Fine-tune on this machine alone, without the swarm.
+train-demo: $(INSTALLED)
 	$(BIN)/compute-swarm train --data engine/data/demo_chat.jsonl --steps 30 --learning-rate 1e-3 --output adapters/demo \
 		--sample "What is the capital of Peru?"
 
@@ -38,6 +42,7 @@ format: $(INSTALLED)
 
 bench: $(INSTALLED)
 	$(BIN)/python bench/lora.py
+	$(BIN)/python bench/coordinator.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

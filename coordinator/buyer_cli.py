@@ -19,6 +19,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from coordinator.client import FINAL_STATES, SUCCESSFUL_STATES, SwarmClient, SwarmError
+from coordinator.protocol import format_credits
 from engine.jobs import (
     DEFAULT_MODEL,
     LoraJobSpec,
@@ -31,7 +32,6 @@ COORDINATOR_ENVIRONMENT_VARIABLE = "SWARM_COORDINATOR"
 API_KEY_ENVIRONMENT_VARIABLE = "SWARM_API_KEY"
 FOLLOW_INTERVAL_SECONDS = 1.0
 JOB_STATES = ("queued", "leased", "running", "completed", "failed", "cancelled", "verified")
-MICRO_PER_CREDIT = 1_000_000
 
 # What a file or job id looks like (as opposed to a path): the protocol's identifier alphabet.
 _IDENTIFIER = re.compile(r"^[A-Za-z0-9_-]{1,64}$")
@@ -466,13 +466,6 @@ def describe_job(job: dict) -> str:
 
 
 # ---- formatting
-
-
-def format_credits(micro: int) -> str:
-    """Micro-credits as credits with up to 6 decimals, exactly (no float on the way)."""
-    whole, fraction = divmod(abs(int(micro)), MICRO_PER_CREDIT)
-    text = f"{whole}.{fraction:06d}".rstrip("0").rstrip(".")
-    return f"-{text}" if micro < 0 else text
 
 
 def _steps_and_loss(job: dict) -> tuple[int | None, int | None, float | None]:

@@ -132,9 +132,12 @@ class Hub:
             return  # replaced by a newer connection, which now owns the node's jobs
         del self.connections[connection.node_id]
         self.metrics.nodes_connected.set(len(self.connections))
+        # Its leases stay until they expire (the sweeper stops renewing them now): a node back within
+        # the lease period, after a network blip, claims them in its hello and loses no work.
         if connection.leases:
-            await asyncio.to_thread(self.service.release_node, connection.node_id, reason)
-            self._work_waiting.set()
+            logger.info(
+                "node %s left holding %d leases: %s", connection.node_id, len(connection.leases), reason
+            )
 
     async def handle(self, connection: Connection, message: protocol.NodeMessage) -> None:
         connection.last_message_at = time.monotonic()

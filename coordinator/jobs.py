@@ -203,6 +203,7 @@ class JobService:
             job_id=job.id,
             lease_id=job.lease_id,
             attempt=job.attempt,
+            max_attempts=job.max_attempts,
             spec=spec,
             dataset_sha256=job.dataset_sha256,
             dataset_size=job.dataset_size,

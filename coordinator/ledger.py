@@ -13,6 +13,7 @@ import time
 from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
+from coordinator.protocol import format_credits
 from coordinator.tables import LedgerEntry, LedgerTransaction
 
 ISSUED = "platform:issued"
@@ -164,9 +165,3 @@ def _settled(session: Session, job_id: str) -> bool:
 def total(session: Session) -> int:
     """The sum of every entry: zero, always."""
     return int(session.scalar(select(func.coalesce(func.sum(LedgerEntry.amount_micro), 0))))
-
-
-def format_credits(amount_micro: int) -> str:
-    sign = "-" if amount_micro < 0 else ""
-    whole, fraction = divmod(abs(amount_micro), 1_000_000)
-    return f"{sign}{whole}.{fraction:06d}".rstrip("0").rstrip(".") if fraction else f"{sign}{whole}"

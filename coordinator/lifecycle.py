@@ -1,7 +1,7 @@
 """The job lifecycle's decisions, as pure functions: what happens to a job when an attempt ends badly.
 
 States: queued → leased → running → completed (→ verified), plus failed and cancelled. A lease that
-is lost (node gone, lease expired) or a failure the node reports sends the job back to the queue
+is lost (the node stopped renewing it) or a failure the node reports sends the job back to the queue
 until it has used max_attempts; then it fails and its escrow is refunded. Nodes are never blamed for
 a job that fails everywhere.
 """
@@ -38,6 +38,10 @@ def after_failure(kind: str, message: str, attempt: int, max_attempts: int) -> A
     if kind == "invalid_spec":
         # The buyer's data or settings: it would fail the same way on every node.
         return AttemptOutcome(FAILED, message)
+    if kind == "released":
+        # The seller paused or stopped, or the node was busy: the job did nothing wrong. A checkpoint
+        # uploaded on the way out lets the next node continue.
+        return AttemptOutcome(QUEUED, f"handed back by the node: {message}", attempt_counts=False)
     if kind == "insufficient_memory":
         # Refused before it started: no work was done and another node may fit it.
         return AttemptOutcome(QUEUED, message, exclude_node=True, attempt_counts=False)

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 from engine.jobs import CatalogueModel, LoraJobSpec
 
-MICRO_PER_CREDIT = 1_000_000
 BASIS_POINTS = 10_000
 
 # Rates are quoted per million tokens trained per million model parameters (10^12 token·parameters):

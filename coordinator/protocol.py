@@ -29,6 +29,9 @@ HEARTBEAT_INTERVAL_SECONDS = 10.0
 MESSAGES_PER_SECOND = 20.0
 MESSAGE_BURST = 100
 
+# Money on the wire (and everywhere else) is whole micro-credits.
+MICRO_PER_CREDIT = 1_000_000
+
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN)]
 Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
@@ -151,7 +154,11 @@ class JobFailure(_Message):
     type: Literal["failure"] = "failure"
     job_id: Identifier
     lease_id: Identifier
-    kind: Literal["invalid_spec", "insufficient_memory", "out_of_memory", "cancelled", "crashed", "error"]
+    # engine.records.Failed.kind, or "released": the node gives the job back without fault of the job
+    # (its seller paused it, a game started, the agent is shutting down, it was busy).
+    kind: Literal[
+        "invalid_spec", "insufficient_memory", "out_of_memory", "cancelled", "crashed", "error", "released"
+    ]
     message: str = Field(max_length=4000)
 
 
@@ -188,6 +195,7 @@ class Lease(_Message):
     job_id: Identifier
     lease_id: Identifier
     attempt: int = Field(ge=1)
+    max_attempts: int = Field(ge=1)
     spec: dict[str, Any]
     dataset_sha256: Sha256
     dataset_size: int = Field(ge=0)
@@ -251,3 +259,10 @@ def parse_node_message(text: str | bytes) -> NodeMessage:
 
 def parse_coordinator_message(text: str | bytes) -> CoordinatorMessage:
     return _parse(coordinator_message_adapter, text)
+
+
+def format_credits(micro: int) -> str:
+    """Micro-credits as credits for people, exactly (no float on the way): 2500000 → "2.5"."""
+    whole, fraction = divmod(abs(int(micro)), MICRO_PER_CREDIT)
+    text = f"{whole}.{fraction:06d}".rstrip("0").rstrip(".")
+    return f"-{text}" if micro < 0 else text

@@ -93,7 +93,8 @@ def save_checkpoint(
         "format": FORMAT_VERSION,
         "step": state.step,
         "identity": identity,
-        "spec": spec.model_dump(mode="json"),
+        # Without paths: a checkpoint travels to other machines and must not carry this one's user names.
+        "spec": spec.model_dump(mode="json", exclude=RESUMABLE_CHANGES),
         "scaler": state.scaler,
         "metrics": state.metrics,
     }

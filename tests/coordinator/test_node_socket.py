@@ -372,3 +372,33 @@ def test_other_buyers_resources_do_not_exist_for_them(coordinator):
     ]:
         assert httpx.request(method, coordinator.url + path, headers=headers).status_code == 404
     owner.cancel(job["id"])
+
+
+def test_a_node_back_within_its_lease_keeps_its_job(coordinator):
+    buyer = new_buyer(coordinator, "blip")
+    node = ScriptedNode(coordinator, "flaky-wifi")
+    node.connect()
+    job = submit(buyer)
+    lease = node.receive_type("lease")
+    node.disconnect()
+    node.connect(running=[{"job_id": lease["job_id"], "lease_id": lease["lease_id"]}])
+    accepted = node.report_result(lease, node.upload_result(lease))
+    assert accepted["accepted"], accepted
+    assert buyer.job(job["id"])["attempt"] == 1
+    node.disconnect()
+
+
+def test_a_job_handed_back_by_a_pausing_seller_does_not_use_an_attempt(coordinator):
+    buyer = new_buyer(coordinator, "released")
+    node = ScriptedNode(coordinator, "gamer")
+    node.connect()
+    job = submit(buyer, max_attempts=1)
+    for _ in range(3):
+        lease = node.receive_type("lease")
+        assert lease["attempt"] == 1 and lease["max_attempts"] == 1
+        node.send({"type": "failure", "job_id": lease["job_id"], "lease_id": lease["lease_id"], "kind": "released",
+                   "message": "a game started"})  # fmt: skip
+        assert node.receive_type("ack")["accepted"]
+    assert buyer.job(job["id"])["state"] in ("queued", "leased")
+    buyer.cancel(job["id"])
+    node.disconnect()

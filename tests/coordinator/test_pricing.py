@@ -10,13 +10,13 @@ import pytest
 
 from coordinator.pricing import (
     DEFAULT_MICRO_PER_MILLION_TOKEN_PARAMETERS,
-    MICRO_PER_CREDIT,
     held_out_examples,
     planned_steps,
     price_micro,
     split_payment,
     token_budget,
 )
+from coordinator.protocol import MICRO_PER_CREDIT
 from engine.jobs import CATALOGUE, DEFAULT_MODEL, LoraJobSpec
 
 DEMO_MODEL = CATALOGUE[DEFAULT_MODEL]
