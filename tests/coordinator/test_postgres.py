@@ -1,0 +1,67 @@
+"""The same migrations and the same job and ledger code on PostgreSQL (a throwaway server from the
+`pgserver` wheel), as ops run it when a swarm outgrows one SQLite file."""
+
+from __future__ import annotations
+
+import hashlib
+
+import pytest
+from alembic.autogenerate import compare_metadata
+from alembic.migration import MigrationContext
+
+from coordinator import accounts, ledger, protocol
+from coordinator.database import Database
+from coordinator.jobs import JobService
+from coordinator.settings import Settings
+from coordinator.tables import Artifact, ArtifactHolder, Base, File
+
+pgserver = pytest.importorskip("pgserver", reason="PostgreSQL tests need the pgserver wheel (the dev extra)")
+pytest.importorskip("psycopg", reason="PostgreSQL tests need psycopg (the dev extra)")
+
+
+@pytest.fixture(scope="module")
+def database(tmp_path_factory):
+    server = pgserver.get_server(tmp_path_factory.mktemp("postgres"), cleanup_mode="stop")
+    database = Database(server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1))
+    database.upgrade()
+    yield database
+    database.close()
+    server.cleanup()
+
+
+def test_migrations_build_the_declared_schema(database):
+    database.upgrade()
+    with database.engine.connect() as connection:
+        assert compare_metadata(MigrationContext.configure(connection), Base.metadata) == []
+
+
+def test_a_job_is_submitted_leased_completed_and_paid_once(database, tmp_path):
+    service = JobService(database, Settings(data_dir=tmp_path))
+    dataset = b'{"prompt": "hi", "completion": "ahoy"}\n' * 10
+    sha256 = hashlib.sha256(dataset).hexdigest()
+    with database.transaction() as session:
+        buyer, _ = accounts.create_buyer(session, "pg-buyer", 5_000_000)
+        node, _ = accounts.register_node(session, "pg-node")
+        session.add(Artifact(sha256=sha256, size=len(dataset), created_at=0.0))
+        session.flush()
+        session.add(File(id="file_pg", buyer_id=buyer.id, sha256=sha256, filename="d.jsonl", size=len(dataset),
+                         purpose="dataset", lines=10, created_at=0.0))  # fmt: skip
+        result_sha256 = "ab" * 32
+        session.add(Artifact(sha256=result_sha256, size=3, created_at=0.0))
+        session.flush()
+        session.add(ArtifactHolder(sha256=result_sha256, holder=f"node:{node.id}"))
+
+    job = service.submit(
+        buyer.id, {"base_model": "smollm2-135m-instruct", "dataset": "file_pg", "max_steps": 2}, None
+    )
+    (grant,) = service.lease([(job.id, node.id)])
+    report = protocol.JobResult(job_id=job.id, lease_id=grant.message.lease_id, sha256=result_sha256, steps=2)
+    assert service.result(node.id, report).accepted
+    assert not service.result(node.id, report).accepted
+    with database.transaction() as session:
+        assert ledger.balance(session, ledger.buyer_account(buyer.id)) == 5_000_000 - job.price_micro
+        assert (
+            ledger.balance(session, ledger.node_pending_account(node.id))
+            == job.price_micro - job.price_micro // 10
+        )
+        assert ledger.total(session) == 0
