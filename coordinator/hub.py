@@ -237,10 +237,15 @@ class Hub:
     # ---- leases
 
     async def _sweep_forever(self) -> None:
+        last_seen_written = 0.0
         while True:
             await asyncio.sleep(self.settings.sweep_interval_seconds)
             try:
                 await self.sweep_once()
+                # For ops (`admin nodes`): when each node was last connected, to the half minute.
+                if time.monotonic() - last_seen_written > 30:
+                    await asyncio.to_thread(self.service.mark_seen, list(self.connections))
+                    last_seen_written = time.monotonic()
             except Exception:
                 logger.exception("lease sweep failed; retrying")
 

@@ -388,6 +388,14 @@ class JobService:
         with self.database.transaction() as session:
             return self._current(session, node_id, job_id, lease_id) is not None
 
+    def mark_seen(self, node_ids: Iterable[str]) -> None:
+        node_ids, now = list(node_ids), time.time()
+        with self.database.transaction() as session:
+            for start in range(0, len(node_ids), 500):
+                session.execute(
+                    update(Node).where(Node.id.in_(node_ids[start : start + 500])).values(last_seen_at=now)
+                )
+
     def revoked_nodes(self, node_ids: Iterable[str]) -> list[str]:
         node_ids = list(node_ids)
         revoked: list[str] = []

@@ -20,6 +20,8 @@ KEY_FILE = "demo-buyer-api-key"
 
 
 def run(data_dir: Path, host: str, port: int) -> int:
+    # A service manager's SIGTERM stops the swarm as cleanly as Ctrl-C does.
+    signal.signal(signal.SIGTERM, _interrupt)
     data_dir = data_dir.expanduser().resolve()
     data_dir.mkdir(parents=True, exist_ok=True)
     command = _command()
@@ -89,6 +91,10 @@ Then `... download JOB_ID` fetches the adapter. Press Ctrl-C here to stop both.
         return 0
     finally:
         _stop(children)
+
+
+def _interrupt(signal_number: int, frame: object) -> None:
+    raise KeyboardInterrupt
 
 
 def _command() -> list[str]:

@@ -1,0 +1,213 @@
+"""The node agent's pure decisions: reconnect delays, telemetry, lease → spec, record → message, the
+progress throttle and the outbox of reports awaiting acknowledgement."""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import random
+from pathlib import Path
+
+import pytest
+
+from coordinator import protocol
+from desktop import token_store
+from desktop.messages import (
+    Backoff,
+    InvalidLease,
+    Outbox,
+    ProgressThrottle,
+    checkpoint_message,
+    failure_message,
+    progress_message,
+    result_message,
+    spec_for_lease,
+    telemetry_from_inventory,
+    websocket_url,
+)
+from engine.devices import CpuInfo, DeviceInventory, GpuInfo
+from engine.jobs import DEFAULT_MODEL
+from engine.records import Completed, Progress
+
+DATASET = b'{"prompt": "2+2?", "completion": "4"}\n'
+DATASET_SHA256 = hashlib.sha256(DATASET).hexdigest()
+
+
+def make_lease(job_id: str = "job_1", lease_id: str = "lease_1", **spec_changes: object) -> protocol.Lease:
+    spec = {"type": "lora", "base_model": DEFAULT_MODEL, "dataset": DATASET_SHA256, "max_steps": 4}
+    spec.update(spec_changes)
+    return protocol.Lease(
+        job_id=job_id,
+        lease_id=lease_id,
+        attempt=1,
+        max_attempts=3,
+        spec=spec,
+        dataset_sha256=DATASET_SHA256,
+        dataset_size=len(DATASET),
+        lease_seconds=60.0,
+    )
+
+
+def inventory() -> DeviceInventory:
+    return DeviceInventory(
+        gpus=(
+            GpuInfo(
+                index=0,
+                vendor="nvidia",
+                name="NVIDIA GeForce RTX 4090",
+                backend="cuda",
+                memory_total_bytes=24 << 30,
+                memory_free_bytes=20 << 30,
+                temperature_celsius=61.0,
+                utilization_percent=math.nan,
+                power_watts=120.5,
+            ),
+        ),
+        cpu=CpuInfo(name="", logical_cores=16, memory_total_bytes=64 << 30, memory_available_bytes=40 << 30),
+        backends=("cuda", "cpu"),
+    )
+
+
+def test_coordinator_urls_normalize_and_map_to_the_node_websocket() -> None:
+    assert token_store.normalize_coordinator_url("HTTP://Example.COM:80/swarm/") == "http://example.com/swarm"
+    assert websocket_url("https://example.com") == "wss://example.com/node"
+    assert websocket_url("http://127.0.0.1:8000/swarm/") == "ws://127.0.0.1:8000/swarm/node"
+    with pytest.raises(ValueError):
+        token_store.normalize_coordinator_url("ftp://example.com")
+
+
+def test_backoff_delays_are_jittered_within_a_doubling_capped_bound() -> None:
+    backoff = Backoff(base=1.0, cap=60.0, rng=random.Random(7))
+    ceilings, delays = [], []
+    for _ in range(12):
+        ceilings.append(backoff.ceiling())
+        delays.append(backoff.next_delay())
+    assert ceilings[:7] == [1, 2, 4, 8, 16, 32, 60] and set(ceilings[6:]) == {60}
+    assert all(0 <= delay <= ceiling for delay, ceiling in zip(delays, ceilings, strict=True))
+    assert len(set(delays)) == len(delays)  # jittered, not a fixed schedule
+    backoff.reset()
+    assert backoff.ceiling() == 1 and backoff.next_delay() <= 1
+    # Many agents reconnecting at once spread out over the whole window.
+    spread = [Backoff(rng=random.Random(seed)).next_delay() for seed in range(200)]
+    assert min(spread) < 0.1 and max(spread) > 0.9
+
+
+def test_telemetry_from_an_inventory_uses_the_torch_checked_backends() -> None:
+    telemetry = telemetry_from_inventory(inventory(), backends=("cpu",))
+    assert telemetry.backends == ("cpu",)
+    (gpu,) = telemetry.gpus
+    assert (gpu.vendor, gpu.backend, gpu.memory_free_bytes, gpu.temperature_celsius) == (
+        "nvidia",
+        "cuda",
+        20 << 30,
+        61.0,
+    )
+    assert gpu.utilization_percent is None  # NaN is no reading
+    assert telemetry.cpu.name == "unknown CPU" and telemetry.cpu.logical_cores == 16
+    # Without a torch check the inventory's own list stands, and the CPU is always offered.
+    assert telemetry_from_inventory(inventory()).backends == ("cuda", "cpu")
+    # It is a valid wire message.
+    hello = protocol.Hello(protocol_version=1, agent_version="t", telemetry=telemetry)
+    assert protocol.parse_node_message(hello.model_dump_json()) == hello
+
+
+def test_a_lease_becomes_a_spec_with_the_nodes_own_dataset_path(tmp_path: Path) -> None:
+    local = tmp_path / "artifacts" / DATASET_SHA256
+    spec = spec_for_lease(make_lease(rank=4), local)
+    assert spec.dataset == str(local)
+    assert (spec.base_model, spec.rank, spec.max_steps) == (DEFAULT_MODEL, 4, 4)
+
+    for base_model in ("/home/seller/.ssh/id_rsa", "some-other-model", None):
+        with pytest.raises(InvalidLease, match="not in this node's catalogue"):
+            spec_for_lease(make_lease(base_model=base_model), local)
+    with pytest.raises(InvalidLease, match="rank"):
+        spec_for_lease(make_lease(rank=0), local)
+
+
+def test_records_translate_into_wire_messages() -> None:
+    lease = make_lease()
+    progress = Progress(
+        step=3,
+        total_steps=4,
+        loss=1.25,
+        learning_rate=1e-4,
+        tokens_per_second=900.0,
+        elapsed_seconds=3.0,
+        eta_seconds=1.0,
+        eval_loss=math.inf,
+    )
+    message = progress_message(lease, progress)
+    assert (message.job_id, message.lease_id, message.step, message.loss, message.eval_loss) == (
+        "job_1",
+        "lease_1",
+        3,
+        1.25,
+        None,
+    )
+    completed = Completed(
+        output_dir="/x", steps=4, final_loss=1.0, eval_loss=None, train_tokens=512, seconds=12.5
+    )
+    result = result_message(lease, completed, "a" * 64)
+    assert (result.steps, result.final_loss, result.train_tokens, result.seconds, result.sha256) == (
+        4,
+        1.0,
+        512,
+        12.5,
+        "a" * 64,
+    )
+    failure = failure_message(lease, "crashed", "x" * 5000)
+    assert failure.kind == "crashed" and len(failure.message) == 4000
+    assert checkpoint_message(lease, 2, "b" * 64).step == 2
+    for wire in (message, result, failure):
+        assert protocol.parse_node_message(wire.model_dump_json()) == wire
+
+
+def test_progress_is_rate_limited_but_the_last_one_is_kept() -> None:
+    throttle = ProgressThrottle(interval=1.0)
+    lease = make_lease()
+
+    def at(step: int) -> protocol.JobProgress:
+        return protocol.JobProgress(job_id=lease.job_id, lease_id=lease.lease_id, step=step, total_steps=9)
+
+    assert throttle.offer(at(1), now=10.0) == at(1)
+    assert throttle.offer(at(2), now=10.3) is None
+    assert throttle.offer(at(3), now=10.6) is None
+    assert throttle.offer(at(4), now=11.0) == at(4)
+    assert throttle.offer(at(5), now=11.2) is None
+    assert throttle.flush() == at(5)
+    assert throttle.flush() is None
+
+
+def test_outbox_keeps_reports_until_acknowledged_and_resends_them() -> None:
+    lease = make_lease()
+    outbox = Outbox()
+    first, second = checkpoint_message(lease, 2, "a" * 64), checkpoint_message(lease, 4, "b" * 64)
+    result = result_message(
+        lease,
+        Completed(output_dir="/x", steps=4, final_loss=1.0, eval_loss=None, train_tokens=1, seconds=1),
+        "c" * 64,
+    )
+    outbox.add(first)
+    outbox.add(second)
+    outbox.add(result)
+
+    def ack(about: str, job_id: str = "job_1") -> protocol.Acknowledged:
+        return protocol.Acknowledged(
+            job_id=job_id, lease_id="lease_1", about=about, accepted=True, state="running"
+        )
+
+    # The first checkpoint's acknowledgement settles the oldest checkpoint report.
+    assert outbox.acknowledge(ack("checkpoint")) == first
+    assert outbox.acknowledge(ack("failure")) is None
+    assert outbox.acknowledge(ack("result", job_id="job_2")) is None
+    # Nothing else was acknowledged before the connection dropped: both are sent again.
+    assert outbox.for_new_connection() == [second, result]
+    assert outbox.for_new_connection() == [second, result]
+    assert outbox.acknowledge(ack("result")) == result
+    assert outbox.acknowledge(ack("checkpoint")) == second
+    assert len(outbox) == 0
+
+    # A newer checkpoint makes an unacknowledged older one pointless to send again.
+    outbox.add(first)
+    outbox.add(second)
+    assert outbox.for_new_connection() == [second]
