@@ -77,15 +77,6 @@ class ArtifactStore:
         self.scratch_path(upload_id).unlink(missing_ok=True)
 
 
-def count_lines(path: Path) -> int:
-    """Non-empty lines: the examples in a JSONL dataset."""
-    lines = 0
-    with open(path, "rb") as file:
-        for line in file:
-            lines += bool(line.strip())
-    return lines
-
-
 def _fsync_directory(directory: Path) -> None:
     if os.name == "posix":
         descriptor = os.open(directory, os.O_RDONLY)

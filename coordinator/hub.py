@@ -22,6 +22,9 @@ from coordinator.scheduler import NodeSnapshot, node_snapshot, plan
 from coordinator.settings import Settings
 
 logger = logging.getLogger("coordinator.hub")
+# How long a cancelled job may take to stop on its node (the runner kills it after 60 s) before the
+# node's slot counts as free again without word from the node.
+STOPPING_GRACE_SECONDS = 90.0
 
 
 @dataclass(eq=False)
@@ -36,11 +39,18 @@ class Connection:
     accepting_jobs: bool
     snapshot: NodeSnapshot | None = None
     leases: dict[str, str] = field(default_factory=dict)  # lease id → job id
-    # Leases told to stop whose job may still be winding down (saving a checkpoint): they keep the
-    # node's slot until the node reports them ended or stops listing them as running.
-    stopping: set[str] = field(default_factory=set)
+    # Leases told to stop whose job may still be winding down (saving a checkpoint): each keeps the
+    # node's slot until the node reports how it ended, or until its deadline (monotonic seconds).
+    stopping: dict[str, float] = field(default_factory=dict)
+    # Set when the node handed a job back ("released"): no new lease until its next heartbeat says
+    # whether it accepts jobs, so a busy or pausing node is not offered the same job in a loop.
+    resting: bool = False
     last_message_at: float = field(default_factory=time.monotonic)
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    async def close_quietly(self, code: int, reason: str) -> None:
+        with contextlib.suppress(Exception):  # closed already
+            await self.close(code, reason)
 
     async def send(self, message: protocol.CoordinatorMessage) -> bool:
         try:
@@ -81,8 +91,7 @@ class Hub:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         for connection in list(self.connections.values()):
-            with contextlib.suppress(Exception):
-                await connection.close(CloseCode.GOING_AWAY, "the coordinator is shutting down")
+            await connection.close_quietly(CloseCode.GOING_AWAY, "the coordinator is shutting down")
 
     # ---- thread-safe entry points
 
@@ -102,7 +111,7 @@ class Hub:
         """Register a greeted node and welcome it; adopt the jobs it says it still runs, stop the others."""
         previous = self.connections.pop(connection.node_id, None)
         if previous is not None:
-            await previous.close(CloseCode.REPLACED, "the node connected again")
+            await previous.close_quietly(CloseCode.REPLACED, "the node connected again")
         kept, revoked = await asyncio.to_thread(
             self.service.adopt, connection.node_id, connection.hello.running
         )
@@ -144,7 +153,11 @@ class Hub:
         if isinstance(message, protocol.Heartbeat):
             was_free = self._has_free_slot(connection)
             connection.telemetry, connection.accepting_jobs = message.telemetry, message.accepting_jobs
-            connection.stopping &= {reference.lease_id for reference in message.running}
+            connection.resting = False
+            now = time.monotonic()
+            connection.stopping = {
+                lease: until for lease, until in connection.stopping.items() if until > now
+            }
             self._refresh_snapshot(connection)
             if self._has_free_slot(connection) and not was_free:
                 self._work_waiting.set()
@@ -164,7 +177,9 @@ class Hub:
         elif isinstance(message, protocol.JobResult | protocol.JobFailure):
             settle = self.service.result if isinstance(message, protocol.JobResult) else self.service.failure
             acknowledgement = await asyncio.to_thread(settle, connection.node_id, message)
-            connection.stopping.discard(message.lease_id)
+            connection.stopping.pop(message.lease_id, None)
+            if isinstance(message, protocol.JobFailure) and message.kind == "released":
+                connection.resting = True
             self._end_lease(connection, message.lease_id)
             await connection.send(acknowledgement)
             if acknowledgement.accepted and isinstance(message, protocol.JobResult):
@@ -187,7 +202,12 @@ class Hub:
     @staticmethod
     def _has_free_slot(connection: Connection) -> bool:
         snapshot = connection.snapshot
-        return snapshot is not None and snapshot.accepting_jobs and snapshot.running_jobs < snapshot.capacity
+        return (
+            not connection.resting
+            and snapshot is not None
+            and snapshot.accepting_jobs
+            and snapshot.running_jobs < snapshot.capacity
+        )
 
     # ---- dispatch
 
@@ -223,10 +243,8 @@ class Hub:
     async def _deliver(self, grant: Grant) -> None:
         connection = self.connections.get(grant.node_id)
         if connection is None:
-            # It left between planning and leasing: its disconnect handling may have run already.
-            await asyncio.to_thread(
-                self.service.release_node, grant.node_id, "the node left before its lease"
-            )
+            # It left between planning and leasing.
+            await asyncio.to_thread(self.service.return_lease, grant.message.job_id, grant.message.lease_id)
             return
         connection.leases[grant.message.lease_id] = grant.message.job_id
         self._refresh_snapshot(connection)
@@ -264,7 +282,7 @@ class Hub:
         for node_id in await asyncio.to_thread(self.service.revoked_nodes, list(self.connections)):
             connection = self.connections.get(node_id)
             if connection is not None:
-                await connection.close(CloseCode.UNAUTHORIZED, "this node's token was revoked")
+                await connection.close_quietly(CloseCode.UNAUTHORIZED, "this node's token was revoked")
         expired = await asyncio.to_thread(self.service.expire_leases)
         if expired:
             await self._send_cancels(expired)
@@ -275,7 +293,7 @@ class Hub:
             connection = self.connections.get(revocation.node_id)
             if connection is None:
                 continue
-            connection.stopping.add(revocation.lease_id)
+            connection.stopping[revocation.lease_id] = time.monotonic() + STOPPING_GRACE_SECONDS
             self._end_lease(connection, revocation.lease_id)
             await connection.send(
                 protocol.Cancel(

@@ -32,7 +32,7 @@ from coordinator.lifecycle import (
 )
 from coordinator.scheduler import QueuedJob, required_memory_bytes
 from coordinator.settings import Settings
-from coordinator.tables import ArtifactHolder, File, Job, JobEvent, Node
+from coordinator.tables import Buyer, File, Job, JobEvent, Node, Upload
 from engine.jobs import CATALOGUE, parse_job_spec
 
 
@@ -93,6 +93,10 @@ class JobService:
             raise JobError("max_attempts must be between 1 and 20", 422)
         now = time.time()
         with self.database.transaction() as session:
+            # One submission at a time per buyer reads and spends the balance (PostgreSQL runs
+            # transactions side by side; SQLite's BEGIN IMMEDIATE serializes them anyway). Locked
+            # first, before the job row's foreign key takes a weaker lock on it.
+            session.scalar(select(Buyer.id).where(Buyer.id == buyer_id).with_for_update())
             dataset = session.get(File, spec.dataset)
             if dataset is None or dataset.buyer_id != buyer_id or dataset.purpose != "dataset":
                 raise JobError(
@@ -235,14 +239,6 @@ class JobService:
             ).all()
             return [self._lose_lease(session, job, "the lease expired") for job in jobs]
 
-    def release_node(self, node_id: str, reason: str) -> list[Revocation]:
-        """The node is gone: its jobs go back to the queue (or fail, when out of attempts)."""
-        with self.database.transaction() as session:
-            jobs = session.scalars(
-                select(Job).where(Job.node_id == node_id, Job.state.in_(HELD_STATES)).with_for_update()
-            ).all()
-            return [self._lose_lease(session, job, reason) for job in jobs]
-
     def _lose_lease(self, session: Session, job: Job, reason: str) -> Revocation:
         revocation = Revocation(job.node_id or "", job.id, job.lease_id or "", reason)
         outcome = lifecycle.after_lost_lease(job.attempt, job.max_attempts, reason)
@@ -258,7 +254,7 @@ class JobService:
         kept, revoked = [], []
         with self.database.transaction() as session:
             for lease_id, job_id in claimed.items():
-                job = session.get(Job, job_id)
+                job = _locked_job(session, job_id)
                 if (
                     job is not None
                     and job.lease_id == lease_id
@@ -281,6 +277,16 @@ class JobService:
             for job in forgotten:
                 self._lose_lease(session, job, "the node reconnected without it")
         return kept, revoked
+
+    def return_lease(self, job_id: str, lease_id: str) -> None:
+        """A lease that never reached its node goes back to the queue; the attempt does not count."""
+        with self.database.transaction() as session:
+            job = _locked_job(session, job_id)
+            if job is not None and job.lease_id == lease_id and job.state in HELD_STATES:
+                outcome = lifecycle.AttemptOutcome(
+                    QUEUED, "the node left before its lease arrived", attempt_counts=False
+                )
+                self._apply(session, job, outcome)
 
     def recover_after_restart(self) -> int:
         """At start-up: give nodes one lease period to reconnect and claim the jobs they still run."""
@@ -315,10 +321,12 @@ class JobService:
             job = self._current(session, node_id, report.job_id, report.lease_id)
             if job is None:
                 return self._stale(session, report, "checkpoint")
-            if not _holds(session, node_id, report.sha256):
-                return _ack(
-                    report, "checkpoint", False, job.state, "upload the checkpoint before reporting it"
-                )
+            problem = _check_upload(session, node_id, job, "checkpoint", report.sha256)
+            max_steps = job.spec.get("max_steps")
+            if not problem and max_steps is not None and report.step > max_steps:
+                problem = f"step {report.step} is past the job's {max_steps} steps"
+            if problem:
+                return _ack(report, "checkpoint", False, job.state, problem)
             if report.step > job.checkpoint_step:
                 job.checkpoint_sha256 = report.sha256
                 job.checkpoint_step = report.step
@@ -331,8 +339,9 @@ class JobService:
             job = self._current(session, node_id, report.job_id, report.lease_id)
             if job is None:
                 return self._stale(session, report, "result")
-            if not _holds(session, node_id, report.sha256):
-                return _ack(report, "result", False, job.state, "upload the result before reporting it")
+            problem = _check_result(session, node_id, job, report)
+            if problem:
+                return _ack(report, "result", False, job.state, problem)
             job.result_sha256 = report.sha256
             job.metrics = {
                 "steps": report.steps,
@@ -459,8 +468,36 @@ def _locked_job(session: Session, job_id: str) -> Job | None:
     return session.scalar(select(Job).where(Job.id == job_id).with_for_update())
 
 
-def _holds(session: Session, node_id: str, sha256: str) -> bool:
-    return session.get(ArtifactHolder, (sha256, f"node:{node_id}")) is not None
+def _check_upload(session: Session, node_id: str, job: Job, purpose: str, sha256: str) -> str | None:
+    """Why a reported artifact cannot count, or None: it must be bytes this node uploaded for this
+    lease, and not one of the job's own inputs handed back."""
+    if sha256 in (job.dataset_sha256, job.checkpoint_sha256):
+        return f"that {purpose} is one of the job's inputs"
+    uploaded = session.scalar(
+        select(Upload.id).where(
+            Upload.holder == f"node:{node_id}",
+            Upload.job_id == job.id,
+            Upload.lease_id == job.lease_id,
+            Upload.purpose == purpose,
+            Upload.sha256 == sha256,
+            Upload.completed_at.is_not(None),
+        )
+    )
+    return None if uploaded is not None else f"upload the {purpose} for this lease before reporting it"
+
+
+def _check_result(session: Session, node_id: str, job: Job, report: protocol.JobResult) -> str | None:
+    problem = _check_upload(session, node_id, job, "result", report.sha256)
+    if problem:
+        return problem
+    # Work the coordinator can check: a fixed-length job takes exactly its steps, and no job ends
+    # before the checkpoint it was resumed from.
+    max_steps = job.spec.get("max_steps")
+    if max_steps is not None and report.steps != max_steps:
+        return f"the job takes {max_steps} steps, not {report.steps}"
+    if report.steps < max(1, job.checkpoint_step):
+        return f"{report.steps} steps is fewer than the job's checkpoint at step {job.checkpoint_step}"
+    return None
 
 
 def _record(session: Session, job: Job, message: str) -> None:

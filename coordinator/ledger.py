@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 
 from sqlalchemy import func, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from coordinator.protocol import format_credits
@@ -67,8 +68,14 @@ def post(
     transaction = LedgerTransaction(
         kind=kind, idempotency_key=idempotency_key, job_id=job_id, memo=memo, created_at=time.time()
     )
-    session.add(transaction)
-    session.flush()
+    try:
+        # A concurrent transaction (on PostgreSQL) may post the same key first: then this one is the
+        # harmless repeat it is meant to be, not an error.
+        with session.begin_nested():
+            session.add(transaction)
+            session.flush()
+    except IntegrityError:
+        return None
     session.add_all(
         LedgerEntry(transaction_id=transaction.id, account=account, amount_micro=amount)
         for account, amount in entries.items()

@@ -34,6 +34,8 @@ MICRO_PER_CREDIT = 1_000_000
 
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN)]
+# Counts that fit every database's 32-bit integer columns.
+Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 
 
@@ -55,7 +57,8 @@ FATAL_CLOSE_CODES = frozenset({CloseCode.UNAUTHORIZED, CloseCode.UNSUPPORTED_VER
 
 
 class _Message(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+    # NaN and infinity are not JSON numbers, and no reading or amount may be one.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
 
 
 # ---- telemetry (the coordinator's own copy of what engine.devices reports: it must not import torch)
@@ -117,8 +120,8 @@ class JobProgress(_Message):
     type: Literal["progress"] = "progress"
     job_id: Identifier
     lease_id: Identifier
-    step: int = Field(ge=0)
-    total_steps: int = Field(ge=0)
+    step: Count
+    total_steps: Count
     loss: float | None = None
     eval_loss: float | None = None
     learning_rate: float | None = None
@@ -132,7 +135,7 @@ class CheckpointUploaded(_Message):
     type: Literal["checkpoint"] = "checkpoint"
     job_id: Identifier
     lease_id: Identifier
-    step: int = Field(ge=1)
+    step: Count = Field(ge=1)
     sha256: Sha256
 
 
@@ -143,11 +146,11 @@ class JobResult(_Message):
     job_id: Identifier
     lease_id: Identifier
     sha256: Sha256
-    steps: int = Field(ge=0)
+    steps: Count
     final_loss: float | None = None
     eval_loss: float | None = None
-    train_tokens: int = Field(default=0, ge=0)
-    seconds: float = Field(default=0.0, ge=0)
+    train_tokens: int = Field(default=0, ge=0, le=2**62)
+    seconds: float = Field(default=0.0, ge=0, le=1e9)
 
 
 class JobFailure(_Message):

@@ -8,18 +8,21 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from coordinator.accounts import new_id
-from coordinator.artifacts import SHA256, ArtifactError, ArtifactStore, count_lines
+from coordinator.artifacts import SHA256, ArtifactError, ArtifactStore
 from coordinator.database import Database
 from coordinator.settings import Settings
 from coordinator.tables import Artifact, ArtifactHolder, File, Upload
 
 BUYER_PURPOSES = frozenset({"dataset"})
 NODE_PURPOSES = frozenset({"checkpoint", "result"})
+# One example a line; a longer line is a broken file, and reading it would take that much memory.
+MAX_LINE_BYTES = 16 * 1024 * 1024
 
 
 class UploadError(Exception):
@@ -101,10 +104,16 @@ class UploadService:
             )
             session.add(upload)
             artifact = session.get(Artifact, sha256)
-            if artifact is not None and artifact.size == size:
-                # The bytes are here already (this or another holder sent them): nothing to transfer.
+            if (
+                artifact is not None
+                and artifact.size == size
+                and session.get(ArtifactHolder, (sha256, str(holder))) is not None
+            ):
+                # This holder sent these bytes before: nothing to transfer. Anyone else must send them,
+                # so that naming a hash never stands in for having the content.
                 upload.received = size
-                self._complete(session, upload, holder)
+                earlier = session.scalar(select(File.lines).where(File.sha256 == sha256).limit(1))
+                self._complete(session, upload, holder, lines=earlier or 0)
             return upload
 
     def get(self, holder: Holder, upload_id: str) -> Upload:
@@ -141,15 +150,28 @@ class UploadService:
             self.store.finish(upload.id, upload.sha256)
         except ArtifactError as error:
             raise UploadError(f"{error}; the upload starts again at offset 0", 422) from None
+        lines = 0
+        if holder.kind == "buyer":
+            # Checked before the database transaction: reading a large file must not hold the write lock.
+            try:
+                lines = _check_dataset(self.store.blob_path(upload.sha256))
+            except UploadError:
+                self._discard_unregistered(upload.sha256)
+                raise
         with self.database.transaction() as session:
             upload = session.get(Upload, upload_id)
             assert upload is not None
             upload.received = upload.size
             if upload.completed_at is None:
-                self._complete(session, upload, holder)
+                self._complete(session, upload, holder, lines=lines)
             return upload
 
-    def _complete(self, session: Session, upload: Upload, holder: Holder) -> None:
+    def _discard_unregistered(self, sha256: str) -> None:
+        with self.database.transaction() as session:
+            if session.get(Artifact, sha256) is None:
+                self.store.blob_path(sha256).unlink(missing_ok=True)
+
+    def _complete(self, session: Session, upload: Upload, holder: Holder, *, lines: int) -> None:
         now = time.time()
         if session.get(Artifact, upload.sha256) is None:
             session.add(Artifact(sha256=upload.sha256, size=upload.size, created_at=now))
@@ -157,7 +179,6 @@ class UploadService:
         if session.get(ArtifactHolder, (upload.sha256, str(holder))) is None:
             session.add(ArtifactHolder(sha256=upload.sha256, holder=str(holder)))
         if holder.kind == "buyer":
-            lines = _check_dataset(self.store, upload.sha256)
             file = File(
                 id=new_id("file"),
                 buyer_id=holder.id,
@@ -180,21 +201,26 @@ def _clean_filename(filename: str | None) -> str:
     return name or "dataset.jsonl"
 
 
-def _check_dataset(store: ArtifactStore, sha256: str) -> int:
-    """A dataset must be UTF-8 JSON lines, each an object; the node checks the fields in detail."""
-    path = store.blob_path(sha256)
+def _check_dataset(path: Path) -> int:
+    """A dataset must be UTF-8 JSON lines, each an object; the node checks the fields in detail.
+    Returns the number of examples (non-empty lines)."""
+    lines = number = 0
     with open(path, "rb") as file:
-        for number, line in enumerate(file, start=1):
+        while line := file.readline(MAX_LINE_BYTES + 1):
+            number += 1
+            if len(line) > MAX_LINE_BYTES:
+                raise UploadError(f"line {number} of the dataset is longer than {MAX_LINE_BYTES} bytes", 422)
             if not line.strip():
                 continue
             try:
                 if not isinstance(json.loads(line.decode("utf-8")), dict):
                     raise ValueError("not a JSON object")
-            except (UnicodeDecodeError, ValueError) as error:
+            except (UnicodeDecodeError, ValueError, RecursionError) as error:
+                reason = "nested too deeply" if isinstance(error, RecursionError) else error
                 raise UploadError(
-                    f"line {number} of the dataset is not a JSON object: {error}", 422
+                    f"line {number} of the dataset is not a JSON object: {reason}", 422
                 ) from None
-    lines = count_lines(path)
+            lines += 1
     if lines == 0:
         raise UploadError("the dataset is empty", 422)
     return lines

@@ -74,7 +74,7 @@ async def node_socket(websocket: WebSocket) -> None:
     connection: Connection | None = None
     reason = "the node disconnected"
     try:
-        text = await asyncio.wait_for(websocket.receive_text(), HELLO_TIMEOUT_SECONDS)
+        text = await asyncio.wait_for(_next_frame(websocket), HELLO_TIMEOUT_SECONDS)
         hello = session.receive(text)
         assert isinstance(hello, protocol.Hello)
         connection = Connection(
@@ -88,7 +88,7 @@ async def node_socket(websocket: WebSocket) -> None:
         await asyncio.to_thread(_seen, services, node.id, hello)
         await services.hub.connect(connection)
         while True:
-            message = session.receive(await websocket.receive_text())
+            message = session.receive(await _next_frame(websocket))
             await services.hub.handle(connection, message)
     except ProtocolViolation as violation:
         reason = f"protocol violation: {violation.reason}"
@@ -98,9 +98,25 @@ async def node_socket(websocket: WebSocket) -> None:
         await _close(websocket, CloseCode.MALFORMED, "no hello within 15 s")
     except (WebSocketDisconnect, RuntimeError):
         pass
+    except Exception:
+        # A bug or a database outage must not leave the node hanging: it reconnects and re-sends.
+        logger.exception("node %s: error while handling its messages", node.id)
+        reason = "coordinator error"
+        await _close(websocket, 1011, "the coordinator failed to handle a message; reconnect")
     finally:
         if connection is not None:
             await services.hub.disconnect(connection, reason)
+
+
+async def _next_frame(websocket: WebSocket) -> str:
+    frame = await websocket.receive()
+    if frame["type"] == "websocket.disconnect":
+        raise WebSocketDisconnect(frame.get("code", 1000))
+    if frame.get("text") is None:
+        raise ProtocolViolation(
+            CloseCode.MALFORMED, "binary frames are not part of the protocol: send JSON text"
+        )
+    return frame["text"]
 
 
 async def _close(websocket: WebSocket, code: int, reason: str) -> None:

@@ -399,6 +399,44 @@ def test_a_job_handed_back_by_a_pausing_seller_does_not_use_an_attempt(coordinat
         node.send({"type": "failure", "job_id": lease["job_id"], "lease_id": lease["lease_id"], "kind": "released",
                    "message": "a game started"})  # fmt: skip
         assert node.receive_type("ack")["accepted"]
+        # Nothing new is offered until the node's next heartbeat says it accepts jobs again.
+        with pytest.raises(TimeoutError):
+            node.receive_type("lease", timeout=1.5)
+        node.send({"type": "heartbeat", "telemetry": TELEMETRY})
     assert buyer.job(job["id"])["state"] in ("queued", "leased")
     buyer.cancel(job["id"])
     node.disconnect()
+
+
+def test_a_node_is_paid_only_for_work_it_uploaded(coordinator):
+    buyer = new_buyer(coordinator, "wary")
+    node = ScriptedNode(coordinator, "cheat")
+    node.connect()
+    job = submit(buyer)
+    lease = node.receive_type("lease")
+    # Naming the dataset's hash does not count as uploading it, and handing the input back is no result.
+    announced = httpx.post(
+        coordinator.url + "/api/uploads",
+        json={"sha256": lease["dataset_sha256"], "size": lease["dataset_size"], "purpose": "result",
+              "job_id": lease["job_id"], "lease_id": lease["lease_id"]},
+        headers={"Authorization": f"Bearer {node.token}"},
+    ).json()  # fmt: skip
+    assert not announced["complete"]
+    assert not node.report_result(lease, lease["dataset_sha256"])["accepted"]
+    sha256 = node.upload_result(lease)
+    node.send({"type": "result", "job_id": lease["job_id"], "lease_id": lease["lease_id"], "sha256": sha256,
+               "steps": 1})  # fmt: skip
+    short = node.receive_type("ack")
+    assert not short["accepted"] and "3 steps" in short["message"]
+    assert node.report_result(lease, sha256)["accepted"]
+    assert buyer.job(job["id"])["state"] == "completed"
+    node.disconnect()
+
+
+def test_a_binary_frame_closes_the_connection_as_malformed(coordinator):
+    node = ScriptedNode(coordinator)
+    node.connect()
+    assert node.socket is not None
+    node.socket.send(b"\x00\x01")
+    code, reason = closed_with(node.socket)
+    assert code == protocol.CloseCode.MALFORMED and "binary" in reason

@@ -13,7 +13,7 @@ from coordinator import accounts, ledger, protocol
 from coordinator.database import Database
 from coordinator.jobs import JobService
 from coordinator.settings import Settings
-from coordinator.tables import Artifact, ArtifactHolder, Base, File
+from coordinator.tables import Artifact, ArtifactHolder, Base, File, Upload
 
 pgserver = pytest.importorskip("pgserver", reason="PostgreSQL tests need the pgserver wheel (the dev extra)")
 pytest.importorskip("psycopg", reason="PostgreSQL tests need psycopg (the dev extra)")
@@ -46,15 +46,19 @@ def test_a_job_is_submitted_leased_completed_and_paid_once(database, tmp_path):
         session.flush()
         session.add(File(id="file_pg", buyer_id=buyer.id, sha256=sha256, filename="d.jsonl", size=len(dataset),
                          purpose="dataset", lines=10, created_at=0.0))  # fmt: skip
-        result_sha256 = "ab" * 32
-        session.add(Artifact(sha256=result_sha256, size=3, created_at=0.0))
-        session.flush()
-        session.add(ArtifactHolder(sha256=result_sha256, holder=f"node:{node.id}"))
 
     job = service.submit(
         buyer.id, {"base_model": "smollm2-135m-instruct", "dataset": "file_pg", "max_steps": 2}, None
     )
     (grant,) = service.lease([(job.id, node.id)])
+    result_sha256 = "ab" * 32
+    with database.transaction() as session:  # what a finished upload of the node's result leaves
+        session.add(Artifact(sha256=result_sha256, size=3, created_at=0.0))
+        session.flush()
+        session.add(ArtifactHolder(sha256=result_sha256, holder=f"node:{node.id}"))
+        session.add(Upload(id="upload_0123456789abcdef", holder=f"node:{node.id}", sha256=result_sha256, size=3,
+                           received=3, purpose="result", job_id=job.id, lease_id=grant.message.lease_id,
+                           created_at=0.0, completed_at=0.0))  # fmt: skip
     report = protocol.JobResult(job_id=job.id, lease_id=grant.message.lease_id, sha256=result_sha256, steps=2)
     assert service.result(node.id, report).accepted
     assert not service.result(node.id, report).accepted
@@ -65,3 +69,38 @@ def test_a_job_is_submitted_leased_completed_and_paid_once(database, tmp_path):
             == job.price_micro - job.price_micro // 10
         )
         assert ledger.total(session) == 0
+
+
+def test_concurrent_submissions_cannot_overspend(database, tmp_path):
+    from concurrent.futures import ThreadPoolExecutor
+
+    from coordinator import pricing
+    from coordinator.jobs import JobError
+    from engine.jobs import CATALOGUE, parse_job_spec
+
+    service = JobService(database, Settings(data_dir=tmp_path))
+    spec = {"base_model": "smollm2-135m-instruct", "dataset": "file_race", "max_steps": 2}
+    price = pricing.price_micro(
+        parse_job_spec({"type": "lora", **spec}), CATALOGUE["smollm2-135m-instruct"], 10
+    )
+    dataset_sha256 = hashlib.sha256(b"race").hexdigest()
+    with database.transaction() as session:
+        buyer, _ = accounts.create_buyer(session, "racer", price)  # enough for exactly one job
+        session.add(Artifact(sha256=dataset_sha256, size=4, created_at=0.0))
+        session.flush()
+        session.add(File(id="file_race", buyer_id=buyer.id, sha256=dataset_sha256, filename="d.jsonl", size=4,
+                         purpose="dataset", lines=10, created_at=0.0))  # fmt: skip
+
+    def attempt(_: int) -> bool:
+        try:
+            service.submit(buyer.id, spec, None)
+            return True
+        except JobError as error:
+            assert error.status_code == 402
+            return False
+
+    with ThreadPoolExecutor(8) as pool:
+        outcomes = list(pool.map(attempt, range(8)))
+    assert outcomes.count(True) == 1
+    with database.transaction() as session:
+        assert ledger.balance(session, ledger.buyer_account(buyer.id)) == 0
