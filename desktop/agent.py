@@ -1,5 +1,5 @@
-"""The headless node agent: holds the `/node` websocket to the coordinator, runs each leased job in
-engine.runner's child process, and reports progress, checkpoints and results back.
+"""The headless node agent: holds the `/node` websocket to the coordinator (registration, reconnects,
+heartbeats), takes leases and hands each to a desktop.job.JobRun, which runs it and reports it back.
 
 `NodeAgent` is the facade the CLI and the tray app use. What it says and when (telemetry, lease → spec,
 record → message, what waits for an acknowledgement, reconnect delays) is decided in desktop.messages,
@@ -12,53 +12,44 @@ import asyncio
 import contextlib
 import logging
 import random
-import tarfile
-import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection, connect
 from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketException
 
 from coordinator import protocol
-from coordinator.client import NodeClient, SwarmError, pack_directory, unpack_archive
+from coordinator.client import NodeClient, SwarmError
 from coordinator.protocol import CloseCode, ProtocolViolation, format_credits
-from desktop import token_store, workspace
+from desktop import token_store
+from desktop.job import JobHost, JobOutcome, JobRun, JobStatus, StopSignal, job_runner
 from desktop.messages import (
     Backoff,
-    InvalidLease,
     Outbox,
-    ProgressThrottle,
     Reportable,
     agent_version,
     cached_catalogue_models,
-    checkpoint_message,
+    connection_end,
     default_node_name,
+    describe_error,
     failure_message,
-    finite_or_none,
-    progress_message,
-    result_message,
-    spec_for_lease,
+    is_transient,
+    refused_token_message,
     telemetry_from_inventory,
     websocket_url,
 )
 from desktop.workspace import Workspace
 from engine.devices import DeviceInventory
-from engine.jobs import LoraJobSpec
-from engine.records import CheckpointSaved, Completed, Failed, Log, Progress, Record, Started
 
 logger = logging.getLogger("desktop.agent")
 
 WELCOME_TIMEOUT_SECONDS = 30.0
-CANCEL_GRACE_SECONDS = 60.0  # a cancelled job may take this long to checkpoint before it is killed
 STOP_JOB_SECONDS = 90.0  # a graceful stop waits this long for the job to checkpoint and report
 STOP_DRAIN_SECONDS = 15.0  # ... and this long for the coordinator to acknowledge what was sent
-DOWNLOAD_ATTEMPTS = 10
-UPLOAD_ATTEMPTS = 30  # with the 60 s cap, about half an hour of the coordinator being unreachable
 SLOW_RECONNECT_AFTER = 5  # backoff failures after a close the coordinator chose: waits up to 32 s
 
 
@@ -68,29 +59,6 @@ class NodeStopped(Exception):
 
 
 # ---- what the facade reports
-
-
-@dataclass(frozen=True)
-class JobStatus:
-    job_id: str
-    lease_id: str
-    attempt: int
-    max_attempts: int
-    phase: Literal["downloading", "training", "uploading"] = "downloading"
-    step: int = 0
-    total_steps: int = 0
-    loss: float | None = None
-    eval_loss: float | None = None
-    tokens_per_second: float | None = None
-    eta_seconds: float | None = None
-
-
-@dataclass(frozen=True)
-class JobOutcome:
-    job_id: str
-    # "cancelled": stopped here, whether the coordinator cancelled it or this node released it
-    outcome: Literal["completed", "failed", "cancelled"]
-    message: str
 
 
 @dataclass(frozen=True)
@@ -113,56 +81,10 @@ class AgentStatus:
 # ---- the agent
 
 
-class _GiveUp(Exception):
-    """A download or upload that will not succeed (refused, retries used up, the lease ended)."""
-
-
-@dataclass(eq=False)
-class _ActiveJob:
-    lease: protocol.Lease
-    directory: Path
-    status: JobStatus
-    runner: Any = None
-    cancel_reason: Literal["coordinator", "paused", "shutdown"] | None = None
-    pause_reason: str = ""
-    completed: bool = False  # the adapter is done: a checkpoint is no longer worth uploading
-    tidy_when_done: bool = False  # its result or failure was acknowledged before its child exited
-    reported: bool = False  # its result or failure was posted
-    previous: _ActiveJob | None = None  # the job before, whose child may still be exiting
-    newest_checkpoint_step: int = 0
-    throttle: ProgressThrottle = field(default_factory=ProgressThrottle)
-    uploads: set[asyncio.Task] = field(default_factory=set)
-    upload_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
-    task: asyncio.Task | None = None
-
-    @property
-    def output_dir(self) -> Path:
-        return workspace.output_directory(self.directory)
-
-    @property
-    def reference(self) -> protocol.LeaseReference:
-        return protocol.LeaseReference(job_id=self.lease.job_id, lease_id=self.lease.lease_id)
-
-
 def _probe_devices(check_torch: bool) -> DeviceInventory:
     from engine import devices
 
     return devices.probe(check_torch=check_torch)
-
-
-def _job_runner(spec: LoraJobSpec, output_dir: Path, *, resume_from: Path | None, device: str | None) -> Any:
-    from engine.runner import JobRunner
-
-    return JobRunner(spec, output_dir, resume_from=resume_from, device=device)
-
-
-def _transient(error: SwarmError) -> bool:
-    status = error.status_code
-    return status is None or status in (408, 425, 429) or status >= 500
-
-
-def _describe(error: BaseException) -> str:
-    return str(error) or type(error).__name__
 
 
 class NodeAgent:
@@ -182,7 +104,7 @@ class NodeAgent:
         device: str | None = None,
         on_change: Callable[[AgentStatus], None] | None = None,
         # Seams for tests; the defaults are the real engine and coordinator client.
-        runner_factory: Callable[..., Any] = _job_runner,
+        runner_factory: Callable[..., Any] = job_runner,
         client_factory: Callable[[str, str], Any] = NodeClient,
         register: Callable[[str, str], tuple[str, str]] = NodeClient.register,
         probe: Callable[[bool], DeviceInventory] = _probe_devices,
@@ -206,14 +128,13 @@ class NodeAgent:
         self._client: Any = None
         self._backends: tuple[str, ...] | None = None
         self._telemetry: protocol.Telemetry | None = None
-        self._job: _ActiveJob | None = None  # the lease this node holds now
-        self._live_jobs: set[_ActiveJob] = set()  # with any whose child is still exiting
+        self._job: JobRun | None = None  # the lease this node holds now
+        self._live_jobs: set[JobRun] = set()  # with any whose child is still exiting
         self._paused = False
         self._pause_reason: str | None = None
         self._stopping = False  # stop() was called: finish the job gracefully, then close
-        self._abandoning = False  # stop() was called twice: kill the job, close at once
         self._closing = False  # the agent itself is closing the websocket
-        self._stop_deadline: float | None = None
+        self._stop = StopSignal()  # shared with the jobs; abandoned: stop() came twice, close at once
         self._stop_requested: asyncio.Event | None = None
         self._outgoing: asyncio.Queue | None = None  # the current connection's send queue
         self._websocket: ClientConnection | None = None
@@ -310,12 +231,11 @@ class NodeAgent:
 
     def _stop_now(self) -> None:
         if self._stopping:
-            if not self._abandoning:
+            if not self._stop.abandoned:
                 logger.warning("stopping at once: the running job is killed")
-                self._abandoning = True
+                self._stop.abandoned = True
                 for job in self._live_jobs:
-                    if job.runner is not None:
-                        job.runner.kill()
+                    job.kill()
             return
         self._stopping = True
         self._heartbeat_at_once()  # accepting_jobs=False before anything ends: no lease comes back here
@@ -328,8 +248,7 @@ class NodeAgent:
         self._update(paused=True, pause_reason=reason)
         self._heartbeat_at_once()
         if stop_running and self._job is not None:
-            self._job.pause_reason = reason
-            self._cancel_job(self._job, "paused")
+            self._job.cancel("paused", pause_reason=reason)
 
     def _resume_now(self) -> None:
         if not self._paused:
@@ -381,7 +300,7 @@ class NodeAgent:
                 node_id, token = await asyncio.to_thread(self._register, self.coordinator, self.name)
                 break
             except SwarmError as error:
-                if not _transient(error):
+                if not is_transient(error):
                     raise NodeStopped(
                         f"the coordinator at {self.coordinator} refused to register this node: {error}"
                     ) from None
@@ -423,10 +342,10 @@ class NodeAgent:
         except InvalidStatus as error:
             status = error.response.status_code
             if status in (401, 403):
-                raise NodeStopped(self._refused_token_message(f"HTTP {status}")) from None
+                raise NodeStopped(refused_token_message(self.coordinator, f"HTTP {status}")) from None
             return f"the coordinator at {url} answered the websocket handshake with HTTP {status}"
         except (OSError, TimeoutError, WebSocketException) as error:
-            return f"cannot reach the coordinator at {url} ({_describe(error)})"
+            return f"cannot reach the coordinator at {url} ({describe_error(error)})"
 
     async def _hello(self) -> protocol.Hello:
         await self._refresh_telemetry()
@@ -498,32 +417,12 @@ class NodeAgent:
             if self._outgoing is outgoing:
                 self._websocket, self._outgoing = None, None
             self._update(connected=False)
-        code, reason = websocket.close_code, websocket.close_reason or ""
-        if code == CloseCode.UNAUTHORIZED:
-            raise NodeStopped(self._refused_token_message(reason))
-        if code in protocol.FATAL_CLOSE_CODES:  # UNSUPPORTED_VERSION, and any added later
-            raise NodeStopped(
-                f"the coordinator at {self.coordinator} closed the connection ({reason or code}): "
-                "update compute-swarm"
-            )
-        if code in (CloseCode.REPLACED, CloseCode.MALFORMED, CloseCode.POLICY_VIOLATION):
-            # The coordinator welcomed us and then objected: reconnecting at once would only repeat it.
+        end = connection_end(websocket.close_code, websocket.close_reason or "", self.coordinator)
+        if end.fatal:
+            raise NodeStopped(end.problem)
+        if end.slow_reconnect:
             backoff.failures = max(backoff.failures, SLOW_RECONNECT_AFTER)
-        if code == CloseCode.REPLACED:
-            return (
-                "another agent connected with this node's token and replaced this connection "
-                "(is the node running twice?)"
-            )
-        if code in (None, 1006):  # 1006: the connection dropped without a close frame
-            return "lost the connection to the coordinator (it dropped without a close)"
-        return f"lost the connection to the coordinator (close code {code}{': ' + reason if reason else ''})"
-
-    def _refused_token_message(self, reason: str) -> str:
-        return (
-            f"the coordinator at {self.coordinator} refused this node's token "
-            f"({reason or 'unknown or revoked'}); run `compute-swarm node --coordinator {self.coordinator} "
-            "--forget` and start again to register this machine anew"
-        )
+        return end.problem
 
     async def _write(self, websocket: ClientConnection, outgoing: asyncio.Queue) -> None:
         """The connection's only writer, so messages leave in the order they were posted."""
@@ -535,12 +434,6 @@ class NodeAgent:
     def _post(self, message: protocol.NodeMessage) -> None:
         if isinstance(message, Reportable):
             self._outbox.add(message)
-        if isinstance(message, protocol.JobResult | protocol.JobFailure):
-            for job in self._live_jobs:
-                if job.lease.lease_id == message.lease_id:
-                    # Its end is told: the coordinator counts this node free, whether or not the child
-                    # has exited yet.
-                    job.reported = True
         if self._outgoing is not None:
             self._outgoing.put_nowait(message)
 
@@ -570,8 +463,7 @@ class NodeAgent:
 
     def _running(self) -> tuple[protocol.LeaseReference, ...]:
         job = self._job
-        holds_lease = job is not None and not job.reported and job.cancel_reason != "coordinator"
-        return (job.reference,) if holds_lease else ()
+        return (job.reference,) if job is not None and job.holds_lease else ()
 
     def _accepting_jobs(self) -> bool:
         return not (self._paused or self._stopping)
@@ -617,17 +509,7 @@ class NodeAgent:
         logger.info(
             "leased job %s (attempt %d of %d)%s", lease.job_id, lease.attempt, lease.max_attempts, resuming
         )
-        job = _ActiveJob(
-            lease=lease,
-            directory=self.workspace.job_directory(lease.job_id),
-            status=JobStatus(
-                job_id=lease.job_id,
-                lease_id=lease.lease_id,
-                attempt=lease.attempt,
-                max_attempts=lease.max_attempts,
-            ),
-            previous=current,
-        )
+        job = JobRun(lease, self._job_host(), previous=current)
         self._job = job
         self._live_jobs.add(job)
         self._update(job=job.status)
@@ -639,14 +521,7 @@ class NodeAgent:
             logger.debug("ignored a cancel for lease %s, which this node does not hold", cancel.lease_id)
             return
         logger.info("job %s cancelled by the coordinator: %s", cancel.job_id, cancel.reason)
-        self._cancel_job(job, "coordinator")
-
-    def _cancel_job(self, job: _ActiveJob, reason: Literal["coordinator", "paused", "shutdown"]) -> None:
-        # An invalid lease outranks the other reasons: then nothing of the job may be uploaded.
-        if job.cancel_reason is None or reason == "coordinator":
-            job.cancel_reason = reason
-        if job.runner is not None:
-            job.runner.cancel(grace_seconds=CANCEL_GRACE_SECONDS)
+        job.cancel("coordinator")
 
     def _on_acknowledged(self, ack: protocol.Acknowledged) -> None:
         report = self._outbox.acknowledge(ack)
@@ -674,326 +549,49 @@ class NodeAgent:
         running = frozenset(job.lease.job_id for job in self._live_jobs)
         self._spawn(asyncio.to_thread(self.workspace.tidy_job, job_id, running), name=f"tidy-{job_id}")
 
-    # ---- running a job
+    # ---- the jobs
 
-    async def _run_job(self, job: _ActiveJob) -> None:
-        lease = job.lease
+    def _job_host(self) -> JobHost:
+        return JobHost(
+            workspace=self.workspace,
+            client=self._client,
+            runner_factory=self._runner_factory,
+            device=self.device,
+            rng=self._rng,
+            stop=self._stop,
+            post=self._post,
+            status_changed=self._job_status_changed,
+            ended=lambda outcome: self._update(last_job=outcome),
+            spawn=lambda coroutine, name: self._spawn(coroutine, name=name),
+        )
+
+    async def _run_job(self, job: JobRun) -> None:
         try:
-            try:
-                # Refused before downloading anything.
-                spec_for_lease(lease, self.workspace.artifact_path(lease.dataset_sha256))
-                dataset, resume_from = await self._fetch_inputs(job)
-                spec = spec_for_lease(lease, dataset)
-            except InvalidLease as error:
-                await self._report_early_failure(job, "invalid_spec", str(error))
-                return
-            except _GiveUp as error:
-                if job.cancel_reason is None:
-                    await self._report_early_failure(job, "error", str(error))
-                    return
-            previous, job.previous = job.previous, None
-            if previous is not None and previous.task is not None and not previous.task.done():
-                logger.info(
-                    "job %s: waiting for job %s's worker to exit", lease.job_id, previous.lease.job_id
-                )
-                await asyncio.wait({previous.task})
-            if job.cancel_reason is not None:
-                await self._report_early_failure(job, *self._why_stopped(job))
-                return
-            await self._train(job, spec, resume_from)
-        except Exception as error:
-            logger.exception("job %s: the agent failed while running it", lease.job_id)
-            self._post(failure_message(lease, "error", f"the node agent failed: {_describe(error)}"))
-            self._update(last_job=JobOutcome(lease.job_id, "failed", _describe(error)))
+            await job.run()
         finally:
-            if job.runner is not None:
-                job.runner.kill()  # does nothing once the child has exited
             self._live_jobs.discard(job)
             if self._job is job:
                 self._job = None
                 self._update(job=None)
             if job.tidy_when_done:
-                self._tidy_later(lease.job_id)
+                self._tidy_later(job.lease.job_id)
 
-    async def _report_early_failure(self, job: _ActiveJob, kind: str, message: str) -> None:
-        logger.warning("job %s failed before training: %s", job.lease.job_id, message)
-        self._post(failure_message(job.lease, kind, message))
-        outcome = "cancelled" if kind in ("cancelled", "released") else "failed"
-        self._update(last_job=JobOutcome(job.lease.job_id, outcome, message))
-
-    def _set_job(self, job: _ActiveJob, **changes: Any) -> None:
-        job.status = replace(job.status, **changes)
+    def _job_status_changed(self, job: JobRun) -> None:
         if self._job is job:
             self._update(job=job.status)
-
-    async def _fetch_inputs(self, job: _ActiveJob) -> tuple[Path, Path | None]:
-        lease = job.lease
-        await asyncio.to_thread(self.workspace.clear_job_directory, job.directory)
-        dataset = await self._retrying(
-            job,
-            "download the dataset",
-            lambda: self._fetch_artifact(lease.dataset_sha256, job),
-            DOWNLOAD_ATTEMPTS,
-            download=True,
-        )
-        if lease.checkpoint_sha256 is None:
-            return dataset, None
-        checkpoint_sha256 = lease.checkpoint_sha256
-        archive = await self._retrying(
-            job,
-            "download the checkpoint",
-            lambda: self._fetch_artifact(checkpoint_sha256, job),
-            DOWNLOAD_ATTEMPTS,
-            download=True,
-        )
-        resume_from = workspace.resume_directory(job.directory)
-        try:
-            await asyncio.to_thread(unpack_archive, archive, resume_from)
-        except (OSError, tarfile.TarError, SwarmError) as error:
-            raise _GiveUp(f"could not unpack the checkpoint: {_describe(error)}") from None
-        finally:
-            # Unlike a dataset, a checkpoint is never fetched twice: a later lease brings a newer one.
-            with contextlib.suppress(OSError):
-                archive.unlink()
-        return dataset, resume_from
-
-    def _fetch_artifact(self, sha256: str, job: _ActiveJob) -> Path:
-        """Thread: the artifact from the cache, downloaded into it when it is not there."""
-        keep = (job.lease.dataset_sha256, job.lease.checkpoint_sha256)
-        return self.workspace.fetch_artifact(sha256, self._client.download_artifact, keep)
-
-    async def _retrying(
-        self, job: _ActiveJob, what: str, call: Callable[[], Any], attempts: int, *, download: bool = False
-    ) -> Any:
-        """Run a transfer in a thread, retrying with backoff while the coordinator is unreachable.
-        A download stops at any cancel; an upload only when the lease has ended (a pause or a stop
-        still wants the last checkpoint uploaded)."""
-        backoff = Backoff(rng=self._rng)
-        for attempt in range(1, attempts + 1):
-            if job.cancel_reason == "coordinator" or self._abandoning or (download and job.cancel_reason):
-                raise _GiveUp(f"stopped trying to {what}: the job was cancelled")
-            try:
-                return await asyncio.to_thread(call)
-            except SwarmError as error:
-                if not _transient(error) or attempt == attempts:
-                    raise _GiveUp(f"could not {what}: {error}") from None
-                problem = error
-            except OSError as error:
-                raise _GiveUp(f"could not {what}: {_describe(error)}") from None
-            delay = backoff.next_delay()
-            if self._stop_deadline is not None and time.monotonic() + delay > self._stop_deadline:
-                raise _GiveUp(f"could not {what} before stopping: {problem}")
-            logger.warning(
-                "job %s: could not %s (%s); retrying in %.0f s", job.lease.job_id, what, problem, delay
-            )
-            await asyncio.sleep(delay)
-        raise AssertionError("unreachable")
-
-    async def _train(self, job: _ActiveJob, spec: LoraJobSpec, resume_from: Path | None) -> None:
-        assert self._loop is not None
-        runner = self._runner_factory(spec, job.output_dir, resume_from=resume_from, device=self.device)
-        job.runner = runner
-        records: asyncio.Queue[Record | None] = asyncio.Queue()
-        threading.Thread(
-            target=self._pump_records,
-            args=(job, runner, records),
-            name=f"records-{job.lease.job_id}",
-            daemon=True,
-        ).start()
-        self._set_job(job, phase="training", step=job.lease.checkpoint_step)
-        while (record := await records.get()) is not None:
-            await self._handle_record(job, record)
-
-    def _pump_records(self, job: _ActiveJob, runner: Any, records: asyncio.Queue) -> None:
-        """Thread: start the child and hand each of its records to the event loop."""
-        loop = self._loop
-        assert loop is not None
-
-        def hand(item: Any) -> None:
-            try:
-                loop.call_soon_threadsafe(records.put_nowait, item)
-            except RuntimeError:  # the loop is gone: nobody will read on
-                runner.kill()
-
-        try:
-            runner.start()
-            hand(_RunnerStarted())
-            for record in runner.records():
-                hand(record)
-        except Exception as error:
-            logger.exception("job %s: the runner failed", job.lease.job_id)
-            hand(Failed(kind="error", message=f"could not run the job: {_describe(error)}"))
-        finally:
-            hand(None)
-
-    async def _handle_record(self, job: _ActiveJob, record: Any) -> None:
-        lease = job.lease
-        if isinstance(record, _RunnerStarted):
-            if job.cancel_reason is not None:  # a cancel that came while the child was starting
-                job.runner.cancel(grace_seconds=CANCEL_GRACE_SECONDS)
-        elif isinstance(record, Started):
-            resumed = f", resumed at step {record.resumed_from_step}" if record.resumed_from_step else ""
-            logger.info(
-                "job %s: training on %s, %d steps%s", lease.job_id, record.device, record.total_steps, resumed
-            )
-            self._set_job(job, step=record.resumed_from_step, total_steps=record.total_steps)
-        elif isinstance(record, Progress):
-            self._set_job(
-                job,
-                step=record.step,
-                total_steps=record.total_steps,
-                loss=finite_or_none(record.loss),
-                eval_loss=job.status.eval_loss
-                if record.eval_loss is None
-                else finite_or_none(record.eval_loss),
-                tokens_per_second=finite_or_none(record.tokens_per_second),
-                eta_seconds=finite_or_none(record.eta_seconds),
-            )
-            message = job.throttle.offer(progress_message(lease, record), time.monotonic())
-            if message is not None:
-                self._post(message)
-        elif isinstance(record, CheckpointSaved):
-            path = Path(record.path)
-            if not path.resolve().is_relative_to(job.output_dir.resolve()):
-                logger.warning("job %s: ignored a checkpoint outside its output directory", lease.job_id)
-                return
-            job.newest_checkpoint_step = max(job.newest_checkpoint_step, record.step)
-            task = self._spawn(
-                self._upload_checkpoint(job, record.step, path), name=f"checkpoint-{record.step}"
-            )
-            job.uploads.add(task)
-            task.add_done_callback(job.uploads.discard)
-        elif isinstance(record, Log):
-            level = {"debug": logging.DEBUG, "info": logging.INFO, "warning": logging.WARNING}.get(
-                record.level, logging.ERROR
-            )
-            logger.log(level, "job %s: %s", lease.job_id, record.message)
-        elif isinstance(record, Completed | Failed):
-            job.completed = isinstance(record, Completed)
-            held = job.throttle.flush()
-            if held is not None:
-                self._post(held)
-            if isinstance(record, Completed):
-                await self._report_result(job, record)
-            else:
-                await self._report_failure(job, record)
-
-    async def _upload_checkpoint(self, job: _ActiveJob, step: int, path: Path) -> None:
-        lease = job.lease
-        async with job.upload_lock:
-            # Only the newest checkpoint matters, and none once the lease is gone or the job completed.
-            if step < job.newest_checkpoint_step or job.completed or job.cancel_reason == "coordinator":
-                return
-            archive = job.directory / f"checkpoint-{step:08d}.tar"
-            try:
-                await asyncio.to_thread(pack_directory, path, archive)
-                sha256 = await self._retrying(
-                    job,
-                    f"upload the checkpoint at step {step}",
-                    lambda: self._client.upload_artifact(
-                        archive, purpose="checkpoint", job_id=lease.job_id, lease_id=lease.lease_id
-                    ),
-                    UPLOAD_ATTEMPTS,
-                )
-            except (OSError, tarfile.TarError) as error:
-                logger.warning(
-                    "job %s: could not pack the checkpoint at step %d: %s", lease.job_id, step, error
-                )
-                return
-            except _GiveUp as error:
-                logger.warning("job %s: %s", lease.job_id, error)
-                return
-            finally:
-                with contextlib.suppress(OSError):
-                    archive.unlink(missing_ok=True)
-        logger.info("job %s: checkpoint at step %d uploaded", lease.job_id, step)
-        self._post(checkpoint_message(lease, step, sha256))
-
-    async def _report_result(self, job: _ActiveJob, record: Completed) -> None:
-        lease = job.lease
-        if job.cancel_reason == "coordinator":  # finished just as the lease ended: nobody takes it now
-            await self._report_failure(job, Failed(kind="cancelled", message="cancelled"))
-            return
-        self._set_job(job, phase="uploading")
-        await asyncio.gather(*job.uploads, return_exceptions=True)
-        archive = job.directory / "result.tar"
-        try:
-            await asyncio.to_thread(workspace.pack_result, job.directory, archive, lease.dataset_sha256)
-            sha256 = await self._retrying(
-                job,
-                "upload the result",
-                lambda: self._client.upload_artifact(
-                    archive, purpose="result", job_id=lease.job_id, lease_id=lease.lease_id
-                ),
-                UPLOAD_ATTEMPTS,
-            )
-        except (OSError, tarfile.TarError, ValueError) as error:
-            message = f"could not package the adapter: {_describe(error)}"
-            logger.error("job %s: %s", lease.job_id, message)
-            self._post(failure_message(lease, "error", message))
-            self._update(last_job=JobOutcome(lease.job_id, "failed", message))
-            return
-        except _GiveUp as error:
-            logger.error("job %s finished, but %s", lease.job_id, error)
-            self._post(failure_message(lease, "error", f"finished, but {error}"))
-            self._update(last_job=JobOutcome(lease.job_id, "failed", str(error)))
-            return
-        finally:
-            with contextlib.suppress(OSError):
-                archive.unlink(missing_ok=True)
-        final_loss = finite_or_none(record.final_loss)
-        loss = f", final loss {final_loss:.4f}" if final_loss is not None else ""
-        summary = f"{record.steps} steps in {record.seconds:.0f} s{loss}"
-        logger.info("job %s completed: %s; result uploaded", lease.job_id, summary)
-        self._post(result_message(lease, record, sha256))
-        self._update(last_job=JobOutcome(lease.job_id, "completed", summary))
-
-    async def _report_failure(self, job: _ActiveJob, record: Failed) -> None:
-        lease = job.lease
-        # A checkpoint taken on the way out goes up before the failure, so the next node resumes from it.
-        await asyncio.gather(*job.uploads, return_exceptions=True)
-        if job.cancel_reason is not None and record.kind in ("cancelled", "crashed"):
-            # Crashed too: a child that did not stop within the grace period was killed.
-            (kind, message), outcome = self._why_stopped(job), "cancelled"
-            logger.info("job %s stopped: %s", lease.job_id, message)
-        else:
-            kind, message, outcome = record.kind, record.message, "failed"
-            logger.warning(
-                "job %s failed (%s): %s", lease.job_id, record.kind.replace("_", " "), record.message
-            )
-            if record.details:
-                # Tracebacks and stderr stay on this machine: they may name the seller's paths.
-                logger.info(
-                    "job %s: details (see %s):\n%s",
-                    lease.job_id,
-                    job.output_dir / workspace.WORKER_LOG,
-                    record.details,
-                )
-        self._post(failure_message(lease, kind, message))
-        self._update(last_job=JobOutcome(lease.job_id, outcome, message))
-
-    def _why_stopped(self, job: _ActiveJob) -> tuple[Literal["cancelled", "released"], str]:
-        """The failure kind and message for a job this node stopped. Only a lease the coordinator ended
-        is "cancelled"; a job the node stops for its own reasons is "released", which the coordinator
-        queues again without using up one of the buyer's attempts."""
-        if job.cancel_reason == "coordinator":
-            return "cancelled", "cancelled by the coordinator"
-        if job.cancel_reason == "paused":
-            return "released", f"the seller paused the node ({job.pause_reason})"
-        return "released", "the node is shutting down"
 
     # ---- stopping
 
     async def _shut_down(self, connection: asyncio.Task) -> None:
-        self._stop_deadline = time.monotonic() + STOP_JOB_SECONDS
+        self._stop.deadline = time.monotonic() + STOP_JOB_SECONDS
         job = self._job
-        if job is not None and not job.reported and not self._abandoning:
+        if job is not None and not job.reported and not self._stop.abandoned:
             logger.info("stopping: job %s saves a checkpoint first", job.lease.job_id)
-            self._cancel_job(job, "shutdown")
-        await self._until(lambda: not self._live_jobs or self._abandoning, self._stop_deadline)
+            job.cancel("shutdown")
+        await self._until(lambda: not self._live_jobs or self._stop.abandoned, self._stop.deadline)
         drain_until = time.monotonic() + STOP_DRAIN_SECONDS
         await self._until(
-            lambda: not self._outbox or self._outgoing is None or self._abandoning or connection.done(),
+            lambda: not self._outbox or self._outgoing is None or self._stop.abandoned or connection.done(),
             drain_until,
         )
         self._closing = True
@@ -1011,13 +609,8 @@ class NodeAgent:
     async def _abandon_jobs(self) -> None:
         jobs = list(self._live_jobs)
         for job in jobs:
-            if job.runner is not None:
-                job.runner.kill()
+            job.kill()
         await _cancel_all([job.task for job in jobs if job.task is not None])
-
-
-class _RunnerStarted:
-    """Handed to the loop once the child process exists, so a cancel that came earlier reaches it."""
 
 
 async def _within(awaitable: Any, seconds: float) -> Any:

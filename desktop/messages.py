@@ -1,7 +1,7 @@
 """What the node agent says to the coordinator and when, as plain functions and small classes tested
 without a socket: its telemetry and cached models, a lease turned into a job spec, engine records turned
 into wire messages, the progress throttle, the outbox of reports awaiting acknowledgement, and the
-reconnect backoff. desktop.agent does the talking.
+reconnect backoff, what is worth retrying and what a closed connection means. desktop.agent and desktop.job do the talking.
 """
 
 from __future__ import annotations
@@ -19,6 +19,7 @@ from urllib.parse import urlsplit, urlunsplit
 from pydantic import ValidationError
 
 from coordinator import protocol
+from coordinator.client import SwarmError
 from desktop import token_store
 from engine.devices import DeviceInventory
 from engine.jobs import CATALOGUE, LoraJobSpec, parse_job_spec
@@ -58,11 +59,65 @@ class Backoff:
         self.failures = 0
 
 
+def is_transient(error: SwarmError) -> bool:
+    """Whether a refused request may succeed if tried again later."""
+    status = error.status_code
+    return status is None or status in (408, 425, 429) or status >= 500
+
+
+def describe_error(error: BaseException) -> str:
+    return str(error) or type(error).__name__
+
+
 def websocket_url(coordinator: str) -> str:
     """ws(s)://HOST[/prefix]/node for an http(s) coordinator URL."""
     parts = urlsplit(token_store.normalize_coordinator_url(coordinator))
     scheme = "wss" if parts.scheme == "https" else "ws"
     return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + "/node", "", ""))
+
+
+def refused_token_message(coordinator: str, reason: str) -> str:
+    return (
+        f"the coordinator at {coordinator} refused this node's token "
+        f"({reason or 'unknown or revoked'}); run `compute-swarm node --coordinator {coordinator} "
+        "--forget` and start again to register this machine anew"
+    )
+
+
+@dataclass(frozen=True)
+class ConnectionEnd:
+    problem: str  # why the connection ended, in words
+    fatal: bool = False  # reconnecting cannot help: the agent stops, saying `problem`
+    slow_reconnect: bool = False  # the coordinator welcomed the node and then objected
+
+
+def connection_end(code: int | None, reason: str, coordinator: str) -> ConnectionEnd:
+    """What a welcomed connection's close code means for the agent."""
+    if code == protocol.CloseCode.UNAUTHORIZED:
+        return ConnectionEnd(refused_token_message(coordinator, reason), fatal=True)
+    if code in protocol.FATAL_CLOSE_CODES:  # UNSUPPORTED_VERSION, and any added later
+        return ConnectionEnd(
+            f"the coordinator at {coordinator} closed the connection ({reason or code}): update compute-swarm",
+            fatal=True,
+        )
+    # Reconnecting at once would only repeat what the coordinator objected to.
+    slow = code in (
+        protocol.CloseCode.REPLACED,
+        protocol.CloseCode.MALFORMED,
+        protocol.CloseCode.POLICY_VIOLATION,
+    )
+    if code == protocol.CloseCode.REPLACED:
+        problem = (
+            "another agent connected with this node's token and replaced this connection "
+            "(is the node running twice?)"
+        )
+    elif code in (None, 1006):  # 1006: the connection dropped without a close frame
+        problem = "lost the connection to the coordinator (it dropped without a close)"
+    else:
+        problem = (
+            f"lost the connection to the coordinator (close code {code}{': ' + reason if reason else ''})"
+        )
+    return ConnectionEnd(problem, slow_reconnect=slow)
 
 
 def agent_version() -> str:

@@ -1,5 +1,5 @@
 """The node agent's pure decisions: reconnect delays, telemetry, lease → spec, record → message, the
-progress throttle and the outbox of reports awaiting acknowledgement."""
+progress throttle, the outbox of reports awaiting acknowledgement and what a closed connection means."""
 
 from __future__ import annotations
 
@@ -18,6 +18,7 @@ from desktop.messages import (
     Outbox,
     ProgressThrottle,
     checkpoint_message,
+    connection_end,
     failure_message,
     progress_message,
     result_message,
@@ -90,6 +91,21 @@ def test_backoff_delays_are_jittered_within_a_doubling_capped_bound() -> None:
     # Many agents reconnecting at once spread out over the whole window.
     spread = [Backoff(rng=random.Random(seed)).next_delay() for seed in range(200)]
     assert min(spread) < 0.1 and max(spread) > 0.9
+
+
+def test_a_close_code_says_whether_to_reconnect_and_how_soon() -> None:
+    coordinator = "http://127.0.0.1:8000"
+    refused = connection_end(protocol.CloseCode.UNAUTHORIZED, "token revoked", coordinator)
+    assert refused.fatal and "token revoked" in refused.problem and "--forget" in refused.problem
+    outdated = connection_end(protocol.CloseCode.UNSUPPORTED_VERSION, "", coordinator)
+    assert outdated.fatal and "update compute-swarm" in outdated.problem
+    replaced = connection_end(protocol.CloseCode.REPLACED, "replaced", coordinator)
+    assert not replaced.fatal and replaced.slow_reconnect and "running twice" in replaced.problem
+    dropped = connection_end(1006, "", coordinator)
+    assert not dropped.fatal and not dropped.slow_reconnect and "without a close" in dropped.problem
+    going_away = connection_end(protocol.CloseCode.GOING_AWAY, "restarting", coordinator)
+    assert going_away == connection_end(1001, "restarting", coordinator)
+    assert not going_away.slow_reconnect and going_away.problem.endswith("(close code 1001: restarting)")
 
 
 def test_telemetry_from_an_inventory_uses_the_torch_checked_backends() -> None:
