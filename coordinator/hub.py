@@ -67,6 +67,9 @@ class Hub:
         self.settings = settings
         self.metrics = metrics
         self.connections: dict[str, Connection] = {}
+        # Nodes with a free slot, longest-free first: dispatch offers jobs to the front of this
+        # order, which spreads work and keeps a round's cost in proportion to the jobs, not the swarm.
+        self._free: dict[str, Connection] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._work_waiting = asyncio.Event()
         self._tasks: list[asyncio.Task] = []
@@ -120,8 +123,8 @@ class Hub:
             for reference in connection.hello.running
             if reference.lease_id in kept
         }
-        self._refresh_snapshot(connection)
         self.connections[connection.node_id] = connection
+        self._refresh_snapshot(connection)
         self.metrics.nodes_connected.set(len(self.connections))
         earnings = await asyncio.to_thread(self.service.earnings, connection.node_id)
         await connection.send(
@@ -140,6 +143,7 @@ class Hub:
         if self.connections.get(connection.node_id) is not connection:
             return  # replaced by a newer connection, which now owns the node's jobs
         del self.connections[connection.node_id]
+        self._free.pop(connection.node_id, None)
         self.metrics.nodes_connected.set(len(self.connections))
         # Its leases stay until they expire (the sweeper stops renewing them now): a node back within
         # the lease period, after a network blip, claims them in its hello and loses no work.
@@ -181,6 +185,7 @@ class Hub:
             if isinstance(message, protocol.JobFailure) and message.kind == "released":
                 connection.resting = True
             self._end_lease(connection, message.lease_id)
+            self._refresh_snapshot(connection)
             await connection.send(acknowledgement)
             if acknowledgement.accepted and isinstance(message, protocol.JobResult):
                 await connection.send(await asyncio.to_thread(self.service.earnings, connection.node_id))
@@ -198,6 +203,10 @@ class Hub:
             running_jobs=len(connection.leases) + len(connection.stopping),
             accepting_jobs=connection.accepting_jobs,
         )
+        if self.connections.get(connection.node_id) is connection and self._has_free_slot(connection):
+            self._free.setdefault(connection.node_id, connection)
+        else:
+            self._free.pop(connection.node_id, None)
 
     @staticmethod
     def _has_free_slot(connection: Connection) -> bool:
@@ -223,15 +232,24 @@ class Hub:
                 await asyncio.sleep(1.0)
 
     async def dispatch_once(self) -> int:
-        free = [
-            connection.snapshot for connection in self.connections.values() if self._has_free_slot(connection)
-        ]
-        if not free:
+        if not self._free:
             return 0
         queued = await asyncio.to_thread(self.service.queued)
         if not queued:
             return 0
-        assignments = plan(queued, free, allowed_backends=self.settings.allowed_backends)
+        # Plan over a sample of the free nodes first (the longest free, a few per job), then over all
+        # of them for the jobs the sample could not place (large jobs wanting a particular node).
+        free = [connection.snapshot for connection in self._free.values() if connection.snapshot is not None]
+        sample = free[: max(256, 4 * len(queued))]
+        assignments = plan(queued, sample, allowed_backends=self.settings.allowed_backends)
+        if len(assignments) < len(queued) and len(sample) < len(free):
+            placed = {assignment.job_id for assignment in assignments}
+            busy = {assignment.node_id for assignment in assignments}
+            assignments += plan(
+                [job for job in queued if job.job_id not in placed],
+                [snapshot for snapshot in free if snapshot.node_id not in busy],
+                allowed_backends=self.settings.allowed_backends,
+            )
         if not assignments:
             return 0
         grants = await asyncio.to_thread(

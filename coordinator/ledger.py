@@ -15,7 +15,7 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from coordinator.protocol import format_credits
-from coordinator.tables import LedgerEntry, LedgerTransaction
+from coordinator.tables import AccountBalance, LedgerEntry, LedgerTransaction
 
 ISSUED = "platform:issued"
 FEES = "platform:fees"
@@ -76,20 +76,42 @@ def post(
             session.flush()
     except IntegrityError:
         return None
-    session.add_all(
-        LedgerEntry(transaction_id=transaction.id, account=account, amount_micro=amount)
-        for account, amount in entries.items()
-        if amount != 0
-    )
+    for account, amount in entries.items():
+        if amount != 0:
+            session.add(LedgerEntry(transaction_id=transaction.id, account=account, amount_micro=amount))
+            _add_to_balance(session, account, amount)
     return transaction
 
 
+def _add_to_balance(session: Session, account: str, amount: int) -> None:
+    row = session.get(AccountBalance, account, with_for_update=True)
+    if row is None:
+        try:
+            with session.begin_nested():
+                session.add(AccountBalance(account=account, balance_micro=amount))
+                session.flush()
+            return
+        except IntegrityError:  # another transaction opened the account first (PostgreSQL)
+            row = session.get(AccountBalance, account, with_for_update=True, populate_existing=True)
+            assert row is not None
+    row.balance_micro += amount
+
+
 def balance(session: Session, account: str) -> int:
-    return int(
-        session.scalar(
-            select(func.coalesce(func.sum(LedgerEntry.amount_micro), 0)).where(LedgerEntry.account == account)
+    row = session.get(AccountBalance, account)
+    return row.balance_micro if row is not None else 0
+
+
+def balances(session: Session, accounts: list[str]) -> int:
+    """The sum of several accounts' balances (a buyer's escrow over their jobs)."""
+    total_micro = 0
+    for start in range(0, len(accounts), 500):
+        total_micro += session.scalar(
+            select(func.coalesce(func.sum(AccountBalance.balance_micro), 0)).where(
+                AccountBalance.account.in_(accounts[start : start + 500])
+            )
         )
-    )
+    return int(total_micro)
 
 
 def grant(

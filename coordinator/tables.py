@@ -172,3 +172,13 @@ class LedgerEntry(Base):
     transaction_id: Mapped[int] = mapped_column(ForeignKey("ledger_transactions.id"), index=True)
     account: Mapped[str] = mapped_column(String(64), index=True)
     amount_micro: Mapped[int] = mapped_column(BigInteger)
+
+
+class AccountBalance(Base):
+    """Each account's balance, kept in the same transaction as its entries, so reading a balance does
+    not grow with the account's history. The entries stay the record: balances must equal their sums."""
+
+    __tablename__ = "account_balances"
+
+    account: Mapped[str] = mapped_column(String(64), primary_key=True)
+    balance_micro: Mapped[int] = mapped_column(BigInteger)

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 from fastapi import APIRouter
-from sqlalchemy import String, func, literal, select
+from sqlalchemy import select
 
 from coordinator import ledger
 from coordinator.api.deps import CurrentBuyer, ServicesDep
 from coordinator.api.schemas import BalanceOut, LedgerLine
+from coordinator.lifecycle import OPEN_STATES
 from coordinator.tables import Job, LedgerEntry, LedgerTransaction
 
 router = APIRouter(prefix="/api", tags=["account"])
@@ -16,14 +17,13 @@ router = APIRouter(prefix="/api", tags=["account"])
 @router.get("/balance")
 def balance(buyer: CurrentBuyer, services: ServicesDep) -> BalanceOut:
     with services.database.transaction() as session:
-        escrow_accounts = select(literal("escrow:", String) + Job.id).where(Job.buyer_id == buyer.id)
-        held = session.scalar(
-            select(func.coalesce(func.sum(LedgerEntry.amount_micro), 0)).where(
-                LedgerEntry.account.in_(escrow_accounts)
-            )
-        )
+        # Only unfinished jobs hold escrow; finished ones were charged or refunded.
+        open_jobs = session.scalars(
+            select(Job.id).where(Job.buyer_id == buyer.id, Job.state.in_(OPEN_STATES))
+        ).all()
         return BalanceOut(
-            available_micro=ledger.balance(session, ledger.buyer_account(buyer.id)), escrow_micro=int(held)
+            available_micro=ledger.balance(session, ledger.buyer_account(buyer.id)),
+            escrow_micro=ledger.balances(session, [ledger.escrow_account(job_id) for job_id in open_jobs]),
         )
 
 

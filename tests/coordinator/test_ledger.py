@@ -13,8 +13,9 @@ def database(tmp_path):
     database = Database(f"sqlite:///{tmp_path / 'ledger.sqlite3'}")
     database.upgrade()
     yield database
-    with database.transaction() as session:
-        assert ledger.total(session) == 0
+    from tests.coordinator.test_node_socket import check_ledger
+
+    check_ledger(tmp_path, file_name="ledger.sqlite3")
     database.close()
 
 

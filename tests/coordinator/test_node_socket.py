@@ -18,7 +18,7 @@ from websockets.sync.client import ClientConnection, connect
 from coordinator import ledger, protocol
 from coordinator.client import NodeClient, SwarmClient
 from coordinator.database import Database
-from coordinator.tables import LedgerEntry
+from coordinator.tables import AccountBalance, LedgerEntry
 from tests.swarm_processes import Coordinator, run_cli, wait_for
 
 # The test keeps sockets open across calls, so it does not use connect() as a context manager.
@@ -49,11 +49,11 @@ def ledger_balances(coordinator):
     check_ledger(coordinator.data_dir)
 
 
-def check_ledger(data_dir: Path) -> None:
+def check_ledger(data_dir: Path, file_name: str = "coordinator.sqlite3") -> None:
     """Every transaction's entries sum to zero, so all of them do."""
     from sqlalchemy import func, select
 
-    database = Database(f"sqlite:///{data_dir / 'coordinator.sqlite3'}")
+    database = Database(f"sqlite:///{data_dir / file_name}")
     try:
         with database.transaction() as session:
             assert ledger.total(session) == 0
@@ -63,6 +63,16 @@ def check_ledger(data_dir: Path) -> None:
                 .having(func.sum(LedgerEntry.amount_micro) != 0)
             ).all()
             assert unbalanced == []
+            # The balances kept for fast reads agree with the entries, account by account.
+            sums = dict(
+                session.execute(
+                    select(LedgerEntry.account, func.sum(LedgerEntry.amount_micro)).group_by(
+                        LedgerEntry.account
+                    )
+                ).all()
+            )
+            kept = dict(session.execute(select(AccountBalance.account, AccountBalance.balance_micro)).all())
+            assert kept == sums
     finally:
         database.close()
 
