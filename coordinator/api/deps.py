@@ -54,22 +54,23 @@ def _token(request: Request) -> str:
     return token
 
 
-def current_buyer(request: Request, services: ServicesDep) -> Buyer:
+def _identify(request: Request, services: Services, lookup, refusal: str):
     token = _token(request)
     with services.database.transaction() as session:
-        buyer = accounts.buyer_for_key(session, token)
-    if buyer is None:
-        raise _unauthorized("this API key is not valid")
-    return buyer
+        who = lookup(session, token)
+    if who is None:
+        raise _unauthorized(refusal)
+    return who
+
+
+def current_buyer(request: Request, services: ServicesDep) -> Buyer:
+    return _identify(request, services, accounts.buyer_for_key, "this API key is not valid")
 
 
 def current_node(request: Request, services: ServicesDep) -> Node:
-    token = _token(request)
-    with services.database.transaction() as session:
-        node = accounts.node_for_token(session, token)
-    if node is None:
-        raise _unauthorized("this node token is not valid or was revoked")
-    return node
+    return _identify(
+        request, services, accounts.node_for_token, "this node token is not valid or was revoked"
+    )
 
 
 def current_holder(request: Request, services: ServicesDep) -> Holder:
