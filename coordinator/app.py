@@ -68,6 +68,8 @@ def serve(settings: Settings) -> None:
         ws_max_size=protocol.MAX_FRAME_BYTES,
         ws_ping_interval=protocol.PING_INTERVAL_SECONDS,
         ws_ping_timeout=protocol.PING_TIMEOUT_SECONDS,
+        # Messages are small JSON; compression would cost about 40 KiB of memory per connected node.
+        ws_per_message_deflate=False,
         log_level="warning",
         timeout_graceful_shutdown=5,
     )

@@ -33,11 +33,21 @@ class Database:
         else:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        # Reads take no write lock: in WAL mode they see the last commit while writers go on.
+        self._read_sessions = sessionmaker(
+            self.engine.execution_options(read_only=True), expire_on_commit=False
+        )
 
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """A session whose work commits together when the block ends, or not at all."""
         with self._sessions() as session, session.begin():
+            yield session
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A session for reads only: it never waits for writers (and must not write)."""
+        with self._read_sessions() as session, session.begin():
             yield session
 
     def upgrade(self) -> None:
@@ -67,4 +77,5 @@ def _configure_sqlite(connection, _record) -> None:
 
 
 def _begin_immediate(connection) -> None:
-    connection.exec_driver_sql("BEGIN IMMEDIATE")
+    read_only = connection.get_execution_options().get("read_only", False)
+    connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")

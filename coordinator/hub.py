@@ -25,6 +25,8 @@ logger = logging.getLogger("coordinator.hub")
 # How long a cancelled job may take to stop on its node (the runner kills it after 60 s) before the
 # node's slot counts as free again without word from the node.
 STOPPING_GRACE_SECONDS = 90.0
+DISPATCH_GATHER_SECONDS = 0.005
+LEASE_BATCH = 256
 
 
 @dataclass(eq=False)
@@ -224,6 +226,8 @@ class Hub:
         while True:
             with contextlib.suppress(asyncio.TimeoutError):
                 await asyncio.wait_for(self._work_waiting.wait(), timeout=5.0)
+            # Let a burst of submissions gather, so one round (one plan, one commit) serves them all.
+            await asyncio.sleep(DISPATCH_GATHER_SECONDS)
             self._work_waiting.clear()
             try:
                 await self.dispatch_once()
@@ -234,7 +238,7 @@ class Hub:
     async def dispatch_once(self) -> int:
         if not self._free:
             return 0
-        queued = await asyncio.to_thread(self.service.queued)
+        queued = await asyncio.to_thread(self.service.queued, min(len(self._free), 5000))
         if not queued:
             return 0
         # Plan over a sample of the free nodes first (the longest free, a few per job), then over all
@@ -250,13 +254,16 @@ class Hub:
                 [snapshot for snapshot in free if snapshot.node_id not in busy],
                 allowed_backends=self.settings.allowed_backends,
             )
-        if not assignments:
-            return 0
-        grants = await asyncio.to_thread(
-            self.service.lease, [(assignment.job_id, assignment.node_id) for assignment in assignments]
-        )
-        await asyncio.gather(*(self._deliver(grant) for grant in grants))
-        return len(grants)
+        # Leased and sent in batches: the first nodes get their jobs while later batches commit.
+        granted = 0
+        for start in range(0, len(assignments), LEASE_BATCH):
+            batch = assignments[start : start + LEASE_BATCH]
+            grants = await asyncio.to_thread(
+                self.service.lease, [(assignment.job_id, assignment.node_id) for assignment in batch]
+            )
+            await asyncio.gather(*(self._deliver(grant) for grant in grants))
+            granted += len(grants)
+        return granted
 
     async def _deliver(self, grant: Grant) -> None:
         connection = self.connections.get(grant.node_id)

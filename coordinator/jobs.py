@@ -153,7 +153,7 @@ class JobService:
     # ---- scheduling
 
     def queued(self, limit: int = 5000) -> list[QueuedJob]:
-        with self.database.transaction() as session:
+        with self.database.reading() as session:
             rows = session.execute(
                 select(
                     Job.id,
@@ -183,9 +183,16 @@ class JobService:
         """Lease each (job id, node id) whose job is still queued, all in one transaction."""
         now = time.time()
         grants = []
+        assignments = list(assignments)
         with self.database.transaction() as session:
+            jobs = {
+                job.id: job
+                for job in session.scalars(
+                    select(Job).where(Job.id.in_([job_id for job_id, _ in assignments])).with_for_update()
+                )
+            }
             for job_id, node_id in assignments:
-                job = _locked_job(session, job_id)
+                job = jobs.get(job_id)
                 if job is None or job.state != QUEUED:
                     continue
                 job.state = LEASED
@@ -369,7 +376,7 @@ class JobService:
             return _ack(report, "failure", True, job.state)
 
     def earnings(self, node_id: str) -> protocol.Earnings:
-        with self.database.transaction() as session:
+        with self.database.reading() as session:
             node = session.get(Node, node_id)
             return protocol.Earnings(
                 pending_micro=ledger.balance(session, ledger.node_pending_account(node_id)),
@@ -379,7 +386,7 @@ class JobService:
 
     def may_download(self, node_id: str, sha256: str) -> bool:
         """A node reads only the dataset and checkpoint of a job it holds now."""
-        with self.database.transaction() as session:
+        with self.database.reading() as session:
             return (
                 session.scalar(
                     select(func.count())
@@ -408,7 +415,7 @@ class JobService:
     def revoked_nodes(self, node_ids: Iterable[str]) -> list[str]:
         node_ids = list(node_ids)
         revoked: list[str] = []
-        with self.database.transaction() as session:
+        with self.database.reading() as session:
             for start in range(0, len(node_ids), 500):
                 revoked += session.scalars(
                     select(Node.id).where(
@@ -418,7 +425,7 @@ class JobService:
         return revoked
 
     def counts(self) -> dict[str, int]:
-        with self.database.transaction() as session:
+        with self.database.reading() as session:
             rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
         return {state: count for state, count in rows}
 

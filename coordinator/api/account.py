@@ -16,7 +16,7 @@ router = APIRouter(prefix="/api", tags=["account"])
 
 @router.get("/balance")
 def balance(buyer: CurrentBuyer, services: ServicesDep) -> BalanceOut:
-    with services.database.transaction() as session:
+    with services.database.reading() as session:
         # Only unfinished jobs hold escrow; finished ones were charged or refunded.
         open_jobs = session.scalars(
             select(Job.id).where(Job.buyer_id == buyer.id, Job.state.in_(OPEN_STATES))
@@ -40,7 +40,7 @@ def history(
     )
     if before is not None:
         query = query.where(LedgerEntry.id < before)
-    with services.database.transaction() as session:
+    with services.database.reading() as session:
         return [
             LedgerLine(
                 id=entry.id,

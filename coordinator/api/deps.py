@@ -56,7 +56,7 @@ def _token(request: Request) -> str:
 
 def _identify(request: Request, services: Services, lookup, refusal: str):
     token = _token(request)
-    with services.database.transaction() as session:
+    with services.database.reading() as session:
         who = lookup(session, token)
     if who is None:
         raise _unauthorized(refusal)
@@ -88,7 +88,7 @@ CurrentHolder = Annotated[Holder, Depends(current_holder)]
 
 def _owned(services: Services, table: type[Job] | type[File], resource_id: str, buyer: Buyer):
     # The single ownership check: another buyer's resource does not exist, as far as they can tell.
-    with services.database.transaction() as session:
+    with services.database.reading() as session:
         resource = session.get(table, resource_id)
     if resource is None or resource.buyer_id != buyer.id:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"no {table.__tablename__[:-1]} {resource_id!r}")

@@ -82,7 +82,7 @@ async def send_chunk(
 
 @router.get("/files")
 def list_files(buyer: CurrentBuyer, services: ServicesDep) -> list[FileOut]:
-    with services.database.transaction() as session:
+    with services.database.reading() as session:
         files = session.scalars(
             select(File).where(File.buyer_id == buyer.id).order_by(File.created_at.desc())
         ).all()

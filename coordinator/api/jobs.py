@@ -41,7 +41,7 @@ def list_jobs(
     )
     if state is not None:
         query = query.where(Job.state == state)
-    with services.database.transaction() as session:
+    with services.database.reading() as session:
         return [JobOut.of(job) for job in session.scalars(query).all()]
 
 

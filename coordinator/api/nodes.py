@@ -125,7 +125,7 @@ async def _close(websocket: WebSocket, code: int, reason: str) -> None:
 
 
 def _authenticate(services: Services, token: str) -> Node | None:
-    with services.database.transaction() as session:
+    with services.database.reading() as session:
         return accounts.node_for_token(session, token)
 
 

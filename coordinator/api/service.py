@@ -15,7 +15,7 @@ router = APIRouter(tags=["service"])
 @router.get("/healthz")
 def health(services: ServicesDep, response: Response) -> dict:
     try:
-        with services.database.transaction() as session:
+        with services.database.reading() as session:
             session.execute(text("SELECT 1"))
         database = "ok"
     except Exception as error:  # the answer must still come back, saying what is wrong
