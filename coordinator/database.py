@@ -7,6 +7,8 @@ steps such as settling a job are serialized and never fail half-way on a lock up
 
 from __future__ import annotations
 
+import contextlib
+import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +35,7 @@ class Database:
         else:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._write_lock = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
         # Reads take no write lock: in WAL mode they see the last commit while writers go on.
         self._read_sessions = sessionmaker(
             self.engine.execution_options(read_only=True), expire_on_commit=False
@@ -41,7 +44,9 @@ class Database:
     @contextmanager
     def transaction(self) -> Iterator[Session]:
         """A session whose work commits together when the block ends, or not at all."""
-        with self._sessions() as session, session.begin():
+        # SQLite has one writer at a time; its busy handler makes waiting writers poll with sleeps of
+        # up to 100 ms. Queueing them on a lock in this process instead hands the database over at once.
+        with self._write_lock, self._sessions() as session, session.begin():
             yield session
 
     @contextmanager
