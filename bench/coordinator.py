@@ -147,7 +147,6 @@ class CoordinatorProcess:
         self.process: subprocess.Popen | None = None
 
     def start(self, timeout: float = 60.0) -> None:
-        import httpx
 
         self.data_dir.mkdir(parents=True, exist_ok=True)
         with open(self.log_path, "ab") as log:
@@ -160,17 +159,9 @@ class CoordinatorProcess:
                 preexec_fn=raise_fd_limit,
                 start_new_session=True,
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the coordinator exited:\n{self.log_tail()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"the coordinator did not come up within {timeout:.0f} s:\n{self.log_tail()}")
+        from coordinator.local_swarm import wait_until_healthy
+
+        wait_until_healthy(self.url, self.process, self.log_path, timeout)
 
     def create_buyer(self, name: str, credits: str) -> str:
         completed = subprocess.run(
@@ -220,12 +211,11 @@ def free_port() -> int:
 # ---- simulated nodes (run in worker processes)
 
 
-def node_messages() -> tuple[str, str, str]:
-    """The hello, and a heartbeat's text before and after its `running` list (built once: every
-    simulated node reports the same telemetry, so the client spends no CPU on serialization)."""
+def node_telemetry():
+    """What every simulated node reports: a CPU node with room for any bench job."""
     from coordinator import protocol
 
-    telemetry = protocol.Telemetry(
+    return protocol.Telemetry(
         cpu=protocol.CpuTelemetry(
             name="bench cpu",
             logical_cores=8,
@@ -234,6 +224,14 @@ def node_messages() -> tuple[str, str, str]:
         ),
         backends=("cpu",),
     )
+
+
+def node_messages() -> tuple[str, str, str]:
+    """The hello, and a heartbeat's text before and after its `running` list (built once: every
+    simulated node reports the same telemetry, so the client spends no CPU on serialization)."""
+    from coordinator import protocol
+
+    telemetry = node_telemetry()
     hello = protocol.Hello(
         protocol_version=protocol.PROTOCOL_VERSION,
         agent_version="bench",
@@ -652,21 +650,12 @@ def percentiles_ms(values: list[float]) -> dict:
 def measure_planner(node_count: int, job_count: int, repeats: int = 5) -> dict:
     """coordinator.scheduler.plan() alone on snapshots like the hub's: one job over all N idle nodes
     (what every dispatch-loop wake-up pays in the stream) and the backlog's jobs over its free nodes."""
-    from coordinator import protocol
     from coordinator.scheduler import QueuedJob, node_snapshot, plan, required_memory_bytes
     from engine.jobs import CATALOGUE, parse_job_spec
 
     spec = parse_job_spec({"type": "lora", **JOB_SPEC, "dataset": "file_bench"})
     required = required_memory_bytes(spec, CATALOGUE[spec.base_model])
-    telemetry = protocol.Telemetry(
-        cpu=protocol.CpuTelemetry(
-            name="bench cpu",
-            logical_cores=8,
-            memory_total_bytes=NODE_MEMORY_TOTAL_BYTES,
-            memory_available_bytes=NODE_MEMORY_AVAILABLE_BYTES,
-        ),
-        backends=("cpu",),
-    )
+    telemetry = node_telemetry()
 
     def nodes(count: int) -> list:
         return [

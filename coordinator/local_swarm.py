@@ -44,7 +44,10 @@ def run(data_dir: Path, host: str, port: int) -> int:
                 data_dir / "coordinator.log",
             )
         )
-        _wait_until_healthy(url, children[0], data_dir / "coordinator.log")
+        try:
+            wait_until_healthy(url, children[0], data_dir / "coordinator.log")
+        except CoordinatorNotUp as error:
+            raise SystemExit(str(error)) from None
         api_key = _demo_buyer_key(command, coordinator_dir, data_dir / KEY_FILE)
         children.append(
             _start(
@@ -116,18 +119,28 @@ def _start(arguments: list[str], log: Path, environment: dict[str, str] | None =
         )
 
 
-def _wait_until_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+class CoordinatorNotUp(RuntimeError):
+    pass
+
+
+def wait_until_healthy(url: str, process: subprocess.Popen, log: Path, timeout: float = 60) -> None:
+    """Wait for a coordinator child process to answer /healthz; CoordinatorNotUp, with its log, if
+    it exits or stays silent."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if process.poll() is not None:
-            raise SystemExit(f"the coordinator exited; its log:\n{log.read_text(errors='replace')[-3000:]}")
+            raise CoordinatorNotUp(
+                f"the coordinator exited; its log:\n{log.read_text(errors='replace')[-3000:]}"
+            )
         try:
             if httpx.get(f"{url}/healthz", timeout=2).status_code == 200:
                 return
         except httpx.HTTPError:
             pass
         time.sleep(0.2)
-    raise SystemExit(f"the coordinator did not answer at {url} within {timeout:.0f} s (is the port taken?)")
+    raise CoordinatorNotUp(
+        f"the coordinator did not answer at {url} within {timeout:.0f} s (is the port taken?)"
+    )
 
 
 def _demo_buyer_key(command: list[str], coordinator_dir: Path, key_file: Path) -> str:

@@ -12,6 +12,8 @@ from pathlib import Path
 
 import httpx
 
+from coordinator.local_swarm import wait_until_healthy
+
 REPOSITORY = Path(__file__).resolve().parent.parent
 # The console script installed beside this interpreter (the venv's `compute-swarm`).
 COMMAND = str(Path(sys.executable).parent / "compute-swarm")
@@ -92,18 +94,9 @@ class Coordinator(SwarmProcess):
 
     def start(self, timeout: float = 60) -> Coordinator:
         super().start()
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            assert self.process is not None
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the coordinator exited:\n{self.log()}")
-            try:
-                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
-                    return self
-            except httpx.HTTPError:
-                pass
-            time.sleep(0.2)
-        raise RuntimeError(f"the coordinator did not come up:\n{self.log()}")
+        assert self.process is not None
+        wait_until_healthy(self.url, self.process, self.log_path, timeout)
+        return self
 
     def create_buyer(self, name: str, credits: str = "100") -> str:
         result = run_cli(
