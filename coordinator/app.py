@@ -8,11 +8,12 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from coordinator import protocol
-from coordinator.api import account, files, jobs, nodes, service
+from coordinator.api import account, files, jobs, nodes, openai, openai_errors, service
 from coordinator.api.deps import Services
 from coordinator.artifacts import ArtifactStore
 from coordinator.database import Database
 from coordinator.hub import Hub
+from coordinator.inference import InferenceService, RequestLimiter
 from coordinator.jobs import JobService
 from coordinator.metrics import Metrics
 from coordinator.settings import Settings
@@ -27,13 +28,18 @@ def build_services(settings: Settings) -> Services:
     metrics = Metrics()
     metrics.count_jobs_with(job_service.counts)
     store = ArtifactStore(settings.artifacts_dir)
+    inference = InferenceService(database, settings)
     return Services(
         settings=settings,
         database=database,
         store=store,
         jobs=job_service,
         uploads=UploadService(database, store, settings),
-        hub=Hub(job_service, settings, metrics),
+        inference=inference,
+        limiter=RequestLimiter(
+            settings.inference_requests_per_minute, settings.inference_concurrent_requests
+        ),
+        hub=Hub(job_service, settings, metrics, inference),
         metrics=metrics,
     )
 
@@ -53,8 +59,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             services.database.close()
 
     app = FastAPI(title="compute-swarm coordinator", version="0.1.0", lifespan=lifespan)
-    for module in (files, jobs, account, nodes, service):
+    for module in (files, jobs, account, nodes, service, openai):
         app.include_router(module.router)
+    openai_errors.install(app)
     return app
 
 

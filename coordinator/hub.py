@@ -15,10 +15,11 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from coordinator import protocol
+from coordinator.inference import InferenceService, Relay
 from coordinator.jobs import Grant, JobService, Revocation
 from coordinator.metrics import Metrics
 from coordinator.protocol import CloseCode
-from coordinator.scheduler import NodeSnapshot, node_snapshot, plan
+from coordinator.scheduler import InferenceCandidate, NodeSnapshot, node_snapshot, plan
 from coordinator.settings import Settings
 
 logger = logging.getLogger("coordinator.hub")
@@ -47,6 +48,7 @@ class Connection:
     # Set when the node handed a job back ("released"): no new lease until its next heartbeat says
     # whether it accepts jobs, so a busy or pausing node is not offered the same job in a loop.
     resting: bool = False
+    loaded_models: frozenset[str] = frozenset()  # kept loaded for inference (protocol.model_key)
     last_message_at: float = field(default_factory=time.monotonic)
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -64,11 +66,17 @@ class Connection:
 
 
 class Hub:
-    def __init__(self, service: JobService, settings: Settings, metrics: Metrics):
+    def __init__(
+        self, service: JobService, settings: Settings, metrics: Metrics, inference: InferenceService
+    ):
         self.service = service
         self.settings = settings
         self.metrics = metrics
+        self.inference = inference
         self.connections: dict[str, Connection] = {}
+        # Connected nodes that serve inference: routing looks at these only.
+        self._serving: dict[str, Connection] = {}
+        self.relay: Relay | None = None  # made on the event loop, in start()
         # Nodes with a free slot, longest-free first: dispatch offers jobs to the front of this
         # order, which spreads work and keeps a round's cost in proportion to the jobs, not the swarm.
         self._free: dict[str, Connection] = {}
@@ -80,6 +88,10 @@ class Hub:
 
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
+        self.relay = Relay(self.inference, self.settings, self._inference_candidates, self._send_to)
+        refunded = await asyncio.to_thread(self.inference.recover_after_restart)
+        if refunded:
+            logger.warning("refunded %d inference requests cut off by the restart", refunded)
         recovered = await asyncio.to_thread(self.service.recover_after_restart)
         if recovered:
             logger.warning(
@@ -126,6 +138,8 @@ class Hub:
             if reference.lease_id in kept
         }
         self.connections[connection.node_id] = connection
+        if connection.hello.inference_slots > 0:
+            self._serving[connection.node_id] = connection
         self._refresh_snapshot(connection)
         self.metrics.nodes_connected.set(len(self.connections))
         earnings = await asyncio.to_thread(self.service.earnings, connection.node_id)
@@ -146,6 +160,9 @@ class Hub:
             return  # replaced by a newer connection, which now owns the node's jobs
         del self.connections[connection.node_id]
         self._free.pop(connection.node_id, None)
+        self._serving.pop(connection.node_id, None)
+        if self.relay is not None:
+            self.relay.node_left(connection.node_id)
         self.metrics.nodes_connected.set(len(self.connections))
         # Its leases stay until they expire (the sweeper stops renewing them now): a node back within
         # the lease period, after a network blip, claims them in its hello and loses no work.
@@ -159,6 +176,7 @@ class Hub:
         if isinstance(message, protocol.Heartbeat):
             was_free = self._has_free_slot(connection)
             connection.telemetry, connection.accepting_jobs = message.telemetry, message.accepting_jobs
+            connection.loaded_models = frozenset(message.loaded_models)
             connection.resting = False
             now = time.monotonic()
             connection.stopping = {
@@ -167,6 +185,11 @@ class Hub:
             self._refresh_snapshot(connection)
             if self._has_free_slot(connection) and not was_free:
                 self._work_waiting.set()
+            if self.relay is not None:
+                self.relay.capacity_changed()
+        elif isinstance(message, protocol.InferenceDelta | protocol.InferenceDone | protocol.InferenceFailed):
+            if self.relay is not None:
+                self.relay.on_message(connection.node_id, message)
         elif isinstance(message, protocol.JobProgress):
             if not await asyncio.to_thread(self.service.progress, connection.node_id, message):
                 await connection.send(
@@ -191,6 +214,35 @@ class Hub:
             await connection.send(acknowledgement)
             if acknowledgement.accepted and isinstance(message, protocol.JobResult):
                 await connection.send(await asyncio.to_thread(self.service.earnings, connection.node_id))
+
+    # ---- inference
+
+    def _inference_candidates(self) -> list[InferenceCandidate]:
+        assert self.relay is not None
+        in_flight = self.relay.in_flight_by_node()
+        return [
+            InferenceCandidate(
+                snapshot=connection.snapshot,
+                slots=connection.hello.inference_slots,
+                in_flight=in_flight[node_id],
+                loaded_models=connection.loaded_models,
+            )
+            for node_id, connection in self._serving.items()
+            if connection.snapshot is not None
+        ]
+
+    def serves_adapter(self, node_id: str, sha256: str) -> bool:
+        """Whether the node serves a request now that needs this adapter (thread-safe: the HTTP
+        download handler asks from a worker thread)."""
+        relay = self.relay
+        return relay is not None and any(
+            request.node_id == node_id and request.model.adapter_sha256 == sha256
+            for request in list(relay.pending.values())
+        )
+
+    async def _send_to(self, node_id: str, message: protocol.CoordinatorMessage) -> bool:
+        connection = self.connections.get(node_id)
+        return connection is not None and await connection.send(message)
 
     def _end_lease(self, connection: Connection, lease_id: str) -> None:
         if connection.leases.pop(lease_id, None) is not None:

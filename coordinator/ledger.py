@@ -129,11 +129,13 @@ def grant(
     return posted is not None
 
 
-def hold_in_escrow(session: Session, buyer_id: str, job_id: str, amount_micro: int) -> None:
+def hold_in_escrow(
+    session: Session, buyer_id: str, job_id: str, amount_micro: int, *, what: str = "this job costs"
+) -> None:
     available = balance(session, buyer_account(buyer_id))
     if available < amount_micro:
         raise InsufficientCredits(
-            f"this job costs {format_credits(amount_micro)} credits; the balance is {format_credits(available)}"
+            f"{what} {format_credits(amount_micro)} credits; the balance is {format_credits(available)}"
         )
     post(
         session,
@@ -145,25 +147,31 @@ def hold_in_escrow(session: Session, buyer_id: str, job_id: str, amount_micro: i
     )
 
 
-def charge(session: Session, job_id: str, node_id: str, node_share: int, platform_fee: int) -> bool:
-    """Pay for a completed job out of its escrow: the node's share (pending until verified) and the fee.
-    Returns False, changing nothing, when the job was settled (charged or refunded) before."""
+def charge(
+    session: Session,
+    job_id: str,
+    node_id: str,
+    node_share: int,
+    platform_fee: int,
+    *,
+    buyer_id: str | None = None,
+    memo: str = "job completed",
+) -> bool:
+    """Pay for completed work out of its escrow: the node's share (pending until verified) and the fee.
+    With buyer_id, escrow may hold more than the price (an inference request holds its most) and the
+    rest goes back to the buyer in the same transaction. Returns False, changing nothing, when the job
+    was settled (charged or refunded) before."""
     if _settled(session, job_id):
         return False
     held = balance(session, escrow_account(job_id))
-    if held != node_share + platform_fee:
-        raise LedgerError(f"job {job_id} has {held} in escrow, not {node_share + platform_fee}")
+    price = node_share + platform_fee
+    if held < price or (held != price and buyer_id is None):
+        raise LedgerError(f"job {job_id} has {held} in escrow, not {price}")
+    entries = {escrow_account(job_id): -held, node_pending_account(node_id): node_share, FEES: platform_fee}
+    if buyer_id is not None:
+        entries[buyer_account(buyer_id)] = held - price
     posted = post(
-        session,
-        kind="charge",
-        idempotency_key=f"settle:{job_id}",
-        job_id=job_id,
-        entries={
-            escrow_account(job_id): -held,
-            node_pending_account(node_id): node_share,
-            FEES: platform_fee,
-        },
-        memo="job completed",
+        session, kind="charge", idempotency_key=f"settle:{job_id}", job_id=job_id, entries=entries, memo=memo
     )
     return posted is not None
 

@@ -32,8 +32,11 @@ class NodeSession:
 
     def receive(self, text: str | bytes) -> protocol.NodeMessage:
         """Parse one frame; raises ProtocolViolation (close code and reason) for anything not allowed."""
-        self._spend_allowance()
         message = protocol.parse_node_message(text)
+        # Generated text comes as fast as the GPU makes it; the hub bounds it instead: a delta must
+        # belong to a request this node is serving, and a request's tokens to its max_tokens.
+        if not isinstance(message, protocol.InferenceDelta):
+            self._spend_allowance()
         if not self.greeted:
             if not isinstance(message, protocol.Hello):
                 raise ProtocolViolation(CloseCode.MALFORMED, f"expected hello first, got {message.type}")

@@ -16,6 +16,10 @@ BASIS_POINTS = 10_000
 # (SmolLM2-135M, 30 steps × 4 examples × 512 tokens: 8.26 units) cost 165,293 micro-credits (0.165).
 TOKEN_PARAMETERS_PER_UNIT = 10**12
 DEFAULT_MICRO_PER_MILLION_TOKEN_PARAMETERS = 20_000
+# Generating costs about 2 FLOPs per token·parameter, a third of training; a quarter of the training
+# rate leaves room for the memory-bound decoding that keeps a GPU below its peak. SmolLM2-135M: a
+# million tokens cost 672,576 micro-credits (0.67 credits).
+INFERENCE_MICRO_PER_MILLION_TOKEN_PARAMETERS = 5_000
 
 
 def _require_integer(name: str, value: object) -> int:
@@ -115,3 +119,28 @@ def split_payment(price_micro: int, platform_fee_basis_points: int) -> tuple[int
         )
     platform_fee = price_micro * platform_fee_basis_points // BASIS_POINTS
     return price_micro - platform_fee, platform_fee
+
+
+def inference_price_micro(
+    model: CatalogueModel,
+    tokens: int,
+    *,
+    micro_per_million_token_parameters: int = INFERENCE_MICRO_PER_MILLION_TOKEN_PARAMETERS,
+) -> int:
+    """What generating with `tokens` tokens (prompt and completion) costs:
+
+    max(1, ceil(tokens × model.parameters × micro_per_million_token_parameters / 10^12))
+    """
+    _require_integer("tokens", tokens)
+    _require_integer("micro_per_million_token_parameters", micro_per_million_token_parameters)
+    if tokens < 0:
+        raise ValueError(f"tokens must not be negative, not {tokens}")
+    work = tokens * model.parameters * micro_per_million_token_parameters
+    return max(1, _ceiling_division(work, TOKEN_PARAMETERS_PER_UNIT))
+
+
+def prompt_token_bound(text_bytes: int, messages: int) -> int:
+    """The most tokens a prompt can take: a BPE token covers at least one byte of text, and a chat
+    template adds its markers and a default system prompt (SmolLM2's is 20 tokens) around the messages.
+    A node's own count is charged only up to this, since the coordinator has no tokenizer to check it."""
+    return text_bytes + 64 + 16 * messages

@@ -11,7 +11,9 @@ from typing import Annotated, Any, Literal, NewType
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
-PROTOCOL_VERSION = 1
+from engine.jobs import ChatMessage, Sampling
+
+PROTOCOL_VERSION = 2
 
 JobId = NewType("JobId", str)
 LeaseId = NewType("LeaseId", str)
@@ -37,6 +39,10 @@ Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN)]
 # Counts that fit every database's 32-bit integer columns.
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+# A model a node keeps loaded: a catalogue name, or "<catalogue name>+<adapter sha256>".
+ModelKey = Annotated[str, Field(min_length=1, max_length=140, pattern=r"^[A-Za-z0-9_.-]+(\+[0-9a-f]{64})?$")]
+# Generated text travels in pieces of at most this many characters (4 bytes each at most in UTF-8).
+MAX_DELTA_CHARACTERS = 16 * 1024
 
 
 class CloseCode:
@@ -107,6 +113,8 @@ class Hello(_Message):
     models: tuple[str, ...] = Field(default=(), max_length=256)  # catalogue models already on disk
     running: tuple[LeaseReference, ...] = Field(default=(), max_length=64)  # jobs still running here
     accepting_jobs: bool = True
+    # Inference requests this node serves at once; 0: it does not serve inference.
+    inference_slots: int = Field(default=0, ge=0, le=64)
 
 
 class Heartbeat(_Message):
@@ -114,6 +122,7 @@ class Heartbeat(_Message):
     telemetry: Telemetry
     running: tuple[LeaseReference, ...] = Field(default=(), max_length=64)
     accepting_jobs: bool = True  # False while paused (GPU hot, a game running, the seller paused)
+    loaded_models: tuple[ModelKey, ...] = Field(default=(), max_length=64)  # kept loaded for inference
 
 
 class JobProgress(_Message):
@@ -165,8 +174,44 @@ class JobFailure(_Message):
     message: str = Field(max_length=4000)
 
 
+class InferenceDelta(_Message):
+    """Generated text of an inference request, as it comes: `tokens` tokens since the last delta."""
+
+    type: Literal["inference_delta"] = "inference_delta"
+    request_id: Identifier
+    text: str = Field(max_length=MAX_DELTA_CHARACTERS)
+    tokens: Count
+
+
+class InferenceDone(_Message):
+    type: Literal["inference_done"] = "inference_done"
+    request_id: Identifier
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: Count
+    completion_tokens: Count
+
+
+class InferenceFailed(_Message):
+    """The request ended without an answer. `unavailable`: this node cannot serve it (the model does not
+    load here), another node may; `invalid`: no node can (the prompt is longer than the context)."""
+
+    type: Literal["inference_failed"] = "inference_failed"
+    request_id: Identifier
+    kind: Literal["invalid", "unavailable", "error"]
+    message: str = Field(max_length=4000)
+
+
 NodeMessage = Annotated[
-    Hello | Heartbeat | JobProgress | CheckpointUploaded | JobResult | JobFailure, Field(discriminator="type")
+    Hello
+    | Heartbeat
+    | JobProgress
+    | CheckpointUploaded
+    | JobResult
+    | JobFailure
+    | InferenceDelta
+    | InferenceDone
+    | InferenceFailed,
+    Field(discriminator="type"),
 ]
 node_message_adapter: TypeAdapter[NodeMessage] = TypeAdapter(NodeMessage)
 
@@ -229,8 +274,30 @@ class Acknowledged(_Message):
     message: str = ""
 
 
+class InferenceRequest(_Message):
+    """Generate an answer: a chat (messages) or a text to continue (prompt), with a catalogue model and,
+    for a fine-tuned model, a llama.cpp LoRA adapter to fetch as an artifact."""
+
+    type: Literal["inference"] = "inference"
+    request_id: Identifier
+    model: Identifier  # a catalogue name
+    adapter_sha256: Sha256 | None = None
+    adapter_size: int = Field(default=0, ge=0)
+    messages: tuple[ChatMessage, ...] | None = Field(default=None, min_length=1, max_length=1024)
+    prompt: str | None = None
+    sampling: Sampling
+
+
+class InferenceStop(_Message):
+    """Stop generating for this request: its buyer went away."""
+
+    type: Literal["inference_stop"] = "inference_stop"
+    request_id: Identifier
+
+
 CoordinatorMessage = Annotated[
-    Welcome | Lease | Cancel | Acknowledged | Earnings, Field(discriminator="type")
+    Welcome | Lease | Cancel | Acknowledged | Earnings | InferenceRequest | InferenceStop,
+    Field(discriminator="type"),
 ]
 coordinator_message_adapter: TypeAdapter[CoordinatorMessage] = TypeAdapter(CoordinatorMessage)
 
@@ -262,6 +329,10 @@ def parse_node_message(text: str | bytes) -> NodeMessage:
 
 def parse_coordinator_message(text: str | bytes) -> CoordinatorMessage:
     return _parse(coordinator_message_adapter, text)
+
+
+def model_key(model: str, adapter_sha256: str | None) -> str:
+    return f"{model}+{adapter_sha256}" if adapter_sha256 else model
 
 
 def format_credits(micro: int) -> str:

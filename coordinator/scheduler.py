@@ -432,3 +432,64 @@ def plan(
             for key in bucket_keys[index]:
                 buckets[key].add(rank, entry)
     return assignments
+
+
+# ---- inference routing
+
+
+@dataclass(frozen=True)
+class InferenceCandidate:
+    """A connected node as inference routing sees it."""
+
+    snapshot: NodeSnapshot
+    slots: int  # requests it serves at once; 0: none
+    in_flight: int
+    loaded_models: frozenset[str]  # protocol.model_key values it keeps loaded
+
+
+# Serving a quantized model holds its file, the adapter, a 4096-token cache and compute buffers:
+# about its file size again on top for the small models of the catalogue, and a fixed reserve.
+INFERENCE_RESERVE_BYTES = 256 * MIB
+
+
+def inference_memory_bytes(model: CatalogueModel, adapter_size: int = 0) -> int:
+    return 2 * model.file_size_bytes + adapter_size + INFERENCE_RESERVE_BYTES
+
+
+def choose_inference_node(
+    candidates: Iterable[InferenceCandidate],
+    *,
+    model_key: str,
+    base_model: str,
+    required_memory_bytes: int,
+    excluded: frozenset[str] = frozenset(),
+) -> str | None:
+    """The node to serve one request, or None when no node can now.
+
+    A node qualifies with a free slot, while it takes work (a paused node is playing a game), and with
+    the memory to load the model unless it has it loaded. Preferred, in order: the model loaded, the
+    base model on disk, a GPU, fewer requests in flight, more free memory.
+    """
+    best: tuple | None = None
+    chosen: str | None = None
+    for candidate in candidates:
+        snapshot = candidate.snapshot
+        if (
+            snapshot.node_id in excluded
+            or not snapshot.accepting_jobs
+            or candidate.in_flight >= candidate.slots
+        ):
+            continue
+        loaded = model_key in candidate.loaded_models
+        if not loaded and snapshot.memory_bytes * USABLE_PERCENT // 100 < required_memory_bytes:
+            continue
+        rank = (
+            loaded,
+            base_model in snapshot.models,
+            snapshot.best_backend in GPU_BACKENDS,
+            -candidate.in_flight,
+            snapshot.memory_bytes,
+        )
+        if best is None or rank > best:
+            best, chosen = rank, snapshot.node_id
+    return chosen

@@ -46,6 +46,19 @@ class Settings(BaseSettings):
     # Nodes.
     max_nodes: int = Field(default=20_000, ge=1)
 
+    # Inference.
+    # How long a request waits for a node with a free slot before the buyer is told to try later.
+    inference_wait_seconds: float = Field(default=30.0, ge=0)
+    # How long a node may take to send the first token (loading a model included) before another
+    # node is tried, and then to send each next piece.
+    inference_first_token_seconds: float = Field(default=120.0, gt=0)
+    inference_idle_seconds: float = Field(default=60.0, gt=0)
+    inference_max_tries: int = Field(default=3, ge=1, le=10)
+    # Each buyer's requests per minute to the /v1 generation endpoints (429 beyond), and at once.
+    inference_requests_per_minute: int = Field(default=600, ge=1)
+    inference_concurrent_requests: int = Field(default=16, ge=1)
+    inference_default_max_tokens: int = Field(default=512, ge=1, le=32_768)
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.database_url and not self.database_url.startswith(("sqlite", "postgresql")):

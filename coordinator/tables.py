@@ -129,6 +129,12 @@ class Job(Base):
     checkpoint_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     checkpoint_step: Mapped[int] = mapped_column(Integer, default=0)
     result_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # A LoRA job's adapter as a llama.cpp LoRA file, which serves its fine-tuned model.
+    result_gguf_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The adapter an inference job runs with (a fine-tuned model's result_gguf_sha256).
+    input_adapter_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # The buyer's words in the fine-tuned model's name: ft:<base model>:<suffix>:<job id>.
+    model_suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     error_kind: Mapped[str | None] = mapped_column(String(32), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
@@ -182,3 +188,22 @@ class AccountBalance(Base):
 
     account: Mapped[str] = mapped_column(String(64), primary_key=True)
     balance_micro: Mapped[int] = mapped_column(BigInteger)
+
+
+class InferenceRequest(Base):
+    """One chat or completion request served live: what it held in escrow and what it was charged."""
+
+    __tablename__ = "inference_requests"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    buyer_id: Mapped[str] = mapped_column(ForeignKey("buyers.id"), index=True)
+    model: Mapped[str] = mapped_column(String(200))
+    state: Mapped[str] = mapped_column(String(16), index=True)  # open, completed, failed
+    node_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    held_micro: Mapped[int] = mapped_column(BigInteger)
+    price_micro: Mapped[int] = mapped_column(BigInteger, default=0)
+    prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    completion_tokens: Mapped[int] = mapped_column(Integer, default=0)
+    error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)

@@ -42,6 +42,7 @@ from desktop.messages import (
     telemetry_from_inventory,
     websocket_url,
 )
+from desktop.serving import InferenceServing
 from desktop.workspace import Workspace
 from engine.devices import DeviceInventory
 
@@ -109,6 +110,7 @@ class NodeAgent:
         register: Callable[[str, str], tuple[str, str]] = NodeClient.register,
         probe: Callable[[bool], DeviceInventory] = _probe_devices,
         rng: random.Random | None = None,
+        inference_slots: int | None = None,  # None: 1 where llama-cpp-python is installed, else 0
     ):
         self.coordinator = token_store.normalize_coordinator_url(coordinator)
         self.data_dir = Path(data_dir)
@@ -139,6 +141,9 @@ class NodeAgent:
         self._outgoing: asyncio.Queue | None = None  # the current connection's send queue
         self._websocket: ClientConnection | None = None
         self._background: set[asyncio.Task] = set()
+        self._serving = InferenceServing(
+            self.workspace, self._post, client=lambda: self._client, slots=inference_slots
+        )
 
     # ---- the facade
 
@@ -174,6 +179,7 @@ class NodeAgent:
         finally:
             await _cancel_all([connection, stop])
             await self._abandon_jobs()
+            await asyncio.to_thread(self._serving.close)
             await _cancel_all(list(self._background))
             if self._client is not None:
                 with contextlib.suppress(Exception):
@@ -358,6 +364,7 @@ class NodeAgent:
             models=models,
             running=self._running(),
             accepting_jobs=self._accepting_jobs(),
+            inference_slots=self._serving.slots,
         )
 
     async def _session(self, websocket: ClientConnection, hello: protocol.Hello, backoff: Backoff) -> str:
@@ -416,6 +423,7 @@ class NodeAgent:
             await _cancel_all(helpers)
             if self._outgoing is outgoing:
                 self._websocket, self._outgoing = None, None
+            self._serving.stop_all()  # nobody is listening for their answers any more
             self._update(connected=False)
         end = connection_end(websocket.close_code, websocket.close_reason or "", self.coordinator)
         if end.fatal:
@@ -448,7 +456,10 @@ class NodeAgent:
         if self._telemetry is not None and self._outgoing is not None:
             self._post(
                 protocol.Heartbeat(
-                    telemetry=self._telemetry, running=self._running(), accepting_jobs=self._accepting_jobs()
+                    telemetry=self._telemetry,
+                    running=self._running(),
+                    accepting_jobs=self._accepting_jobs(),
+                    loaded_models=self._serving.loaded_models,
                 )
             )
 
@@ -477,6 +488,18 @@ class NodeAgent:
             self._on_cancel(message)
         elif isinstance(message, protocol.Acknowledged):
             self._on_acknowledged(message)
+        elif isinstance(message, protocol.InferenceRequest):
+            if self._accepting_jobs():
+                self._serving.handle(message)
+            else:
+                refusal = f"node paused ({self._pause_reason})" if self._paused else "node shutting down"
+                self._post(
+                    protocol.InferenceFailed(
+                        request_id=message.request_id, kind="unavailable", message=refusal
+                    )
+                )
+        elif isinstance(message, protocol.InferenceStop):
+            self._serving.stop(message.request_id)
         elif isinstance(message, protocol.Earnings):
             logger.info(
                 "earnings: %s credits pending verification, %s available, %d jobs completed",

@@ -6,21 +6,29 @@ the assistant turns) and a pair (`{"prompt": ..., "completion": ...}`, loss on t
 
 from __future__ import annotations
 
-import json
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
-
-from engine.jobs import InvalidJobError
+from engine.jobs import (  # noqa: F401 (the line formats are re-exported for the engine's callers)
+    MAXIMUM_LINE_BYTES,
+    ChatExample,
+    ChatMessage,
+    Example,
+    InvalidJobError,
+    LineError,
+    PromptCompletionExample,
+    parse_line,
+)
 
 if TYPE_CHECKING:
     from transformers import PreTrainedTokenizerBase
 
+Line = TypeVar("Line")
+
 # Labels with this value are ignored by the loss (the convention of torch's cross_entropy).
 IGNORED_LABEL = -100
-MAXIMUM_LINE_BYTES = 8 << 20
 MAXIMUM_REPORTED_ERRORS = 20
 
 # Used only for tokenizers that ship without a chat template.
@@ -28,42 +36,6 @@ CHATML_TEMPLATE = (
     "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
     "{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
-
-
-class _Line(BaseModel):
-    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
-
-
-class ChatMessage(_Line):
-    role: Literal["system", "user", "assistant"]
-    content: str = Field(max_length=MAXIMUM_LINE_BYTES)
-
-
-class ChatExample(_Line):
-    messages: tuple[ChatMessage, ...] = Field(min_length=1)
-
-    @model_validator(mode="after")
-    def _has_an_answer(self) -> ChatExample:
-        if not any(message.role == "assistant" and message.content for message in self.messages):
-            raise ValueError("a chat needs at least one non-empty assistant message to learn from")
-        return self
-
-
-class PromptCompletionExample(_Line):
-    prompt: str
-    completion: str = Field(min_length=1)
-
-
-Example = ChatExample | PromptCompletionExample
-
-
-@dataclass(frozen=True)
-class LineError:
-    line_number: int
-    message: str
-
-    def __str__(self) -> str:
-        return f"line {self.line_number}: {self.message}"
 
 
 class DatasetError(InvalidJobError):
@@ -85,48 +57,13 @@ class TokenizedExample:
         return sum(label != IGNORED_LABEL for label in self.labels)
 
 
-def parse_line(text: str) -> Example:
-    """Validate one JSONL line; raises ValueError with a message a person can act on."""
-    try:
-        data = json.loads(text)
-    except json.JSONDecodeError as error:
-        raise ValueError(f"not valid JSON ({error.msg} at column {error.colno})") from None
-    if not isinstance(data, dict):
-        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
-    if "messages" in data:
-        shape: type[_Line] = ChatExample
-    elif "prompt" in data or "completion" in data:
-        shape = PromptCompletionExample
-    else:
-        raise ValueError("expected a 'messages' list or 'prompt' and 'completion' strings")
-    try:
-        return shape.model_validate_json(text)
-    except ValidationError as error:
-        raise ValueError(_describe(error)) from None
-
-
-def _describe(error: ValidationError) -> str:
-    problems = error.errors()
-    failing_containers = {
-        problem["loc"][:length] for problem in problems for length in range(len(problem["loc"]))
-    }
-    described = []
-    for problem in problems:
-        # A list whose items failed also reports being too short after validation: say it once.
-        if problem["type"] == "too_short" and problem["loc"] in failing_containers:
-            continue
-        where = ".".join(str(part) for part in problem["loc"])
-        message = problem["msg"].removeprefix("Value error, ")
-        described.append(f"{where}: {message}" if where else message)
-    return "; ".join(described)
-
-
-def read_jsonl(path: str | Path) -> list[Example]:
-    """Read and validate every line; all bad lines are reported together (up to a limit)."""
+def read_jsonl(path: str | Path, parse: Callable[[str], Line] = parse_line) -> list[Line]:
+    """Read and validate every line with `parse` (a fine-tuning example by default); all bad lines are
+    reported together (up to a limit)."""
     path = Path(path)
     if not path.is_file():
         raise DatasetError(f"dataset {path} does not exist or is not a file")
-    examples: list[Example] = []
+    examples: list[Line] = []
     errors: list[LineError] = []
     with open(path, "rb") as file:
         for line_number, raw in enumerate(iter(lambda: file.readline(MAXIMUM_LINE_BYTES + 1), b""), start=1):
@@ -143,7 +80,7 @@ def read_jsonl(path: str | Path) -> list[Example]:
             if not text.strip():
                 continue
             try:
-                examples.append(parse_line(text))
+                examples.append(parse(text))
             except ValueError as error:
                 errors.append(LineError(line_number, str(error)))
     if errors:

@@ -67,6 +67,112 @@ CATALOGUE: dict[str, CatalogueModel] = {
 DEFAULT_MODEL = "smollm2-135m-instruct"
 
 
+# ---- dataset lines: the JSONL formats jobs read, checked the same way by the coordinator (at upload)
+# and by the node (before running), so an error names the same line in both places.
+
+MAXIMUM_LINE_BYTES = 8 << 20
+
+
+class _Line(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class ChatMessage(_Line):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAXIMUM_LINE_BYTES)
+
+
+class ChatExample(_Line):
+    messages: tuple[ChatMessage, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _has_an_answer(self) -> ChatExample:
+        if not any(message.role == "assistant" and message.content for message in self.messages):
+            raise ValueError("a chat needs at least one non-empty assistant message to learn from")
+        return self
+
+
+class PromptCompletionExample(_Line):
+    prompt: str
+    completion: str = Field(min_length=1)
+
+
+Example = ChatExample | PromptCompletionExample
+
+
+@dataclass(frozen=True)
+class LineError:
+    line_number: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"line {self.line_number}: {self.message}"
+
+
+def parse_line(text: str) -> Example:
+    """Validate one line of a fine-tuning dataset; raises ValueError with a message a person can act on."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    if "messages" in data:
+        shape: type[_Line] = ChatExample
+    elif "prompt" in data or "completion" in data:
+        shape = PromptCompletionExample
+    else:
+        raise ValueError("expected a 'messages' list or 'prompt' and 'completion' strings")
+    try:
+        return shape.model_validate_json(text)
+    except ValidationError as error:
+        raise ValueError(_describe(error)) from None
+
+
+def _describe(error: ValidationError) -> str:
+    problems = error.errors()
+    failing_containers = {
+        problem["loc"][:length] for problem in problems for length in range(len(problem["loc"]))
+    }
+    described = []
+    for problem in problems:
+        # A list whose items failed also reports being too short after validation: say it once.
+        if problem["type"] == "too_short" and problem["loc"] in failing_containers:
+            continue
+        where = ".".join(str(part) for part in problem["loc"])
+        message = problem["msg"].removeprefix("Value error, ")
+        described.append(f"{where}: {message}" if where else message)
+    return "; ".join(described)
+
+
+class PromptLine(_Line):
+    """One line of a batch inference job's input: a chat to answer, or a text to continue."""
+
+    messages: tuple[ChatMessage, ...] | None = Field(default=None, min_length=1)
+    prompt: str | None = None
+    id: str | None = Field(default=None, max_length=256)  # the buyer's own key, copied to the output
+
+    @model_validator(mode="after")
+    def _one_input(self) -> PromptLine:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of 'messages' (a chat) and 'prompt' (a text to continue)")
+        return self
+
+
+def parse_prompt_line(text: str) -> PromptLine:
+    """Validate one line of a batch inference input; raises ValueError as parse_line does."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    try:
+        return PromptLine.model_validate_json(text)
+    except ValidationError as error:
+        raise ValueError(_describe(error)) from None
+
+
 class _Spec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
@@ -144,7 +250,40 @@ class LoraJobSpec(_Spec):
         return self.batch_size * self.gradient_accumulation_steps
 
 
-JobSpec = Annotated[LoraJobSpec, Field(discriminator="type")]
+MAXIMUM_STOP_SEQUENCES = 4
+
+
+class Sampling(_Spec):
+    """How text is generated. temperature 0 is greedy decoding, reproducible on one machine; above 0
+    tokens are sampled from a generator seeded with `seed`."""
+
+    max_tokens: int = Field(default=256, ge=1, le=32_768)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    stop: tuple[Annotated[str, Field(min_length=1, max_length=256)], ...] = Field(
+        default=(), max_length=MAXIMUM_STOP_SEQUENCES
+    )
+
+
+class InferenceJobSpec(_Spec):
+    """Batch inference: answer every line of a JSONL of prompts (see PromptLine) with one model,
+    writing a JSONL of completions in the same order.
+
+    As with LoraJobSpec, base_model, adapter and dataset are resolved on the node; a coordinator sends
+    a catalogue name and content-addressed artifacts, never a buyer's path.
+    """
+
+    type: Literal["inference"] = "inference"
+    base_model: str = Field(min_length=1, max_length=4096)
+    adapter: str | None = Field(
+        default=None, min_length=1, max_length=4096, description="A llama.cpp LoRA adapter (.gguf)."
+    )
+    dataset: str = Field(min_length=1, max_length=4096)
+    sampling: Sampling = Sampling()
+
+
+JobSpec = Annotated[LoraJobSpec | InferenceJobSpec, Field(discriminator="type")]
 _job_spec_adapter: TypeAdapter[JobSpec] = TypeAdapter(JobSpec)
 
 

@@ -11,6 +11,7 @@ from coordinator import accounts
 from coordinator.artifacts import ArtifactStore
 from coordinator.database import Database
 from coordinator.hub import Hub
+from coordinator.inference import InferenceService, RequestLimiter
 from coordinator.jobs import JobService
 from coordinator.metrics import Metrics
 from coordinator.settings import Settings
@@ -25,6 +26,8 @@ class Services:
     store: ArtifactStore
     jobs: JobService
     uploads: UploadService
+    inference: InferenceService
+    limiter: RequestLimiter
     hub: Hub
     metrics: Metrics
 

@@ -47,10 +47,12 @@ def me(node: CurrentNode, services: ServicesDep) -> NodeOut:
 def download(sha256: str, node: CurrentNode, services: ServicesDep) -> FileResponse:
     if (
         not SHA256.match(sha256)
-        or not services.jobs.may_download(node.id, sha256)
+        or not (services.jobs.may_download(node.id, sha256) or services.hub.serves_adapter(node.id, sha256))
         or not services.store.has(sha256)
     ):
-        raise HTTPException(status.HTTP_404_NOT_FOUND, "no such artifact for a job this node holds")
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, "no such artifact for a job or request this node holds"
+        )
     return FileResponse(services.store.blob_path(sha256), media_type="application/octet-stream")
 
 
