@@ -8,7 +8,16 @@ from contextlib import asynccontextmanager
 from fastapi import FastAPI
 
 from coordinator import protocol
-from coordinator.api import account, files, jobs, nodes, openai, openai_errors, service
+from coordinator.api import (
+    account,
+    files,
+    jobs,
+    nodes,
+    openai,
+    openai_errors,
+    openai_fine_tuning,
+    service,
+)
 from coordinator.api.deps import Services
 from coordinator.artifacts import ArtifactStore
 from coordinator.database import Database
@@ -59,7 +68,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             services.database.close()
 
     app = FastAPI(title="compute-swarm coordinator", version="0.1.0", lifespan=lifespan)
-    for module in (files, jobs, account, nodes, service, openai):
+    for module in (files, jobs, account, nodes, service, openai, openai_fine_tuning):
         app.include_router(module.router)
     openai_errors.install(app)
     return app

@@ -74,7 +74,9 @@ class JobService:
 
     # ---- buyers
 
-    def submit(self, buyer_id: str, spec_data: Any, max_attempts: int | None) -> Job:
+    def submit(
+        self, buyer_id: str, spec_data: Any, max_attempts: int | None, *, model_suffix: str | None = None
+    ) -> Job:
         if not isinstance(spec_data, dict):
             raise JobError("spec must be a JSON object", 422)
         spec_data = {"type": "lora", **spec_data}
@@ -122,6 +124,7 @@ class JobService:
                 max_attempts=attempts,
                 queued_at=now,
                 excluded_nodes=[],
+                model_suffix=model_suffix,
                 created_at=now,
                 updated_at=now,
             )
@@ -350,6 +353,7 @@ class JobService:
             if problem:
                 return _ack(report, "result", False, job.state, problem)
             job.result_sha256 = report.sha256
+            job.result_gguf_sha256 = report.gguf_sha256
             job.metrics = {
                 "steps": report.steps,
                 "final_loss": _finite(report.final_loss),
@@ -495,6 +499,8 @@ def _check_upload(session: Session, node_id: str, job: Job, purpose: str, sha256
 
 def _check_result(session: Session, node_id: str, job: Job, report: protocol.JobResult) -> str | None:
     problem = _check_upload(session, node_id, job, "result", report.sha256)
+    if not problem and report.gguf_sha256 is not None:
+        problem = _check_upload(session, node_id, job, "adapter", report.gguf_sha256)
     if problem:
         return problem
     # Work the coordinator can check: a fixed-length job takes exactly its steps, and no job ends

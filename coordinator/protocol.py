@@ -155,6 +155,8 @@ class JobResult(_Message):
     job_id: Identifier
     lease_id: Identifier
     sha256: Sha256
+    # The adapter as a llama.cpp LoRA file (an "adapter" artifact), which serves the fine-tuned model.
+    gguf_sha256: Sha256 | None = None
     steps: Count
     final_loss: float | None = None
     eval_loss: float | None = None

@@ -5,10 +5,11 @@ verified when the last byte arrives; only then does it become an artifact someon
 
 from __future__ import annotations
 
-import json
+import hashlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -18,9 +19,14 @@ from coordinator.artifacts import SHA256, ArtifactError, ArtifactStore
 from coordinator.database import Database
 from coordinator.settings import Settings
 from coordinator.tables import Artifact, ArtifactHolder, File, Upload
+from engine.jobs import parse_line, parse_prompt_line
 
-BUYER_PURPOSES = frozenset({"dataset"})
-NODE_PURPOSES = frozenset({"checkpoint", "result"})
+# dataset: fine-tuning examples; prompts: a batch inference job's input.
+BUYER_PURPOSES = frozenset({"dataset", "prompts"})
+# adapter: a LoRA result as a llama.cpp adapter (GGUF), which serves its fine-tuned model.
+NODE_PURPOSES = frozenset({"checkpoint", "result", "adapter"})
+# Bad lines reported at once: enough to see a pattern, short enough to read.
+MAX_REPORTED_LINES = 10
 # One example a line; a longer line is a broken file, and reading it would take that much memory.
 MAX_LINE_BYTES = 16 * 1024 * 1024
 
@@ -51,8 +57,10 @@ class UploadService:
     def size_limit(self, purpose: str) -> int:
         return {
             "dataset": self.settings.max_dataset_bytes,
+            "prompts": self.settings.max_dataset_bytes,
             "checkpoint": self.settings.max_checkpoint_bytes,
             "result": self.settings.max_result_bytes,
+            "adapter": self.settings.max_result_bytes,
         }[purpose]
 
     def create(
@@ -154,7 +162,7 @@ class UploadService:
         if holder.kind == "buyer":
             # Checked before the database transaction: reading a large file must not hold the write lock.
             try:
-                lines = _check_dataset(self.store.blob_path(upload.sha256))
+                lines = check_lines(self.store.blob_path(upload.sha256), upload.purpose)
             except UploadError:
                 self._discard_unregistered(upload.sha256)
                 raise
@@ -165,6 +173,25 @@ class UploadService:
             if upload.completed_at is None:
                 self._complete(session, upload, holder, lines=lines)
             return upload
+
+    def upload_whole(self, holder: Holder, source: BinaryIO, *, purpose: str, filename: str | None) -> File:
+        """Store a file sent in one request (OpenAI's /v1/files): hashed, then fed through the same
+        chunked path, checks included. Returns the buyer's new file."""
+        digest, size = hashlib.sha256(), 0
+        source.seek(0)
+        while block := source.read(1 << 20):
+            digest.update(block)
+            size += len(block)
+        upload = self.create(holder, sha256=digest.hexdigest(), size=size, purpose=purpose, filename=filename)
+        source.seek(upload.received)
+        while upload.completed_at is None:
+            upload = self.receive(
+                holder, upload.id, upload.received, source.read(self.settings.chunk_limit_bytes)
+            )
+        with self.database.reading() as session:
+            file = session.get(File, upload.file_id)
+        assert file is not None
+        return file
 
     def _discard_unregistered(self, sha256: str) -> None:
         with self.database.transaction() as session:
@@ -201,26 +228,34 @@ def _clean_filename(filename: str | None) -> str:
     return name or "dataset.jsonl"
 
 
-def _check_dataset(path: Path) -> int:
-    """A dataset must be UTF-8 JSON lines, each an object; the node checks the fields in detail.
-    Returns the number of examples (non-empty lines)."""
-    lines = number = 0
+def check_lines(path: Path, purpose: str) -> int:
+    """Validate a buyer's JSONL line by line, as the node will read it (engine.jobs' line formats), and
+    return its number of examples. The error names each bad line (up to MAX_REPORTED_LINES)."""
+    parse = parse_line if purpose == "dataset" else parse_prompt_line
+    what = "fine-tuning dataset" if purpose == "dataset" else "prompts file"
+    examples = number = 0
+    problems: list[str] = []
     with open(path, "rb") as file:
         while line := file.readline(MAX_LINE_BYTES + 1):
             number += 1
             if len(line) > MAX_LINE_BYTES:
-                raise UploadError(f"line {number} of the dataset is longer than {MAX_LINE_BYTES} bytes", 422)
+                problems.append(f"line {number}: longer than {MAX_LINE_BYTES} bytes")
+                break  # the rest of the file cannot be read line by line
             if not line.strip():
                 continue
             try:
-                if not isinstance(json.loads(line.decode("utf-8")), dict):
-                    raise ValueError("not a JSON object")
-            except (UnicodeDecodeError, ValueError, RecursionError) as error:
+                parse(line.decode("utf-8"))
+                examples += 1
+            except UnicodeDecodeError as error:
+                problems.append(f"line {number}: not UTF-8 (byte {error.start})")
+            except (ValueError, RecursionError) as error:
                 reason = "nested too deeply" if isinstance(error, RecursionError) else error
-                raise UploadError(
-                    f"line {number} of the dataset is not a JSON object: {reason}", 422
-                ) from None
-            lines += 1
-    if lines == 0:
-        raise UploadError("the dataset is empty", 422)
-    return lines
+                problems.append(f"line {number}: {reason}")
+            if len(problems) >= MAX_REPORTED_LINES:
+                problems.append("(stopped after the first bad lines)")
+                break
+    if problems:
+        raise UploadError(f"the {what} has bad lines: " + "; ".join(problems), 422)
+    if examples == 0:
+        raise UploadError(f"the {what} is empty", 422)
+    return examples

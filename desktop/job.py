@@ -411,6 +411,16 @@ class JobRun:
                 ),
                 UPLOAD_ATTEMPTS,
             )
+            gguf_sha256 = None
+            gguf = self.output_dir / workspace.GGUF_ADAPTER_FILE
+            if gguf.is_file():
+                gguf_sha256 = await self._retrying(
+                    "upload the adapter for llama.cpp",
+                    lambda: self._host.client.upload_artifact(
+                        gguf, purpose="adapter", job_id=lease.job_id, lease_id=lease.lease_id
+                    ),
+                    UPLOAD_ATTEMPTS,
+                )
         except (OSError, tarfile.TarError, ValueError) as error:
             message = f"could not package the adapter: {describe_error(error)}"
             logger.error("job %s: %s", lease.job_id, message)
@@ -429,7 +439,7 @@ class JobRun:
         loss = f", final loss {final_loss:.4f}" if final_loss is not None else ""
         summary = f"{record.steps} steps in {record.seconds:.0f} s{loss}"
         logger.info("job %s completed: %s; result uploaded", lease.job_id, summary)
-        self._post(result_message(lease, record, sha256))
+        self._post(result_message(lease, record, sha256, gguf_sha256))
         self._host.ended(JobOutcome(lease.job_id, "completed", summary))
 
     async def _report_failure(self, record: Failed) -> None:

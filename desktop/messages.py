@@ -225,11 +225,14 @@ def checkpoint_message(lease: protocol.Lease, step: int, sha256: str) -> protoco
     return protocol.CheckpointUploaded(job_id=lease.job_id, lease_id=lease.lease_id, step=step, sha256=sha256)
 
 
-def result_message(lease: protocol.Lease, record: Completed, sha256: str) -> protocol.JobResult:
+def result_message(
+    lease: protocol.Lease, record: Completed, sha256: str, gguf_sha256: str | None = None
+) -> protocol.JobResult:
     return protocol.JobResult(
         job_id=lease.job_id,
         lease_id=lease.lease_id,
         sha256=sha256,
+        gguf_sha256=gguf_sha256,
         steps=max(record.steps, 0),
         final_loss=finite_or_none(record.final_loss),
         eval_loss=finite_or_none(record.eval_loss),

@@ -19,7 +19,16 @@ logger = logging.getLogger(__name__)
 
 KEEP_JOB_LOGS = 3
 ARTIFACT_CACHE_BYTES = 5 * 2**30
-RESULT_FILES = ("adapter_config.json", "adapter_model.safetensors", "metrics.json")
+# What a finished job leaves for its buyer: a LoRA adapter (peft files, its llama.cpp form when the base
+# model is a GGUF, the training curves) or a batch inference job's completions.
+RESULT_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "metrics.json",
+    "adapter.gguf",
+    "completions.jsonl",
+)
+GGUF_ADAPTER_FILE = "adapter.gguf"
 WORKER_LOG = "worker.log"
 
 
@@ -38,7 +47,10 @@ def pack_result(job_directory: Path, archive: Path, dataset_sha256: str) -> str:
     staging = job_directory / "result"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    for name in RESULT_FILES:
+    present = [name for name in RESULT_FILES if (output_directory(job_directory) / name).is_file()]
+    if not {"adapter_model.safetensors", "completions.jsonl"} & set(present):
+        raise ValueError("the job left neither an adapter nor completions")
+    for name in present:
         source = output_directory(job_directory) / name
         if name == "metrics.json":
             # The spec inside names this node's own dataset path; the buyer knows it by its hash.

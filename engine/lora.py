@@ -29,6 +29,7 @@ from engine.jobs import InvalidJobError, LoraJobSpec
 from engine.records import CheckpointSaved, Completed, Progress, Record, Started
 
 logger = logging.getLogger(__name__)
+GGUF_ADAPTER_FILE = "adapter.gguf"  # the adapter for llama.cpp, beside peft's files
 METRICS_FILE = "metrics.json"
 
 
@@ -402,6 +403,8 @@ def train_lora(
             last_checkpoint_step = step
 
     checkpoints.save_adapter(model, output_dir)
+    if base_model.source.suffix == ".gguf":
+        _export_for_llama_cpp(output_dir, base_model.source)
     final_eval = history["eval_loss"][-1][1] if history["eval_loss"] else None
     completed = Completed(
         output_dir=str(output_dir),
@@ -421,6 +424,17 @@ def train_lora(
     }
     (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     return completed
+
+
+def _export_for_llama_cpp(output_dir: Path, base_gguf: Path) -> None:
+    """Write the adapter as a llama.cpp LoRA file too, so its fine-tuned model can be served. A failure
+    costs only that: the peft adapter, the job's result, stays good."""
+    from engine.gguf_adapter import AdapterExportError, export_lora_to_gguf
+
+    try:
+        export_lora_to_gguf(output_dir, base_gguf, output_dir / GGUF_ADAPTER_FILE)
+    except (AdapterExportError, OSError) as error:
+        logger.warning("the adapter could not be exported for llama.cpp, so it cannot be served: %s", error)
 
 
 @torch.no_grad()

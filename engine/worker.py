@@ -16,7 +16,7 @@ from typing import Literal, TextIO
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
-from engine.jobs import InvalidJobError, JobSpec
+from engine.jobs import InferenceJobSpec, InvalidJobError, JobSpec
 from engine.records import Failed, Log, Record
 
 
@@ -71,6 +71,9 @@ def _listen_for_commands(cancelled: threading.Event) -> None:
 
 
 def run(request: JobRequest, write: RecordWriter, cancelled: threading.Event) -> None:
+    if isinstance(request.spec, InferenceJobSpec):
+        run_inference(request, write, cancelled)
+        return
     # Imported here so a bad request is answered without paying for torch's import.
     from engine import devices, lora, resources
 
@@ -102,6 +105,32 @@ def run(request: JobRequest, write: RecordWriter, cancelled: threading.Event) ->
     except Exception as error:
         kind = "out_of_memory" if type(error).__name__ == "OutOfMemoryError" else "error"
         write(Failed(kind=kind, message=f"{type(error).__name__}: {error}", details=traceback.format_exc()))
+
+
+def run_inference(request: JobRequest, write: RecordWriter, cancelled: threading.Event) -> None:
+    from engine import inference, models
+
+    try:
+        spec = request.spec
+        assert isinstance(spec, InferenceJobSpec)
+        spec = spec.model_copy(update={"base_model": str(models.resolve_model_path(spec.base_model))})
+        pool = inference.ModelPool(max_models=1)
+        try:
+            write(
+                inference.run_batch(
+                    spec, request.output_dir, pool=pool, report=write, should_stop=cancelled.is_set
+                )
+            )
+        finally:
+            pool.close()
+    except InterruptedError as error:
+        write(Failed(kind="cancelled", message=str(error)))
+    except InvalidJobError as error:
+        write(Failed(kind="invalid_spec", message=str(error)))
+    except Exception as error:
+        write(
+            Failed(kind="error", message=f"{type(error).__name__}: {error}", details=traceback.format_exc())
+        )
 
 
 def main() -> None:
