@@ -33,10 +33,10 @@ def build_services(settings: Settings) -> Services:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     database = Database(settings.resolved_database_url)
     database.upgrade()
-    job_service = JobService(database, settings)
+    store = ArtifactStore(settings.artifacts_dir)
+    job_service = JobService(database, settings, store)
     metrics = Metrics()
     metrics.count_jobs_with(job_service.counts)
-    store = ArtifactStore(settings.artifacts_dir)
     inference = InferenceService(database, settings)
     return Services(
         settings=settings,

@@ -22,7 +22,9 @@ from coordinator.client import FINAL_STATES, SUCCESSFUL_STATES, SwarmClient, Swa
 from coordinator.protocol import format_credits
 from engine.jobs import (
     DEFAULT_MODEL,
+    InferenceJobSpec,
     LoraJobSpec,
+    Sampling,
     add_lora_options,
     describe_option_errors,
     lora_fields_from_options,
@@ -61,6 +63,12 @@ def register_commands(subcommands: argparse._SubParsersAction) -> None:
         description="Upload a file (resumable); the last line printed is its file id.",
     )
     upload.add_argument("file", type=Path, metavar="FILE")
+    upload.add_argument(
+        "--purpose",
+        choices=["dataset", "prompts"],
+        default="dataset",
+        help="dataset: fine-tuning examples (the default); prompts: a batch inference job's input",
+    )
     upload.set_defaults(handler=_command("upload", _upload))
 
     submit = subcommands.add_parser("submit", help="submit a job to the swarm")
@@ -88,6 +96,35 @@ def register_commands(subcommands: argparse._SubParsersAction) -> None:
     lora.add_argument("--follow", action="store_true", help="then follow the job until it ends")
     lora.set_defaults(handler=_command("submit lora", _submit_lora))
 
+    inference = kinds.add_parser(
+        "inference",
+        parents=[connection],
+        help="answer a JSONL of prompts with a model on the swarm",
+        description='Upload the prompts (when a local file is given: one {"messages": [...]} or '
+        '{"prompt": "..."} per line, with an optional "id"), submit a batch inference job and print '
+        "the most it can cost; the last line printed is the job id. `download` then gives "
+        "completions.jsonl, one answer per prompt, in order.",
+    )
+    inference.add_argument(
+        "--data",
+        required=True,
+        metavar="FILE_OR_FILE_ID",
+        help="a local JSONL file of prompts to upload, or the id of a prompts file already uploaded",
+    )
+    inference.add_argument(
+        "--model", default=None, help=f"a catalogue name or one of your ft: models (default: {DEFAULT_MODEL})"
+    )
+    inference.add_argument("--max-tokens", type=int, help="the longest answer, in tokens (default 256)")
+    inference.add_argument("--temperature", type=float, help="0 is greedy decoding (default 1.0)")
+    inference.add_argument("--top-p", type=float)
+    inference.add_argument("--seed", type=int, help="sampling seed; each line gets its own from it")
+    inference.add_argument(
+        "--stop", action="append", metavar="TEXT", help="end an answer at this text (up to 4 times)"
+    )
+    inference.add_argument("--max-attempts", type=int, help="how many nodes may try the job before it fails")
+    inference.add_argument("--follow", action="store_true", help="then follow the job until it ends")
+    inference.set_defaults(handler=_command("submit inference", _submit_inference))
+
     jobs = subcommands.add_parser("jobs", parents=[connection], help="list your jobs, newest first")
     jobs.add_argument("--state", choices=JOB_STATES)
     jobs.set_defaults(handler=_command("jobs", _list_jobs))
@@ -109,8 +146,8 @@ def register_commands(subcommands: argparse._SubParsersAction) -> None:
     download = subcommands.add_parser(
         "download",
         parents=[connection],
-        help="download a completed job's adapter",
-        description="Download, verify and unpack a completed job's adapter; the last line printed is "
+        help="download a completed job's result (an adapter, or a batch's completions)",
+        description="Download, verify and unpack a completed job's result; the last line printed is "
         "its directory. An interrupted download resumes when run again.",
     )
     download.add_argument("job_id", metavar="ID")
@@ -179,50 +216,86 @@ def _upload(arguments: argparse.Namespace) -> int:
     path: Path = arguments.file
     _require_file(path)
     with _client(arguments) as swarm:
-        uploaded = _upload_with_progress(swarm, path)
+        uploaded = _upload_with_progress(swarm, path, arguments.purpose)
     print(uploaded["id"])
     return 0
 
 
 def _submit_lora(arguments: argparse.Namespace) -> int:
     model = arguments.model or DEFAULT_MODEL
-    path = Path(arguments.data)
-    if path.exists():
-        _require_file(path)
-        dataset = None
-    elif _IDENTIFIER.match(arguments.data):
-        dataset = arguments.data
-    else:
-        raise UsageError(f"{arguments.data}: no such file (and not a file id)")
-    # Check everything this side can before spending time on an upload.
-    if arguments.max_attempts is not None and arguments.max_attempts < 1:
-        raise UsageError("--max-attempts: must be at least 1")
+    dataset = _local_file_or_id(arguments)
     try:
         spec = LoraJobSpec(
             base_model=model, dataset=dataset or _DATASET_PLACEHOLDER, **lora_fields_from_options(arguments)
         ).model_dump(mode="json", exclude_unset=True)
     except ValidationError as error:
         raise UsageError(f"invalid settings: {'; '.join(describe_option_errors(error))}") from None
+    return _submit(arguments, "lora", spec, dataset, price="price")
 
+
+def _submit_inference(arguments: argparse.Namespace) -> int:
+    model = arguments.model or DEFAULT_MODEL
+    dataset = _local_file_or_id(arguments)
+    sampling = {
+        name: value
+        for name, value in (
+            ("max_tokens", arguments.max_tokens),
+            ("temperature", arguments.temperature),
+            ("top_p", arguments.top_p),
+            ("seed", arguments.seed),
+            ("stop", tuple(arguments.stop) if arguments.stop else None),
+        )
+        if value is not None
+    }
+    try:
+        spec = InferenceJobSpec(
+            base_model=model, dataset=dataset or _DATASET_PLACEHOLDER, sampling=Sampling(**sampling)
+        ).model_dump(mode="json", exclude_none=True)
+    except ValidationError as error:
+        problems = [
+            f"--{str(problem['loc'][-1]).replace('_', '-')}: {problem['msg']}" for problem in error.errors()
+        ]
+        raise UsageError(f"invalid settings: {'; '.join(problems)}") from None
+    return _submit(arguments, "inference", spec, dataset, price="at most")
+
+
+def _local_file_or_id(arguments: argparse.Namespace) -> str | None:
+    """None when --data is a local file to upload, else the file id it gives; checks --max-attempts
+    too, so that everything this side can check is checked before an upload takes time."""
+    if arguments.max_attempts is not None and arguments.max_attempts < 1:
+        raise UsageError("--max-attempts: must be at least 1")
+    path = Path(arguments.data)
+    if path.exists():
+        _require_file(path)
+        return None
+    if _IDENTIFIER.match(arguments.data):
+        return arguments.data
+    raise UsageError(f"{arguments.data}: no such file (and not a file id)")
+
+
+def _submit(arguments: argparse.Namespace, kind: str, spec: dict, dataset: str | None, *, price: str) -> int:
+    model = spec["base_model"]
     with _client(arguments) as swarm:
         offered = [entry["name"] for entry in swarm.models()]
-        if model not in offered:
+        # Fine-tuned models are the buyer's own: the coordinator checks those when the job arrives.
+        if model not in offered and not (kind == "inference" and model.startswith("ft:")):
             offers = ", ".join(offered) or "nothing"
             raise UsageError(f"--model: {model!r} is not offered by this coordinator (it offers: {offers})")
         uploaded_now = dataset is None
+        purpose = "prompts" if kind == "inference" else "dataset"
         if dataset is None:
-            dataset = _upload_with_progress(swarm, path)["id"]
+            dataset = _upload_with_progress(swarm, Path(arguments.data), purpose)["id"]
         spec["dataset"] = dataset
+        submit = swarm.submit_inference if kind == "inference" else swarm.submit_lora
         try:
-            job = swarm.submit_lora(spec, max_attempts=arguments.max_attempts)
+            job = submit(spec, max_attempts=arguments.max_attempts)
         except SwarmError as error:
             if uploaded_now:  # no need to send the data again next time
-                error.args = (f"{error}; the dataset stays uploaded: retry with --data {dataset}",)
+                error.args = (f"{error}; the {purpose} file stays uploaded: retry with --data {dataset}",)
             raise
-        price = format_credits(job["price_micro"])
         print(
-            f"Submitted job {job['id']}: {model} on {arguments.data}, price {price} credits "
-            "(held in escrow until the job ends)",
+            f"Submitted job {job['id']}: {model} on {arguments.data}, {price} "
+            f"{format_credits(job['price_micro'])} credits (held in escrow until the job ends)",
             file=sys.stderr,
         )
         print(job["id"], flush=True)
@@ -269,8 +342,9 @@ def _show_job(arguments: argparse.Namespace) -> int:
 
 def _download(arguments: argparse.Namespace) -> int:
     _require_id(arguments.job_id)
-    directory: Path = arguments.output or Path("adapters") / arguments.job_id
     with _client(arguments) as swarm:
+        batch = _is_batch(swarm.job(arguments.job_id))
+        directory: Path = arguments.output or Path("results" if batch else "adapters") / arguments.job_id
         bar = _ByteProgress(f"job {arguments.job_id}")
         try:
             swarm.download_result(arguments.job_id, directory, progress=bar)
@@ -431,7 +505,14 @@ def describe_job(job: dict) -> str:
         else f"not started yet; up to {job['max_attempts']} attempts"
     )
     lines = [f"job {job['id']}: {job['state']} ({attempts})"]
-    if spec:
+    if _is_batch(job):
+        sampling = spec.get("sampling") or {}
+        lines.append(
+            f"  model:    {spec.get('base_model')}, batch inference, answers of up to "
+            f"{sampling.get('max_tokens', 256)} tokens at temperature {sampling.get('temperature', 1.0)}"
+        )
+        lines.append(f"  prompts:  {spec.get('dataset')}")
+    elif spec:
         length = (
             f"{spec['max_steps']} steps"
             if spec.get("max_steps")
@@ -443,7 +524,7 @@ def describe_job(job: dict) -> str:
     step, total, loss = _steps_and_loss(job)
     if total is not None:
         progress = job.get("progress") or {}
-        parts = [f"step {step}/{total}"]
+        parts = [f"{'prompt' if _is_batch(job) else 'step'} {step}/{total}"]
         if loss is not None:
             parts.append(f"loss {loss:.4f}")
         eval_loss = progress.get("eval_loss") or (job.get("metrics") or {}).get("eval_loss")
@@ -454,7 +535,13 @@ def describe_job(job: dict) -> str:
         if job["state"] not in FINAL_STATES and progress.get("eta_seconds") is not None:
             parts.append(f"about {_format_duration(progress['eta_seconds'])} left")
         lines.append(f"  progress: {', '.join(parts)}")
-    lines.append(f"  price:    {format_credits(job['price_micro'])} credits")
+    metrics = job.get("metrics") or {}
+    if metrics.get("completion_tokens") is not None:
+        lines.append(
+            f"  tokens:   {metrics.get('prompt_tokens')} prompt, {metrics['completion_tokens']} completion"
+        )
+    held = " held (the most it can cost)" if _is_batch(job) and job["state"] not in FINAL_STATES else ""
+    lines.append(f"  price:    {format_credits(job['price_micro'])} credits{held}")
     lines.append(f"  created:  {_format_time(job.get('created_at'))}")
     if job.get("finished_at"):
         lines.append(f"  finished: {_format_time(job['finished_at'])}")
@@ -466,6 +553,10 @@ def describe_job(job: dict) -> str:
 
 
 # ---- formatting
+
+
+def _is_batch(job: dict) -> bool:
+    return (job.get("spec") or {}).get("type") == "inference"
 
 
 def _steps_and_loss(job: dict) -> tuple[int | None, int | None, float | None]:
@@ -528,10 +619,10 @@ def _require_file(path: Path) -> None:
         raise UsageError(f"{path}: not a file")
 
 
-def _upload_with_progress(swarm: SwarmClient, path: Path) -> dict:
+def _upload_with_progress(swarm: SwarmClient, path: Path, purpose: str = "dataset") -> dict:
     bar = _ByteProgress(path.name)
     try:
-        uploaded = swarm.upload_file(path, progress=bar)
+        uploaded = swarm.upload_file(path, purpose=purpose, progress=bar)
     finally:
         bar.close()
     lines = f", {uploaded['lines']} lines" if uploaded.get("lines") is not None else ""

@@ -470,9 +470,19 @@ class SwarmClient(_CoordinatorSession):
     def submit_lora(self, spec: dict | BaseModel, *, max_attempts: int | None = None) -> dict:
         """Submit a LoRA job; `spec` holds LoraJobSpec fields with `dataset` set to a file id and
         `base_model` to a catalogue name. The price is held in escrow; returns the `Job`."""
+        return self._submit("lora", spec, max_attempts)
+
+    def submit_inference(self, spec: dict | BaseModel, *, max_attempts: int | None = None) -> dict:
+        """Submit a batch inference job; `spec` holds InferenceJobSpec fields with `dataset` set to the
+        id of a file uploaded with purpose "prompts" and `base_model` to a catalogue name or one of
+        your `ft:` models. Its most possible price is held in escrow and what it does not use comes
+        back; the result (`download_result`) holds completions.jsonl, one answer per prompt."""
+        return self._submit("inference", spec, max_attempts)
+
+    def _submit(self, kind: str, spec: dict | BaseModel, max_attempts: int | None) -> dict:
         if isinstance(spec, BaseModel):
-            spec = spec.model_dump(mode="json")
-        body: dict[str, Any] = {"spec": {"type": "lora", **spec}}
+            spec = spec.model_dump(mode="json", exclude_none=True)
+        body: dict[str, Any] = {"spec": {**spec, "type": kind}}
         if max_attempts is not None:
             body["max_attempts"] = max_attempts
         dataset = spec.get("dataset")
@@ -516,8 +526,8 @@ class SwarmClient(_CoordinatorSession):
     def download_result(
         self, job_id: str, directory: str | os.PathLike, *, progress: Progress | None = None
     ) -> Path:
-        """Download a completed job's adapter, verify it and unpack it into `directory` (which must
-        not exist or be empty). An interrupted download resumes where it stopped when called again."""
+        """Download a completed job's result (a LoRA job's adapter, a batch's completions.jsonl), verify
+        it and unpack it into `directory` (which must not exist or be empty). An interrupted download resumes where it stopped when called again."""
         directory = Path(directory)
         job = self.job(job_id)
         if job["state"] not in SUCCESSFUL_STATES:

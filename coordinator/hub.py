@@ -19,7 +19,14 @@ from coordinator.inference import InferenceService, Relay
 from coordinator.jobs import Grant, JobService, Revocation
 from coordinator.metrics import Metrics
 from coordinator.protocol import CloseCode
-from coordinator.scheduler import InferenceCandidate, NodeSnapshot, node_snapshot, plan
+from coordinator.scheduler import (
+    Assignment,
+    InferenceCandidate,
+    NodeSnapshot,
+    QueuedJob,
+    node_snapshot,
+    plan,
+)
 from coordinator.settings import Settings
 
 logger = logging.getLogger("coordinator.hub")
@@ -290,22 +297,22 @@ class Hub:
     async def dispatch_once(self) -> int:
         if not self._free:
             return 0
-        queued = await asyncio.to_thread(self.service.queued, min(len(self._free), 5000))
+        # A few more than there are free nodes, so that jobs no free node can take (a batch with no
+        # node serving inference, a job every free node refused) do not hide the ones behind them.
+        queued = await asyncio.to_thread(self.service.queued, min(len(self._free) + 64, 5000))
         if not queued:
             return 0
-        # Plan over a sample of the free nodes first (the longest free, a few per job), then over all
-        # of them for the jobs the sample could not place (large jobs wanting a particular node).
         free = [connection.snapshot for connection in self._free.values() if connection.snapshot is not None]
-        sample = free[: max(256, 4 * len(queued))]
-        assignments = plan(queued, sample, allowed_backends=self.settings.allowed_backends)
-        if len(assignments) < len(queued) and len(sample) < len(free):
-            placed = {assignment.job_id for assignment in assignments}
+        assignments = self._plan([job for job in queued if not job.inference], free)
+        batches = [job for job in queued if job.inference]
+        if batches:
             busy = {assignment.node_id for assignment in assignments}
-            assignments += plan(
-                [job for job in queued if job.job_id not in placed],
-                [snapshot for snapshot in free if snapshot.node_id not in busy],
-                allowed_backends=self.settings.allowed_backends,
-            )
+            serving = [
+                snapshot
+                for snapshot in free
+                if snapshot.node_id in self._serving and snapshot.node_id not in busy
+            ]
+            assignments += self._plan(batches, serving)
         # Leased and sent in batches: the first nodes get their jobs while later batches commit.
         granted = 0
         for start in range(0, len(assignments), LEASE_BATCH):
@@ -316,6 +323,23 @@ class Hub:
             await asyncio.gather(*(self._deliver(grant) for grant in grants))
             granted += len(grants)
         return granted
+
+    def _plan(self, queued: list[QueuedJob], free: list[NodeSnapshot]) -> list[Assignment]:
+        """Plan over a sample of the free nodes first (the longest free, a few per job), then over all
+        of them for the jobs the sample could not place (large jobs wanting a particular node)."""
+        if not queued or not free:
+            return []
+        sample = free[: max(256, 4 * len(queued))]
+        assignments = plan(queued, sample, allowed_backends=self.settings.allowed_backends)
+        if len(assignments) < len(queued) and len(sample) < len(free):
+            placed = {assignment.job_id for assignment in assignments}
+            busy = {assignment.node_id for assignment in assignments}
+            assignments += plan(
+                [job for job in queued if job.job_id not in placed],
+                [snapshot for snapshot in free if snapshot.node_id not in busy],
+                allowed_backends=self.settings.allowed_backends,
+            )
+        return assignments
 
     async def _deliver(self, grant: Grant) -> None:
         connection = self.connections.get(grant.node_id)

@@ -20,6 +20,7 @@ from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field
 
 from sqlalchemy import select
+from sqlalchemy.orm import Session
 
 from coordinator import ledger, pricing, protocol
 from coordinator.database import Database
@@ -64,6 +65,41 @@ def fine_tuned_model_id(job: Job) -> str:
     return f"{FINE_TUNED_PREFIX}{job.base_model}:{job.model_suffix or 'swarm'}:{job.id}"
 
 
+def resolve_model(session: Session, buyer_id: str, model_id: str) -> ServedModel:
+    """The model a buyer names: a catalogue model, or one of their own fine-tuned models that has a
+    llama.cpp adapter. Raises InferenceError (404) for anything else, another buyer's model included."""
+    if model_id in CATALOGUE:
+        return ServedModel(model_id, CATALOGUE[model_id])
+    unknown = InferenceError(
+        f"The model '{model_id}' does not exist or you do not have access to it.", 404, "model_not_found"
+    )
+    if not model_id.startswith(FINE_TUNED_PREFIX):
+        raise unknown
+    job = session.get(Job, model_id.rsplit(":", 1)[-1])
+    if job is None or job.buyer_id != buyer_id or job.kind != "lora" or fine_tuned_model_id(job) != model_id:
+        raise unknown
+    if job.state != COMPLETED:
+        raise InferenceError(
+            f"The model '{model_id}' is not ready: its fine-tuning job is {job.state}.",
+            404,
+            "model_not_found",
+        )
+    if job.result_gguf_sha256 is None or job.base_model not in CATALOGUE:
+        raise InferenceError(
+            f"The model '{model_id}' cannot be served: its adapter has no llama.cpp (GGUF) form.",
+            404,
+            "model_not_found",
+        )
+    artifact = session.get(Artifact, job.result_gguf_sha256)
+    return ServedModel(
+        model_id,
+        CATALOGUE[job.base_model],
+        job.result_gguf_sha256,
+        artifact.size if artifact is not None else 0,
+        job.finished_at or 0,
+    )
+
+
 @dataclass(frozen=True)
 class Usage:
     prompt_tokens: int
@@ -103,38 +139,8 @@ class InferenceService:
         ]
 
     def resolve(self, buyer_id: str, model_id: str) -> ServedModel:
-        if model_id in CATALOGUE:
-            return ServedModel(model_id, CATALOGUE[model_id])
-        unknown = InferenceError(
-            f"The model '{model_id}' does not exist or you do not have access to it.", 404, "model_not_found"
-        )
-        if not model_id.startswith(FINE_TUNED_PREFIX):
-            raise unknown
-        job_id = model_id.rsplit(":", 1)[-1]
         with self.database.reading() as session:
-            job = session.get(Job, job_id)
-            if job is None or job.buyer_id != buyer_id or fine_tuned_model_id(job) != model_id:
-                raise unknown
-            if job.state != COMPLETED:
-                raise InferenceError(
-                    f"The model '{model_id}' is not ready: its fine-tuning job is {job.state}.",
-                    404,
-                    "model_not_found",
-                )
-            if job.result_gguf_sha256 is None or job.base_model not in CATALOGUE:
-                raise InferenceError(
-                    f"The model '{model_id}' cannot be served: its adapter has no llama.cpp (GGUF) form.",
-                    404,
-                    "model_not_found",
-                )
-            artifact = session.get(Artifact, job.result_gguf_sha256)
-        return ServedModel(
-            model_id,
-            CATALOGUE[job.base_model],
-            job.result_gguf_sha256,
-            artifact.size if artifact is not None else 0,
-            job.finished_at or 0,
-        )
+            return resolve_model(session, buyer_id, model_id)
 
     def open(self, buyer_id: str, model: ServedModel, *, max_tokens: int, prompt_bound: int) -> str:
         """Record the request and hold its highest price; raises InferenceError (402) without credit."""

@@ -18,8 +18,10 @@ from pydantic import ValidationError
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from coordinator import ledger, lifecycle, pricing, protocol
+from coordinator import batch, ledger, lifecycle, pricing, protocol
+from coordinator.artifacts import ArtifactStore
 from coordinator.database import Database
+from coordinator.inference import InferenceError, resolve_model
 from coordinator.lifecycle import (
     CANCELLED,
     COMPLETED,
@@ -30,10 +32,10 @@ from coordinator.lifecycle import (
     QUEUED,
     RUNNING,
 )
-from coordinator.scheduler import QueuedJob, required_memory_bytes
+from coordinator.scheduler import QueuedJob, inference_memory_bytes, required_memory_bytes
 from coordinator.settings import Settings
 from coordinator.tables import Buyer, File, Job, JobEvent, Node, Upload
-from engine.jobs import CATALOGUE, parse_job_spec
+from engine.jobs import CATALOGUE, InferenceJobSpec, LoraJobSpec, parse_job_spec
 
 
 class JobError(Exception):
@@ -68,15 +70,17 @@ def new_lease_id() -> str:
 
 
 class JobService:
-    def __init__(self, database: Database, settings: Settings):
+    def __init__(self, database: Database, settings: Settings, store: ArtifactStore | None = None):
         self.database = database
         self.settings = settings
+        self.store = store or ArtifactStore(settings.artifacts_dir)
 
     # ---- buyers
 
     def submit(
         self, buyer_id: str, spec_data: Any, max_attempts: int | None, *, model_suffix: str | None = None
     ) -> Job:
+        """Queue a LoRA fine-tune (the default type) or a batch inference job, holding its price."""
         if not isinstance(spec_data, dict):
             raise JobError("spec must be a JSON object", 422)
         spec_data = {"type": "lora", **spec_data}
@@ -84,8 +88,9 @@ class JobService:
             spec = parse_job_spec(spec_data)
         except ValidationError as error:
             raise JobError(_describe(error), 422) from None
-        model = CATALOGUE.get(spec.base_model)
-        if model is None:
+        if isinstance(spec, InferenceJobSpec) and spec.adapter is not None:
+            raise JobError("adapter is chosen by the model: give base_model an ft: model id instead", 422)
+        if isinstance(spec, LoraJobSpec) and spec.base_model not in CATALOGUE:
             raise JobError(
                 f"unknown base_model {spec.base_model!r}; this coordinator offers: {', '.join(sorted(CATALOGUE))}",
                 422,
@@ -93,6 +98,7 @@ class JobService:
         attempts = max_attempts if max_attempts is not None else self.settings.default_max_attempts
         if not 1 <= attempts <= 20:
             raise JobError("max_attempts must be between 1 and 20", 422)
+        purpose = "prompts" if isinstance(spec, InferenceJobSpec) else "dataset"
         now = time.time()
         with self.database.transaction() as session:
             # One submission at a time per buyer reads and spends the balance (PostgreSQL runs
@@ -100,30 +106,47 @@ class JobService:
             # first, before the job row's foreign key takes a weaker lock on it.
             session.scalar(select(Buyer.id).where(Buyer.id == buyer_id).with_for_update())
             dataset = session.get(File, spec.dataset)
-            if dataset is None or dataset.buyer_id != buyer_id or dataset.purpose != "dataset":
+            if dataset is None or dataset.buyer_id != buyer_id or dataset.purpose != purpose:
                 raise JobError(
-                    f"no file {spec.dataset!r}: upload the dataset first and give its file id", 422
+                    f"no {purpose} file {spec.dataset!r}: upload it with purpose {purpose!r} first and give its file id",
+                    422,
                 )
-            try:
-                price = pricing.price_micro(spec, model, dataset.lines)
-            except ValueError as error:
-                raise JobError(str(error), 422) from None
+            adapter_sha256 = None
+            if isinstance(spec, InferenceJobSpec):
+                try:
+                    served = resolve_model(session, buyer_id, spec.base_model)
+                except InferenceError as error:
+                    raise JobError(str(error), 422) from None
+                model, adapter_sha256 = served.base, served.adapter_sha256
+                price = batch.hold_micro(model, spec, dataset.size, dataset.lines)
+                memory = inference_memory_bytes(model, served.adapter_size)
+                memory_16bit = memory
+            else:
+                model = CATALOGUE[spec.base_model]
+                try:
+                    price = pricing.price_micro(spec, model, dataset.lines)
+                except ValueError as error:
+                    raise JobError(str(error), 422) from None
+                memory = required_memory_bytes(spec, model, backend="cpu")
+                memory_16bit = required_memory_bytes(spec, model, backend="cuda")
             job = Job(
                 id=_new_job_id(),
                 buyer_id=buyer_id,
                 kind=spec.type,
-                spec=spec.model_dump(mode="json"),
-                base_model=spec.base_model,
+                spec=spec.model_dump(mode="json", exclude_none=isinstance(spec, InferenceJobSpec)),
+                base_model=model.name,
                 dataset_sha256=dataset.sha256,
                 dataset_size=dataset.size,
-                required_memory_bytes=required_memory_bytes(spec, model, backend="cpu"),
-                required_memory_bytes_16bit=required_memory_bytes(spec, model, backend="cuda"),
+                dataset_lines=dataset.lines,
+                required_memory_bytes=memory,
+                required_memory_bytes_16bit=memory_16bit,
                 price_micro=price,
                 state=QUEUED,
                 attempt=0,
                 max_attempts=attempts,
                 queued_at=now,
                 excluded_nodes=[],
+                input_adapter_sha256=adapter_sha256,
                 model_suffix=model_suffix,
                 created_at=now,
                 updated_at=now,
@@ -165,6 +188,7 @@ class JobService:
                     Job.required_memory_bytes_16bit,
                     Job.queued_at,
                     Job.excluded_nodes,
+                    Job.kind,
                 )
                 .where(Job.state == QUEUED)
                 .order_by(Job.queued_at)
@@ -178,6 +202,7 @@ class JobService:
                 required_memory_bytes_16bit=row.required_memory_bytes_16bit,
                 queued_at=row.queued_at,
                 excluded_nodes=frozenset(row.excluded_nodes or ()),
+                inference=row.kind == "inference",
             )
             for row in rows
         ]
@@ -211,8 +236,9 @@ class JobService:
         return grants
 
     def _lease_message(self, job: Job) -> protocol.Lease:
-        # The node receives the dataset as an artifact to fetch: never the buyer's file id or name.
-        spec = {**job.spec, "dataset": job.dataset_sha256}
+        # The node receives the dataset (and a fine-tuned model's adapter) as artifacts to fetch: never
+        # the buyer's file id, name or model id.
+        spec = {**job.spec, "base_model": job.base_model, "dataset": job.dataset_sha256}
         return protocol.Lease(
             job_id=job.id,
             lease_id=job.lease_id,
@@ -223,6 +249,7 @@ class JobService:
             dataset_size=job.dataset_size,
             checkpoint_sha256=job.checkpoint_sha256,
             checkpoint_step=job.checkpoint_step,
+            adapter_sha256=job.input_adapter_sha256,
             lease_seconds=self.settings.lease_seconds,
         )
 
@@ -345,11 +372,16 @@ class JobService:
             return _ack(report, "checkpoint", True, job.state)
 
     def result(self, node_id: str, report: protocol.JobResult) -> protocol.Acknowledged:
+        # A batch's completions are read before the transaction: reading a file must not hold the
+        # write lock. The archive is content-addressed, so what is read is what the report names.
+        usage, usage_problem = self._batch_usage(report)
         with self.database.transaction() as session:
             job = self._current(session, node_id, report.job_id, report.lease_id)
             if job is None:
                 return self._stale(session, report, "result")
-            problem = _check_result(session, node_id, job, report)
+            problem = _check_result(session, node_id, job, report) or (
+                usage_problem if job.kind == "inference" else None
+            )
             if problem:
                 return _ack(report, "result", False, job.state, problem)
             job.result_sha256 = report.sha256
@@ -361,13 +393,51 @@ class JobService:
                 "train_tokens": report.train_tokens,
                 "seconds": report.seconds,
             }
+            if job.kind == "inference":
+                assert usage is not None
+                held = job.price_micro
+                job.price_micro = batch.price_micro(CATALOGUE[job.base_model], usage, held)
+                job.metrics |= {
+                    "prompt_tokens": usage.prompt_tokens,
+                    "completion_tokens": usage.completion_tokens,
+                }
+                _record(
+                    session,
+                    job,
+                    f"{usage.prompt_tokens} prompt and {usage.completion_tokens} completion tokens: "
+                    f"{ledger.format_credits(job.price_micro)} of the {ledger.format_credits(held)} credits held",
+                )
             node_share, fee = pricing.split_payment(job.price_micro, self.settings.platform_fee_basis_points)
-            ledger.charge(session, job.id, node_id, node_share, fee)
+            # A batch held its most possible price: what it did not use goes back to the buyer.
+            refund_to = job.buyer_id if job.kind == "inference" else None
+            ledger.charge(session, job.id, node_id, node_share, fee, buyer_id=refund_to)
             node = session.get(Node, node_id)
             if node is not None:
                 node.jobs_completed += 1
             self._finish(session, job, COMPLETED, f"completed on {node_id}", refund=False)
             return _ack(report, "result", True, job.state)
+
+    def _batch_usage(self, report: protocol.JobResult) -> tuple[batch.BatchUsage | None, str | None]:
+        """For a batch inference job's result: the tokens it is charged for, or why it cannot count."""
+        with self.database.reading() as session:
+            job = session.get(Job, report.job_id)
+            if job is None or job.kind != "inference":
+                return None, None
+            spec = parse_job_spec(job.spec)
+            assert isinstance(spec, InferenceJobSpec)
+            max_tokens, lines, dataset_size = spec.sampling.max_tokens, job.dataset_lines, job.dataset_size
+        if not self.store.has(report.sha256):
+            return None, "upload the result for this lease before reporting it"
+        try:
+            usage = batch.count_usage(
+                self.store.blob_path(report.sha256),
+                lines=lines or 0,
+                max_tokens=max_tokens,
+                dataset_bytes=dataset_size,
+            )
+        except batch.BatchResultError as error:
+            return None, str(error)
+        return usage, None
 
     def failure(self, node_id: str, report: protocol.JobFailure) -> protocol.Acknowledged:
         with self.database.transaction() as session:
@@ -389,7 +459,7 @@ class JobService:
             )
 
     def may_download(self, node_id: str, sha256: str) -> bool:
-        """A node reads only the dataset and checkpoint of a job it holds now."""
+        """A node reads only the inputs (dataset, checkpoint, adapter) of a job it holds now."""
         with self.database.reading() as session:
             return (
                 session.scalar(
@@ -398,7 +468,9 @@ class JobService:
                     .where(
                         Job.node_id == node_id,
                         Job.state.in_(HELD_STATES),
-                        (Job.dataset_sha256 == sha256) | (Job.checkpoint_sha256 == sha256),
+                        (Job.dataset_sha256 == sha256)
+                        | (Job.checkpoint_sha256 == sha256)
+                        | (Job.input_adapter_sha256 == sha256),
                     )
                 )
                 > 0
@@ -501,6 +573,8 @@ def _check_result(session: Session, node_id: str, job: Job, report: protocol.Job
     problem = _check_upload(session, node_id, job, "result", report.sha256)
     if not problem and report.gguf_sha256 is not None:
         problem = _check_upload(session, node_id, job, "adapter", report.gguf_sha256)
+    if not problem and job.kind == "inference" and report.gguf_sha256 is not None:
+        problem = "a batch inference job delivers completions, not an adapter"
     if problem:
         return problem
     # Work the coordinator can check: a fixed-length job takes exactly its steps, and no job ends

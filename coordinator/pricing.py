@@ -139,8 +139,12 @@ def inference_price_micro(
     return max(1, _ceiling_division(work, TOKEN_PARAMETERS_PER_UNIT))
 
 
+# What a chat template adds around a prompt at most, its default system prompt included.
+PROMPT_TEMPLATE_TOKENS = 64
+
+
 def prompt_token_bound(text_bytes: int, messages: int) -> int:
     """The most tokens a prompt can take: a BPE token covers at least one byte of text, and a chat
     template adds its markers and a default system prompt (SmolLM2's is 20 tokens) around the messages.
     A node's own count is charged only up to this, since the coordinator has no tokenizer to check it."""
-    return text_bytes + 64 + 16 * messages
+    return text_bytes + PROMPT_TEMPLATE_TOKENS + 16 * messages

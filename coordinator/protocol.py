@@ -13,7 +13,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
 from engine.jobs import ChatMessage, Sampling
 
-PROTOCOL_VERSION = 2
+# 3: a lease may bring a llama.cpp adapter to fetch (batch inference with a fine-tuned model).
+PROTOCOL_VERSION = 3
 
 JobId = NewType("JobId", str)
 LeaseId = NewType("LeaseId", str)
@@ -239,7 +240,8 @@ class Welcome(_Message):
 
 class Lease(_Message):
     """Run this job. The spec's `dataset` is replaced by the artifact to fetch; `base_model` is always a
-    catalogue name. Resume from the checkpoint artifact when one is given."""
+    catalogue name, and `adapter` is never sent (the node fetches adapter_sha256). Resume from the
+    checkpoint artifact when one is given."""
 
     type: Literal["lease"] = "lease"
     job_id: Identifier
@@ -251,6 +253,8 @@ class Lease(_Message):
     dataset_size: int = Field(ge=0)
     checkpoint_sha256: Sha256 | None = None
     checkpoint_step: int = 0
+    # A batch inference job with a fine-tuned model: its llama.cpp LoRA adapter, as an artifact.
+    adapter_sha256: Sha256 | None = None
     lease_seconds: float
 
 

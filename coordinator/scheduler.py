@@ -30,6 +30,8 @@ class QueuedJob:
     excluded_nodes: frozenset[str] = frozenset()  # nodes that already said it does not fit
     # Free memory a CUDA/ROCm node needs, which trains in 16 bits and so needs less; None: the above.
     required_memory_bytes_16bit: int | None = None
+    # A batch inference job: only nodes that serve inference (llama.cpp installed) may take it.
+    inference: bool = False
 
 
 @dataclass(frozen=True)

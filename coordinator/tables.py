@@ -112,6 +112,8 @@ class Job(Base):
     base_model: Mapped[str] = mapped_column(String(100))
     dataset_sha256: Mapped[str] = mapped_column(String(64))
     dataset_size: Mapped[int] = mapped_column(BigInteger)
+    # Its examples or prompts, counted at upload: a batch must deliver one answer for each.
+    dataset_lines: Mapped[int | None] = mapped_column(Integer, nullable=True)
     # Free memory a node needs: training in fp32 (CPU, Apple) and in 16 bits (CUDA/ROCm).
     required_memory_bytes: Mapped[int] = mapped_column(BigInteger)
     required_memory_bytes_16bit: Mapped[int] = mapped_column(BigInteger)

@@ -34,7 +34,7 @@ from desktop.messages import (
     spec_for_lease,
 )
 from desktop.workspace import Workspace
-from engine.jobs import LoraJobSpec
+from engine.jobs import InferenceJobSpec, JobSpec
 from engine.records import CheckpointSaved, Completed, Failed, Log, Progress, Record, Started
 
 logger = logging.getLogger(__name__)
@@ -52,7 +52,7 @@ class JobStatus:
     lease_id: str
     attempt: int
     max_attempts: int
-    phase: Literal["downloading", "training", "uploading"] = "downloading"
+    phase: Literal["downloading", "training", "generating", "uploading"] = "downloading"
     step: int = 0
     total_steps: int = 0
     loss: float | None = None
@@ -93,7 +93,7 @@ class JobHost:
     spawn: Callable[[Coroutine[Any, Any, Any], str], asyncio.Task]  # a task the agent cancels on exit
 
 
-def job_runner(spec: LoraJobSpec, output_dir: Path, *, resume_from: Path | None, device: str | None) -> Any:
+def job_runner(spec: JobSpec, output_dir: Path, *, resume_from: Path | None, device: str | None) -> Any:
     from engine.runner import JobRunner
 
     return JobRunner(spec, output_dir, resume_from=resume_from, device=device)
@@ -168,8 +168,8 @@ class JobRun:
             try:
                 # Refused before downloading anything.
                 spec_for_lease(lease, self._host.workspace.artifact_path(lease.dataset_sha256))
-                dataset, resume_from = await self._fetch_inputs()
-                spec = spec_for_lease(lease, dataset)
+                dataset, resume_from, adapter = await self._fetch_inputs()
+                spec = spec_for_lease(lease, dataset, adapter)
             except InvalidLease as error:
                 await self._report_early_failure("invalid_spec", str(error))
                 return
@@ -213,7 +213,8 @@ class JobRun:
 
     # ---- transfers
 
-    async def _fetch_inputs(self) -> tuple[Path, Path | None]:
+    async def _fetch_inputs(self) -> tuple[Path, Path | None, Path | None]:
+        """The dataset, the checkpoint unpacked to resume from, and a batch's llama.cpp adapter."""
         lease = self.lease
         await asyncio.to_thread(self._host.workspace.clear_job_directory, self.directory)
         dataset = await self._retrying(
@@ -222,8 +223,17 @@ class JobRun:
             DOWNLOAD_ATTEMPTS,
             download=True,
         )
+        adapter = None
+        if lease.adapter_sha256 is not None:
+            adapter_sha256 = lease.adapter_sha256
+            adapter = await self._retrying(
+                "download the adapter",
+                lambda: self._fetch_artifact(adapter_sha256),
+                DOWNLOAD_ATTEMPTS,
+                download=True,
+            )
         if lease.checkpoint_sha256 is None:
-            return dataset, None
+            return dataset, None, adapter
         checkpoint_sha256 = lease.checkpoint_sha256
         archive = await self._retrying(
             "download the checkpoint",
@@ -240,11 +250,11 @@ class JobRun:
             # Unlike a dataset, a checkpoint is never fetched twice: a later lease brings a newer one.
             with contextlib.suppress(OSError):
                 archive.unlink()
-        return dataset, resume_from
+        return dataset, resume_from, adapter
 
     def _fetch_artifact(self, sha256: str) -> Path:
         """Thread: the artifact from the cache, downloaded into it when it is not there."""
-        keep = (self.lease.dataset_sha256, self.lease.checkpoint_sha256)
+        keep = (self.lease.dataset_sha256, self.lease.checkpoint_sha256, self.lease.adapter_sha256)
         return self._host.workspace.fetch_artifact(sha256, self._host.client.download_artifact, keep)
 
     async def _retrying(
@@ -277,7 +287,7 @@ class JobRun:
 
     # ---- training
 
-    async def _train(self, spec: LoraJobSpec, resume_from: Path | None) -> None:
+    async def _train(self, spec: JobSpec, resume_from: Path | None) -> None:
         runner = self._host.runner_factory(
             spec, self.output_dir, resume_from=resume_from, device=self._host.device
         )
@@ -289,7 +299,8 @@ class JobRun:
             name=f"records-{self.lease.job_id}",
             daemon=True,
         ).start()
-        self._set_status(phase="training", step=self.lease.checkpoint_step)
+        phase = "generating" if isinstance(spec, InferenceJobSpec) else "training"
+        self._set_status(phase=phase, step=self.lease.checkpoint_step)
         while (record := await records.get()) is not None:
             await self._handle_record(record)
 

@@ -22,7 +22,7 @@ from coordinator import protocol
 from coordinator.client import SwarmError
 from desktop import token_store
 from engine.devices import DeviceInventory
-from engine.jobs import CATALOGUE, LoraJobSpec, parse_job_spec
+from engine.jobs import CATALOGUE, InferenceJobSpec, JobSpec, parse_job_spec
 from engine.records import Completed, Progress
 
 logger = logging.getLogger(__name__)
@@ -189,22 +189,31 @@ class InvalidLease(Exception):
     """A lease this node must not run as sent; reported as an invalid_spec failure."""
 
 
-def spec_for_lease(lease: protocol.Lease, dataset: Path) -> LoraJobSpec:
-    """The job spec to run: the lease's settings with `dataset` pointing at the node's own copy of the
-    dataset artifact. Only catalogue base models are accepted: a path from the coordinator never is."""
+def spec_for_lease(lease: protocol.Lease, dataset: Path, adapter: Path | None = None) -> JobSpec:
+    """The job spec to run: the lease's settings with `dataset` (and a batch's `adapter`) pointing at
+    the node's own copies of the artifacts. Only catalogue base models are accepted, and no adapter but
+    the one fetched here: a path from the coordinator never is."""
     base_model = lease.spec.get("base_model")
     if not isinstance(base_model, str) or base_model not in CATALOGUE:
         raise InvalidLease(
             f"base model {base_model!r} is not in this node's catalogue ({', '.join(sorted(CATALOGUE))})"
         )
+    if "adapter" in lease.spec:
+        raise InvalidLease("the lease names an adapter file; a node only runs adapters it fetched itself")
+    local = {"dataset": str(dataset)}
+    if adapter is not None:
+        local["adapter"] = str(adapter)
     try:
-        return parse_job_spec({**lease.spec, "dataset": str(dataset)})
+        spec = parse_job_spec({**lease.spec, **local})
     except ValidationError as error:
         problems = "; ".join(
             f"{'.'.join(str(part) for part in problem['loc']) or 'spec'}: {problem['msg']}"
             for problem in error.errors()
         )
         raise InvalidLease(f"invalid job spec: {problems}"[:4000]) from None
+    if lease.adapter_sha256 is not None and not isinstance(spec, InferenceJobSpec):
+        raise InvalidLease("only a batch inference job runs on an adapter")
+    return spec
 
 
 def progress_message(lease: protocol.Lease, record: Progress) -> protocol.JobProgress:

@@ -3,14 +3,17 @@ and a real node serving SmolLM2 with llama-cpp-python on loopback, fine-tuning i
 
 from __future__ import annotations
 
+import json
+import threading
 import time
 from pathlib import Path
 
 import pytest
 
-from coordinator.client import SwarmClient
-from tests.coordinator.test_node_socket import check_ledger
-from tests.swarm_processes import Coordinator, Node, wait_for
+from coordinator.client import FINAL_STATES, SwarmClient
+from tests.conftest import write_jsonl
+from tests.coordinator.test_node_socket import TELEMETRY, ScriptedNode, check_ledger
+from tests.swarm_processes import Coordinator, Node, run_cli, wait_for
 
 openai = pytest.importorskip("openai")
 pytest.importorskip("llama_cpp")
@@ -44,8 +47,14 @@ def ask(client: openai.OpenAI, model: str, question: str) -> str:
     return answer.choices[0].message.content
 
 
+def read_completions(account: SwarmClient, job_id: str, directory: Path) -> list[dict]:
+    account.download_result(job_id, directory)
+    return [json.loads(line) for line in (directory / "completions.jsonl").read_text().splitlines()]
+
+
 def test_a_buyer_serves_and_fine_tunes_with_the_official_client(swarm):
-    client = client_for(swarm, swarm.create_buyer("openai-buyer", "20"))
+    api_key = swarm.create_buyer("openai-buyer", "20")
+    client = client_for(swarm, api_key)
     assert [model.id for model in client.models.list()] == [MODEL]
 
     # A streamed chat: pieces arrive one by one, then the usage.
@@ -105,6 +114,26 @@ def test_a_buyer_serves_and_fine_tunes_with_the_official_client(swarm):
     tuned, base = ask(client, finished.fine_tuned_model, question), ask(client, MODEL, question)
     assert tuned and tuned != base
 
+    # The fine-tuned model answers a batch job too (the node fetches its adapter for the lease), with
+    # the same greedy answer as the live request on the same machine.
+    account = SwarmClient(swarm.url, api_key)
+    prompts = write_jsonl(
+        swarm.data_dir / "peru.jsonl", [{"messages": [{"role": "user", "content": question}]}]
+    )
+    batch = account.submit_inference(
+        {
+            "base_model": finished.fine_tuned_model,
+            "dataset": account.upload_file(prompts, purpose="prompts")["id"],
+            "sampling": {"max_tokens": 24, "temperature": 0.0},
+        }
+    )
+    batch = wait_for(
+        lambda: (job := account.job(batch["id"]))["state"] in FINAL_STATES and job, 300, "the batch"
+    )
+    assert batch["state"] == "completed", batch
+    answers = read_completions(account, batch["id"], swarm.data_dir / "peru-answers")
+    assert [answer["message"]["content"] for answer in answers] == [tuned]
+
     # Bad requests get OpenAI's error shapes.
     with pytest.raises(openai.NotFoundError):
         ask(client, f"ft:{MODEL}:peru:job_0000000000000000", question)
@@ -141,3 +170,96 @@ def test_a_node_killed_mid_stream_ends_the_stream_with_an_error_and_a_refund(swa
     assert wait_for(
         lambda: account.balance() == {"available_micro": before, "escrow_micro": 0}, 10, "the refund"
     )
+
+
+def test_a_batch_of_prompts_is_answered_on_the_swarm_and_charged_by_its_tokens(swarm, tmp_path):
+    api_key = swarm.create_buyer("batch-buyer", "5")
+    account = SwarmClient(swarm.url, api_key)
+    environment = {"SWARM_COORDINATOR": swarm.url, "SWARM_API_KEY": api_key}
+    prompts = write_jsonl(
+        tmp_path / "prompts.jsonl",
+        [
+            {"id": "colours", "messages": [{"role": "user", "content": "Name three colours."}]},
+            "",
+            {"id": "france", "prompt": "The capital of France is"},
+        ],
+    )
+
+    # A prompts file is checked line by line at upload, and a fine-tuning dataset is not a prompts file.
+    bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "fine"}, {"messages": []}])
+    refused = run_cli("upload", "--purpose", "prompts", str(bad), environment=environment)
+    assert refused.returncode == 1 and "line 2" in refused.stderr
+    dataset = account.upload_file(DEMO_DATA)["id"]
+    refused = run_cli("submit", "inference", "--data", dataset, environment=environment)
+    assert refused.returncode == 1 and "prompts" in refused.stderr
+
+    before = account.balance()["available_micro"]
+    submitted = run_cli(
+        "submit",
+        "inference",
+        "--data",
+        str(prompts),
+        "--max-tokens",
+        "16",
+        "--temperature",
+        "0",
+        "--follow",
+        environment=environment,
+        timeout=300,
+    )
+    assert submitted.returncode == 0, submitted.stderr + swarm.node.log()[-3000:]
+    job_id = submitted.stdout.strip().splitlines()[-1]
+    downloaded = run_cli("download", job_id, "--output", str(tmp_path / "answers"), environment=environment)
+    assert downloaded.returncode == 0, downloaded.stderr
+    answers = [
+        json.loads(line) for line in (tmp_path / "answers" / "completions.jsonl").read_text().splitlines()
+    ]
+    assert [(answer["line"], answer["id"]) for answer in answers] == [(1, "colours"), (2, "france")]
+    assert answers[0]["message"]["role"] == "assistant" and answers[0]["message"]["content"].strip()
+    assert answers[1]["text"].strip() and 1 <= answers[1]["completion_tokens"] <= 16
+
+    # The same greedy answer as a live request on the same node.
+    client = client_for(swarm, api_key)
+    live = client.completions.create(
+        model=MODEL, prompt="The capital of France is", max_tokens=16, temperature=0
+    )
+    assert live.choices[0].text == answers[1]["text"]
+
+    # Charged for the tokens it used, not the most it could have: the rest of the hold came back.
+    job = account.job(job_id)
+    assert job["state"] == "completed" and job["metrics"]["completion_tokens"] == sum(
+        answer["completion_tokens"] for answer in answers
+    )
+    charges = [entry for entry in account.ledger() if entry["job_id"] == job_id]
+    held = -sum(entry["amount_micro"] for entry in charges if entry["kind"] == "escrow")
+    returned = sum(entry["amount_micro"] for entry in charges if entry["kind"] == "charge")
+    assert 0 < job["price_micro"] == held - returned and returned > 0
+    live_price = before - job["price_micro"] - account.balance()["available_micro"]
+    assert live_price > 0  # the live request above, charged on its own
+    shown = run_cli("job", job_id, environment=environment)
+    assert "batch inference" in shown.stdout and "completion" in shown.stdout
+
+
+@pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager")
+def test_a_request_whose_node_drops_before_the_first_token_is_answered_by_another(swarm):
+    api_key = swarm.create_buyer("failover-buyer", "5")
+    client = client_for(swarm, api_key, timeout=120)
+    expected = ask(client, MODEL, "What is 2 + 2?")  # served by the real node, which loads the model
+
+    # A node that claims the model loaded is preferred, takes the request, and vanishes.
+    flaky = ScriptedNode(swarm, "flaky")
+    flaky.connect(models=[MODEL], inference_slots=1)
+    flaky.send({"type": "heartbeat", "telemetry": TELEMETRY, "loaded_models": [MODEL]})
+    wait_for(lambda: swarm.health()["nodes_connected"] == 2, 20, "the flaky node")
+    answer = {}
+    asking = threading.Thread(target=lambda: answer.setdefault("text", ask(client, MODEL, "What is 2 + 2?")))
+    asking.start()
+    request = flaky.receive_type("inference", timeout=30)
+    assert request["model"] == MODEL
+    flaky.disconnect()
+    asking.join(120)
+    assert answer.get("text") == expected
+
+    # The node that answered is paid; the one that vanished is not.
+    earnings = flaky.http.me()["earnings"]
+    assert earnings["pending_micro"] == 0 and earnings["available_micro"] == 0

@@ -8,9 +8,9 @@ ft:<base model>:<suffix>:<job id>, usable in /v1/chat/completions once the job h
 from __future__ import annotations
 
 import re
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from fastapi import APIRouter, Form, UploadFile
+from fastapi import APIRouter, Depends, Form, UploadFile
 from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
@@ -39,6 +39,16 @@ OPENAI_STATUS = {
 }
 DEFAULT_EPOCHS = 3
 SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+
+
+def _fine_tuning_job(job: OwnedJob) -> Job:
+    """A buyer's LoRA job: their batch inference jobs are not fine-tuning jobs."""
+    if job.kind != "lora":
+        raise OpenAIError(404, f"No fine-tuning job {job.id}: it is a batch inference job.", param="job_id")
+    return job
+
+
+FineTuningJob = Annotated[Job, Depends(_fine_tuning_job)]
 
 
 # ---- files
@@ -217,12 +227,12 @@ def list_fine_tuning_jobs(
 
 
 @router.get("/fine_tuning/jobs/{job_id}")
-def get_fine_tuning_job(job: OwnedJob) -> dict:
+def get_fine_tuning_job(job: FineTuningJob) -> dict:
     return _job_object(job)
 
 
 @router.post("/fine_tuning/jobs/{job_id}/cancel")
-def cancel_fine_tuning_job(job: OwnedJob, services: ServicesDep) -> dict:
+def cancel_fine_tuning_job(job: FineTuningJob, services: ServicesDep) -> dict:
     try:
         cancelled, revocation = services.jobs.cancel(job.id)
     except JobError as error:
@@ -234,7 +244,7 @@ def cancel_fine_tuning_job(job: OwnedJob, services: ServicesDep) -> dict:
 
 @router.get("/fine_tuning/jobs/{job_id}/events")
 def list_fine_tuning_events(
-    job: OwnedJob, services: ServicesDep, after: str | None = None, limit: int = 20
+    job: FineTuningJob, services: ServicesDep, after: str | None = None, limit: int = 20
 ) -> dict:
     limit = min(max(limit, 1), 100)
     query = select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id.desc())

@@ -654,7 +654,7 @@ def test_submit_refused_for_money_keeps_the_upload_for_a_retry(
     err = capsys.readouterr().err.splitlines()[-1]
     assert err == (
         "compute-swarm submit lora: not enough credits: the balance cannot cover 1.234567 credits; "
-        "the dataset stays uploaded: retry with --data file_1"
+        "the dataset file stays uploaded: retry with --data file_1"
     )
 
 

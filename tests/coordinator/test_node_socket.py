@@ -86,7 +86,7 @@ class ScriptedNode:
         self.http = NodeClient(coordinator.url, self.token)
         self.socket: ClientConnection | None = None
 
-    def connect(self, running: list[dict] | None = None) -> dict:
+    def connect(self, running: list[dict] | None = None, **hello: object) -> dict:
         self.socket = open_socket(self.coordinator, self.token)
         self.send(
             {
@@ -95,6 +95,7 @@ class ScriptedNode:
                 "agent_version": "test",
                 "telemetry": TELEMETRY,
                 "running": running or [],
+                **hello,
             }
         )
         welcome = self.receive()

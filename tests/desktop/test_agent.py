@@ -18,7 +18,7 @@ from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
 from coordinator import protocol
-from desktop import cli, token_store, workspace
+from desktop import cli, token_store
 from desktop.agent import NodeAgent, NodeStopped
 from desktop.messages import Reportable
 from engine.records import CheckpointSaved, Completed, Failed, Log, Progress, Started
@@ -249,7 +249,11 @@ def test_agent_runs_a_lease_and_resends_its_result_after_a_reconnect(tmp_path: P
             archive.write_bytes(client.uploads[-1][2])
             assert hashlib.sha256(archive.read_bytes()).hexdigest() == result.sha256
             with tarfile.open(archive) as tar:
-                assert sorted(tar.getnames()) == sorted(workspace.RESULT_FILES)
+                assert sorted(tar.getnames()) == [
+                    "adapter_config.json",
+                    "adapter_model.safetensors",
+                    "metrics.json",
+                ]
                 metrics = json.load(tar.extractfile("metrics.json"))
             assert metrics["spec"]["dataset"] == DATASET_SHA256  # not the seller's path
             assert agent.status.last_job.outcome == "completed" and agent.status.job is None
