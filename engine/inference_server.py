@@ -32,6 +32,7 @@ from engine.inference import (
     GenerationFailed,
     GenerationRequest,
     ModelPool,
+    coalesce,
     generate,
     generation_event_adapter,
 )
@@ -48,6 +49,8 @@ class ServerOptions(BaseModel):
     max_models: int = Field(default=DEFAULT_MAX_LOADED_MODELS, ge=1, le=64)
     gpu_layers: int | None = None  # None: all layers on the GPU when llama.cpp can offload, else none
     threads: int | None = Field(default=None, ge=1, le=1024)
+    # Text generated within this long leaves in one delta (engine.inference.coalesce); 0: every piece.
+    delta_interval_seconds: float = Field(default=0.05, ge=0.0, le=1.0)
 
 
 class Generate(BaseModel):
@@ -232,7 +235,8 @@ def serve(
                 write(_failed(request.request_id, "error", "stopped before it started").model_dump_json())
                 continue
             try:
-                for event in generate(pool, request, should_stop=lambda: request.request_id in stopped):
+                events = generate(pool, request, should_stop=lambda: request.request_id in stopped)
+                for event in coalesce(events, options.delta_interval_seconds):
                     write(event.model_dump_json())
             except GenerationError as error:
                 write(_failed(request.request_id, error.kind, str(error)).model_dump_json())
