@@ -101,8 +101,22 @@ def default_threads() -> int:
         return max(1, os.cpu_count() or 1)
 
 
+def free_memory_bytes(on_gpu: bool) -> int:
+    """Memory free now where llama.cpp puts a model: the roomiest GPU's when it offloads, else RAM."""
+    from engine import devices
+
+    inventory = devices.probe(check_torch=False)
+    if on_gpu:
+        free = [gpu.memory_free_bytes for gpu in inventory.gpus if gpu.memory_free_bytes is not None]
+        if free:
+            return max(free)
+    return inventory.cpu.memory_available_bytes
+
+
 class ModelPool:
-    """Loaded models, keyed by (base file, adapter file), least recently used evicted first.
+    """Loaded models, keyed by (base file, adapter file), least recently used evicted first: when
+    there are max_models of them, and when the next one would not fit the memory free (estimated by
+    engine.resources.estimate_inference_memory, against its USABLE_PERCENT of what is free).
 
     llama.cpp applies a LoRA adapter when the model loads, so a fine-tuned model is its own entry.
     A Llama object is not safe to use from two threads: callers serialize generation (the inference
@@ -116,16 +130,24 @@ class ModelPool:
         context_tokens: int = DEFAULT_CONTEXT_TOKENS,
         gpu_layers: int | None = None,
         threads: int | None = None,
+        free_memory: Callable[[bool], int] = free_memory_bytes,
     ):
         self.max_models = max(1, max_models)
         self.context_tokens = context_tokens
         self._gpu_layers = gpu_layers
         self.threads = threads or default_threads()
+        self._free_memory = free_memory
         self._models: OrderedDict[tuple[str, str | None], Llama] = OrderedDict()
 
     @property
     def loaded(self) -> list[tuple[str, str | None]]:
         return list(self._models)
+
+    @property
+    def gpu_layers(self) -> int:
+        if self._gpu_layers is None:
+            self._gpu_layers = -1 if gpu_offload_available() else 0
+        return self._gpu_layers
 
     def get(self, model: str, adapter: str | None = None) -> Llama:
         key = (str(model), str(adapter) if adapter else None)
@@ -133,22 +155,45 @@ class ModelPool:
         if llm is not None:
             self._models.move_to_end(key)
             return llm
+        for path, what in ((model, "model"), (adapter, "adapter")):
+            if path is not None and not Path(path).is_file():
+                raise GenerationError("unavailable", f"the {what} file {path} is not on this machine")
         while len(self._models) >= self.max_models:
-            _, evicted = self._models.popitem(last=False)
-            evicted.close()
+            self._evict_oldest()
+        self._make_room(*key)
         llm = self._load(*key)
         self._models[key] = llm
         return llm
 
+    def _evict_oldest(self) -> None:
+        (model, adapter), evicted = self._models.popitem(last=False)
+        evicted.close()
+        logger.info("unloaded %s%s", Path(model).name, f" with adapter {Path(adapter).name}" if adapter else "")
+
+    def _make_room(self, model: str, adapter: str | None) -> None:
+        from engine.resources import USABLE_PERCENT, ResourceError, estimate_inference_memory, format_bytes
+
+        try:
+            needed = estimate_inference_memory(model, adapter, self.context_tokens)
+        except (ResourceError, OSError) as error:
+            raise GenerationError("unavailable", f"could not read {Path(model).name}: {error}") from None
+        on_gpu = self.gpu_layers != 0
+        while True:
+            free = self._free_memory(on_gpu)
+            if needed <= free * USABLE_PERCENT // 100:
+                return
+            if not self._models:
+                raise GenerationError(
+                    "unavailable",
+                    f"{Path(model).name} needs about {format_bytes(needed)} and "
+                    f"{format_bytes(free)} is free here ({USABLE_PERCENT}% of it usable)",
+                )
+            self._evict_oldest()
+
     def _load(self, model: str, adapter: str | None) -> Llama:
         from llama_cpp import Llama
 
-        for path, what in ((model, "model"), (adapter, "adapter")):
-            if path is not None and not Path(path).is_file():
-                raise GenerationError("unavailable", f"the {what} file {path} is not on this machine")
-        gpu_layers = self._gpu_layers
-        if gpu_layers is None:
-            gpu_layers = -1 if gpu_offload_available() else 0
+        gpu_layers = self.gpu_layers
         started = time.monotonic()
         try:
             llm = Llama(

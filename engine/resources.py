@@ -1,5 +1,6 @@
-"""Memory a LoRA fine-tune will need, estimated from weight shapes read from file headers, and the
-check that refuses, with the numbers, a job that would not fit the chosen device.
+"""Memory a LoRA fine-tune (or a model served for inference) will need, estimated from weight shapes
+read from file headers, and the check that refuses, with the numbers, a job that would not fit the
+chosen device.
 """
 
 from __future__ import annotations
@@ -444,4 +445,24 @@ def check_fits(estimate: MemoryEstimate, *, available_bytes: int, device: str) -
         estimate=estimate,
         available_bytes=available_bytes,
         device=device,
+    )
+
+
+# llama.cpp's compute buffers beside the weights and the cache (tens of MiB for small models).
+INFERENCE_COMPUTE_BYTES = 64 * MIB
+
+
+def estimate_inference_memory(model_path: str | Path, adapter_path: str | Path | None, context_tokens: int) -> int:
+    """Bytes llama.cpp holds to serve a GGUF model: its file (weights are used as stored, quantized),
+    the adapter file, the KV cache of `context_tokens` in f16 (keys and values of every layer's
+    k_proj and v_proj width) and compute buffers."""
+    shapes = read_weight_shapes(model_path)
+    cache_width = sum(
+        shape[0]
+        for name, shape in shapes.items()
+        if _module_name(name) in ("k_proj", "v_proj") and len(shape) == 2
+    )
+    adapter_bytes = os.path.getsize(adapter_path) if adapter_path is not None else 0
+    return (
+        os.path.getsize(model_path) + adapter_bytes + 2 * context_tokens * cache_width + INFERENCE_COMPUTE_BYTES
     )

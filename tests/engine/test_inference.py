@@ -1,0 +1,189 @@
+"""engine.inference and engine.inference_server on the real demo model (SmolLM2-135M, Q4_1 GGUF)."""
+
+from __future__ import annotations
+
+import json
+import os
+import queue
+import shutil
+import signal
+import time
+from pathlib import Path
+
+import pytest
+
+llama_cpp = pytest.importorskip("llama_cpp")
+
+from engine import inference  # noqa: E402
+from engine.inference import GenerationDone, GenerationError, GenerationRequest, ModelPool, TextDelta  # noqa: E402
+from engine.inference_server import InferenceProcess, ServerOptions  # noqa: E402
+from engine.jobs import ChatMessage, InferenceJobSpec, Sampling  # noqa: E402
+from engine.resources import estimate_inference_memory  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def gguf() -> Path:
+    from engine.models import DEFAULT_MODEL, fetch_catalogue_model
+
+    return fetch_catalogue_model(DEFAULT_MODEL)
+
+
+@pytest.fixture(scope="module")
+def pool(gguf):
+    models = ModelPool(max_models=2, context_tokens=1024)
+    yield models
+    models.close()
+
+
+def chat(gguf: Path, question: str, **sampling) -> GenerationRequest:
+    return GenerationRequest(
+        request_id="request-1",
+        model=str(gguf),
+        messages=(ChatMessage(role="user", content=question),),
+        sampling=Sampling(**{"max_tokens": 24, "temperature": 0.0, **sampling}),
+    )
+
+
+def test_greedy_answers_repeat_and_stream_in_pieces_with_their_counts(pool, gguf):
+    request = chat(gguf, "Name three colours.")
+    events = list(inference.generate(pool, request))
+    deltas, done = events[:-1], events[-1]
+    assert len(deltas) > 3 and all(isinstance(delta, TextDelta) for delta in deltas)
+    assert (
+        isinstance(done, GenerationDone) and sum(delta.tokens for delta in deltas) == done.completion_tokens
+    )
+    text = "".join(delta.text for delta in deltas)
+    assert text.strip() and inference.complete(pool, request) == (text, done)
+    # The GGUF's chat template wraps the question: the prompt holds more than its own tokens.
+    llm = pool.get(str(gguf))
+    assert done.prompt_tokens > len(llm.tokenize(b"Name three colours.", add_bos=False)) + 4
+
+
+def test_max_tokens_and_stop_sequences_end_an_answer(pool, gguf):
+    text, done = inference.complete(pool, chat(gguf, "Write a long story about a dragon.", max_tokens=12))
+    assert (done.finish_reason, done.completion_tokens) == ("length", 12)
+    words = text.split()
+    stop = words[len(words) // 2]
+    stopped, done = inference.complete(pool, chat(gguf, "Write a long story about a dragon.", stop=(stop,)))
+    assert done.finish_reason == "stop" and stop not in stopped and text.startswith(stopped.rstrip())
+
+
+def test_sampling_is_seeded(pool, gguf):
+    def sample(seed: int) -> str:
+        return inference.complete(
+            pool, chat(gguf, "Tell me a story.", temperature=1.0, seed=seed, max_tokens=32)
+        )[0]
+
+    assert sample(1) == sample(1)
+    assert len({sample(1), sample(2), sample(3)}) > 1
+
+
+def test_coalesced_deltas_keep_the_text_and_counts_and_send_the_first_at_once():
+    times = iter([0.0, 0.01, 0.02, 0.06, 0.07, 0.2])
+    events = [TextDelta(request_id="r", text=piece, tokens=1) for piece in "abcdef"]
+    done = GenerationDone(request_id="r", finish_reason="stop", prompt_tokens=3, completion_tokens=6)
+    out = list(inference.coalesce(iter([*events, done]), 0.05, clock=lambda: next(times)))
+    assert [(event.text, event.tokens) for event in out[:-1]] == [("a", 1), ("bcd", 3), ("ef", 2)]
+    assert out[-1] is done
+
+
+def test_the_pool_evicts_the_least_recently_used_by_count_and_by_memory(gguf, tmp_path):
+    copy = tmp_path / "copy.gguf"
+    shutil.copyfile(gguf, copy)
+    needed = estimate_inference_memory(gguf, None, 512)
+    # Room for one model and a half: a second one only loads once the first is gone.
+    pool = ModelPool(
+        max_models=4,
+        context_tokens=512,
+        free_memory=lambda on_gpu: int(1.5 * needed / 0.9) - len(pool.loaded) * needed,
+    )
+    try:
+        pool.get(str(gguf))
+        pool.get(str(copy))
+        assert pool.loaded == [(str(copy), None)]
+    finally:
+        pool.close()
+    starved = ModelPool(context_tokens=512, free_memory=lambda on_gpu: needed // 2)
+    with pytest.raises(GenerationError, match="needs about") as refused:
+        starved.get(str(gguf))
+    assert refused.value.kind == "unavailable"
+    with pytest.raises(GenerationError, match="not on this machine"):
+        starved.get(str(tmp_path / "missing.gguf"))
+    counted = ModelPool(max_models=1, context_tokens=512)
+    try:
+        counted.get(str(gguf))
+        counted.get(str(copy))
+        assert counted.loaded == [(str(copy), None)]
+    finally:
+        counted.close()
+
+
+def test_a_batch_job_answers_every_line_in_order(pool, gguf, tmp_path):
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"id": "a", "messages": [{"role": "user", "content": "Say hello."}]})
+        + "\n\n"
+        + json.dumps({"prompt": "One, two, three,"})
+        + "\n"
+    )
+    spec = InferenceJobSpec(
+        base_model=str(gguf), dataset=str(prompts), sampling=Sampling(max_tokens=8, temperature=0.0)
+    )
+    records = []
+    completed = inference.run_batch(spec, tmp_path / "out", pool=pool, report=records.append)
+    answers = [json.loads(line) for line in (tmp_path / "out" / "completions.jsonl").read_text().splitlines()]
+    assert [(answer["line"], answer.get("id")) for answer in answers] == [(1, "a"), (2, None)]
+    assert answers[0]["message"]["role"] == "assistant" and answers[1]["text"]
+    assert completed.steps == 2 and completed.train_tokens == sum(a["completion_tokens"] for a in answers)
+    assert [record.step for record in records if record.type == "progress"] == [1, 2]
+
+
+def test_the_inference_process_serves_survives_a_crash_and_reports_failures(gguf, tmp_path):
+    server = InferenceProcess(ServerOptions(context_tokens=1024), log_directory=tmp_path)
+    try:
+
+        def serve(request: GenerationRequest) -> list:
+            events: queue.Queue = queue.Queue()
+            server.submit(request, events.put)
+            received = []
+            while not received or received[-1].type == "delta":
+                received.append(events.get(timeout=120))
+            return received
+
+        first = serve(chat(gguf, "What is 2 + 2?"))
+        assert first[-1].type == "done" and "".join(event.text for event in first[:-1]).strip()
+        missing = serve(chat(tmp_path / "missing.gguf", "Hi"))
+        assert [(event.type, event.kind) for event in missing] == [("failed", "unavailable")]
+
+        # A child killed mid-answer ends that request with a failure; the next one gets a new child.
+        events: queue.Queue = queue.Queue()
+        server.submit(
+            chat(gguf, "Write a long story.", max_tokens=400).model_copy(update={"request_id": "long"}),
+            events.put,
+        )
+        assert events.get(timeout=120).type == "delta"
+        os.kill(server._process.pid, signal.SIGKILL)
+        ending = events.get(timeout=30)
+        while ending.type == "delta":
+            ending = events.get(timeout=30)
+        assert ending.type == "failed" and "killed by SIGKILL" in ending.message
+        again = serve(chat(gguf, "What is 2 + 2?"))
+        assert "".join(event.text for event in again[:-1]) == "".join(event.text for event in first[:-1])
+
+        # A stopped request ends early, with its end.
+        events = queue.Queue()
+        server.submit(
+            chat(gguf, "Write a long story.", max_tokens=400).model_copy(update={"request_id": "stopped"}),
+            events.put,
+        )
+        assert events.get(timeout=120).type == "delta"
+        started = time.monotonic()
+        server.stop("stopped")
+        ending = events.get(timeout=30)
+        while ending.type == "delta":
+            ending = events.get(timeout=30)
+        assert ending.type == "done" and ending.completion_tokens < 400 and time.monotonic() - started < 10
+        assert server.in_flight == 0
+    finally:
+        server.close()
+    assert server._process is None  # closed: no child left behind
