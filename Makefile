@@ -43,6 +43,7 @@ format: $(INSTALLED)
 bench: $(INSTALLED)
 	$(BIN)/python bench/lora.py
 	$(BIN)/python bench/coordinator.py
+	$(BIN)/python bench/inference.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

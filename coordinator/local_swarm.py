@@ -16,6 +16,8 @@ from pathlib import Path
 
 import httpx
 
+from engine.jobs import DEFAULT_MODEL
+
 KEY_FILE = "demo-buyer-api-key"
 
 
@@ -80,7 +82,14 @@ Fine-tune the demo model on the demo data through the swarm (paste into another 
   SWARM_COORDINATOR={url} SWARM_API_KEY={api_key} \\
     {" ".join(command)} submit lora --data {demo_data} --steps 30 --learning-rate 1e-3 --follow
 
-Then `... download JOB_ID` fetches the adapter. Press Ctrl-C here to stop both.
+Then `... download JOB_ID` fetches the adapter. Or chat with the model through the OpenAI-compatible
+API (any OpenAI client works with base_url {url}/v1 and this key):
+
+  curl -N {url}/v1/chat/completions -H "Authorization: Bearer {api_key}" \
+    -H "Content-Type: application/json" \
+    -d '{{"model": "{DEFAULT_MODEL}", "messages": [{{"role": "user", "content": "Hello!"}}], "stream": true}}'
+
+Press Ctrl-C here to stop both.
 """,
             flush=True,
         )

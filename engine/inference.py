@@ -168,7 +168,9 @@ class ModelPool:
     def _evict_oldest(self) -> None:
         (model, adapter), evicted = self._models.popitem(last=False)
         evicted.close()
-        logger.info("unloaded %s%s", Path(model).name, f" with adapter {Path(adapter).name}" if adapter else "")
+        logger.info(
+            "unloaded %s%s", Path(model).name, f" with adapter {Path(adapter).name}" if adapter else ""
+        )
 
     def _make_room(self, model: str, adapter: str | None) -> None:
         from engine.resources import USABLE_PERCENT, ResourceError, estimate_inference_memory, format_bytes

@@ -452,7 +452,9 @@ def check_fits(estimate: MemoryEstimate, *, available_bytes: int, device: str) -
 INFERENCE_COMPUTE_BYTES = 64 * MIB
 
 
-def estimate_inference_memory(model_path: str | Path, adapter_path: str | Path | None, context_tokens: int) -> int:
+def estimate_inference_memory(
+    model_path: str | Path, adapter_path: str | Path | None, context_tokens: int
+) -> int:
     """Bytes llama.cpp holds to serve a GGUF model: its file (weights are used as stored, quantized),
     the adapter file, the KV cache of `context_tokens` in f16 (keys and values of every layer's
     k_proj and v_proj width) and compute buffers."""
@@ -464,5 +466,8 @@ def estimate_inference_memory(model_path: str | Path, adapter_path: str | Path |
     )
     adapter_bytes = os.path.getsize(adapter_path) if adapter_path is not None else 0
     return (
-        os.path.getsize(model_path) + adapter_bytes + 2 * context_tokens * cache_width + INFERENCE_COMPUTE_BYTES
+        os.path.getsize(model_path)
+        + adapter_bytes
+        + 2 * context_tokens * cache_width
+        + INFERENCE_COMPUTE_BYTES
     )

@@ -143,6 +143,9 @@ def test_a_buyer_serves_and_fine_tunes_with_the_official_client(swarm):
         client.files.create(file=("bad.jsonl", b'{"messages": []}\n{"prompt": 1}\n'), purpose="fine-tune")
     with pytest.raises(openai.BadRequestError):
         client.chat.completions.create(model=MODEL, messages=[{"role": "user", "content": "hi"}], n=3)
+    with pytest.raises(openai.APIStatusError) as broke:
+        ask(client_for(swarm, swarm.create_buyer("broke-buyer", "0")), MODEL, question)
+    assert broke.value.status_code == 402 and broke.value.code == "insufficient_quota"
 
 
 def test_a_node_killed_mid_stream_ends_the_stream_with_an_error_and_a_refund(swarm):
