@@ -417,7 +417,9 @@ def _follow(swarm: SwarmClient, job_id: str, *, as_json: bool) -> int:
                     # the node's own tokens/s and ETA go in the postfix instead.
                     bar = tqdm(
                         total=progress["total_steps"],
-                        bar_format="{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} steps [{elapsed}{postfix}]",
+                        bar_format="{percentage:3.0f}%|{bar}| {n_fmt}/{total_fmt} "
+                        + ("prompts" if _is_batch(job) else "steps")
+                        + " [{elapsed}{postfix}]",
                         file=sys.stderr,
                         dynamic_ncols=True,
                     )
@@ -442,7 +444,13 @@ def _final_report(job: dict, *, quiet: bool) -> int:
     if job["state"] in SUCCESSFUL_STATES:
         if not quiet:
             metrics = job.get("metrics") or {}
-            details = [f"{metrics['steps']} steps"] if metrics.get("steps") is not None else []
+            unit = "prompts answered" if _is_batch(job) else "steps"
+            details = [f"{metrics['steps']} {unit}"] if metrics.get("steps") is not None else []
+            if metrics.get("completion_tokens") is not None:
+                details.append(
+                    f"{metrics.get('prompt_tokens')} prompt + {metrics['completion_tokens']} completion tokens, "
+                    f"charged {format_credits(job['price_micro'])} credits"
+                )
             if metrics.get("final_loss") is not None:
                 details.append(f"final loss {metrics['final_loss']:.4f}")
             if metrics.get("eval_loss") is not None:

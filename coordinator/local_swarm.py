@@ -85,8 +85,8 @@ Fine-tune the demo model on the demo data through the swarm (paste into another 
 Then `... download JOB_ID` fetches the adapter. Or chat with the model through the OpenAI-compatible
 API (any OpenAI client works with base_url {url}/v1 and this key):
 
-  curl -N {url}/v1/chat/completions -H "Authorization: Bearer {api_key}" \
-    -H "Content-Type: application/json" \
+  curl -N {url}/v1/chat/completions -H "Authorization: Bearer {api_key}" \\
+    -H "Content-Type: application/json" \\
     -d '{{"model": "{DEFAULT_MODEL}", "messages": [{{"role": "user", "content": "Hello!"}}], "stream": true}}'
 
 Press Ctrl-C here to stop both.

@@ -353,6 +353,12 @@ def run_batch(
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
     lines = datasets.read_jsonl(spec.dataset, parse_prompt_line)
+    try:
+        pool.get(spec.base_model, spec.adapter)  # loaded before the clock starts: tokens/s is generating
+    except GenerationError as error:
+        if error.kind == "invalid":
+            raise InvalidJobError(str(error)) from None
+        raise
     started_at = time.monotonic()
     report(
         Started(
