@@ -217,30 +217,11 @@ class JobRun:
         """The dataset, the checkpoint unpacked to resume from, and a batch's llama.cpp adapter."""
         lease = self.lease
         await asyncio.to_thread(self._host.workspace.clear_job_directory, self.directory)
-        dataset = await self._retrying(
-            "download the dataset",
-            lambda: self._fetch_artifact(lease.dataset_sha256),
-            DOWNLOAD_ATTEMPTS,
-            download=True,
-        )
-        adapter = None
-        if lease.adapter_sha256 is not None:
-            adapter_sha256 = lease.adapter_sha256
-            adapter = await self._retrying(
-                "download the adapter",
-                lambda: self._fetch_artifact(adapter_sha256),
-                DOWNLOAD_ATTEMPTS,
-                download=True,
-            )
+        dataset = await self._download("dataset", lease.dataset_sha256)
+        adapter = await self._download("adapter", lease.adapter_sha256) if lease.adapter_sha256 else None
         if lease.checkpoint_sha256 is None:
             return dataset, None, adapter
-        checkpoint_sha256 = lease.checkpoint_sha256
-        archive = await self._retrying(
-            "download the checkpoint",
-            lambda: self._fetch_artifact(checkpoint_sha256),
-            DOWNLOAD_ATTEMPTS,
-            download=True,
-        )
+        archive = await self._download("checkpoint", lease.checkpoint_sha256)
         resume_from = workspace.resume_directory(self.directory)
         try:
             await asyncio.to_thread(unpack_archive, archive, resume_from)
@@ -251,6 +232,12 @@ class JobRun:
             with contextlib.suppress(OSError):
                 archive.unlink()
         return dataset, resume_from, adapter
+
+    async def _download(self, what: str, sha256: str) -> Path:
+        """One of the lease's input artifacts, retried while the coordinator is unreachable."""
+        return await self._retrying(
+            f"download the {what}", lambda: self._fetch_artifact(sha256), DOWNLOAD_ATTEMPTS, download=True
+        )
 
     def _fetch_artifact(self, sha256: str) -> Path:
         """Thread: the artifact from the cache, downloaded into it when it is not there."""

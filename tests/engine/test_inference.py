@@ -155,34 +155,33 @@ def test_the_inference_process_serves_survives_a_crash_and_reports_failures(gguf
         missing = serve(chat(tmp_path / "missing.gguf", "Hi"))
         assert [(event.type, event.kind) for event in missing] == [("failed", "unavailable")]
 
+        def start_long_story(request_id: str) -> queue.Queue:
+            """A long answer, once its first piece arrived."""
+            events: queue.Queue = queue.Queue()
+            request = chat(gguf, "Write a long story.", max_tokens=400)
+            server.submit(request.model_copy(update={"request_id": request_id}), events.put)
+            assert events.get(timeout=120).type == "delta"
+            return events
+
+        def ending(events: queue.Queue):
+            while (event := events.get(timeout=30)).type == "delta":
+                pass
+            return event
+
         # A child killed mid-answer ends that request with a failure; the next one gets a new child.
-        events: queue.Queue = queue.Queue()
-        server.submit(
-            chat(gguf, "Write a long story.", max_tokens=400).model_copy(update={"request_id": "long"}),
-            events.put,
-        )
-        assert events.get(timeout=120).type == "delta"
+        events = start_long_story("long")
         os.kill(server._process.pid, signal.SIGKILL)
-        ending = events.get(timeout=30)
-        while ending.type == "delta":
-            ending = events.get(timeout=30)
-        assert ending.type == "failed" and "killed by SIGKILL" in ending.message
+        failed = ending(events)
+        assert failed.type == "failed" and "killed by SIGKILL" in failed.message
         again = serve(chat(gguf, "What is 2 + 2?"))
         assert "".join(event.text for event in again[:-1]) == "".join(event.text for event in first[:-1])
 
         # A stopped request ends early, with its end.
-        events = queue.Queue()
-        server.submit(
-            chat(gguf, "Write a long story.", max_tokens=400).model_copy(update={"request_id": "stopped"}),
-            events.put,
-        )
-        assert events.get(timeout=120).type == "delta"
+        events = start_long_story("stopped")
         started = time.monotonic()
         server.stop("stopped")
-        ending = events.get(timeout=30)
-        while ending.type == "delta":
-            ending = events.get(timeout=30)
-        assert ending.type == "done" and ending.completion_tokens < 400 and time.monotonic() - started < 10
+        done = ending(events)
+        assert done.type == "done" and done.completion_tokens < 400 and time.monotonic() - started < 10
         assert server.in_flight == 0
     finally:
         server.close()
