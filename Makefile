@@ -44,6 +44,7 @@ bench: $(INSTALLED)
 	$(BIN)/python bench/lora.py
 	$(BIN)/python bench/coordinator.py
 	$(BIN)/python bench/inference.py
+	$(BIN)/python bench/attention.py
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

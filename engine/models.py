@@ -235,8 +235,16 @@ def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
 
 
 def load_causal_lm(directory: Path, *, dtype: torch.dtype, device: str = "cpu") -> PreTrainedModel:
-    """Load a prepared model directory's weights (safetensors only) for training or evaluation."""
+    """Load a prepared model directory's weights (safetensors only) for training or evaluation, with
+    its attention through our kernels where one runs on `device` (kernels.attention)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(str(directory), dtype=dtype, use_safetensors=True)
+    from kernels.attention import transformers_implementation
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(directory),
+        dtype=dtype,
+        use_safetensors=True,
+        attn_implementation=transformers_implementation(device),
+    )
     return model.to(device)

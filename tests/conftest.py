@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,13 @@ def _gpu_present() -> bool:
     except ImportError:
         return False
     return torch.cuda.is_available() or torch.backends.mps.is_available()
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # With no GPU, Triton kernels run on the CPU through its interpreter (numpy). Triton reads this
+    # when a kernel is defined, so it is set before any test imports one.
+    if not _gpu_present():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
