@@ -190,47 +190,24 @@ def _visible_keys(start_m, QUERY_LENGTH, KEY_LENGTH, BLOCK_M: tl.constexpr, CAUS
 # ---- kernels
 
 
+# fmt: off
 @triton.autotune(
     configs=_configs("forward"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _fits_device}
 )
 @triton.jit
 def _forward_kernel(
-    Q,
-    K,
-    V,
-    Padding,
-    Out,
-    LSE,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
+    Q, K, V, Padding, Out, LSE,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
     stride_pb,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_od,
+    stride_ob, stride_oh, stride_om, stride_od,
     scale_log2,
-    HEADS,
-    QUERY_LENGTH,
-    KEY_LENGTH,
-    HEAD_DIM,
-    LENGTH_BUCKET,
-    HEAD_DIM_PADDED: tl.constexpr,
-    GROUP: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_PADDING: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    HEADS, QUERY_LENGTH, KEY_LENGTH, HEAD_DIM, LENGTH_BUCKET,
+    HEAD_DIM_PADDED: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # fmt: on
     # Grid: (query tiles, batch * heads). One program: BLOCK_M rows of one head.
     start_m = tl.program_id(0) * BLOCK_M
     batch_head = tl.program_id(1)
@@ -295,25 +272,16 @@ def _forward_kernel(
     )
 
 
+# fmt: off
 @triton.jit
 def _backward_preprocess_kernel(
-    Out,
-    DOut,
-    Delta,
-    stride_ob,
-    stride_oh,
-    stride_om,
-    stride_od,
-    stride_db,
-    stride_dh,
-    stride_dm,
-    stride_dd,
-    HEADS,
-    QUERY_LENGTH,
-    HEAD_DIM,
-    HEAD_DIM_PADDED: tl.constexpr,
-    BLOCK_M: tl.constexpr,
+    Out, DOut, Delta,
+    stride_ob, stride_oh, stride_om, stride_od,
+    stride_db, stride_dh, stride_dm, stride_dd,
+    HEADS, QUERY_LENGTH, HEAD_DIM,
+    HEAD_DIM_PADDED: tl.constexpr, BLOCK_M: tl.constexpr,
 ):
+    # fmt: on
     # Grid: (query tiles, batch * heads). delta_i = sum_d O_id dO_id, the row term of softmax's backward.
     offsets_m = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     batch_head = tl.program_id(1)
@@ -345,51 +313,24 @@ def _backward_preprocess_kernel(
     )
 
 
+# fmt: off
 @triton.autotune(
     configs=_configs("backward"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _fits_device}
 )
 @triton.jit
 def _backward_key_value_kernel(
-    Q,
-    K,
-    V,
-    Padding,
-    DOut,
-    LSE,
-    Delta,
-    DK,
-    DV,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
+    Q, K, V, Padding, DOut, LSE, Delta, DK, DV,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
     stride_pb,
-    stride_db,
-    stride_dh,
-    stride_dm,
-    stride_dd,
-    softmax_scale,
-    scale_log2,
-    HEADS,
-    QUERY_LENGTH,
-    KEY_LENGTH,
-    HEAD_DIM,
-    LENGTH_BUCKET,
-    HEAD_DIM_PADDED: tl.constexpr,
-    GROUP: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_PADDING: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    stride_db, stride_dh, stride_dm, stride_dd,
+    softmax_scale, scale_log2,
+    HEADS, QUERY_LENGTH, KEY_LENGTH, HEAD_DIM, LENGTH_BUCKET,
+    HEAD_DIM_PADDED: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # fmt: on
     # Grid: (key tiles, batch * kv_heads). One program: dK and dV of BLOCK_N keys of one kv head, summed
     # over the GROUP query heads that share it (no atomics: each program owns its tile).
     start_n = tl.program_id(0) * BLOCK_N
@@ -472,50 +413,24 @@ def _backward_key_value_kernel(
     )
 
 
+# fmt: off
 @triton.autotune(
     configs=_configs("backward"), key=_AUTOTUNE_KEY, prune_configs_by={"early_config_prune": _fits_device}
 )
 @triton.jit
 def _backward_query_kernel(
-    Q,
-    K,
-    V,
-    Padding,
-    DOut,
-    LSE,
-    Delta,
-    DQ,
-    stride_qb,
-    stride_qh,
-    stride_qm,
-    stride_qd,
-    stride_kb,
-    stride_kh,
-    stride_kn,
-    stride_kd,
-    stride_vb,
-    stride_vh,
-    stride_vn,
-    stride_vd,
+    Q, K, V, Padding, DOut, LSE, Delta, DQ,
+    stride_qb, stride_qh, stride_qm, stride_qd,
+    stride_kb, stride_kh, stride_kn, stride_kd,
+    stride_vb, stride_vh, stride_vn, stride_vd,
     stride_pb,
-    stride_db,
-    stride_dh,
-    stride_dm,
-    stride_dd,
-    softmax_scale,
-    scale_log2,
-    HEADS,
-    QUERY_LENGTH,
-    KEY_LENGTH,
-    HEAD_DIM,
-    LENGTH_BUCKET,
-    HEAD_DIM_PADDED: tl.constexpr,
-    GROUP: tl.constexpr,
-    CAUSAL: tl.constexpr,
-    HAS_PADDING: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
+    stride_db, stride_dh, stride_dm, stride_dd,
+    softmax_scale, scale_log2,
+    HEADS, QUERY_LENGTH, KEY_LENGTH, HEAD_DIM, LENGTH_BUCKET,
+    HEAD_DIM_PADDED: tl.constexpr, GROUP: tl.constexpr, CAUSAL: tl.constexpr, HAS_PADDING: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
 ):
+    # fmt: on
     # Grid: (query tiles, batch * heads). One program: dQ of BLOCK_M rows of one head.
     start_m = tl.program_id(0) * BLOCK_M
     batch_head = tl.program_id(1)
