@@ -12,11 +12,10 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 
 import torch
 
-from kernels.reference import attention_reference, check_shapes
+from kernels.reference import attention_reference, check_shapes, resolve_scale
 
 logger = logging.getLogger(__name__)
 
@@ -183,5 +182,4 @@ def metal_attention(
     check_shapes(q, k, v, padding_mask)
     if q.device.type != "mps":
         raise ValueError(f"the Metal kernel runs on Apple GPUs (mps tensors), not on {q.device}")
-    softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return MetalAttention.apply(q, k, v, bool(causal), softmax_scale, padding_mask)
+    return MetalAttention.apply(q, k, v, bool(causal), resolve_scale(q.shape[-1], scale), padding_mask)

@@ -43,6 +43,11 @@ def check_shapes(
         )
 
 
+def resolve_scale(head_dim: int, scale: float | None) -> float:
+    """The scale the logits get: 1/sqrt(head_dim) unless one is given."""
+    return 1.0 / math.sqrt(head_dim) if scale is None else float(scale)
+
+
 def allowed_keys(
     query_length: int,
     key_length: int,
@@ -71,7 +76,7 @@ def attention_reference(
     padding_mask: torch.Tensor | None = None,
 ) -> torch.Tensor:
     check_shapes(q, k, v, padding_mask)
-    scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else scale
+    scale = resolve_scale(q.shape[-1], scale)
     group = q.shape[1] // k.shape[1]
     key = k.float().repeat_interleave(group, dim=1)
     value = v.float().repeat_interleave(group, dim=1)

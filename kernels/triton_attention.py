@@ -16,14 +16,13 @@ the saved log-sum-exp `lse` (B, H, Nq) fp32 is in that base.
 from __future__ import annotations
 
 import functools
-import math
 import os
 
 import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import check_shapes
+from kernels.reference import check_shapes, resolve_scale
 
 LOG2_E = 1.4426950408889634
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -91,6 +90,37 @@ _AUTOTUNE_KEY = ["LENGTH_BUCKET", "HEAD_DIM_PADDED", "CAUSAL", "HAS_PADDING", "G
 
 
 @triton.jit
+def _load_tile(head, offsets_rows, offsets_d, stride_row, stride_d, LENGTH, HEAD_DIM):
+    """(rows, HEAD_DIM_PADDED) of one head's (length, head_dim) matrix; zeros past LENGTH and HEAD_DIM."""
+    mask = (offsets_rows[:, None] < LENGTH) & (offsets_d[None, :] < HEAD_DIM)
+    return tl.load(
+        head + offsets_rows[:, None] * stride_row + offsets_d[None, :] * stride_d, mask=mask, other=0.0
+    )
+
+
+@triton.jit
+def _load_tile_transposed(head, offsets_rows, offsets_d, stride_row, stride_d, LENGTH, HEAD_DIM):
+    """The same tile read as (HEAD_DIM_PADDED, rows): keys as the right operand of q kᵀ."""
+    mask = (offsets_rows[None, :] < LENGTH) & (offsets_d[:, None] < HEAD_DIM)
+    return tl.load(
+        head + offsets_rows[None, :] * stride_row + offsets_d[:, None] * stride_d, mask=mask, other=0.0
+    )
+
+
+@triton.jit
+def _store_tile(head, tile, offsets_rows, offsets_d, stride_row, stride_d, LENGTH, HEAD_DIM):
+    mask = (offsets_rows[:, None] < LENGTH) & (offsets_d[None, :] < HEAD_DIM)
+    pointers = head + offsets_rows[:, None] * stride_row + offsets_d[None, :] * stride_d
+    tl.store(pointers, tile.to(head.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _load_row_values(values, batch_head, offsets_m, QUERY_LENGTH):
+    """One fp32 value per query row (log-sum-exp, delta) of a (batch * heads, query_length) array."""
+    return tl.load(values + batch_head * QUERY_LENGTH + offsets_m, mask=offsets_m < QUERY_LENGTH, other=0.0)
+
+
+@triton.jit
 def _logits(
     q,
     k_block,
@@ -146,10 +176,7 @@ def _forward_block(
     """One key/value tile of the online softmax: rescale what was accumulated by exp2(old max - new max),
     add this tile's probabilities times its values."""
     offsets_n = start_n + tl.arange(0, BLOCK_N)
-    in_bounds = (offsets_n[None, :] < KEY_LENGTH) & (offsets_d[:, None] < HEAD_DIM)
-    k_block = tl.load(
-        K_head + offsets_n[None, :] * stride_kn + offsets_d[:, None] * stride_kd, mask=in_bounds, other=0.0
-    )  # (D, BLOCK_N)
+    k_block = _load_tile_transposed(K_head, offsets_n, offsets_d, stride_kn, stride_kd, KEY_LENGTH, HEAD_DIM)
     logits = _logits(
         q,
         k_block,
@@ -169,11 +196,7 @@ def _forward_block(
     probabilities = tl.math.exp2(logits - safe_max[:, None])
     rescale = tl.math.exp2(row_max - safe_max)
     row_sum = row_sum * rescale + tl.sum(probabilities, 1)
-    v_block = tl.load(
-        V_head + offsets_n[:, None] * stride_vn + offsets_d[None, :] * stride_vd,
-        mask=(offsets_n[:, None] < KEY_LENGTH) & (offsets_d[None, :] < HEAD_DIM),
-        other=0.0,
-    )  # (BLOCK_N, D)
+    v_block = _load_tile(V_head, offsets_n, offsets_d, stride_vn, stride_vd, KEY_LENGTH, HEAD_DIM)
     accumulator = accumulator * rescale[:, None]
     accumulator = tl.dot(probabilities.to(v_block.dtype), v_block, accumulator)
     return accumulator, row_sum, new_max
@@ -215,15 +238,8 @@ def _forward_kernel(
     kv_head = head // GROUP
     offsets_m = start_m + tl.arange(0, BLOCK_M)
     offsets_d = tl.arange(0, HEAD_DIM_PADDED)
-    row_mask = offsets_m[:, None] < QUERY_LENGTH
-    q = tl.load(
-        Q
-        + batch * stride_qb
-        + head * stride_qh
-        + offsets_m[:, None] * stride_qm
-        + offsets_d[None, :] * stride_qd,
-        mask=row_mask & (offsets_d[None, :] < HEAD_DIM),
-        other=0.0,
+    q = _load_tile(
+        Q + batch * stride_qb + head * stride_qh, offsets_m, offsets_d, stride_qm, stride_qd, QUERY_LENGTH, HEAD_DIM
     )
     K_head = K + batch * stride_kb + kv_head * stride_kh
     V_head = V + batch * stride_vb + kv_head * stride_vh
@@ -261,15 +277,8 @@ def _forward_kernel(
     output = accumulator / tl.where(seen, row_sum, 1.0)[:, None]
     lse = tl.where(seen, row_max + tl.math.log2(tl.where(seen, row_sum, 1.0)), 0.0)
     tl.store(LSE + batch_head * QUERY_LENGTH + offsets_m, lse, mask=offsets_m < QUERY_LENGTH)
-    tl.store(
-        Out
-        + batch * stride_ob
-        + head * stride_oh
-        + offsets_m[:, None] * stride_om
-        + offsets_d[None, :] * stride_od,
-        output.to(Out.dtype.element_ty),
-        mask=row_mask & (offsets_d[None, :] < HEAD_DIM),
-    )
+    Out_head = Out + batch * stride_ob + head * stride_oh
+    _store_tile(Out_head, output, offsets_m, offsets_d, stride_om, stride_od, QUERY_LENGTH, HEAD_DIM)
 
 
 # fmt: off
@@ -287,25 +296,11 @@ def _backward_preprocess_kernel(
     batch_head = tl.program_id(1)
     batch, head = batch_head // HEADS, batch_head % HEADS
     offsets_d = tl.arange(0, HEAD_DIM_PADDED)
-    mask = (offsets_m[:, None] < QUERY_LENGTH) & (offsets_d[None, :] < HEAD_DIM)
-    output = tl.load(
-        Out
-        + batch * stride_ob
-        + head * stride_oh
-        + offsets_m[:, None] * stride_om
-        + offsets_d[None, :] * stride_od,
-        mask=mask,
-        other=0.0,
-    ).to(tl.float32)
-    gradient = tl.load(
-        DOut
-        + batch * stride_db
-        + head * stride_dh
-        + offsets_m[:, None] * stride_dm
-        + offsets_d[None, :] * stride_dd,
-        mask=mask,
-        other=0.0,
-    ).to(tl.float32)
+    Out_head = Out + batch * stride_ob + head * stride_oh
+    output = _load_tile(Out_head, offsets_m, offsets_d, stride_om, stride_od, QUERY_LENGTH, HEAD_DIM).to(tl.float32)
+    DOut_head = DOut + batch * stride_db + head * stride_dh
+    gradient = _load_tile(DOut_head, offsets_m, offsets_d, stride_dm, stride_dd, QUERY_LENGTH, HEAD_DIM)
+    gradient = gradient.to(tl.float32)
     tl.store(
         Delta + batch_head * QUERY_LENGTH + offsets_m,
         tl.sum(output * gradient, 1),
@@ -339,25 +334,10 @@ def _backward_key_value_kernel(
     batch, kv_head = batch_kv_head // kv_heads, batch_kv_head % kv_heads
     offsets_n = start_n + tl.arange(0, BLOCK_N)
     offsets_d = tl.arange(0, HEAD_DIM_PADDED)
-    key_mask = (offsets_n[:, None] < KEY_LENGTH) & (offsets_d[None, :] < HEAD_DIM)
-    k_block = tl.load(
-        K
-        + batch * stride_kb
-        + kv_head * stride_kh
-        + offsets_n[:, None] * stride_kn
-        + offsets_d[None, :] * stride_kd,
-        mask=key_mask,
-        other=0.0,
-    )  # (BLOCK_N, D)
-    v_block = tl.load(
-        V
-        + batch * stride_vb
-        + kv_head * stride_vh
-        + offsets_n[:, None] * stride_vn
-        + offsets_d[None, :] * stride_vd,
-        mask=key_mask,
-        other=0.0,
-    )
+    K_head = K + batch * stride_kb + kv_head * stride_kh
+    V_head = V + batch * stride_vb + kv_head * stride_vh
+    k_block = _load_tile(K_head, offsets_n, offsets_d, stride_kn, stride_kd, KEY_LENGTH, HEAD_DIM)  # (BLOCK_N, D)
+    v_block = _load_tile(V_head, offsets_n, offsets_d, stride_vn, stride_vd, KEY_LENGTH, HEAD_DIM)
     padding_row = Padding + batch * stride_pb
     dk = tl.zeros([BLOCK_N, HEAD_DIM_PADDED], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, HEAD_DIM_PADDED], dtype=tl.float32)
@@ -372,23 +352,10 @@ def _backward_key_value_kernel(
         DOut_head = DOut + batch * stride_db + head * stride_dh
         for start_m in range(start, QUERY_LENGTH, BLOCK_M):
             offsets_m = start_m + tl.arange(0, BLOCK_M)
-            row_mask = (offsets_m[:, None] < QUERY_LENGTH) & (offsets_d[None, :] < HEAD_DIM)
-            q = tl.load(
-                Q_head + offsets_m[:, None] * stride_qm + offsets_d[None, :] * stride_qd,
-                mask=row_mask,
-                other=0.0,
-            )
-            gradient = tl.load(
-                DOut_head + offsets_m[:, None] * stride_dm + offsets_d[None, :] * stride_dd,
-                mask=row_mask,
-                other=0.0,
-            )
-            lse = tl.load(
-                LSE + batch_head * QUERY_LENGTH + offsets_m, mask=offsets_m < QUERY_LENGTH, other=0.0
-            )
-            delta = tl.load(
-                Delta + batch_head * QUERY_LENGTH + offsets_m, mask=offsets_m < QUERY_LENGTH, other=0.0
-            )
+            q = _load_tile(Q_head, offsets_m, offsets_d, stride_qm, stride_qd, QUERY_LENGTH, HEAD_DIM)
+            gradient = _load_tile(DOut_head, offsets_m, offsets_d, stride_dm, stride_dd, QUERY_LENGTH, HEAD_DIM)
+            lse = _load_row_values(LSE, batch_head, offsets_m, QUERY_LENGTH)
+            delta = _load_row_values(Delta, batch_head, offsets_m, QUERY_LENGTH)
             logits = _logits(
                 q, tl.trans(k_block), scale_log2, offsets_m, offsets_n, padding_row,
                 QUERY_LENGTH, KEY_LENGTH, CAUSAL, HAS_PADDING, True,
@@ -399,18 +366,10 @@ def _backward_key_value_kernel(
             ds = probabilities * (dp - delta[:, None])
             dk += tl.dot(tl.trans(ds.to(q.dtype)), q)
     dk *= softmax_scale
-    store_offsets = offsets_n[:, None] * stride_kn + offsets_d[None, :] * stride_kd
-    tl.store(
-        DK + batch * stride_kb + kv_head * stride_kh + store_offsets,
-        dk.to(DK.dtype.element_ty),
-        mask=key_mask,
-    )
-    store_offsets = offsets_n[:, None] * stride_vn + offsets_d[None, :] * stride_vd
-    tl.store(
-        DV + batch * stride_vb + kv_head * stride_vh + store_offsets,
-        dv.to(DV.dtype.element_ty),
-        mask=key_mask,
-    )
+    DK_head = DK + batch * stride_kb + kv_head * stride_kh
+    _store_tile(DK_head, dk, offsets_n, offsets_d, stride_kn, stride_kd, KEY_LENGTH, HEAD_DIM)
+    DV_head = DV + batch * stride_vb + kv_head * stride_vh
+    _store_tile(DV_head, dv, offsets_n, offsets_d, stride_vn, stride_vd, KEY_LENGTH, HEAD_DIM)
 
 
 # fmt: off
@@ -438,27 +397,12 @@ def _backward_query_kernel(
     kv_head = head // GROUP
     offsets_m = start_m + tl.arange(0, BLOCK_M)
     offsets_d = tl.arange(0, HEAD_DIM_PADDED)
-    row_mask = (offsets_m[:, None] < QUERY_LENGTH) & (offsets_d[None, :] < HEAD_DIM)
-    q = tl.load(
-        Q
-        + batch * stride_qb
-        + head * stride_qh
-        + offsets_m[:, None] * stride_qm
-        + offsets_d[None, :] * stride_qd,
-        mask=row_mask,
-        other=0.0,
-    )
-    gradient = tl.load(
-        DOut
-        + batch * stride_db
-        + head * stride_dh
-        + offsets_m[:, None] * stride_dm
-        + offsets_d[None, :] * stride_dd,
-        mask=row_mask,
-        other=0.0,
-    )
-    lse = tl.load(LSE + batch_head * QUERY_LENGTH + offsets_m, mask=offsets_m < QUERY_LENGTH, other=0.0)
-    delta = tl.load(Delta + batch_head * QUERY_LENGTH + offsets_m, mask=offsets_m < QUERY_LENGTH, other=0.0)
+    Q_head = Q + batch * stride_qb + head * stride_qh
+    q = _load_tile(Q_head, offsets_m, offsets_d, stride_qm, stride_qd, QUERY_LENGTH, HEAD_DIM)
+    DOut_head = DOut + batch * stride_db + head * stride_dh
+    gradient = _load_tile(DOut_head, offsets_m, offsets_d, stride_dm, stride_dd, QUERY_LENGTH, HEAD_DIM)
+    lse = _load_row_values(LSE, batch_head, offsets_m, QUERY_LENGTH)
+    delta = _load_row_values(Delta, batch_head, offsets_m, QUERY_LENGTH)
     K_head = K + batch * stride_kb + kv_head * stride_kh
     V_head = V + batch * stride_vb + kv_head * stride_vh
     padding_row = Padding + batch * stride_pb
@@ -466,13 +410,8 @@ def _backward_query_kernel(
     end = _visible_keys(start_m, QUERY_LENGTH, KEY_LENGTH, BLOCK_M, CAUSAL)
     for start_n in range(0, end, BLOCK_N):
         offsets_n = start_n + tl.arange(0, BLOCK_N)
-        key_mask = (offsets_n[None, :] < KEY_LENGTH) & (offsets_d[:, None] < HEAD_DIM)
-        k_transposed = tl.load(
-            K_head + offsets_n[None, :] * stride_kn + offsets_d[:, None] * stride_kd, mask=key_mask, other=0.0
-        )  # (D, BLOCK_N)
-        v_transposed = tl.load(
-            V_head + offsets_n[None, :] * stride_vn + offsets_d[:, None] * stride_vd, mask=key_mask, other=0.0
-        )
+        k_transposed = _load_tile_transposed(K_head, offsets_n, offsets_d, stride_kn, stride_kd, KEY_LENGTH, HEAD_DIM)
+        v_transposed = _load_tile_transposed(V_head, offsets_n, offsets_d, stride_vn, stride_vd, KEY_LENGTH, HEAD_DIM)
         logits = _logits(
             q, k_transposed, scale_log2, offsets_m, offsets_n, padding_row,
             QUERY_LENGTH, KEY_LENGTH, CAUSAL, HAS_PADDING, True,
@@ -482,15 +421,8 @@ def _backward_query_kernel(
         ds = probabilities * (dp - delta[:, None])
         dq += tl.dot(ds.to(k_transposed.dtype), tl.trans(k_transposed))
     dq *= softmax_scale
-    tl.store(
-        DQ
-        + batch * stride_qb
-        + head * stride_qh
-        + offsets_m[:, None] * stride_qm
-        + offsets_d[None, :] * stride_qd,
-        dq.to(DQ.dtype.element_ty),
-        mask=row_mask,
-    )
+    DQ_head = DQ + batch * stride_qb + head * stride_qh
+    _store_tile(DQ_head, dq, offsets_m, offsets_d, stride_qm, stride_qd, QUERY_LENGTH, HEAD_DIM)
 
 
 # ---- launchers
@@ -637,5 +569,4 @@ def flash_attention(
     """softmax(q kᵀ · scale) v over (batch, heads, seq, head_dim) tensors, differentiable in q, k and v.
     scale defaults to 1/sqrt(head_dim); k and v may have fewer heads than q (grouped-query); causal
     masking is aligned to the bottom right; padding_mask (batch, key_length) bool keeps True keys."""
-    softmax_scale = 1.0 / math.sqrt(q.shape[-1]) if scale is None else float(scale)
-    return FlashAttention.apply(q, k, v, bool(causal), softmax_scale, padding_mask)
+    return FlashAttention.apply(q, k, v, bool(causal), resolve_scale(q.shape[-1], scale), padding_mask)
