@@ -593,6 +593,12 @@ class NodeClient(_CoordinatorSession):
     def me(self) -> dict:
         return self._request("GET", "/api/nodes/me")
 
+    def earnings_history(self, days: int = 30) -> dict:
+        """The last `days` days (1 to 60) of credits for work, per UTC hour, with the balances and the
+        all-time total: `{"earnings", "since", "hourly": [{"hour_start", "credited_micro"}],
+        "total_credited_micro"}`. Hours are UTC so the caller can group them into its local days."""
+        return self._request("GET", "/api/nodes/me/earnings", params={"days": days})
+
     def upload_artifact(self, path: str | os.PathLike, *, purpose: str, job_id: str, lease_id: str) -> str:
         """Upload a checkpoint or result for the job this node holds; returns its sha256."""
         upload = self._upload(Path(path), {"purpose": purpose, "job_id": job_id, "lease_id": lease_id}, None)

@@ -65,6 +65,16 @@ class Revocation:
     reason: str
 
 
+@dataclass(frozen=True)
+class EarningsHistory:
+    """A node's earnings now and what it was credited for work, per UTC hour, since `since`."""
+
+    earnings: protocol.Earnings
+    since: int  # the start of the first hour in the window, epoch seconds
+    hourly: list[tuple[int, int]]  # (hour start, micro-credits credited), ascending; empty hours left out
+    total_credited_micro: int  # all time
+
+
 def new_lease_id() -> str:
     return f"lease_{secrets.token_hex(8)}"
 
@@ -451,11 +461,19 @@ class JobService:
 
     def earnings(self, node_id: str) -> protocol.Earnings:
         with self.database.reading() as session:
-            node = session.get(Node, node_id)
-            return protocol.Earnings(
-                pending_micro=ledger.balance(session, ledger.node_pending_account(node_id)),
-                available_micro=ledger.balance(session, ledger.node_available_account(node_id)),
-                jobs_completed=node.jobs_completed if node else 0,
+            return _earnings(session, node_id)
+
+    def earnings_history(self, node_id: str, days: int, now: float | None = None) -> EarningsHistory:
+        """The last `days` days of a node's credits for work, hour by hour, beside its balances: read
+        in one session, so the hours, the total and the balances agree."""
+        since = ledger.hour_start((time.time() if now is None else now) - days * 86_400)
+        account = ledger.node_pending_account(node_id)
+        with self.database.reading() as session:
+            return EarningsHistory(
+                earnings=_earnings(session, node_id),
+                since=since,
+                hourly=ledger.hourly_credits(session, account, since),
+                total_credited_micro=ledger.total_credited(session, account),
             )
 
     def may_download(self, node_id: str, sha256: str) -> bool:
@@ -597,6 +615,15 @@ def _record(session: Session, job: Job, message: str) -> None:
             node_id=job.node_id,
             message=message,
         )
+    )
+
+
+def _earnings(session: Session, node_id: str) -> protocol.Earnings:
+    node = session.get(Node, node_id)
+    return protocol.Earnings(
+        pending_micro=ledger.balance(session, ledger.node_pending_account(node_id)),
+        available_micro=ledger.balance(session, ledger.node_available_account(node_id)),
+        jobs_completed=node.jobs_completed if node else 0,
     )
 
 

@@ -9,6 +9,7 @@ balances together always sum to zero; a balance is the sum of an account's entri
 from __future__ import annotations
 
 import time
+from collections.abc import Iterable
 
 from sqlalchemy import func, select
 from sqlalchemy.exc import IntegrityError
@@ -19,6 +20,14 @@ from coordinator.tables import AccountBalance, LedgerEntry, LedgerTransaction
 
 ISSUED = "platform:issued"
 FEES = "platform:fees"
+
+# The transaction kinds that credit a node for work: `charge` pays both a finished job and a live
+# inference request (see `charge`). A node's earnings are its entries from these, and nothing else:
+# moving credit from pending to available (once verification releases it) is not earning it again.
+# No kind takes a node's credit back yet; a clawback kind belongs here when verification adds one, its
+# negative entries then counting against the hour they were posted in.
+EARNING_KINDS = ("charge",)
+SECONDS_PER_HOUR = 3600
 
 
 def buyer_account(buyer_id: str) -> str:
@@ -196,6 +205,49 @@ def _settled(session: Session, job_id: str) -> bool:
     return (
         session.scalar(select(LedgerTransaction.id).where(LedgerTransaction.idempotency_key == key))
         is not None
+    )
+
+
+def hour_start(at: float) -> int:
+    """The start of the UTC hour holding `at` (epoch seconds): whole hours are whole in UTC, whatever
+    the viewer's time zone, so a client can regroup them into its own days."""
+    return int(at // SECONDS_PER_HOUR) * SECONDS_PER_HOUR
+
+
+def sum_by_hour(credits: Iterable[tuple[float, int]]) -> list[tuple[int, int]]:
+    """(posted at, amount) pairs summed per UTC hour: (hour start, micro) ascending, only hours that
+    have entries. Grouped here rather than in SQL, whose float-to-integer casts differ between
+    databases (PostgreSQL rounds, SQLite truncates, and SQLite may have no floor())."""
+    totals: dict[int, int] = {}
+    for posted_at, amount_micro in credits:
+        hour = hour_start(posted_at)
+        totals[hour] = totals.get(hour, 0) + amount_micro
+    return sorted(totals.items())
+
+
+def hourly_credits(session: Session, account: str, since: float) -> list[tuple[int, int]]:
+    """What `account` was credited for work (EARNING_KINDS) per UTC hour, from `since` (epoch
+    seconds) on: (hour start, micro) ascending, hours with nothing omitted."""
+    rows = session.execute(
+        select(LedgerTransaction.created_at, LedgerEntry.amount_micro)
+        .join(LedgerTransaction, LedgerEntry.transaction_id == LedgerTransaction.id)
+        .where(
+            LedgerEntry.account == account,
+            LedgerTransaction.kind.in_(EARNING_KINDS),
+            LedgerTransaction.created_at >= since,
+        )
+    ).all()
+    return sum_by_hour((posted_at, amount_micro) for posted_at, amount_micro in rows)
+
+
+def total_credited(session: Session, account: str) -> int:
+    """Everything `account` was ever credited for work (EARNING_KINDS)."""
+    return int(
+        session.scalar(
+            select(func.coalesce(func.sum(LedgerEntry.amount_micro), 0))
+            .join(LedgerTransaction, LedgerEntry.transaction_id == LedgerTransaction.id)
+            .where(LedgerEntry.account == account, LedgerTransaction.kind.in_(EARNING_KINDS))
+        )
     )
 
 

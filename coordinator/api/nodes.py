@@ -1,4 +1,5 @@
-"""Nodes: registration, their earnings, the artifacts of the jobs they hold, and the `/node` websocket."""
+"""Nodes: registration, their earnings (now and hour by hour), the artifacts of the jobs they hold,
+and the `/node` websocket."""
 
 from __future__ import annotations
 
@@ -6,13 +7,21 @@ import asyncio
 import contextlib
 import logging
 import time
+from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, WebSocket, WebSocketDisconnect, status
+from fastapi import APIRouter, HTTPException, Query, WebSocket, WebSocketDisconnect, status
 from fastapi.responses import FileResponse
 
 from coordinator import accounts, protocol
 from coordinator.api.deps import CurrentNode, Services, ServicesDep, bearer_token
-from coordinator.api.schemas import EarningsOut, NodeOut, NodeRegistrationIn, NodeRegistrationOut
+from coordinator.api.schemas import (
+    EarningsHistoryOut,
+    EarningsHourOut,
+    EarningsOut,
+    NodeOut,
+    NodeRegistrationIn,
+    NodeRegistrationOut,
+)
 from coordinator.artifacts import SHA256
 from coordinator.hub import Connection
 from coordinator.node_session import NodeSession
@@ -21,6 +30,8 @@ from coordinator.tables import Node
 
 logger = logging.getLogger("coordinator.nodes")
 HELLO_TIMEOUT_SECONDS = 15.0
+# Enough for a month's chart with room to compare; the answer stays small (at most 1,440 hours).
+EARNINGS_HISTORY_MAX_DAYS = 60
 
 router = APIRouter(tags=["nodes"])
 
@@ -40,6 +51,26 @@ def me(node: CurrentNode, services: ServicesDep) -> NodeOut:
     earnings = services.jobs.earnings(node.id)
     return NodeOut(
         node_id=node.id, name=node.name, earnings=EarningsOut(**earnings.model_dump(exclude={"type"}))
+    )
+
+
+@router.get("/api/nodes/me/earnings")
+def earnings_history(
+    node: CurrentNode,
+    services: ServicesDep,
+    days: Annotated[
+        int, Query(ge=1, le=EARNINGS_HISTORY_MAX_DAYS, description="how many days back the hours go")
+    ] = 30,
+) -> EarningsHistoryOut:
+    history = services.jobs.earnings_history(node.id, days)
+    return EarningsHistoryOut(
+        earnings=EarningsOut(**history.earnings.model_dump(exclude={"type"})),
+        since=history.since,
+        hourly=[
+            EarningsHourOut(hour_start=hour_start, credited_micro=credited_micro)
+            for hour_start, credited_micro in history.hourly
+        ],
+        total_credited_micro=history.total_credited_micro,
     )
 
 

@@ -136,3 +136,15 @@ class NodeOut(BaseModel):
     node_id: str
     name: str
     earnings: EarningsOut
+
+
+class EarningsHourOut(BaseModel):
+    hour_start: int  # epoch seconds, the start of a UTC hour
+    credited_micro: int
+
+
+class EarningsHistoryOut(BaseModel):
+    earnings: EarningsOut
+    since: int  # epoch seconds, the start of the first hour in the window
+    hourly: list[EarningsHourOut]  # ascending; hours with nothing credited are left out
+    total_credited_micro: int  # all time
