@@ -10,13 +10,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime
 import logging
+import os
 import random
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import ValidationError
 from websockets.asyncio.client import ClientConnection, connect
@@ -26,6 +28,8 @@ from coordinator import protocol
 from coordinator.client import NodeClient, SwarmError
 from coordinator.protocol import CloseCode, ProtocolViolation, format_credits
 from desktop import token_store
+from desktop.activity import Activity, read_activity
+from desktop.guards import GuardDecision, GuardSettings, MachineReading, evaluate
 from desktop.job import JobHost, JobOutcome, JobRun, JobStatus, StopSignal, job_runner
 from desktop.messages import (
     Backoff,
@@ -52,6 +56,7 @@ WELCOME_TIMEOUT_SECONDS = 30.0
 STOP_JOB_SECONDS = 90.0  # a graceful stop waits this long for the job to checkpoint and report
 STOP_DRAIN_SECONDS = 15.0  # ... and this long for the coordinator to acknowledge what was sent
 SLOW_RECONNECT_AFTER = 5  # backoff failures after a close the coordinator chose: waits up to 32 s
+GUARD_INTERVAL_SECONDS = 5.0  # how often the GPU and the seller's activity are read for the guards
 
 
 class NodeStopped(Exception):
@@ -70,7 +75,8 @@ class AgentStatus:
     node_id: str | None = None
     connected: bool = False
     paused: bool = False
-    pause_reason: str | None = None
+    pause_reason: str | None = None  # the seller's, else the first guard's
+    paused_by: Literal["seller", "guard"] | None = None
     job: JobStatus | None = None
     last_job: JobOutcome | None = None
     telemetry: protocol.Telemetry | None = None
@@ -85,7 +91,7 @@ class AgentStatus:
 def _probe_devices(check_torch: bool) -> DeviceInventory:
     from engine import devices
 
-    return devices.probe(check_torch=check_torch)
+    return devices.probe(check_torch=check_torch, torch_in_child=True)
 
 
 class NodeAgent:
@@ -109,6 +115,10 @@ class NodeAgent:
         client_factory: Callable[[str, str], Any] = NodeClient,
         register: Callable[[str, str], tuple[str, str]] = NodeClient.register,
         probe: Callable[[bool], DeviceInventory] = _probe_devices,
+        activity: Callable[[], Activity] = read_activity,
+        guards: GuardSettings | None = None,
+        guard_interval_seconds: float = GUARD_INTERVAL_SECONDS,
+        clock: Callable[[], datetime.datetime] = datetime.datetime.now,
         rng: random.Random | None = None,
         inference_slots: int | None = None,  # None: 1 where llama-cpp-python is installed, else 0
     ):
@@ -122,6 +132,11 @@ class NodeAgent:
         self._client_factory = client_factory
         self._register = register
         self._probe = probe
+        self._activity = activity
+        self._guard_settings = guards or GuardSettings()
+        self._guard_interval_seconds = guard_interval_seconds
+        self._clock = clock
+        self._guard = GuardDecision()
         self._rng = rng or random.Random()
         self._status = AgentStatus(coordinator=self.coordinator)
         self._outbox = Outbox()
@@ -132,8 +147,7 @@ class NodeAgent:
         self._telemetry: protocol.Telemetry | None = None
         self._job: JobRun | None = None  # the lease this node holds now
         self._live_jobs: set[JobRun] = set()  # with any whose child is still exiting
-        self._paused = False
-        self._pause_reason: str | None = None
+        self._seller_pause_reason: str | None = None  # set while the seller has paused the node
         self._stopping = False  # stop() was called: finish the job gracefully, then close
         self._closing = False  # the agent itself is closing the websocket
         self._stop = StopSignal()  # shared with the jobs; abandoned: stop() came twice, close at once
@@ -170,6 +184,7 @@ class NodeAgent:
             self._stop_requested.set()
         connection = asyncio.create_task(self._stay_connected(), name="node-connection")
         stop = asyncio.create_task(self._stop_requested.wait(), name="node-stop")
+        self._spawn(self._watch_machine(), name="node-guards")
         try:
             await asyncio.wait({connection, stop}, return_when=asyncio.FIRST_COMPLETED)
             if connection.done():
@@ -197,7 +212,25 @@ class NodeAgent:
         self._call_in_loop(self._pause_now, reason, stop_running)
 
     def resume(self) -> None:
+        """Undo the seller's pause; the guards still hold the node while one of them says so."""
         self._call_in_loop(self._resume_now)
+
+    def set_guards(self, guards: GuardSettings) -> None:
+        """New guard settings, applied at the next reading (within GUARD_INTERVAL_SECONDS)."""
+        self._call_in_loop(self._set_guards_now, guards)
+
+    @property
+    def guards(self) -> GuardSettings:
+        return self._guard_settings
+
+    async def earnings_history(self, days: int = 30) -> dict[str, Any]:
+        """This node's credits per UTC hour over the last `days` days, with its earnings now (the
+        coordinator's `GET /api/nodes/me/earnings`)."""
+        if self._client is None:
+            raise RuntimeError("the agent has not registered with the coordinator yet")
+        answer = await asyncio.to_thread(self._client.earnings_history, days)
+        self._update(earnings=protocol.Earnings.model_validate(answer["earnings"], strict=False))
+        return answer
 
     async def earnings(self) -> protocol.Earnings:
         """Ask the coordinator for this node's earnings now (they also arrive after each result)."""
@@ -249,20 +282,38 @@ class NodeAgent:
             self._stop_requested.set()
 
     def _pause_now(self, reason: str, stop_running: bool) -> None:
-        self._paused, self._pause_reason = True, reason
+        self._seller_pause_reason = reason
         logger.info("paused (%s): taking no new jobs", reason)
-        self._update(paused=True, pause_reason=reason)
-        self._heartbeat_at_once()
-        if stop_running and self._job is not None:
-            self._job.cancel("paused", pause_reason=reason)
+        self._pause_changed()
+        if stop_running:
+            self._hand_back_job(reason)
 
     def _resume_now(self) -> None:
-        if not self._paused:
+        if self._seller_pause_reason is None:
             return
-        self._paused, self._pause_reason = False, None
-        logger.info("resumed: taking jobs again")
-        self._update(paused=False, pause_reason=None)
-        self._heartbeat_at_once()
+        self._seller_pause_reason = None
+        logger.info("the seller resumed the node")
+        self._pause_changed()
+
+    def _set_guards_now(self, guards: GuardSettings) -> None:
+        self._guard_settings = guards
+
+    def _hand_back_job(self, reason: str) -> None:
+        if self._job is not None:
+            self._job.cancel("paused", pause_reason=reason)
+
+    def _pause_changed(self) -> None:
+        """Tell the coordinator (at once) and the status whether and why the node is paused now."""
+        if self._seller_pause_reason is not None:
+            paused_by, reason = "seller", self._seller_pause_reason
+        elif self._guard.paused:
+            paused_by, reason = "guard", self._guard.reasons[0]
+        else:
+            paused_by, reason = None, None
+        was_paused = self._status.paused
+        self._update(paused=paused_by is not None, pause_reason=reason, paused_by=paused_by)
+        if was_paused != self._status.paused:
+            self._heartbeat_at_once()
 
     def _spawn(self, coroutine: Any, name: str | None = None) -> asyncio.Task:
         task = asyncio.create_task(coroutine, name=name)
@@ -448,8 +499,7 @@ class NodeAgent:
     async def _heartbeats(self, interval: float) -> None:
         while True:
             await asyncio.sleep(interval)
-            await self._refresh_telemetry()
-            self._heartbeat_at_once()
+            self._heartbeat_at_once()  # with the telemetry _watch_machine read last
 
     def _heartbeat_at_once(self) -> None:
         """Tell the coordinator now (with the last telemetry) whether this node takes jobs."""
@@ -463,21 +513,58 @@ class NodeAgent:
                 )
             )
 
+    async def _watch_machine(self) -> None:
+        """Read the GPUs and the seller's activity every few seconds, connected or not: the telemetry
+        the heartbeats carry, and the guards' decision."""
+        while True:
+            await self._refresh_telemetry()
+            await asyncio.sleep(self._guard_interval_seconds)
+
     async def _refresh_telemetry(self) -> None:
         try:
-            inventory = await asyncio.to_thread(self._probe, False)
-            self._telemetry = telemetry_from_inventory(inventory, self._backends)
+            reading = await asyncio.to_thread(self._read_machine)
+            self._telemetry = telemetry_from_inventory(reading.inventory, self._backends)
         except (ValidationError, ValueError) as error:
             logger.debug("kept the previous telemetry: %s", error)
             return
         self._update(telemetry=self._telemetry)
+        self._apply_guards(evaluate(self._guard_settings, reading, self._guard))
+
+    def _read_machine(self) -> MachineReading:
+        inventory = self._probe(False)
+        try:
+            activity = self._activity()
+        except Exception:
+            logger.exception("could not read the seller's activity")
+            activity = Activity(user_idle_seconds=None, fullscreen_application=None)
+        return MachineReading(
+            inventory=inventory,
+            now=self._clock(),
+            own_process_ids=_own_process_ids(),
+            user_idle_seconds=activity.user_idle_seconds,
+            full_screen_application=activity.fullscreen_application,
+        )
+
+    def _apply_guards(self, decision: GuardDecision) -> None:
+        previous, self._guard = self._guard, decision
+        if decision.reasons == previous.reasons:
+            return
+        if decision.paused and not previous.paused:
+            logger.info("pausing: %s", decision.reasons[0])
+            # The seller needs the GPU now: the job checkpoints and goes back to the queue, and the
+            # models kept loaded for inference leave the GPU.
+            self._hand_back_job(decision.reasons[0])
+            self._spawn(asyncio.to_thread(self._serving.release), name="release-inference")
+        elif previous.paused and not decision.paused:
+            logger.info("the guards let work run again")
+        self._pause_changed()
 
     def _running(self) -> tuple[protocol.LeaseReference, ...]:
         job = self._job
         return (job.reference,) if job is not None and job.holds_lease else ()
 
     def _accepting_jobs(self) -> bool:
-        return not (self._paused or self._stopping)
+        return not (self._status.paused or self._stopping)
 
     # ---- coordinator messages
 
@@ -492,7 +579,11 @@ class NodeAgent:
             if self._accepting_jobs():
                 self._serving.handle(message)
             else:
-                refusal = f"node paused ({self._pause_reason})" if self._paused else "node shutting down"
+                refusal = (
+                    f"node paused ({self._status.pause_reason})"
+                    if self._status.paused
+                    else "node shutting down"
+                )
                 self._post(
                     protocol.InferenceFailed(
                         request_id=message.request_id, kind="unavailable", message=refusal
@@ -517,8 +608,8 @@ class NodeAgent:
             return  # the same lease again
         if current is not None and not current.reported:
             refusal = f"node busy with job {current.lease.job_id}"
-        elif self._paused:
-            refusal = f"node paused ({self._pause_reason})"
+        elif self._status.paused:
+            refusal = f"node paused ({self._status.pause_reason})"
         elif self._stopping:
             refusal = "node shutting down"
         else:
@@ -634,6 +725,18 @@ class NodeAgent:
         for job in jobs:
             job.kill()
         await _cancel_all([job.task for job in jobs if job.task is not None])
+
+
+def _own_process_ids() -> frozenset[int]:
+    """This process and its children (the trainer, the inference server): on the GPU, but not a game."""
+    own = {os.getpid()}
+    try:
+        import psutil
+
+        own.update(child.pid for child in psutil.Process().children(recursive=True))
+    except Exception as error:  # psutil missing, or a child gone while listed
+        logger.debug("could not list this process's children: %r", error)
+    return frozenset(own)
 
 
 async def _within(awaitable: Any, seconds: float) -> Any:

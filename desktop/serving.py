@@ -90,6 +90,15 @@ class InferenceServing:
         if self._process is not None:
             self._process.close()
 
+    def release(self) -> None:
+        """End every request and the child, freeing the memory its models hold (a game wants the
+        GPU); the next request starts a fresh child. Blocks while the child exits: call it in a thread."""
+        self.stop_all()
+        process, self._process = self._process, None
+        self._recent.clear()
+        if process is not None:
+            process.close()
+
     # ---- a request
 
     async def _start(self, request: protocol.InferenceRequest) -> None:

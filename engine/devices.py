@@ -83,17 +83,22 @@ class DeviceInventory(_Frozen):
         return [gpu for gpu in self.gpus if gpu.backend in self.backends and gpu.backend != "mps"]
 
 
-def probe(*, check_torch: bool = True) -> DeviceInventory:
+def probe(*, check_torch: bool = True, torch_in_child: bool = False) -> DeviceInventory:
     """Read every device on this machine.
 
     With `check_torch` (slow: it imports torch) a GPU backend is listed only when the installed torch can
-    use it; without it, a GPU the driver reports is taken as usable.
+    use it; without it, a GPU the driver reports is taken as usable. With `torch_in_child` torch is asked
+    in a child process, so a long-running process that never trains (the agent, the tray) does not
+    carry torch's few hundred MB.
     """
     nvidia_gpus = _probe_nvidia()
     amd_gpus = _probe_amdsmi()
     if amd_gpus is None:
         amd_gpus = _probe_pyamdgpuinfo()
-    torch_backends = _torch_backends() if check_torch else None
+    if not check_torch:
+        torch_backends = None
+    else:
+        torch_backends = _torch_backends_in_child() if torch_in_child else _torch_backends()
     apple_gpus = _probe_apple(torch_backends)
     found = (("cuda", nvidia_gpus), ("rocm", amd_gpus), ("mps", apple_gpus))
     backends = [name for name, gpus in found if gpus and (torch_backends is None or name in torch_backends)]
@@ -291,6 +296,24 @@ def _torch_backends() -> frozenset[str]:
         return frozenset()
 
 
+def _torch_backends_in_child(timeout_seconds: float = 120.0) -> frozenset[str]:
+    import subprocess
+    import sys
+
+    try:
+        answer = subprocess.run(
+            [sys.executable, "-m", "engine.devices", "--torch-backends"],
+            capture_output=True,
+            text=True,
+            timeout=timeout_seconds,
+            check=True,
+        )
+    except (OSError, subprocess.SubprocessError) as error:
+        logger.warning("could not ask torch which GPUs it can use: %r", error)
+        return frozenset()
+    return frozenset(name for name in answer.stdout.split() if name in ("cuda", "rocm", "mps"))
+
+
 def _probe_apple(torch_backends: frozenset[str] | None) -> tuple[GpuInfo, ...]:
     # Without torch to ask, Apple silicon is the sign of a Metal GPU that MPS can use.
     usable = platform.machine() == "arm64" if torch_backends is None else "mps" in torch_backends
@@ -360,3 +383,12 @@ def _torch() -> Any:
     import torch
 
     return torch
+
+
+if __name__ == "__main__":
+    import sys
+
+    if sys.argv[1:] == ["--torch-backends"]:
+        print(" ".join(sorted(_torch_backends())))
+    else:
+        print(probe().model_dump_json(indent=2))

@@ -1,0 +1,64 @@
+"""The seller's settings file: round trip, defaults, and unusable files kept aside rather than lost."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from desktop.guards import GuardSettings
+from desktop.settings import (
+    SETTINGS_VERSION,
+    Settings,
+    SettingsError,
+    SettingsStore,
+    default_config_directory,
+)
+
+
+def test_settings_round_trip_with_a_version(tmp_path: Path) -> None:
+    store = SettingsStore(tmp_path / "config" / "settings.json")
+    assert store.load().settings == Settings()
+    settings = Settings(
+        coordinator="HTTP://Swarm.Example:80/",
+        earning=True,
+        guards=GuardSettings(temperature_limit_celsius=75, only_when_idle=True, idle_minutes=3),
+    )
+    store.save(settings)
+    loaded = store.load()
+    assert loaded.problem is None
+    assert loaded.settings == settings
+    assert loaded.settings.coordinator == "http://swarm.example"
+    assert json.loads(store.path.read_text())["version"] == SETTINGS_VERSION
+
+
+def test_an_invalid_file_is_kept_aside_and_the_defaults_used(tmp_path: Path) -> None:
+    store = SettingsStore(tmp_path / "settings.json")
+    store.path.write_text('{"version": 1, "guards": {"temperature_limit_celsius": "hot"}}')
+    loaded = store.load()
+    assert loaded.settings == Settings()
+    assert "guards.temperature_limit_celsius" in loaded.problem
+    kept = list(tmp_path.glob("settings.json.invalid-*"))
+    assert len(kept) == 1 and "hot" in kept[0].read_text()
+    assert str(kept[0]) in loaded.problem
+
+    store.path.write_text("not json{")
+    assert "defaults are in use" in store.load().problem
+
+
+def test_a_file_from_a_newer_version_is_refused_not_overwritten(tmp_path: Path) -> None:
+    store = SettingsStore(tmp_path / "settings.json")
+    store.path.write_text(json.dumps({"version": SETTINGS_VERSION + 1, "coordinator": "http://x"}))
+    with pytest.raises(SettingsError, match="newer compute-swarm"):
+        store.load()
+    assert json.loads(store.path.read_text())["version"] == SETTINGS_VERSION + 1
+
+
+def test_defaults_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SWARM_COORDINATOR", "https://coordinator.example/")
+    monkeypatch.setenv("SWARM_CONFIG_DIR", str(tmp_path))
+    assert Settings().coordinator == "https://coordinator.example"
+    assert default_config_directory() == tmp_path
+    with pytest.raises(ValueError, match="not an http"):
+        Settings(coordinator="ftp://nope")
