@@ -5,13 +5,17 @@ BIN := $(VENV)/bin
 # torch goes in first, on its own: a bare "torch" requirement would pull a multi-GB CUDA build.
 # Pick the build for your GPU with e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= engine,coordinator,node,dev
+EXTRAS ?= engine,coordinator,desktop,dev
 comma := ,
 INSTALLED := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
 
-.PHONY: setup run train-demo test lint format bench clean
+.PHONY: setup system-packages run tray train-demo test lint format bench screenshots clean
 
-setup: $(INSTALLED)
+setup: $(INSTALLED) system-packages
+
+# Qt's runtime libraries, fonts and Xvfb on Debian/Ubuntu (installed when missing and apt-get can run).
+system-packages:
+	@sh installers/debian-packages.sh
 
 $(INSTALLED): pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -21,15 +25,19 @@ $(INSTALLED): pyproject.toml
 	touch $@
 
 # The main job: a coordinator and one local node; prints the URL, a buyer API key and a submit command.
-run: $(INSTALLED)
+run: $(INSTALLED) system-packages
 	$(BIN)/compute-swarm local-swarm --data-dir .swarm
+
+# The seller's tray app (its first run asks for the coordinator, prefilled with `make run`'s).
+tray: $(INSTALLED) system-packages
+	$(BIN)/compute-swarm tray
 
 # Fine-tune on this machine alone, without the swarm.
 train-demo: $(INSTALLED)
 	$(BIN)/compute-swarm train --data engine/data/demo_chat.jsonl --steps 30 --learning-rate 1e-3 --output adapters/demo \
 		--sample "What is the capital of Peru?"
 
-test: $(INSTALLED)
+test: $(INSTALLED) system-packages
 	$(BIN)/python -m pytest
 
 lint: $(INSTALLED)

@@ -1,4 +1,5 @@
-"""`compute-swarm node`: run this machine as a headless seller node until Ctrl-C, or show its earnings."""
+"""`compute-swarm node`: run this machine as a headless seller node until Ctrl-C, or show its earnings;
+`compute-swarm tray`: the same node with the tray app. Both keep to the guards in the seller's settings."""
 
 from __future__ import annotations
 
@@ -9,7 +10,7 @@ import signal
 import sys
 from pathlib import Path
 
-COORDINATOR_ENVIRONMENT_VARIABLE = "SWARM_COORDINATOR"
+from desktop.settings import COORDINATOR_ENVIRONMENT_VARIABLE
 
 
 def default_data_directory() -> Path:
@@ -40,6 +41,33 @@ def register_commands(subcommands: argparse._SubParsersAction) -> None:
     )
     node.add_argument("--name", help="how this node is listed (default: the host name)")
     node.add_argument("--device", help="cpu, cuda:N or mps (default: the best one found, per job)")
+    guards = node.add_argument_group(
+        "guards",
+        "when to pause work (the defaults come from the settings file the tray app writes: "
+        "compute-swarm tray → Settings)",
+    )
+    guards.add_argument(
+        "--max-temperature",
+        type=float,
+        metavar="CELSIUS",
+        help="pause while a GPU is this hot or hotter, until it is 8 °C cooler (default 83)",
+    )
+    guards.add_argument(
+        "--ignore-games",
+        action="store_true",
+        help="keep working while another program holds GPU memory or runs full screen",
+    )
+    guards.add_argument(
+        "--only-when-idle",
+        type=int,
+        metavar="MINUTES",
+        help="work only after this long without keyboard or mouse input (where the OS says)",
+    )
+    guards.add_argument(
+        "--hours",
+        metavar="START-END",
+        help="work only between these hours of the day, local time, e.g. 22-8",
+    )
     action = node.add_mutually_exclusive_group()
     action.add_argument(
         "--earnings", action="store_true", help="show credits earned and jobs completed, then exit"
@@ -50,6 +78,57 @@ def register_commands(subcommands: argparse._SubParsersAction) -> None:
         help="forget this machine's node token for the coordinator (the next run registers again)",
     )
     node.set_defaults(handler=run_node_command)
+
+
+def register_tray_command(subcommands: argparse._SubParsersAction) -> None:
+    tray = subcommands.add_parser(
+        "tray",
+        help="the seller's tray app: one click to earn, GPU temperature and earnings at a glance",
+        description="Start the compute-swarm tray app (a second launch shows the running one's window).",
+    )
+    tray.add_argument("--minimized", action="store_true", help="start in the tray, without the window")
+    tray.add_argument("--data-dir", type=Path, default=None, help="as for `compute-swarm node`")
+    tray.set_defaults(handler=run_tray_command)
+
+
+def run_tray_command(arguments: argparse.Namespace) -> int:
+    try:
+        from desktop.tray.app import run_tray
+    except ImportError as error:
+        _say(f"the tray app needs PySide6: pip install 'compute-swarm[desktop]' ({error})")
+        return 1
+    return run_tray(arguments.data_dir or default_data_directory(), minimized=arguments.minimized)
+
+
+def guard_settings(arguments: argparse.Namespace):
+    """The settings file's guards with the command line's changes; raises ValueError for a bad value."""
+    from pydantic import ValidationError
+
+    from desktop.settings import SettingsError, SettingsStore
+
+    try:
+        loaded = SettingsStore().load()
+    except SettingsError as error:
+        raise ValueError(str(error)) from None
+    if loaded.problem:
+        _say(loaded.problem)
+    changes: dict[str, object] = {}
+    if arguments.max_temperature is not None:
+        changes["temperature_limit_celsius"] = arguments.max_temperature
+    if arguments.ignore_games:
+        changes.update(pause_for_games=False, pause_when_full_screen=False)
+    if arguments.only_when_idle is not None:
+        changes.update(only_when_idle=True, idle_minutes=arguments.only_when_idle)
+    if arguments.hours is not None:
+        start, separator, end = arguments.hours.partition("-")
+        if not (separator and start.strip().isdigit() and end.strip().isdigit()):
+            raise ValueError(f"--hours {arguments.hours!r}: give START-END in whole hours, e.g. 22-8")
+        changes.update(schedule_enabled=True, schedule_start_hour=int(start), schedule_end_hour=int(end))
+    try:
+        return loaded.settings.guards.model_validate({**loaded.settings.guards.model_dump(), **changes})
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
 
 
 def run_node_command(arguments: argparse.Namespace) -> int:
@@ -103,8 +182,15 @@ def _show_earnings(coordinator: str, data_dir: Path) -> int:
 def _serve(coordinator: str, data_dir: Path, arguments: argparse.Namespace) -> int:
     from desktop.agent import NodeAgent, NodeStopped
 
+    try:
+        guards = guard_settings(arguments)
+    except ValueError as error:
+        _say(str(error))
+        return 2
     printer = _StatusPrinter(coordinator)
-    agent = NodeAgent(coordinator, data_dir, name=arguments.name, device=arguments.device, on_change=printer)
+    agent = NodeAgent(
+        coordinator, data_dir, name=arguments.name, device=arguments.device, on_change=printer, guards=guards
+    )
     try:
         asyncio.run(_run_until_interrupted(agent))
     except NodeStopped as error:
@@ -152,6 +238,7 @@ class _StatusPrinter:
         self._was_connected = False
         self._job: str | None = None
         self._last_job = None
+        self._pause_reason: str | None = None
 
     def __call__(self, status) -> None:
         if status.connected and not self._was_connected:
@@ -165,6 +252,9 @@ class _StatusPrinter:
                 f"running job {status.job.job_id} (attempt {status.job.attempt} of {status.job.max_attempts})"
             )
         self._job = status.job.job_id if status.job is not None else None
+        if status.pause_reason != self._pause_reason:
+            _say(f"paused: {status.pause_reason}" if status.paused else "working again")
+            self._pause_reason = status.pause_reason
         if status.last_job is not None and status.last_job != self._last_job:
             outcome = status.last_job
             _say(f"job {outcome.job_id} {outcome.outcome}: {outcome.message}")

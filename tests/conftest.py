@@ -22,6 +22,8 @@ def pytest_configure(config: pytest.Config) -> None:
     # when a kernel is defined, so it is set before any test imports one.
     if not _gpu_present():
         os.environ.setdefault("TRITON_INTERPRET", "1")
+    # Qt widget tests draw offscreen: no display needed, none disturbed.
+    os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:

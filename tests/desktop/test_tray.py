@@ -1,0 +1,272 @@
+"""The tray app, driven like a seller would (offscreen Qt): a real agent connected to a real coordinator
+on loopback, a real fine-tune of SmolLM2, and the guards fed through the agent's telemetry interface
+(its `probe` and `activity` readers), never by patching the app's insides."""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("PySide6", reason="desktop: the tray app's tests need PySide6 (the desktop extra)")
+
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QApplication
+
+from coordinator.client import SwarmClient
+from desktop.activity import Activity
+from desktop.guards import GuardSettings
+from desktop.settings import Settings, SettingsStore
+from desktop.tray import state
+from desktop.tray.app import SingleInstance, TrayApp
+from engine.devices import CpuInfo, DeviceInventory, GpuInfo, GpuProcess
+from tests.coordinator.test_node_socket import check_ledger
+from tests.swarm_processes import Coordinator
+
+pytestmark = pytest.mark.desktop
+
+GIBIBYTE = 1024**3
+DEMO_DATA = Path(__file__).resolve().parents[2] / "engine" / "data" / "demo_chat.jsonl"
+
+
+class Machine:
+    """What the agent reads through its telemetry interface, set by the test."""
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.temperature = 55.0
+        self.processes: tuple[GpuProcess, ...] = ()
+        self.full_screen: str | None = None
+
+    def probe(self, check_torch: bool) -> DeviceInventory:
+        with self.lock:
+            gpu = GpuInfo(
+                index=0,
+                vendor="nvidia",
+                name="NVIDIA GeForce RTX 4070",
+                backend="cuda",
+                memory_total_bytes=12 * GIBIBYTE,
+                memory_free_bytes=9 * GIBIBYTE,
+                temperature_celsius=self.temperature,
+                utilization_percent=35.0,
+                power_watts=120.0,
+                processes=self.processes,
+            )
+        cpu = CpuInfo(
+            name="test CPU",
+            logical_cores=2,
+            memory_total_bytes=24 * GIBIBYTE,
+            memory_available_bytes=16 * GIBIBYTE,
+        )
+        # Jobs run on the CPU here: the GPU is only what the guards and the window see.
+        return DeviceInventory(gpus=(gpu,), cpu=cpu, backends=("cpu",))
+
+    def activity(self) -> Activity:
+        return Activity(user_idle_seconds=None, fullscreen_application=self.full_screen)
+
+    def set(self, **values: object) -> None:
+        with self.lock:
+            for name, value in values.items():
+                setattr(self, name, value)
+
+
+@pytest.fixture
+def coordinator(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    coordinator = Coordinator(tmp_path / "coordinator").start()
+    monkeypatch.setenv("SWARM_COORDINATOR", coordinator.url)  # the first run's prefilled address
+    yield coordinator
+    coordinator.kill()
+    check_ledger(coordinator.data_dir)
+
+
+@pytest.fixture
+def machine() -> Machine:
+    return Machine()
+
+
+@pytest.fixture
+def make_app(qtbot, tmp_path: Path, machine: Machine):
+    apps: list[TrayApp] = []
+
+    def make() -> TrayApp:
+        app = TrayApp(
+            SettingsStore(tmp_path / "config" / "settings.json"),
+            tmp_path / "node",
+            agent_options={
+                "probe": machine.probe,
+                "activity": machine.activity,
+                "guard_interval_seconds": 0.2,
+            },
+            manage_autostart=False,
+        )
+        qtbot.addWidget(app.window)
+        apps.append(app)
+        app.show()
+        return app
+
+    yield make
+    for app in apps:
+        if app.bridge.running:
+            app.bridge.stop()
+            app.bridge.stop()  # at once: kill whatever runs
+            assert app.bridge.wait(30)
+        app.close()
+
+
+def icon_state(app: TrayApp) -> str:
+    return state.icon_state(app.bridge.status, app.activity)
+
+
+def start(qtbot, app: TrayApp) -> None:
+    qtbot.mouseClick(app.window.start_stop, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: icon_state(app) == "idle", timeout=30_000)
+    assert app.window.headline.text() == "Ready: waiting for a job"
+
+
+def test_start_earning_runs_a_real_job_shows_it_and_its_earnings_then_stop(
+    qtbot, make_app, coordinator: Coordinator, demo_model_directory: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="desktop.tray.app")
+    app = make_app()
+    window = app.window
+    assert window.coordinator.text() == coordinator.url  # first run: prefilled, nothing else asked
+    assert window.start_stop.text() == "Start earning"
+    qtbot.waitUntil(
+        lambda: window.gpu_cards and "RTX 4070" in window.gpu_cards[0].name.text(), timeout=10_000
+    )
+
+    start(qtbot, app)
+    assert not window.coordinator.isEnabled()
+    assert window.connection.text().startswith(f"Connected to {coordinator.url} as node ")
+    assert json.loads(app.store.path.read_text())["earning"] is True
+    assert "GPU 55 °C" in app.tray.toolTip()
+
+    buyer = SwarmClient(coordinator.url, coordinator.create_buyer("buyer"))
+    dataset = buyer.upload_file(DEMO_DATA)
+    job = buyer.submit_lora(
+        {
+            "base_model": "smollm2-135m-instruct",
+            "dataset": dataset["id"],
+            "max_steps": 3,
+            "batch_size": 2,
+            "max_sequence_length": 96,
+            "learning_rate": 1e-3,
+            "eval_fraction": 0.0,
+        }
+    )
+    qtbot.waitUntil(lambda: icon_state(app) == "earning", timeout=60_000)
+    assert job["id"] in window.job_title.text() and "LoRA fine-tune" in window.job_title.text()
+    assert window.headline.text() == "Earning: running a job"
+    qtbot.waitUntil(lambda: "completed" in window.last_job.text(), timeout=240_000)
+    qtbot.waitUntil(lambda: buyer.job(job["id"])["state"] == "completed", timeout=30_000)
+    qtbot.waitUntil(lambda: window.earned["today"].text() not in ("—", "0"), timeout=30_000)
+    earned_today = float(window.earned["today"].text())
+    assert earned_today > 0
+    assert window.earned["total"].text() == window.earned["today"].text()
+    assert "1 job done" in window.balances.text()
+    assert f"Today: {window.earned['today'].text()} credits" in app.tray.toolTip()
+    assert any(f"Job finished: Job {job['id']} is done" in message for message in caplog.messages)
+    qtbot.waitUntil(lambda: icon_state(app) == "idle", timeout=30_000)  # once the trainer has exited
+
+    qtbot.mouseClick(window.start_stop, Qt.MouseButton.LeftButton)
+    qtbot.waitUntil(lambda: not app.activity.running, timeout=60_000)
+    assert window.headline.text() == "Not earning" and window.start_stop.text() == "Start earning"
+    assert window.coordinator.isEnabled()
+    assert json.loads(app.store.path.read_text())["earning"] is False
+
+
+def test_guards_pause_and_resume_from_the_telemetry_feed(
+    qtbot, make_app, coordinator: Coordinator, machine: Machine
+) -> None:
+    app = make_app()
+    start(qtbot, app)
+
+    machine.set(temperature=90.0)
+    qtbot.waitUntil(lambda: icon_state(app) == "paused", timeout=10_000)
+    assert app.window.headline.text() == "Paused: the GPU is at 90 °C (limit 83 °C; resumes below 75 °C)"
+    assert app.headline_action.text() == app.window.headline.text()  # the tray menu says it too
+    machine.set(temperature=78.0)  # cooler, but not by the hysteresis yet
+    qtbot.wait(800)
+    assert icon_state(app) == "paused"
+    assert "78 °C" in app.window.headline.text()
+    machine.set(temperature=70.0)
+    qtbot.waitUntil(lambda: icon_state(app) == "idle", timeout=10_000)
+
+    machine.set(
+        processes=(GpuProcess(pid=999_999, name="Cyberpunk2077.exe", used_memory_bytes=4 * GIBIBYTE),)
+    )
+    qtbot.waitUntil(lambda: icon_state(app) == "paused", timeout=10_000)
+    assert app.window.headline.text() == "Paused: Cyberpunk2077.exe is using the GPU (4.0 GiB)"
+    machine.set(processes=(), full_screen="Elden Ring")
+    qtbot.waitUntil(lambda: "Elden Ring is running full screen" in app.window.headline.text(), timeout=10_000)
+    machine.set(full_screen=None)
+    qtbot.waitUntil(lambda: icon_state(app) == "idle", timeout=10_000)
+
+    # A guard turned off in the settings lets the same game run beside the swarm.
+    app.bridge.set_guards(GuardSettings(pause_when_full_screen=False))
+    machine.set(full_screen="Elden Ring")
+    qtbot.wait(800)
+    assert icon_state(app) == "idle"
+
+
+def test_settings_are_saved_applied_to_the_agent_and_read_back(
+    qtbot, make_app, coordinator: Coordinator, machine: Machine, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from desktop.tray import window as window_module
+
+    app = make_app()
+    start(qtbot, app)
+    machine.set(temperature=78.0)  # below the default limit of 83 °C
+
+    def change_and_save(dialog: window_module.SettingsDialog) -> bool:
+        dialog.temperature_limit.setValue(75)
+        dialog.only_when_idle.setChecked(True)
+        dialog.idle_minutes.setValue(3)
+        dialog.schedule.setChecked(True)
+        dialog.schedule_start.setValue(0)
+        dialog.schedule_end.setValue(0)  # the whole day
+        dialog.notifications.setChecked(False)
+        dialog.buttons.button(dialog.buttons.StandardButton.Save).click()
+        return dialog.result() == dialog.DialogCode.Accepted
+
+    # exec() would block the test in a modal loop: the dialog is filled in and saved as a seller would.
+    monkeypatch.setattr(window_module.SettingsDialog, "exec", change_and_save)
+    app.open_settings()
+    qtbot.waitUntil(lambda: icon_state(app) == "paused", timeout=10_000)
+    assert "limit 75 °C" in app.window.headline.text()
+    saved = SettingsStore(app.store.path).load().settings
+    assert saved.guards.temperature_limit_celsius == 75
+    assert saved.guards.only_when_idle and saved.guards.idle_minutes == 3
+    assert saved.notifications is False and saved.earning is True
+    assert app.window.temperature_chart.threshold == 75
+
+
+def test_a_bad_address_is_said_next_to_the_field_and_nothing_starts(qtbot, make_app) -> None:
+    app = make_app()
+    app.window.coordinator.setText("ftp://swarm.example")
+    qtbot.mouseClick(app.window.start_stop, Qt.MouseButton.LeftButton)
+    assert app.window.coordinator_error.isVisible()
+    assert "not an http:// or https://" in app.window.coordinator_error.text()
+    assert not app.bridge.running and app.window.start_stop.text() == "Start earning"
+
+
+def test_an_unusable_settings_file_is_kept_and_said(qtbot, make_app, tmp_path: Path) -> None:
+    path = tmp_path / "config" / "settings.json"
+    path.parent.mkdir(parents=True)
+    path.write_text('{"guards": {"temperature_limit_celsius": 500}}')
+    app = make_app()
+    assert "the defaults are in use" in app.window.coordinator_error.text()
+    assert list(path.parent.glob("settings.json.invalid-*"))
+    assert app.settings == Settings()
+
+
+def test_a_second_launch_shows_the_first_instead_of_starting(qtbot, tmp_path: Path) -> None:
+    first = SingleInstance(str(tmp_path / "settings.json"))
+    assert first.claim()
+    with qtbot.waitSignal(first.activated, timeout=5_000):
+        assert not SingleInstance(str(tmp_path / "settings.json")).claim()
+    assert SingleInstance(str(tmp_path / "other.json")).claim()  # another seller's config: its own app
+    assert QApplication.instance() is not None

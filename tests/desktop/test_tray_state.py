@@ -1,0 +1,101 @@
+"""What the tray shows, decided without Qt: local-day earnings, the icon's state, notifications."""
+
+from __future__ import annotations
+
+import datetime
+
+from coordinator.protocol import Earnings
+from desktop.agent import AgentStatus
+from desktop.job import JobOutcome, JobStatus
+from desktop.tray import state
+
+TOKYO = datetime.timezone(datetime.timedelta(hours=9))
+
+
+def test_earnings_add_up_by_the_sellers_local_days_and_week() -> None:
+    now = datetime.datetime(2026, 12, 2, 10, 0, tzinfo=TOKYO)  # a Wednesday
+    utc = datetime.timezone.utc
+
+    def hour(*when: int) -> int:
+        return int(datetime.datetime(*when, tzinfo=utc).timestamp())
+
+    history = {
+        "hourly": [
+            {"hour_start": hour(2026, 11, 29, 12), "credited_micro": 7},  # Sunday 21:00 in Tokyo: last week
+            {"hour_start": hour(2026, 11, 30, 16), "credited_micro": 100},  # Tuesday 01:00 in Tokyo
+            {"hour_start": hour(2026, 12, 1, 14), "credited_micro": 20},  # Tuesday 23:00 in Tokyo
+            {"hour_start": hour(2026, 12, 1, 15), "credited_micro": 3},  # Wednesday 00:00 in Tokyo
+            {"hour_start": hour(2026, 12, 2, 0), "credited_micro": 5},  # Wednesday 09:00 in Tokyo
+        ],
+        "total_credited_micro": 1_000,
+    }
+    summary = state.summarize_earnings(history, now, days=14)
+    assert summary.today_micro == 8
+    assert summary.week_micro == 128
+    assert summary.total_micro == 1_000
+    assert len(summary.daily) == 14 and summary.daily[-1] == (now.date(), 8)
+    assert dict(summary.daily)[datetime.date(2026, 12, 1)] == 120
+
+
+def test_icon_states_and_headlines() -> None:
+    running = state.Activity(running=True)
+    connected = AgentStatus(coordinator="http://c", node_id="node_1", connected=True)
+    job = JobStatus(job_id="job_1", lease_id="lease_1", attempt=1, max_attempts=3, phase="training")
+    assert state.icon_state(None, state.Activity()) == "offline"
+    assert state.headline(None, running) == "Connecting…"
+    assert state.icon_state(connected, running) == "idle"
+    assert (
+        state.icon_state(AgentStatus(coordinator="http://c", connected=True, job=job), running) == "earning"
+    )
+    paused = AgentStatus(
+        coordinator="http://c", connected=True, paused=True, pause_reason="hot", paused_by="guard"
+    )
+    assert state.headline(paused, running) == "Paused: hot"
+    assert state.icon_state(connected, state.Activity(error="refused")) == "error"
+    offline = AgentStatus(coordinator="http://c", problem="cannot reach")
+    assert state.headline(offline, running) == "Offline: reconnecting…"
+
+
+def test_job_lines_say_progress_and_time_left() -> None:
+    job = JobStatus(
+        job_id="job_1", lease_id="l", attempt=2, max_attempts=3, phase="training", step=5, total_steps=20,
+        loss=1.23456, eta_seconds=3725,
+    )  # fmt: skip
+    assert state.describe_job(job) == "LoRA fine-tune · job job_1 · fine-tuning"
+    assert state.job_details(job) == "5 of 20 steps · loss 1.235 · about 1 h 02 min left · attempt 2 of 3"
+    batch = JobStatus(
+        job_id="job_2", lease_id="l", attempt=1, max_attempts=3, phase="generating", step=1, total_steps=4
+    )
+    assert state.describe_job(batch).startswith("Batch inference")
+    assert state.job_details(batch) == "1 of 4 prompts"
+
+
+def test_notifications_for_finished_jobs_guard_pauses_and_lost_connections() -> None:
+    base = AgentStatus(coordinator="http://c", node_id="node_1", connected=True, earnings=Earnings(
+        pending_micro=0, available_micro=0, jobs_completed=0))  # fmt: skip
+    finished = AgentStatus(
+        coordinator="http://c", connected=True, last_job=JobOutcome("job_1", "completed", "3 steps in 20 s")
+    )
+    assert state.notifications(base, finished) == [("Job finished", "Job job_1 is done: 3 steps in 20 s")]
+    assert state.notifications(finished, finished) == []
+    hot = AgentStatus(
+        coordinator="http://c", connected=True, paused=True, pause_reason="hot", paused_by="guard"
+    )
+    hotter = AgentStatus(
+        coordinator="http://c", connected=True, paused=True, pause_reason="hotter", paused_by="guard"
+    )
+    assert state.notifications(base, hot) == [("Paused", "Work paused: hot")]
+    assert state.notifications(hot, hotter) == []  # the same pause, a new temperature: said once
+    assert state.notifications(hotter, base) == [("Earning again", "Work resumed")]
+    seller = AgentStatus(
+        coordinator="http://c", connected=True, paused=True, pause_reason="me", paused_by="seller"
+    )
+    assert state.notifications(base, seller) == []  # the seller knows
+    dropped = AgentStatus(coordinator="http://c", connected=False)
+    assert state.notifications(base, dropped) == [("Disconnected", "Lost the coordinator; reconnecting…")]
+    assert state.notifications(base, AgentStatus(coordinator="http://c", stopped=True)) == []
+
+
+def test_tooltip_has_temperature_and_today() -> None:
+    assert state.tooltip(None, state.Activity(), None, None) == "compute-swarm — Not earning"
+    assert state.tooltip(None, state.Activity(), None, 1_500_000).endswith("Today: 1.5 credits")
