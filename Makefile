@@ -48,11 +48,16 @@ format: $(INSTALLED)
 	$(BIN)/ruff check --fix .
 	$(BIN)/ruff format .
 
-bench: $(INSTALLED)
+bench: $(INSTALLED) system-packages
 	$(BIN)/python bench/lora.py
 	$(BIN)/python bench/coordinator.py
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/attention.py
+	$(BIN)/python bench/tray.py
+
+# Screenshots of the real tray window under Xvfb, into screenshots/ (a real coordinator and fine-tune).
+screenshots: $(INSTALLED) system-packages
+	xvfb-run -a -s "-screen 0 1280x1024x24" env QT_QPA_PLATFORM=xcb $(BIN)/python -m tests.desktop.screenshot_tray screenshots
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -114,8 +114,12 @@ class TrayApp(QObject):
     def show(self, minimized: bool = False) -> None:
         if QSystemTrayIcon.isSystemTrayAvailable():
             self.tray.show()
+            logger.info("the tray icon is shown")
+        else:
+            logger.info("this desktop has no system tray: the window stays the app's face")
         if not minimized or not QSystemTrayIcon.isSystemTrayAvailable():
             self.show_window()
+            logger.info("the window is shown")
         if self.settings.earning and self.settings_writable:
             self.start(self.settings.coordinator)  # it was earning when it last closed: go on
 

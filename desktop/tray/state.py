@@ -43,23 +43,31 @@ def icon_state(status: AgentStatus | None, activity: Activity) -> IconState:
 
 
 def headline(status: AgentStatus | None, activity: Activity) -> str:
-    """One line for the top of the window and the tray menu."""
+    """One line for the tray menu and the tooltip."""
+    title, detail = headline_parts(status, activity)
+    return f"{title}: {detail}" if detail else title
+
+
+def headline_parts(status: AgentStatus | None, activity: Activity) -> tuple[str, str | None]:
+    """The state in a word or two, and what it is about (the pause's reason), for the window's header."""
     state = icon_state(status, activity)
     if state == "error":
-        return "Stopped: needs your attention"
+        return "Stopped: needs your attention", None
     if activity.stopping:
-        return "Stopping…" if status is None or status.job is None else "Stopping: saving the job's progress…"
+        if status is None or status.job is None:
+            return "Stopping…", None
+        return "Stopping", "saving the job's progress…"
     if not activity.running:
-        return "Not earning"
+        return "Not earning", None
     if status is None:
-        return "Connecting…"
+        return "Connecting…", None
     if state == "offline":
-        return "Connecting…" if status.problem is None else "Offline: reconnecting…"
+        return ("Connecting…", None) if status.problem is None else ("Offline", "reconnecting…")
     if state == "paused":
-        return f"Paused: {status.pause_reason}"
+        return "Paused", status.pause_reason
     if state == "earning":
-        return "Earning: running a job"
-    return "Ready: waiting for a job"
+        return "Earning", "running a job"
+    return "Ready", "waiting for a job"
 
 
 def hottest_temperature(telemetry: Telemetry | None) -> float | None:

@@ -103,7 +103,10 @@ class Chart(QWidget):
             self._draw_labels(painter, area)
             return
         top = max([*self.values, self.threshold or 0.0])
-        bottom = 0.0 if self.kind == "bars" else min(self.values) - 2
+        if self.kind == "line":
+            top += 5  # room for the value written at the top right
+        # A line's scale starts a little under its lowest point, so a few degrees do not look like a cliff.
+        bottom = 0.0 if self.kind == "bars" else max(0.0, min(self.values) - 15)
         if top <= bottom:
             top = bottom + 1
 

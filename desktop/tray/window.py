@@ -36,7 +36,9 @@ from desktop.tray import state
 from desktop.tray.widgets import MUTED, STATE_COLORS, TEXT, Chart, Meter, state_icon
 
 STYLE_SHEET = f"""
-QWidget {{ background: #12161f; color: {TEXT}; font-size: 10pt; }}
+QWidget {{ color: {TEXT}; font-size: 10pt; }}
+MainWindow, QDialog {{ background: #12161f; }}
+QLabel, QCheckBox {{ background: transparent; }}
 QFrame#card {{ background: #1b2130; border-radius: 10px; }}
 QLabel#muted {{ color: {MUTED}; }}
 QLabel#title {{ font-size: 11pt; font-weight: 600; }}
@@ -96,6 +98,7 @@ class GpuCard(QFrame):
         layout.addWidget(self.utilization, 1, 0, 1, 2)
         layout.addWidget(self.memory, 2, 0, 1, 2)
         layout.addWidget(self.power, 3, 0, 1, 2)
+        layout.setColumnStretch(0, 1)  # the name gets the room, the temperature what it needs
 
     def show_gpu(self, gpu: GpuTelemetry, limit_celsius: float) -> None:
         self.name.setText(gpu.name)
@@ -130,6 +133,7 @@ class MainWindow(QWidget):
         self.setWindowIcon(state_icon("offline"))
         self.setStyleSheet(STYLE_SHEET)
         self.setMinimumWidth(480)
+        self.resize(520, 780)
         self._limit_celsius = settings.guards.temperature_limit_celsius
         self._running = False
         root = QVBoxLayout(self)
@@ -226,14 +230,16 @@ class MainWindow(QWidget):
         icon_state = state.icon_state(status, activity)
         self.icon.setPixmap(state_icon(icon_state).pixmap(40, 40))
         self.setWindowIcon(state_icon(icon_state))
-        self.headline.setText(state.headline(status, activity))
+        title, detail = state.headline_parts(status, activity)
+        self.headline.setText(title)
         self.headline.setStyleSheet(f"color: {STATE_COLORS[icon_state]};" if icon_state != "offline" else "")
-        detail = activity.error or (
-            status.problem if status and activity.running and not status.connected else None
-        )
-        if detail is None and not activity.running:
+        if activity.error:
+            detail = activity.error
+        elif status is not None and activity.running and not status.connected and status.problem:
+            detail = status.problem
+        elif not activity.running:
             detail = "Press Start earning to rent this GPU to the swarm while you are not using it."
-        self.detail.setText(detail or "")
+        self.detail.setText(detail[:1].upper() + detail[1:] if detail else "")
         self.start_stop.setText("Stop" if activity.running else "Start earning")
         self.start_stop.setObjectName("stop" if activity.running else "primary")
         self.start_stop.setEnabled(not activity.stopping)
@@ -306,6 +312,9 @@ class MainWindow(QWidget):
 
     def _show_job(self, status: AgentStatus | None) -> None:
         job = status.job if status else None
+        last = status.last_job if status else None
+        if job is not None and last is not None and last.job_id == job.job_id:
+            job = None  # reported already: only its trainer is still exiting
         if job is None:
             self.job_title.setText("No job right now")
             self.job_progress.hide()
@@ -317,7 +326,6 @@ class MainWindow(QWidget):
             self.job_progress.setValue(done)
             self.job_progress.show()
             self.job_details.setText(state.job_details(job))
-        last = status.last_job if status else None
         self.last_job.setText(f"Last: job {last.job_id} {last.outcome} — {last.message}" if last else "")
 
     @staticmethod

@@ -62,3 +62,34 @@ def test_defaults_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp
     assert default_config_directory() == tmp_path
     with pytest.raises(ValueError, match="not an http"):
         Settings(coordinator="ftp://nope")
+
+
+def test_the_headless_node_takes_the_settings_guards_with_its_flags(
+    monkeypatch: pytest.MonkeyPatch, tmp_path: Path
+) -> None:
+    import argparse
+
+    from desktop.cli import guard_settings, register_commands
+
+    monkeypatch.setenv("SWARM_CONFIG_DIR", str(tmp_path))
+    SettingsStore(tmp_path / "settings.json").save(
+        Settings(guards=GuardSettings(temperature_limit_celsius=70))
+    )
+    parser = argparse.ArgumentParser()
+    register_commands(parser.add_subparsers())
+
+    def guards(*flags: str) -> GuardSettings:
+        return guard_settings(parser.parse_args(["node", *flags]))
+
+    assert guards() == GuardSettings(temperature_limit_celsius=70)
+    changed = guards("--max-temperature", "80", "--ignore-games", "--only-when-idle", "5", "--hours", "22-8")
+    assert changed.temperature_limit_celsius == 80
+    assert not changed.pause_for_games and not changed.pause_when_full_screen
+    assert changed.only_when_idle and changed.idle_minutes == 5
+    assert (changed.schedule_enabled, changed.schedule_start_hour, changed.schedule_end_hour) == (True, 22, 8)
+    with pytest.raises(ValueError, match="START-END"):
+        guards("--hours", "night")
+    with pytest.raises(ValueError, match="schedule_start_hour"):
+        guards("--hours", "25-3")
+    with pytest.raises(ValueError, match="temperature_limit_celsius"):
+        guards("--max-temperature", "500")

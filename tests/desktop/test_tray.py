@@ -123,7 +123,7 @@ def icon_state(app: TrayApp) -> str:
 def start(qtbot, app: TrayApp) -> None:
     qtbot.mouseClick(app.window.start_stop, Qt.MouseButton.LeftButton)
     qtbot.waitUntil(lambda: icon_state(app) == "idle", timeout=30_000)
-    assert app.window.headline.text() == "Ready: waiting for a job"
+    assert (app.window.headline.text(), app.window.detail.text()) == ("Ready", "Waiting for a job")
 
 
 def test_start_earning_runs_a_real_job_shows_it_and_its_earnings_then_stop(
@@ -159,7 +159,7 @@ def test_start_earning_runs_a_real_job_shows_it_and_its_earnings_then_stop(
     )
     qtbot.waitUntil(lambda: icon_state(app) == "earning", timeout=60_000)
     assert job["id"] in window.job_title.text() and "LoRA fine-tune" in window.job_title.text()
-    assert window.headline.text() == "Earning: running a job"
+    assert window.headline.text() == "Earning" and app.headline_action.text() == "Earning: running a job"
     qtbot.waitUntil(lambda: "completed" in window.last_job.text(), timeout=240_000)
     qtbot.waitUntil(lambda: buyer.job(job["id"])["state"] == "completed", timeout=30_000)
     qtbot.waitUntil(lambda: window.earned["today"].text() not in ("—", "0"), timeout=30_000)
@@ -186,12 +186,13 @@ def test_guards_pause_and_resume_from_the_telemetry_feed(
 
     machine.set(temperature=90.0)
     qtbot.waitUntil(lambda: icon_state(app) == "paused", timeout=10_000)
-    assert app.window.headline.text() == "Paused: the GPU is at 90 °C (limit 83 °C; resumes below 75 °C)"
-    assert app.headline_action.text() == app.window.headline.text()  # the tray menu says it too
+    assert app.window.headline.text() == "Paused"
+    assert app.window.detail.text() == "The GPU is at 90 °C (limit 83 °C; resumes below 75 °C)"
+    assert app.headline_action.text() == "Paused: the GPU is at 90 °C (limit 83 °C; resumes below 75 °C)"
     machine.set(temperature=78.0)  # cooler, but not by the hysteresis yet
     qtbot.wait(800)
     assert icon_state(app) == "paused"
-    assert "78 °C" in app.window.headline.text()
+    assert "78 °C" in app.window.detail.text()
     machine.set(temperature=70.0)
     qtbot.waitUntil(lambda: icon_state(app) == "idle", timeout=10_000)
 
@@ -199,9 +200,9 @@ def test_guards_pause_and_resume_from_the_telemetry_feed(
         processes=(GpuProcess(pid=999_999, name="Cyberpunk2077.exe", used_memory_bytes=4 * GIBIBYTE),)
     )
     qtbot.waitUntil(lambda: icon_state(app) == "paused", timeout=10_000)
-    assert app.window.headline.text() == "Paused: Cyberpunk2077.exe is using the GPU (4.0 GiB)"
+    assert app.window.detail.text() == "Cyberpunk2077.exe is using the GPU (4.0 GiB)"
     machine.set(processes=(), full_screen="Elden Ring")
-    qtbot.waitUntil(lambda: "Elden Ring is running full screen" in app.window.headline.text(), timeout=10_000)
+    qtbot.waitUntil(lambda: "Elden Ring is running full screen" in app.window.detail.text(), timeout=10_000)
     machine.set(full_screen=None)
     qtbot.waitUntil(lambda: icon_state(app) == "idle", timeout=10_000)
 
@@ -236,7 +237,7 @@ def test_settings_are_saved_applied_to_the_agent_and_read_back(
     monkeypatch.setattr(window_module.SettingsDialog, "exec", change_and_save)
     app.open_settings()
     qtbot.waitUntil(lambda: icon_state(app) == "paused", timeout=10_000)
-    assert "limit 75 °C" in app.window.headline.text()
+    assert "limit 75 °C" in app.window.detail.text()
     saved = SettingsStore(app.store.path).load().settings
     assert saved.guards.temperature_limit_celsius == 75
     assert saved.guards.only_when_idle and saved.guards.idle_minutes == 3

@@ -1,0 +1,97 @@
+"""Screenshots of the real tray window (`make screenshots`, under Xvfb): a real coordinator on loopback,
+the window's agent connected to it and running a real 3-step fine-tune of SmolLM2. This machine has no
+GPU, so the GPU the window shows is a reading fed through the agent's telemetry interface.
+
+    python -m tests.desktop.screenshot_tray OUTPUT_DIRECTORY
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from PySide6.QtCore import QEventLoop, QTimer
+from PySide6.QtWidgets import QApplication
+
+from coordinator.client import SwarmClient
+from desktop.settings import SettingsStore
+from desktop.tray.app import TrayApp
+from tests.desktop.test_tray import DEMO_DATA, Machine
+from tests.swarm_processes import Coordinator
+
+
+def wait(application: QApplication, condition, timeout: float, what: str) -> None:
+    deadline = time.monotonic() + timeout
+    while not condition():
+        if time.monotonic() > deadline:
+            raise SystemExit(f"timed out after {timeout:.0f} s waiting for {what}")
+        loop = QEventLoop()
+        QTimer.singleShot(100, loop.quit)
+        loop.exec()
+
+
+def save(app: TrayApp, application: QApplication, path: Path) -> None:
+    window = app.window
+    window.resize(520, window.sizeHint().height())
+    wait(application, lambda: True, 1.5, "")  # let the last changes paint
+    # The window as X shows it (Xvfb has no window manager, so there is no title bar to include).
+    window.grab().save(str(path))
+    print(f"wrote {path} ({window.width()}×{window.height()})")
+
+
+def main() -> int:
+    output = Path(sys.argv[1] if len(sys.argv) > 1 else "screenshots")
+    output.mkdir(parents=True, exist_ok=True)
+    work = Path(tempfile.mkdtemp(prefix="tray-screenshots-"))
+    os.environ.setdefault("SWARM_TOKEN_STORE", "file")
+    coordinator = Coordinator(work / "coordinator").start()
+    os.environ["SWARM_COORDINATOR"] = coordinator.url
+    application = QApplication.instance() or QApplication([])
+    machine = Machine()
+    machine.set(temperature=61.0)
+    app = TrayApp(
+        SettingsStore(work / "config" / "settings.json"),
+        work / "node",
+        agent_options={"probe": machine.probe, "activity": machine.activity, "guard_interval_seconds": 1.0},
+        manage_autostart=False,
+    )
+    try:
+        app.window.move(20, 20)
+        app.show()
+        wait(application, lambda: bool(app.window.gpu_cards), 20, "the GPU reading")
+        save(app, application, output / "tray-1-first-run.png")
+
+        app.start(coordinator.url)
+        wait(application, lambda: app.window.headline.text() == "Ready", 60, "the connection")
+        buyer = SwarmClient(coordinator.url, coordinator.create_buyer("buyer"))
+        dataset = buyer.upload_file(DEMO_DATA)
+        spec = {"base_model": "smollm2-135m-instruct", "dataset": dataset["id"], "batch_size": 2}
+        spec.update(max_sequence_length=96, learning_rate=1e-3, eval_fraction=0.0)
+        job = buyer.submit_lora({**spec, "max_steps": 3})
+        machine.set(temperature=72.0)
+        wait(application, lambda: "of 3 steps" in app.window.job_details.text(), 240, "training to start")
+        save(app, application, output / "tray-2-earning.png")
+
+        wait(application, lambda: buyer.job(job["id"])["state"] == "completed", 240, "the job to complete")
+        wait(application, lambda: app.window.earned["today"].text() not in ("—", "0"), 60, "the earnings")
+        buyer.submit_lora(
+            {**spec, "max_steps": 2}
+        )  # a second job, so the chart has a bar and the count grows
+        wait(application, lambda: "2 jobs done" in app.window.balances.text(), 240, "the second job")
+        machine.set(temperature=88.0)
+        wait(application, lambda: app.window.headline.text() == "Paused", 30, "the temperature guard")
+        save(app, application, output / "tray-3-paused-hot.png")
+    finally:
+        app.bridge.stop()
+        app.bridge.stop()
+        app.bridge.wait(30)
+        app.close()
+        coordinator.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
