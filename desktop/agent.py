@@ -517,7 +517,10 @@ class NodeAgent:
         """Read the GPUs and the seller's activity every few seconds, connected or not: the telemetry
         the heartbeats carry, and the guards' decision."""
         while True:
-            await self._refresh_telemetry()
+            try:
+                await self._refresh_telemetry()
+            except Exception:  # one bad reading must not end the guards for the rest of the run
+                logger.exception("could not read this machine for the guards")
             await asyncio.sleep(self._guard_interval_seconds)
 
     async def _refresh_telemetry(self) -> None:

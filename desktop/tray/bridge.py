@@ -75,14 +75,6 @@ class AgentBridge(QObject):
         if self._agent is not None:
             self._agent.stop()
 
-    def pause(self, reason: str) -> None:
-        if self._agent is not None:
-            self._agent.pause(reason, stop_running=True)
-
-    def resume(self) -> None:
-        if self._agent is not None:
-            self._agent.resume()
-
     def set_guards(self, guards: GuardSettings) -> None:
         if self._agent is not None:
             self._agent.set_guards(guards)

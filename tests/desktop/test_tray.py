@@ -117,7 +117,8 @@ def make_app(qtbot, tmp_path: Path, machine: Machine):
 
 
 def icon_state(app: TrayApp) -> str:
-    return state.icon_state(app.bridge.status, app.activity)
+    # The status the window was last given (on the Qt thread), not the agent's newer one.
+    return state.icon_state(app.status, app.activity)
 
 
 def start(qtbot, app: TrayApp) -> None:
