@@ -219,10 +219,6 @@ class NodeAgent:
         """New guard settings, applied at the next reading (within GUARD_INTERVAL_SECONDS)."""
         self._call_in_loop(self._set_guards_now, guards)
 
-    @property
-    def guards(self) -> GuardSettings:
-        return self._guard_settings
-
     async def earnings_history(self, days: int = 30) -> dict[str, Any]:
         """This node's credits per UTC hour over the last `days` days, with its earnings now (the
         coordinator's `GET /api/nodes/me/earnings`)."""

@@ -10,7 +10,8 @@ import signal
 import sys
 from pathlib import Path
 
-from desktop.settings import COORDINATOR_ENVIRONMENT_VARIABLE
+# Only the standard library at import: every `compute-swarm` command loads this module.
+from desktop.token_store import COORDINATOR_ENVIRONMENT_VARIABLE
 
 
 def default_data_directory() -> Path:

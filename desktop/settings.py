@@ -24,7 +24,6 @@ SETTINGS_VERSION = 1
 # The coordinator `make run` starts; a seller joining someone else's swarm types its address once.
 DEFAULT_COORDINATOR = "http://127.0.0.1:8000"
 CONFIG_ENVIRONMENT_VARIABLE = "SWARM_CONFIG_DIR"
-COORDINATOR_ENVIRONMENT_VARIABLE = "SWARM_COORDINATOR"
 
 
 class SettingsError(Exception):
@@ -51,7 +50,9 @@ class Settings(BaseModel):
 def default_coordinator() -> str:
     """$SWARM_COORDINATOR where it is a usable URL, else the local coordinator."""
     try:
-        return token_store.normalize_coordinator_url(os.environ.get(COORDINATOR_ENVIRONMENT_VARIABLE) or "")
+        return token_store.normalize_coordinator_url(
+            os.environ.get(token_store.COORDINATOR_ENVIRONMENT_VARIABLE) or ""
+        )
     except ValueError:
         return DEFAULT_COORDINATOR
 

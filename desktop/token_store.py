@@ -21,6 +21,7 @@ logger = logging.getLogger(__name__)
 KEYRING_SERVICE = "compute-swarm-node"
 CREDENTIALS_FILE = "node-credentials.json"
 STORE_ENVIRONMENT_VARIABLE = "SWARM_TOKEN_STORE"
+COORDINATOR_ENVIRONMENT_VARIABLE = "SWARM_COORDINATOR"  # the coordinator a node joins by default
 _FILE_FORMAT = 1
 
 

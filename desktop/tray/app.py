@@ -89,7 +89,7 @@ class TrayApp(QObject):
             self.settings_writable = True
         except SettingsError as error:
             self.settings, problem, self.settings_writable = Settings(), str(error), False
-        self.activity = state.Activity()
+        self.activity = state.RunState()
         self.status: AgentStatus | None = None
         self.telemetry = None  # the latest reading, from the agent or (while it is stopped) a probe
         self.summary: state.EarningsSummary | None = None
@@ -139,7 +139,7 @@ class TrayApp(QObject):
             return
         self.window.show_coordinator_error(None)
         self._save(self.settings.model_copy(update={"coordinator": coordinator, "earning": True}))
-        self.activity = state.Activity(running=True)
+        self.activity = state.RunState(running=True)
         self.bridge.start(coordinator, self.settings.guards)
         self._earnings_timer.start()
         self._update_view()
@@ -149,7 +149,7 @@ class TrayApp(QObject):
         if not self.activity.running:
             return
         self._save(self.settings.model_copy(update={"earning": False}))
-        self.activity = state.Activity(running=True, stopping=True)
+        self.activity = state.RunState(running=True, stopping=True)
         self.bridge.stop()
         self._update_view()
 
@@ -211,7 +211,7 @@ class TrayApp(QObject):
 
     def _on_stopped(self, problem: str | None) -> None:
         self._earnings_timer.stop()
-        self.activity = state.Activity(error=problem)
+        self.activity = state.RunState(error=problem)
         if problem is not None:
             self._save(self.settings.model_copy(update={"earning": False}))
             if self.settings.notifications:

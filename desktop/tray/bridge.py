@@ -14,7 +14,7 @@ from typing import Any
 
 from PySide6.QtCore import QObject, Signal
 
-from desktop.agent import AgentStatus, NodeAgent, NodeStopped
+from desktop.agent import NodeAgent, NodeStopped
 from desktop.guards import GuardSettings
 from desktop.messages import telemetry_from_inventory
 from engine.devices import DeviceInventory
@@ -50,10 +50,6 @@ class AgentBridge(QObject):
     @property
     def running(self) -> bool:
         return self._thread is not None
-
-    @property
-    def status(self) -> AgentStatus | None:
-        return self._agent.status if self._agent is not None else None
 
     def start(self, coordinator: str, guards: GuardSettings) -> None:
         """Register (the first time), connect and take jobs, on the agent's own thread."""

@@ -24,7 +24,7 @@ _PHASES = {
 
 
 @dataclass(frozen=True)
-class Activity:
+class RunState:
     """The app's side of things: is the agent running, and did it end with an error."""
 
     running: bool = False
@@ -32,7 +32,7 @@ class Activity:
     error: str | None = None  # why the agent stopped for good (a refused token, an old protocol)
 
 
-def icon_state(status: AgentStatus | None, activity: Activity) -> IconState:
+def icon_state(status: AgentStatus | None, activity: RunState) -> IconState:
     if activity.error is not None:
         return "error"
     if status is None or not activity.running or not status.connected:
@@ -42,13 +42,13 @@ def icon_state(status: AgentStatus | None, activity: Activity) -> IconState:
     return "earning" if status.job is not None else "idle"
 
 
-def headline(status: AgentStatus | None, activity: Activity) -> str:
+def headline(status: AgentStatus | None, activity: RunState) -> str:
     """One line for the tray menu and the tooltip."""
     title, detail = headline_parts(status, activity)
     return f"{title}: {detail}" if detail else title
 
 
-def headline_parts(status: AgentStatus | None, activity: Activity) -> tuple[str, str | None]:
+def headline_parts(status: AgentStatus | None, activity: RunState) -> tuple[str, str | None]:
     """The state in a word or two, and what it is about (the pause's reason), for the window's header."""
     state = icon_state(status, activity)
     if state == "error":
@@ -79,7 +79,7 @@ def hottest_temperature(telemetry: Telemetry | None) -> float | None:
 
 def tooltip(
     status: AgentStatus | None,
-    activity: Activity,
+    activity: RunState,
     telemetry: Telemetry | None,
     earned_today_micro: int | None,
 ) -> str:

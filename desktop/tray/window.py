@@ -221,11 +221,11 @@ class MainWindow(QWidget):
 
         self.connection = _label("", "muted")
         root.addWidget(self.connection)
-        self.show_status(None, state.Activity())
+        self.show_status(None, state.RunState())
 
     # ---- what the app hands over
 
-    def show_status(self, status: AgentStatus | None, activity: state.Activity) -> None:
+    def show_status(self, status: AgentStatus | None, activity: state.RunState) -> None:
         self._running = activity.running
         icon_state = state.icon_state(status, activity)
         self.icon.setPixmap(state_icon(icon_state).pixmap(40, 40))
@@ -329,7 +329,7 @@ class MainWindow(QWidget):
         self.last_job.setText(f"Last: job {last.job_id} {last.outcome} — {last.message}" if last else "")
 
     @staticmethod
-    def _connection_text(status: AgentStatus | None, activity: state.Activity) -> str:
+    def _connection_text(status: AgentStatus | None, activity: state.RunState) -> str:
         if status is None or not activity.running:
             return "Not connected"
         node = f" as node {status.node_id}" if status.node_id else ""

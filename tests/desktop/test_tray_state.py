@@ -38,10 +38,10 @@ def test_earnings_add_up_by_the_sellers_local_days_and_week() -> None:
 
 
 def test_icon_states_and_headlines() -> None:
-    running = state.Activity(running=True)
+    running = state.RunState(running=True)
     connected = AgentStatus(coordinator="http://c", node_id="node_1", connected=True)
     job = JobStatus(job_id="job_1", lease_id="lease_1", attempt=1, max_attempts=3, phase="training")
-    assert state.icon_state(None, state.Activity()) == "offline"
+    assert state.icon_state(None, state.RunState()) == "offline"
     assert state.headline(None, running) == "Connecting…"
     assert state.icon_state(connected, running) == "idle"
     assert (
@@ -51,7 +51,7 @@ def test_icon_states_and_headlines() -> None:
         coordinator="http://c", connected=True, paused=True, pause_reason="hot", paused_by="guard"
     )
     assert state.headline(paused, running) == "Paused: hot"
-    assert state.icon_state(connected, state.Activity(error="refused")) == "error"
+    assert state.icon_state(connected, state.RunState(error="refused")) == "error"
     offline = AgentStatus(coordinator="http://c", problem="cannot reach")
     assert state.headline(offline, running) == "Offline: reconnecting…"
 
@@ -97,5 +97,5 @@ def test_notifications_for_finished_jobs_guard_pauses_and_lost_connections() -> 
 
 
 def test_tooltip_has_temperature_and_today() -> None:
-    assert state.tooltip(None, state.Activity(), None, None) == "compute-swarm — Not earning"
-    assert state.tooltip(None, state.Activity(), None, 1_500_000).endswith("Today: 1.5 credits")
+    assert state.tooltip(None, state.RunState(), None, None) == "compute-swarm — Not earning"
+    assert state.tooltip(None, state.RunState(), None, 1_500_000).endswith("Today: 1.5 credits")
