@@ -14,7 +14,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from coordinator import ledger
-from coordinator.tables import Buyer, Node
+from coordinator.tables import ApiKey, Buyer, Node
 
 BUYER_KEY_PREFIX = "swarm-buyer-"
 NODE_TOKEN_PREFIX = "swarm-node-"
@@ -32,22 +32,66 @@ def hash_secret(secret: str) -> str:
     return hashlib.sha256(secret.encode()).hexdigest()
 
 
+MAX_KEYS_PER_BUYER = 50
+
+
 def create_buyer(session: Session, name: str, credits_micro: int = 0) -> tuple[Buyer, str]:
-    """Returns the buyer and their API key, which is not stored anywhere."""
+    """Returns the buyer and their first API key, which is not stored anywhere."""
     name = name.strip()
     if not name or len(name) > 100:
         raise AccountError("a buyer name is 1 to 100 characters")
     if session.scalar(select(Buyer.id).where(Buyer.name == name)) is not None:
         raise AccountError(f"a buyer named {name!r} exists already")
-    api_key = BUYER_KEY_PREFIX + secrets.token_urlsafe(32)
-    buyer = Buyer(id=new_id("buyer"), name=name, api_key_hash=hash_secret(api_key), created_at=time.time())
+    buyer = Buyer(id=new_id("buyer"), name=name, created_at=time.time())
     session.add(buyer)
     session.flush()
+    _key, api_key = create_api_key(session, buyer.id, "first key")
     if credits_micro:
         ledger.grant(
             session, buyer.id, credits_micro, idempotency_key=f"grant:{buyer.id}:initial", memo="initial"
         )
     return buyer, api_key
+
+
+def create_api_key(session: Session, buyer_id: str, name: str) -> tuple[ApiKey, str]:
+    """A new key for a buyer: the row, and the key itself, shown once and not stored."""
+    name = name.strip()
+    if not name or len(name) > 100:
+        raise AccountError("a key's name is 1 to 100 characters")
+    live = session.scalars(
+        select(ApiKey.id).where(ApiKey.buyer_id == buyer_id, ApiKey.revoked_at.is_(None))
+    ).all()
+    if len(live) >= MAX_KEYS_PER_BUYER:
+        raise AccountError(f"a buyer holds at most {MAX_KEYS_PER_BUYER} keys: revoke one first")
+    api_key = BUYER_KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(
+        id=new_id("key"),
+        buyer_id=buyer_id,
+        name=name,
+        key_hash=hash_secret(api_key),
+        hint=api_key[-4:],
+        created_at=time.time(),
+    )
+    session.add(key)
+    session.flush()
+    return key, api_key
+
+
+def revoke_api_key(session: Session, buyer_id: str, key_id: str) -> ApiKey:
+    key = session.get(ApiKey, key_id)
+    if key is None or key.buyer_id != buyer_id:
+        raise AccountError(f"no API key {key_id!r}")
+    if key.revoked_at is None:
+        key.revoked_at = time.time()
+    return key
+
+
+def api_key_for_secret(session: Session, api_key: str) -> ApiKey | None:
+    """The live key row a secret belongs to (None for a wrong or revoked key)."""
+    if not api_key.startswith(BUYER_KEY_PREFIX):
+        return None
+    key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_secret(api_key)))
+    return key if key is not None and key.revoked_at is None else None
 
 
 def buyer_by_name(session: Session, name: str) -> Buyer:
@@ -58,9 +102,8 @@ def buyer_by_name(session: Session, name: str) -> Buyer:
 
 
 def buyer_for_key(session: Session, api_key: str) -> Buyer | None:
-    if not api_key.startswith(BUYER_KEY_PREFIX):
-        return None
-    return session.scalar(select(Buyer).where(Buyer.api_key_hash == hash_secret(api_key)))
+    key = api_key_for_secret(session, api_key)
+    return session.get(Buyer, key.buyer_id) if key is not None else None
 
 
 def register_node(session: Session, name: str) -> tuple[Node, str]:

@@ -34,16 +34,31 @@ from coordinator.lifecycle import (
 )
 from coordinator.scheduler import QueuedJob, inference_memory_bytes, required_memory_bytes
 from coordinator.settings import Settings
-from coordinator.tables import Buyer, File, Job, JobEvent, Node, Upload
+from coordinator.tables import Buyer, File, Job, JobEvent, JobProgressPoint, Node, Upload
 from engine.jobs import CATALOGUE, InferenceJobSpec, LoraJobSpec, parse_job_spec
 
 
 class JobError(Exception):
-    """A request about a job that cannot be met; status_code is the HTTP answer."""
+    """A request about a job that cannot be met; status_code is the HTTP answer. `fields` names the
+    spec fields at fault, each with its problem, so a form can show each next to its field."""
 
-    def __init__(self, message: str, status_code: int = 400):
+    def __init__(self, message: str, status_code: int = 400, fields: dict[str, str] | None = None):
         super().__init__(message)
         self.status_code = status_code
+        self.fields = fields or {}
+
+
+@dataclass(frozen=True)
+class Quote:
+    """What a job would cost and need, before it is submitted."""
+
+    spec: LoraJobSpec | InferenceJobSpec
+    base_model: str
+    dataset: File
+    price_micro: int
+    required_memory_bytes: int
+    required_memory_bytes_16bit: int
+    input_adapter_sha256: str | None
 
 
 @dataclass(frozen=True)
@@ -91,72 +106,35 @@ class JobService:
         self, buyer_id: str, spec_data: Any, max_attempts: int | None, *, model_suffix: str | None = None
     ) -> Job:
         """Queue a LoRA fine-tune (the default type) or a batch inference job, holding its price."""
-        if not isinstance(spec_data, dict):
-            raise JobError("spec must be a JSON object", 422)
-        spec_data = {"type": "lora", **spec_data}
-        try:
-            spec = parse_job_spec(spec_data)
-        except ValidationError as error:
-            raise JobError(_describe(error), 422) from None
-        if isinstance(spec, InferenceJobSpec) and spec.adapter is not None:
-            raise JobError("adapter is chosen by the model: give base_model an ft: model id instead", 422)
-        if isinstance(spec, LoraJobSpec) and spec.base_model not in CATALOGUE:
-            raise JobError(
-                f"unknown base_model {spec.base_model!r}; this coordinator offers: {', '.join(sorted(CATALOGUE))}",
-                422,
-            )
         attempts = max_attempts if max_attempts is not None else self.settings.default_max_attempts
         if not 1 <= attempts <= 20:
-            raise JobError("max_attempts must be between 1 and 20", 422)
-        purpose = "prompts" if isinstance(spec, InferenceJobSpec) else "dataset"
+            raise JobError("max_attempts must be between 1 and 20", 422, {"max_attempts": "1 to 20"})
+        spec = _parse_spec(spec_data)
         now = time.time()
         with self.database.transaction() as session:
             # One submission at a time per buyer reads and spends the balance (PostgreSQL runs
             # transactions side by side; SQLite's BEGIN IMMEDIATE serializes them anyway). Locked
             # first, before the job row's foreign key takes a weaker lock on it.
             session.scalar(select(Buyer.id).where(Buyer.id == buyer_id).with_for_update())
-            dataset = session.get(File, spec.dataset)
-            if dataset is None or dataset.buyer_id != buyer_id or dataset.purpose != purpose:
-                raise JobError(
-                    f"no {purpose} file {spec.dataset!r}: upload it with purpose {purpose!r} first and give its file id",
-                    422,
-                )
-            adapter_sha256 = None
-            if isinstance(spec, InferenceJobSpec):
-                try:
-                    served = resolve_model(session, buyer_id, spec.base_model)
-                except InferenceError as error:
-                    raise JobError(str(error), 422) from None
-                model, adapter_sha256 = served.base, served.adapter_sha256
-                price = batch.hold_micro(model, spec, dataset.size, dataset.lines)
-                memory = inference_memory_bytes(model, served.adapter_size)
-                memory_16bit = memory
-            else:
-                model = CATALOGUE[spec.base_model]
-                try:
-                    price = pricing.price_micro(spec, model, dataset.lines)
-                except ValueError as error:
-                    raise JobError(str(error), 422) from None
-                memory = required_memory_bytes(spec, model, backend="cpu")
-                memory_16bit = required_memory_bytes(spec, model, backend="cuda")
+            quote = _quote(session, buyer_id, spec)
             job = Job(
                 id=_new_job_id(),
                 buyer_id=buyer_id,
                 kind=spec.type,
                 spec=spec.model_dump(mode="json", exclude_none=isinstance(spec, InferenceJobSpec)),
-                base_model=model.name,
-                dataset_sha256=dataset.sha256,
-                dataset_size=dataset.size,
-                dataset_lines=dataset.lines,
-                required_memory_bytes=memory,
-                required_memory_bytes_16bit=memory_16bit,
-                price_micro=price,
+                base_model=quote.base_model,
+                dataset_sha256=quote.dataset.sha256,
+                dataset_size=quote.dataset.size,
+                dataset_lines=quote.dataset.lines,
+                required_memory_bytes=quote.required_memory_bytes,
+                required_memory_bytes_16bit=quote.required_memory_bytes_16bit,
+                price_micro=quote.price_micro,
                 state=QUEUED,
                 attempt=0,
                 max_attempts=attempts,
                 queued_at=now,
                 excluded_nodes=[],
-                input_adapter_sha256=adapter_sha256,
+                input_adapter_sha256=quote.input_adapter_sha256,
                 model_suffix=model_suffix,
                 created_at=now,
                 updated_at=now,
@@ -164,11 +142,19 @@ class JobService:
             session.add(job)
             session.flush()
             try:
-                ledger.hold_in_escrow(session, buyer_id, job.id, price)
+                ledger.hold_in_escrow(session, buyer_id, job.id, quote.price_micro)
             except ledger.InsufficientCredits as error:
                 raise JobError(str(error), 402) from None
-            _record(session, job, f"submitted; {ledger.format_credits(price)} credits held in escrow")
+            _record(
+                session, job, f"submitted; {ledger.format_credits(quote.price_micro)} credits held in escrow"
+            )
             return job
+
+    def quote(self, buyer_id: str, spec_data: Any) -> tuple[Quote, int]:
+        """What submitting this spec would hold, and the buyer's available balance, changing nothing."""
+        spec = _parse_spec(spec_data)
+        with self.database.reading() as session:
+            return _quote(session, buyer_id, spec), ledger.balance(session, ledger.buyer_account(buyer_id))
 
     def cancel(self, job_id: str) -> tuple[Job, Revocation | None]:
         """Cancel a job (its owner was checked by the caller) and refund its escrow."""
@@ -356,9 +342,25 @@ class JobService:
             if job.state == LEASED:
                 job.state = RUNNING
                 _record(session, job, f"running on {node_id}")
+            previous = job.progress or {}
             job.progress = report.model_dump(
                 mode="json", exclude={"type", "job_id", "lease_id", "learning_rate"}
             )
+            loss, eval_loss = _finite(report.loss), _finite(report.eval_loss)
+            # Nodes repeat the latest held-out loss on every report: it is a new point only when it changes.
+            if eval_loss is not None and eval_loss == previous.get("eval_loss"):
+                eval_loss = None
+            if report.step != previous.get("step") and (loss is not None or eval_loss is not None):
+                session.add(
+                    JobProgressPoint(
+                        job_id=job.id,
+                        attempt=job.attempt,
+                        step=report.step,
+                        loss=loss,
+                        eval_loss=eval_loss,
+                        at=now,
+                    )
+                )
             job.lease_expires_at = now + self.settings.lease_seconds
             job.updated_at = now
             return True
@@ -561,6 +563,68 @@ class JobService:
         _record(session, job, message)
 
 
+def _parse_spec(spec_data: Any) -> LoraJobSpec | InferenceJobSpec:
+    if not isinstance(spec_data, dict):
+        raise JobError("spec must be a JSON object", 422)
+    try:
+        spec = parse_job_spec({"type": "lora", **spec_data})
+    except ValidationError as error:
+        raise JobError(_describe(error), 422, _fields(error)) from None
+    if isinstance(spec, InferenceJobSpec) and spec.adapter is not None:
+        raise JobError(
+            "adapter is chosen by the model: give base_model an ft: model id instead",
+            422,
+            {"adapter": "not allowed"},
+        )
+    if isinstance(spec, LoraJobSpec) and spec.base_model not in CATALOGUE:
+        raise JobError(
+            f"unknown base_model {spec.base_model!r}; this coordinator offers: {', '.join(sorted(CATALOGUE))}",
+            422,
+            {"base_model": "not in this coordinator's catalogue"},
+        )
+    return spec
+
+
+def _quote(session: Session, buyer_id: str, spec: LoraJobSpec | InferenceJobSpec) -> Quote:
+    purpose = "prompts" if isinstance(spec, InferenceJobSpec) else "dataset"
+    dataset = session.get(File, spec.dataset)
+    if dataset is None or dataset.buyer_id != buyer_id or dataset.purpose != purpose:
+        raise JobError(
+            f"no {purpose} file {spec.dataset!r}: upload it with purpose {purpose!r} first and give its file id",
+            422,
+            {"dataset": f"choose one of your {purpose} files"},
+        )
+    if isinstance(spec, InferenceJobSpec):
+        try:
+            served = resolve_model(session, buyer_id, spec.base_model)
+        except InferenceError as error:
+            raise JobError(str(error), 422, {"base_model": str(error)}) from None
+        memory = inference_memory_bytes(served.base, served.adapter_size)
+        return Quote(
+            spec=spec,
+            base_model=served.base.name,
+            dataset=dataset,
+            price_micro=batch.hold_micro(served.base, spec, dataset.size, dataset.lines),
+            required_memory_bytes=memory,
+            required_memory_bytes_16bit=memory,
+            input_adapter_sha256=served.adapter_sha256,
+        )
+    model = CATALOGUE[spec.base_model]
+    try:
+        price = pricing.price_micro(spec, model, dataset.lines)
+    except ValueError as error:
+        raise JobError(str(error), 422) from None
+    return Quote(
+        spec=spec,
+        base_model=model.name,
+        dataset=dataset,
+        price_micro=price,
+        required_memory_bytes=required_memory_bytes(spec, model, backend="cpu"),
+        required_memory_bytes_16bit=required_memory_bytes(spec, model, backend="cuda"),
+        input_adapter_sha256=None,
+    )
+
+
 def _new_job_id() -> str:
     return f"job_{secrets.token_hex(8)}"
 
@@ -640,6 +704,16 @@ def _ack(report: Any, about: str, accepted: bool, state: str, message: str = "")
 
 def _finite(value: float | None) -> float | None:
     return value if value is not None and math.isfinite(value) else None
+
+
+def _fields(error: ValidationError) -> dict[str, str]:
+    """Each faulty top-level field with its first problem."""
+    fields: dict[str, str] = {}
+    for problem in error.errors():
+        location = [str(part) for part in problem["loc"] if part not in ("lora", "inference")]
+        if location:
+            fields.setdefault(location[0], problem["msg"].removeprefix("Value error, "))
+    return fields
 
 
 def _describe(error: ValidationError) -> str:

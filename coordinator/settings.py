@@ -5,10 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 import platformdirs
-from pydantic import Field, model_validator
+from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
+# Secrets people paste from examples: refused as the admin token.
+PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "admin", "password", "token"})
 
 
 def default_data_dir() -> Path:
@@ -59,10 +61,29 @@ class Settings(BaseSettings):
     inference_concurrent_requests: int = Field(default=16, ge=1)
     inference_default_max_tokens: int = Field(default=512, ge=1, le=32_768)
 
+    # The web page.
+    # Anyone who reaches the page may create a buyer account with one click, given these credits.
+    allow_signup: bool = False
+    signup_credits_micro: int = Field(default=0, ge=0, le=10**12)
+    # New accounts per minute, from everyone together: a flood of sign-ups waits.
+    signups_per_minute: int = Field(default=10, ge=1)
+    session_hours: float = Field(default=24 * 7, gt=0, le=24 * 90)
+    # The ops page's sign-in; without one the ops page is closed.
+    admin_token: SecretStr | None = None
+    # Where browsers reach the coordinator when it sits behind a proxy (e.g. https://swarm.example.com):
+    # form posts must come from this origin. Empty: the origin of the request's own Host.
+    public_origin: str = ""
+
     @model_validator(mode="after")
     def _check(self) -> Settings:
         if self.database_url and not self.database_url.startswith(("sqlite", "postgresql")):
             raise ValueError("database_url must be a sqlite:// or postgresql:// URL")
+        if self.admin_token is not None:
+            token = self.admin_token.get_secret_value()
+            if len(token) < 24 or token.lower() in PLACEHOLDER_SECRETS:
+                raise ValueError("admin_token must be a random secret of at least 24 characters")
+        if self.public_origin and not self.public_origin.startswith(("http://", "https://")):
+            raise ValueError("public_origin must start with http:// or https://")
         return self
 
     @property

@@ -30,8 +30,37 @@ class Buyer(Base):
 
     id: Mapped[str] = mapped_column(String(32), primary_key=True)
     name: Mapped[str] = mapped_column(String(100), unique=True)
-    api_key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of a random key
     created_at: Mapped[float] = mapped_column(Float)
+
+
+class ApiKey(Base):
+    """One of a buyer's API keys: a buyer may hold several (one per tool) and revoke each."""
+
+    __tablename__ = "api_keys"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    buyer_id: Mapped[str] = mapped_column(ForeignKey("buyers.id"), index=True)
+    name: Mapped[str] = mapped_column(String(100))
+    key_hash: Mapped[str] = mapped_column(String(64), unique=True)  # sha256 of a random key
+    # The key's last characters, so its owner can tell their keys apart.
+    hint: Mapped[str] = mapped_column(String(16))
+    created_at: Mapped[float] = mapped_column(Float)
+    revoked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class WebSession(Base):
+    """A signed-in browser: the cookie holds a random secret whose sha256 is the id. A buyer's session
+    lives only as long as the API key it was opened with; an ops session needs the admin token."""
+
+    __tablename__ = "web_sessions"
+
+    id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    kind: Mapped[str] = mapped_column(String(8))  # buyer or ops
+    buyer_id: Mapped[str | None] = mapped_column(ForeignKey("buyers.id"), nullable=True, index=True)
+    api_key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True)
+    csrf_token: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[float] = mapped_column(Float)
+    expires_at: Mapped[float] = mapped_column(Float, index=True)
 
 
 class Node(Base):
@@ -157,6 +186,20 @@ class JobEvent(Base):
     attempt: Mapped[int] = mapped_column(Integer)
     node_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
     message: Mapped[str] = mapped_column(Text, default="")
+
+
+class JobProgressPoint(Base):
+    """One reported training step's losses, for the job page's chart (the job row keeps only the last)."""
+
+    __tablename__ = "job_progress"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    attempt: Mapped[int] = mapped_column(Integer)
+    step: Mapped[int] = mapped_column(Integer)
+    loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    eval_loss: Mapped[float | None] = mapped_column(Float, nullable=True)
+    at: Mapped[float] = mapped_column(Float)
 
 
 class LedgerTransaction(Base):
