@@ -7,15 +7,17 @@ from contextlib import asynccontextmanager
 
 from fastapi import FastAPI
 
-from coordinator import protocol
+from coordinator import protocol, web
 from coordinator.api import (
     account,
     files,
     jobs,
+    keys,
     nodes,
     openai,
     openai_errors,
     openai_fine_tuning,
+    ops,
     service,
 )
 from coordinator.api.deps import Services
@@ -68,9 +70,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             services.database.close()
 
     app = FastAPI(title="compute-swarm coordinator", version="0.1.0", lifespan=lifespan)
-    for module in (files, jobs, account, nodes, service, openai, openai_fine_tuning):
+    for module in (files, jobs, account, keys, nodes, ops, service, openai, openai_fine_tuning):
         app.include_router(module.router)
     openai_errors.install(app)
+    web.install(app)
     return app
 
 

@@ -7,6 +7,7 @@ The demo buyer's API key is kept (mode 0600) in the data directory, so a second 
 from __future__ import annotations
 
 import os
+import secrets
 import shutil
 import signal
 import subprocess
@@ -19,6 +20,7 @@ import httpx
 from engine.jobs import DEFAULT_MODEL
 
 KEY_FILE = "demo-buyer-api-key"
+ADMIN_TOKEN_FILE = "admin-token"
 
 
 def run(data_dir: Path, host: str, port: int) -> int:
@@ -29,6 +31,7 @@ def run(data_dir: Path, host: str, port: int) -> int:
     command = _command()
     url = f"http://{host}:{port}"
     coordinator_dir, node_dir = data_dir / "coordinator", data_dir / "node"
+    admin_token = _kept_secret(data_dir / ADMIN_TOKEN_FILE, lambda: secrets.token_urlsafe(32))
     children: list[subprocess.Popen] = []
     try:
         children.append(
@@ -44,6 +47,12 @@ def run(data_dir: Path, host: str, port: int) -> int:
                     str(coordinator_dir),
                 ],
                 data_dir / "coordinator.log",
+                {
+                    # A local swarm is for trying the product: the page lets anyone here sign up.
+                    "SWARM_ALLOW_SIGNUP": "true",
+                    "SWARM_SIGNUP_CREDITS_MICRO": "20000000",
+                    "SWARM_ADMIN_TOKEN": admin_token,
+                },
             )
         )
         try:
@@ -73,6 +82,8 @@ def run(data_dir: Path, host: str, port: int) -> int:
             f"""
 The swarm is up: a coordinator and one local node.
 
+  Web page:      {url}/   (sign in with the buyer API key, or create an account there)
+  Ops page:      {url}/ops   (admin token: {admin_token})
   Coordinator:   {url}   (health: {url}/healthz, metrics: {url}/metrics)
   Buyer API key: {api_key}
   Logs:          {data_dir / "coordinator.log"}, {data_dir / "node.log"}
@@ -152,9 +163,22 @@ def wait_until_healthy(url: str, process: subprocess.Popen, log: Path, timeout: 
     )
 
 
+def _kept_secret(path: Path, make) -> str:
+    """A secret kept (mode 0600) in the data directory, so the next start reuses it."""
+    if path.is_file():
+        return path.read_text().strip()
+    secret = make()
+    descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(descriptor, "w") as file:
+        file.write(secret + "\n")
+    return secret
+
+
 def _demo_buyer_key(command: list[str], coordinator_dir: Path, key_file: Path) -> str:
-    if key_file.is_file():
-        return key_file.read_text().strip()
+    return _kept_secret(key_file, lambda: _create_demo_buyer(command, coordinator_dir))
+
+
+def _create_demo_buyer(command: list[str], coordinator_dir: Path) -> str:
     result = subprocess.run(
         [
             *command,
@@ -172,11 +196,7 @@ def _demo_buyer_key(command: list[str], coordinator_dir: Path, key_file: Path) -
     )
     if result.returncode != 0:
         raise SystemExit(f"could not create the demo buyer: {result.stderr.strip()}")
-    api_key = result.stdout.strip().splitlines()[-1]
-    descriptor = os.open(key_file, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    with os.fdopen(descriptor, "w") as file:
-        file.write(api_key + "\n")
-    return api_key
+    return result.stdout.strip().splitlines()[-1]
 
 
 def _stop(children: list[subprocess.Popen]) -> None:

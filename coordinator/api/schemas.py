@@ -6,7 +6,8 @@ from typing import Any
 
 from pydantic import BaseModel, Field
 
-from coordinator.tables import File, Job, Upload
+from coordinator.inference import fine_tuned_model_id
+from coordinator.tables import ApiKey, File, Job, Upload
 
 
 class FileOut(BaseModel):
@@ -76,6 +77,8 @@ class JobOut(BaseModel):
     error: JobError | None
     checkpoint_step: int  # the latest step a retry would resume from
     result_sha256: str | None
+    # A completed fine-tune's model for /v1/chat/completions (ft:<base>:<suffix>:<job id>).
+    fine_tuned_model: str | None
     created_at: float
     updated_at: float
     finished_at: float | None
@@ -96,6 +99,7 @@ class JobOut(BaseModel):
             else None,
             checkpoint_step=job.checkpoint_step,
             result_sha256=job.result_sha256,
+            fine_tuned_model=fine_tuned_model_id(job) if job.result_gguf_sha256 else None,
             created_at=job.created_at,
             updated_at=job.updated_at,
             finished_at=job.finished_at,
@@ -148,3 +152,53 @@ class EarningsHistoryOut(BaseModel):
     since: int  # epoch seconds, the start of the first hour in the window
     hourly: list[EarningsHourOut]  # ascending; hours with nothing credited are left out
     total_credited_micro: int  # all time
+
+
+class QuoteIn(BaseModel):
+    spec: dict[str, Any]
+
+
+class QuoteOut(BaseModel):
+    price_micro: int
+    available_micro: int
+    affordable: bool
+    # Free memory a node needs: training in fp32 (CPU, Apple) and in 16 bits (CUDA/ROCm).
+    required_memory_bytes: int
+    required_memory_bytes_16bit: int
+
+
+class ProgressPointOut(BaseModel):
+    id: int
+    attempt: int
+    step: int
+    loss: float | None
+    eval_loss: float | None
+    at: float
+
+
+class JobEventOut(BaseModel):
+    at: float
+    state: str
+    attempt: int
+    node_id: str | None
+    message: str
+
+
+class ApiKeyIn(BaseModel):
+    name: str = Field(min_length=1, max_length=100)
+
+
+class ApiKeyOut(BaseModel):
+    id: str
+    name: str
+    hint: str
+    created_at: float
+    revoked_at: float | None
+
+    @classmethod
+    def of(cls, key: ApiKey) -> ApiKeyOut:
+        return cls.model_validate(key, from_attributes=True)
+
+
+class NewApiKeyOut(ApiKeyOut):
+    api_key: str  # shown this once
