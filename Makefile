@@ -55,9 +55,11 @@ bench: $(INSTALLED) system-packages
 	$(BIN)/python bench/attention.py
 	$(BIN)/python bench/tray.py
 
-# Screenshots of the real tray window under Xvfb, into screenshots/ (a real coordinator and fine-tune).
+# Screenshots into screenshots/: the real tray window under Xvfb, and every page of the web UI in
+# headless Chromium at a laptop's and a phone's size (a real coordinator, node and fine-tune each).
 screenshots: $(INSTALLED) system-packages
 	xvfb-run -a -s "-screen 0 1280x1024x24" env QT_QPA_PLATFORM=xcb $(BIN)/python -m tests.desktop.screenshot_tray screenshots
+	$(BIN)/python -m tests.browser.screenshot_pages screenshots
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .ruff_cache

@@ -47,6 +47,7 @@ def _environment() -> Environment:
     environment.filters["when"] = _when
     environment.filters["size"] = _size
     environment.globals["asset"] = asset_url
+    environment.globals["ledger_label"] = ledger_label
     return environment
 
 
@@ -55,6 +56,15 @@ def asset_url(name: str) -> str:
     """A static file's URL with its content hash, so a browser never runs a stale script."""
     digest = hashlib.sha256((STATIC / name).read_bytes()).hexdigest()[:12]
     return f"/static/{name}?v={digest}"
+
+
+def ledger_label(kind: str, amount_micro: int) -> str:
+    """What a ledger entry meant to the buyer (a request's settlement returns the unused hold)."""
+    if kind == "escrow":
+        return "held in escrow"
+    if kind == "charge":
+        return "unused hold returned" if amount_micro > 0 else "charged"
+    return {"refund": "refunded", "grant": "credits added"}.get(kind, kind)
 
 
 def _when(moment: float | None) -> str:

@@ -383,7 +383,8 @@ function setUpNewJob() {
       else spec[name] = value;
     }
     for (const name of Object.keys(NUMBER_FIELDS)) showFieldError(name, local[name]);
-    if (Object.keys(local).length || !spec.dataset) { price.textContent = "–"; return; }
+    if (!spec.dataset) { price.textContent = "–"; note.textContent = "Upload a dataset to see the price."; return; }
+    if (Object.keys(local).length) { price.textContent = "–"; return; }
     const ticket = ++asked;
     try {
       const answer = await api("/api/jobs/quote", { method: "POST", body: { spec } });
@@ -439,9 +440,11 @@ function lossChart(container, points) {
     add("text", { x: left - 6, y: y(value) + 4, "text-anchor": "end" }, value.toFixed(value < 10 ? 2 : 1));
   }
   add("line", { class: "axis", x1: left, x2: width - right, y1: height - bottom, y2: height - bottom });
-  const ticks = Math.min(6, maxStep - minStep);
-  for (let i = 0; i <= ticks; i++) {
-    const step = Math.round(minStep + ((maxStep - minStep) * i) / ticks);
+  // Whole steps at a round spacing (1, 2, 5, 10, 20, 50, ...), about six of them.
+  const rough = (maxStep - minStep) / 6;
+  const magnitude = 10 ** Math.floor(Math.log10(Math.max(1, rough)));
+  const spacing = Math.max(1, [1, 2, 5, 10].map((factor) => factor * magnitude).find((candidate) => candidate >= rough));
+  for (let step = Math.ceil(minStep / spacing) * spacing; step <= maxStep; step += spacing) {
     add("text", { x: x(step), y: height - bottom + 16, "text-anchor": "middle" }, String(step));
   }
   add("text", { x: width - right, y: height - 2, "text-anchor": "end" }, "step");

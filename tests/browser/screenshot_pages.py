@@ -1,0 +1,123 @@
+"""Screenshots of every page of the web UI (`make screenshots`): real headless Chromium, a real
+coordinator and a real node on loopback fine-tuning SmolLM2, at a laptop's size and a phone's.
+
+    python -m tests.browser.screenshot_pages OUTPUT_DIRECTORY
+"""
+
+from __future__ import annotations
+
+import re
+import sys
+import tempfile
+from pathlib import Path
+
+from playwright.sync_api import expect, sync_playwright
+
+from engine.jobs import DEFAULT_MODEL
+from engine.models import prepared_model_directory
+from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS, DESKTOP_VIEWPORT, PHONE_VIEWPORT
+from tests.browser.test_web_page import ADMIN_TOKEN, BAD_DATASET, DATASET, drop_file, sign_up
+from tests.swarm_processes import Coordinator, Node, wait_for
+
+
+def main() -> int:
+    output = Path(sys.argv[1] if len(sys.argv) > 1 else "screenshots")
+    output.mkdir(parents=True, exist_ok=True)
+    prepared_model_directory(DEFAULT_MODEL)
+    work = Path(tempfile.mkdtemp(prefix="web-screenshots-"))
+    coordinator = Coordinator(
+        work / "coordinator",
+        environment={
+            "SWARM_ALLOW_SIGNUP": "true",
+            "SWARM_SIGNUP_CREDITS_MICRO": "20000000",
+            "SWARM_ADMIN_TOKEN": ADMIN_TOKEN,
+        },
+    ).start()
+    node = Node(coordinator, work / "node", name="gaming-pc").start()
+    try:
+        wait_for(lambda: coordinator.health()["nodes_connected"] == 1, 60, "the node to connect")
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_context(viewport=DESKTOP_VIEWPORT).new_page()
+            phone = browser.new_context(
+                viewport=PHONE_VIEWPORT, device_scale_factor=2, is_mobile=True, has_touch=True
+            ).new_page()
+
+            def shoot(target, name: str) -> None:
+                path = output / f"web-{name}.png"
+                target.screenshot(path=path, full_page=True)
+                print(f"wrote {path}")
+
+            page.goto(coordinator.url)
+            shoot(page, "01-sign-in")
+            sign_up(page, coordinator.url, "ada-labs")
+            shoot(page, "02-new-key")
+            page.goto(f"{coordinator.url}/files")
+            page.set_input_files(
+                "#file-input",
+                {"name": "sums.jsonl", "mimeType": "application/jsonl", "buffer": BAD_DATASET.encode()},
+            )
+            page.wait_for_selector("#upload-errors:not([hidden])")
+            shoot(page, "03-files-bad-upload")
+            drop_file(page, "pirate-sums.jsonl", DATASET)
+            page.wait_for_selector("#files tr[data-file]")
+            shoot(page, "04-files")
+            page.get_by_role("link", name="Fine-tune on it").click()
+            page.click("summary")
+            page.fill("#max_steps", "12")
+            page.fill("#batch_size", "2")
+            page.fill("#max_sequence_length", "96")
+            page.fill("#suffix", "pirate")
+            with page.expect_response("**/api/jobs/quote"):
+                page.fill("#max_steps", "12")
+            expect(page.locator("#quote-price")).to_have_text(re.compile(r"\d"))
+            shoot(page, "05-new-job")
+            page.click("#launch-button")
+            page.wait_for_selector("#chart path.train", timeout=240_000)
+            page.wait_for_timeout(4000)
+            shoot(page, "06-job-running")
+            page.goto(f"{coordinator.url}/jobs")
+            shoot(page, "07-jobs")
+            page.go_back()
+            page.wait_for_selector("#download-peft", timeout=300_000)
+            shoot(page, "08-job-completed")
+            job_url = page.url
+            page.click("#chat-link")
+            page.fill("#prompt", "What is 3 plus 4?")
+            page.press("#prompt", "Enter")
+            page.wait_for_selector("#messages li.assistant:not(.streaming)", timeout=120_000)
+            shoot(page, "09-playground")
+            page.goto(f"{coordinator.url}/account")
+            shoot(page, "10-account")
+
+            ops = browser.new_context(viewport=DESKTOP_VIEWPORT).new_page()
+            ops.goto(f"{coordinator.url}/ops")
+            ops.fill("#admin_token", ADMIN_TOKEN)
+            ops.get_by_role("button", name="Sign in").click()
+            ops.wait_for_selector("#nodes tr[data-node]")
+            shoot(ops, "11-ops")
+
+            # The same buyer on a phone (signed in with the key the account page does not show again).
+            phone.goto(coordinator.url)
+            phone.fill("#name", "phone-buyer")
+            phone.get_by_role("button", name="Create an account").click()
+            phone.wait_for_selector("#new-key")
+            for name, path in [
+                ("12-phone-jobs", "/jobs"),
+                ("13-phone-new-job", "/jobs/new"),
+                ("14-phone-account", "/account"),
+            ]:
+                phone.goto(f"{coordinator.url}{path}")
+                shoot(phone, name)
+            # Another buyer's job is not there for this one (the same check as the API's).
+            phone.goto(job_url)
+            shoot(phone, "15-phone-someone-elses-job")
+            browser.close()
+    finally:
+        node.kill()
+        coordinator.kill()
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
