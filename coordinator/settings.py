@@ -9,8 +9,9 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 MIB = 1024 * 1024
-# Secrets people paste from examples: refused as the admin token.
-PLACEHOLDER_SECRETS = frozenset({"changeme", "change-me", "secret", "admin", "password", "token"})
+# An admin token must look random: long, and not one character or word repeated ("changeme" × 3).
+MINIMUM_SECRET_LENGTH = 24
+MINIMUM_DISTINCT_CHARACTERS = 10
 
 
 def default_data_dir() -> Path:
@@ -80,8 +81,11 @@ class Settings(BaseSettings):
             raise ValueError("database_url must be a sqlite:// or postgresql:// URL")
         if self.admin_token is not None:
             token = self.admin_token.get_secret_value()
-            if len(token) < 24 or token.lower() in PLACEHOLDER_SECRETS:
-                raise ValueError("admin_token must be a random secret of at least 24 characters")
+            if len(token) < MINIMUM_SECRET_LENGTH or len(set(token)) < MINIMUM_DISTINCT_CHARACTERS:
+                raise ValueError(
+                    "admin_token must be a random secret of at least 24 characters, e.g. the output of "
+                    "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+                )
         if self.public_origin and not self.public_origin.startswith(("http://", "https://")):
             raise ValueError("public_origin must start with http:// or https://")
         return self

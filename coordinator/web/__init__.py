@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from fastapi import FastAPI
+from fastapi.exceptions import RequestValidationError
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
@@ -30,3 +31,18 @@ def install(app: FastAPI) -> None:
         return await api_handler(request, error)
 
     app.add_exception_handler(StarletteHTTPException, http_error)
+    api_validation_handler = app.exception_handlers[RequestValidationError]
+
+    async def validation_error(request, error):
+        if render.is_page(request.url.path):
+            problems = "; ".join(
+                f"{problem['loc'][-1]}: {problem['msg']}"
+                for problem in error.errors()[:3]
+                if problem.get("loc")
+            )
+            return render.error_page(
+                request, StarletteHTTPException(422, f"This request was not understood ({problems}).")
+            )
+        return await api_validation_handler(request, error)
+
+    app.add_exception_handler(RequestValidationError, validation_error)

@@ -113,15 +113,19 @@ def _signed_in_response(request: Request, services: ServicesDep, cookie: str, lo
 def sign_in(
     request: Request,
     services: ServicesDep,
-    api_key: Annotated[str, Form(max_length=200)] = "",
-    next: Annotated[str, Form(max_length=2000)] = "/jobs",
-    csrf_token: Annotated[str, Form(max_length=200)] = "",
+    api_key: Annotated[str, Form()] = "",
+    next: Annotated[str, Form()] = "/jobs",
+    csrf_token: Annotated[str, Form()] = "",
 ) -> Response:
+    # Lengths are checked here, not by FastAPI, so that a wrong paste gets this page, not JSON.
     _check_anonymous_form(request, services, csrf_token)
     api_key = api_key.strip()
+    next = next if len(next) <= 2000 else "/jobs"
     error = None
     if not api_key:
         error = "paste your API key (it starts with swarm-buyer-)"
+    elif len(api_key) > 200:
+        error = "this is longer than any API key: paste only the key"
     elif not api_key.startswith(accounts.BUYER_KEY_PREFIX):
         error = "this is not a buyer API key: those start with swarm-buyer-"
     else:
@@ -155,8 +159,8 @@ def sign_in(
 def sign_up(
     request: Request,
     services: ServicesDep,
-    name: Annotated[str, Form(max_length=200)] = "",
-    csrf_token: Annotated[str, Form(max_length=200)] = "",
+    name: Annotated[str, Form()] = "",
+    csrf_token: Annotated[str, Form()] = "",
 ) -> Response:
     _check_anonymous_form(request, services, csrf_token)
     settings = services.settings

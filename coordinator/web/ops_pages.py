@@ -30,8 +30,8 @@ def sign_in_page(request: Request, services: ServicesDep) -> Response:
 def sign_in(
     request: Request,
     services: ServicesDep,
-    admin_token: Annotated[str, Form(max_length=500)] = "",
-    csrf_token: Annotated[str, Form(max_length=200)] = "",
+    admin_token: Annotated[str, Form()] = "",
+    csrf_token: Annotated[str, Form()] = "",
 ) -> Response:
     _check_anonymous_form(request, services, csrf_token)
     expected = services.settings.admin_token

@@ -123,7 +123,9 @@ def set_cookie(request: Request, response: Response, name: str, value: str, max_
         # Lax: a link from elsewhere opens the page signed in; a form posted from elsewhere carries
         # no cookie (and would fail the Origin and CSRF checks anyway).
         samesite="lax",
-        secure=request.url.scheme == "https",
+        # Behind a TLS proxy the coordinator itself sees http: the public origin says what browsers use.
+        secure=request.url.scheme == "https"
+        or request.app.state.services.settings.public_origin.startswith("https://"),
         path="/",
     )
 
@@ -145,7 +147,7 @@ def error_page(request: Request, error: HTTPException) -> Response:
         if request.method == "GET":
             return redirect(f"{sign_in}?next={quote(request.url.path)}")
         return redirect(sign_in)
-    titles = {403: "Not allowed", 404: "Not found", 405: "Not allowed"}
+    titles = {403: "Not allowed", 404: "Not found", 405: "Not allowed", 422: "Not understood"}
     message = error.detail if isinstance(error.detail, str) else "That did not work."
     return page(
         request,
