@@ -92,9 +92,11 @@ def sign_in_page(request: Request, services: ServicesDep, next: str | None = Non
     )
 
 
-def _check_anonymous_form(request: Request, services: ServicesDep, csrf_token: str) -> None:
-    expected = request.cookies.get(sessions.ANONYMOUS_CSRF_COOKIE) or ""
-    check_browser_request(request, services.settings, expected or secrets.token_hex(16), csrf_token)
+def check_anonymous_form(request: Request, services: ServicesDep, csrf_token: str) -> None:
+    """A sign-in form (no session yet) must come from our page: its Origin, and the token in its
+    hidden field matching the anonymous CSRF cookie the page set (a browser without it fails)."""
+    expected = request.cookies.get(sessions.ANONYMOUS_CSRF_COOKIE) or secrets.token_hex(16)
+    check_browser_request(request, services.settings, expected, csrf_token)
 
 
 def _signed_in_response(request: Request, services: ServicesDep, cookie: str, location: str) -> Response:
@@ -118,7 +120,7 @@ def sign_in(
     csrf_token: Annotated[str, Form()] = "",
 ) -> Response:
     # Lengths are checked here, not by FastAPI, so that a wrong paste gets this page, not JSON.
-    _check_anonymous_form(request, services, csrf_token)
+    check_anonymous_form(request, services, csrf_token)
     api_key = api_key.strip()
     next = next if len(next) <= 2000 else "/jobs"
     error = None
@@ -162,7 +164,7 @@ def sign_up(
     name: Annotated[str, Form()] = "",
     csrf_token: Annotated[str, Form()] = "",
 ) -> Response:
-    _check_anonymous_form(request, services, csrf_token)
+    check_anonymous_form(request, services, csrf_token)
     settings = services.settings
 
     def refuse(status_code: int, errors: dict[str, str]) -> Response:

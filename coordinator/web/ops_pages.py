@@ -10,7 +10,7 @@ from fastapi.responses import Response
 from coordinator import sessions
 from coordinator.api.deps import Operator, ServicesDep
 from coordinator.web import render
-from coordinator.web.buyer_pages import _check_anonymous_form
+from coordinator.web.buyer_pages import check_anonymous_form
 
 router = APIRouter(prefix="/ops", include_in_schema=False)
 
@@ -33,7 +33,7 @@ def sign_in(
     admin_token: Annotated[str, Form()] = "",
     csrf_token: Annotated[str, Form()] = "",
 ) -> Response:
-    _check_anonymous_form(request, services, csrf_token)
+    check_anonymous_form(request, services, csrf_token)
     expected = services.settings.admin_token
     if expected is None or not sessions.admin_token_matches(expected.get_secret_value(), admin_token):
         error = (
