@@ -79,17 +79,30 @@ def home() -> Response:
     return render.redirect("/jobs")
 
 
-@router.get("/sign-in")
-def sign_in_page(request: Request, services: ServicesDep, next: str | None = None) -> Response:
+def _sign_in_page(
+    request: Request,
+    services: ServicesDep,
+    next: str | None,
+    errors: dict[str, str],
+    status_code: int = 200,
+    name="",
+) -> Response:
     return render.page(
         request,
         "sign_in.html",
+        status_code=status_code,
         title="Sign in",
         next=render.safe_next(next, "/jobs"),
         allow_signup=services.settings.allow_signup,
         signup_credits=services.settings.signup_credits_micro,
-        errors={},
+        errors=errors,
+        name=name,
     )
+
+
+@router.get("/sign-in")
+def sign_in_page(request: Request, services: ServicesDep, next: str | None = None) -> Response:
+    return _sign_in_page(request, services, next, {})
 
 
 def check_anonymous_form(request: Request, services: ServicesDep, csrf_token: str) -> None:
@@ -144,16 +157,7 @@ def sign_in(
         if key is None:
             error = "no account has this key (or it was revoked)"
     if error is not None:
-        return render.page(
-            request,
-            "sign_in.html",
-            status_code=422,
-            title="Sign in",
-            next=render.safe_next(next, "/jobs"),
-            allow_signup=services.settings.allow_signup,
-            signup_credits=services.settings.signup_credits_micro,
-            errors={"api_key": error},
-        )
+        return _sign_in_page(request, services, next, {"api_key": error}, 422)
     return _signed_in_response(request, services, cookie, render.safe_next(next, "/jobs"))
 
 
@@ -168,17 +172,7 @@ def sign_up(
     settings = services.settings
 
     def refuse(status_code: int, errors: dict[str, str]) -> Response:
-        return render.page(
-            request,
-            "sign_in.html",
-            status_code=status_code,
-            title="Sign in",
-            next="/jobs",
-            allow_signup=settings.allow_signup,
-            signup_credits=settings.signup_credits_micro,
-            errors=errors,
-            name=name,
-        )
+        return _sign_in_page(request, services, "/jobs", errors, status_code, name=name)
 
     if not settings.allow_signup:
         return refuse(403, {"name": "this coordinator does not create accounts: ask its operator for a key"})

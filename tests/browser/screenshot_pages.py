@@ -16,8 +16,7 @@ from playwright.sync_api import expect, sync_playwright
 from engine.jobs import DEFAULT_MODEL
 from engine.models import prepared_model_directory
 from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS, DESKTOP_VIEWPORT, PHONE_VIEWPORT
-from tests.browser.test_web_page import ADMIN_TOKEN, BAD_DATASET, DATASET, drop_file, sign_up
-from tests.swarm_processes import Coordinator, Node, wait_for
+from tests.browser.test_web_page import ADMIN_TOKEN, BAD_DATASET, DATASET, drop_file, sign_up, start_swarm
 
 
 def main() -> int:
@@ -25,17 +24,8 @@ def main() -> int:
     output.mkdir(parents=True, exist_ok=True)
     prepared_model_directory(DEFAULT_MODEL)
     work = Path(tempfile.mkdtemp(prefix="web-screenshots-"))
-    coordinator = Coordinator(
-        work / "coordinator",
-        environment={
-            "SWARM_ALLOW_SIGNUP": "true",
-            "SWARM_SIGNUP_CREDITS_MICRO": "20000000",
-            "SWARM_ADMIN_TOKEN": ADMIN_TOKEN,
-        },
-    ).start()
-    node = Node(coordinator, work / "node", name="gaming-pc").start()
+    coordinator, node = start_swarm(work, "gaming-pc")
     try:
-        wait_for(lambda: coordinator.health()["nodes_connected"] == 1, 60, "the node to connect")
         with sync_playwright() as playwright:
             browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
             page = browser.new_context(viewport=DESKTOP_VIEWPORT).new_page()

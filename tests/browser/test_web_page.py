@@ -7,6 +7,7 @@ import json
 import re
 import secrets
 import tarfile
+from pathlib import Path
 
 import pytest
 
@@ -39,9 +40,8 @@ BAD_DATASET = "\n".join(
 )
 
 
-@pytest.fixture(scope="module")
-def swarm(tmp_path_factory, demo_model_directory):
-    directory = tmp_path_factory.mktemp("web-swarm")
+def start_swarm(directory: Path, node_name: str) -> tuple[Coordinator, Node]:
+    """A coordinator open to sign-ups (20 credits each) with an ops page, and one real node."""
     coordinator = Coordinator(
         directory / "coordinator",
         environment={
@@ -50,8 +50,19 @@ def swarm(tmp_path_factory, demo_model_directory):
             "SWARM_ADMIN_TOKEN": ADMIN_TOKEN,
         },
     ).start()
-    node = Node(coordinator, directory / "node", name="web-node").start()
-    wait_for(lambda: coordinator.health()["nodes_connected"] == 1, 60, "the node to connect")
+    node = Node(coordinator, directory / "node", name=node_name).start()
+    try:
+        wait_for(lambda: coordinator.health()["nodes_connected"] == 1, 60, "the node to connect")
+    except AssertionError:
+        node.kill()
+        coordinator.kill()
+        raise
+    return coordinator, node
+
+
+@pytest.fixture(scope="module")
+def swarm(tmp_path_factory, demo_model_directory):
+    coordinator, node = start_swarm(tmp_path_factory.mktemp("web-swarm"), "web-node")
     yield coordinator
     node.kill()
     coordinator.kill()
