@@ -181,7 +181,15 @@ def test_a_new_buyer_fine_tunes_downloads_and_chats_on_the_page(swarm, page, tmp
     assert not any(api_key in address for address in requested)
 
 
-def test_ops_see_the_node_and_the_jobs(swarm, page):
+def test_the_page_fits_a_phone(swarm, phone_page):
+    sign_up(phone_page, swarm.url, "phone-buyer")
+    phone_page.goto(f"{swarm.url}/jobs")
+    width = phone_page.evaluate("document.documentElement.scrollWidth")
+    assert width <= 390, f"the jobs page is {width} px wide on a 390 px phone"
+
+
+def test_ops_see_the_node_and_the_jobs_and_revoke_the_node(swarm, page):
+    """Runs last here: it revokes the swarm's node."""
     page.goto(f"{swarm.url}/ops")
     assert "/ops/sign-in" in page.url
     page.fill("#admin_token", "not-the-token")
@@ -193,10 +201,10 @@ def test_ops_see_the_node_and_the_jobs(swarm, page):
     assert "web-node" in row.text_content()
     assert re.search(r"idle|busy|paused", row.text_content())
     assert page.text_content("#nodes-connected") == "1"
+    assert int(page.text_content("#jobs-by-state .bar:has(.state-completed) .count")) >= 1
 
-
-def test_the_page_fits_a_phone(swarm, phone_page):
-    sign_up(phone_page, swarm.url, "phone-buyer")
-    phone_page.goto(f"{swarm.url}/jobs")
-    width = phone_page.evaluate("document.documentElement.scrollWidth")
-    assert width <= 390, f"the jobs page is {width} px wide on a 390 px phone"
+    # Revoking the node disconnects it at once and marks it in the table.
+    page.on("dialog", lambda dialog: dialog.accept())
+    page.get_by_role("button", name="Revoke").click()
+    expect(page.locator("#nodes tr[data-node] .state")).to_have_text("revoked")
+    wait_for(lambda: swarm.health()["nodes_connected"] == 0, 15, "the revoked node to be disconnected")

@@ -340,15 +340,35 @@ function progressCell(job) {
   return cell;
 }
 
+function jobRow(job) {
+  const badge = stateBadge(job.state);
+  badge.dataset.field = "state";
+  return element("tr", { "data-job": job.id },
+    element("td", {}, element("a", { href: `/jobs/${job.id}` }, job.id),
+      element("div", { class: "muted small" }, `${job.spec.type} · ${job.spec.base_model}`)),
+    element("td", {}, badge),
+    element("td", { "data-field": "progress" }, progressCell(job)),
+    element("td", {}, credits(job.price_micro)),
+    element("td", {}, timeElement(job.created_at)));
+}
+
 function setUpJobs() {
+  // Open jobs are followed; a job started elsewhere (the CLI, another tab) joins the top of the list.
+  const body = document.querySelector("#jobs tbody");
+  let newest = Math.max(0, ...[...body.querySelectorAll("time[data-epoch]")].map((node) => Number(node.dataset.epoch)));
   every(2, async () => {
-    const rows = [...document.querySelectorAll("#jobs tr[data-job]")];
-    if (!rows.some((row) => OPEN_STATES.includes(row.querySelector('[data-field="state"]').textContent))) return true;
     const jobs = await api("/api/jobs?limit=200");
-    for (const job of jobs) {
-      const row = document.querySelector(`#jobs tr[data-job="${job.id}"]`);
-      if (!row) continue;
+    for (const job of [...jobs].reverse()) {
+      const row = body.querySelector(`tr[data-job="${job.id}"]`);
+      if (!row) {
+        if (job.created_at < newest) continue;
+        body.querySelector("tr.empty")?.remove();
+        body.prepend(jobRow(job));
+        newest = job.created_at;
+        continue;
+      }
       const badge = row.querySelector('[data-field="state"]');
+      if (badge.textContent === job.state && !OPEN_STATES.includes(job.state)) continue;
       badge.textContent = job.state;
       badge.className = "state state-" + job.state;
       row.querySelector('[data-field="progress"]').replaceChildren(progressCell(job));
