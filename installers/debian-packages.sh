@@ -10,7 +10,7 @@ libxcb-randr0 libxcb-render-util0 libxcb-shape0 libxcb-sync1 libxcb-xfixes0 libx
 libx11-6 libxss1 libxtst6 fonts-dejavu-core xvfb xauth"
 # The web page's browser tests. Ubuntu has Chromium only as a snap: there these fail to install, the
 # script says so, and the browser tests skip (or SWARM_CHROMIUM names a Chromium to use).
-BROWSER_PACKAGES="chromium chromium-driver"
+BROWSER_PACKAGES="chromium chromium-driver firefox-esr"  # firefox-esr: tests/browser/test_firefox.py
 
 command -v dpkg-query >/dev/null 2>&1 || exit 0  # not a Debian system: nothing to do here
 missing_of() {
