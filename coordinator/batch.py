@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import tarfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -53,9 +54,11 @@ def price_micro(model: CatalogueModel, usage: BatchUsage, held_micro: int) -> in
     return min(held_micro, pricing.inference_price_micro(model, usage.total_tokens))
 
 
-def count_usage(result_archive: Path, *, lines: int, max_tokens: int, dataset_bytes: int) -> BatchUsage:
-    """The tokens a delivered result is charged for; raises BatchResultError when the archive does not
-    hold one answer per prompt, in order."""
+def read_answers(result_archive: Path, *, lines: int) -> Iterator[tuple[int, int, str]]:
+    """Each answer of a delivered result, in order: (prompt tokens, completion tokens, text) as the
+    node reported them, read as they are used; raises BatchResultError when the archive does not hold
+    one answer per prompt."""
+    count = 0
     try:
         with tarfile.open(result_archive) as archive:
             try:
@@ -65,20 +68,22 @@ def count_usage(result_archive: Path, *, lines: int, max_tokens: int, dataset_by
             stream = archive.extractfile(member) if member.isfile() else None
             if stream is None:
                 raise BatchResultError(f"{COMPLETIONS_FILE} in the result is not a file")
-            prompt_tokens = completion_tokens = 0
-            number = 0
-            for number, raw in enumerate(
-                iter(lambda: stream.readline(MAX_COMPLETION_LINE_BYTES + 1), b""), 1
-            ):
-                if number > lines:
+            for count, raw in enumerate(iter(lambda: stream.readline(MAX_COMPLETION_LINE_BYTES + 1), b""), 1):
+                if count > lines:
                     raise BatchResultError(f"the result has more answers than the {lines} prompts")
-                reported_prompt, reported_completion, text = _answer(raw, number)
-                prompt_tokens += reported_prompt
-                completion_tokens += min(reported_completion, max_tokens, len(text.encode()) + 1)
-            if number != lines:
-                raise BatchResultError(f"the result answers {number} of the {lines} prompts")
+                yield _answer(raw, count)
     except (OSError, tarfile.TarError) as error:
         raise BatchResultError(f"the result is not a readable archive: {error}") from None
+    if count != lines:
+        raise BatchResultError(f"the result answers {count} of the {lines} prompts")
+
+
+def count_usage(result_archive: Path, *, lines: int, max_tokens: int, dataset_bytes: int) -> BatchUsage:
+    """The tokens a delivered result is charged for; raises BatchResultError as read_answers does."""
+    prompt_tokens = completion_tokens = 0
+    for reported_prompt, reported_completion, text in read_answers(result_archive, lines=lines):
+        prompt_tokens += reported_prompt
+        completion_tokens += min(reported_completion, max_tokens, len(text.encode()) + 1)
     return BatchUsage(min(prompt_tokens, prompt_token_bound(dataset_bytes, lines)), completion_tokens)
 
 

@@ -56,6 +56,10 @@ class Connection:
     # whether it accepts jobs, so a busy or pausing node is not offered the same job in a loop.
     resting: bool = False
     loaded_models: frozenset[str] = frozenset()  # kept loaded for inference (protocol.model_key)
+    # Its verification standing, refreshed each sweep: a trusted node takes re-runs that verify
+    # others' jobs; a quarantined one takes no job at all until ops lift it.
+    trusted: bool = False
+    quarantined: bool = False
     last_message_at: float = field(default_factory=time.monotonic)
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -144,6 +148,9 @@ class Hub:
             for reference in connection.hello.running
             if reference.lease_id in kept
         }
+        trusted, quarantined = await asyncio.to_thread(self.service.standing)
+        connection.trusted = connection.node_id in trusted
+        connection.quarantined = connection.node_id in quarantined
         self.connections[connection.node_id] = connection
         if connection.hello.inference_slots > 0:
             self._serving[connection.node_id] = connection
@@ -262,7 +269,7 @@ class Hub:
             connection.telemetry,
             models=connection.hello.models,
             running_jobs=len(connection.leases) + len(connection.stopping),
-            accepting_jobs=connection.accepting_jobs,
+            accepting_jobs=connection.accepting_jobs and not connection.quarantined,
         )
         if self.connections.get(connection.node_id) is connection and self._has_free_slot(connection):
             self._free.setdefault(connection.node_id, connection)
@@ -303,16 +310,23 @@ class Hub:
         if not queued:
             return 0
         free = [connection.snapshot for connection in self._free.values() if connection.snapshot is not None]
-        assignments = self._plan([job for job in queued if not job.inference], free)
-        batches = [job for job in queued if job.inference]
+        # Re-runs that verify others' jobs go to trusted nodes first, then the swarm's jobs to any node.
+        checks = [job for job in queued if job.verification]
+        assignments = []
+        if checks:
+            trusted = [snapshot for snapshot in free if self.connections[snapshot.node_id].trusted]
+            assignments += self._plan([job for job in checks if not job.inference], trusted)
+            assignments += self._plan(
+                [job for job in checks if job.inference],
+                self._available(trusted, assignments, serving_only=True),
+            )
+        assignments += self._plan(
+            [job for job in queued if not job.inference and not job.verification],
+            self._available(free, assignments),
+        )
+        batches = [job for job in queued if job.inference and not job.verification]
         if batches:
-            busy = {assignment.node_id for assignment in assignments}
-            serving = [
-                snapshot
-                for snapshot in free
-                if snapshot.node_id in self._serving and snapshot.node_id not in busy
-            ]
-            assignments += self._plan(batches, serving)
+            assignments += self._plan(batches, self._available(free, assignments, serving_only=True))
         # Leased and sent in batches: the first nodes get their jobs while later batches commit.
         granted = 0
         for start in range(0, len(assignments), LEASE_BATCH):
@@ -323,6 +337,17 @@ class Hub:
             await asyncio.gather(*(self._deliver(grant) for grant in grants))
             granted += len(grants)
         return granted
+
+    def _available(
+        self, free: list[NodeSnapshot], taken: list[Assignment], *, serving_only: bool = False
+    ) -> list[NodeSnapshot]:
+        """The free nodes no assignment of this round took (and that serve inference, if asked)."""
+        busy = {assignment.node_id for assignment in taken}
+        return [
+            snapshot
+            for snapshot in free
+            if snapshot.node_id not in busy and (not serving_only or snapshot.node_id in self._serving)
+        ]
 
     def _plan(self, queued: list[QueuedJob], free: list[NodeSnapshot]) -> list[Assignment]:
         """Plan over a sample of the free nodes first (the longest free, a few per job), then over all
@@ -384,10 +409,22 @@ class Hub:
             connection = self.connections.get(node_id)
             if connection is not None:
                 await connection.close_quietly(CloseCode.UNAUTHORIZED, "this node's token was revoked")
+        await self._refresh_standing()
+        await asyncio.to_thread(self.service.release_due_credits)
         expired = await asyncio.to_thread(self.service.expire_leases)
         if expired:
             await self._send_cancels(expired)
             self._work_waiting.set()
+
+    async def _refresh_standing(self) -> None:
+        """Verification moves nodes in and out of trust and quarantine (and ops too): follow it."""
+        trusted, quarantined = await asyncio.to_thread(self.service.standing)
+        for node_id, connection in list(self.connections.items()):
+            standing = (node_id in trusted, node_id in quarantined)
+            if standing != (connection.trusted, connection.quarantined):
+                connection.trusted, connection.quarantined = standing
+                self._refresh_snapshot(connection)
+                self._work_waiting.set()
 
     async def _send_cancels(self, revocations: Iterable[Revocation]) -> None:
         for revocation in revocations:

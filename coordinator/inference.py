@@ -24,7 +24,7 @@ from sqlalchemy.orm import Session
 
 from coordinator import ledger, pricing, protocol
 from coordinator.database import Database
-from coordinator.lifecycle import COMPLETED
+from coordinator.lifecycle import SUCCEEDED_STATES
 from coordinator.scheduler import InferenceCandidate, choose_inference_node, inference_memory_bytes
 from coordinator.settings import Settings
 from coordinator.tables import Artifact, InferenceRequest, Job
@@ -76,9 +76,15 @@ def resolve_model(session: Session, buyer_id: str, model_id: str) -> ServedModel
     if not model_id.startswith(FINE_TUNED_PREFIX):
         raise unknown
     job = session.get(Job, model_id.rsplit(":", 1)[-1])
-    if job is None or job.buyer_id != buyer_id or job.kind != "lora" or fine_tuned_model_id(job) != model_id:
+    if (
+        job is None
+        or job.buyer_id != buyer_id
+        or job.kind != "lora"
+        or job.verifies_job_id is not None
+        or fine_tuned_model_id(job) != model_id
+    ):
         raise unknown
-    if job.state != COMPLETED:
+    if job.state not in SUCCEEDED_STATES:
         raise InferenceError(
             f"The model '{model_id}' is not ready: its fine-tuning job is {job.state}.",
             404,
@@ -123,7 +129,12 @@ class InferenceService:
         with self.database.reading() as session:
             jobs = session.scalars(
                 select(Job)
-                .where(Job.buyer_id == buyer_id, Job.state == COMPLETED, Job.result_gguf_sha256.is_not(None))
+                .where(
+                    Job.buyer_id == buyer_id,
+                    Job.verifies_job_id.is_(None),
+                    Job.state.in_(SUCCEEDED_STATES),
+                    Job.result_gguf_sha256.is_not(None),
+                )
                 .order_by(Job.finished_at.desc())
             ).all()
         return [ServedModel(model.name, model) for model in CATALOGUE.values()] + [

@@ -10,7 +10,7 @@ from __future__ import annotations
 import math
 import secrets
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -18,10 +18,11 @@ from pydantic import ValidationError
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from coordinator import batch, ledger, lifecycle, pricing, protocol
+from coordinator import accounts, batch, ledger, lifecycle, pricing, protocol
 from coordinator.artifacts import ArtifactStore
 from coordinator.database import Database
 from coordinator.inference import InferenceError, resolve_model
+from coordinator.job_events import record as record_event
 from coordinator.lifecycle import (
     CANCELLED,
     COMPLETED,
@@ -34,7 +35,9 @@ from coordinator.lifecycle import (
 )
 from coordinator.scheduler import QueuedJob, inference_memory_bytes, required_memory_bytes
 from coordinator.settings import Settings
-from coordinator.tables import Buyer, File, Job, JobEvent, JobProgressPoint, Node, Upload
+from coordinator.tables import Buyer, File, Job, JobProgressPoint, Node, Upload
+from coordinator.verification import is_trusted
+from coordinator.verifier import Verifier, node_record
 from engine.jobs import CATALOGUE, InferenceJobSpec, LoraJobSpec, parse_job_spec
 
 
@@ -95,10 +98,20 @@ def new_lease_id() -> str:
 
 
 class JobService:
-    def __init__(self, database: Database, settings: Settings, store: ArtifactStore | None = None):
+    def __init__(
+        self,
+        database: Database,
+        settings: Settings,
+        store: ArtifactStore | None = None,
+        *,
+        verification_draw: Callable[[], float] | None = None,
+    ):
         self.database = database
         self.settings = settings
         self.store = store or ArtifactStore(settings.artifacts_dir)
+        self.verifier = Verifier(
+            settings, self.store, **({"draw": verification_draw} if verification_draw else {})
+        )
 
     # ---- buyers
 
@@ -118,7 +131,7 @@ class JobService:
             session.scalar(select(Buyer.id).where(Buyer.id == buyer_id).with_for_update())
             quote = _quote(session, buyer_id, spec)
             job = Job(
-                id=_new_job_id(),
+                id=accounts.new_id("job"),
                 buyer_id=buyer_id,
                 kind=spec.type,
                 spec=spec.model_dump(mode="json", exclude_none=isinstance(spec, InferenceJobSpec)),
@@ -145,7 +158,7 @@ class JobService:
                 ledger.hold_in_escrow(session, buyer_id, job.id, quote.price_micro)
             except ledger.InsufficientCredits as error:
                 raise JobError(str(error), 402) from None
-            _record(
+            record_event(
                 session, job, f"submitted; {ledger.format_credits(quote.price_micro)} credits held in escrow"
             )
             return job
@@ -164,6 +177,10 @@ class JobService:
                 raise JobError(f"no job {job_id!r}", 404)
             if job.state not in OPEN_STATES:
                 raise JobError(f"job {job_id} is {job.state} already", 409)
+            if job.verifies_job_id is not None:
+                raise JobError(
+                    f"job {job_id} verifies job {job.verifies_job_id} and cannot be cancelled", 409
+                )
             revocation = (
                 Revocation(job.node_id, job.id, job.lease_id, "the buyer cancelled the job")
                 if job.state in HELD_STATES and job.node_id and job.lease_id
@@ -185,6 +202,7 @@ class JobService:
                     Job.queued_at,
                     Job.excluded_nodes,
                     Job.kind,
+                    Job.verifies_job_id,
                 )
                 .where(Job.state == QUEUED)
                 .order_by(Job.queued_at)
@@ -199,6 +217,7 @@ class JobService:
                 queued_at=row.queued_at,
                 excluded_nodes=frozenset(row.excluded_nodes or ()),
                 inference=row.kind == "inference",
+                verification=row.verifies_job_id is not None,
             )
             for row in rows
         ]
@@ -225,7 +244,9 @@ class JobService:
                 job.lease_id = new_lease_id()
                 job.lease_expires_at = now + self.settings.lease_seconds
                 job.updated_at = now
-                _record(session, job, f"leased to {node_id} (attempt {job.attempt} of {job.max_attempts})")
+                record_event(
+                    session, job, f"leased to {node_id} (attempt {job.attempt} of {job.max_attempts})"
+                )
                 grants.append(
                     Grant(node_id=node_id, message=self._lease_message(job), queued_at=job.queued_at)
                 )
@@ -246,6 +267,7 @@ class JobService:
             checkpoint_sha256=job.checkpoint_sha256,
             checkpoint_step=job.checkpoint_step,
             adapter_sha256=job.input_adapter_sha256,
+            evaluate_result_sha256=job.delivered_result_sha256 if job.kind == "lora" else None,
             lease_seconds=self.settings.lease_seconds,
         )
 
@@ -341,7 +363,7 @@ class JobService:
             now = time.time()
             if job.state == LEASED:
                 job.state = RUNNING
-                _record(session, job, f"running on {node_id}")
+                record_event(session, job, f"running on {node_id}")
             previous = job.progress or {}
             job.progress = report.model_dump(
                 mode="json", exclude={"type", "job_id", "lease_id", "learning_rate"}
@@ -380,7 +402,7 @@ class JobService:
                 job.checkpoint_sha256 = report.sha256
                 job.checkpoint_step = report.step
                 job.updated_at = time.time()
-                _record(session, job, f"checkpoint at step {report.step}")
+                record_event(session, job, f"checkpoint at step {report.step}")
             return _ack(report, "checkpoint", True, job.state)
 
     def result(self, node_id: str, report: protocol.JobResult) -> protocol.Acknowledged:
@@ -413,20 +435,26 @@ class JobService:
                     "prompt_tokens": usage.prompt_tokens,
                     "completion_tokens": usage.completion_tokens,
                 }
-                _record(
+                record_event(
                     session,
                     job,
                     f"{usage.prompt_tokens} prompt and {usage.completion_tokens} completion tokens: "
                     f"{ledger.format_credits(job.price_micro)} of the {ledger.format_credits(held)} credits held",
                 )
+            node = session.get(Node, node_id)
+            if node is not None:
+                node.jobs_completed += 1
+            if job.verifies_job_id is not None:
+                # A verification re-run: the platform pays for it, and it settles the job it checks.
+                self._finish(session, job, COMPLETED, f"completed on {node_id}", refund=False)
+                self.verifier.conclude(session, job, report, node_id)
+                return _ack(report, "result", True, job.state)
             node_share, fee = pricing.split_payment(job.price_micro, self.settings.platform_fee_basis_points)
             # A batch held its most possible price: what it did not use goes back to the buyer.
             refund_to = job.buyer_id if job.kind == "inference" else None
             ledger.charge(session, job.id, node_id, node_share, fee, buyer_id=refund_to)
-            node = session.get(Node, node_id)
-            if node is not None:
-                node.jobs_completed += 1
             self._finish(session, job, COMPLETED, f"completed on {node_id}", refund=False)
+            self.verifier.after_completion(session, job)
             return _ack(report, "result", True, job.state)
 
     def _batch_usage(self, report: protocol.JobResult) -> tuple[batch.BatchUsage | None, str | None]:
@@ -490,7 +518,8 @@ class JobService:
                         Job.state.in_(HELD_STATES),
                         (Job.dataset_sha256 == sha256)
                         | (Job.checkpoint_sha256 == sha256)
-                        | (Job.input_adapter_sha256 == sha256),
+                        | (Job.input_adapter_sha256 == sha256)
+                        | (Job.delivered_result_sha256 == sha256),
                     )
                 )
                 > 0
@@ -519,6 +548,32 @@ class JobService:
                     )
                 ).all()
         return revoked
+
+    def release_due_credits(self, now: float | None = None) -> int:
+        """Release the pending credit of jobs whose verification window passed."""
+        with self.database.transaction() as session:
+            return self.verifier.release_due(session, time.time() if now is None else now)
+
+    def standing(self) -> tuple[set[str], set[str]]:
+        """The nodes that may verify others (trusted), and those quarantined: few, read in one query."""
+        trusted: set[str] = set()
+        quarantined: set[str] = set()
+        policy = self.verifier.policy
+        with self.database.reading() as session:
+            for node in session.scalars(
+                select(Node).where(
+                    Node.revoked_at.is_(None),
+                    Node.trusted
+                    | (Node.clean_streak >= policy.trusted_after_clean)
+                    | Node.quarantined_at.is_not(None),
+                )
+            ):
+                record = node_record(node, policy)
+                if record.quarantined:
+                    quarantined.add(node.id)
+                elif is_trusted(record, policy):
+                    trusted.add(node.id)
+        return trusted, quarantined
 
     def counts(self) -> dict[str, int]:
         with self.database.reading() as session:
@@ -552,15 +607,17 @@ class JobService:
         job.queued_at = job.updated_at = time.time()
         job.node_id = job.lease_id = job.lease_expires_at = None
         job.progress = None
-        _record(session, job, outcome.message)
+        record_event(session, job, outcome.message)
 
     def _finish(self, session: Session, job: Job, state: str, message: str, *, refund: bool) -> None:
-        if refund:
+        if refund and job.verifies_job_id is None:  # a re-run holds nothing
             ledger.refund(session, job.id, job.buyer_id, memo=f"job {state}: {message}"[:500])
         job.state = state
         job.finished_at = job.updated_at = time.time()
         job.lease_id = job.lease_expires_at = None
-        _record(session, job, message)
+        record_event(session, job, message)
+        if job.verifies_job_id is not None and state != COMPLETED:
+            self.verifier.check_failed(session, job)
 
 
 def _parse_spec(spec_data: Any) -> LoraJobSpec | InferenceJobSpec:
@@ -625,10 +682,6 @@ def _quote(session: Session, buyer_id: str, spec: LoraJobSpec | InferenceJobSpec
     )
 
 
-def _new_job_id() -> str:
-    return f"job_{secrets.token_hex(8)}"
-
-
 def _locked_job(session: Session, job_id: str) -> Job | None:
     return session.scalar(select(Job).where(Job.id == job_id).with_for_update())
 
@@ -667,19 +720,6 @@ def _check_result(session: Session, node_id: str, job: Job, report: protocol.Job
     if report.steps < max(1, job.checkpoint_step):
         return f"{report.steps} steps is fewer than the job's checkpoint at step {job.checkpoint_step}"
     return None
-
-
-def _record(session: Session, job: Job, message: str) -> None:
-    session.add(
-        JobEvent(
-            job_id=job.id,
-            at=time.time(),
-            state=job.state,
-            attempt=job.attempt,
-            node_id=job.node_id,
-            message=message,
-        )
-    )
 
 
 def _earnings(session: Session, node_id: str) -> protocol.Earnings:

@@ -22,11 +22,10 @@ ISSUED = "platform:issued"
 FEES = "platform:fees"
 
 # The transaction kinds that credit a node for work: `charge` pays both a finished job and a live
-# inference request (see `charge`). A node's earnings are its entries from these, and nothing else:
-# moving credit from pending to available (once verification releases it) is not earning it again.
-# No kind takes a node's credit back yet; a clawback kind belongs here when verification adds one, its
-# negative entries then counting against the hour they were posted in.
-EARNING_KINDS = ("charge",)
+# inference request (see `charge`), `verification` pays a trusted node for re-running a job, and
+# `clawback` takes back a mismatched job's credit (negative, counted against the hour it was posted
+# in). Moving credit from pending to available (`release`) is not earning it again.
+EARNING_KINDS = ("charge", "verification", "clawback")
 SECONDS_PER_HOUR = 3600
 
 
@@ -198,6 +197,81 @@ def refund(session: Session, job_id: str, buyer_id: str, memo: str) -> bool:
         memo=memo,
     )
     return posted is not None
+
+
+def node_credit_for_job(session: Session, job_id: str, node_id: str) -> int:
+    """What a job's charge credited its node (0 when it was not charged to that node)."""
+    return int(
+        session.scalar(
+            select(func.coalesce(func.sum(LedgerEntry.amount_micro), 0))
+            .join(LedgerTransaction, LedgerEntry.transaction_id == LedgerTransaction.id)
+            .where(
+                LedgerTransaction.idempotency_key == f"settle:{job_id}",
+                LedgerEntry.account == node_pending_account(node_id),
+            )
+        )
+    )
+
+
+def release(session: Session, job_id: str, node_id: str, memo: str) -> int:
+    """Move a job's pending credit to the node's available balance (verified, or its window passed).
+    Once per job; returns the amount moved (0 when released or clawed back before)."""
+    amount = node_credit_for_job(session, job_id, node_id)
+    if amount <= 0 or _posted(session, f"pending-end:{job_id}") or _posted(session, f"clawback:{job_id}"):
+        return 0
+    post(
+        session,
+        kind="release",
+        idempotency_key=f"pending-end:{job_id}",
+        job_id=job_id,
+        entries={node_pending_account(node_id): -amount, node_available_account(node_id): amount},
+        memo=memo,
+    )
+    return amount
+
+
+def clawback(session: Session, job_id: str, node_id: str, memo: str) -> int:
+    """Take back what a mismatched job credited its node, from its pending credit, or from what is
+    available when that was released already. Once per job; returns the amount."""
+    amount = node_credit_for_job(session, job_id, node_id)
+    if amount <= 0 or _posted(session, f"clawback:{job_id}"):
+        return 0
+    released = _posted(session, f"pending-end:{job_id}")
+    source = node_available_account(node_id) if released else node_pending_account(node_id)
+    post(
+        session,
+        kind="clawback",
+        idempotency_key=f"clawback:{job_id}",
+        job_id=job_id,
+        entries={source: -amount, FEES: amount},
+        memo=memo,
+    )
+    return amount
+
+
+def pay_for_verification(
+    session: Session, verification_job_id: str, node_id: str, amount: int, memo: str
+) -> bool:
+    """The platform pays a trusted node for re-running a job, out of its fees; available at once
+    (a trusted node's work is not itself re-checked)."""
+    if amount <= 0:
+        return False
+    posted = post(
+        session,
+        kind="verification",
+        idempotency_key=f"settle:{verification_job_id}",
+        job_id=verification_job_id,
+        entries={FEES: -amount, node_available_account(node_id): amount},
+        memo=memo,
+    )
+    return posted is not None
+
+
+def _posted(session: Session, key: str) -> bool:
+    return (
+        session.scalar(select(LedgerTransaction.id).where(LedgerTransaction.idempotency_key == key))
+        is not None
+    )
 
 
 def _settled(session: Session, job_id: str) -> bool:

@@ -16,6 +16,7 @@ STATES = (QUEUED, LEASED, RUNNING, COMPLETED, VERIFIED, FAILED, CANCELLED)
 HELD_STATES = frozenset({LEASED, RUNNING})  # a node holds a lease
 OPEN_STATES = frozenset({QUEUED, LEASED, RUNNING})  # escrow still held
 FINAL_STATES = frozenset({COMPLETED, VERIFIED, FAILED, CANCELLED})
+SUCCEEDED_STATES = frozenset({COMPLETED, VERIFIED})  # a result was delivered (verified or not yet)
 
 
 @dataclass(frozen=True)

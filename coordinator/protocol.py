@@ -161,6 +161,9 @@ class JobResult(_Message):
     steps: Count
     final_loss: float | None = None
     eval_loss: float | None = None
+    # A verification re-run (the lease named evaluate_result_sha256): that adapter's held-out loss,
+    # measured here; None when it could not be loaded onto the job's model.
+    delivered_eval_loss: float | None = None
     train_tokens: int = Field(default=0, ge=0, le=2**62)
     seconds: float = Field(default=0.0, ge=0, le=1e9)
 
@@ -255,6 +258,9 @@ class Lease(_Message):
     checkpoint_step: int = 0
     # A batch inference job with a fine-tuned model: its llama.cpp LoRA adapter, as an artifact.
     adapter_sha256: Sha256 | None = None
+    # A verification re-run of a fine-tune: the result another node delivered (a tar of its adapter),
+    # whose held-out loss this node measures too and reports as delivered_eval_loss.
+    evaluate_result_sha256: Sha256 | None = None
     lease_seconds: float
 
 

@@ -32,6 +32,8 @@ class QueuedJob:
     required_memory_bytes_16bit: int | None = None
     # A batch inference job: only nodes that serve inference (llama.cpp installed) may take it.
     inference: bool = False
+    # A verification re-run: only trusted nodes may take it.
+    verification: bool = False
 
 
 @dataclass(frozen=True)

@@ -8,6 +8,8 @@ import platformdirs
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from coordinator.verification import VerificationPolicy
+
 MIB = 1024 * 1024
 # An admin token must look random: long, and not one character or word repeated ("changeme" × 3).
 MINIMUM_SECRET_LENGTH = 24
@@ -62,6 +64,15 @@ class Settings(BaseSettings):
     inference_concurrent_requests: int = Field(default=16, ge=1)
     inference_default_max_tokens: int = Field(default=512, ge=1, le=32_768)
 
+    # Verification (coordinator/verification.py): the share of completed jobs re-run on a trusted node
+    # for a node of ordinary standing, and the bounds its record moves it within.
+    verification_base_rate: float = Field(default=0.05, ge=0, le=1)
+    verification_minimum_rate: float = Field(default=0.01, ge=0, le=1)
+    verification_maximum_rate: float = Field(default=0.5, ge=0, le=1)
+    quarantine_after_mismatches: int = Field(default=2, ge=1, le=100)
+    # A node's credit for a job stays pending this long unless its verification decides sooner.
+    verification_window_seconds: float = Field(default=24 * 3600, gt=0)
+
     # The web page.
     # Anyone who reaches the page may create a buyer account with one click, given these credits.
     allow_signup: bool = False
@@ -86,9 +97,19 @@ class Settings(BaseSettings):
                     "admin_token must be a random secret of at least 24 characters, e.g. the output of "
                     "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
                 )
+        if not self.verification_minimum_rate <= self.verification_maximum_rate:
+            raise ValueError("verification_minimum_rate must not exceed verification_maximum_rate")
         if self.public_origin and not self.public_origin.startswith(("http://", "https://")):
             raise ValueError("public_origin must start with http:// or https://")
         return self
+
+    def verification_policy(self) -> VerificationPolicy:
+        return VerificationPolicy(
+            base_rate=self.verification_base_rate,
+            minimum_rate=self.verification_minimum_rate,
+            maximum_rate=self.verification_maximum_rate,
+            quarantine_after_mismatches=self.quarantine_after_mismatches,
+        )
 
     @property
     def resolved_database_url(self) -> str:

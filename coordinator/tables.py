@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Float, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, MetaData, String, Text
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Stable constraint names, so migrations can alter them on every database.
@@ -75,6 +75,13 @@ class Node(Base):
     jobs_completed: Mapped[int] = mapped_column(Integer, default=0)
     # The latest hello (telemetry, agent version), for ops.
     description: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # Its verification record (coordinator.verification.NodeRecord); error_rate None: a new node's.
+    trusted: Mapped[bool] = mapped_column(Boolean, default=False)  # ops trust it to verify others
+    error_rate: Mapped[float | None] = mapped_column(Float, nullable=True)
+    clean_streak: Mapped[int] = mapped_column(Integer, default=0)
+    mismatches: Mapped[int] = mapped_column(Integer, default=0)
+    verifications: Mapped[int] = mapped_column(Integer, default=0)  # of its jobs, ever
+    quarantined_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class Artifact(Base):
@@ -167,6 +174,16 @@ class Job(Base):
     # The buyer's words in the fine-tuned model's name: ft:<base model>:<suffix>:<job id>.
     model_suffix: Mapped[str | None] = mapped_column(String(64), nullable=True)
     metrics: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
+    # Verification. A re-run on a trusted node names the job it checks, and the result delivered for
+    # it (which the trusted node evaluates too); the checked job records the outcome.
+    verifies_job_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    delivered_result_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # pending (a re-run is queued), passed, mismatch, skipped (not sampled), unavailable (no trusted
+    # node could take it in time); None before completion.
+    verification: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    verification_detail: Mapped[str | None] = mapped_column(Text, nullable=True)
+    # When the node's pending credit for this job is released if no verification decides sooner.
+    credit_release_at: Mapped[float | None] = mapped_column(Float, nullable=True, index=True)
     error_kind: Mapped[str | None] = mapped_column(String(32), nullable=True)
     error_message: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)

@@ -169,7 +169,8 @@ class JobRun:
                 # Refused before downloading anything.
                 spec_for_lease(lease, self._host.workspace.artifact_path(lease.dataset_sha256))
                 dataset, resume_from, adapter = await self._fetch_inputs()
-                spec = spec_for_lease(lease, dataset, adapter)
+                evaluate = await self._fetch_result_to_evaluate()
+                spec = spec_for_lease(lease, dataset, adapter, evaluate)
             except InvalidLease as error:
                 await self._report_early_failure("invalid_spec", str(error))
                 return
@@ -232,6 +233,25 @@ class JobRun:
             with contextlib.suppress(OSError):
                 archive.unlink()
         return dataset, resume_from, adapter
+
+    async def _fetch_result_to_evaluate(self) -> Path | None:
+        """A verification re-run's other half: the adapter another node delivered, unpacked."""
+        if self.lease.evaluate_result_sha256 is None:
+            return None
+        archive = await self._download("result to verify", self.lease.evaluate_result_sha256)
+        directory = workspace.under_verification_directory(self.directory)
+        try:
+            await asyncio.to_thread(unpack_archive, archive, directory)
+        except (OSError, tarfile.TarError, SwarmError):
+            # Not even an archive: the adapter cannot be evaluated, which the comparison counts.
+            logger.warning(
+                "job %s: the result under verification is not a readable archive", self.lease.job_id
+            )
+            return directory
+        finally:
+            with contextlib.suppress(OSError):
+                archive.unlink()
+        return directory
 
     async def _download(self, what: str, sha256: str) -> Path:
         """One of the lease's input artifacts, retried while the coordinator is unreachable."""

@@ -189,20 +189,24 @@ class InvalidLease(Exception):
     """A lease this node must not run as sent; reported as an invalid_spec failure."""
 
 
-def spec_for_lease(lease: protocol.Lease, dataset: Path, adapter: Path | None = None) -> JobSpec:
-    """The job spec to run: the lease's settings with `dataset` (and a batch's `adapter`) pointing at
-    the node's own copies of the artifacts. Only catalogue base models are accepted, and no adapter but
-    the one fetched here: a path from the coordinator never is."""
+def spec_for_lease(
+    lease: protocol.Lease, dataset: Path, adapter: Path | None = None, evaluate: Path | None = None
+) -> JobSpec:
+    """The job spec to run: the lease's settings with `dataset` (a batch's `adapter`, a verification
+    re-run's adapter to `evaluate`) pointing at the node's own copies of the artifacts. Only catalogue
+    base models are accepted, and no adapter but one fetched here: a path from the coordinator never is."""
     base_model = lease.spec.get("base_model")
     if not isinstance(base_model, str) or base_model not in CATALOGUE:
         raise InvalidLease(
             f"base model {base_model!r} is not in this node's catalogue ({', '.join(sorted(CATALOGUE))})"
         )
-    if "adapter" in lease.spec:
+    if "adapter" in lease.spec or "evaluate_adapter" in lease.spec:
         raise InvalidLease("the lease names an adapter file; a node only runs adapters it fetched itself")
     local = {"dataset": str(dataset)}
     if adapter is not None:
         local["adapter"] = str(adapter)
+    if evaluate is not None:
+        local["evaluate_adapter"] = str(evaluate)
     try:
         spec = parse_job_spec({**lease.spec, **local})
     except ValidationError as error:
@@ -245,6 +249,7 @@ def result_message(
         steps=max(record.steps, 0),
         final_loss=finite_or_none(record.final_loss),
         eval_loss=finite_or_none(record.eval_loss),
+        delivered_eval_loss=finite_or_none(record.delivered_eval_loss),
         train_tokens=max(record.train_tokens, 0),
         seconds=max(finite_or_none(record.seconds) or 0.0, 0.0),
     )

@@ -42,6 +42,11 @@ def resume_directory(job_directory: Path) -> Path:
     return job_directory / "resume"
 
 
+def under_verification_directory(job_directory: Path) -> Path:
+    """Where a verification re-run unpacks the result another node delivered, to evaluate it."""
+    return job_directory / "under-verification"
+
+
 def pack_result(job_directory: Path, archive: Path, dataset_sha256: str) -> str:
     """The adapter files only (no checkpoints, no log) in a staging directory, then a tar; its sha256."""
     staging = job_directory / "result"
@@ -57,6 +62,7 @@ def pack_result(job_directory: Path, archive: Path, dataset_sha256: str) -> str:
             metrics = json.loads(source.read_text(encoding="utf-8"))
             if isinstance(metrics, dict) and isinstance(metrics.get("spec"), dict):
                 metrics["spec"]["dataset"] = dataset_sha256
+                metrics["spec"].pop("evaluate_adapter", None)
             (staging / name).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
         else:
             shutil.copyfile(source, staging / name)

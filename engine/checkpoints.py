@@ -27,7 +27,7 @@ ADAPTER_FILE = "adapter_model.safetensors"
 KEEP_LATEST = 2
 # Fields that may change between the run that saved a checkpoint and the run that resumes it: the
 # interval, and the local paths of the model and data (each node keeps its own; their contents count).
-RESUMABLE_CHANGES = {"checkpoint_interval", "base_model", "dataset"}
+RESUMABLE_CHANGES = {"checkpoint_interval", "base_model", "dataset", "evaluate_adapter"}
 
 
 class CheckpointError(InvalidJobError):

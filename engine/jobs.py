@@ -224,6 +224,11 @@ class LoraJobSpec(_Spec):
     checkpoint_interval: int = Field(
         default=0, ge=0, le=10_000_000, description="Save a resumable checkpoint every N steps; 0: never."
     )
+    # Verification: after training, also measure the held-out loss of this adapter (another node's
+    # result for the same spec), so the two can be compared.
+    evaluate_adapter: str | None = Field(
+        default=None, min_length=1, max_length=4096, description="A peft adapter directory to evaluate too."
+    )
 
     @field_validator("target_modules")
     @classmethod

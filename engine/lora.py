@@ -23,10 +23,12 @@ from typing import Any
 import torch
 import torch.nn.functional as functional
 from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import SafetensorError
+from safetensors.torch import load_file as load_safetensors
 
 from engine import checkpoints, datasets, devices, models, resources
 from engine.jobs import InvalidJobError, LoraJobSpec
-from engine.records import CheckpointSaved, Completed, Progress, Record, Started
+from engine.records import CheckpointSaved, Completed, Log, Progress, Record, Started
 
 logger = logging.getLogger(__name__)
 GGUF_ADAPTER_FILE = "adapter.gguf"  # the adapter for llama.cpp, beside peft's files
@@ -406,6 +408,18 @@ def train_lora(
     if base_model.source.suffix == ".gguf":
         _export_for_llama_cpp(output_dir, base_model.source)
     final_eval = history["eval_loss"][-1][1] if history["eval_loss"] else None
+    delivered_eval = None
+    if spec.evaluate_adapter is not None:
+        # Our own adapter is saved: the model may now take the other one's weights.
+        if load_adapter_weights(model, Path(spec.evaluate_adapter)):
+            delivered_eval = held_out_loss()
+            report(
+                Log(level="info", message=f"the adapter under verification: held-out loss {delivered_eval}")
+            )
+        else:
+            report(
+                Log(level="warning", message="the adapter under verification does not fit this job's model")
+            )
     completed = Completed(
         output_dir=str(output_dir),
         steps=step,
@@ -413,6 +427,7 @@ def train_lora(
         eval_loss=final_eval,
         train_tokens=history["train_tokens"],
         seconds=time.monotonic() - started_at,
+        delivered_eval_loss=delivered_eval,
     )
     metrics = {
         "spec": spec.model_dump(mode="json"),
@@ -424,6 +439,28 @@ def train_lora(
     }
     (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
     return completed
+
+
+def load_adapter_weights(model: PeftModel, directory: Path) -> bool:
+    """Put another adapter's LoRA weights (peft layout, safetensors) into this model's adapter, in
+    place; False, leaving the model as it was, when they are not exactly its shapes (a different rank,
+    other modules, a damaged or foreign file)."""
+    path = directory / "adapter_model.safetensors"
+    try:
+        weights = load_safetensors(path, device="cpu")
+    except (OSError, ValueError, RuntimeError, SafetensorError):
+        return False
+    own = {name: parameter for name, parameter in model.named_parameters() if parameter.requires_grad}
+    # peft saves "…lora_A.weight" for the parameter "…lora_A.default.weight".
+    named = {name.replace(".default.", "."): name for name in own}
+    if set(weights) != set(named) or any(weights[key].shape != own[named[key]].shape for key in weights):
+        return False
+    if not all(torch.isfinite(tensor).all() for tensor in weights.values()):
+        return False
+    with torch.no_grad():
+        for key, tensor in weights.items():
+            own[named[key]].copy_(tensor.to(own[named[key]].dtype))
+    return True
 
 
 def _export_for_llama_cpp(output_dir: Path, base_gguf: Path) -> None:

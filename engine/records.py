@@ -58,6 +58,8 @@ class Completed(_Record):
     eval_loss: float | None
     train_tokens: int
     seconds: float
+    # With spec.evaluate_adapter: that adapter's held-out loss; None when it does not fit the model.
+    delivered_eval_loss: float | None = None
 
 
 FailureKind = Literal[

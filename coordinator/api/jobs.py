@@ -60,7 +60,7 @@ def list_jobs(
         )
     query = (
         select(Job)
-        .where(Job.buyer_id == buyer.id)
+        .where(Job.buyer_id == buyer.id, Job.verifies_job_id.is_(None))
         .order_by(Job.created_at.desc())
         .limit(min(max(limit, 1), 1000))
     )

@@ -212,7 +212,11 @@ def list_fine_tuning_jobs(
     buyer: CurrentBuyer, services: ServicesDep, after: str | None = None, limit: int = 20
 ) -> dict:
     limit = min(max(limit, 1), 100)
-    query = select(Job).where(Job.buyer_id == buyer.id, Job.kind == "lora").order_by(Job.created_at.desc())
+    query = (
+        select(Job)
+        .where(Job.buyer_id == buyer.id, Job.kind == "lora", Job.verifies_job_id.is_(None))
+        .order_by(Job.created_at.desc())
+    )
     with services.database.reading() as session:
         if after is not None:
             cursor = session.get(Job, after)

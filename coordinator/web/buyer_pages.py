@@ -231,7 +231,12 @@ def files_page(request: Request, buyer: CurrentBuyer, services: ServicesDep) -> 
 
 @router.get("/jobs")
 def jobs_page(request: Request, buyer: CurrentBuyer, services: ServicesDep) -> Response:
-    query = select(Job).where(Job.buyer_id == buyer.id).order_by(Job.created_at.desc()).limit(200)
+    query = (
+        select(Job)
+        .where(Job.buyer_id == buyer.id, Job.verifies_job_id.is_(None))
+        .order_by(Job.created_at.desc())
+        .limit(200)
+    )
     with services.database.reading() as session:
         jobs = [JobOut.of(job) for job in session.scalars(query)]
     return render.page(request, "jobs.html", title="Jobs", jobs=jobs)
@@ -378,7 +383,7 @@ def cancel(job: OwnedJob, services: ServicesDep) -> Response:
 def playground(request: Request, buyer: CurrentBuyer, services: ServicesDep, model: str = "") -> Response:
     query = (
         select(Job)
-        .where(Job.buyer_id == buyer.id, Job.result_gguf_sha256.is_not(None))
+        .where(Job.buyer_id == buyer.id, Job.verifies_job_id.is_(None), Job.result_gguf_sha256.is_not(None))
         .order_by(Job.finished_at.desc())
         .limit(100)
     )

@@ -328,7 +328,7 @@ const OPEN_STATES = ["queued", "leased", "running"];
 function progressCell(job) {
   const cell = document.createDocumentFragment();
   const progress = job.progress;
-  if (job.state === "completed") {
+  if (job.state === "completed" || job.state === "verified") {
     cell.append(element("progress", { max: 1, value: 1 }), " ", element("span", { class: "small" }, "done"));
   } else if (progress && progress.total_steps) {
     const loss = progress.loss === null || progress.loss === undefined ? "" : ` · loss ${progress.loss.toFixed(3)}`;
