@@ -633,6 +633,12 @@ def _parse_spec(spec_data: Any) -> LoraJobSpec | InferenceJobSpec:
             422,
             {"adapter": "not allowed"},
         )
+    if isinstance(spec, LoraJobSpec) and spec.evaluate_adapter is not None:
+        raise JobError(
+            "evaluate_adapter is set by the coordinator for verification re-runs only",
+            422,
+            {"evaluate_adapter": "not allowed"},
+        )
     if isinstance(spec, LoraJobSpec) and spec.base_model not in CATALOGUE:
         raise JobError(
             f"unknown base_model {spec.base_model!r}; this coordinator offers: {', '.join(sorted(CATALOGUE))}",

@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session
 from coordinator import accounts, batch, ledger, protocol, verification
 from coordinator.artifacts import ArtifactStore
 from coordinator.job_events import record as record_event
-from coordinator.lifecycle import COMPLETED, QUEUED, VERIFIED
+from coordinator.lifecycle import CANCELLED, COMPLETED, QUEUED, VERIFIED
 from coordinator.settings import Settings
 from coordinator.tables import Job, JobProgressPoint, Node
 from coordinator.verification import MISMATCH, PASSED, NodeRecord, Verdict, VerificationPolicy
@@ -220,6 +220,19 @@ class Verifier:
             if job.node_id:
                 ledger.release(session, job.id, job.node_id, memo="verification window passed")
             job.credit_release_at = None
+            if job.verification == PENDING:
+                # A re-run no trusted node took in time is dropped; one that runs may still decide.
+                for check in session.scalars(
+                    select(Job).where(Job.verifies_job_id == job.id, Job.state == QUEUED).with_for_update()
+                ):
+                    check.state = CANCELLED
+                    check.finished_at = check.updated_at = now
+                    record_event(session, check, "no trusted node took it within the verification window")
+                    job.verification = UNAVAILABLE
+                    job.verification_detail = "no trusted node re-ran it within the verification window"
+                    record_event(
+                        session, job, "not verified: no trusted node re-ran it in time; credit released"
+                    )
         return len(due)
 
 

@@ -200,7 +200,7 @@ def spec_for_lease(
         raise InvalidLease(
             f"base model {base_model!r} is not in this node's catalogue ({', '.join(sorted(CATALOGUE))})"
         )
-    if "adapter" in lease.spec or "evaluate_adapter" in lease.spec:
+    if lease.spec.get("adapter") is not None or lease.spec.get("evaluate_adapter") is not None:
         raise InvalidLease("the lease names an adapter file; a node only runs adapters it fetched itself")
     local = {"dataset": str(dataset)}
     if adapter is not None:
