@@ -58,6 +58,21 @@ def register_commands(subcommands: argparse._SubParsersAction) -> None:
     revoke.add_argument("node_id")
     revoke.set_defaults(handler=_revoke)
 
+    trust = actions.add_parser(
+        "trust-node", help="trust a node (one of ops' own machines) to verify others' jobs"
+    )
+    _data_dir_option(trust)
+    trust.add_argument("node_id")
+    trust.add_argument("--untrust", action="store_true", help="stop trusting it")
+    trust.set_defaults(handler=_trust)
+
+    lift = actions.add_parser(
+        "lift-quarantine", help="let a quarantined node take jobs again (watched as a new node is)"
+    )
+    _data_dir_option(lift)
+    lift.add_argument("node_id")
+    lift.set_defaults(handler=_lift_quarantine)
+
     local = subcommands.add_parser(
         "local-swarm",
         help="run a coordinator and one node on this machine",
@@ -184,7 +199,13 @@ def _nodes(arguments: argparse.Namespace) -> int:
             (
                 node.id,
                 node.name,
-                "revoked" if node.revoked_at else "active",
+                "revoked"
+                if node.revoked_at
+                else "quarantined"
+                if node.quarantined_at
+                else "trusted"
+                if node.trusted
+                else "active",
                 _ago(node.last_seen_at),
                 str(node.jobs_completed),
                 ledger.format_credits(ledger.balance(session, ledger.node_pending_account(node.id))),
@@ -213,6 +234,39 @@ def _revoke(arguments: argparse.Namespace) -> int:
         return 1
     print(f"Revoked node {node.id} ({node.name}); its jobs will be re-queued.")
     return 0
+
+
+def _change_node(arguments: argparse.Namespace, change, done: str) -> int:
+    from coordinator.tables import Node
+
+    settings = _settings(arguments)
+    database = _database(arguments)
+    with database.transaction() as session:
+        node = session.get(Node, arguments.node_id)
+        if node is None:
+            print(f"compute-swarm admin: no node {arguments.node_id!r}", file=sys.stderr)
+            return 1
+        change(node, settings.verification_policy())
+        print(done.format(node=node))
+    return 0
+
+
+def _trust(arguments: argparse.Namespace) -> int:
+    def change(node, policy) -> None:
+        node.trusted = not arguments.untrust
+
+    what = "no longer trusted" if arguments.untrust else "trusted: it verifies others' jobs from now on"
+    return _change_node(arguments, change, "Node {node.id} ({node.name}) is " + what + ".")
+
+
+def _lift_quarantine(arguments: argparse.Namespace) -> int:
+    from coordinator import verification
+    from coordinator.verifier import node_record, store_record
+
+    def change(node, policy) -> None:
+        store_record(node, verification.lifted(node_record(node, policy), policy))
+
+    return _change_node(arguments, change, "Node {node.id} ({node.name}) may take jobs again.")
 
 
 def _ago(moment: float | None) -> str:

@@ -6,6 +6,7 @@ from fastapi import APIRouter, HTTPException, status
 from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy import select
 
+from coordinator import receipts
 from coordinator.api.deps import CurrentBuyer, OwnedJob, ServicesDep
 from coordinator.api.schemas import JobEventOut, JobIn, JobOut, ProgressPointOut, QuoteIn, QuoteOut
 from coordinator.jobs import JobError
@@ -132,3 +133,10 @@ def events(job: OwnedJob, services: ServicesDep) -> list[JobEventOut]:
     query = select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id).limit(1000)
     with services.database.reading() as session:
         return [JobEventOut.model_validate(event, from_attributes=True) for event in session.scalars(query)]
+
+
+@router.get("/{job_id}/receipt")
+def receipt(job: OwnedJob, services: ServicesDep) -> dict:
+    """What ran, on which nodes, how verification ended, and the money the job moved."""
+    with services.database.reading() as session:
+        return receipts.receipt(session, job)

@@ -12,7 +12,7 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, WebSocket, WebSocketDisconnect, status
 from fastapi.responses import FileResponse
 
-from coordinator import accounts, protocol
+from coordinator import accounts, protocol, receipts
 from coordinator.api.deps import CurrentNode, Services, ServicesDep, bearer_token
 from coordinator.api.schemas import (
     EarningsHistoryOut,
@@ -26,7 +26,7 @@ from coordinator.artifacts import SHA256
 from coordinator.hub import Connection
 from coordinator.node_session import NodeSession
 from coordinator.protocol import CloseCode, ProtocolViolation
-from coordinator.tables import Node
+from coordinator.tables import Job, Node
 
 logger = logging.getLogger("coordinator.nodes")
 HELLO_TIMEOUT_SECONDS = 15.0
@@ -52,6 +52,16 @@ def me(node: CurrentNode, services: ServicesDep) -> NodeOut:
     return NodeOut(
         node_id=node.id, name=node.name, earnings=EarningsOut(**earnings.model_dump(exclude={"type"}))
     )
+
+
+@router.get("/api/nodes/me/jobs/{job_id}/receipt")
+def job_receipt(job_id: str, node: CurrentNode, services: ServicesDep) -> dict:
+    """The receipt of a job this node ran (or re-ran to verify): the same one its buyer reads."""
+    with services.database.reading() as session:
+        job = session.get(Job, job_id)
+        if job is None or not receipts.ran_on(session, job_id, node.id):
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no job {job_id!r} that this node ran")
+        return receipts.receipt(session, job)
 
 
 @router.get("/api/nodes/me/earnings")

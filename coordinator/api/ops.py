@@ -10,12 +10,14 @@ from pydantic import BaseModel
 from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
-from coordinator import accounts, ledger
+from coordinator import accounts, ledger, verification
 from coordinator.api.deps import Operator, Services, ServicesDep
 from coordinator.hub import Connection
 from coordinator.lifecycle import LEASED, QUEUED, STATES
 from coordinator.protocol import CloseCode
 from coordinator.tables import Job, JobEvent, Node
+from coordinator.verification import VerificationPolicy
+from coordinator.verifier import node_record, store_record
 
 router = APIRouter(prefix="/api/ops", tags=["ops"], dependencies=[Operator])
 
@@ -33,7 +35,7 @@ class GpuOut(BaseModel):
 class NodeRowOut(BaseModel):
     id: str
     name: str
-    # offline, revoked, or while connected: busy (running jobs), paused (not accepting), idle.
+    # offline, revoked, quarantined, or while connected: busy (running jobs), paused (not accepting), idle.
     state: str
     gpus: list[GpuOut]
     backends: list[str]
@@ -42,8 +44,15 @@ class NodeRowOut(BaseModel):
     created_at: float
     jobs_completed: int
     leases: int  # leases it was granted, ever
-    # Until verification lands this is its record: the share of its leases it completed.
-    reputation: float | None
+    # 1 − its estimated error rate (coordinator.verification): a new node 0.9, rising with clean
+    # verifications, falling with each mismatch.
+    reputation: float
+    verifications: int  # of its jobs re-run on a trusted node
+    mismatches: int  # since ops last lifted a quarantine
+    sampling_rate: float  # the share of its jobs that are re-run now
+    trusted: bool  # it may verify others' jobs (ops trust it, or a long clean record)
+    trusted_by_ops: bool
+    quarantined: bool
     pending_micro: int
     available_micro: int
     agent_version: str | None
@@ -66,6 +75,7 @@ async def overview(services: ServicesDep) -> OverviewOut:
 
 def _overview(services: Services, live: dict[str, Connection]) -> OverviewOut:
     now = time.time()
+    policy = services.jobs.verifier.policy
     with services.database.reading() as session:
         nodes = session.scalars(
             select(Node)
@@ -89,6 +99,7 @@ def _overview(services: Services, live: dict[str, Connection]) -> OverviewOut:
                 leases.get(node.id, 0),
                 ledger.balance(session, ledger.node_pending_account(node.id)),
                 ledger.balance(session, ledger.node_available_account(node.id)),
+                policy,
             )
             for node in nodes
         ]
@@ -103,7 +114,12 @@ def _overview(services: Services, live: dict[str, Connection]) -> OverviewOut:
 
 
 def _node_row(
-    node: Node, connection: Connection | None, leases: int, pending: int, available: int
+    node: Node,
+    connection: Connection | None,
+    leases: int,
+    pending: int,
+    available: int,
+    policy: VerificationPolicy,
 ) -> NodeRowOut:
     description: dict[str, Any] = node.description or {}
     if connection is not None:
@@ -114,6 +130,9 @@ def _node_row(
         telemetry = description.get("telemetry") or {}
         running = 0
         state = "offline"
+    record = node_record(node, policy)
+    if record.quarantined:
+        state = "quarantined"
     if node.revoked_at is not None:
         state = "revoked"
     gpus = [
@@ -138,7 +157,13 @@ def _node_row(
         created_at=node.created_at,
         jobs_completed=node.jobs_completed,
         leases=leases,
-        reputation=min(1.0, node.jobs_completed / leases) if leases else None,
+        reputation=1.0 - record.error_rate,
+        verifications=node.verifications,
+        mismatches=node.mismatches,
+        sampling_rate=verification.sampling_rate(record, policy),
+        trusted=verification.is_trusted(record, policy),
+        trusted_by_ops=node.trusted,
+        quarantined=record.quarantined,
         pending_micro=pending,
         available_micro=available,
         agent_version=description.get("agent_version"),
@@ -166,3 +191,52 @@ async def revoke_node(node_id: str, services: ServicesDep) -> RevokedOut:
     if connection is not None:
         await connection.close_quietly(CloseCode.UNAUTHORIZED, "this node's token was revoked")
     return RevokedOut(node_id=node.id, revoked_at=node.revoked_at)
+
+
+class TrustIn(BaseModel):
+    trusted: bool
+
+
+class StandingOut(BaseModel):
+    node_id: str
+    trusted_by_ops: bool
+    quarantined: bool
+
+
+def change_standing(services: Services, node_id: str, change) -> StandingOut:
+    """Apply change(node, policy) to a node's verification standing, in one transaction."""
+    with services.database.transaction() as session:
+        node = session.get(Node, node_id)
+        if node is None:
+            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no node {node_id!r}")
+        change(node, services.jobs.verifier.policy)
+        return StandingOut(
+            node_id=node.id, trusted_by_ops=node.trusted, quarantined=node.quarantined_at is not None
+        )
+
+
+def set_trust(trusted: bool):
+    def change(node: Node, policy: VerificationPolicy) -> None:
+        node.trusted = trusted
+
+    return change
+
+
+def lift(node: Node, policy: VerificationPolicy) -> None:
+    store_record(node, verification.lifted(node_record(node, policy), policy))
+
+
+@router.post("/nodes/{node_id}/trust")
+def trust_node(node_id: str, body: TrustIn, services: ServicesDep) -> StandingOut:
+    """Trust a node to verify others' jobs (ops' own machines), or stop trusting it."""
+    standing = change_standing(services, node_id, set_trust(body.trusted))
+    services.hub.wake()
+    return standing
+
+
+@router.post("/nodes/{node_id}/lift-quarantine")
+def lift_quarantine(node_id: str, services: ServicesDep) -> StandingOut:
+    """Let a quarantined node take jobs again, watched as closely as a new node."""
+    standing = change_standing(services, node_id, lift)
+    services.hub.wake()
+    return standing
