@@ -70,6 +70,8 @@ class Settings(BaseSettings):
     verification_minimum_rate: float = Field(default=0.01, ge=0, le=1)
     verification_maximum_rate: float = Field(default=0.5, ge=0, le=1)
     quarantine_after_mismatches: int = Field(default=2, ge=1, le=100)
+    # The most of the swarm's compute re-runs may take (rates are scaled down together beyond it).
+    verification_overhead_budget: float = Field(default=0.10, ge=0, le=1)
     # A node's credit for a job stays pending this long unless its verification decides sooner.
     verification_window_seconds: float = Field(default=24 * 3600, gt=0)
 
@@ -109,6 +111,7 @@ class Settings(BaseSettings):
             minimum_rate=self.verification_minimum_rate,
             maximum_rate=self.verification_maximum_rate,
             quarantine_after_mismatches=self.quarantine_after_mismatches,
+            overhead_budget=self.verification_overhead_budget,
         )
 
     @property

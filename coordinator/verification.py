@@ -5,9 +5,13 @@ Sampling is adaptive, in the way BOINC's adaptive replication is: each node carr
 its error rate. A new node starts at `initial_error_rate`; every clean verification multiplies the
 estimate by `clean_decay`, every mismatch adds `mismatch_penalty`. A completed job is verified with
 probability base_rate × estimate / target_error_rate, held between minimum_rate and maximum_rate: a new
-node is checked often (25 % with the defaults), one with a long clean record rarely (1 %), one that
-just cheated on every other job. The expected overhead of a swarm of honest, established nodes is
-then close to minimum_rate, and bench/verification.py measures it for mixed swarms (goal: <= 10 %).
+node is checked often (15 % with the defaults, falling to 5 % after about 10 clean checks), one with a
+long clean record rarely (1 %), one that just cheated on every other job.
+
+On top, an OverheadBudget keeps re-runs at most `overhead_budget` of the swarm's compute: when the rates
+wanted lately average more (a wave of new nodes, many suspects), every rate is scaled down by the same
+factor, so the riskiest nodes stay the most watched. bench/verification.py measures detection and
+overhead for swarms with cheaters.
 """
 
 from __future__ import annotations
@@ -24,10 +28,12 @@ class VerificationPolicy:
     base_rate: float = 0.05  # a node whose error estimate is at target_error_rate
     minimum_rate: float = 0.01  # a node with a long clean record
     maximum_rate: float = 0.5
-    initial_error_rate: float = 0.1
+    initial_error_rate: float = 0.06
     target_error_rate: float = 0.02
-    clean_decay: float = 0.95
+    clean_decay: float = 0.9
     mismatch_penalty: float = 0.25
+    # The most of the swarm's compute re-runs may take, averaged over recent jobs (OverheadBudget).
+    overhead_budget: float = 0.10
     # Mismatches that quarantine a node (no more jobs until ops lift it), counted since it was last
     # lifted.
     quarantine_after_mismatches: int = 2
@@ -70,6 +76,29 @@ def sampling_rate(record: NodeRecord, policy: VerificationPolicy) -> float:
     """The probability that a job this node completed is re-run on a trusted node."""
     rate = policy.base_rate * record.error_rate / policy.target_error_rate
     return min(policy.maximum_rate, max(policy.minimum_rate, rate))
+
+
+class OverheadBudget:
+    """Scales sampling rates so that re-runs average at most `share` of the jobs completed.
+
+    It follows the rates wanted lately (an exponential average over about 1/smoothing jobs) and, while
+    that average exceeds the share, applies wanted × share / average: every node's rate shrinks by the
+    same factor, so the expected re-run share is the budget and the order of suspicion is kept.
+    """
+
+    def __init__(self, share: float, smoothing: float = 0.002):
+        self.share = share
+        self.smoothing = smoothing
+        self.recent_wanted: float | None = None
+
+    def rate(self, wanted: float) -> float:
+        """The rate to apply to a job whose node's policy wants `wanted`; records it."""
+        if self.recent_wanted is None:  # a fresh coordinator: the first job sets the average
+            self.recent_wanted = wanted
+        self.recent_wanted += self.smoothing * (wanted - self.recent_wanted)
+        if self.recent_wanted <= self.share:
+            return wanted
+        return wanted * self.share / self.recent_wanted
 
 
 def is_trusted(record: NodeRecord, policy: VerificationPolicy) -> bool:

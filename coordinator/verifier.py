@@ -61,6 +61,7 @@ class Verifier:
         self.window_seconds = settings.verification_window_seconds
         self.store = store
         self.draw = draw  # uniform in [0, 1): injected, so tests and the bench decide what is sampled
+        self.budget = verification.OverheadBudget(self.policy.overhead_budget)
 
     # ---- a job completed
 
@@ -74,7 +75,7 @@ class Verifier:
             return None
         node = session.get(Node, job.node_id) if job.node_id else None
         record = node_record(node, self.policy) if node is not None else verification.new_record(self.policy)
-        rate = verification.sampling_rate(record, self.policy)
+        rate = self.budget.rate(verification.sampling_rate(record, self.policy))
         if self.draw() >= rate:
             job.verification = SKIPPED
             job.verification_detail = f"not sampled (this node's jobs are re-run at {rate:.0%})"

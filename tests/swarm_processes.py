@@ -128,3 +128,23 @@ def wait_for(condition, timeout: float, message: str, interval: float = 0.2):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {message}")
+
+
+class CheatingNode(Node):
+    """A node agent with one dishonest step (tests/cheating_node.py), started as a seller starts one."""
+
+    def __init__(self, coordinator: Coordinator, data_dir: Path, cheat: str, *, name: str):
+        super().__init__(coordinator, data_dir, name=name)
+        self.cheat = cheat
+
+    def start(self) -> CheatingNode:
+        with open(self.log_path, "ab") as log:
+            self.process = subprocess.Popen(
+                [sys.executable, "-m", "tests.cheating_node", self.cheat, *self.arguments],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                cwd=REPOSITORY,
+                env=self.environment,
+                start_new_session=True,
+            )
+        return self
