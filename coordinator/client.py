@@ -551,6 +551,12 @@ class SwarmClient(_CoordinatorSession):
         archive.unlink()
         return directory
 
+    def receipt(self, job_id: str) -> dict:
+        """What ran, on which nodes, how verification ended, and the money the job moved."""
+        return self._request(
+            "GET", f"/api/jobs/{quote(job_id, safe='')}/receipt", not_found=f"no job {job_id}"
+        )
+
     def balance(self) -> dict:
         return self._request("GET", "/api/balance")
 
@@ -592,6 +598,14 @@ class NodeClient(_CoordinatorSession):
 
     def me(self) -> dict:
         return self._request("GET", "/api/nodes/me")
+
+    def receipt(self, job_id: str) -> dict:
+        """The receipt of a job this node ran or re-ran: the same one its buyer reads."""
+        return self._request(
+            "GET",
+            f"/api/nodes/me/jobs/{quote(job_id, safe='')}/receipt",
+            not_found=f"no job {job_id} ran here",
+        )
 
     def earnings_history(self, days: int = 30) -> dict:
         """The last `days` days (1 to 60) of credits for work, per UTC hour, with the balances and the

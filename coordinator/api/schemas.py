@@ -79,6 +79,9 @@ class JobOut(BaseModel):
     result_sha256: str | None
     # A completed fine-tune's model for /v1/chat/completions (ft:<base>:<suffix>:<job id>).
     fine_tuned_model: str | None
+    # Its check on a trusted node: pending, passed, mismatch, skipped or unavailable (None until completed).
+    verification: str | None
+    verification_detail: str | None
     created_at: float
     updated_at: float
     finished_at: float | None
@@ -100,6 +103,8 @@ class JobOut(BaseModel):
             checkpoint_step=job.checkpoint_step,
             result_sha256=job.result_sha256,
             fine_tuned_model=fine_tuned_model_id(job) if job.result_gguf_sha256 else None,
+            verification=job.verification,
+            verification_detail=job.verification_detail,
             created_at=job.created_at,
             updated_at=job.updated_at,
             finished_at=job.finished_at,

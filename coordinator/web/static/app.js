@@ -617,16 +617,34 @@ function setUpPlayground() {
 
 function setUpOps() {
   const errorNote = document.getElementById("ops-error");
-  async function revoke(node) {
-    if (!confirm(`Revoke ${node.name} (${node.id})? It is disconnected now, its jobs go back to the queue, and its token never works again.`)) return;
+  async function act(node, what, path, body, question) {
+    if (question && !confirm(question)) return;
     try {
-      await api(`/api/ops/nodes/${node.id}/revoke`, { method: "POST" });
+      await api(`/api/ops/nodes/${node.id}/${path}`, { method: "POST", body });
       errorNote.hidden = true;
       await refresh();
     } catch (error) {
       errorNote.hidden = false;
-      errorNote.textContent = `Could not revoke ${node.name}: ${error.message}`;
+      errorNote.textContent = `Could not ${what} ${node.name}: ${error.message}`;
     }
+  }
+  function actionButton(label, className, handler) {
+    const button = element("button", { class: className, type: "button" }, label);
+    button.addEventListener("click", handler);
+    return button;
+  }
+  function actions(node) {
+    if (node.state === "revoked") return element("span", { class: "muted" }, "revoked");
+    const cell = element("div", { class: "actions" });
+    if (node.quarantined) {
+      cell.append(actionButton("Lift quarantine", "small", () => act(node, "lift the quarantine of", "lift-quarantine", undefined,
+        `Let ${node.name} take jobs again? It is watched as closely as a new node.`)));
+    }
+    cell.append(actionButton(node.trusted_by_ops ? "Untrust" : "Trust", "small", () => act(node, "change the trust of", "trust",
+      { trusted: !node.trusted_by_ops }, node.trusted_by_ops ? null : `Trust ${node.name} to verify other nodes' jobs? Only trust machines you run.`)));
+    cell.append(actionButton("Revoke", "danger small", () => act(node, "revoke", "revoke", undefined,
+      `Revoke ${node.name} (${node.id})? It is disconnected now, its jobs go back to the queue, and its token never works again.`)));
+    return cell;
   }
   async function refresh() {
     const overview = await api("/api/ops/overview");
@@ -642,25 +660,25 @@ function setUpOps() {
     for (const fill of document.querySelectorAll("#jobs-by-state .fill")) fill.style.width = `${(100 * Number(fill.dataset.width)) / most}%`;
     const body = document.querySelector("#nodes tbody");
     if (!overview.nodes.length) {
-      body.replaceChildren(element("tr", { class: "empty" }, element("td", { colspan: 8 }, "No node has registered yet.")));
+      body.replaceChildren(element("tr", { class: "empty" }, element("td", { colspan: 9 }, "No node has registered yet.")));
       return true;
     }
     body.replaceChildren(...overview.nodes.map((node) => {
       const gpus = node.gpus.length ? node.gpus.map((gpu) => gpu.name).join(", ") : `CPU only (${node.backends.join(", ") || "?"})`;
       const temperatures = node.gpus.map((gpu) => gpu.temperature_celsius).filter((value) => value !== null);
-      const button = node.state === "revoked" ? element("span", { class: "muted" }, "revoked")
-        : element("button", { class: "danger small", type: "button" }, "Revoke");
-      if (node.state !== "revoked") button.addEventListener("click", () => revoke(node));
       return element("tr", { "data-node": node.id },
         element("td", {}, node.name, element("div", { class: "muted small mono" }, node.id)),
         element("td", {}, stateBadge(node.state), node.running_jobs ? element("div", { class: "small muted" }, `${node.running_jobs} running`) : null),
         element("td", {}, gpus),
         element("td", { class: "number" }, temperatures.length ? `${Math.round(Math.max(...temperatures))} °C` : "–"),
-        element("td", { class: "number" }, node.reputation === null ? "new" : `${Math.round(node.reputation * 100)} %`,
-          element("div", { class: "small muted" }, `${node.jobs_completed} of ${node.leases} leases`)),
+        element("td", { class: "number" }, `${Math.round(node.reputation * 100)} %`,
+          element("div", { class: "small muted" }, `${node.jobs_completed} of ${node.leases} leases done`)),
+        element("td", {}, `${node.verifications} checked · ${node.mismatches} mismatch${node.mismatches === 1 ? "" : "es"}`,
+          element("div", { class: "small muted" }, `re-run at ${Math.round(node.sampling_rate * 100)} %`),
+          node.trusted ? element("span", { class: "state state-trusted" }, node.trusted_by_ops ? "trusted by ops" : "trusted") : null),
         element("td", { class: "number" }, credits(node.pending_micro + node.available_micro)),
         element("td", {}, node.last_seen_at ? (node.state === "offline" || node.state === "revoked" ? ago(node.last_seen_at) : "now") : "never"),
-        element("td", {}, button));
+        element("td", {}, actions(node)));
     }));
     return true;
   }
