@@ -18,7 +18,7 @@ from pydantic import ValidationError
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from coordinator import accounts, batch, ledger, lifecycle, pricing, protocol
+from coordinator import accounts, batch, ledger, lifecycle, pricing, protocol, trials
 from coordinator.artifacts import ArtifactStore
 from coordinator.database import Database
 from coordinator.inference import InferenceError, resolve_model
@@ -35,7 +35,7 @@ from coordinator.lifecycle import (
 )
 from coordinator.scheduler import QueuedJob, inference_memory_bytes, required_memory_bytes
 from coordinator.settings import Settings
-from coordinator.tables import Buyer, File, Job, JobProgressPoint, Node, Upload
+from coordinator.tables import Buyer, File, Job, JobProgressPoint, Node, Sweep, Upload
 from coordinator.verification import is_trusted
 from coordinator.verifier import Verifier, node_record
 from engine.jobs import CATALOGUE, InferenceJobSpec, LoraJobSpec, parse_job_spec
@@ -119,53 +119,121 @@ class JobService:
         self, buyer_id: str, spec_data: Any, max_attempts: int | None, *, model_suffix: str | None = None
     ) -> Job:
         """Queue a LoRA fine-tune (the default type) or a batch inference job, holding its price."""
+        attempts = self.attempts(max_attempts)
+        spec = parse_spec(spec_data)
+        with self.database.transaction() as session:
+            return self.queue_in(session, buyer_id, spec, attempts, model_suffix=model_suffix)
+
+    def attempts(self, max_attempts: int | None) -> int:
         attempts = max_attempts if max_attempts is not None else self.settings.default_max_attempts
         if not 1 <= attempts <= 20:
             raise JobError("max_attempts must be between 1 and 20", 422, {"max_attempts": "1 to 20"})
-        spec = _parse_spec(spec_data)
+        return attempts
+
+    def queue_in(
+        self,
+        session: Session,
+        buyer_id: str,
+        spec: LoraJobSpec | InferenceJobSpec,
+        attempts: int,
+        *,
+        model_suffix: str | None = None,
+        sweep_id: str | None = None,
+        sweep_parameters: dict | None = None,
+        price_cap_micro: int | None = None,
+    ) -> Job:
+        """Queue one job in the caller's transaction, holding its price (at most price_cap_micro)."""
+        # One submission at a time per buyer reads and spends the balance (PostgreSQL runs
+        # transactions side by side; SQLite's BEGIN IMMEDIATE serializes them anyway). Locked
+        # first, before the job row's foreign key takes a weaker lock on it.
+        session.scalar(select(Buyer.id).where(Buyer.id == buyer_id).with_for_update())
+        quote = _quote(session, buyer_id, spec)
+        if price_cap_micro is not None and quote.price_micro > price_cap_micro:
+            raise JobError(
+                f"this costs {ledger.format_credits(quote.price_micro)} credits, more than the "
+                f"{ledger.format_credits(price_cap_micro)} allowed",
+                422,
+            )
         now = time.time()
+        job = Job(
+            id=accounts.new_id("job"),
+            buyer_id=buyer_id,
+            kind=spec.type,
+            spec=spec.model_dump(mode="json", exclude_none=isinstance(spec, InferenceJobSpec)),
+            base_model=quote.base_model,
+            dataset_sha256=quote.dataset.sha256,
+            dataset_size=quote.dataset.size,
+            dataset_lines=quote.dataset.lines,
+            required_memory_bytes=quote.required_memory_bytes,
+            required_memory_bytes_16bit=quote.required_memory_bytes_16bit,
+            price_micro=quote.price_micro,
+            state=QUEUED,
+            attempt=0,
+            max_attempts=attempts,
+            queued_at=now,
+            excluded_nodes=[],
+            input_adapter_sha256=quote.input_adapter_sha256,
+            model_suffix=model_suffix,
+            sweep_id=sweep_id,
+            sweep_parameters=sweep_parameters,
+            created_at=now,
+            updated_at=now,
+        )
+        session.add(job)
+        session.flush()
+        try:
+            ledger.hold_in_escrow(session, buyer_id, job.id, quote.price_micro)
+        except ledger.InsufficientCredits as error:
+            raise JobError(str(error), 402) from None
+        record_event(
+            session, job, f"submitted; {ledger.format_credits(quote.price_micro)} credits held in escrow"
+        )
+        return job
+
+    def submit_sweep(self, buyer_id: str, spec_data: Any) -> tuple[Sweep, list[Job]]:
+        """Queue a sweep's trials, all of them or (a trial refused, a cap passed) none."""
+        spec = trials.parse(spec_data)
+        specs = trials.trial_specs(spec)
         with self.database.transaction() as session:
-            # One submission at a time per buyer reads and spends the balance (PostgreSQL runs
-            # transactions side by side; SQLite's BEGIN IMMEDIATE serializes them anyway). Locked
-            # first, before the job row's foreign key takes a weaker lock on it.
-            session.scalar(select(Buyer.id).where(Buyer.id == buyer_id).with_for_update())
-            quote = _quote(session, buyer_id, spec)
-            job = Job(
-                id=accounts.new_id("job"),
+            sweep = Sweep(
+                id=accounts.new_id("sweep"),
                 buyer_id=buyer_id,
-                kind=spec.type,
-                spec=spec.model_dump(mode="json", exclude_none=isinstance(spec, InferenceJobSpec)),
-                base_model=quote.base_model,
-                dataset_sha256=quote.dataset.sha256,
-                dataset_size=quote.dataset.size,
-                dataset_lines=quote.dataset.lines,
-                required_memory_bytes=quote.required_memory_bytes,
-                required_memory_bytes_16bit=quote.required_memory_bytes_16bit,
-                price_micro=quote.price_micro,
-                state=QUEUED,
-                attempt=0,
-                max_attempts=attempts,
-                queued_at=now,
-                excluded_nodes=[],
-                input_adapter_sha256=quote.input_adapter_sha256,
-                model_suffix=model_suffix,
-                created_at=now,
-                updated_at=now,
+                spec=spec.model_dump(mode="json"),
+                created_at=time.time(),
             )
-            session.add(job)
+            session.add(sweep)
             session.flush()
-            try:
-                ledger.hold_in_escrow(session, buyer_id, job.id, quote.price_micro)
-            except ledger.InsufficientCredits as error:
-                raise JobError(str(error), 402) from None
-            record_event(
-                session, job, f"submitted; {ledger.format_credits(quote.price_micro)} credits held in escrow"
-            )
-            return job
+            queued: list[Job] = []
+            for number, (data, values) in enumerate(specs, 1):
+                settings = ", ".join(f"{name}={value}" for name, value in values.items())
+                try:
+                    queued.append(
+                        self.queue_in(
+                            session,
+                            buyer_id,
+                            parse_spec(data),
+                            self.attempts(None),
+                            model_suffix=f"trial{number}",
+                            sweep_id=sweep.id,
+                            sweep_parameters=values,
+                            price_cap_micro=spec.max_price_per_trial_micro,
+                        )
+                    )
+                except JobError as error:
+                    raise trials.SweepError(
+                        f"trial {number} ({settings}): {error}", error.status_code
+                    ) from None
+            total = sum(trial.price_micro for trial in queued)
+            if spec.max_total_price_micro is not None and total > spec.max_total_price_micro:
+                raise trials.SweepError(
+                    f"the {len(queued)} trials cost {ledger.format_credits(total)} credits, more than the "
+                    f"{ledger.format_credits(spec.max_total_price_micro)} allowed in total"
+                )
+            return sweep, queued
 
     def quote(self, buyer_id: str, spec_data: Any) -> tuple[Quote, int]:
         """What submitting this spec would hold, and the buyer's available balance, changing nothing."""
-        spec = _parse_spec(spec_data)
+        spec = parse_spec(spec_data)
         with self.database.reading() as session:
             return _quote(session, buyer_id, spec), ledger.balance(session, ledger.buyer_account(buyer_id))
 
@@ -355,11 +423,12 @@ class JobService:
 
     # ---- reports from nodes
 
-    def progress(self, node_id: str, report: protocol.JobProgress) -> bool:
+    def progress(self, node_id: str, report: protocol.JobProgress) -> str | None:
+        """Record a node's report; the reason the node must stop the job, if it must."""
         with self.database.transaction() as session:
             job = self._current(session, node_id, report.job_id, report.lease_id)
             if job is None:
-                return False
+                return "this lease is no longer valid"
             now = time.time()
             if job.state == LEASED:
                 job.state = RUNNING
@@ -385,7 +454,10 @@ class JobService:
                 )
             job.lease_expires_at = now + self.settings.lease_seconds
             job.updated_at = now
-            return True
+            if job.sweep_id is not None and eval_loss is not None:
+                session.flush()  # the point just added counts for the other trials, not against this one
+                return trials.stop_if_worse(session, job, report.step, eval_loss, self.settings)
+            return None
 
     def checkpoint(self, node_id: str, report: protocol.CheckpointUploaded) -> protocol.Acknowledged:
         with self.database.transaction() as session:
@@ -497,13 +569,13 @@ class JobService:
         """The last `days` days of a node's credits for work, hour by hour, beside its balances: read
         in one session, so the hours, the total and the balances agree."""
         since = ledger.hour_start((time.time() if now is None else now) - days * 86_400)
-        account = ledger.node_pending_account(node_id)
+        accounts = ledger.node_accounts(node_id)
         with self.database.reading() as session:
             return EarningsHistory(
                 earnings=_earnings(session, node_id),
                 since=since,
-                hourly=ledger.hourly_credits(session, account, since),
-                total_credited_micro=ledger.total_credited(session, account),
+                hourly=ledger.hourly_credits(session, accounts, since),
+                total_credited_micro=ledger.total_credited(session, accounts),
             )
 
     def may_download(self, node_id: str, sha256: str) -> bool:
@@ -620,7 +692,7 @@ class JobService:
             self.verifier.check_failed(session, job)
 
 
-def _parse_spec(spec_data: Any) -> LoraJobSpec | InferenceJobSpec:
+def parse_spec(spec_data: Any) -> LoraJobSpec | InferenceJobSpec:
     if not isinstance(spec_data, dict):
         raise JobError("spec must be a JSON object", 422)
     try:

@@ -299,14 +299,20 @@ def sum_by_hour(credits: Iterable[tuple[float, int]]) -> list[tuple[int, int]]:
     return sorted(totals.items())
 
 
-def hourly_credits(session: Session, account: str, since: float) -> list[tuple[int, int]]:
-    """What `account` was credited for work (EARNING_KINDS) per UTC hour, from `since` (epoch
+def node_accounts(node_id: str) -> list[str]:
+    """Both of a node's accounts: work is credited to pending, verification pay to available, and a
+    clawback takes from either."""
+    return [node_pending_account(node_id), node_available_account(node_id)]
+
+
+def hourly_credits(session: Session, accounts: list[str], since: float) -> list[tuple[int, int]]:
+    """What these accounts were credited for work (EARNING_KINDS) per UTC hour, from `since` (epoch
     seconds) on: (hour start, micro) ascending, hours with nothing omitted."""
     rows = session.execute(
         select(LedgerTransaction.created_at, LedgerEntry.amount_micro)
         .join(LedgerTransaction, LedgerEntry.transaction_id == LedgerTransaction.id)
         .where(
-            LedgerEntry.account == account,
+            LedgerEntry.account.in_(accounts),
             LedgerTransaction.kind.in_(EARNING_KINDS),
             LedgerTransaction.created_at >= since,
         )
@@ -314,13 +320,13 @@ def hourly_credits(session: Session, account: str, since: float) -> list[tuple[i
     return sum_by_hour((posted_at, amount_micro) for posted_at, amount_micro in rows)
 
 
-def total_credited(session: Session, account: str) -> int:
-    """Everything `account` was ever credited for work (EARNING_KINDS)."""
+def total_credited(session: Session, accounts: list[str]) -> int:
+    """Everything these accounts were ever credited for work (EARNING_KINDS)."""
     return int(
         session.scalar(
             select(func.coalesce(func.sum(LedgerEntry.amount_micro), 0))
             .join(LedgerTransaction, LedgerEntry.transaction_id == LedgerTransaction.id)
-            .where(LedgerEntry.account == account, LedgerTransaction.kind.in_(EARNING_KINDS))
+            .where(LedgerEntry.account.in_(accounts), LedgerTransaction.kind.in_(EARNING_KINDS))
         )
     )
 
