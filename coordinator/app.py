@@ -19,6 +19,7 @@ from coordinator.api import (
     openai_fine_tuning,
     ops,
     service,
+    sweeps,
 )
 from coordinator.api.deps import Services
 from coordinator.artifacts import ArtifactStore
@@ -70,7 +71,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             services.database.close()
 
     app = FastAPI(title="compute-swarm coordinator", version="0.1.0", lifespan=lifespan)
-    for module in (files, jobs, account, keys, nodes, ops, service, openai, openai_fine_tuning):
+    for module in (files, jobs, sweeps, account, keys, nodes, ops, service, openai, openai_fine_tuning):
         app.include_router(module.router)
     openai_errors.install(app)
     web.install(app)

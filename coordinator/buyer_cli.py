@@ -165,6 +165,10 @@ def register_commands(subcommands: argparse._SubParsersAction) -> None:
     ledger.add_argument("--limit", type=int, default=20, help="how many entries (default 20)")
     ledger.set_defaults(handler=_command("ledger", _show_ledger))
 
+    from coordinator import sweep_cli  # it builds on this module's helpers
+
+    sweep_cli.register(subcommands, connection)
+
 
 def _command(name: str, run: Callable[[argparse.Namespace], int]) -> Callable[[argparse.Namespace], int]:
     """Wrap a command so that every expected failure is one line on stderr and an exit code."""

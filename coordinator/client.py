@@ -93,6 +93,64 @@ def pack_directory(directory: Path, archive: Path) -> str:
     return sha256_of_file(archive)
 
 
+SWEEP_COLUMNS = ("trial", "job_id", "state", "step", "eval_loss", "final_loss", "cost_micro")
+
+
+class SweepTable(list):
+    """A sweep's trials as rows (dicts), for when pandas is not installed; Jupyter shows it as a table.
+    `sweep` is the whole sweep as the coordinator answered it, `best` its best trial (or None)."""
+
+    def __init__(self, sweep: dict):
+        super().__init__(sweep["trials"])
+        self.sweep = sweep
+        self.best = sweep.get("best")
+
+    def columns(self) -> list[str]:
+        swept = sorted(self.sweep["spec"]["parameters"])
+        return [SWEEP_COLUMNS[0], *swept, *SWEEP_COLUMNS[1:]]
+
+    def _repr_html_(self) -> str:
+        from html import escape
+
+        columns = self.columns()
+        head = "".join(f"<th>{escape(name)}</th>" for name in columns)
+        body = "".join(
+            "<tr>" + "".join(f"<td>{escape(_cell(row.get(name)))}</td>" for name in columns) + "</tr>"
+            for row in self
+        )
+        best = f"<p>best: trial {self.best['trial']} ({self.best['job_id']})</p>" if self.best else ""
+        return f"<table><thead><tr>{head}</tr></thead><tbody>{body}</tbody></table>{best}"
+
+    def __str__(self) -> str:
+        columns = self.columns()
+        rows = [columns, *([_cell(row.get(name)) for name in columns] for row in self)]
+        widths = [max(len(row[index]) for row in rows) for index in range(len(columns))]
+        return "\n".join(
+            "  ".join(cell.ljust(width) for cell, width in zip(row, widths, strict=True)) for row in rows
+        )
+
+
+def _cell(value: Any) -> str:
+    if value is None:
+        return "–"
+    if isinstance(value, float):
+        return f"{value:.4g}"
+    return str(value)
+
+
+def sweep_table(sweep: dict):
+    """A sweep's trials as a pandas DataFrame (indexed by trial) when pandas is installed, else a
+    SweepTable."""
+    table = SweepTable(sweep)
+    try:
+        import pandas
+    except ImportError:
+        return table
+    frame = pandas.DataFrame(list(table), columns=table.columns()).set_index("trial")
+    frame.attrs["sweep"] = sweep
+    return frame
+
+
 def unpack_archive(archive: Path, directory: Path) -> None:
     """Extract a tar into `directory`, which must not exist or be empty.
 
@@ -522,6 +580,57 @@ class SwarmClient(_CoordinatorSession):
             if job["state"] in FINAL_STATES:
                 return
             time.sleep(interval)
+
+    # ---- sweeps
+
+    def submit_sweep(self, spec: dict) -> dict:
+        """Queue a sweep (coordinator.sweeps.SweepSpec as JSON): every trial or, if one is refused or
+        a cost cap is passed, none. Returns the sweep as `sweep_status` does."""
+        dataset = spec.get("base", {}).get("dataset")
+        return self._request(
+            "POST", "/api/sweeps", json={"spec": spec}, not_found=f"file {dataset} not found"
+        )
+
+    def sweep_status(self, sweep_id: str) -> dict:
+        """The sweep: `state` (running, completed), a row per trial (`trials`), `best`, `cost_micro`."""
+        return self._request(
+            "GET", f"/api/sweeps/{_segment(sweep_id)}", not_found=f"sweep {sweep_id} not found"
+        )
+
+    def cancel_sweep(self, sweep_id: str) -> dict:
+        return self._request(
+            "POST", f"/api/sweeps/{_segment(sweep_id)}/cancel", not_found=f"sweep {sweep_id} not found"
+        )
+
+    def sweep(
+        self,
+        spec: dict | None = None,
+        *,
+        sweep_id: str | None = None,
+        wait: bool = True,
+        interval: float = 2.0,
+        on_update: Callable[[dict], None] | None = None,
+    ):
+        """Run a sweep (or follow one already submitted, by sweep_id) and return its trials as a table:
+        a pandas DataFrame when pandas is installed (the sweep itself in `.attrs["sweep"]`), else a
+        SweepTable, which Jupyter shows as a table too. With wait, returns once every trial finished."""
+        if (spec is None) == (sweep_id is None):
+            raise ValueError("give a sweep spec to run, or the sweep_id of one to follow")
+        status = self.submit_sweep(spec) if spec is not None else self.sweep_status(sweep_id)
+        setbacks = 0
+        while wait and status["state"] == "running":
+            if on_update is not None:
+                on_update(status)
+            time.sleep(interval)
+            try:
+                status = self.sweep_status(status["id"])
+                setbacks = 0
+            except SwarmError as error:
+                if error.status_code is not None and error.status_code not in _RETRYABLE_STATUS:
+                    raise
+                setbacks += 1
+                self._pause(setbacks, error)
+        return sweep_table(status)
 
     def download_result(
         self, job_id: str, directory: str | os.PathLike, *, progress: Progress | None = None

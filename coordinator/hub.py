@@ -205,13 +205,10 @@ class Hub:
             if self.relay is not None:
                 self.relay.on_message(connection.node_id, message)
         elif isinstance(message, protocol.JobProgress):
-            if not await asyncio.to_thread(self.service.progress, connection.node_id, message):
+            stop = await asyncio.to_thread(self.service.progress, connection.node_id, message)
+            if stop is not None:
                 await connection.send(
-                    protocol.Cancel(
-                        job_id=message.job_id,
-                        lease_id=message.lease_id,
-                        reason="this lease is no longer valid",
-                    )
+                    protocol.Cancel(job_id=message.job_id, lease_id=message.lease_id, reason=stop[:500])
                 )
         elif isinstance(message, protocol.CheckpointUploaded):
             await connection.send(

@@ -177,6 +177,9 @@ class Job(Base):
     # Verification. A re-run on a trusted node names the job it checks, and the result delivered for
     # it (which the trusted node evaluates too); the checked job records the outcome.
     verifies_job_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    # A sweep's trial: the sweep, and the settings this trial tries.
+    sweep_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
+    sweep_parameters: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     delivered_result_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # pending (a re-run is queued), passed, mismatch, skipped (not sampled), unavailable (no trusted
     # node could take it in time); None before completion.
@@ -189,6 +192,17 @@ class Job(Base):
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Sweep(Base):
+    """A buyer's hyperparameter sweep (coordinator.sweeps.SweepSpec): its trials are jobs naming it."""
+
+    __tablename__ = "sweeps"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    buyer_id: Mapped[str] = mapped_column(ForeignKey("buyers.id"), index=True)
+    spec: Mapped[dict[str, Any]] = mapped_column(JSON)
+    created_at: Mapped[float] = mapped_column(Float)
 
 
 class JobEvent(Base):

@@ -16,7 +16,7 @@ from coordinator.inference import InferenceService, RequestLimiter
 from coordinator.jobs import JobService
 from coordinator.metrics import Metrics
 from coordinator.settings import Settings
-from coordinator.tables import Buyer, File, Job, Node
+from coordinator.tables import Buyer, File, Job, Node, Sweep
 from coordinator.uploads import Holder, UploadService
 
 
@@ -163,7 +163,7 @@ CurrentHolder = Annotated[Holder, Depends(current_holder)]
 Operator = Depends(current_operator)
 
 
-def _owned(services: Services, table: type[Job] | type[File], resource_id: str, buyer: Buyer):
+def owned(services: Services, table: type[Job] | type[File] | type[Sweep], resource_id: str, buyer: Buyer):
     # The single ownership check: another buyer's resource does not exist, as far as they can tell.
     with services.database.reading() as session:
         resource = session.get(table, resource_id)
@@ -173,11 +173,11 @@ def _owned(services: Services, table: type[Job] | type[File], resource_id: str, 
 
 
 def owned_job(job_id: str, buyer: CurrentBuyer, services: ServicesDep) -> Job:
-    return _owned(services, Job, job_id, buyer)
+    return owned(services, Job, job_id, buyer)
 
 
 def owned_file(file_id: str, buyer: CurrentBuyer, services: ServicesDep) -> File:
-    return _owned(services, File, file_id, buyer)
+    return owned(services, File, file_id, buyer)
 
 
 OwnedJob = Annotated[Job, Depends(owned_job)]
