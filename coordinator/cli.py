@@ -67,7 +67,8 @@ def register_commands(subcommands: argparse._SubParsersAction) -> None:
     trust.set_defaults(handler=_trust)
 
     lift = actions.add_parser(
-        "lift-quarantine", help="let a quarantined node take jobs again (watched as a new node is)"
+        "lift-quarantine",
+        help="let a quarantined node take jobs again (watched more closely than a new node)",
     )
     _data_dir_option(lift)
     lift.add_argument("node_id")

@@ -93,6 +93,10 @@ class EarningsHistory:
     total_credited_micro: int  # all time
 
 
+# Verification re-runs read besides the oldest queued jobs at each dispatch (see JobService.queued).
+RERUNS_PER_DISPATCH = 256
+
+
 def new_lease_id() -> str:
     return f"lease_{secrets.token_hex(8)}"
 
@@ -260,22 +264,33 @@ class JobService:
     # ---- scheduling
 
     def queued(self, limit: int = 5000) -> list[QueuedJob]:
+        """The oldest queued jobs, and besides them the oldest verification re-runs: only trusted nodes
+        take those, so a backlog of ordinary jobs must not hide them from the dispatcher."""
+        columns = (
+            Job.id,
+            Job.base_model,
+            Job.required_memory_bytes,
+            Job.required_memory_bytes_16bit,
+            Job.queued_at,
+            Job.excluded_nodes,
+            Job.kind,
+            Job.verifies_job_id,
+        )
         with self.database.reading() as session:
             rows = session.execute(
-                select(
-                    Job.id,
-                    Job.base_model,
-                    Job.required_memory_bytes,
-                    Job.required_memory_bytes_16bit,
-                    Job.queued_at,
-                    Job.excluded_nodes,
-                    Job.kind,
-                    Job.verifies_job_id,
-                )
-                .where(Job.state == QUEUED)
-                .order_by(Job.queued_at)
-                .limit(limit)
+                select(*columns).where(Job.state == QUEUED).order_by(Job.queued_at).limit(limit)
             ).all()
+            seen = {row.id for row in rows}
+            rows += [
+                row
+                for row in session.execute(
+                    select(*columns)
+                    .where(Job.state == QUEUED, Job.verifies_job_id.is_not(None))
+                    .order_by(Job.queued_at)
+                    .limit(RERUNS_PER_DISPATCH)
+                ).all()
+                if row.id not in seen
+            ]
         return [
             QueuedJob(
                 job_id=row.id,

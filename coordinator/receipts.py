@@ -75,6 +75,12 @@ def receipt(session: Session, job: Job) -> dict[str, Any]:
         "finished_at": job.finished_at,
         "completed_by": job.node_id if job.result_sha256 else None,
         "result_sha256": job.result_sha256,
+        # After a mismatch the buyer's result is the trusted re-run's, not what completed_by delivered.
+        "result_from": (
+            next((rerun.node_id for rerun in reruns if rerun.result_sha256 == job.result_sha256), None)
+            if job.verification == "mismatch"
+            else (job.node_id if job.result_sha256 else None)
+        ),
         "attempts": list(attempts.values()),
         "verification": {
             "state": job.verification,

@@ -125,7 +125,8 @@ def after_verification(record: NodeRecord, outcome: str, policy: VerificationPol
 
 
 def lifted(record: NodeRecord, policy: VerificationPolicy) -> NodeRecord:
-    """Ops lift a quarantine: the node starts over as a new one would, watched closely."""
+    """Ops lift a quarantine: the node starts over with twice a new node's error estimate (its jobs
+    re-run at twice a new node's rate until clean checks bring it down)."""
     return replace(
         record, quarantined=False, mismatches=0, clean_streak=0, error_rate=policy.initial_error_rate * 2
     )

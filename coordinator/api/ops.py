@@ -236,7 +236,7 @@ def trust_node(node_id: str, body: TrustIn, services: ServicesDep) -> StandingOu
 
 @router.post("/nodes/{node_id}/lift-quarantine")
 def lift_quarantine(node_id: str, services: ServicesDep) -> StandingOut:
-    """Let a quarantined node take jobs again, watched as closely as a new node."""
+    """Let a quarantined node take jobs again, watched more closely than a new node."""
     standing = change_standing(services, node_id, lift)
     services.hub.wake()
     return standing

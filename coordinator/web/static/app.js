@@ -638,7 +638,7 @@ function setUpOps() {
     const cell = element("div", { class: "actions" });
     if (node.quarantined) {
       cell.append(actionButton("Lift quarantine", "small", () => act(node, "lift the quarantine of", "lift-quarantine", undefined,
-        `Let ${node.name} take jobs again? It is watched as closely as a new node.`)));
+        `Let ${node.name} take jobs again? Its jobs are re-run at twice a new node's rate until it proves clean.`)));
     }
     cell.append(actionButton(node.trusted_by_ops ? "Untrust" : "Trust", "small", () => act(node, "change the trust of", "trust",
       { trusted: !node.trusted_by_ops }, node.trusted_by_ops ? null : `Trust ${node.name} to verify other nodes' jobs? Only trust machines you run.`)));
