@@ -54,6 +54,7 @@ bench: $(INSTALLED) system-packages
 	$(BIN)/python bench/inference.py
 	$(BIN)/python bench/attention.py
 	$(BIN)/python bench/tray.py
+	$(BIN)/python bench/verification.py
 
 # Screenshots into screenshots/: the real tray window under Xvfb, and every page of the web UI in
 # headless Chromium at a laptop's and a phone's size (a real coordinator, node and fine-tune each).
