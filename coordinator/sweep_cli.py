@@ -7,10 +7,12 @@ import json
 import time
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from coordinator.buyer_cli import UsageError, _client, _command, _upload_with_progress
 from coordinator.client import SwarmClient, SweepTable
 from coordinator.protocol import format_credits
-from coordinator.sweeps import SWEEPABLE
+from coordinator.sweeps import SWEEPABLE, SweepSpec, expand
 from engine.jobs import DEFAULT_MODEL
 
 
@@ -120,6 +122,21 @@ def spec_from(arguments: argparse.Namespace, dataset_id: str) -> dict:
     return spec
 
 
+def check(spec: dict) -> None:
+    """Everything about the sweep this side can check: its spec, and that it expands into trials."""
+    try:
+        expand(SweepSpec.model_validate(spec))
+    except ValidationError as error:
+        raise UsageError(
+            "; ".join(
+                f"{'.'.join(str(part) for part in problem['loc']) or 'sweep'}: {problem['msg'].removeprefix('Value error, ')}"
+                for problem in error.errors()
+            )
+        ) from None
+    except ValueError as error:
+        raise UsageError(str(error)) from None
+
+
 def _report(swarm: SwarmClient, status: dict, arguments: argparse.Namespace) -> int:
     while arguments.follow and status["state"] == "running":
         time.sleep(2)
@@ -141,7 +158,7 @@ def _report(swarm: SwarmClient, status: dict, arguments: argparse.Namespace) -> 
 
 
 def _run(arguments: argparse.Namespace) -> int:
-    spec_from(arguments, "checked-before-upload")  # a usage error costs no upload
+    check(spec_from(arguments, "file_checked_before_upload"))  # a usage error costs no upload
     with _client(arguments) as swarm:
         path = Path(arguments.data)
         dataset_id = _upload_with_progress(swarm, path)["id"] if path.is_file() else arguments.data

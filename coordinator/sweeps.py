@@ -120,6 +120,11 @@ def expand(spec: SweepSpec) -> list[dict[str, float | int]]:
                 settings[name] = math.exp(generator.uniform(math.log(choice.low), math.log(choice.high)))
             else:
                 settings[name] = generator.uniform(choice.low, choice.high)
+            if SWEEPABLE[name] and isinstance(choice, Range):
+                # A whole-number setting drawn from a range: the nearest whole number within it.
+                settings[name] = min(
+                    max(round(settings[name]), math.ceil(choice.low)), math.floor(choice.high)
+                )
         trials.append(_typed(settings))
     return trials
 

@@ -84,7 +84,8 @@ def stop_if_worse(session: Session, job: Job, step: int, eval_loss: float, setti
     stop, median = sweeps.should_stop(eval_loss, step, others, rule)
     if not stop:
         return None
-    total = (job.progress or {}).get("total_steps") or job.spec.get("max_steps") or step
+    # The job's own step count, never the node's report of it: the node is paid by this share.
+    total = job.spec.get("max_steps") or step
     reason = (
         f"stopped early at step {step} of {total}: held-out loss {eval_loss:.4f} is above the median "
         f"{median:.4f} of {len(others)} other trials"
