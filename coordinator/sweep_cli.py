@@ -7,12 +7,10 @@ import json
 import time
 from pathlib import Path
 
-from pydantic import ValidationError
-
 from coordinator.buyer_cli import UsageError, _client, _command, _upload_with_progress
 from coordinator.client import SwarmClient, SweepTable
 from coordinator.protocol import format_credits
-from coordinator.sweeps import SWEEPABLE, SweepSpec, expand
+from coordinator.sweeps import SWEEPABLE, expand, parse
 from engine.jobs import DEFAULT_MODEL
 
 
@@ -125,14 +123,7 @@ def spec_from(arguments: argparse.Namespace, dataset_id: str) -> dict:
 def check(spec: dict) -> None:
     """Everything about the sweep this side can check: its spec, and that it expands into trials."""
     try:
-        expand(SweepSpec.model_validate(spec))
-    except ValidationError as error:
-        raise UsageError(
-            "; ".join(
-                f"{'.'.join(str(part) for part in problem['loc']) or 'sweep'}: {problem['msg'].removeprefix('Value error, ')}"
-                for problem in error.errors()
-            )
-        ) from None
+        expand(parse(spec))
     except ValueError as error:
         raise UsageError(str(error)) from None
 

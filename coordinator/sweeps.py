@@ -14,7 +14,7 @@ import random
 import statistics
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 # The LoRA settings a sweep may vary, with whether each is a whole number.
 SWEEPABLE = {
@@ -96,6 +96,20 @@ class SweepSpec(_Model):
         if self.strategy == "random" and self.trials is None:
             raise ValueError("a random sweep needs trials: how many to draw")
         return self
+
+
+def parse(data: Any) -> SweepSpec:
+    """A sweep spec from JSON-like data; ValueError naming each bad field."""
+    try:
+        return SweepSpec.model_validate(data)
+    except ValidationError as error:
+        raise ValueError(
+            "; ".join(
+                f"{'.'.join(str(part) for part in problem['loc']) or 'sweep'}: "
+                f"{problem['msg'].removeprefix('Value error, ')}"
+                for problem in error.errors()
+            )
+        ) from None
 
 
 def expand(spec: SweepSpec) -> list[dict[str, float | int]]:

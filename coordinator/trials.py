@@ -10,7 +10,6 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -32,14 +31,9 @@ class SweepError(ValueError):
 
 def parse(spec_data: Any) -> sweeps.SweepSpec:
     try:
-        return sweeps.SweepSpec.model_validate(spec_data)
-    except ValidationError as error:
-        raise SweepError(
-            "; ".join(
-                f"{'.'.join(str(part) for part in problem['loc']) or 'sweep'}: {problem['msg'].removeprefix('Value error, ')}"
-                for problem in error.errors()
-            )
-        ) from None
+        return sweeps.parse(spec_data)
+    except ValueError as error:
+        raise SweepError(str(error)) from None
 
 
 def trial_specs(spec: sweeps.SweepSpec) -> list[tuple[dict[str, Any], dict[str, float | int]]]:
@@ -113,28 +107,22 @@ def view(session: Session, sweep: Sweep) -> dict[str, Any]:
     trials = session.scalars(
         select(Job).where(Job.sweep_id == sweep.id).order_by(Job.created_at, Job.id)
     ).all()
-    charged = dict(
-        session.execute(
-            select(LedgerTransaction.job_id, LedgerEntry.amount_micro)
-            .join(LedgerEntry, LedgerEntry.transaction_id == LedgerTransaction.id)
-            .where(
-                LedgerTransaction.job_id.in_([trial.id for trial in trials]),
-                LedgerTransaction.kind == "escrow",
-                LedgerEntry.account.like("buyer:%"),
-            )
-        ).all()
-    )
-    refunded = dict(
-        session.execute(
-            select(LedgerTransaction.job_id, LedgerEntry.amount_micro)
-            .join(LedgerEntry, LedgerEntry.transaction_id == LedgerTransaction.id)
-            .where(
-                LedgerTransaction.job_id.in_([trial.id for trial in trials]),
-                LedgerTransaction.kind.in_(("refund", "charge")),
-                LedgerEntry.account.like("buyer:%"),
-            )
-        ).all()
-    )
+    # The buyer's side of each trial's money: held at submission (escrow), and given back (a refund,
+    # or a stopped trial's unused share in its charge).
+    held: dict[str, int] = {}
+    returned: dict[str, int] = {}
+    for job_id, kind, amount in session.execute(
+        select(LedgerTransaction.job_id, LedgerTransaction.kind, LedgerEntry.amount_micro)
+        .join(LedgerEntry, LedgerEntry.transaction_id == LedgerTransaction.id)
+        .where(
+            LedgerTransaction.job_id.in_([trial.id for trial in trials]),
+            LedgerEntry.account == ledger.buyer_account(sweep.buyer_id),
+        )
+    ):
+        if kind == "escrow":
+            held[job_id] = -amount
+        else:
+            returned[job_id] = returned.get(job_id, 0) + amount
     rows = []
     for number, trial in enumerate(trials, 1):
         points = session.scalars(
@@ -143,8 +131,7 @@ def view(session: Session, sweep: Sweep) -> dict[str, Any]:
             .order_by(JobProgressPoint.step)
         ).all()
         metrics = trial.metrics or {}
-        held = -charged.get(trial.id, 0)
-        cost = held - refunded.get(trial.id, 0) if trial.state not in OPEN_STATES else None
+        cost = held.get(trial.id, 0) - returned.get(trial.id, 0) if trial.state not in OPEN_STATES else None
         rows.append(
             {
                 "trial": number,
@@ -156,7 +143,7 @@ def view(session: Session, sweep: Sweep) -> dict[str, Any]:
                 if trial.state in SUCCEEDED_STATES
                 else (points[-1].eval_loss if points else None),
                 "final_loss": metrics.get("final_loss"),
-                "held_micro": held,
+                "held_micro": held.get(trial.id, 0),
                 "cost_micro": cost,
                 "fine_tuned_model": fine_tuned_model_id(trial) if trial.result_gguf_sha256 else None,
             }

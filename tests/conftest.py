@@ -75,17 +75,19 @@ def write_jsonl(path: Path, rows: list[object]) -> Path:
     return path
 
 
+# A small, repetitive chat dataset (20 examples) a model can visibly learn in a few steps.
+CHAT_ROWS = [
+    {
+        "messages": [
+            {"role": "user", "content": f"What is {a} plus {b}?"},
+            {"role": "assistant", "content": f"Ahoy! {a} plus {b} is {a + b}. Fair winds!"},
+        ]
+    }
+    for a in range(2, 7)
+    for b in range(3, 7)
+]
+
+
 @pytest.fixture
 def chat_dataset(tmp_path: Path) -> Path:
-    """A small, repetitive chat dataset a model can visibly learn in a few steps."""
-    rows = [
-        {
-            "messages": [
-                {"role": "user", "content": f"What is {a} plus {b}?"},
-                {"role": "assistant", "content": f"Ahoy! {a} plus {b} is {a + b}. Fair winds!"},
-            ]
-        }
-        for a in range(2, 7)
-        for b in range(3, 7)
-    ]
-    return write_jsonl(tmp_path / "chat.jsonl", rows)
+    return write_jsonl(tmp_path / "chat.jsonl", CHAT_ROWS)

@@ -7,8 +7,7 @@ from __future__ import annotations
 import pytest
 
 from coordinator.client import SwarmClient, SweepTable
-from tests.browser.test_web_page import CHAT_ROWS
-from tests.conftest import write_jsonl
+from tests.conftest import CHAT_ROWS, write_jsonl
 from tests.coordinator.test_node_socket import check_ledger
 from tests.swarm_processes import Coordinator, Node, run_cli, wait_for
 

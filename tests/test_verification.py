@@ -15,8 +15,7 @@ import httpx
 import pytest
 
 from coordinator.client import SwarmClient
-from tests.browser.test_web_page import CHAT_ROWS
-from tests.conftest import write_jsonl
+from tests.conftest import CHAT_ROWS, write_jsonl
 from tests.coordinator.test_node_socket import check_ledger
 from tests.swarm_processes import CheatingNode, Coordinator, Node, wait_for
 

@@ -24,6 +24,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import CHAT_ROWS
 from tests.swarm_processes import Coordinator, wait_for
 
 try:
@@ -104,16 +105,7 @@ PREFS: dict[str, bool | int | str] = {
     "signon.rememberSignons": False,
     "toolkit.startup.max_resumed_crashes": -1,
 }
-ROWS = [
-    {
-        "messages": [
-            {"role": "user", "content": f"What is {a} plus {b}?"},
-            {"role": "assistant", "content": f"{a} plus {b} is {a + b}."},
-        ]
-    }
-    for a in range(2, 5)
-    for b in range(3, 5)
-]
+ROWS = CHAT_ROWS[:6]
 
 
 def _user_js(prefs: dict[str, bool | int | str]) -> str:

@@ -11,22 +11,13 @@ from pathlib import Path
 
 import pytest
 
+from tests.conftest import CHAT_ROWS
 from tests.swarm_processes import Coordinator, Node, wait_for
 
 pytest.importorskip("llama_cpp")
 expect = pytest.importorskip("playwright.sync_api").expect
 
 ADMIN_TOKEN = secrets.token_urlsafe(32)
-CHAT_ROWS = [
-    {
-        "messages": [
-            {"role": "user", "content": f"What is {a} plus {b}?"},
-            {"role": "assistant", "content": f"Ahoy! {a} plus {b} is {a + b}. Fair winds!"},
-        ]
-    }
-    for a in range(2, 7)
-    for b in range(3, 7)
-]
 DATASET = "".join(json.dumps(row) + "\n" for row in CHAT_ROWS)
 # Line 3 is not JSON and line 5 has nothing to learn from.
 BAD_DATASET = "\n".join(

@@ -51,20 +51,10 @@ def tiny_spec(model: Path, data: Path, **changes) -> LoraJobSpec:
 def delivered(tiny_model_directory: Path, tmp_path_factory: pytest.TempPathFactory) -> Delivered:
     # Module-scoped (the delivered run is shared by every test here), so it cannot take the
     # function-scoped chat_dataset fixture: the same rows, written once.
-    from tests.conftest import write_jsonl
+    from tests.conftest import CHAT_ROWS, write_jsonl
 
     directory = tmp_path_factory.mktemp("verification")
-    rows = [
-        {
-            "messages": [
-                {"role": "user", "content": f"What is {a} plus {b}?"},
-                {"role": "assistant", "content": f"Ahoy! {a} plus {b} is {a + b}. Fair winds!"},
-            ]
-        }
-        for a in range(2, 7)
-        for b in range(3, 7)
-    ]
-    data = write_jsonl(directory / "chat.jsonl", rows)
+    data = write_jsonl(directory / "chat.jsonl", CHAT_ROWS)
     spec = tiny_spec(tiny_model_directory, data)
     completed = lora.train_lora(spec, directory / "delivered")
     assert completed.delivered_eval_loss is None  # an ordinary run evaluates nothing else
