@@ -1,12 +1,14 @@
 """A real node agent that cheats, for the verification tests: `compute-swarm node`, run as sellers
 run it, with one dishonest step patched into its agent process.
 
-    python -m tests.cheating_node MODE [node arguments...]
+    python -m tests.cheating_node MODE[,MODE...] [node arguments...]
 
 MODE:
 - random-adapter: trains, then delivers random LoRA weights of the right shapes instead.
 - skip-steps: trains one step of the job's many and says it trained them all.
 - altered-tokens: answers a batch, then changes the words of every answer before delivering it.
+- honest: no cheat (with no-inference, an honest node that takes only fine-tunes).
+- no-inference: not a cheat: the node serves no inference, so it takes no batch job.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import sys
 from pathlib import Path
 
 import desktop.job
+import desktop.serving
 import desktop.workspace
 from engine.cli import main
 from engine.jobs import LoraJobSpec
@@ -61,7 +64,11 @@ def altered_tokens(job_directory: Path, archive: Path, dataset_sha256: str) -> s
 
 
 def cheat(mode: str) -> None:
-    if mode == "random-adapter":
+    if mode == "honest":
+        return
+    if mode == "no-inference":
+        desktop.serving.inference_available = lambda: False
+    elif mode == "random-adapter":
         desktop.workspace.pack_result = random_adapter
     elif mode == "skip-steps":
         desktop.job.spec_for_lease = one_step
@@ -73,5 +80,6 @@ def cheat(mode: str) -> None:
 
 
 if __name__ == "__main__":
-    cheat(sys.argv[1])
+    for mode in sys.argv[1].split(","):
+        cheat(mode)
     raise SystemExit(main(sys.argv[2:]))

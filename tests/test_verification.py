@@ -81,21 +81,6 @@ def start(coordinator: Coordinator, node: Node) -> dict:
     )
 
 
-def run_alone(coordinator: Coordinator, node: Node, buyer: SwarmClient, submit) -> tuple[dict, dict]:
-    """Start a node, give it a job while it is the only node, let it finish, stop it."""
-    row = start(coordinator, node)
-    job = submit()
-    done = wait_for(
-        lambda: (current := buyer.job(job["id"]))["state"] in ("completed", "failed") and current,
-        300,
-        f"job {job['id']} on {row['name']}",
-        0.5,
-    )
-    assert done["state"] == "completed", (done, node.log()[-3000:])
-    node.kill()
-    return row, done
-
-
 def buyer_get(coordinator: Coordinator, api_key: str, path: str) -> httpx.Response:
     response = httpx.get(
         f"{coordinator.url}{path}", headers={"Authorization": f"Bearer {api_key}"}, timeout=30
@@ -135,33 +120,48 @@ def test_cheating_nodes_are_caught_and_the_honest_one_is_paid(swarm, tmp_path):
             {"base_model": MODEL, "dataset": prompts["id"], "sampling": {"max_tokens": 12, "temperature": 0}}
         )
 
-    ran = {}
-    for name, node, submit in [
-        ("honest", Node(swarm, tmp_path / "honest", name="honest"), fine_tune),
-        (
-            "random-adapter",
-            CheatingNode(swarm, tmp_path / "c1", "random-adapter", name="random-adapter"),
-            fine_tune,
+    # Four nodes at once. Only the token-altering cheater serves inference, so the batch is its; the
+    # three fine-tunes, submitted while it is busy, go one to each of the other three.
+    nodes = {
+        "honest": CheatingNode(swarm, tmp_path / "honest", "honest,no-inference", name="honest"),
+        "random-adapter": CheatingNode(
+            swarm, tmp_path / "c1", "random-adapter,no-inference", name="random-adapter"
         ),
-        ("skip-steps", CheatingNode(swarm, tmp_path / "c2", "skip-steps", name="skip-steps"), fine_tune),
-        (
-            "altered-tokens",
-            CheatingNode(swarm, tmp_path / "c3", "altered-tokens", name="altered-tokens"),
-            batch,
-        ),
-    ]:
-        ran[name] = run_alone(swarm, node, buyer, submit)
-        # Completed, re-run queued, credit pending: nothing is released before verification.
-        row, job = ran[name]
-        assert buyer.job(job["id"])["state"] == "completed"
-        assert node_row(swarm, name)["pending_micro"] > 0 or job["price_micro"] == 0
-    assert [job["id"] for job in buyer.jobs()] == [job["id"] for _, job in reversed(ran.values())]
+        "skip-steps": CheatingNode(swarm, tmp_path / "c2", "skip-steps,no-inference", name="skip-steps"),
+        "altered-tokens": CheatingNode(swarm, tmp_path / "c3", "altered-tokens", name="altered-tokens"),
+    }
+    for node in nodes.values():
+        swarm.nodes.append(node.start())
+    wait_for(lambda: swarm.health()["nodes_connected"] == 4, 120, "the four nodes to connect", 0.5)
+    ids = {name: node_row(swarm, name)["id"] for name in nodes}
+    batch_job = batch()
+    wait_for(
+        lambda: buyer.job(batch_job["id"])["state"] in ("leased", "running"), 60, "the batch to be leased"
+    )
+    submitted = [batch_job, *(fine_tune() for _ in range(3))]
+    ran: dict[str, dict] = {}
+    for job in submitted:
+        done = wait_for(
+            lambda job=job: (current := buyer.job(job["id"]))["state"] in ("completed", "failed") and current,
+            400,
+            f"job {job['id']}",
+            0.5,
+        )
+        assert done["state"] == "completed", done
+        completed_by = buyer_get(swarm, api_key, f"/api/jobs/{job['id']}/receipt").json()["completed_by"]
+        ran[next(name for name, node_id in ids.items() if node_id == completed_by)] = done
+    assert set(ran) == set(nodes), ran
+    # Completed, re-runs queued, credit pending: nothing is released before verification.
+    for name in nodes:
+        assert node_row(swarm, name)["pending_micro"] > 0 and node_row(swarm, name)["available_micro"] == 0
+    assert {job["id"] for job in buyer.jobs()} == {job["id"] for job in submitted}
 
     # Ops bring a machine of their own and trust it: it re-runs the four jobs.
-    trusted_row = start(swarm, Node(swarm, tmp_path / "trusted", name="trusted"))
+    trusted = Node(swarm, tmp_path / "trusted", name="trusted")
+    trusted_row = start(swarm, trusted)
     ops(swarm, "POST", f"/api/ops/nodes/{trusted_row['id']}/trust", json={"trusted": True})
     receipts = {}
-    for name, (_row, job) in ran.items():
+    for name, job in ran.items():
         receipts[name] = wait_for(
             lambda job=job: (
                 (receipt := buyer_get(swarm, api_key, f"/api/jobs/{job['id']}/receipt").json())[
@@ -204,13 +204,11 @@ def test_cheating_nodes_are_caught_and_the_honest_one_is_paid(swarm, tmp_path):
     # The trusted node was paid by the platform for four re-runs, at once.
     assert node_row(swarm, "trusted")["available_micro"] > 0
 
-    # A quarantined node that comes back gets no job.
-    cheater = CheatingNode(swarm, tmp_path / "c1", "random-adapter", name="random-adapter")
-    swarm.nodes.append(cheater.start())
-    wait_for(lambda: swarm.health()["nodes_connected"] == 2, 90, "the quarantined node to reconnect")
-    ops(swarm, "POST", f"/api/ops/nodes/{trusted_row['id']}/trust", json={"trusted": False})
-    swarm.nodes[-2].kill()  # the trusted node leaves: only the quarantined one could take a job
-    wait_for(lambda: swarm.health()["nodes_connected"] == 1, 30, "the trusted node to leave")
+    # The quarantined cheaters, still connected and free, get no job: with the honest and the
+    # trusted node gone, a new job waits.
+    nodes["honest"].kill()
+    trusted.kill()
+    wait_for(lambda: swarm.health()["nodes_connected"] == 3, 30, "the honest and trusted nodes to leave")
     job = fine_tune()
     time.sleep(5)
     assert buyer.job(job["id"])["state"] == "queued"
