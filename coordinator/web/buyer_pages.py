@@ -19,10 +19,11 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from coordinator import accounts, ledger, sessions
+from coordinator.api.account import balance_of, ledger_lines
 from coordinator.api.deps import CurrentBuyer, OwnedJob, ServicesDep, check_browser_request
 from coordinator.api.keys import list_keys
 from coordinator.api.openai_fine_tuning import SUFFIX
-from coordinator.api.schemas import BalanceOut, FileOut, JobOut
+from coordinator.api.schemas import FileOut, JobOut
 from coordinator.inference import fine_tuned_model_id
 from coordinator.jobs import JobError
 from coordinator.lifecycle import OPEN_STATES
@@ -409,20 +410,8 @@ def _account_page(
     status_code=200,
 ) -> Response:
     with services.database.reading() as session:
-        open_jobs = session.scalars(
-            select(Job.id).where(Job.buyer_id == buyer_id, Job.state.in_(OPEN_STATES))
-        ).all()
-        balance = BalanceOut(
-            available_micro=ledger.balance(session, ledger.buyer_account(buyer_id)),
-            escrow_micro=ledger.balances(session, [ledger.escrow_account(job_id) for job_id in open_jobs]),
-        )
-        lines = session.execute(
-            select(LedgerEntry, LedgerTransaction)
-            .join(LedgerTransaction, LedgerEntry.transaction_id == LedgerTransaction.id)
-            .where(LedgerEntry.account == ledger.buyer_account(buyer_id))
-            .order_by(LedgerEntry.id.desc())
-            .limit(200)
-        ).all()
+        balance = balance_of(session, buyer_id)
+        lines = ledger_lines(session, buyer_id, limit=200)
     return render.page(
         request,
         "account.html",

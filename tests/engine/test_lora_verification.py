@@ -16,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from engine import lora
 from engine.jobs import LoraJobSpec
 from engine.records import Completed
+from tests.engine.test_lora import tiny_spec as lora_tiny_spec
 
 WEIGHTS = "adapter_model.safetensors"
 
@@ -31,20 +32,11 @@ class Delivered:
 
 
 def tiny_spec(model: Path, data: Path, **changes) -> LoraJobSpec:
-    settings = dict(
-        base_model=str(model),
-        dataset=str(data),
-        max_steps=4,
-        batch_size=2,
-        max_sequence_length=40,
-        # High for a real model, but the tiny random model needs it to move its held-out loss away from
-        # a uniform guess (log of the vocabulary, ≈ 10.8) within four steps.
-        learning_rate=2e-2,
-        dropout=0.1,
-        eval_fraction=0.2,
-        seed=3,
+    # A learning rate high for a real model, but the tiny random model needs it to move its held-out
+    # loss away from a uniform guess (log of the vocabulary, ≈ 10.8) within four steps.
+    return lora_tiny_spec(
+        model, data, **{"max_steps": 4, "max_sequence_length": 40, "learning_rate": 2e-2, **changes}
     )
-    return LoraJobSpec(**{**settings, **changes})
 
 
 @pytest.fixture(scope="module")
