@@ -58,8 +58,8 @@ def variants(device: str, include_reference: bool):
     import torch
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    from kernels.reference import attention_reference
-    from kernels.triton_attention import flash_attention
+    from compute_swarm.kernels.reference import attention_reference
+    from compute_swarm.kernels.triton_attention import flash_attention
 
     def sdpa_with(backend):
         def run(q, k, v, causal):
@@ -100,7 +100,7 @@ def time_variant(time_call, attend, q, k, v, gradient, causal: bool, flops: floa
 def measure_shape(time_call, device, dtype, batch, heads, length, head_dim, causal) -> list[dict]:
     import torch
 
-    from kernels.reference import attention_reference
+    from compute_swarm.kernels.reference import attention_reference
 
     generator = torch.Generator(device=device).manual_seed(0)
     q, k, v = (

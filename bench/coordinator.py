@@ -54,10 +54,11 @@ from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from compute_swarm.engine.jobs import DEMO_CHAT_DATASET
+
 REPOSITORY = Path(__file__).resolve().parent.parent
 # This file is bench/coordinator.py: the repository must come first so `coordinator` is the package.
 sys.path.insert(0, str(REPOSITORY))
-DEMO_DATA = REPOSITORY / "engine" / "data" / "demo_chat.jsonl"
 RESULTS = REPOSITORY / "bench" / "results" / "coordinator.json"
 COMMAND = str(Path(sys.executable).parent / "compute-swarm")
 MODEL = "smollm2-135m-instruct"
@@ -159,7 +160,7 @@ class CoordinatorProcess:
                 preexec_fn=raise_fd_limit,
                 start_new_session=True,
             )
-        from coordinator.local_swarm import wait_until_healthy
+        from compute_swarm.coordinator.local_swarm import wait_until_healthy
 
         wait_until_healthy(self.url, self.process, self.log_path, timeout)
 
@@ -213,7 +214,7 @@ def free_port() -> int:
 
 def node_telemetry():
     """What every simulated node reports: a CPU node with room for any bench job."""
-    from coordinator import protocol
+    from compute_swarm import protocol
 
     return protocol.Telemetry(
         cpu=protocol.CpuTelemetry(
@@ -229,7 +230,7 @@ def node_telemetry():
 def node_messages() -> tuple[str, str, str]:
     """The hello, and a heartbeat's text before and after its `running` list (built once: every
     simulated node reports the same telemetry, so the client spends no CPU on serialization)."""
-    from coordinator import protocol
+    from compute_swarm import protocol
 
     telemetry = node_telemetry()
     hello = protocol.Hello(
@@ -257,7 +258,7 @@ class NodeFleet:
     """One worker process's share of the nodes, driven by commands from the bench over a pipe."""
 
     def __init__(self, url: str, credentials: list[tuple[str, str]], pipe, options: dict):
-        from coordinator import protocol
+        from compute_swarm import protocol
 
         self.websocket_url = "ws" + url.removeprefix("http") + "/node"
         self.nodes = [SimulatedNode(node_id, token) for node_id, token in credentials]
@@ -327,7 +328,7 @@ class NodeFleet:
         from websockets.asyncio.client import connect
         from websockets.exceptions import ConnectionClosed
 
-        from coordinator import protocol
+        from compute_swarm import protocol
 
         websocket = None
         for attempt in range(CONNECT_ATTEMPTS):
@@ -385,7 +386,7 @@ class NodeFleet:
             self.closed[str(websocket.close_code)] += 1
 
     async def _heartbeats(self, node: SimulatedNode) -> None:
-        from coordinator import protocol
+        from compute_swarm import protocol
 
         interval = protocol.HEARTBEAT_INTERVAL_SECONDS
         await asyncio.sleep(self.random.uniform(0, interval))
@@ -650,8 +651,8 @@ def percentiles_ms(values: list[float]) -> dict:
 def measure_planner(node_count: int, job_count: int, repeats: int = 5) -> dict:
     """coordinator.scheduler.plan() alone on snapshots like the hub's: one job over all N idle nodes
     (what every dispatch-loop wake-up pays in the stream) and the backlog's jobs over its free nodes."""
-    from coordinator.scheduler import QueuedJob, node_snapshot, plan, required_memory_bytes
-    from engine.jobs import CATALOGUE, parse_job_spec
+    from compute_swarm.coordinator.scheduler import QueuedJob, node_snapshot, plan, required_memory_bytes
+    from compute_swarm.engine.jobs import CATALOGUE, parse_job_spec
 
     spec = parse_job_spec({"type": "lora", **JOB_SPEC, "dataset": "file_bench"})
     required = required_memory_bytes(spec, CATALOGUE[spec.base_model])
@@ -796,11 +797,11 @@ class Bench:
         await asyncio.to_thread(self.coordinator.start)
         self.results["coordinator_start_seconds"] = round(time.monotonic() - started, 2)
         api_key = await asyncio.to_thread(self.coordinator.create_buyer, "bench", "1000000")
-        from coordinator.client import SwarmClient
+        from compute_swarm.sdk.client import SwarmClient
 
         def upload() -> str:
             with SwarmClient(self.coordinator.url, api_key) as client:
-                return client.upload_file(DEMO_DATA)["id"]
+                return client.upload_file(DEMO_CHAT_DATASET)["id"]
 
         file_id = await asyncio.to_thread(upload)
 

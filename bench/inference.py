@@ -133,8 +133,8 @@ def main() -> None:
     import openai
     from llama_cpp import Llama
 
-    from engine.inference import DEFAULT_CONTEXT_TOKENS, default_threads, gpu_offload_available
-    from engine.models import fetch_catalogue_model
+    from compute_swarm.engine.inference import DEFAULT_CONTEXT_TOKENS, default_threads, gpu_offload_available
+    from compute_swarm.engine.models import fetch_catalogue_model
     from tests.swarm_processes import Coordinator, Node, wait_for
 
     model_path = fetch_catalogue_model(MODEL)

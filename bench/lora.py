@@ -22,14 +22,15 @@ import tempfile
 import time
 from pathlib import Path
 
+from compute_swarm.engine.jobs import DEMO_CHAT_DATASET
+
 REPOSITORY = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPOSITORY))
-DEMO_DATA = REPOSITORY / "engine" / "data" / "demo_chat.jsonl"
 RESULTS = REPOSITORY / "bench" / "results" / "lora.json"
 
 
 def make_spec(arguments: argparse.Namespace):
-    from engine.jobs import LoraJobSpec
+    from compute_swarm.engine.jobs import LoraJobSpec
 
     return LoraJobSpec(
         base_model=arguments.model,
@@ -56,8 +57,8 @@ def peak_memory_bytes(device: str) -> int:
 
 
 def run_ours(arguments: argparse.Namespace) -> dict:
-    from engine import lora
-    from engine.records import Progress
+    from compute_swarm.engine import lora
+    from compute_swarm.engine.records import Progress
 
     spec = make_spec(arguments)
     progress: list[Progress] = []
@@ -84,7 +85,7 @@ def run_baseline(arguments: argparse.Namespace) -> dict:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    from engine import datasets, lora, models
+    from compute_swarm.engine import datasets, lora, models
 
     spec = make_spec(arguments)
     torch.manual_seed(spec.seed)
@@ -170,7 +171,7 @@ def main() -> None:
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--model", default="smollm2-135m-instruct")
-    parser.add_argument("--data", type=Path, default=DEMO_DATA)
+    parser.add_argument("--data", type=Path, default=DEMO_CHAT_DATASET)
     parser.add_argument("--steps", type=int, default=10)
     parser.add_argument("--batch-size", type=int, default=4)
     parser.add_argument("--max-length", type=int, default=64)
@@ -179,7 +180,7 @@ def main() -> None:
     parser.add_argument("--variant", choices=["ours", "baseline"], help=argparse.SUPPRESS)
     arguments = parser.parse_args()
     if arguments.device is None:
-        from engine.devices import probe
+        from compute_swarm.engine.devices import probe
 
         arguments.device = probe().best_device()
     if arguments.steps < 2:

@@ -42,7 +42,7 @@ from random import Random
 REPOSITORY = Path(__file__).resolve().parent.parent
 # This directory holds bench/coordinator.py: the repository must come first so `coordinator` is the package.
 sys.path.insert(0, str(REPOSITORY))
-from coordinator.verification import (  # noqa: E402
+from compute_swarm.coordinator.verification import (  # noqa: E402
     MISMATCH,
     PASSED,
     OverheadBudget,

@@ -17,22 +17,20 @@ import json
 import sys
 from pathlib import Path
 
-import desktop.job
-import desktop.serving
-import desktop.workspace
-from engine.cli import main
-from engine.jobs import LoraJobSpec
+from compute_swarm.cli import main
+from compute_swarm.desktop import job, serving, workspace
+from compute_swarm.engine.jobs import LoraJobSpec
 
-honest_pack_result = desktop.workspace.pack_result
-honest_spec_for_lease = desktop.job.spec_for_lease
-honest_result_message = desktop.job.result_message
+honest_pack_result = workspace.pack_result
+honest_spec_for_lease = job.spec_for_lease
+honest_result_message = job.result_message
 
 
 def random_adapter(job_directory: Path, archive: Path, dataset_sha256: str) -> str:
     import torch
     from safetensors.torch import load_file, save_file
 
-    weights_path = desktop.workspace.output_directory(job_directory) / "adapter_model.safetensors"
+    weights_path = workspace.output_directory(job_directory) / "adapter_model.safetensors"
     if weights_path.is_file():
         weights = load_file(weights_path)
         save_file({name: torch.randn_like(tensor) * 0.05 for name, tensor in weights.items()}, weights_path)
@@ -52,7 +50,7 @@ def claim_every_step(lease, record, sha256, gguf_sha256=None):
 
 
 def altered_tokens(job_directory: Path, archive: Path, dataset_sha256: str) -> str:
-    completions = desktop.workspace.output_directory(job_directory) / "completions.jsonl"
+    completions = workspace.output_directory(job_directory) / "completions.jsonl"
     if completions.is_file():
         answers = [json.loads(line) for line in completions.read_text().splitlines() if line.strip()]
         for answer in answers:
@@ -67,14 +65,14 @@ def cheat(mode: str) -> None:
     if mode == "honest":
         return
     if mode == "no-inference":
-        desktop.serving.inference_available = lambda: False
+        serving.inference_available = lambda: False
     elif mode == "random-adapter":
-        desktop.workspace.pack_result = random_adapter
+        workspace.pack_result = random_adapter
     elif mode == "skip-steps":
-        desktop.job.spec_for_lease = one_step
-        desktop.job.result_message = claim_every_step
+        job.spec_for_lease = one_step
+        job.result_message = claim_every_step
     elif mode == "altered-tokens":
-        desktop.workspace.pack_result = altered_tokens
+        workspace.pack_result = altered_tokens
     else:
         raise SystemExit(f"unknown cheat {mode!r}")
 

@@ -38,7 +38,7 @@ def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item
 @pytest.fixture(scope="session")
 def demo_model_directory() -> Path:
     """SmolLM2-135M-Instruct from its PyPI package, sha256-verified, prepared as safetensors."""
-    from engine.models import DEFAULT_MODEL, prepared_model_directory
+    from compute_swarm.engine.models import DEFAULT_MODEL, prepared_model_directory
 
     return prepared_model_directory(DEFAULT_MODEL)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import httpx
 
-from coordinator.local_swarm import wait_until_healthy
+from compute_swarm.coordinator.local_swarm import wait_until_healthy
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 # The console script installed beside this interpreter (the venv's `compute-swarm`).
@@ -110,13 +110,20 @@ class Coordinator(SwarmProcess):
 
 
 class Node(SwarmProcess):
-    def __init__(self, coordinator: Coordinator, data_dir: Path, *, name: str = "test-node"):
+    def __init__(
+        self,
+        coordinator: Coordinator,
+        data_dir: Path,
+        *,
+        name: str = "test-node",
+        environment: dict[str, str] | None = None,
+    ):
         self.data_dir = data_dir
         data_dir.mkdir(parents=True, exist_ok=True)
         super().__init__(
             ["-v", "node", "--coordinator", coordinator.url, "--data-dir", str(data_dir), "--name", name],
             data_dir / "node.log",
-            {"SWARM_TOKEN_STORE": "file"},
+            {"SWARM_TOKEN_STORE": "file", **(environment or {})},
         )
 
 

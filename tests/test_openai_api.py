@@ -10,7 +10,8 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.client import FINAL_STATES, SwarmClient
+from compute_swarm.engine.jobs import DEMO_CHAT_DATASET
+from compute_swarm.sdk.client import FINAL_STATES, SwarmClient
 from tests.conftest import write_jsonl
 from tests.coordinator.test_node_socket import TELEMETRY, ScriptedNode, check_ledger
 from tests.swarm_processes import Coordinator, Node, run_cli, wait_for
@@ -19,7 +20,6 @@ openai = pytest.importorskip("openai")
 pytest.importorskip("llama_cpp")
 
 MODEL = "smollm2-135m-instruct"
-DEMO_DATA = Path(__file__).resolve().parent.parent / "engine" / "data" / "demo_chat.jsonl"
 
 pytestmark = pytest.mark.slow
 
@@ -83,7 +83,7 @@ def test_a_buyer_serves_and_fine_tunes_with_the_official_client(swarm):
     assert completion.choices[0].text and completion.usage.completion_tokens <= 8
 
     # Fine-tune: upload, run to success on the node, then chat with the ft: model.
-    uploaded = client.files.create(file=DEMO_DATA.open("rb"), purpose="fine-tune")
+    uploaded = client.files.create(file=DEMO_CHAT_DATASET.open("rb"), purpose="fine-tune")
     assert uploaded.id in [file.id for file in client.files.list().data]
     job = client.fine_tuning.jobs.create(
         model=MODEL,
@@ -192,7 +192,7 @@ def test_a_batch_of_prompts_is_answered_on_the_swarm_and_charged_by_its_tokens(s
     bad = write_jsonl(tmp_path / "bad.jsonl", [{"prompt": "fine"}, {"messages": []}])
     refused = run_cli("upload", "--purpose", "prompts", str(bad), environment=environment)
     assert refused.returncode == 1 and "line 2" in refused.stderr
-    dataset = account.upload_file(DEMO_DATA)["id"]
+    dataset = account.upload_file(DEMO_CHAT_DATASET)["id"]
     refused = run_cli("submit", "inference", "--data", dataset, environment=environment)
     assert refused.returncode == 1 and "prompts" in refused.stderr
 

@@ -9,11 +9,11 @@ from pathlib import Path
 
 import pytest
 
-from coordinator.client import SwarmClient
+from compute_swarm.engine.jobs import DEMO_CHAT_DATASET
+from compute_swarm.sdk.client import SwarmClient
 from tests.coordinator.test_node_socket import check_ledger
 from tests.swarm_processes import Coordinator, Node, run_cli, wait_for
 
-DEMO_DATA = Path(__file__).resolve().parent.parent / "engine" / "data" / "demo_chat.jsonl"
 # Small and quick on two CPU cores, but a real fine-tune of the real model.
 SMALL_JOB = {"batch_size": 2, "max_sequence_length": 96, "learning_rate": 1e-3, "eval_fraction": 0.0}
 FINAL_STATES = {"completed", "failed", "cancelled"}
@@ -40,7 +40,7 @@ def swarm(tmp_path, demo_model_directory):
 
 
 def submit(buyer: SwarmClient, steps: int, **spec) -> dict:
-    dataset = buyer.upload_file(DEMO_DATA)
+    dataset = buyer.upload_file(DEMO_CHAT_DATASET)
     return buyer.submit_lora(
         {
             "base_model": "smollm2-135m-instruct",
@@ -68,7 +68,7 @@ def test_a_buyer_fine_tunes_through_the_cli_and_loads_the_adapter_with_peft(
     api_key = swarm.create_buyer("cli-buyer", "5")
     environment = {"SWARM_COORDINATOR": swarm.url, "SWARM_API_KEY": api_key}
     submitted = run_cli(
-        "submit", "lora", "--data", str(DEMO_DATA), "--steps", "4", "--batch-size", "2", "--max-length", "96",
+        "submit", "lora", "--data", str(DEMO_CHAT_DATASET), "--steps", "4", "--batch-size", "2", "--max-length", "96",
         "--eval-fraction", "0", "--follow",
         environment=environment, timeout=400,
     )  # fmt: skip

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.client import SwarmClient, SweepTable
+from compute_swarm.sdk.client import SwarmClient, SweepTable
 from tests.conftest import CHAT_ROWS, write_jsonl
 from tests.coordinator.test_node_socket import check_ledger
 from tests.swarm_processes import Coordinator, Node, run_cli, wait_for

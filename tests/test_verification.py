@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from coordinator.client import SwarmClient
+from compute_swarm.sdk.client import SwarmClient
 from tests.conftest import CHAT_ROWS, write_jsonl
 from tests.coordinator.test_node_socket import check_ledger
 from tests.swarm_processes import CheatingNode, Coordinator, Node, wait_for

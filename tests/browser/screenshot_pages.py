@@ -13,8 +13,8 @@ from pathlib import Path
 
 from playwright.sync_api import expect, sync_playwright
 
-from engine.jobs import DEFAULT_MODEL
-from engine.models import prepared_model_directory
+from compute_swarm.engine.jobs import DEFAULT_MODEL
+from compute_swarm.engine.models import prepared_model_directory
 from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS, DESKTOP_VIEWPORT, PHONE_VIEWPORT
 from tests.browser.test_web_page import ADMIN_TOKEN, BAD_DATASET, DATASET, drop_file, sign_up, start_swarm
 

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import batch, pricing
-from coordinator.client import pack_directory
-from engine.jobs import CATALOGUE, DEFAULT_MODEL, InferenceJobSpec, Sampling
+from compute_swarm.coordinator import batch, pricing
+from compute_swarm.engine.jobs import CATALOGUE, DEFAULT_MODEL, InferenceJobSpec, Sampling
+from compute_swarm.sdk.client import pack_directory
 
 MODEL = CATALOGUE[DEFAULT_MODEL]
 

@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator import accounts, ledger
-from coordinator.database import Database
+from compute_swarm.coordinator import accounts, ledger
+from compute_swarm.coordinator.database import Database
 
 
 @pytest.fixture

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from coordinator import lifecycle
+from compute_swarm.coordinator import lifecycle
 
 
 def test_a_lost_lease_requeues_until_attempts_run_out():

@@ -10,10 +10,10 @@ import httpx
 import pytest
 from sqlalchemy import update
 
-from coordinator import accounts, ledger
-from coordinator.client import NodeClient, SwarmError
-from coordinator.database import Database
-from coordinator.tables import LedgerTransaction
+from compute_swarm.coordinator import accounts, ledger
+from compute_swarm.coordinator.database import Database
+from compute_swarm.coordinator.tables import LedgerTransaction
+from compute_swarm.sdk.client import NodeClient, SwarmError
 from tests.coordinator.test_node_socket import check_ledger
 from tests.swarm_processes import Coordinator
 

@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from coordinator import protocol
-from coordinator.node_session import NodeSession
-from coordinator.protocol import CloseCode, ProtocolViolation
+from compute_swarm import protocol
+from compute_swarm.coordinator.node_session import NodeSession
+from compute_swarm.protocol import CloseCode, ProtocolViolation
 
 TELEMETRY = {
     "cpu": {"name": "cpu", "logical_cores": 2, "memory_total_bytes": 1, "memory_available_bytes": 1},

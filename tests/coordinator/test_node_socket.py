@@ -15,16 +15,17 @@ import pytest
 from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
-from coordinator import ledger, protocol
-from coordinator.client import NodeClient, SwarmClient
-from coordinator.database import Database
-from coordinator.tables import AccountBalance, LedgerEntry
+from compute_swarm import protocol
+from compute_swarm.coordinator import ledger
+from compute_swarm.coordinator.database import Database
+from compute_swarm.coordinator.tables import AccountBalance, LedgerEntry
+from compute_swarm.engine.jobs import DEMO_CHAT_DATASET
+from compute_swarm.sdk.client import NodeClient, SwarmClient
 from tests.swarm_processes import Coordinator, run_cli, wait_for
 
 # The test keeps sockets open across calls, so it does not use connect() as a context manager.
 pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager")
 
-DEMO_DATA = Path(__file__).resolve().parents[2] / "engine" / "data" / "demo_chat.jsonl"
 TELEMETRY = {
     "cpu": {
         "name": "test cpu",
@@ -159,7 +160,7 @@ def new_buyer(coordinator: Coordinator, name: str, credits: str = "10") -> Swarm
 
 
 def submit(buyer: SwarmClient, max_attempts: int | None = None) -> dict:
-    dataset = buyer.upload_file(DEMO_DATA)
+    dataset = buyer.upload_file(DEMO_CHAT_DATASET)
     return buyer.submit_lora(
         {"base_model": "smollm2-135m-instruct", "dataset": dataset["id"], "max_steps": 3},
         max_attempts=max_attempts,
@@ -242,7 +243,7 @@ def test_a_job_runs_and_is_paid_once_even_when_the_result_is_sent_twice(coordina
     # The node gets the dataset as an artifact, never the buyer's file id.
     assert lease["spec"]["dataset"] == lease["dataset_sha256"] != job["spec"]["dataset"]
     dataset = node.http.download_artifact(lease["dataset_sha256"], Path(tempfile.mkdtemp()) / "data.jsonl")
-    assert dataset.read_bytes() == DEMO_DATA.read_bytes()
+    assert dataset.read_bytes() == DEMO_CHAT_DATASET.read_bytes()
 
     node.send(
         {
@@ -355,8 +356,8 @@ def test_an_invalid_dataset_fails_at_once_without_retries(coordinator):
 
 def test_submissions_are_checked_before_any_credit_moves(coordinator):
     buyer = new_buyer(coordinator, "checked", credits="0.000001")
-    dataset = buyer.upload_file(DEMO_DATA)
-    from coordinator.client import SwarmError
+    dataset = buyer.upload_file(DEMO_CHAT_DATASET)
+    from compute_swarm.sdk.client import SwarmError
 
     with pytest.raises(SwarmError) as poor:
         buyer.submit_lora({"base_model": "smollm2-135m-instruct", "dataset": dataset["id"], "max_steps": 3})

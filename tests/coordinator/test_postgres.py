@@ -9,11 +9,12 @@ import pytest
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from coordinator import accounts, ledger, protocol
-from coordinator.database import Database
-from coordinator.jobs import JobService
-from coordinator.settings import Settings
-from coordinator.tables import Artifact, ArtifactHolder, Base, File, Upload
+from compute_swarm import protocol
+from compute_swarm.coordinator import accounts, ledger
+from compute_swarm.coordinator.database import Database
+from compute_swarm.coordinator.jobs import JobService
+from compute_swarm.coordinator.settings import Settings
+from compute_swarm.coordinator.tables import Artifact, ArtifactHolder, Base, File, Upload
 
 pgserver = pytest.importorskip("pgserver", reason="PostgreSQL tests need the pgserver wheel (the dev extra)")
 pytest.importorskip("psycopg", reason="PostgreSQL tests need psycopg (the dev extra)")
@@ -74,9 +75,9 @@ def test_a_job_is_submitted_leased_completed_and_paid_once(database, tmp_path):
 def test_concurrent_submissions_cannot_overspend(database, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from coordinator import pricing
-    from coordinator.jobs import JobError
-    from engine.jobs import CATALOGUE, parse_job_spec
+    from compute_swarm.coordinator import pricing
+    from compute_swarm.coordinator.jobs import JobError
+    from compute_swarm.engine.jobs import CATALOGUE, parse_job_spec
 
     service = JobService(database, Settings(data_dir=tmp_path))
     spec = {"base_model": "smollm2-135m-instruct", "dataset": "file_race", "max_steps": 2}

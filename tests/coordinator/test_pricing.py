@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import pytest
 
-from coordinator.pricing import (
+from compute_swarm.coordinator.pricing import (
     DEFAULT_MICRO_PER_MILLION_TOKEN_PARAMETERS,
     held_out_examples,
     planned_steps,
@@ -16,8 +16,8 @@ from coordinator.pricing import (
     split_payment,
     token_budget,
 )
-from coordinator.protocol import MICRO_PER_CREDIT
-from engine.jobs import CATALOGUE, DEFAULT_MODEL, LoraJobSpec
+from compute_swarm.engine.jobs import CATALOGUE, DEFAULT_MODEL, LoraJobSpec
+from compute_swarm.protocol import MICRO_PER_CREDIT
 
 DEMO_MODEL = CATALOGUE[DEFAULT_MODEL]
 
@@ -132,7 +132,7 @@ def test_held_out_share_matches_the_rules_of_the_split() -> None:
 
 def test_steps_agree_with_the_engine() -> None:
     pytest.importorskip("torch")
-    from engine.lora import split_for_evaluation, total_optimizer_steps
+    from compute_swarm.engine.lora import split_for_evaluation, total_optimizer_steps
 
     for fraction in [0.0, 0.01, 0.05, 0.1, 0.15, 0.25, 0.5, 0.7, 0.99]:
         for lines in range(1, 80):

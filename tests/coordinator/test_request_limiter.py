@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from coordinator.inference import InferenceError, RequestLimiter
+from compute_swarm.coordinator.inference import InferenceError, RequestLimiter
 
 
 class Clock:

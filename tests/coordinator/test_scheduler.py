@@ -12,18 +12,22 @@ from fractions import Fraction
 
 import pytest
 
-from coordinator.protocol import CpuTelemetry, GpuTelemetry, Telemetry
-from coordinator.scheduler import (
+from compute_swarm.coordinator.scheduler import (
     ALL_BACKENDS,
     Assignment,
+    InferenceCandidate,
     NodeSnapshot,
     QueuedJob,
+    choose_inference_node,
+    crash_without_alternative,
+    inference_memory_bytes,
     node_snapshot,
     plan,
     queued_job,
     required_memory_bytes,
 )
-from engine.jobs import CATALOGUE, DEFAULT_MODEL, LoraJobSpec
+from compute_swarm.engine.jobs import CATALOGUE, DEFAULT_MODEL, LoraJobSpec
+from compute_swarm.protocol import CpuTelemetry, GpuTelemetry, Telemetry
 
 GIB = 1024**3
 DEMO_MODEL = CATALOGUE[DEFAULT_MODEL]
@@ -503,7 +507,7 @@ def test_queued_job_carries_both_memory_figures() -> None:
 def test_decisions_import_nothing_heavy() -> None:
     # The coordinator runs on a small VM without torch: these modules must not pull it in.
     code = (
-        "import sys, coordinator.scheduler, coordinator.pricing; "
+        "import sys, compute_swarm.coordinator.scheduler, compute_swarm.coordinator.pricing; "
         "print(','.join(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'peft'})))"
     )
     result = subprocess.run(
@@ -511,3 +515,71 @@ def test_decisions_import_nothing_heavy() -> None:
     )
 
     assert result.stdout.strip() == ""
+
+
+# ---- inference routing around crashed models
+
+CRASH = "the node's llama.cpp crashed (killed by SIGSEGV) while serving smollm2-135m-instruct"
+ADAPTER_KEY = f"{DEFAULT_MODEL}+{'a' * 64}"
+
+
+def server(
+    node_id: str,
+    *,
+    loaded: Sequence[str] = (),
+    crashed: dict[str, str] | None = None,
+    in_flight: int = 0,
+    accepting_jobs: bool = True,
+    memory_gib: float = 16,
+) -> InferenceCandidate:
+    return InferenceCandidate(
+        snapshot=node(node_id, memory_gib=memory_gib, accepting_jobs=accepting_jobs),
+        slots=1,
+        in_flight=in_flight,
+        loaded_models=frozenset(loaded),
+        crashed_models=crashed or {},
+    )
+
+
+def route(candidates: Sequence[InferenceCandidate], key: str = DEFAULT_MODEL, excluded: Sequence[str] = ()):
+    """(the node chosen, the crash to answer with at once when none is)."""
+    memory = inference_memory_bytes(DEMO_MODEL)
+    chosen = choose_inference_node(
+        candidates,
+        model_key=key,
+        base_model=DEFAULT_MODEL,
+        required_memory_bytes=memory,
+        excluded=frozenset(excluded),
+    )
+    crash = crash_without_alternative(
+        candidates, model_key=key, required_memory_bytes=memory, excluded=frozenset(excluded)
+    )
+    return chosen, crash
+
+
+def test_a_node_whose_llama_cpp_the_model_crashed_is_passed_over_for_that_model_only() -> None:
+    # It has the model loaded and the most memory, which would make it first: the crash rules it out.
+    crashed = server("crashed", loaded=[DEFAULT_MODEL], crashed={DEFAULT_MODEL: CRASH}, memory_gib=64)
+    healthy = server("healthy")
+    assert route([crashed, healthy]) == ("healthy", None)
+    # A crashed base model takes its adapters along; a crashed adapter leaves its base alone.
+    assert route([crashed, healthy], key=ADAPTER_KEY) == ("healthy", None)
+    adapter_crashed = server("adapter-crashed", loaded=[DEFAULT_MODEL], crashed={ADAPTER_KEY: CRASH})
+    assert route([adapter_crashed, healthy]) == ("adapter-crashed", None)
+    assert route([adapter_crashed, healthy], key=ADAPTER_KEY) == ("healthy", None)
+
+
+def test_the_crash_is_the_answer_only_when_no_other_node_could_take_the_request() -> None:
+    crashed = server("crashed", crashed={DEFAULT_MODEL: CRASH})
+    # Alone, or beside nodes that cannot serve it (paused, too small, already tried): told at once.
+    assert route([crashed]) == (None, CRASH)
+    paused = server("paused", accepting_jobs=False)
+    small = server("small", memory_gib=0.1)
+    tried = server("tried")
+    assert route([crashed, paused, small, tried], excluded=["crashed", "tried"]) == (None, CRASH)
+    # A node that is only busy could take it once its request ends: the request waits for it.
+    busy = server("busy", in_flight=1)
+    assert route([crashed, busy]) == (None, None)
+    # Nothing crashed and no node free: waiting, as before (no crash to tell).
+    assert route([busy]) == (None, None)
+    assert route([]) == (None, None)

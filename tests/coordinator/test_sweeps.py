@@ -13,11 +13,13 @@ import httpx
 import pytest
 from pydantic import ValidationError
 
-from coordinator import pricing, sweeps
-from coordinator.client import SwarmClient, SwarmError, SweepTable, sweep_table
-from coordinator.settings import Settings
-from coordinator.sweeps import MAX_TRIALS, MedianStopping, Range, SweepSpec, Values
-from tests.coordinator.test_node_socket import DEMO_DATA, ScriptedNode, check_ledger, new_buyer
+from compute_swarm import sweeps
+from compute_swarm.coordinator import pricing
+from compute_swarm.coordinator.settings import Settings
+from compute_swarm.engine.jobs import DEMO_CHAT_DATASET
+from compute_swarm.sdk.client import SwarmClient, SwarmError, SweepTable, sweep_table
+from compute_swarm.sweeps import MAX_TRIALS, MedianStopping, Range, SweepSpec, Values
+from tests.coordinator.test_node_socket import ScriptedNode, check_ledger, new_buyer
 from tests.swarm_processes import Coordinator, run_cli
 
 pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager")
@@ -268,7 +270,7 @@ def finish(node: ScriptedNode, lease: dict, eval_loss: float) -> dict:
 
 def test_a_grid_sweep_queues_every_trial_with_its_settings_and_holds_each_price(swarm):
     buyer, auth = buyer_and_key(swarm, "grid-buyer")
-    dataset = buyer.upload_file(DEMO_DATA)
+    dataset = buyer.upload_file(DEMO_CHAT_DATASET)
     body = sweep_spec(
         dataset["id"],
         {"learning_rate": {"values": [1e-4, 3e-4]}, "rank": {"values": [4, 8]}},
@@ -347,7 +349,7 @@ def test_a_grid_sweep_queues_every_trial_with_its_settings_and_holds_each_price(
 
 def test_a_trial_worse_than_the_median_stops_early_and_pays_for_its_steps(swarm):
     buyer = new_buyer(swarm, "median-buyer")
-    dataset = buyer.upload_file(DEMO_DATA)
+    dataset = buyer.upload_file(DEMO_CHAT_DATASET)
     node = ScriptedNode(swarm, "median-node")
     node.connect()
     submitted = buyer.submit_sweep(
@@ -424,7 +426,7 @@ def test_a_trial_worse_than_the_median_stops_early_and_pays_for_its_steps(swarm)
 
 def test_a_stopped_trial_is_charged_by_its_own_steps_not_the_nodes_count(swarm):
     buyer = new_buyer(swarm, "short-count-buyer")
-    dataset = buyer.upload_file(DEMO_DATA)
+    dataset = buyer.upload_file(DEMO_CHAT_DATASET)
     node = ScriptedNode(swarm, "short-count-node")
     node.connect()
     submitted = buyer.submit_sweep(
@@ -449,7 +451,7 @@ def test_a_stopped_trial_is_charged_by_its_own_steps_not_the_nodes_count(swarm):
 
 def test_cancelling_a_sweep_cancels_its_open_trials_and_keeps_the_finished(swarm):
     buyer = new_buyer(swarm, "cancel-buyer")
-    dataset = buyer.upload_file(DEMO_DATA)
+    dataset = buyer.upload_file(DEMO_CHAT_DATASET)
     node = ScriptedNode(swarm, "cancel-node")
     node.connect()
     submitted = buyer.submit_sweep(sweep_spec(dataset["id"], {"rank": {"values": [4, 8, 16]}}))
@@ -489,7 +491,7 @@ def test_cancelling_a_sweep_cancels_its_open_trials_and_keeps_the_finished(swarm
 
 def test_a_sweep_without_max_steps_is_refused(swarm):
     buyer = new_buyer(swarm, "epochs-buyer")
-    dataset = buyer.upload_file(DEMO_DATA)
+    dataset = buyer.upload_file(DEMO_CHAT_DATASET)
     body = sweep_spec(dataset["id"], {"rank": {"values": [4, 8]}})
     del body["base"]["max_steps"]
     with pytest.raises(SwarmError) as refused:
@@ -590,7 +592,7 @@ UNREACHABLE = {"SWARM_COORDINATOR": "http://127.0.0.1:9", "SWARM_API_KEY": "swar
 )
 def test_sweep_run_argument_errors_exit_2_before_any_upload(arguments, message):
     result = run_cli(
-        "sweep", "run", "--data", str(DEMO_DATA), *arguments, environment=UNREACHABLE, timeout=60
+        "sweep", "run", "--data", str(DEMO_CHAT_DATASET), *arguments, environment=UNREACHABLE, timeout=60
     )
     assert result.returncode == 2, (result.returncode, result.stderr)
     assert message in result.stderr, result.stderr
@@ -602,7 +604,7 @@ def test_sweep_run_against_a_coordinator(swarm):
     buyer = SwarmClient(swarm.url, api_key)
     environment = {"SWARM_COORDINATOR": swarm.url, "SWARM_API_KEY": api_key}
     result = run_cli(
-        "sweep", "run", "--data", str(DEMO_DATA), "--grid", "learning_rate=1e-4,3e-4", "--steps", "4",
+        "sweep", "run", "--data", str(DEMO_CHAT_DATASET), "--grid", "learning_rate=1e-4,3e-4", "--steps", "4",
         "--json", environment=environment,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr

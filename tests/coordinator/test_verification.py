@@ -17,11 +17,10 @@ from pathlib import Path
 import httpx
 import pytest
 
-from coordinator import accounts, ledger
-from coordinator.client import NodeClient, SwarmClient
-from coordinator.database import Database
-from coordinator.settings import Settings
-from coordinator.verification import (
+from compute_swarm.coordinator import accounts, ledger
+from compute_swarm.coordinator.database import Database
+from compute_swarm.coordinator.settings import Settings
+from compute_swarm.coordinator.verification import (
     MISMATCH,
     PASSED,
     OverheadBudget,
@@ -34,6 +33,7 @@ from coordinator.verification import (
     new_record,
     sampling_rate,
 )
+from compute_swarm.sdk.client import NodeClient, SwarmClient
 from tests.coordinator.test_node_socket import ScriptedNode, check_ledger, submit
 from tests.swarm_processes import Coordinator, wait_for
 

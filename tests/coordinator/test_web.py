@@ -18,15 +18,15 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 from sqlalchemy import func, select, update
 
-from coordinator.app import create_app
-from coordinator.settings import Settings
-from coordinator.tables import ApiKey, Buyer, Job
+from compute_swarm.coordinator.app import create_app
+from compute_swarm.coordinator.settings import Settings
+from compute_swarm.coordinator.tables import ApiKey, Buyer, Job
+from compute_swarm.engine.jobs import DEMO_CHAT_DATASET
 
 ORIGIN = "http://127.0.0.1:8000"
 EVIL = "http://evil.example"
 SIGNUP_CREDITS = 50_000_000
 ADMIN_TOKEN = secrets.token_urlsafe(24)  # 32 characters
-DEMO_DATA = Path(__file__).resolve().parents[2] / "engine" / "data" / "demo_chat.jsonl"
 SESSION_COOKIE, OPS_COOKIE = "swarm_session", "swarm_ops_session"
 PAGE_BUDGET_BYTES = 300 * 1024
 
@@ -124,7 +124,7 @@ def forget_cookies(client: TestClient) -> None:
 
 def upload_dataset(client: TestClient, api_key: str, lines: int = 20, filename: str = "chat.jsonl") -> str:
     """A dataset uploaded through the resumable uploads API; returns its file id."""
-    data = b"".join(DEMO_DATA.read_bytes().splitlines(keepends=True)[:lines])
+    data = b"".join(DEMO_CHAT_DATASET.read_bytes().splitlines(keepends=True)[:lines])
     created = client.post(
         "/api/uploads",
         json={

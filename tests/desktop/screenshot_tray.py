@@ -16,10 +16,11 @@ from pathlib import Path
 from PySide6.QtCore import QEventLoop, QTimer
 from PySide6.QtWidgets import QApplication
 
-from coordinator.client import SwarmClient
-from desktop.settings import SettingsStore
-from desktop.tray.app import TrayApp
-from tests.desktop.test_tray import DEMO_DATA, Machine
+from compute_swarm.desktop.settings import SettingsStore
+from compute_swarm.desktop.tray.app import TrayApp
+from compute_swarm.engine.jobs import DEMO_CHAT_DATASET
+from compute_swarm.sdk.client import SwarmClient
+from tests.desktop.test_tray import Machine
 from tests.swarm_processes import Coordinator
 
 
@@ -67,7 +68,7 @@ def main() -> int:
         app.start(coordinator.url)
         wait(application, lambda: app.window.headline.text() == "Ready", 60, "the connection")
         buyer = SwarmClient(coordinator.url, coordinator.create_buyer("buyer"))
-        dataset = buyer.upload_file(DEMO_DATA)
+        dataset = buyer.upload_file(DEMO_CHAT_DATASET)
         spec = {"base_model": "smollm2-135m-instruct", "dataset": dataset["id"], "batch_size": 2}
         spec.update(max_sequence_length=96, learning_rate=1e-3, eval_fraction=0.0)
         job = buyer.submit_lora({**spec, "max_steps": 3})

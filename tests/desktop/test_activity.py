@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from desktop import activity
+from compute_swarm.desktop import activity
 
 XVFB = shutil.which("Xvfb")
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
@@ -351,7 +351,7 @@ def test_a_fullscreen_window_is_named_from_either_name_property_or_generically(
 
 CHILD_READING_A_VANISHED_WINDOW = """
 import sys
-from desktop import activity
+from compute_swarm.desktop import activity
 print(activity.fullscreen_application(), flush=True)
 sys.stdin.readline()  # the parent focuses a real game meanwhile
 print(activity.fullscreen_application(), flush=True)
@@ -392,7 +392,7 @@ def test_a_wayland_session_gives_no_idle_time_but_still_sees_x11_games(
 
 CHILD_AFTER_SERVER_DIES = """
 import sys
-from desktop import activity
+from compute_swarm.desktop import activity
 print(activity.user_idle_seconds() is not None, flush=True)
 sys.stdin.readline()  # the parent kills the X server meanwhile
 print(activity.read_activity(), flush=True)

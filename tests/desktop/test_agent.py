@@ -17,11 +17,13 @@ import pytest
 from websockets.asyncio.server import serve
 from websockets.exceptions import ConnectionClosed
 
-from coordinator import protocol
-from desktop import cli, token_store
-from desktop.agent import NodeAgent, NodeStopped
-from desktop.messages import Reportable
-from engine.records import CheckpointSaved, Completed, Failed, Log, Progress, Started
+from compute_swarm import protocol
+from compute_swarm.desktop import cli, token_store
+from compute_swarm.desktop.agent import NodeAgent, NodeStopped
+from compute_swarm.desktop.messages import Reportable
+from compute_swarm.engine.jobs import DEFAULT_MODEL, ChatMessage, Sampling
+from compute_swarm.engine.records import CheckpointSaved, Completed, Failed, Log, Progress, Started
+from tests.crashing_llama import CrashingLlama
 from tests.desktop.test_messages import DATASET, DATASET_SHA256, inventory, make_lease
 
 # ---- one agent against a scripted coordinator
@@ -552,6 +554,55 @@ def test_pausing_with_stop_running_cancels_the_job_after_saying_so(tmp_path: Pat
         finally:
             agent.stop()
             await asyncio.wait_for(running, 10)
+            server.close()
+
+    asyncio.run(scenario())
+
+
+def test_a_model_that_crashes_llama_cpp_is_reported_at_once_and_refused_without_a_child(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, demo_gguf: Path
+) -> None:
+    pytest.importorskip("llama_cpp")
+    llama = CrashingLlama(tmp_path / "llama")
+    for name, value in llama.environment().items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("SWARM_MODELS_DIR", str(demo_gguf.parent.parent))
+
+    def chat(request_id: str) -> str:
+        return protocol.InferenceRequest(
+            request_id=request_id,
+            model=DEFAULT_MODEL,
+            messages=(ChatMessage(role="user", content="Hi"),),
+            sampling=Sampling(max_tokens=4, temperature=0.0),
+        ).model_dump_json()
+
+    async def scenario() -> None:
+        # Heartbeats a minute apart: one that comes sooner was sent because of the crash.
+        coordinator = FakeCoordinator(heartbeat_interval=60.0)
+        server = await serve(coordinator.handle, "127.0.0.1", 0)
+        agent = make_agent(tmp_path, server.sockets[0].getsockname()[1], inference_slots=1)
+        running = asyncio.create_task(agent.run())
+        try:
+            assert (await coordinator.expect(protocol.Hello)).crashed_models == ()
+            websocket = await coordinator.connections.get()
+            await websocket.send(chat("first"))
+            crashed = await coordinator.expect(protocol.InferenceFailed, timeout=120, request_id="first")
+            assert crashed.kind == "crashed" and "killed by SIGSEGV" in crashed.message
+            heartbeat = await coordinator.expect(protocol.Heartbeat)
+            report = (protocol.CrashedModel(model=DEFAULT_MODEL, message=crashed.message),)
+            assert heartbeat.crashed_models == report and heartbeat.loaded_models == ()
+
+            await websocket.send(chat("second"))
+            refused = await coordinator.expect(protocol.InferenceFailed, request_id="second")
+            assert (refused.kind, refused.message) == ("crashed", crashed.message)
+            assert len(llama.starts()) == 1
+
+            # A new connection hears of it in the hello, before any heartbeat.
+            await websocket.close(protocol.CloseCode.GOING_AWAY, "restarting")
+            assert (await coordinator.expect(protocol.Hello)).crashed_models == report
+        finally:
+            agent.stop()
+            await asyncio.wait_for(running, 20)
             server.close()
 
     asyncio.run(scenario())

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from desktop import autostart
+from compute_swarm.desktop import autostart
 
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
 
@@ -359,10 +359,16 @@ def test_without_the_console_script_the_module_form_is_used_and_runs_the_cli(
     real_python = sys.executable
     monkeypatch.delattr(sys, "frozen", raising=False)
     monkeypatch.setattr(sys, "executable", str(tmp_path / "python"))
-    assert autostart.tray_command() == [str(tmp_path / "python"), "-m", "engine.cli", "tray", "--minimized"]
+    assert autostart.tray_command() == [
+        str(tmp_path / "python"),
+        "-m",
+        "compute_swarm.cli",
+        "tray",
+        "--minimized",
+    ]
 
     completed = subprocess.run(
-        [real_python, "-m", "engine.cli", "--help"],
+        [real_python, "-m", "compute_swarm.cli", "--help"],
         capture_output=True,
         text=True,
         timeout=120,
@@ -376,7 +382,7 @@ def test_without_the_console_script_the_module_form_is_used_and_runs_the_cli(
 def test_imports_without_qt() -> None:
     program = (
         "import sys; sys.modules['PySide6'] = None\n"
-        "import desktop.autostart\n"
+        "import compute_swarm.desktop.autostart\n"
         "assert not any(name.startswith('PySide6') and sys.modules[name] for name in sys.modules)\n"
     )
     completed = subprocess.run(

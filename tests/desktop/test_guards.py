@@ -7,8 +7,14 @@ import datetime
 import pytest
 from pydantic import ValidationError
 
-from desktop.guards import GuardDecision, GuardSettings, MachineReading, evaluate, within_schedule
-from engine.devices import CpuInfo, DeviceInventory, GpuInfo, GpuProcess
+from compute_swarm.desktop.guards import (
+    GuardDecision,
+    GuardSettings,
+    MachineReading,
+    evaluate,
+    within_schedule,
+)
+from compute_swarm.engine.devices import CpuInfo, DeviceInventory, GpuInfo, GpuProcess
 
 GIBIBYTE = 1024**3
 NOON = datetime.datetime(2026, 12, 1, 12, 0)

@@ -10,9 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from coordinator import protocol
-from desktop import token_store
-from desktop.messages import (
+from compute_swarm import protocol
+from compute_swarm.desktop import token_store
+from compute_swarm.desktop.messages import (
     Backoff,
     InvalidLease,
     Outbox,
@@ -26,9 +26,9 @@ from desktop.messages import (
     telemetry_from_inventory,
     websocket_url,
 )
-from engine.devices import CpuInfo, DeviceInventory, GpuInfo
-from engine.jobs import DEFAULT_MODEL
-from engine.records import Completed, Progress
+from compute_swarm.engine.devices import CpuInfo, DeviceInventory, GpuInfo
+from compute_swarm.engine.jobs import DEFAULT_MODEL
+from compute_swarm.engine.records import Completed, Progress
 
 DATASET = b'{"prompt": "2+2?", "completion": "4"}\n'
 DATASET_SHA256 = hashlib.sha256(DATASET).hexdigest()

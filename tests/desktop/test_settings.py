@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from desktop.guards import GuardSettings
-from desktop.settings import (
+from compute_swarm.desktop.guards import GuardSettings
+from compute_swarm.desktop.settings import (
     SETTINGS_VERSION,
     Settings,
     SettingsError,
@@ -69,7 +69,7 @@ def test_the_headless_node_takes_the_settings_guards_with_its_flags(
 ) -> None:
     import argparse
 
-    from desktop.cli import guard_settings, register_commands
+    from compute_swarm.desktop.cli import guard_settings, register_commands
 
     monkeypatch.setenv("SWARM_CONFIG_DIR", str(tmp_path))
     SettingsStore(tmp_path / "settings.json").save(

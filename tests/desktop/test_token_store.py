@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from desktop import token_store
+from compute_swarm.desktop import token_store
 
 
 def test_token_store_round_trip_in_a_private_file(tmp_path: Path) -> None:

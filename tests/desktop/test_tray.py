@@ -16,20 +16,20 @@ pytest.importorskip("PySide6", reason="desktop: the tray app's tests need PySide
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QApplication
 
-from coordinator.client import SwarmClient
-from desktop.activity import Activity
-from desktop.guards import GuardSettings
-from desktop.settings import Settings, SettingsStore
-from desktop.tray import state
-from desktop.tray.app import SingleInstance, TrayApp
-from engine.devices import CpuInfo, DeviceInventory, GpuInfo, GpuProcess
+from compute_swarm.desktop.activity import Activity
+from compute_swarm.desktop.guards import GuardSettings
+from compute_swarm.desktop.settings import Settings, SettingsStore
+from compute_swarm.desktop.tray import state
+from compute_swarm.desktop.tray.app import SingleInstance, TrayApp
+from compute_swarm.engine.devices import CpuInfo, DeviceInventory, GpuInfo, GpuProcess
+from compute_swarm.engine.jobs import DEMO_CHAT_DATASET
+from compute_swarm.sdk.client import SwarmClient
 from tests.coordinator.test_node_socket import check_ledger
 from tests.swarm_processes import Coordinator
 
 pytestmark = pytest.mark.desktop
 
 GIBIBYTE = 1024**3
-DEMO_DATA = Path(__file__).resolve().parents[2] / "engine" / "data" / "demo_chat.jsonl"
 
 
 class Machine:
@@ -130,7 +130,7 @@ def start(qtbot, app: TrayApp) -> None:
 def test_start_earning_runs_a_real_job_shows_it_and_its_earnings_then_stop(
     qtbot, make_app, coordinator: Coordinator, demo_model_directory: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
-    caplog.set_level(logging.INFO, logger="desktop.tray.app")
+    caplog.set_level(logging.INFO, logger="compute_swarm.desktop.tray.app")
     app = make_app()
     window = app.window
     assert window.coordinator.text() == coordinator.url  # first run: prefilled, nothing else asked
@@ -146,7 +146,7 @@ def test_start_earning_runs_a_real_job_shows_it_and_its_earnings_then_stop(
     assert "GPU 55 °C" in app.tray.toolTip()
 
     buyer = SwarmClient(coordinator.url, coordinator.create_buyer("buyer"))
-    dataset = buyer.upload_file(DEMO_DATA)
+    dataset = buyer.upload_file(DEMO_CHAT_DATASET)
     job = buyer.submit_lora(
         {
             "base_model": "smollm2-135m-instruct",
@@ -217,7 +217,7 @@ def test_guards_pause_and_resume_from_the_telemetry_feed(
 def test_settings_are_saved_applied_to_the_agent_and_read_back(
     qtbot, make_app, coordinator: Coordinator, machine: Machine, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from desktop.tray import window as window_module
+    from compute_swarm.desktop.tray import window as window_module
 
     app = make_app()
     start(qtbot, app)

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import datetime
 
-from coordinator.protocol import Earnings
-from desktop.agent import AgentStatus
-from desktop.job import JobOutcome, JobStatus
-from desktop.tray import state
+from compute_swarm.desktop.agent import AgentStatus
+from compute_swarm.desktop.job import JobOutcome, JobStatus
+from compute_swarm.desktop.tray import state
+from compute_swarm.protocol import Earnings
 
 TOKYO = datetime.timezone(datetime.timedelta(hours=9))
 

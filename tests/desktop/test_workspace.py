@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from desktop import workspace
-from desktop.workspace import Workspace
+from compute_swarm.desktop import workspace
+from compute_swarm.desktop.workspace import Workspace
 
 
 def test_a_tidied_job_keeps_only_its_logs_and_only_the_newest_jobs_keep_theirs(tmp_path: Path) -> None:

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from transformers import AutoTokenizer
 
-from engine.datasets import (
+from compute_swarm.engine.datasets import (
     IGNORED_LABEL,
     ChatExample,
     DatasetError,

@@ -15,8 +15,8 @@ import psutil
 import pytest
 from pydantic import ValidationError
 
-from engine import devices
-from engine.devices import CpuInfo, DeviceInventory, GpuInfo, GpuProcess, probe
+from compute_swarm.engine import devices
+from compute_swarm.engine.devices import CpuInfo, DeviceInventory, GpuInfo, GpuProcess, probe
 
 GIBIBYTE = 1024**3
 REPOSITORY_ROOT = Path(__file__).resolve().parents[2]
@@ -163,7 +163,7 @@ def test_cpu_is_still_read_without_psutil(monkeypatch: pytest.MonkeyPatch) -> No
 def test_importing_the_module_loads_no_vendor_library_or_torch() -> None:
     # The agent imports this module on start; torch alone takes seconds to import.
     check = (
-        "import sys, engine.devices\n"
+        "import sys, compute_swarm.engine.devices\n"
         "heavy = {'torch', 'pynvml', 'amdsmi', 'pyamdgpuinfo', 'psutil'} & set(sys.modules)\n"
         "assert not heavy, heavy\n"
     )
@@ -434,3 +434,21 @@ def test_inventory_round_trips_through_json_and_is_frozen() -> None:
         GpuProcess(pid=1, name="x", used_memory_bytes=None, priority=5)  # type: ignore[call-arg]
     with pytest.raises(ValidationError):
         GpuInfo.model_validate({**gpu.model_dump(), "vendor": "intel"})
+
+
+def test_inference_needs_avx2_fma_and_f16c_on_x86_64_only() -> None:
+    from compute_swarm.engine.devices import missing_llama_instructions
+
+    haswell = frozenset({"sse4_2", "avx", "avx2", "fma", "f16c", "bmi2"})
+    sandy_bridge = frozenset({"sse4_2", "avx"})
+    assert missing_llama_instructions("x86_64", haswell) == ()
+    assert missing_llama_instructions("AMD64", sandy_bridge) == ("avx2", "fma", "f16c")
+    assert missing_llama_instructions("aarch64", frozenset()) == ()  # ARM builds need nothing extra
+    assert missing_llama_instructions("x86_64", None) == ()  # unknown flags: not refused
+
+
+def test_this_machine_s_cpu_is_probed_for_inference() -> None:
+    from compute_swarm.engine.devices import probe
+
+    # This machine runs llama.cpp's portable build (the suite's inference tests prove it).
+    assert probe(check_torch=False).cpu.missing_for_inference == ()

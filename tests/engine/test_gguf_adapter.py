@@ -12,8 +12,8 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 
-from engine.gguf_adapter import AdapterExportError, export_lora_to_gguf
-from engine.models import fetch_catalogue_model, load_causal_lm, prepared_model_directory
+from compute_swarm.engine.gguf_adapter import AdapterExportError, export_lora_to_gguf
+from compute_swarm.engine.models import fetch_catalogue_model, load_causal_lm, prepared_model_directory
 
 MODEL = "smollm2-135m-instruct"
 PROMPTS = [

@@ -14,16 +14,23 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from engine import inference  # noqa: E402
-from engine.inference import GenerationDone, GenerationError, GenerationRequest, ModelPool, TextDelta  # noqa: E402
-from engine.inference_server import InferenceProcess, ServerOptions  # noqa: E402
-from engine.jobs import ChatMessage, InferenceJobSpec, Sampling  # noqa: E402
-from engine.resources import estimate_inference_memory  # noqa: E402
+from compute_swarm.engine import inference  # noqa: E402
+from compute_swarm.engine.inference import (  # noqa: E402
+    GenerationDone,
+    GenerationError,
+    GenerationRequest,
+    ModelPool,
+    TextDelta,
+)
+from compute_swarm.engine.inference_server import InferenceProcess, ServerOptions  # noqa: E402
+from compute_swarm.engine.jobs import ChatMessage, InferenceJobSpec, Sampling  # noqa: E402
+from compute_swarm.engine.resources import estimate_inference_memory  # noqa: E402
+from tests.crashing_llama import CrashingLlama  # noqa: E402
 
 
 @pytest.fixture(scope="module")
 def gguf() -> Path:
-    from engine.models import DEFAULT_MODEL, fetch_catalogue_model
+    from compute_swarm.engine.models import DEFAULT_MODEL, fetch_catalogue_model
 
     return fetch_catalogue_model(DEFAULT_MODEL)
 
@@ -172,7 +179,7 @@ def test_the_inference_process_serves_survives_a_crash_and_reports_failures(gguf
         events = start_long_story("long")
         os.kill(server._process.pid, signal.SIGKILL)
         failed = ending(events)
-        assert failed.type == "failed" and "killed by SIGKILL" in failed.message
+        assert failed.type == "failed" and failed.kind == "crashed" and "killed by SIGKILL" in failed.message
         again = serve(chat(gguf, "What is 2 + 2?"))
         assert "".join(event.text for event in again[:-1]) == "".join(event.text for event in first[:-1])
 
@@ -186,3 +193,36 @@ def test_the_inference_process_serves_survives_a_crash_and_reports_failures(gguf
     finally:
         server.close()
     assert server._process is None  # closed: no child left behind
+
+
+@pytest.mark.parametrize("signal_name", ["SIGSEGV", "SIGILL"])
+def test_the_request_that_crashes_llama_cpp_is_told_so_and_those_queued_behind_it_are_not_blamed(
+    gguf, tmp_path, monkeypatch, signal_name
+):
+    llama = CrashingLlama(tmp_path / "llama", signal_name)
+    for name, value in llama.environment().items():
+        monkeypatch.setenv(name, value)
+    server = InferenceProcess(ServerOptions(context_tokens=1024), log_directory=tmp_path)
+    try:
+        served, queued = queue.Queue(), queue.Queue()
+        server.submit(chat(gguf, "What is 2 + 2?"), served.put)
+        server.submit(chat(gguf, "Hi").model_copy(update={"request_id": "request-2"}), queued.put)
+        crashed, behind = served.get(timeout=120), queued.get(timeout=30)
+        assert (crashed.type, crashed.kind) == ("failed", "crashed")
+        assert crashed.message.startswith(f"llama.cpp crashed (killed by {signal_name}")
+        if signal_name == "SIGILL":
+            assert "the CPU may lack an instruction set llama.cpp was built for" in crashed.message
+        assert (behind.type, behind.kind) == ("failed", "error")
+        assert "before this request started" in behind.message
+        assert len(llama.starts()) == 1 and len(llama.crashes()) == 1
+
+        # Once llama.cpp behaves, a fresh child serves the same request.
+        llama.heal()
+        served = queue.Queue()
+        server.submit(chat(gguf, "What is 2 + 2?"), served.put)
+        while (event := served.get(timeout=120)).type == "delta":
+            pass
+        assert event.type == "done" and event.completion_tokens > 0
+        assert len(llama.starts()) == 2 and len(llama.crashes()) == 1
+    finally:
+        server.close()

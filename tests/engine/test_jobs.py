@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from engine.jobs import LoraJobSpec, parse_job_spec
+from compute_swarm.engine.jobs import LoraJobSpec, parse_job_spec
 
 VALID = {"type": "lora", "base_model": "smollm2-135m-instruct", "dataset": "data.jsonl", "max_steps": 10}
 

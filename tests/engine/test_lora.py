@@ -13,11 +13,11 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from engine import lora
-from engine.checkpoints import CheckpointError, latest_checkpoint
-from engine.datasets import read_jsonl, tokenize_dataset
-from engine.jobs import InvalidJobError, LoraJobSpec
-from engine.records import CheckpointSaved, Progress
+from compute_swarm.engine import lora
+from compute_swarm.engine.checkpoints import CheckpointError, latest_checkpoint
+from compute_swarm.engine.datasets import read_jsonl, tokenize_dataset
+from compute_swarm.engine.jobs import InvalidJobError, LoraJobSpec
+from compute_swarm.engine.records import CheckpointSaved, Progress
 
 ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
 

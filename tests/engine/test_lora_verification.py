@@ -13,9 +13,9 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from engine import lora
-from engine.jobs import LoraJobSpec
-from engine.records import Completed
+from compute_swarm.engine import lora
+from compute_swarm.engine.jobs import LoraJobSpec
+from compute_swarm.engine.records import Completed
 from tests.engine.test_lora import tiny_spec as lora_tiny_spec
 
 WEIGHTS = "adapter_model.safetensors"

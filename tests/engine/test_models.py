@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine import models
+from compute_swarm.engine import models
 
 
 def test_the_demo_model_is_cached_and_matches_its_pinned_hash(demo_model_directory: Path) -> None:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import math
 
-from engine.records import Completed, Failed, Log, Progress, record_adapter
+from compute_swarm.engine.records import Completed, Failed, Log, Progress, record_adapter
 
 
 def test_records_round_trip_through_json() -> None:

@@ -13,8 +13,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from engine.jobs import LoraJobSpec
-from engine.resources import (
+from compute_swarm.engine.jobs import LoraJobSpec
+from compute_swarm.engine.resources import (
     ADAPTER_BYTES_PER_PARAMETER,
     GIB,
     USABLE_PERCENT,
@@ -383,7 +383,7 @@ def test_describe_speaks_in_gib_and_mib() -> None:
 
 
 def test_importing_the_module_imports_nothing_heavy() -> None:
-    code = "import sys, engine.resources; print(sorted({'torch', 'transformers', 'gguf', 'safetensors'} & set(sys.modules)))"
+    code = "import sys, compute_swarm.engine.resources; print(sorted({'torch', 'transformers', 'gguf', 'safetensors'} & set(sys.modules)))"
     result = subprocess.run(
         [sys.executable, "-c", code],
         capture_output=True,

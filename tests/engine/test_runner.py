@@ -6,10 +6,10 @@ import os
 import signal
 from pathlib import Path
 
-from engine import lora
-from engine.jobs import LoraJobSpec
-from engine.records import CheckpointSaved, Completed, Failed, Progress, Started
-from engine.runner import JobRunner
+from compute_swarm.engine import lora
+from compute_swarm.engine.jobs import LoraJobSpec
+from compute_swarm.engine.records import CheckpointSaved, Completed, Failed, Progress, Started
+from compute_swarm.engine.runner import JobRunner
 from tests.conftest import write_jsonl
 from tests.engine.test_lora import adapter_bytes, tiny_spec
 

@@ -15,7 +15,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-import kernels.triton_attention as attention
+import compute_swarm.kernels.triton_attention as attention
 
 TENSORS = {"Q", "K", "V", "Out", "DOut", "DK", "DV", "DQ"}
 FP32_TENSORS = {"LSE", "Delta"}

@@ -9,10 +9,12 @@ import math
 import pytest
 import torch
 
-from kernels import attention as dispatch
-from kernels.reference import attention_reference
+from compute_swarm.kernels import attention as dispatch
+from compute_swarm.kernels.reference import attention_reference
 
-triton_attention = pytest.importorskip("kernels.triton_attention", reason="triton is not installed")
+triton_attention = pytest.importorskip(
+    "compute_swarm.kernels.triton_attention", reason="triton is not installed"
+)
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 ON_GPU = DEVICE == "cuda"
@@ -25,7 +27,7 @@ def torch_in_dtype(q, k, v, causal=False, scale=None, padding_mask=None):
     group = q.shape[1] // k.shape[1]
     k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)
     scores = torch.matmul(q, k.transpose(-1, -2)) * scale
-    from kernels.reference import allowed_keys
+    from compute_swarm.kernels.reference import allowed_keys
 
     allowed = allowed_keys(q.shape[2], k.shape[2], causal=causal, padding_mask=padding_mask, device=q.device)
     if allowed is not None:
@@ -163,7 +165,7 @@ def test_the_dispatcher_picks_a_backend_by_device_and_setting(monkeypatch):
 
 
 def test_the_metal_kernel_is_refused_off_apple_gpus_and_imports_anywhere():
-    from kernels import metal_attention
+    from compute_swarm.kernels import metal_attention
 
     if not metal_attention.available():
         q, k, v = inputs(1, 2, 2, 16, 16, 32, torch.float32)
@@ -176,7 +178,7 @@ def test_the_metal_kernel_is_refused_off_apple_gpus_and_imports_anywhere():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16], ids=str)
 @pytest.mark.parametrize("causal", [False, True])
 def test_the_metal_kernel_matches_the_reference(dtype, causal):
-    from kernels.metal_attention import metal_attention
+    from compute_swarm.kernels.metal_attention import metal_attention
 
     generator = torch.Generator().manual_seed(0)
     q, k, v = (

@@ -6,9 +6,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from engine import datasets, lora, models
-from engine.jobs import LoraJobSpec
-from kernels import attention as dispatch
+from compute_swarm.engine import datasets, lora, models
+from compute_swarm.engine.jobs import LoraJobSpec
+from compute_swarm.kernels import attention as dispatch
 
 pytest.importorskip("triton", reason="triton is not installed")
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"

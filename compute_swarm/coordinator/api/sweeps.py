@@ -1,0 +1,75 @@
+"""Buyers' hyperparameter sweeps: submit, list, inspect (a row per trial, the best), cancel."""
+
+from __future__ import annotations
+
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, HTTPException, status
+from pydantic import BaseModel
+from sqlalchemy import select
+
+from compute_swarm.coordinator import trials
+from compute_swarm.coordinator.api.deps import CurrentBuyer, ServicesDep, owned
+from compute_swarm.coordinator.jobs import JobError
+from compute_swarm.coordinator.lifecycle import OPEN_STATES
+from compute_swarm.coordinator.tables import Job, Sweep
+
+router = APIRouter(prefix="/api/sweeps", tags=["sweeps"])
+
+
+class SweepIn(BaseModel):
+    spec: dict[str, Any]
+
+
+def owned_sweep(sweep_id: str, buyer: CurrentBuyer, services: ServicesDep) -> Sweep:
+    return owned(services, Sweep, sweep_id, buyer)
+
+
+OwnedSweep = Annotated[Sweep, Depends(owned_sweep)]
+
+
+def _view(services: ServicesDep, sweep: Sweep) -> dict:
+    with services.database.reading() as session:
+        return trials.view(session, sweep)
+
+
+@router.post("", status_code=status.HTTP_201_CREATED)
+def submit(body: SweepIn, buyer: CurrentBuyer, services: ServicesDep) -> dict:
+    """Expand the sweep into trials and queue them all, holding each trial's price (or queue none)."""
+    try:
+        sweep, _queued = services.jobs.submit_sweep(buyer.id, body.spec)
+    except trials.SweepError as error:
+        raise HTTPException(error.status_code, str(error)) from None
+    services.hub.wake()
+    return _view(services, sweep)
+
+
+@router.get("")
+def list_sweeps(buyer: CurrentBuyer, services: ServicesDep) -> list[dict]:
+    with services.database.reading() as session:
+        sweeps = session.scalars(
+            select(Sweep).where(Sweep.buyer_id == buyer.id).order_by(Sweep.created_at.desc()).limit(200)
+        ).all()
+        return [trials.view(session, sweep) for sweep in sweeps]
+
+
+@router.get("/{sweep_id}")
+def get_sweep(sweep: OwnedSweep, services: ServicesDep) -> dict:
+    return _view(services, sweep)
+
+
+@router.post("/{sweep_id}/cancel")
+def cancel(sweep: OwnedSweep, services: ServicesDep) -> dict:
+    """Cancel every trial still open (their escrow comes back); finished trials stay as they are."""
+    with services.database.reading() as session:
+        open_trials = session.scalars(
+            select(Job.id).where(Job.sweep_id == sweep.id, Job.state.in_(OPEN_STATES))
+        ).all()
+    for job_id in open_trials:
+        try:
+            _job, revocation = services.jobs.cancel(job_id)
+        except JobError:
+            continue  # it finished meanwhile
+        if revocation is not None:
+            services.hub.revoke([revocation])
+    return _view(services, sweep)

@@ -1,0 +1,96 @@
+"""The coordinator's web application: wiring of services and routers, and how to serve it."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI
+
+from compute_swarm import protocol
+from compute_swarm.coordinator import web
+from compute_swarm.coordinator.api import (
+    account,
+    files,
+    jobs,
+    keys,
+    nodes,
+    openai,
+    openai_errors,
+    openai_fine_tuning,
+    ops,
+    service,
+    sweeps,
+)
+from compute_swarm.coordinator.api.deps import Services
+from compute_swarm.coordinator.artifacts import ArtifactStore
+from compute_swarm.coordinator.database import Database
+from compute_swarm.coordinator.hub import Hub
+from compute_swarm.coordinator.inference import InferenceService, RequestLimiter
+from compute_swarm.coordinator.jobs import JobService
+from compute_swarm.coordinator.metrics import Metrics
+from compute_swarm.coordinator.settings import Settings
+from compute_swarm.coordinator.uploads import UploadService
+
+
+def build_services(settings: Settings) -> Services:
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    database = Database(settings.resolved_database_url)
+    database.upgrade()
+    store = ArtifactStore(settings.artifacts_dir)
+    job_service = JobService(database, settings, store)
+    metrics = Metrics()
+    metrics.count_jobs_with(job_service.counts)
+    inference = InferenceService(database, settings)
+    return Services(
+        settings=settings,
+        database=database,
+        store=store,
+        jobs=job_service,
+        uploads=UploadService(database, store, settings),
+        inference=inference,
+        limiter=RequestLimiter(
+            settings.inference_requests_per_minute, settings.inference_concurrent_requests
+        ),
+        hub=Hub(job_service, settings, metrics, inference),
+        metrics=metrics,
+    )
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or Settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        services = build_services(settings)
+        app.state.services = services
+        await services.hub.start()
+        try:
+            yield
+        finally:
+            await services.hub.stop()
+            services.database.close()
+
+    app = FastAPI(title="compute-swarm coordinator", version="0.1.0", lifespan=lifespan)
+    for module in (files, jobs, sweeps, account, keys, nodes, ops, service, openai, openai_fine_tuning):
+        app.include_router(module.router)
+    openai_errors.install(app)
+    web.install(app)
+    return app
+
+
+def serve(settings: Settings) -> None:
+    import uvicorn
+
+    uvicorn.run(
+        create_app(settings),
+        host=settings.host,
+        port=settings.port,
+        ws_max_size=protocol.MAX_FRAME_BYTES,
+        ws_ping_interval=protocol.PING_INTERVAL_SECONDS,
+        ws_ping_timeout=protocol.PING_TIMEOUT_SECONDS,
+        # Messages are small JSON; compression would cost about 40 KiB of memory per connected node.
+        ws_per_message_deflate=False,
+        log_level="warning",
+        timeout_graceful_shutdown=5,
+    )

@@ -1,0 +1,535 @@
+"""The scheduler: which queued job goes to which node, decided by a pure function over snapshots.
+
+The lease loop builds QueuedJob and NodeSnapshot values from what it knows and calls plan(); nothing here
+does I/O, so the rules are tested without sockets or a database.
+"""
+
+from __future__ import annotations
+
+import heapq
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+from compute_swarm.engine.jobs import CatalogueModel, LoraJobSpec
+from compute_swarm.protocol import Telemetry, crash_covering
+
+ALL_BACKENDS: frozenset[str] = frozenset({"cuda", "rocm", "mps", "cpu"})
+GPU_BACKENDS: frozenset[str] = frozenset({"cuda", "rocm", "mps"})
+# The engine trains in bf16/fp16 on CUDA and ROCm, in fp32 on MPS and the CPU (engine.lora.choose_precision).
+HALF_PRECISION_BACKENDS: frozenset[str] = frozenset({"cuda", "rocm"})
+
+
+@dataclass(frozen=True)
+class QueuedJob:
+    job_id: str
+    base_model: str
+    # Free memory a node needs for this job (see required_memory_bytes): on every node, or only on
+    # MPS and CPU nodes when required_memory_bytes_16bit is given.
+    required_memory_bytes: int
+    queued_at: float
+    excluded_nodes: frozenset[str] = frozenset()  # nodes that already said it does not fit
+    # Free memory a CUDA/ROCm node needs, which trains in 16 bits and so needs less; None: the above.
+    required_memory_bytes_16bit: int | None = None
+    # A batch inference job: only nodes that serve inference (llama.cpp installed) may take it.
+    inference: bool = False
+    # A verification re-run: only trusted nodes may take it.
+    verification: bool = False
+
+
+@dataclass(frozen=True)
+class NodeSnapshot:
+    node_id: str
+    backends: tuple[str, ...]  # e.g. ("cuda", "cpu")
+    memory_bytes: int  # free memory of its best training device (GPU VRAM, or RAM for cpu/mps)
+    best_backend: str  # "cuda" | "rocm" | "mps" | "cpu"
+    models: frozenset[str]  # catalogue models already on disk
+    running_jobs: int
+    capacity: int = 1
+    accepting_jobs: bool = True
+
+
+@dataclass(frozen=True)
+class Assignment:
+    job_id: str
+    node_id: str
+
+
+# ---- snapshots and estimates
+
+
+def node_snapshot(
+    node_id: str,
+    telemetry: Telemetry,
+    models: Iterable[str],
+    running_jobs: int,
+    accepting_jobs: bool,
+    capacity: int = 1,
+) -> NodeSnapshot:
+    """A node as the scheduler sees it, from its latest telemetry.
+
+    Its best device is the GPU with the most free memory among those whose backend the node reports as
+    usable (Apple GPUs share the system's memory, so an MPS GPU counts cpu.memory_available_bytes), else
+    the CPU with its available memory when "cpu" is usable. A CUDA/ROCm GPU that does not report free
+    memory counts its total (the node's own check before starting catches the difference). A node with
+    no usable device is snapshotted as not accepting jobs.
+    """
+    usable = set(telemetry.backends)
+    best: tuple[int, int, str] | None = None  # (memory, -index, backend): max wins, lower index on ties
+    for gpu in telemetry.gpus:
+        if gpu.backend not in usable:
+            continue
+        if gpu.backend == "mps":
+            memory = telemetry.cpu.memory_available_bytes
+        elif gpu.memory_free_bytes is not None:
+            memory = gpu.memory_free_bytes
+        elif gpu.memory_total_bytes is not None:
+            memory = gpu.memory_total_bytes
+        else:
+            continue
+        candidate = (memory, -gpu.index, gpu.backend)
+        if best is None or candidate[:2] > best[:2]:
+            best = candidate
+    if best is not None:
+        memory_bytes, best_backend = best[0], best[2]
+    elif "cpu" in usable:
+        memory_bytes, best_backend = telemetry.cpu.memory_available_bytes, "cpu"
+    else:
+        memory_bytes, best_backend, accepting_jobs = 0, telemetry.backends[0], False
+    return NodeSnapshot(
+        node_id=node_id,
+        backends=tuple(telemetry.backends),
+        memory_bytes=memory_bytes,
+        best_backend=best_backend,
+        models=frozenset(models),
+        running_jobs=running_jobs,
+        capacity=capacity,
+        accepting_jobs=accepting_jobs,
+    )
+
+
+MIB = 1024 * 1024
+# What a training process holds before its first weight: the interpreter with torch imported, the
+# GPU context (engine.resources.OVERHEAD_BYTES_BY_DEVICE_KIND, 400-500 MiB).
+PROCESS_OVERHEAD_BYTES = 500 * MIB
+# A node lets a job plan on this share of its free memory (engine.resources.USABLE_PERCENT).
+USABLE_PERCENT = 90
+# The shape assumed for a model known only by its parameter count: a decoder whose hidden size is this
+# many times its layer count (SmolLM2-135M: 576 / 30 = 19.2). Larger models are wider (Llama-2-7B:
+# 4096 / 32 = 128), so for them this over-estimates the activations, the safe direction.
+ASSUMED_WIDTH_PER_LAYER = 20
+ASSUMED_HEAD_DIMENSION = 64  # the smallest in common use: more heads, more attention-score memory
+ASSUMED_VOCABULARY_SIZE = 49_152  # SmolLM2's; the node's exact check reads the real one
+ADAPTER_BYTES_PER_PARAMETER = 16  # fp32 LoRA weight, its gradient and AdamW's two moments
+
+
+def _integer_cube_root(value: int) -> int:
+    root = round(value ** (1 / 3))
+    while root**3 > value:
+        root -= 1
+    while (root + 1) ** 3 <= value:
+        root += 1
+    return root
+
+
+def required_memory_bytes(spec: LoraJobSpec, model: CatalogueModel, *, backend: str = "cpu") -> int:
+    """Free memory a node needs on its training device for this LoRA job: a pre-filter, so that jobs
+    are not leased to nodes that are plainly too small; the node does the exact check from the real
+    weight shapes (engine.resources) before it starts, and refuses a job that does not fit.
+
+    The default, backend "cpu", gives the figure for fp32 training (CPU and MPS), which also bounds
+    16-bit training on CUDA/ROCm; backend "cuda" or "rocm" gives the smaller 16-bit figure.
+
+    With P parameters, weights of b bytes (4 in fp32, 2 in 16-bit), t = batch_size × max_sequence_length
+    tokens per micro-batch and m target modules, it follows engine.resources.estimate_lora_memory with
+    the model's shape guessed from P: a decoder of L layers of width h has P ≈ 12·L·h², and h = 20·L
+    gives L·h = (20·P / 12)^(2/3) / 20. Then
+      weights      P · b
+      adapter      rank · 2 · m · L·h · 16 (fp32 LoRA weights, gradients, AdamW moments)
+      activations  t · L·h · (38 + 5·s/64) · b/2  (per layer: attention and norm inputs, a SwiGLU MLP,
+                   attention scores of 64-wide heads; Korthikanti et al. 2022, eq. 1)
+                   + t · m · L·h · (b + 1) (LoRA dropout copies and masks, when dropout > 0)
+                   + t · 49,152 · (12, or 14 in 16-bit)  (logits, upcast to fp32 for the loss)
+      overhead     500 MiB
+    and the node may use 90% of its free memory, so the sum is divided by 0.9. For the demo job
+    (SmolLM2-135M, batch 4 × 512 tokens) it says 9.3 GiB in fp32 and 5.8 GiB in 16 bits: 8.3 and 5.2
+    GiB before the division, where engine.resources says 7.9 and 5.1 GiB. It grows with batch_size,
+    max_sequence_length and P. Raises ValueError for an unknown backend or a model without parameters.
+    """
+    if backend not in ALL_BACKENDS:
+        raise ValueError(f"unknown backend {backend!r}: expected one of {', '.join(sorted(ALL_BACKENDS))}")
+    if model.parameters < 1:
+        raise ValueError(f"model {model.name!r} has {model.parameters} parameters; it must have at least 1")
+    weight_bytes = 2 if backend in HALF_PRECISION_BACKENDS else 4
+    width = ASSUMED_WIDTH_PER_LAYER
+    layers_times_hidden = max(1, _integer_cube_root((width * model.parameters // 12) ** 2) // width)
+    sequence_length = spec.max_sequence_length
+    tokens = spec.batch_size * sequence_length
+    target_modules = len(spec.target_modules)
+
+    layer_bytes_16bit = (
+        tokens
+        * layers_times_hidden
+        * (38 * ASSUMED_HEAD_DIMENSION + 5 * sequence_length)
+        // ASSUMED_HEAD_DIMENSION
+    )
+    dropout_bytes = (
+        tokens * target_modules * layers_times_hidden * (weight_bytes + 1) if spec.dropout > 0 else 0
+    )
+    logits_bytes = tokens * ASSUMED_VOCABULARY_SIZE * (12 + (2 if weight_bytes == 2 else 0))
+    activation_bytes = layer_bytes_16bit * weight_bytes // 2 + dropout_bytes + logits_bytes
+    adapter_bytes = spec.rank * 2 * target_modules * layers_times_hidden * ADAPTER_BYTES_PER_PARAMETER
+    total_bytes = model.parameters * weight_bytes + adapter_bytes + activation_bytes + PROCESS_OVERHEAD_BYTES
+    return -(-total_bytes * 100 // USABLE_PERCENT)
+
+
+def queued_job(
+    job_id: str,
+    spec: LoraJobSpec,
+    model: CatalogueModel,
+    queued_at: float,
+    excluded_nodes: frozenset[str] = frozenset(),
+) -> QueuedJob:
+    """A QueuedJob with both memory figures: fp32 for MPS/CPU nodes, 16-bit for CUDA/ROCm nodes."""
+    return QueuedJob(
+        job_id=job_id,
+        base_model=model.name,
+        required_memory_bytes=required_memory_bytes(spec, model, backend="cpu"),
+        queued_at=queued_at,
+        excluded_nodes=excluded_nodes,
+        required_memory_bytes_16bit=required_memory_bytes(spec, model, backend="cuda"),
+    )
+
+
+# ---- planning
+
+# Nodes are grouped by the memory figure that applies to them and by preference: 16-bit GPUs
+# (CUDA/ROCm), MPS GPUs, CPUs.
+_HALF_GPU, _FULL_GPU, _CPU = 0, 1, 2
+_GROUP_OF_BACKEND = {"cuda": _HALF_GPU, "rocm": _HALF_GPU, "mps": _FULL_GPU, "cpu": _CPU}
+# A bucket holds the nodes of one group that hold one model (or, under None, all of them). For a job,
+# the buckets are searched tier by tier: model holders on a GPU, model holders on a CPU, any GPU, any
+# CPU. Within a tier the best node is the least loaded, then the one with the most free memory, then
+# the smallest node_id.
+_TIERS = (
+    ((True, _HALF_GPU), (True, _FULL_GPU)),
+    ((True, _CPU),),
+    ((False, _HALF_GPU), (False, _FULL_GPU)),
+    ((False, _CPU),),
+)
+
+# A heap entry: (-free memory, node_id, node index, version). An entry whose version is not the node's
+# current one is stale (the node took a job since) and is dropped when it reaches the top.
+_Entry = tuple[int, str, int, int]
+# A candidate: (load rank, -free memory, node_id, node index); the smallest is the best.
+_Candidate = tuple[int, int, str, int]
+_NO_MEMORY = float("-inf")
+
+
+def _load_levels(nodes: Sequence[NodeSnapshot], job_count: int) -> list[float]:
+    """Every load (running / capacity) a node can have during a plan of job_count jobs, ascending.
+
+    Loads are floats, which hash and compare far faster than Fractions and are as exact for capacities
+    below 2**26: two different fractions of such denominators differ by more than 2**-52, more than the
+    rounding of either, so they stay different and in order; equal fractions give equal floats. There
+    are at most the sum, over the distinct capacities c, of min(c, J + 1 + the spread of running_jobs):
+    one when every node has capacity 1, a few dozen for capacities up to 8.
+    """
+    running_by_capacity: dict[int, tuple[int, int]] = {}
+    for capacity, running in {(node.capacity, node.running_jobs) for node in nodes}:
+        lowest, highest = running_by_capacity.get(capacity, (running, running))
+        running_by_capacity[capacity] = (min(lowest, running), max(highest, running))
+    return sorted(
+        {
+            running / capacity
+            for capacity, (lowest, highest) in running_by_capacity.items()
+            for running in range(lowest, min(capacity, highest + job_count + 1))
+        }
+    )
+
+
+class _Bucket:
+    """Nodes by load level, each level a heap with the most free memory on top, and over the levels a
+    segment tree of each heap's top memory, so that the least-loaded level holding a node with at least
+    R free is found in O(log L) for L levels.
+
+    A tree leaf is the memory of its heap's top entry, stale or not: never less than the true best, so
+    the search can only land on a level that, once its stale entries are dropped, turns out not to fit;
+    it then corrects the leaf and goes on to the next level.
+    """
+
+    __slots__ = ("heaps", "size", "tree")
+
+    def __init__(self, level_count: int, heaps: dict[int, list[_Entry]]):
+        self.size = 1 << max(0, level_count - 1).bit_length()
+        self.heaps = heaps
+        tree: list[float] = [_NO_MEMORY] * (2 * self.size)
+        for rank, heap in heaps.items():
+            heapq.heapify(heap)
+            tree[self.size + rank] = -heap[0][0]
+        for position in range(self.size - 1, 0, -1):
+            tree[position] = max(tree[2 * position], tree[2 * position + 1])
+        self.tree = tree
+
+    def _set_leaf(self, rank: int, memory: float) -> None:
+        tree = self.tree
+        position = self.size + rank
+        tree[position] = memory
+        position >>= 1
+        while position:
+            tree[position] = max(tree[2 * position], tree[2 * position + 1])
+            position >>= 1
+
+    def _first_level_with(self, start: int, required: int) -> int | None:
+        """The lowest rank ≥ start whose leaf is at least `required`, or None."""
+        tree, size = self.tree, self.size
+        if start >= size:
+            return None
+        position = start + size
+        while tree[position] < required:
+            while position & 1:  # a right child: its parent's range is done, go up
+                position >>= 1
+            if position == 0:
+                return None
+            position += 1  # the next range to the right
+        while position < size:  # down to the leftmost leaf that fits
+            position = 2 * position if tree[2 * position] >= required else 2 * position + 1
+        return position - size
+
+    def add(self, rank: int, entry: _Entry) -> None:
+        heap = self.heaps.get(rank)
+        if heap is None:
+            heap = self.heaps[rank] = []
+        heapq.heappush(heap, entry)
+        if heap[0] is entry:
+            self._set_leaf(rank, -entry[0])
+
+    def best(self, required: int, excluded: frozenset[str], versions: list[int]) -> _Candidate | None:
+        rank = self._first_level_with(0, required)
+        while rank is not None:
+            heap = self.heaps[rank]
+            set_aside: list[_Entry] = []
+            found: _Candidate | None = None
+            dropped_stale = False
+            while heap:
+                negative_memory, node_id, index, version = heap[0]
+                if version != versions[index]:
+                    heapq.heappop(heap)
+                    dropped_stale = True
+                elif -negative_memory < required:
+                    break  # nothing below the top has more memory
+                elif node_id in excluded:
+                    set_aside.append(heapq.heappop(heap))
+                else:
+                    found = (rank, negative_memory, node_id, index)
+                    break
+            for entry in set_aside:
+                heapq.heappush(heap, entry)
+            if dropped_stale:
+                self._set_leaf(rank, -heap[0][0] if heap else _NO_MEMORY)
+            if found is not None:
+                return found
+            rank = self._first_level_with(rank + 1, required)
+        return None
+
+
+def plan(
+    jobs: Sequence[QueuedJob],
+    nodes: Sequence[NodeSnapshot],
+    *,
+    allowed_backends: frozenset[str] = ALL_BACKENDS,
+) -> list[Assignment]:
+    """Assign queued jobs to nodes, oldest job first (ties by job_id); returns the assignments made.
+
+    A job may go only to a node that accepts jobs, has a free slot (running_jobs < capacity), whose
+    best_backend is in allowed_backends, that is not in the job's excluded_nodes and whose free memory
+    is at least the job's requirement (required_memory_bytes_16bit on CUDA/ROCm when given, else
+    required_memory_bytes). Among those it prefers a node that already holds the job's base model,
+    then a GPU over a CPU, then the least loaded (running / capacity), then the most free memory, then
+    the smallest node_id. Each assignment takes a slot and the job's memory from its node for the rest
+    of the plan. A job that fits no node is skipped and stays queued; younger jobs are still placed.
+
+    Cost: O(N + L) to group the nodes (L load levels, see _load_levels), then per job
+    O(B·log L + (s + k + M)·log N) for B ≤ 6 buckets searched, s stale entries dropped (each once
+    over the plan), k of its excluded nodes met on the way and M models on the chosen node.
+    Raises ValueError for duplicate job or node ids.
+    """
+    if len({job.job_id for job in jobs}) != len(jobs):
+        raise ValueError("plan() was given two queued jobs with the same job_id")
+    if len({node.node_id for node in nodes}) != len(nodes):
+        raise ValueError("plan() was given two nodes with the same node_id")
+
+    eligible = [
+        node
+        for node in nodes
+        if node.accepting_jobs
+        and node.running_jobs < node.capacity
+        and node.best_backend in allowed_backends
+        and node.best_backend in _GROUP_OF_BACKEND
+    ]
+    if not jobs or not eligible:
+        return []
+    levels = _load_levels(eligible, len(jobs))
+    rank_of_level = {level: rank for rank, level in enumerate(levels)}
+    wanted_models = {job.base_model for job in jobs}
+
+    # Per eligible node, under its index in `eligible`: what changes as jobs are placed.
+    node_ids = [node.node_id for node in eligible]
+    free_memory = [node.memory_bytes for node in eligible]
+    running = [node.running_jobs for node in eligible]
+    capacity = [node.capacity for node in eligible]
+    groups = [_GROUP_OF_BACKEND[node.best_backend] for node in eligible]
+    versions = [0] * len(eligible)
+    # The buckets each node is in: its group's, and per model it holds that some job wants.
+    plain_keys: list[list[tuple[str | None, int]]] = [
+        [(None, group)] for group in (_HALF_GPU, _FULL_GPU, _CPU)
+    ]
+    bucket_keys = [
+        [(None, group), *((model, group) for model in node.models & wanted_models)]
+        if node.models
+        else plain_keys[group]
+        for node, group in zip(eligible, groups, strict=True)
+    ]
+    # Every bucket's heaps are gathered as plain lists first, then heapified once each: O(N).
+    gathered: dict[tuple[tuple[str | None, int], int], list[_Entry]] = {}
+    for index, node in enumerate(eligible):
+        rank = rank_of_level[node.running_jobs / node.capacity]
+        entry = (-node.memory_bytes, node.node_id, index, 0)
+        for key in bucket_keys[index]:
+            heap = gathered.get((key, rank))
+            if heap is None:
+                gathered[key, rank] = [entry]
+            else:
+                heap.append(entry)
+    heaps_by_bucket: dict[tuple[str | None, int], dict[int, list[_Entry]]] = {}
+    for (key, rank), heap in gathered.items():
+        heaps_by_bucket.setdefault(key, {})[rank] = heap
+    buckets = {key: _Bucket(len(levels), heaps) for key, heaps in heaps_by_bucket.items()}
+
+    assignments: list[Assignment] = []
+    for job in sorted(jobs, key=lambda job: (job.queued_at, job.job_id)):
+        required_16bit = job.required_memory_bytes_16bit
+        if required_16bit is None:
+            required_16bit = job.required_memory_bytes
+        chosen: _Candidate | None = None
+        for tier in _TIERS:
+            for holds_model, group in tier:
+                bucket = buckets.get((job.base_model if holds_model else None, group))
+                required = required_16bit if group == _HALF_GPU else job.required_memory_bytes
+                if bucket is None or bucket.tree[1] < required:  # the root: no node there has enough
+                    continue
+                candidate = bucket.best(required, job.excluded_nodes, versions)
+                if candidate is not None and (chosen is None or candidate < chosen):
+                    chosen = candidate
+            if chosen is not None:
+                break
+        if chosen is None:
+            continue
+
+        index = chosen[3]
+        assignments.append(Assignment(job_id=job.job_id, node_id=node_ids[index]))
+        free_memory[index] -= required_16bit if groups[index] == _HALF_GPU else job.required_memory_bytes
+        running[index] += 1
+        versions[index] += 1  # its entries in every bucket are now stale
+        if running[index] < capacity[index]:
+            rank = rank_of_level[running[index] / capacity[index]]
+            entry = (-free_memory[index], node_ids[index], index, versions[index])
+            for key in bucket_keys[index]:
+                buckets[key].add(rank, entry)
+    return assignments
+
+
+# ---- inference routing
+
+
+@dataclass(frozen=True)
+class InferenceCandidate:
+    """A connected node as inference routing sees it."""
+
+    snapshot: NodeSnapshot
+    slots: int  # requests it serves at once; 0: none
+    in_flight: int
+    loaded_models: frozenset[str]  # protocol.model_key values it keeps loaded
+    # Model keys that crashed its llama.cpp process, with its report (a crashed base stands for its
+    # adapters): not routed there until the node says a fresh process served them.
+    crashed_models: Mapping[str, str] = field(default_factory=dict)
+
+
+# Serving a quantized model holds its file, the adapter, a 4096-token cache and compute buffers:
+# about its file size again on top for the small models of the catalogue, and a fixed reserve.
+INFERENCE_RESERVE_BYTES = 256 * MIB
+
+
+def inference_memory_bytes(model: CatalogueModel, adapter_size: int = 0) -> int:
+    return 2 * model.file_size_bytes + adapter_size + INFERENCE_RESERVE_BYTES
+
+
+def choose_inference_node(
+    candidates: Iterable[InferenceCandidate],
+    *,
+    model_key: str,
+    base_model: str,
+    required_memory_bytes: int,
+    excluded: frozenset[str] = frozenset(),
+) -> str | None:
+    """The node to serve one request, or None when no node can now.
+
+    A node qualifies with a free slot, while it takes work (a paused node is playing a game), where the
+    model has not crashed it, and with the memory to load the model unless it has it loaded. Preferred,
+    in order: the model loaded, the base model on disk, a GPU, fewer requests in flight, more free memory.
+    """
+    best: tuple | None = None
+    chosen: str | None = None
+    for candidate in candidates:
+        snapshot = candidate.snapshot
+        if candidate.in_flight >= candidate.slots or not _may_serve(
+            candidate, model_key, required_memory_bytes, excluded
+        ):
+            continue
+        loaded = model_key in candidate.loaded_models
+        rank = (
+            loaded,
+            base_model in snapshot.models,
+            snapshot.best_backend in GPU_BACKENDS,
+            -candidate.in_flight,
+            snapshot.memory_bytes,
+        )
+        if best is None or rank > best:
+            best, chosen = rank, snapshot.node_id
+    return chosen
+
+
+def crash_without_alternative(
+    candidates: Iterable[InferenceCandidate],
+    *,
+    model_key: str,
+    required_memory_bytes: int,
+    excluded: frozenset[str] = frozenset(),
+) -> str | None:
+    """When no node can serve a request now: the crash report to answer it with at once, if the model
+    crashed a node's llama.cpp process and no other node could take the request even once one of its
+    slots frees. None when such a node exists (waiting for it may help) or nothing crashed."""
+    report: str | None = None
+    for candidate in candidates:
+        crash = crash_covering(candidate.crashed_models, model_key)
+        if crash is not None:
+            report = report or crash
+        elif candidate.slots > 0 and _may_serve(candidate, model_key, required_memory_bytes, excluded):
+            return None
+    return report
+
+
+def _may_serve(
+    candidate: InferenceCandidate, model_key: str, required_memory_bytes: int, excluded: frozenset[str]
+) -> bool:
+    """Whether the node may serve the request, busy or not."""
+    snapshot = candidate.snapshot
+    if (
+        snapshot.node_id in excluded
+        or not snapshot.accepting_jobs
+        or crash_covering(candidate.crashed_models, model_key) is not None
+    ):
+        return False
+    return (
+        model_key in candidate.loaded_models
+        or snapshot.memory_bytes * USABLE_PERCENT // 100 >= required_memory_bytes
+    )

@@ -1,0 +1,123 @@
+"""The coordinator's settings: command-line flags and SWARM_* environment variables, checked once."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import platformdirs
+from pydantic import Field, SecretStr, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from compute_swarm.coordinator.verification import VerificationPolicy
+
+MIB = 1024 * 1024
+# An admin token must look random: long, and not one character or word repeated ("changeme" × 3).
+MINIMUM_SECRET_LENGTH = 24
+MINIMUM_DISTINCT_CHARACTERS = 10
+
+
+def default_data_dir() -> Path:
+    return Path(platformdirs.user_data_dir("compute-swarm", appauthor=False)) / "coordinator"
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="SWARM_", extra="forbid", frozen=True)
+
+    data_dir: Path = Field(default_factory=default_data_dir)
+    # Empty: SQLite at <data_dir>/coordinator.sqlite3. For a large swarm, e.g.
+    # postgresql+psycopg://user:password@host/compute_swarm (same code, same migrations).
+    database_url: str = ""
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+
+    # Jobs.
+    lease_seconds: float = Field(default=60.0, gt=0)
+    # After a restart, how long nodes have to reconnect and claim the jobs they still run: longer than
+    # the agent's longest reconnect back-off (60 s).
+    restart_grace_seconds: float = Field(default=90.0, gt=0)
+    sweep_interval_seconds: float = Field(default=2.0, gt=0)
+    default_max_attempts: int = Field(default=3, ge=1, le=20)
+    allowed_backends: frozenset[str] = frozenset({"cuda", "rocm", "mps", "cpu"})
+
+    # Money.
+    platform_fee_basis_points: int = Field(default=1000, ge=0, le=10_000)  # 10 %
+
+    # Artifacts.
+    max_dataset_bytes: int = Field(default=1024 * MIB, gt=0)
+    max_checkpoint_bytes: int = Field(default=4096 * MIB, gt=0)
+    max_result_bytes: int = Field(default=4096 * MIB, gt=0)
+    chunk_limit_bytes: int = Field(default=8 * MIB, gt=0, le=64 * MIB)
+
+    # Nodes.
+    max_nodes: int = Field(default=20_000, ge=1)
+
+    # Inference.
+    # How long a request waits for a node with a free slot before the buyer is told to try later.
+    inference_wait_seconds: float = Field(default=30.0, ge=0)
+    # How long a node may take to send the first token (loading a model included) before another
+    # node is tried, and then to send each next piece.
+    inference_first_token_seconds: float = Field(default=120.0, gt=0)
+    inference_idle_seconds: float = Field(default=60.0, gt=0)
+    inference_max_tries: int = Field(default=3, ge=1, le=10)
+    # Each buyer's requests per minute to the /v1 generation endpoints (429 beyond), and at once.
+    inference_requests_per_minute: int = Field(default=600, ge=1)
+    inference_concurrent_requests: int = Field(default=16, ge=1)
+    inference_default_max_tokens: int = Field(default=512, ge=1, le=32_768)
+
+    # Verification (coordinator/verification.py): the share of completed jobs re-run on a trusted node
+    # for a node of ordinary standing, and the bounds its record moves it within.
+    verification_base_rate: float = Field(default=0.05, ge=0, le=1)
+    verification_minimum_rate: float = Field(default=0.01, ge=0, le=1)
+    verification_maximum_rate: float = Field(default=0.5, ge=0, le=1)
+    quarantine_after_mismatches: int = Field(default=2, ge=1, le=100)
+    # The most of the swarm's compute re-runs may take (rates are scaled down together beyond it).
+    verification_overhead_budget: float = Field(default=0.10, ge=0, le=1)
+    # A node's credit for a job stays pending this long unless its verification decides sooner.
+    verification_window_seconds: float = Field(default=24 * 3600, gt=0)
+
+    # The web page.
+    # Anyone who reaches the page may create a buyer account with one click, given these credits.
+    allow_signup: bool = False
+    signup_credits_micro: int = Field(default=0, ge=0, le=10**12)
+    # New accounts per minute, from everyone together: a flood of sign-ups waits.
+    signups_per_minute: int = Field(default=10, ge=1)
+    session_hours: float = Field(default=24 * 7, gt=0, le=24 * 90)
+    # The ops page's sign-in; without one the ops page is closed.
+    admin_token: SecretStr | None = None
+    # Where browsers reach the coordinator when it sits behind a proxy (e.g. https://swarm.example.com):
+    # form posts must come from this origin. Empty: the origin of the request's own Host.
+    public_origin: str = ""
+
+    @model_validator(mode="after")
+    def _check(self) -> Settings:
+        if self.database_url and not self.database_url.startswith(("sqlite", "postgresql")):
+            raise ValueError("database_url must be a sqlite:// or postgresql:// URL")
+        if self.admin_token is not None:
+            token = self.admin_token.get_secret_value()
+            if len(token) < MINIMUM_SECRET_LENGTH or len(set(token)) < MINIMUM_DISTINCT_CHARACTERS:
+                raise ValueError(
+                    "admin_token must be a random secret of at least 24 characters, e.g. the output of "
+                    "python -c 'import secrets; print(secrets.token_urlsafe(32))'"
+                )
+        if not self.verification_minimum_rate <= self.verification_maximum_rate:
+            raise ValueError("verification_minimum_rate must not exceed verification_maximum_rate")
+        if self.public_origin and not self.public_origin.startswith(("http://", "https://")):
+            raise ValueError("public_origin must start with http:// or https://")
+        return self
+
+    def verification_policy(self) -> VerificationPolicy:
+        return VerificationPolicy(
+            base_rate=self.verification_base_rate,
+            minimum_rate=self.verification_minimum_rate,
+            maximum_rate=self.verification_maximum_rate,
+            quarantine_after_mismatches=self.quarantine_after_mismatches,
+            overhead_budget=self.verification_overhead_budget,
+        )
+
+    @property
+    def resolved_database_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'coordinator.sqlite3'}"
+
+    @property
+    def artifacts_dir(self) -> Path:
+        return self.data_dir / "artifacts"

@@ -1,0 +1,266 @@
+"""`compute-swarm node`: run this machine as a headless seller node until Ctrl-C, or show its earnings;
+`compute-swarm tray`: the same node with the tray app. Both keep to the guards in the seller's settings."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+# Only the standard library at import: every `compute-swarm` command loads this module.
+from compute_swarm.desktop.token_store import COORDINATOR_ENVIRONMENT_VARIABLE
+
+
+def default_data_directory() -> Path:
+    import platformdirs
+
+    return Path(platformdirs.user_data_dir("compute-swarm", appauthor=False)) / "node"
+
+
+def register_commands(subcommands: argparse._SubParsersAction) -> None:
+    node = subcommands.add_parser(
+        "node",
+        help="sell this machine's GPU: run jobs leased by a coordinator",
+        description="Connect to a coordinator and run the fine-tuning jobs it leases to this machine, "
+        "until Ctrl-C (a running job saves a checkpoint first, so another node can resume it). "
+        "The first run registers the machine and keeps its token in the OS keyring "
+        "(or a file readable only by you).",
+    )
+    node.add_argument(
+        "--coordinator",
+        default=os.environ.get(COORDINATOR_ENVIRONMENT_VARIABLE),
+        help=f"the coordinator's http(s) URL (default: ${COORDINATOR_ENVIRONMENT_VARIABLE})",
+    )
+    node.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="where jobs, cached datasets and logs go (default: the platform's user data directory)",
+    )
+    node.add_argument("--name", help="how this node is listed (default: the host name)")
+    node.add_argument("--device", help="cpu, cuda:N or mps (default: the best one found, per job)")
+    guards = node.add_argument_group(
+        "guards",
+        "when to pause work (the defaults come from the settings file the tray app writes: "
+        "compute-swarm tray → Settings)",
+    )
+    guards.add_argument(
+        "--max-temperature",
+        type=float,
+        metavar="CELSIUS",
+        help="pause while a GPU is this hot or hotter, until it is 8 °C cooler (default 83)",
+    )
+    guards.add_argument(
+        "--ignore-games",
+        action="store_true",
+        help="keep working while another program holds GPU memory or runs full screen",
+    )
+    guards.add_argument(
+        "--only-when-idle",
+        type=int,
+        metavar="MINUTES",
+        help="work only after this long without keyboard or mouse input (where the OS says)",
+    )
+    guards.add_argument(
+        "--hours",
+        metavar="START-END",
+        help="work only between these hours of the day, local time, e.g. 22-8",
+    )
+    action = node.add_mutually_exclusive_group()
+    action.add_argument(
+        "--earnings", action="store_true", help="show credits earned and jobs completed, then exit"
+    )
+    action.add_argument(
+        "--forget",
+        action="store_true",
+        help="forget this machine's node token for the coordinator (the next run registers again)",
+    )
+    node.set_defaults(handler=run_node_command)
+
+
+def register_tray_command(subcommands: argparse._SubParsersAction) -> None:
+    tray = subcommands.add_parser(
+        "tray",
+        help="the seller's tray app: one click to earn, GPU temperature and earnings at a glance",
+        description="Start the compute-swarm tray app (a second launch shows the running one's window).",
+    )
+    tray.add_argument("--minimized", action="store_true", help="start in the tray, without the window")
+    tray.add_argument("--data-dir", type=Path, default=None, help="as for `compute-swarm node`")
+    tray.set_defaults(handler=run_tray_command)
+
+
+def run_tray_command(arguments: argparse.Namespace) -> int:
+    try:
+        from compute_swarm.desktop.tray.app import run_tray
+    except ImportError as error:
+        _say(f"the tray app needs PySide6: pip install 'compute-swarm[desktop]' ({error})")
+        return 1
+    return run_tray(arguments.data_dir or default_data_directory(), minimized=arguments.minimized)
+
+
+def guard_settings(arguments: argparse.Namespace):
+    """The settings file's guards with the command line's changes; raises ValueError for a bad value."""
+    from pydantic import ValidationError
+
+    from compute_swarm.desktop.settings import SettingsError, SettingsStore
+
+    try:
+        loaded = SettingsStore().load()
+    except SettingsError as error:
+        raise ValueError(str(error)) from None
+    if loaded.problem:
+        _say(loaded.problem)
+    changes: dict[str, object] = {}
+    if arguments.max_temperature is not None:
+        changes["temperature_limit_celsius"] = arguments.max_temperature
+    if arguments.ignore_games:
+        changes.update(pause_for_games=False, pause_when_full_screen=False)
+    if arguments.only_when_idle is not None:
+        changes.update(only_when_idle=True, idle_minutes=arguments.only_when_idle)
+    if arguments.hours is not None:
+        start, separator, end = arguments.hours.partition("-")
+        if not (separator and start.strip().isdigit() and end.strip().isdigit()):
+            raise ValueError(f"--hours {arguments.hours!r}: give START-END in whole hours, e.g. 22-8")
+        changes.update(schedule_enabled=True, schedule_start_hour=int(start), schedule_end_hour=int(end))
+    try:
+        return loaded.settings.guards.model_validate({**loaded.settings.guards.model_dump(), **changes})
+    except ValidationError as error:
+        first = error.errors()[0]
+        raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
+
+
+def run_node_command(arguments: argparse.Namespace) -> int:
+    from compute_swarm.desktop import token_store
+
+    if not arguments.coordinator:
+        _say(f"give --coordinator URL (or set {COORDINATOR_ENVIRONMENT_VARIABLE})")
+        return 2
+    try:
+        coordinator = token_store.normalize_coordinator_url(arguments.coordinator)
+    except ValueError as error:
+        _say(str(error))
+        return 2
+    data_dir = arguments.data_dir or default_data_directory()
+    if arguments.forget:
+        if token_store.forget(coordinator, data_dir):
+            _say(f"forgot this node's token for {coordinator}; the next run registers the machine again")
+        else:
+            _say(f"no token for {coordinator} was stored here")
+        return 0
+    if arguments.earnings:
+        return _show_earnings(coordinator, data_dir)
+    return _serve(coordinator, data_dir, arguments)
+
+
+def _show_earnings(coordinator: str, data_dir: Path) -> int:
+    from compute_swarm.desktop import token_store
+    from compute_swarm.protocol import format_credits
+    from compute_swarm.sdk.client import NodeClient, SwarmError
+
+    credentials = token_store.load(coordinator, data_dir)
+    if credentials is None:
+        _say(
+            f"this machine has not registered with {coordinator} yet: "
+            f"run `compute-swarm node --coordinator {coordinator}` first"
+        )
+        return 1
+    try:
+        with NodeClient(coordinator, credentials.token) as client:
+            earnings = client.me()["earnings"]
+    except SwarmError as error:
+        _say(str(error))
+        return 1
+    print(f"node {credentials.node_id} at {coordinator}")
+    print(f"pending:   {format_credits(earnings['pending_micro'])} credits (held until verified)")
+    print(f"available: {format_credits(earnings['available_micro'])} credits")
+    print(f"jobs completed: {earnings['jobs_completed']}")
+    return 0
+
+
+def _serve(coordinator: str, data_dir: Path, arguments: argparse.Namespace) -> int:
+    from compute_swarm.desktop.agent import NodeAgent, NodeStopped
+
+    try:
+        guards = guard_settings(arguments)
+    except ValueError as error:
+        _say(str(error))
+        return 2
+    printer = _StatusPrinter(coordinator)
+    agent = NodeAgent(
+        coordinator, data_dir, name=arguments.name, device=arguments.device, on_change=printer, guards=guards
+    )
+    try:
+        asyncio.run(_run_until_interrupted(agent))
+    except NodeStopped as error:
+        _say(str(error))
+        return 1
+    except KeyboardInterrupt:  # a third Ctrl-C, or one before the agent's loop started
+        return 130
+    return 0
+
+
+async def _run_until_interrupted(agent) -> None:
+    """Ctrl-C (or SIGTERM) stops the agent gracefully; a second one stops it at once."""
+    loop = asyncio.get_running_loop()
+    interrupts = 0
+
+    def on_signal(number: int, frame: object) -> None:
+        nonlocal interrupts
+        interrupts += 1
+        if interrupts == 1:
+            job = agent.status.job
+            if job is not None:
+                _say(f"stopping: job {job.job_id} saves a checkpoint first (Ctrl-C again to quit at once)")
+            else:
+                _say("stopping")
+        elif interrupts > 2:
+            raise KeyboardInterrupt
+        loop.call_soon_threadsafe(agent.stop)
+
+    # signal.signal rather than loop.add_signal_handler: it works on Windows too.
+    handled = [signal.SIGINT] + ([signal.SIGTERM] if hasattr(signal, "SIGTERM") else [])
+    previous = {number: signal.signal(number, on_signal) for number in handled}
+    try:
+        await agent.run()
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
+
+
+class _StatusPrinter:
+    """Says on stderr what a seller watching the terminal wants to know: connected, jobs, earnings."""
+
+    def __init__(self, coordinator: str):
+        self.coordinator = coordinator
+        self._connected_before = False
+        self._was_connected = False
+        self._job: str | None = None
+        self._last_job = None
+        self._pause_reason: str | None = None
+
+    def __call__(self, status) -> None:
+        if status.connected and not self._was_connected:
+            again = "re" if self._connected_before else ""
+            doing = f"job {status.job.job_id} goes on" if status.job is not None else "waiting for jobs"
+            _say(f"{again}connected to {self.coordinator} as node {status.node_id}; {doing}")
+            self._connected_before = True
+        self._was_connected = status.connected
+        if status.job is not None and status.job.job_id != self._job:
+            _say(
+                f"running job {status.job.job_id} (attempt {status.job.attempt} of {status.job.max_attempts})"
+            )
+        self._job = status.job.job_id if status.job is not None else None
+        if status.pause_reason != self._pause_reason:
+            _say(f"paused: {status.pause_reason}" if status.paused else "working again")
+            self._pause_reason = status.pause_reason
+        if status.last_job is not None and status.last_job != self._last_job:
+            outcome = status.last_job
+            _say(f"job {outcome.job_id} {outcome.outcome}: {outcome.message}")
+        self._last_job = status.last_job
+
+
+def _say(message: str) -> None:
+    print(f"compute-swarm node: {message}", file=sys.stderr, flush=True)

@@ -1,0 +1,142 @@
+"""The seller's settings, one versioned JSON file in the platform's config directory, shared by the tray
+app and the headless `compute-swarm node`. A file that cannot be read is set aside, never overwritten.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from compute_swarm.desktop import token_store
+from compute_swarm.desktop.guards import GuardSettings
+
+logger = logging.getLogger(__name__)
+
+SETTINGS_VERSION = 1
+# The coordinator `make run` starts; a seller joining someone else's swarm types its address once.
+DEFAULT_COORDINATOR = "http://127.0.0.1:8000"
+CONFIG_ENVIRONMENT_VARIABLE = "SWARM_CONFIG_DIR"
+
+
+class SettingsError(Exception):
+    """The settings file cannot be used as it is; str() says why and what to do."""
+
+
+class Settings(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    version: int = SETTINGS_VERSION
+    coordinator: str = Field(default_factory=lambda: default_coordinator())
+    # The seller was earning when the app last closed: the next start (at login, say) goes on earning.
+    earning: bool = False
+    autostart: bool = True
+    notifications: bool = True
+    guards: GuardSettings = Field(default_factory=GuardSettings)
+
+    @field_validator("coordinator")
+    @classmethod
+    def _coordinator_url(cls, value: str) -> str:
+        return token_store.normalize_coordinator_url(value)
+
+
+def default_coordinator() -> str:
+    """$SWARM_COORDINATOR where it is a usable URL, else the local coordinator."""
+    try:
+        return token_store.normalize_coordinator_url(
+            os.environ.get(token_store.COORDINATOR_ENVIRONMENT_VARIABLE) or ""
+        )
+    except ValueError:
+        return DEFAULT_COORDINATOR
+
+
+def default_config_directory() -> Path:
+    override = os.environ.get(CONFIG_ENVIRONMENT_VARIABLE)
+    if override:
+        return Path(override)
+    import platformdirs
+
+    return Path(platformdirs.user_config_dir("compute-swarm", appauthor=False))
+
+
+@dataclass(frozen=True)
+class Loaded:
+    settings: Settings
+    problem: str | None = None  # set when the file was unusable and the defaults were taken instead
+
+
+class SettingsStore:
+    def __init__(self, path: Path | None = None):
+        self.path = path or default_config_directory() / "settings.json"
+
+    def load(self) -> Loaded:
+        """The saved settings, or the defaults when there are none. An unreadable or invalid file is
+        renamed aside (its text kept for the seller) and the defaults are used; a file from a newer
+        version of compute-swarm raises SettingsError rather than be lost by an older one."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return Loaded(Settings())
+        except OSError as error:
+            raise SettingsError(f"cannot read the settings file {self.path}: {error.strerror}") from None
+        try:
+            data = json.loads(text)
+            if not isinstance(data, dict):
+                raise ValueError("the file does not hold a JSON object")
+            version = data.get("version", SETTINGS_VERSION)
+            if isinstance(version, int) and version > SETTINGS_VERSION:
+                raise SettingsError(
+                    f"the settings file {self.path} was written by a newer compute-swarm (settings version "
+                    f"{version}, this one knows {SETTINGS_VERSION}): update compute-swarm"
+                )
+            return Loaded(Settings.model_validate(_migrate(data)))
+        except (ValueError, ValidationError) as error:
+            aside = self._set_aside()
+            problem = (
+                f"the settings file could not be used ({_first_error(error)}); the defaults are in use "
+                f"and the old file was kept as {aside}"
+            )
+            logger.warning("%s", problem)
+            return Loaded(Settings(), problem)
+
+    def save(self, settings: Settings) -> None:
+        """Write atomically (a crash mid-write leaves the previous file)."""
+        try:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+            with tempfile.NamedTemporaryFile(
+                "w", encoding="utf-8", dir=self.path.parent, prefix=".settings-", delete=False
+            ) as temporary:
+                temporary.write(settings.model_dump_json(indent=2) + "\n")
+            os.replace(temporary.name, self.path)
+        except OSError as error:
+            raise SettingsError(f"cannot save the settings to {self.path}: {error.strerror}") from None
+
+    def _set_aside(self) -> Path:
+        aside = self.path.with_name(f"{self.path.name}.invalid-{time.strftime('%Y%m%d-%H%M%S')}")
+        try:
+            os.replace(self.path, aside)
+        except OSError:
+            logger.warning("could not rename the unusable settings file %s", self.path)
+            return self.path
+        return aside
+
+
+def _migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """Bring an older file up to SETTINGS_VERSION. Version 1 is the first: a file without a version
+    is one."""
+    return {**data, "version": SETTINGS_VERSION}
+
+
+def _first_error(error: Exception) -> str:
+    if isinstance(error, ValidationError):
+        first = error.errors()[0]
+        where = ".".join(str(part) for part in first["loc"]) or "the file"
+        return f"{where}: {first['msg']}"
+    return str(error)

@@ -1,0 +1,333 @@
+"""`compute-swarm tray`: the seller's system-tray app. One instance per user; it owns the window, the
+tray icon and the settings, and reaches the node agent only through `AgentBridge`.
+"""
+
+from __future__ import annotations
+
+import datetime
+import getpass
+import hashlib
+import logging
+import time
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QObject, QTimer, Signal
+from PySide6.QtGui import QAction
+from PySide6.QtNetwork import QLocalServer, QLocalSocket
+from PySide6.QtWidgets import QApplication, QMenu, QSystemTrayIcon
+
+from compute_swarm.desktop import autostart, token_store
+from compute_swarm.desktop.agent import AgentStatus
+from compute_swarm.desktop.settings import Settings, SettingsError, SettingsStore
+from compute_swarm.desktop.tray import state
+from compute_swarm.desktop.tray.bridge import AgentBridge
+from compute_swarm.desktop.tray.widgets import state_icon
+from compute_swarm.desktop.tray.window import MainWindow, SettingsDialog
+
+logger = logging.getLogger(__name__)
+
+EARNINGS_REFRESH_MILLISECONDS = 60_000
+IDLE_PROBE_MILLISECONDS = 5_000  # the GPUs are read this often while not earning and the window is open
+QUIT_WAIT_SECONDS = 100.0  # a running job gets this long to checkpoint when the seller quits
+
+
+class SingleInstance(QObject):
+    """The first launch listens on a per-user local socket; a later one tells it to show its window."""
+
+    activated = Signal()
+
+    def __init__(self, key: str, parent: QObject | None = None):
+        super().__init__(parent)
+        digest = hashlib.sha256(f"{getpass.getuser()}:{key}".encode()).hexdigest()[:16]
+        self.name = f"compute-swarm-tray-{digest}"
+        self._server: QLocalServer | None = None
+
+    def claim(self) -> bool:
+        """True if this is the first instance (now listening); False after asking the first to show."""
+        socket = QLocalSocket()
+        socket.connectToServer(self.name)
+        if socket.waitForConnected(500):
+            socket.write(b"show\n")
+            socket.waitForBytesWritten(500)
+            socket.disconnectFromServer()
+            return False
+        QLocalServer.removeServer(self.name)  # left behind by an instance that crashed
+        self._server = QLocalServer(self)
+        self._server.setSocketOptions(QLocalServer.SocketOption.UserAccessOption)
+        if not self._server.listen(self.name):
+            logger.warning("cannot listen for other launches: %s", self._server.errorString())
+        self._server.newConnection.connect(self._on_connection)
+        return True
+
+    def _on_connection(self) -> None:
+        assert self._server is not None
+        while (connection := self._server.nextPendingConnection()) is not None:
+            connection.readyRead.connect(connection.readAll)
+            connection.disconnected.connect(connection.deleteLater)
+            self.activated.emit()
+
+
+class TrayApp(QObject):
+    """Ties the window, the tray icon, the settings and the agent together."""
+
+    def __init__(
+        self,
+        store: SettingsStore,
+        data_dir: Path,
+        *,
+        agent_options: dict[str, Any] | None = None,
+        manage_autostart: bool = True,  # tests leave the real login items alone
+    ):
+        super().__init__()
+        self.store = store
+        self.manage_autostart = manage_autostart
+        problem = None
+        try:
+            loaded = store.load()
+            self.settings, problem = loaded.settings, loaded.problem
+            self.settings_writable = True
+        except SettingsError as error:
+            self.settings, problem, self.settings_writable = Settings(), str(error), False
+        self.activity = state.RunState()
+        self.status: AgentStatus | None = None
+        self.telemetry = None  # the latest reading, from the agent or (while it is stopped) a probe
+        self.summary: state.EarningsSummary | None = None
+        self.temperatures = state.TemperatureHistory()
+        self.bridge = AgentBridge(data_dir, agent_options=agent_options, parent=self)
+        self.window = MainWindow(self.settings)
+        self.tray = QSystemTrayIcon(state_icon("offline"), self)
+        self._build_tray_menu()
+        self._connect()
+        self._update_view()
+        self._earnings_timer = QTimer(self, interval=EARNINGS_REFRESH_MILLISECONDS)
+        self._earnings_timer.timeout.connect(self.bridge.request_earnings_history)
+        self._probe_timer = QTimer(self, interval=IDLE_PROBE_MILLISECONDS)
+        self._probe_timer.timeout.connect(self._probe_while_idle)
+        self._probe_timer.start()
+        self.bridge.probe_telemetry()
+        if problem:
+            self.window.show_coordinator_error(problem)
+
+    # ---- showing
+
+    def show(self, minimized: bool = False) -> None:
+        if QSystemTrayIcon.isSystemTrayAvailable():
+            self.tray.show()
+            logger.info("the tray icon is shown")
+        else:
+            logger.info("this desktop has no system tray: the window stays the app's face")
+        if not minimized or not QSystemTrayIcon.isSystemTrayAvailable():
+            self.show_window()
+            logger.info("the window is shown")
+        if self.settings.earning and self.settings_writable:
+            self.start(self.settings.coordinator)  # it was earning when it last closed: go on
+
+    def show_window(self) -> None:
+        self.window.show()
+        self.window.raise_()
+        self.window.activateWindow()
+        self.bridge.probe_telemetry()
+
+    # ---- the seller's actions
+
+    def start(self, coordinator: str) -> None:
+        try:
+            coordinator = token_store.normalize_coordinator_url(coordinator)
+        except ValueError as error:
+            self.window.show_coordinator_error(f"{error}: type the address your swarm gave you")
+            return
+        self.window.show_coordinator_error(None)
+        self._save(self.settings.model_copy(update={"coordinator": coordinator, "earning": True}))
+        self.activity = state.RunState(running=True)
+        self.bridge.start(coordinator, self.settings.guards)
+        self._earnings_timer.start()
+        self._update_view()
+
+    def stop(self) -> None:
+        """Stop earning; the job checkpoints and is handed back first (a second Stop kills it)."""
+        if not self.activity.running:
+            return
+        self._save(self.settings.model_copy(update={"earning": False}))
+        self.activity = state.RunState(running=True, stopping=True)
+        self.bridge.stop()
+        self._update_view()
+
+    def open_settings(self) -> None:
+        dialog = SettingsDialog(self.settings, self.window)
+        if dialog.exec() and dialog.result_settings is not None:
+            self._save(dialog.result_settings)
+            self.bridge.set_guards(self.settings.guards)
+            self.window.set_temperature_limit(self.settings.guards.temperature_limit_celsius)
+
+    def close(self) -> None:
+        """Stop the timers and the probing thread (the agent is the caller's: see quit)."""
+        self._earnings_timer.stop()
+        self._probe_timer.stop()
+        self.bridge.close()
+        self.tray.hide()
+
+    def quit(self) -> None:
+        """Stop the agent (waiting for its job's checkpoint), then leave; the next start goes on earning
+        if it was earning now."""
+        earning = self.activity.running and not self.activity.stopping
+        if self.bridge.running:
+            self.bridge.stop()
+            if not self.bridge.wait(QUIT_WAIT_SECONDS):
+                self.bridge.stop()  # the second stop kills the job
+                self.bridge.wait(10)
+        if earning:
+            self._save(self.settings.model_copy(update={"earning": True}))
+        self.close()
+        QApplication.quit()
+
+    # ---- what the agent says
+
+    def _on_status(self, status: AgentStatus) -> None:
+        if self.settings.notifications:
+            for title, message in state.notifications(self.status, status):
+                self._notify(title, message)
+        earnings_changed = self.status is None or status.earnings != self.status.earnings
+        self.status = status
+        if status.telemetry is not None and status.telemetry is not self.telemetry:
+            self.telemetry = status.telemetry
+            if self.temperatures.add(time.time(), status.telemetry):
+                self.window.show_temperatures(self.temperatures)
+        if earnings_changed and status.node_id is not None:
+            self.bridge.request_earnings_history()
+        self._update_view()
+
+    def _on_telemetry(self, telemetry) -> None:
+        self.telemetry = telemetry
+        self.window.show_telemetry(telemetry)
+        if self.temperatures.add(time.time(), telemetry):
+            self.window.show_temperatures(self.temperatures)
+        self._update_view()
+
+    def _on_earnings_history(self, history: dict) -> None:
+        self.summary = state.summarize_earnings(history, datetime.datetime.now().astimezone())
+        self.window.show_earnings(self.summary)
+        self._update_view()
+
+    def _on_stopped(self, problem: str | None) -> None:
+        self._earnings_timer.stop()
+        self.activity = state.RunState(error=problem)
+        if problem is not None:
+            self._save(self.settings.model_copy(update={"earning": False}))
+            if self.settings.notifications:
+                self._notify("compute-swarm stopped", problem, QSystemTrayIcon.MessageIcon.Critical)
+        self._update_view()
+
+    # ---- inside
+
+    def _connect(self) -> None:
+        self.window.start_requested.connect(self.start)
+        self.window.stop_requested.connect(self.stop)
+        self.window.settings_requested.connect(self.open_settings)
+        self.bridge.status_changed.connect(self._on_status)
+        self.bridge.telemetry_read.connect(self._on_telemetry)
+        self.bridge.earnings_history_read.connect(self._on_earnings_history)
+        self.bridge.earnings_history_failed.connect(lambda message: logger.info("earnings: %s", message))
+        self.bridge.stopped.connect(self._on_stopped)
+        self.tray.activated.connect(self._on_tray_activated)
+
+    def _build_tray_menu(self) -> None:
+        menu = QMenu()
+        self.headline_action = QAction("Not earning", menu, enabled=False)
+        self.start_stop_action = QAction("Start earning", menu)
+        self.start_stop_action.triggered.connect(self._toggle)
+        open_action = QAction("Open compute-swarm", menu)
+        open_action.triggered.connect(self.show_window)
+        quit_action = QAction("Quit", menu)
+        quit_action.triggered.connect(self.quit)
+        for action in (self.headline_action, self.start_stop_action, open_action):
+            menu.addAction(action)
+        menu.addSeparator()
+        menu.addAction(quit_action)
+        self.tray.setContextMenu(menu)
+        self._menu = menu  # kept: the tray icon does not own it
+
+    def _toggle(self) -> None:
+        if self.activity.running:
+            self.stop()
+        else:
+            self.start(self.settings.coordinator)
+
+    def _on_tray_activated(self, reason: QSystemTrayIcon.ActivationReason) -> None:
+        if reason in (QSystemTrayIcon.ActivationReason.Trigger, QSystemTrayIcon.ActivationReason.DoubleClick):
+            if self.window.isVisible():
+                self.window.hide()
+            else:
+                self.show_window()
+
+    def _probe_while_idle(self) -> None:
+        if not self.bridge.running and self.window.isVisible():
+            self.bridge.probe_telemetry()
+
+    def _update_view(self) -> None:
+        status = self.status if self.activity.running else None
+        self.window.show_status(status, self.activity)
+        icon_state = state.icon_state(status, self.activity)
+        self.tray.setIcon(state_icon(icon_state))
+        self.tray.setToolTip(state.tooltip(status, self.activity, self.telemetry, self._today()))
+        self.headline_action.setText(state.headline(status, self.activity))
+        self.start_stop_action.setText("Stop" if self.activity.running else "Start earning")
+        self.start_stop_action.setEnabled(not self.activity.stopping)
+
+    def _today(self) -> int | None:
+        return self.summary.today_micro if self.summary is not None else None
+
+    def _notify(
+        self,
+        title: str,
+        message: str,
+        icon: QSystemTrayIcon.MessageIcon = QSystemTrayIcon.MessageIcon.Information,
+    ) -> None:
+        logger.info("%s: %s", title, message)
+        if self.tray.isVisible() and QSystemTrayIcon.supportsMessages():
+            self.tray.showMessage(title, message, icon, 8000)
+
+    def _save(self, settings: Settings) -> None:
+        previous, self.settings = self.settings, settings
+        if not self.settings_writable:
+            return  # a newer version's file: never overwritten by this one
+        try:
+            self.store.save(settings)
+        except SettingsError as error:
+            self.window.show_coordinator_error(str(error))
+        if settings.autostart != previous.autostart:
+            self.apply_autostart(settings.autostart)
+
+    def apply_autostart(self, enabled: bool) -> None:
+        if not self.manage_autostart:
+            return
+        try:
+            if enabled:
+                autostart.enable()
+            else:
+                autostart.disable()
+        except autostart.AutostartError as error:
+            self.window.show_coordinator_error(f"could not change start at login: {error}")
+
+
+def run_tray(data_dir: Path, *, minimized: bool = False, settings_path: Path | None = None) -> int:
+    application = QApplication.instance() or QApplication([])
+    application.setApplicationName("compute-swarm")
+    application.setQuitOnLastWindowClosed(False)
+    store = SettingsStore(settings_path)
+    instance = SingleInstance(str(store.path))
+    if not instance.claim():
+        logger.info("compute-swarm is running already: showed its window")
+        return 0
+    app = TrayApp(store, data_dir)
+    instance.activated.connect(app.show_window)
+    _first_run_autostart(app)
+    app.show(minimized=minimized)
+    return application.exec()
+
+
+def _first_run_autostart(app: TrayApp) -> None:
+    """Start at login is on by default: register it the first time, then follow the setting."""
+    if app.settings.autostart and app.settings_writable and not app.store.path.exists():
+        app.apply_autostart(True)
+        app.store.save(app.settings)

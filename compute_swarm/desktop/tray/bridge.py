@@ -1,0 +1,141 @@
+"""The tray's only way to the node agent: runs `NodeAgent` on its own asyncio thread and hands what it
+says to the Qt thread as signals, so the window never waits on the network or the GPU.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+from PySide6.QtCore import QObject, Signal
+
+from compute_swarm.desktop.agent import NodeAgent, NodeStopped
+from compute_swarm.desktop.guards import GuardSettings
+from compute_swarm.desktop.messages import telemetry_from_inventory
+from compute_swarm.engine.devices import DeviceInventory
+
+logger = logging.getLogger(__name__)
+
+
+class AgentBridge(QObject):
+    status_changed = Signal(object)  # AgentStatus, on every change while the agent runs
+    telemetry_read = Signal(object)  # protocol.Telemetry, read while the agent is not running
+    earnings_history_read = Signal(object)  # the coordinator's answer (dict)
+    earnings_history_failed = Signal(str)
+    stopped = Signal(object)  # None after a clean stop, else why the agent could not go on (str)
+
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        agent_factory: Callable[..., NodeAgent] = NodeAgent,
+        agent_options: dict[str, Any] | None = None,
+        parent: QObject | None = None,
+    ):
+        super().__init__(parent)
+        self.data_dir = data_dir
+        self._agent_factory = agent_factory
+        self._agent_options = dict(agent_options or {})
+        self._agent: NodeAgent | None = None
+        self._thread: threading.Thread | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._probe_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tray-probe")
+        self._probe_pending = False
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None
+
+    def start(self, coordinator: str, guards: GuardSettings) -> None:
+        """Register (the first time), connect and take jobs, on the agent's own thread."""
+        if self._thread is not None:
+            return
+        agent = self._agent_factory(
+            coordinator,
+            self.data_dir,
+            guards=guards,
+            on_change=self.status_changed.emit,  # a queued signal: safe from the agent's thread
+            **self._agent_options,
+        )
+        self._agent = agent
+        self._thread = threading.Thread(target=self._run, args=(agent,), name="node-agent", daemon=True)
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish gracefully: the running job checkpoints and is handed back. A second call kills it."""
+        if self._agent is not None:
+            self._agent.stop()
+
+    def set_guards(self, guards: GuardSettings) -> None:
+        if self._agent is not None:
+            self._agent.set_guards(guards)
+
+    def wait(self, timeout: float) -> bool:
+        """Block until the agent's thread has ended (at quit); True if it has."""
+        thread = self._thread
+        if thread is None:
+            return True
+        thread.join(timeout)
+        return not thread.is_alive()
+
+    def request_earnings_history(self, days: int = 30) -> None:
+        loop, agent = self._loop, self._agent
+        if loop is None or agent is None or agent.status.node_id is None:
+            return
+        future = asyncio.run_coroutine_threadsafe(agent.earnings_history(days), loop)
+        future.add_done_callback(self._earnings_history_done)
+
+    def probe_telemetry(self) -> None:
+        """Read the GPUs once in a worker thread (for the window while the agent is not running)."""
+        if self._probe_pending or self.running:
+            return
+        self._probe_pending = True
+        probe: Callable[[bool], DeviceInventory] | None = self._agent_options.get("probe")
+        if probe is None:
+            from compute_swarm.engine import devices
+
+            def probe(check_torch: bool) -> DeviceInventory:
+                return devices.probe(check_torch=check_torch)
+
+        self._probe_executor.submit(probe, False).add_done_callback(self._probe_done)
+
+    def close(self) -> None:
+        self._probe_executor.shutdown(wait=False, cancel_futures=True)
+
+    # ---- on other threads
+
+    def _run(self, agent: NodeAgent) -> None:
+        problem: str | None = None
+        try:
+            asyncio.run(self._serve(agent))
+        except NodeStopped as error:
+            problem = str(error)
+        except Exception as error:  # a bug: say so rather than die silently with the window open
+            logger.exception("the node agent failed")
+            problem = f"the node agent failed: {error!r}"
+        finally:
+            self._loop = None
+            self._thread = None
+            self.stopped.emit(problem)
+
+    async def _serve(self, agent: NodeAgent) -> None:
+        self._loop = asyncio.get_running_loop()
+        await agent.run()
+
+    def _earnings_history_done(self, future: Future) -> None:
+        try:
+            self.earnings_history_read.emit(future.result())
+        except Exception as error:
+            self.earnings_history_failed.emit(str(error))
+
+    def _probe_done(self, future: Future) -> None:
+        self._probe_pending = False
+        try:
+            self.telemetry_read.emit(telemetry_from_inventory(future.result()))
+        except Exception as error:
+            logger.debug("could not read the GPUs: %r", error)

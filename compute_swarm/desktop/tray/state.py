@@ -1,0 +1,213 @@
+"""What the tray shows, decided from the agent's status without Qt: the icon's state, the tooltip, the
+job's line, the earnings summary, the notifications a change deserves, and the charts' histories.
+"""
+
+from __future__ import annotations
+
+import datetime
+from collections import deque
+from dataclasses import dataclass
+from typing import Literal
+
+from compute_swarm.desktop.agent import AgentStatus
+from compute_swarm.desktop.job import JobStatus
+from compute_swarm.protocol import Telemetry, format_credits
+
+IconState = Literal["offline", "idle", "earning", "paused", "error"]
+
+_PHASES = {
+    "downloading": "getting the job's data",
+    "training": "fine-tuning",
+    "generating": "generating answers",
+    "uploading": "sending the result",
+}
+
+
+@dataclass(frozen=True)
+class RunState:
+    """The app's side of things: is the agent running, and did it end with an error."""
+
+    running: bool = False
+    stopping: bool = False
+    error: str | None = None  # why the agent stopped for good (a refused token, an old protocol)
+
+
+def icon_state(status: AgentStatus | None, activity: RunState) -> IconState:
+    if activity.error is not None:
+        return "error"
+    if status is None or not activity.running or not status.connected:
+        return "offline"
+    if status.paused:
+        return "paused"
+    return "earning" if status.job is not None else "idle"
+
+
+def headline(status: AgentStatus | None, activity: RunState) -> str:
+    """One line for the tray menu and the tooltip."""
+    title, detail = headline_parts(status, activity)
+    return f"{title}: {detail}" if detail else title
+
+
+def headline_parts(status: AgentStatus | None, activity: RunState) -> tuple[str, str | None]:
+    """The state in a word or two, and what it is about (the pause's reason), for the window's header."""
+    state = icon_state(status, activity)
+    if state == "error":
+        return "Stopped: needs your attention", None
+    if activity.stopping:
+        if status is None or status.job is None:
+            return "Stopping…", None
+        return "Stopping", "saving the job's progress…"
+    if not activity.running:
+        return "Not earning", None
+    if status is None:
+        return "Connecting…", None
+    if state == "offline":
+        return ("Connecting…", None) if status.problem is None else ("Offline", "reconnecting…")
+    if state == "paused":
+        return "Paused", status.pause_reason
+    if state == "earning":
+        return "Earning", "running a job"
+    return "Ready", "waiting for a job"
+
+
+def hottest_temperature(telemetry: Telemetry | None) -> float | None:
+    if telemetry is None:
+        return None
+    readings = [gpu.temperature_celsius for gpu in telemetry.gpus if gpu.temperature_celsius is not None]
+    return max(readings, default=None)
+
+
+def tooltip(
+    status: AgentStatus | None,
+    activity: RunState,
+    telemetry: Telemetry | None,
+    earned_today_micro: int | None,
+) -> str:
+    lines = ["compute-swarm — " + headline(status, activity)]
+    temperature = hottest_temperature(telemetry)
+    if temperature is not None:
+        lines.append(f"GPU {temperature:.0f} °C")
+    if earned_today_micro is not None:
+        lines.append(f"Today: {format_credits(earned_today_micro)} credits")
+    return "\n".join(lines)
+
+
+def describe_job(job: JobStatus) -> str:
+    kind = "Batch inference" if job.phase == "generating" else "LoRA fine-tune"
+    return f"{kind} · job {job.job_id} · {_PHASES.get(job.phase, job.phase)}"
+
+
+def job_progress(job: JobStatus) -> tuple[int, int]:
+    """(done, total) for a progress bar; total 0 means the work has not been sized yet."""
+    return min(job.step, job.total_steps), job.total_steps
+
+
+def job_details(job: JobStatus) -> str:
+    parts = []
+    if job.total_steps:
+        unit = "prompts" if job.phase == "generating" else "steps"
+        parts.append(f"{min(job.step, job.total_steps)} of {job.total_steps} {unit}")
+    if job.loss is not None:
+        parts.append(f"loss {job.loss:.3f}")
+    if job.tokens_per_second is not None:
+        parts.append(f"{job.tokens_per_second:.0f} tokens/s")
+    if job.eta_seconds is not None:
+        parts.append(f"about {format_duration(job.eta_seconds)} left")
+    if job.attempt > 1:
+        parts.append(f"attempt {job.attempt} of {job.max_attempts}")
+    return " · ".join(parts)
+
+
+def format_duration(seconds: float) -> str:
+    seconds = max(0, round(seconds))
+    if seconds < 60:
+        return f"{seconds} s"
+    minutes = round(seconds / 60)
+    if minutes < 60:
+        return f"{minutes} min"
+    return f"{minutes // 60} h {minutes % 60:02d} min"
+
+
+def format_bytes(count: int | None) -> str:
+    if count is None:
+        return "?"
+    return f"{count / 1024**3:.1f} GiB"
+
+
+# ---- earnings
+
+
+@dataclass(frozen=True)
+class EarningsSummary:
+    today_micro: int
+    week_micro: int  # since Monday, local time
+    total_micro: int  # everything ever credited
+    daily: tuple[tuple[datetime.date, int], ...]  # the last days, oldest first, for the chart
+
+
+def summarize_earnings(history: dict, now: datetime.datetime, days: int = 14) -> EarningsSummary:
+    """The coordinator's hourly credits (UTC hours) added up by the seller's local days; `now` is local
+    and aware."""
+    by_day: dict[datetime.date, int] = {}
+    for bucket in history.get("hourly", ()):
+        start = datetime.datetime.fromtimestamp(int(bucket["hour_start"]), tz=now.tzinfo)
+        by_day[start.date()] = by_day.get(start.date(), 0) + int(bucket["credited_micro"])
+    today = now.date()
+    monday = today - datetime.timedelta(days=today.weekday())
+    chart_days = [today - datetime.timedelta(days=back) for back in range(days - 1, -1, -1)]
+    return EarningsSummary(
+        today_micro=by_day.get(today, 0),
+        week_micro=sum(amount for day, amount in by_day.items() if monday <= day <= today),
+        total_micro=int(history.get("total_credited_micro", 0)),
+        daily=tuple((day, by_day.get(day, 0)) for day in chart_days),
+    )
+
+
+# ---- notifications
+
+
+def notifications(previous: AgentStatus | None, current: AgentStatus) -> list[tuple[str, str]]:
+    """(title, message) for what a seller wants to hear about without looking: a job finished, work
+    paused by a guard, the connection lost."""
+    said: list[tuple[str, str]] = []
+    if current.last_job is not None and (previous is None or previous.last_job != current.last_job):
+        outcome = current.last_job
+        if outcome.outcome == "completed":
+            said.append(("Job finished", f"Job {outcome.job_id} is done: {outcome.message}"))
+        elif outcome.outcome == "failed":
+            said.append(("Job failed", f"Job {outcome.job_id}: {outcome.message}"))
+    if previous is not None:
+        if current.paused_by == "guard" and previous.paused_by != "guard":
+            said.append(("Paused", f"Work paused: {current.pause_reason}"))
+        if previous.paused and previous.paused_by == "guard" and not current.paused:
+            said.append(("Earning again", "Work resumed"))
+        if previous.connected and not current.connected and not current.stopped:
+            said.append(("Disconnected", "Lost the coordinator; reconnecting…"))
+    return said
+
+
+# ---- chart histories
+
+
+class TemperatureHistory:
+    """The hottest GPU's temperature over the last `keep_seconds`, one point per reading."""
+
+    def __init__(self, keep_seconds: float = 30 * 60):
+        self.keep_seconds = keep_seconds
+        self.points: deque[tuple[float, float]] = deque()
+
+    def add(self, at: float, telemetry: Telemetry | None) -> bool:
+        temperature = hottest_temperature(telemetry)
+        if temperature is None:
+            return False
+        self.points.append((at, temperature))
+        while self.points and self.points[0][0] < at - self.keep_seconds:
+            self.points.popleft()
+        return True
+
+    def values(self) -> list[float]:
+        return [temperature for _, temperature in self.points]
+
+
+def credits_text(micro: int | None) -> str:
+    return "—" if micro is None else format_credits(micro)

@@ -1,0 +1,175 @@
+"""The node's data directory: one directory per job (what the engine writes, the checkpoint it resumes
+from, the worker.log kept afterwards) and a content-addressed cache of downloaded artifacts, bounded in
+size.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from compute_swarm.sdk.client import pack_directory, sha256_of_file
+
+logger = logging.getLogger(__name__)
+
+KEEP_JOB_LOGS = 3
+ARTIFACT_CACHE_BYTES = 5 * 2**30
+# What a finished job leaves for its buyer: a LoRA adapter (peft files, its llama.cpp form when the base
+# model is a GGUF, the training curves) or a batch inference job's completions.
+RESULT_FILES = (
+    "adapter_config.json",
+    "adapter_model.safetensors",
+    "metrics.json",
+    "adapter.gguf",
+    "completions.jsonl",
+)
+GGUF_ADAPTER_FILE = "adapter.gguf"
+WORKER_LOG = "worker.log"
+
+
+def output_directory(job_directory: Path) -> Path:
+    """Where the engine writes the adapter, its checkpoints and worker.log."""
+    return job_directory / "output"
+
+
+def resume_directory(job_directory: Path) -> Path:
+    """Where the checkpoint a lease resumes from is unpacked."""
+    return job_directory / "resume"
+
+
+def under_verification_directory(job_directory: Path) -> Path:
+    """Where a verification re-run unpacks the result another node delivered, to evaluate it."""
+    return job_directory / "under-verification"
+
+
+def pack_result(job_directory: Path, archive: Path, dataset_sha256: str) -> str:
+    """The adapter files only (no checkpoints, no log) in a staging directory, then a tar; its sha256."""
+    staging = job_directory / "result"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir(parents=True)
+    present = [name for name in RESULT_FILES if (output_directory(job_directory) / name).is_file()]
+    if not {"adapter_model.safetensors", "completions.jsonl"} & set(present):
+        raise ValueError("the job left neither an adapter nor completions")
+    for name in present:
+        source = output_directory(job_directory) / name
+        if name == "metrics.json":
+            # The spec inside names this node's own dataset path; the buyer knows it by its hash.
+            metrics = json.loads(source.read_text(encoding="utf-8"))
+            if isinstance(metrics, dict) and isinstance(metrics.get("spec"), dict):
+                metrics["spec"]["dataset"] = dataset_sha256
+                metrics["spec"].pop("evaluate_adapter", None)
+            (staging / name).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
+        else:
+            shutil.copyfile(source, staging / name)
+    try:
+        return pack_directory(staging, archive)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+class Workspace:
+    """One node's data directory. Every method blocks on the file system: call it from a thread."""
+
+    def __init__(self, data_dir: Path):
+        self.data_dir = data_dir
+
+    @property
+    def jobs_directory(self) -> Path:
+        return self.data_dir / "jobs"
+
+    @property
+    def artifacts_directory(self) -> Path:
+        return self.data_dir / "artifacts"
+
+    def job_directory(self, job_id: str) -> Path:
+        return self.jobs_directory / job_id  # an Identifier: letters, digits, - and _
+
+    def artifact_path(self, sha256: str) -> Path:
+        return self.artifacts_directory / sha256
+
+    def clear_job_directory(self, job_directory: Path) -> None:
+        """A fresh start for an attempt: what an earlier attempt on this node left is no use now."""
+        for leftover in ("output", "resume", "result"):
+            shutil.rmtree(job_directory / leftover, ignore_errors=True)
+        job_directory.mkdir(parents=True, exist_ok=True)
+
+    def fetch_artifact(
+        self, sha256: str, download: Callable[[str, Path], object], keep: Iterable[str | None]
+    ) -> Path:
+        """The artifact from the cache, downloading it when it is not there; then the cache is trimmed,
+        sparing the artifacts named in `keep`."""
+        path = self.artifact_path(sha256)
+        if path.is_file():
+            if sha256_of_file(path) == sha256:
+                os.utime(path)  # recently used: evicted last
+                return path
+            logger.warning("cached artifact %s is damaged; downloading it again", sha256[:12])
+            path.unlink()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        download(sha256, path)
+        self.evict_artifacts({name for name in keep if name})
+        return path
+
+    def tidy_job(self, job_id: str, running: frozenset[str] = frozenset()) -> None:
+        """Remove a finished job's files, keeping its worker.log; keep the newest KEEP_JOB_LOGS logs."""
+        directory = self.job_directory(job_id)
+        if directory.is_dir() and job_id not in running:  # else a newer attempt runs in it now
+            log = output_directory(directory) / WORKER_LOG
+            if log.is_file():  # appended to the log of an earlier attempt on this node, if any
+                with open(directory / WORKER_LOG, "ab") as kept, open(log, "rb") as latest:
+                    shutil.copyfileobj(latest, kept)
+                log.unlink()
+            for child in directory.iterdir():
+                if child.name == WORKER_LOG:
+                    continue
+                if child.is_dir() and not child.is_symlink():
+                    shutil.rmtree(child, ignore_errors=True)
+                else:
+                    child.unlink(missing_ok=True)
+            os.utime(directory)
+        self.prune_job_logs(running)
+
+    def tidy_all_jobs(self) -> None:
+        """At start: jobs left by an earlier run have lost their leases; only their logs are worth keeping."""
+        if self.jobs_directory.is_dir():
+            for directory in self.jobs_directory.iterdir():
+                if directory.is_dir():
+                    self.tidy_job(directory.name)
+        self.evict_artifacts(set())
+
+    def prune_job_logs(self, running: frozenset[str]) -> None:
+        if not self.jobs_directory.is_dir():
+            return
+        finished = [
+            directory
+            for directory in self.jobs_directory.iterdir()
+            if directory.is_dir() and directory.name not in running
+        ]
+        finished.sort(key=lambda directory: directory.stat().st_mtime, reverse=True)
+        for old in finished[KEEP_JOB_LOGS:]:
+            shutil.rmtree(old, ignore_errors=True)
+
+    def evict_artifacts(self, keep: set[str]) -> None:
+        """Bound the artifact cache to ARTIFACT_CACHE_BYTES, dropping the least recently used first."""
+        if not self.artifacts_directory.is_dir():
+            return
+        entries = []
+        for path in self.artifacts_directory.iterdir():
+            with contextlib.suppress(OSError):
+                status = path.stat()
+                entries.append((status.st_mtime, status.st_size, path))
+        total = sum(size for _, size, _ in entries)
+        for _, size, path in sorted(entries):
+            if total <= ARTIFACT_CACHE_BYTES:
+                break
+            if path.name.split(".")[0] in keep:
+                continue
+            with contextlib.suppress(OSError):
+                path.unlink()
+                total -= size
+                logger.debug("evicted cached artifact %s", path.name)

