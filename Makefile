@@ -1,15 +1,19 @@
 # Set-up and everyday commands. Each target creates .venv and installs what it needs on first use.
+# Everything installs from the locks in requirements/ (exact versions, hashes checked), so a fresh
+# machine gets what CI tested, not whatever PyPI has today. `make lock` refreshes them.
 PYTHON ?= python3
 VENV ?= .venv
 BIN := $(VENV)/bin
-# torch goes in first, on its own: a bare "torch" requirement would pull a multi-GB CUDA build.
-# Pick the build for your GPU with e.g. TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128"
+# torch goes in first, on its own and outside the locks: users pick the build for their GPU, e.g.
+# TORCH_SPEC="torch==2.13.0 --index-url https://download.pytorch.org/whl/cu128". A bare "torch"
+# requirement would pull a multi-GB CUDA build.
 TORCH_SPEC ?= torch==2.13.0
-EXTRAS ?= engine,coordinator,desktop,dev
-comma := ,
-INSTALLED := $(VENV)/.installed-$(subst $(comma),-,$(EXTRAS))
+# The lock to install: dev is everything `make run` and `make test` need (engine, coordinator,
+# desktop and the test tools); base, coordinator, node, desktop and postgres are the roles' own.
+LOCK ?= requirements/dev.txt
+INSTALLED := $(VENV)/.installed-$(notdir $(basename $(LOCK)))
 
-.PHONY: setup system-packages run tray train-demo test lint format bench screenshots clean
+.PHONY: setup system-packages run tray train-demo test lint format bench screenshots lock clean
 
 setup: $(INSTALLED) system-packages
 
@@ -17,12 +21,19 @@ setup: $(INSTALLED) system-packages
 system-packages:
 	@sh installers/debian-packages.sh
 
-$(INSTALLED): pyproject.toml
+$(INSTALLED): pyproject.toml $(LOCK) requirements/uv.txt requirements/llama-cpp-python.txt installers/llama-cpp.sh
+	$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 10) and "compute-swarm needs Python 3.10 or newer")'
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet --require-hashes --no-deps -r requirements/uv.txt
 	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install --quiet $(TORCH_SPEC)
-	$(BIN)/python -m pip install --quiet -e ".[$(EXTRAS)]"
+	$(BIN)/uv pip install --quiet --python $(BIN)/python --require-hashes --no-deps --compile-bytecode -r $(LOCK)
+	sh installers/llama-cpp.sh $(BIN)/python
+	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
+
+# Re-resolve every lock in requirements/ from pyproject.toml (see the README: upgrading a dependency).
+lock:
+	sh installers/refresh-locks.sh
 
 # The main job: a coordinator and one local node; prints the URL, a buyer API key and a submit command.
 run: $(INSTALLED) system-packages
@@ -34,7 +45,7 @@ tray: $(INSTALLED) system-packages
 
 # Fine-tune on this machine alone, without the swarm.
 train-demo: $(INSTALLED)
-	$(BIN)/compute-swarm train --data engine/data/demo_chat.jsonl --steps 30 --learning-rate 1e-3 --output adapters/demo \
+	$(BIN)/compute-swarm train --data compute_swarm/engine/data/demo_chat.jsonl --steps 30 --learning-rate 1e-3 --output adapters/demo \
 		--sample "What is the capital of Peru?"
 
 test: $(INSTALLED) system-packages
