@@ -59,8 +59,9 @@ class Connection:
     # Model keys that crashed its llama.cpp process → its report: from its hello and heartbeats, and
     # from a crash the moment the node reports it (so the request is not routed back there).
     crashed_models: dict[str, str] = field(default_factory=dict)
-    # Its verification standing, refreshed each sweep: a trusted node takes re-runs that verify
-    # others' jobs; a quarantined one takes no job at all until ops lift it.
+    # Its verification standing, refreshed before the next dispatch once a job settled or ops
+    # changed it, and each sweep (ops' CLI writes from another process): a trusted node takes
+    # re-runs that verify others' jobs; a quarantined one takes no job at all until ops lift it.
     trusted: bool = False
     quarantined: bool = False
     last_message_at: float = field(default_factory=time.monotonic)
@@ -96,6 +97,9 @@ class Hub:
         self._free: dict[str, Connection] = {}
         self._loop: asyncio.AbstractEventLoop | None = None
         self._work_waiting = asyncio.Event()
+        # Set when a verdict or ops may have moved a node's standing: the next dispatch reads it
+        # first, so a node quarantined a moment ago is not handed the job submitted just after.
+        self._standing_stale = False
         self._tasks: list[asyncio.Task] = []
 
     # ---- life
@@ -130,6 +134,15 @@ class Hub:
         """Something may be dispatchable now (a job was submitted, a node freed up)."""
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._work_waiting.set)
+
+    def standing_changed(self) -> None:
+        """Ops trusted a node, or lifted its quarantine: dispatch reads the standing first."""
+        if self._loop is not None:
+            self._loop.call_soon_threadsafe(self._mark_standing_stale)
+
+    def _mark_standing_stale(self) -> None:
+        self._standing_stale = True
+        self._work_waiting.set()
 
     def revoke(self, revocations: Iterable[Revocation]) -> None:
         revocations = list(revocations)
@@ -228,6 +241,8 @@ class Hub:
             connection.stopping.pop(message.lease_id, None)
             if isinstance(message, protocol.JobFailure) and message.kind == "released":
                 connection.resting = True
+            # A settled re-run may have quarantined (or cleared) the node it checked.
+            self._mark_standing_stale()
             self._end_lease(connection, message.lease_id)
             self._refresh_snapshot(connection)
             await connection.send(acknowledgement)
@@ -308,6 +323,9 @@ class Hub:
                 await asyncio.sleep(1.0)
 
     async def dispatch_once(self) -> int:
+        if self._standing_stale:
+            self._standing_stale = False
+            await self._refresh_standing()
         if not self._free:
             return 0
         # A few more than there are free nodes, so that jobs no free node can take (a batch with no

@@ -631,7 +631,6 @@ def test_a_mismatch_claws_back_replaces_the_result_and_quarantines_the_node(samp
 
     # Quarantined (one mismatch, as this coordinator is set): free, yet offered no job.
     checker.disconnect()
-    time.sleep(1.5)  # the hub follows standings each sweep (0.5 s here)
     waiting = submit(buyer)
     offered_nothing(cheat)
     # Nor after connecting again (the hub reads its standing on connect).
@@ -653,6 +652,50 @@ def test_a_mismatch_claws_back_replaces_the_result_and_quarantines_the_node(samp
     assert cheat.receive_type("cancel")["job_id"] == waiting["id"]
     cheat.disconnect()
     check_ledger(sampled.data_dir)
+
+
+@pytest.fixture
+def slow_sweep(tmp_path):
+    """Every job re-run, one mismatch quarantines, and a sweep only every minute: what changes a
+    node's standing must reach dispatch by itself."""
+    server = Coordinator(
+        tmp_path,
+        environment={
+            **everything_sampled_environment(),
+            "SWARM_SWEEP_INTERVAL_SECONDS": "60",
+            "SWARM_LEASE_SECONDS": "300",
+        },
+    ).start()
+    yield server
+    server.stop()
+    check_ledger(server.data_dir)
+
+
+def test_a_quarantine_and_its_lifting_reach_the_next_dispatch_without_waiting_for_a_sweep(slow_sweep):
+    key = slow_sweep.create_buyer("quick buyer", "10")
+    buyer = SwarmClient(slow_sweep.url, key)
+    cheat, checker = ScriptedNode(slow_sweep, "cheat"), ScriptedNode(slow_sweep, "checker")
+    assert ops(slow_sweep, f"/api/ops/nodes/{checker.node_id}/trust", {"trusted": True}).status_code == 200
+    cheat.connect()
+    completed_job(slow_sweep, buyer, cheat, [2.0, 1.8, 1.6])
+    checker.connect()
+    lease = checker.receive_type("lease", timeout=10)
+    progress(checker, lease, [2.0, 1.8, 1.6])
+    result = checker.upload_result(lease, b"the trusted adapter")
+    assert report(checker, lease, result, eval_loss=1.6, delivered_eval_loss=6.5)["accepted"]
+    checker.disconnect()
+
+    # The verdict quarantined the cheat a moment ago; the job submitted now waits all the same.
+    waiting = submit(buyer)
+    offered_nothing(cheat)
+    assert buyer.job(waiting["id"])["state"] == "queued"
+
+    # Ops lift it: the waiting job goes to it at once, not at the next sweep a minute away.
+    assert ops(slow_sweep, f"/api/ops/nodes/{cheat.node_id}/lift-quarantine").status_code == 200
+    assert cheat.receive_type("lease", timeout=5)["job_id"] == waiting["id"]
+    buyer.cancel(waiting["id"])
+    assert cheat.receive_type("cancel")["job_id"] == waiting["id"]
+    cheat.disconnect()
 
 
 def test_a_trusted_nodes_own_job_is_verified_by_another_trusted_node_never_by_itself(sampled):

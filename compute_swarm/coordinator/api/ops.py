@@ -230,7 +230,7 @@ def lift(node: Node, policy: VerificationPolicy) -> None:
 def trust_node(node_id: str, body: TrustIn, services: ServicesDep) -> StandingOut:
     """Trust a node to verify others' jobs (ops' own machines), or stop trusting it."""
     standing = change_standing(services, node_id, set_trust(body.trusted))
-    services.hub.wake()
+    services.hub.standing_changed()
     return standing
 
 
@@ -238,5 +238,5 @@ def trust_node(node_id: str, body: TrustIn, services: ServicesDep) -> StandingOu
 def lift_quarantine(node_id: str, services: ServicesDep) -> StandingOut:
     """Let a quarantined node take jobs again, watched more closely than a new node."""
     standing = change_standing(services, node_id, lift)
-    services.hub.wake()
+    services.hub.standing_changed()
     return standing
