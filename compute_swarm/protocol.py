@@ -32,6 +32,12 @@ HEARTBEAT_INTERVAL_SECONDS = 10.0
 # A node may send this many messages per second on average, in bursts of MESSAGE_BURST.
 MESSAGES_PER_SECOND = 20.0
 MESSAGE_BURST = 100
+# And this many bytes of frames per second, in bursts of BYTES_BURST: generated text, exempt from
+# the message rate, is bounded here (a frame counts as at least MINIMUM_FRAME_COST bytes, so a flood
+# of tiny frames is bounded too). An honest node streams a few KB of text a second.
+BYTES_PER_SECOND = 1 << 20
+BYTES_BURST = 4 << 20
+MINIMUM_FRAME_COST = 256
 
 # Money on the wire (and everywhere else) is whole micro-credits.
 MICRO_PER_CREDIT = 1_000_000

@@ -41,6 +41,11 @@ logger = logging.getLogger("compute_swarm.coordinator.inference")
 
 FINE_TUNED_PREFIX = "ft:"
 OPEN, DONE, FAILED = "open", "completed", "failed"
+# An answer's text is bounded by its max_tokens: no token of a catalogue model's vocabulary is longer
+# than this many bytes (the longest in SmolLM2's is 81, a newline and 80 spaces), and a node sends at
+# most one piece of text per token, plus a few (a character split across tokens, the last piece).
+MAX_BYTES_PER_TOKEN = 128
+DELTA_SLACK = 8
 
 
 class InferenceError(Exception):
@@ -275,11 +280,27 @@ class PendingRequest:
     tried: set[str] = field(default_factory=set)
     started: bool = False  # a token went to the buyer: no other node may take over now
     completion_tokens: int = 0
+    text_bytes: int = 0
+    deltas: int = 0
+    flooded: bool = False  # the node sent more than max_tokens allows: the rest is dropped
     ended: bool = False
 
     @property
     def max_tokens(self) -> int:
         return self.message.sampling.max_tokens
+
+    def too_much(self, delta: protocol.InferenceDelta) -> str | None:
+        """Why this delta takes the answer past what max_tokens allows (its text, or its number of
+        pieces), if it does: a node may not flood the coordinator or the buyer."""
+        self.deltas += 1
+        self.text_bytes += len(delta.text.encode())
+        if self.text_bytes > self.max_tokens * MAX_BYTES_PER_TOKEN:
+            return f"more than {self.max_tokens * MAX_BYTES_PER_TOKEN} bytes of text for max_tokens {self.max_tokens}"
+        if self.deltas > self.max_tokens + DELTA_SLACK:
+            return (
+                f"more than {self.max_tokens + DELTA_SLACK} pieces of text for max_tokens {self.max_tokens}"
+            )
+        return None
 
 
 class Relay:
@@ -457,14 +478,22 @@ class Relay:
         """Carry a node's words to the request they answer; a crash comes back for the hub to note
         before the request is routed again."""
         request = self.pending.get(message.request_id)
-        if request is None or request.node_id != node_id or request.ended:
+        if request is None or request.node_id != node_id or request.ended or request.flooded:
             return None  # a request that ended (the buyer left, another node took it): late words are dropped
         if isinstance(message, protocol.InferenceDelta):
+            flood = request.too_much(message)
+            if flood is not None:
+                # Nothing more of it reaches the buyer, who pays nothing for it; the node is stopped.
+                logger.warning("request %s: node %s sent %s", request.request_id, node_id, flood)
+                request.flooded = True
+                self._spawn(self._send(node_id, protocol.InferenceStop(request_id=request.request_id)))
+                request.events.put_nowait(RelayFailure(f"the node sent {flood}; nothing was charged"))
+                return None
             # A node is paid for the tokens counted here, not for what it claims: at least one byte of
             # text per token, beyond the request's max_tokens nothing.
             tokens = min(message.tokens, len(message.text.encode()) + 1)
             if request.completion_tokens >= request.max_tokens:
-                return
+                return None
             request.completion_tokens += tokens
             request.events.put_nowait(message)
         elif isinstance(message, protocol.InferenceDone):

@@ -1,7 +1,7 @@
 """One node's websocket session as a state machine fed with text frames (no sockets here).
 
 It enforces what every message must satisfy before the hub acts on it: the frame limit, the
-message rate, a valid typed message, and hello first with a matching protocol version.
+message and byte rates, a valid typed message, and hello first with a matching protocol version.
 """
 
 from __future__ import annotations
@@ -13,6 +13,26 @@ from compute_swarm import protocol
 from compute_swarm.protocol import CloseCode, ProtocolViolation
 
 
+class TokenBucket:
+    """A rate with bursts: `rate` units a second on average, at most `burst` at once."""
+
+    def __init__(self, rate: float, burst: float, what: str, clock: Callable[[], float]):
+        self.rate, self.burst, self.what = rate, burst, what
+        self._allowance = float(burst)
+        self._clock = clock
+        self._last = clock()
+
+    def spend(self, units: float) -> None:
+        now = self._clock()
+        self._allowance = min(self.burst, self._allowance + (now - self._last) * self.rate)
+        self._last = now
+        if self._allowance < units:
+            raise ProtocolViolation(
+                CloseCode.POLICY_VIOLATION, f"more than {self.rate:g} {self.what} per second"
+            )
+        self._allowance -= units
+
+
 class NodeSession:
     def __init__(
         self,
@@ -20,23 +40,24 @@ class NodeSession:
         *,
         messages_per_second: float = protocol.MESSAGES_PER_SECOND,
         burst: int = protocol.MESSAGE_BURST,
+        bytes_per_second: float = protocol.BYTES_PER_SECOND,
+        bytes_burst: int = protocol.BYTES_BURST,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.node_id = node_id
         self.greeted = False
-        self._rate = messages_per_second
-        self._burst = burst
-        self._allowance = float(burst)
-        self._clock = clock
-        self._last = clock()
+        self._messages = TokenBucket(messages_per_second, burst, "messages", clock)
+        self._bytes = TokenBucket(bytes_per_second, bytes_burst, "bytes", clock)
 
     def receive(self, text: str | bytes) -> protocol.NodeMessage:
         """Parse one frame; raises ProtocolViolation (close code and reason) for anything not allowed."""
+        # Before parsing: parsing a flood is the cost to bound.
+        self._bytes.spend(max(len(text), protocol.MINIMUM_FRAME_COST))
         message = protocol.parse_node_message(text)
-        # Generated text comes as fast as the GPU makes it; the hub bounds it instead: a delta must
-        # belong to a request this node is serving, and a request's tokens to its max_tokens.
+        # Generated text comes as fast as the GPU makes it: only the byte rate bounds it here, and the
+        # relay bounds each request's text by its max_tokens.
         if not isinstance(message, protocol.InferenceDelta):
-            self._spend_allowance()
+            self._messages.spend(1)
         if not self.greeted:
             if not isinstance(message, protocol.Hello):
                 raise ProtocolViolation(CloseCode.MALFORMED, f"expected hello first, got {message.type}")
@@ -50,13 +71,3 @@ class NodeSession:
         elif isinstance(message, protocol.Hello):
             raise ProtocolViolation(CloseCode.MALFORMED, "hello sent twice")
         return message
-
-    def _spend_allowance(self) -> None:
-        now = self._clock()
-        self._allowance = min(self._burst, self._allowance + (now - self._last) * self._rate)
-        self._last = now
-        if self._allowance < 1:
-            raise ProtocolViolation(
-                CloseCode.POLICY_VIOLATION, f"more than {self._rate:g} messages per second"
-            )
-        self._allowance -= 1

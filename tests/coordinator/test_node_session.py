@@ -65,3 +65,32 @@ def test_a_flood_of_messages_is_cut_off():
     assert violation.value.code == CloseCode.POLICY_VIOLATION
     now[0] += 1.0  # a second later the allowance has refilled
     session.receive(HEARTBEAT)
+
+
+def test_generated_text_is_exempt_from_the_message_rate_but_not_from_the_byte_rate():
+    now = [0.0]
+    session = NodeSession(
+        "node_1",
+        messages_per_second=10,
+        burst=5,
+        bytes_per_second=100_000,
+        bytes_burst=200_000,
+        clock=lambda: now[0],
+    )
+    session.receive(HELLO)
+    delta = json.dumps({"type": "inference_delta", "request_id": "req_1", "text": "x" * 16_000, "tokens": 1})
+    # Many more deltas than messages allowed, as an honest node's answer streams...
+    for _ in range(12):
+        session.receive(delta)
+    # ...but not more bytes than the byte rate allows, however they are cut.
+    with pytest.raises(ProtocolViolation, match="more than 100000 bytes per second") as violation:
+        session.receive(delta)
+    assert violation.value.code == CloseCode.POLICY_VIOLATION
+    now[0] += 1.0
+    session.receive(delta)
+    # Tiny frames cost at least MINIMUM_FRAME_COST each, so a flood of them is bounded too.
+    tiny = json.dumps({"type": "inference_delta", "request_id": "req_1", "text": "", "tokens": 0})
+    now[0] += 10.0
+    with pytest.raises(ProtocolViolation):
+        for _ in range(200_000 // protocol.MINIMUM_FRAME_COST + 1):
+            session.receive(tiny)
