@@ -572,7 +572,13 @@ class JobService:
             job = self._current(session, node_id, report.job_id, report.lease_id)
             if job is None:
                 return self._stale(session, report, "failure")
-            outcome = lifecycle.after_failure(report.kind, report.message, job.attempt, job.max_attempts)
+            outcome = lifecycle.after_failure(
+                report.kind,
+                report.message,
+                job.attempt,
+                job.max_attempts,
+                invalid_before=job.error_kind == "invalid_spec",
+            )
             job.error_kind = report.kind
             self._apply(session, job, outcome)
             return _ack(report, "failure", True, job.state)

@@ -34,11 +34,22 @@ def after_lost_lease(attempt: int, max_attempts: int, reason: str) -> AttemptOut
     return AttemptOutcome(QUEUED, f"{reason}; queued again (attempt {attempt} of {max_attempts} used)")
 
 
-def after_failure(kind: str, message: str, attempt: int, max_attempts: int) -> AttemptOutcome:
-    """The node reported that the job failed (engine.records.Failed.kind)."""
+def after_failure(
+    kind: str, message: str, attempt: int, max_attempts: int, *, invalid_before: bool = False
+) -> AttemptOutcome:
+    """The node reported that the job failed (engine.records.Failed.kind). `invalid_before`: another
+    node already found the spec invalid."""
     if kind == "invalid_spec":
-        # The buyer's data or settings: it would fail the same way on every node.
-        return AttemptOutcome(FAILED, message)
+        # The buyer's data or settings would fail the same way on every node; but one node's word
+        # must not fail a buyer's job: a second node confirms it first. No attempt is used meanwhile.
+        if invalid_before:
+            return AttemptOutcome(FAILED, message)
+        return AttemptOutcome(
+            QUEUED,
+            f"a node found the job invalid ({message}); checking on another node",
+            exclude_node=True,
+            attempt_counts=False,
+        )
     if kind == "released":
         # The seller paused or stopped, or the node was busy: the job did nothing wrong. A checkpoint
         # uploaded on the way out lets the next node continue.

@@ -11,8 +11,14 @@ def test_a_lost_lease_requeues_until_attempts_run_out():
     assert final.state == lifecycle.FAILED and "3 attempts" in final.message
 
 
-def test_an_invalid_spec_fails_at_once():
-    assert lifecycle.after_failure("invalid_spec", "bad line", 1, 5).state == lifecycle.FAILED
+def test_an_invalid_spec_fails_once_a_second_node_confirms_it():
+    first = lifecycle.after_failure("invalid_spec", "bad line", 1, 5)
+    assert first.state == lifecycle.QUEUED and first.exclude_node and not first.attempt_counts
+    assert "checking on another node" in first.message
+    assert (
+        lifecycle.after_failure("invalid_spec", "bad line", 1, 5, invalid_before=True).state
+        == lifecycle.FAILED
+    )
 
 
 def test_a_job_too_big_for_a_node_tries_elsewhere_without_using_an_attempt():

@@ -332,26 +332,35 @@ def test_a_job_failing_on_every_attempt_stops_and_is_refunded(coordinator):
     node.disconnect()
 
 
-def test_an_invalid_dataset_fails_at_once_without_retries(coordinator):
+def test_an_invalid_dataset_fails_once_a_second_node_confirms_it_without_using_attempts(coordinator):
     buyer = new_buyer(coordinator, "invalid")
-    node = ScriptedNode(coordinator, "judge")
-    node.connect()
+    before = buyer.balance()
+    first, second = ScriptedNode(coordinator, "judge"), ScriptedNode(coordinator, "second judge")
+    first.connect()
     job = submit(buyer)
-    lease = node.receive_type("lease")
-    node.send(
-        {
-            "type": "failure",
-            "job_id": lease["job_id"],
-            "lease_id": lease["lease_id"],
-            "kind": "invalid_spec",
-            "message": "line 3: no assistant turn",
-        }
-    )
-    node.receive_type("ack")
+
+    def invalid(node: ScriptedNode) -> None:
+        lease = node.receive_type("lease")
+        assert lease["job_id"] == job["id"]
+        node.send({"type": "failure", "job_id": lease["job_id"], "lease_id": lease["lease_id"],
+                   "kind": "invalid_spec", "message": "line 3: no assistant turn"})  # fmt: skip
+        assert node.receive_type("ack")["accepted"]
+
+    # One node's word does not fail a buyer's job (a hostile node could fail every job it is given):
+    # the job waits for another node, never going back to the first.
+    invalid(first)
+    waiting = buyer.job(job["id"])
+    assert waiting["state"] == "queued" and waiting["attempt"] == 0
+    with pytest.raises(TimeoutError):
+        first.receive_type("lease", timeout=1.5)
+    second.connect()
+    invalid(second)
     finished = buyer.job(job["id"])
     assert finished["state"] == "failed" and finished["attempt"] == 1
     assert finished["error"] == {"kind": "invalid_spec", "message": "line 3: no assistant turn"}
-    node.disconnect()
+    assert buyer.balance() == before
+    first.disconnect()
+    second.disconnect()
 
 
 def test_submissions_are_checked_before_any_credit_moves(coordinator):
