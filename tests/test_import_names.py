@@ -25,7 +25,8 @@ PACKAGE = REPOSITORY / "compute_swarm"
 SHARED = {"compute_swarm.protocol", "compute_swarm.sweeps", "compute_swarm.engine.jobs"}
 ALLOWED_IMPORTS = {
     "sdk": SHARED,
-    "coordinator": SHARED,
+    # engine.catalogue: the model files, from which the coordinator reads each model's tokenizer.
+    "coordinator": SHARED | {"compute_swarm.engine.catalogue"},
     "engine": {"compute_swarm.protocol", "compute_swarm.kernels"},
     "kernels": set(),
     "desktop": SHARED | {"compute_swarm.engine", "compute_swarm.kernels", "compute_swarm.sdk"},

@@ -30,7 +30,9 @@ from compute_swarm.coordinator.inference import InferenceService, RequestLimiter
 from compute_swarm.coordinator.jobs import JobService
 from compute_swarm.coordinator.metrics import Metrics
 from compute_swarm.coordinator.settings import Settings
+from compute_swarm.coordinator.tokens import TokenCounters
 from compute_swarm.coordinator.uploads import UploadService
+from compute_swarm.engine.catalogue import fetch_catalogue_model
 
 
 def build_services(settings: Settings) -> Services:
@@ -41,7 +43,7 @@ def build_services(settings: Settings) -> Services:
     job_service = JobService(database, settings, store)
     metrics = Metrics()
     metrics.count_jobs_with(job_service.counts)
-    inference = InferenceService(database, settings)
+    inference = InferenceService(database, settings, TokenCounters(fetch_catalogue_model))
     return Services(
         settings=settings,
         database=database,

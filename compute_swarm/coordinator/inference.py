@@ -2,8 +2,9 @@
 side), and the relay that routes a request to a node and carries its tokens back (the event-loop side).
 
 A request holds its most possible price in escrow when it opens. It is charged, when it ends, for the
-tokens the coordinator counted on the way through (capped by max_tokens) and the prompt tokens the node
-reports (capped by what the prompt's size allows); the rest goes back. A request that fails is refunded
+tokens the coordinator counts with the model's own tokenizer: the prompt as the chat template renders
+it, and the answer the buyer got (at most max_tokens); the rest goes back. An answer's text is bounded
+by its max_tokens on the way through, and a node that sends more is cut off and paid nothing. A request that fails is refunded
 whole. If its node drops before the first token, another node takes it. If the model crashes its node's
 llama.cpp process, another node takes it too; when none can, the buyer is told the crash at once.
 """
@@ -35,6 +36,7 @@ from compute_swarm.coordinator.scheduler import (
 )
 from compute_swarm.coordinator.settings import Settings
 from compute_swarm.coordinator.tables import Artifact, InferenceRequest, Job
+from compute_swarm.coordinator.tokens import ChatMessage, TokenCounters
 from compute_swarm.engine.jobs import CATALOGUE, CatalogueModel
 
 logger = logging.getLogger("compute_swarm.coordinator.inference")
@@ -132,9 +134,11 @@ class Usage:
 class InferenceService:
     """The database side of live inference."""
 
-    def __init__(self, database: Database, settings: Settings):
+    def __init__(self, database: Database, settings: Settings, tokens: TokenCounters | None = None):
         self.database = database
         self.settings = settings
+        # Each catalogue model's tokenizer, to count what requests are charged (None: bounds only).
+        self.tokens = tokens
 
     def models(self, buyer_id: str) -> list[ServedModel]:
         """The catalogue, then the buyer's fine-tuned models that can be served, newest first."""
@@ -280,6 +284,7 @@ class PendingRequest:
     tried: set[str] = field(default_factory=set)
     started: bool = False  # a token went to the buyer: no other node may take over now
     completion_tokens: int = 0
+    texts: list[str] = field(default_factory=list)  # the answer as the buyer got it, to count
     text_bytes: int = 0
     deltas: int = 0
     flooded: bool = False  # the node sent more than max_tokens allows: the rest is dropped
@@ -359,8 +364,8 @@ class Relay:
                 return
 
     def abandon(self, request: PendingRequest) -> None:
-        """The buyer went away mid-answer: stop the node, and charge for the tokens already sent (the
-        prompt's count never came, so it is not charged). Safe to call from a cancelled task."""
+        """The buyer went away mid-answer: stop the node, and charge for the tokens already sent (and
+        the prompt, where the coordinator counts it). Safe to call from a cancelled task."""
         if request.ended:
             return
         self._end(request)
@@ -380,14 +385,28 @@ class Relay:
     async def refund(self, request: PendingRequest, failure: RelayFailure) -> None:
         await asyncio.to_thread(self.service.fail, request.request_id, failure.message)
 
-    def _settle(self, request: PendingRequest, prompt_tokens: int) -> Usage:
+    def _settle(self, request: PendingRequest, reported_prompt_tokens: int) -> Usage:
+        """Charge the tokens counted here with the model's tokenizer: the prompt as its template renders
+        it, the answer as the buyer got it. Without a tokenizer, the node's counts, within the bounds
+        the text allows. Never more than max_tokens for the answer. Runs in a worker thread."""
         assert request.node_id is not None
+        counter = self.service.tokens.get(request.model.base.name) if self.service.tokens else None
+        if counter is not None:
+            message = request.message
+            prompt_tokens = (
+                counter.count_chat([ChatMessage(item.role, item.content) for item in message.messages])
+                if message.messages
+                else counter.count(message.prompt or "")
+            )
+            completion_tokens = counter.count("".join(request.texts))
+        else:
+            prompt_tokens, completion_tokens = reported_prompt_tokens, request.completion_tokens
         return self.service.settle(
             request.request_id,
             request.model,
             request.node_id,
             min(prompt_tokens, request.prompt_bound),
-            min(request.completion_tokens, request.max_tokens),
+            min(completion_tokens, request.max_tokens),
         )
 
     # ---- routing
@@ -495,6 +514,7 @@ class Relay:
             if request.completion_tokens >= request.max_tokens:
                 return None
             request.completion_tokens += tokens
+            request.texts.append(message.text)
             request.events.put_nowait(message)
         elif isinstance(message, protocol.InferenceDone):
             request.events.put_nowait(message)

@@ -138,3 +138,58 @@ def test_a_streamed_answer_stops_at_the_flood_and_ends_with_an_error(coordinator
     assert "bytes of text for max_tokens 4" in body and lines[-1] == "data: [DONE]"
     assert buyer.balance() == {"available_micro": before, "escrow_micro": 0}
     node.disconnect()
+
+
+def llama_cpp_counts(messages: list[dict], answer: str) -> tuple[int, int]:
+    """The prompt and answer tokens as llama.cpp itself counts them, with the model's own template."""
+    llama_cpp = pytest.importorskip("llama_cpp")
+    from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+    from compute_swarm.engine.models import fetch_catalogue_model
+
+    model = llama_cpp.Llama(str(fetch_catalogue_model(DEFAULT_MODEL)), vocab_only=True, verbose=False)
+    template = model.metadata["tokenizer.chat_template"]
+    prompt = Jinja2ChatFormatter(template=template, eos_token="", bos_token="")(messages=messages).prompt
+    return (
+        len(model.tokenize(prompt.encode(), add_bos=False, special=True)),
+        len(model.tokenize(answer.encode(), add_bos=False, special=False)),
+    )
+
+
+def test_the_buyer_pays_the_tokens_the_coordinator_counts_not_what_the_node_claims(coordinator):
+    from compute_swarm.coordinator import pricing
+    from compute_swarm.engine.jobs import CATALOGUE
+
+    messages = [{"role": "user", "content": "What is the capital of Peru? Answer in a sentence."}]
+    pieces = ["The capital", " of Peru", " is Lima."]
+    expected_prompt, expected_answer = llama_cpp_counts(messages, "".join(pieces))
+    api_key = coordinator.create_buyer("counted buyer", "5")
+    buyer = SwarmClient(coordinator.url, api_key)
+    before = buyer.balance()["available_micro"]
+    node = ScriptedNode(coordinator, "overclaimer")
+    node.connect(models=[DEFAULT_MODEL], inference_slots=1)
+
+    def ask() -> httpx.Response:
+        return httpx.post(
+            f"{coordinator.url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {api_key}"},
+            json={"model": DEFAULT_MODEL, "messages": messages, "max_tokens": 64},
+            timeout=60,
+        )
+
+    with ThreadPoolExecutor(1) as pool:
+        asked = pool.submit(ask)
+        request_id = node.receive_type("inference")["request_id"]
+        # Each piece claims 16 tokens, and the end claims a prompt of 5,000.
+        for piece in pieces:
+            node.send({"type": "inference_delta", "request_id": request_id, "text": piece, "tokens": 16})
+        node.send({"type": "inference_done", "request_id": request_id, "finish_reason": "stop",
+                   "prompt_tokens": 5000, "completion_tokens": 48})  # fmt: skip
+        answer = asked.result(60)
+    assert answer.status_code == 200, answer.text
+    usage = answer.json()["usage"]
+    # Before: 48 completion tokens (the claims, within one per byte) and the prompt's whole bound.
+    assert (usage["prompt_tokens"], usage["completion_tokens"]) == (expected_prompt, expected_answer)
+    price = pricing.inference_price_micro(CATALOGUE[DEFAULT_MODEL], expected_prompt + expected_answer)
+    assert before - buyer.balance()["available_micro"] == price
+    node.disconnect()

