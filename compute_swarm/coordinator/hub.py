@@ -27,6 +27,7 @@ from compute_swarm.coordinator.scheduler import (
     plan,
 )
 from compute_swarm.coordinator.settings import Settings
+from compute_swarm.engine.jobs import CATALOGUE
 from compute_swarm.protocol import CloseCode
 
 logger = logging.getLogger("compute_swarm.coordinator.hub")
@@ -119,6 +120,12 @@ class Hub:
             asyncio.create_task(self._dispatch_forever(), name="dispatch"),
             asyncio.create_task(self._sweep_forever(), name="sweep"),
         ]
+        if self.inference.tokens is not None:
+            self._tasks.append(
+                asyncio.create_task(
+                    asyncio.to_thread(self.inference.tokens.preload, list(CATALOGUE)), name="tokenizers"
+                )
+            )
         self._work_waiting.set()
 
     async def stop(self) -> None:

@@ -159,3 +159,9 @@ class TokenCounters:
                 counter = None
             self._counters[model_name] = counter
             return counter
+
+    def preload(self, model_names: Sequence[str]) -> None:
+        """Load every model's counter now (a worker thread at start-up), so that no buyer waits for a
+        model file to be fetched or a tokenizer rebuilt."""
+        for name in model_names:
+            self.get(name)
