@@ -156,7 +156,13 @@ class CoordinatorProcess:
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 cwd=REPOSITORY,
-                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+                # Thousands of nodes register from this one address, and take work at once.
+                env={
+                    **os.environ,
+                    "PYTHONUNBUFFERED": "1",
+                    "SWARM_NODE_ADMISSION": "open",
+                    "SWARM_REGISTRATIONS_PER_HOUR_PER_ADDRESS": "0",
+                },
                 preexec_fn=raise_fd_limit,
                 start_new_session=True,
             )

@@ -89,7 +89,15 @@ class Coordinator(SwarmProcess):
         super().__init__(
             ["coordinator", "--port", str(self.port), "--data-dir", str(data_dir)],
             data_dir / "coordinator.log",
-            {"SWARM_LEASE_SECONDS": "6", "SWARM_SWEEP_INTERVAL_SECONDS": "0.5", **(environment or {})},
+            {
+                "SWARM_LEASE_SECONDS": "6",
+                "SWARM_SWEEP_INTERVAL_SECONDS": "0.5",
+                # Most tests are about what nodes do once in; tests/coordinator/test_admission.py
+                # covers how they get in.
+                "SWARM_NODE_ADMISSION": "open",
+                "SWARM_REGISTRATIONS_PER_HOUR_PER_ADDRESS": "0",
+                **(environment or {}),
+            },
         )
 
     def start(self, timeout: float = 60) -> Coordinator:

@@ -9,6 +9,7 @@ from fastapi import FastAPI
 
 from compute_swarm import protocol
 from compute_swarm.coordinator import web
+from compute_swarm.coordinator.admission import RegistrationLimiter
 from compute_swarm.coordinator.api import (
     account,
     files,
@@ -74,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             services.database.close()
 
     app = FastAPI(title="compute-swarm coordinator", version="0.1.0", lifespan=lifespan)
+    app.state.registrations = RegistrationLimiter(settings.registrations_per_hour_per_address)
     for module in (files, jobs, sweeps, account, keys, nodes, ops, service, openai, openai_fine_tuning):
         app.include_router(module.router)
     openai_errors.install(app)

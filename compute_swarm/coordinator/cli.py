@@ -72,6 +72,25 @@ def register_commands(subcommands: argparse._SubParsersAction) -> None:
     lift.add_argument("node_id")
     lift.set_defaults(handler=_lift_quarantine)
 
+    approve = actions.add_parser(
+        "approve-node", help='let in a node waiting for approval (node_admission "approval")'
+    )
+    _data_dir_option(approve)
+    approve.add_argument("node_id")
+    approve.set_defaults(handler=_approve)
+
+    invite = actions.add_parser(
+        "create-invite",
+        help='print an invite code nodes register with (node_admission "invite"); shown once',
+    )
+    _data_dir_option(invite)
+    invite.add_argument("--uses", type=int, default=1, help="how many nodes may register with it (1)")
+    invite.add_argument(
+        "--hours", type=float, default=24 * 7, help="how long it is good for, in hours (a week)"
+    )
+    invite.add_argument("--note", default="", help="what it is for (who it went to)")
+    invite.set_defaults(handler=_create_invite)
+
     local = subcommands.add_parser(
         "local-swarm",
         help="run a coordinator and one node on this machine",
@@ -198,6 +217,8 @@ def _nodes(arguments: argparse.Namespace) -> int:
                 node.name,
                 "revoked"
                 if node.revoked_at
+                else "awaiting approval"
+                if node.approved_at is None
                 else "quarantined"
                 if node.quarantined_at
                 else "trusted"
@@ -264,6 +285,34 @@ def _lift_quarantine(arguments: argparse.Namespace) -> int:
         store_record(node, verification.lifted(node_record(node, policy), policy))
 
     return _change_node(arguments, change, "Node {node.id} ({node.name}) may take jobs again.")
+
+
+def _approve(arguments: argparse.Namespace) -> int:
+    def change(node, policy) -> None:
+        if node.approved_at is None:
+            node.approved_at = time.time()
+
+    return _change_node(
+        arguments, change, "Node {node.id} ({node.name}) is approved: it takes work from now on."
+    )
+
+
+def _create_invite(arguments: argparse.Namespace) -> int:
+    from compute_swarm.coordinator import admission
+
+    database = _database(arguments)
+    try:
+        with database.transaction() as session:
+            code = admission.create_invite(session, arguments.uses, arguments.hours, arguments.note)
+    except ValueError as error:
+        print(f"compute-swarm admin: {error}", file=sys.stderr)
+        return 2
+    uses = "once" if arguments.uses == 1 else f"{arguments.uses} times"
+    print(
+        f"An invite code, good {uses} for {arguments.hours:g} hours (it is not shown again):", file=sys.stderr
+    )
+    print(code)
+    return 0
 
 
 def _ago(moment: float | None) -> str:

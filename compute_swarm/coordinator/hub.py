@@ -60,11 +60,12 @@ class Connection:
     # Model keys that crashed its llama.cpp process → its report: from its hello and heartbeats, and
     # from a crash the moment the node reports it (so the request is not routed back there).
     crashed_models: dict[str, str] = field(default_factory=dict)
-    # Its verification standing, refreshed before the next dispatch once a job settled or ops
-    # changed it, and each sweep (ops' CLI writes from another process): a trusted node takes
-    # re-runs that verify others' jobs; a quarantined one takes no job at all until ops lift it.
+    # Its standing, refreshed before the next dispatch once a job settled or ops changed it, and
+    # each sweep (ops' CLI writes from another process): a trusted node takes re-runs that verify
+    # others' jobs; a barred one (quarantined, or waiting for ops' approval) takes no job and serves
+    # no request until ops let it.
     trusted: bool = False
-    quarantined: bool = False
+    barred: bool = False
     last_message_at: float = field(default_factory=time.monotonic)
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -143,7 +144,7 @@ class Hub:
             self._loop.call_soon_threadsafe(self._work_waiting.set)
 
     def standing_changed(self) -> None:
-        """Ops trusted a node, or lifted its quarantine: dispatch reads the standing first."""
+        """Ops trusted or approved a node, or lifted its quarantine: dispatch reads the standing first."""
         if self._loop is not None:
             self._loop.call_soon_threadsafe(self._mark_standing_stale)
 
@@ -171,9 +172,9 @@ class Hub:
             for reference in connection.hello.running
             if reference.lease_id in kept
         }
-        trusted, quarantined = await asyncio.to_thread(self.service.standing)
+        trusted, barred = await asyncio.to_thread(self.service.standing)
         connection.trusted = connection.node_id in trusted
-        connection.quarantined = connection.node_id in quarantined
+        connection.barred = connection.node_id in barred
         connection.crashed_models = _crash_reports(connection.hello.crashed_models)
         self.connections[connection.node_id] = connection
         if connection.hello.inference_slots > 0:
@@ -297,7 +298,7 @@ class Hub:
             connection.telemetry,
             models=connection.hello.models,
             running_jobs=len(connection.leases) + len(connection.stopping),
-            accepting_jobs=connection.accepting_jobs and not connection.quarantined,
+            accepting_jobs=connection.accepting_jobs and not connection.barred,
         )
         if self.connections.get(connection.node_id) is connection and self._has_free_slot(connection):
             self._free.setdefault(connection.node_id, connection)
@@ -448,12 +449,13 @@ class Hub:
             self._work_waiting.set()
 
     async def _refresh_standing(self) -> None:
-        """Verification moves nodes in and out of trust and quarantine (and ops too): follow it."""
-        trusted, quarantined = await asyncio.to_thread(self.service.standing)
+        """Verification moves nodes in and out of trust and quarantine, and ops approve nodes and
+        lift quarantines: follow it."""
+        trusted, barred = await asyncio.to_thread(self.service.standing)
         for node_id, connection in list(self.connections.items()):
-            standing = (node_id in trusted, node_id in quarantined)
-            if standing != (connection.trusted, connection.quarantined):
-                connection.trusted, connection.quarantined = standing
+            standing = (node_id in trusted, node_id in barred)
+            if standing != (connection.trusted, connection.barred):
+                connection.trusted, connection.barred = standing
                 self._refresh_snapshot(connection)
                 self._work_waiting.set()
 

@@ -649,9 +649,10 @@ class JobService:
             return self.verifier.release_due(session, time.time() if now is None else now)
 
     def standing(self) -> tuple[set[str], set[str]]:
-        """The nodes that may verify others (trusted), and those quarantined: few, read in one query."""
+        """The nodes that may verify others (trusted), and those barred from work (quarantined, or
+        waiting for ops' approval): few, read in one query."""
         trusted: set[str] = set()
-        quarantined: set[str] = set()
+        barred: set[str] = set()
         policy = self.verifier.policy
         with self.database.reading() as session:
             for node in session.scalars(
@@ -659,15 +660,16 @@ class JobService:
                     Node.revoked_at.is_(None),
                     Node.trusted
                     | (Node.clean_streak >= policy.trusted_after_clean)
-                    | Node.quarantined_at.is_not(None),
+                    | Node.quarantined_at.is_not(None)
+                    | Node.approved_at.is_(None),
                 )
             ):
                 record = node_record(node, policy)
-                if record.quarantined:
-                    quarantined.add(node.id)
+                if record.quarantined or node.approved_at is None:
+                    barred.add(node.id)
                 elif is_trusted(record, policy):
                     trusted.add(node.id)
-        return trusted, quarantined
+        return trusted, barred
 
     def counts(self) -> dict[str, int]:
         with self.database.reading() as session:

@@ -54,6 +54,8 @@ def run(data_dir: Path, host: str, port: int) -> int:
                     "SWARM_ALLOW_SIGNUP": "true",
                     "SWARM_SIGNUP_CREDITS_MICRO": "20000000",
                     "SWARM_ADMIN_TOKEN": admin_token,
+                    # Its own node, and any machine here the user starts, join without ops.
+                    "SWARM_NODE_ADMISSION": "open",
                 },
             )
         )

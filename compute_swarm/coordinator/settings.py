@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 import platformdirs
 from pydantic import Field, SecretStr, model_validator
@@ -50,6 +51,12 @@ class Settings(BaseSettings):
 
     # Nodes.
     max_nodes: int = Field(default=20_000, ge=1)
+    # How machines join: "open" (anyone registers and works at once: `local-swarm`'s choice), "invite"
+    # (registration needs an invite code from ops), "approval" (anyone registers; no work until ops
+    # approve the node). A coordinator on the internet should not be open.
+    node_admission: Literal["open", "invite", "approval"] = "approval"
+    # Registrations per hour from one address (429 beyond); 0: no limit.
+    registrations_per_hour_per_address: int = Field(default=20, ge=0)
 
     # Inference.
     # How long a request waits for a node with a free slot before the buyer is told to try later.

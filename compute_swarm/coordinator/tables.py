@@ -82,6 +82,21 @@ class Node(Base):
     mismatches: Mapped[int] = mapped_column(Integer, default=0)
     verifications: Mapped[int] = mapped_column(Integer, default=0)  # of its jobs, ever
     quarantined_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # When it was let in (at registration, or by ops where they approve nodes); None: waiting, no work.
+    approved_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class NodeInvite(Base):
+    """An invite code ops handed out: a node registers with it while uses remain (only its sha256 is
+    kept, as with tokens)."""
+
+    __tablename__ = "node_invites"
+
+    code_hash: Mapped[str] = mapped_column(String(64), primary_key=True)
+    uses_left: Mapped[int] = mapped_column(Integer)
+    expires_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    created_at: Mapped[float] = mapped_column(Float)
+    note: Mapped[str] = mapped_column(String(200), default="")
 
 
 class Artifact(Base):

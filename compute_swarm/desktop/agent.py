@@ -113,7 +113,7 @@ class NodeAgent:
         # Seams for tests; the defaults are the real engine and coordinator client.
         runner_factory: Callable[..., Any] = job_runner,
         client_factory: Callable[[str, str], Any] = NodeClient,
-        register: Callable[[str, str], tuple[str, str]] = NodeClient.register,
+        register: Callable[..., tuple[str, str]] = NodeClient.register,
         probe: Callable[[bool], DeviceInventory] = _probe_devices,
         activity: Callable[[], Activity] = read_activity,
         guards: GuardSettings | None = None,
@@ -121,6 +121,7 @@ class NodeAgent:
         clock: Callable[[], datetime.datetime] = datetime.datetime.now,
         rng: random.Random | None = None,
         inference_slots: int | None = None,  # None: 1 where llama-cpp-python is installed, else 0
+        invite_code: str | None = None,  # where the coordinator admits nodes by invitation
     ):
         self.coordinator = token_store.normalize_coordinator_url(coordinator)
         self.data_dir = Path(data_dir)
@@ -131,6 +132,7 @@ class NodeAgent:
         self._runner_factory = runner_factory
         self._client_factory = client_factory
         self._register = register
+        self._invite_code = invite_code
         self._probe = probe
         self._activity = activity
         self._guard_settings = guards or GuardSettings()
@@ -356,7 +358,9 @@ class NodeAgent:
         backoff = Backoff(rng=self._rng)
         while True:
             try:
-                node_id, token = await asyncio.to_thread(self._register, self.coordinator, self.name)
+                node_id, token = await asyncio.to_thread(
+                    self._register, self.coordinator, self.name, invite_code=self._invite_code
+                )
                 break
             except SwarmError as error:
                 if not is_transient(error):

@@ -41,6 +41,12 @@ def register_commands(subcommands: argparse._SubParsersAction) -> None:
         help="where jobs, cached datasets and logs go (default: the platform's user data directory)",
     )
     node.add_argument("--name", help="how this node is listed (default: the host name)")
+    node.add_argument(
+        "--invite-code",
+        default=os.environ.get("SWARM_INVITE_CODE"),
+        help="the code from the coordinator's operators, where they admit nodes by invitation "
+        "(only the first run needs it; default: $SWARM_INVITE_CODE)",
+    )
     node.add_argument("--device", help="cpu, cuda:N or mps (default: the best one found, per job)")
     guards = node.add_argument_group(
         "guards",
@@ -190,7 +196,13 @@ def _serve(coordinator: str, data_dir: Path, arguments: argparse.Namespace) -> i
         return 2
     printer = _StatusPrinter(coordinator)
     agent = NodeAgent(
-        coordinator, data_dir, name=arguments.name, device=arguments.device, on_change=printer, guards=guards
+        coordinator,
+        data_dir,
+        name=arguments.name,
+        device=arguments.device,
+        on_change=printer,
+        guards=guards,
+        invite_code=arguments.invite_code,
     )
     try:
         asyncio.run(_run_until_interrupted(agent))

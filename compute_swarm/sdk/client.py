@@ -697,12 +697,15 @@ class NodeClient(_CoordinatorSession):
         coordinator: str,
         name: str,
         *,
+        invite_code: str | None = None,
         timeout: float = 30.0,
         transport: httpx.BaseTransport | None = None,
     ) -> tuple[str, str]:
-        """Register a new node; returns (node_id, token). The token is shown this once: keep it."""
+        """Register a new node; returns (node_id, token). The token is shown this once: keep it. Where
+        the coordinator admits nodes by invitation, give its operators' invite code."""
+        body = {"name": name} if invite_code is None else {"name": name, "invite_code": invite_code}
         with _CoordinatorSession(coordinator, None, timeout=timeout, transport=transport) as session:
-            answer = session._request("POST", "/api/nodes/register", json={"name": name})
+            answer = session._request("POST", "/api/nodes/register", json=body)
         return answer["node_id"], answer["token"]
 
     def me(self) -> dict:

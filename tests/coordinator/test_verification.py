@@ -510,7 +510,12 @@ def test_a_sampled_job_is_verified_by_a_trusted_node_that_ops_named(sampled, tmp
 
     trusted = ops(sampled, f"/api/ops/nodes/{node_t.node_id}/trust", {"trusted": True})
     assert trusted.status_code == 200, trusted.text
-    assert trusted.json() == {"node_id": node_t.node_id, "trusted_by_ops": True, "quarantined": False}
+    assert trusted.json() == {
+        "node_id": node_t.node_id,
+        "trusted_by_ops": True,
+        "quarantined": False,
+        "approved": True,
+    }
     row = overview_row(sampled, node_t.node_id)
     assert row["trusted"] and row["trusted_by_ops"] and not row["quarantined"]
 
@@ -641,7 +646,12 @@ def test_a_mismatch_claws_back_replaces_the_result_and_quarantines_the_node(samp
 
     lifted_answer = ops(sampled, f"/api/ops/nodes/{cheat.node_id}/lift-quarantine")
     assert lifted_answer.status_code == 200, lifted_answer.text
-    assert lifted_answer.json() == {"node_id": cheat.node_id, "trusted_by_ops": False, "quarantined": False}
+    assert lifted_answer.json() == {
+        "node_id": cheat.node_id,
+        "trusted_by_ops": False,
+        "quarantined": False,
+        "approved": True,
+    }
     assert cheat.receive_type("lease", timeout=10)["job_id"] == waiting["id"]
     row = overview_row(sampled, cheat.node_id)
     assert not row["quarantined"] and row["mismatches"] == 0 and row["state"] == "busy"

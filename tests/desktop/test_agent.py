@@ -200,7 +200,7 @@ def make_agent(tmp_path: Path, port: int, *, wait_for_cancel: bool = False, **op
         name="test-node",
         runner_factory=lambda *a, **k: FakeRunner(*a, wait_for_cancel=wait_for_cancel, **k),
         client_factory=FakeClient,
-        register=lambda coordinator, name: ("node_1", "swarm-node-token"),
+        register=lambda coordinator, name, invite_code=None: ("node_1", "swarm-node-token"),
         probe=lambda check_torch: inventory(),
         rng=ZeroRandom(),
         **options,

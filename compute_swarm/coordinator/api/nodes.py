@@ -9,11 +9,11 @@ import logging
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, WebSocket, WebSocketDisconnect, status
+from fastapi import APIRouter, HTTPException, Query, Request, WebSocket, WebSocketDisconnect, status
 from fastapi.responses import FileResponse
 
 from compute_swarm import protocol
-from compute_swarm.coordinator import accounts, receipts
+from compute_swarm.coordinator import accounts, admission, receipts
 from compute_swarm.coordinator.api.deps import CurrentNode, Services, ServicesDep, bearer_token
 from compute_swarm.coordinator.api.schemas import (
     EarningsHistoryOut,
@@ -38,13 +38,21 @@ router = APIRouter(tags=["nodes"])
 
 
 @router.post("/api/nodes/register", status_code=status.HTTP_201_CREATED)
-def register(body: NodeRegistrationIn, services: ServicesDep) -> NodeRegistrationOut:
+def register(body: NodeRegistrationIn, request: Request, services: ServicesDep) -> NodeRegistrationOut:
+    """A new node's id and token. Open, by invite code, or awaiting ops' approval, as ops chose
+    (Settings.node_admission); rate-limited per address."""
     try:
+        request.app.state.registrations.admit(request.client.host if request.client else "unknown")
         with services.database.transaction() as session:
-            node, token = accounts.register_node(session, body.name)
+            node, token = admission.register(
+                session, body.name, services.settings.node_admission, body.invite_code
+            )
+            approved = node.approved_at is not None
+    except admission.AdmissionRefused as error:
+        raise HTTPException(error.status_code, str(error)) from None
     except accounts.AccountError as error:
         raise HTTPException(status.HTTP_422_UNPROCESSABLE_CONTENT, str(error)) from None
-    return NodeRegistrationOut(node_id=node.id, token=token)
+    return NodeRegistrationOut(node_id=node.id, token=token, approved=approved)
 
 
 @router.get("/api/nodes/me")

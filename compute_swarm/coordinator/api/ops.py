@@ -10,8 +10,9 @@ from pydantic import BaseModel
 from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
-from compute_swarm.coordinator import accounts, ledger, verification
+from compute_swarm.coordinator import accounts, admission, ledger, verification
 from compute_swarm.coordinator.api.deps import Operator, Services, ServicesDep
+from compute_swarm.coordinator.api.schemas import InviteIn, InviteOut
 from compute_swarm.coordinator.hub import Connection
 from compute_swarm.coordinator.lifecycle import LEASED, QUEUED, STATES
 from compute_swarm.coordinator.tables import Job, JobEvent, Node
@@ -131,6 +132,8 @@ def _node_row(
         running = 0
         state = "offline"
     record = node_record(node, policy)
+    if node.approved_at is None:
+        state = "awaiting approval"
     if record.quarantined:
         state = "quarantined"
     if node.revoked_at is not None:
@@ -201,6 +204,7 @@ class StandingOut(BaseModel):
     node_id: str
     trusted_by_ops: bool
     quarantined: bool
+    approved: bool
 
 
 def change_standing(services: Services, node_id: str, change) -> StandingOut:
@@ -211,7 +215,10 @@ def change_standing(services: Services, node_id: str, change) -> StandingOut:
             raise HTTPException(status.HTTP_404_NOT_FOUND, f"no node {node_id!r}")
         change(node, services.jobs.verifier.policy)
         return StandingOut(
-            node_id=node.id, trusted_by_ops=node.trusted, quarantined=node.quarantined_at is not None
+            node_id=node.id,
+            trusted_by_ops=node.trusted,
+            quarantined=node.quarantined_at is not None,
+            approved=node.approved_at is not None,
         )
 
 
@@ -232,6 +239,28 @@ def trust_node(node_id: str, body: TrustIn, services: ServicesDep) -> StandingOu
     standing = change_standing(services, node_id, set_trust(body.trusted))
     services.hub.standing_changed()
     return standing
+
+
+def approve(node: Node, policy: VerificationPolicy) -> None:
+    if node.approved_at is None:
+        node.approved_at = time.time()
+
+
+@router.post("/nodes/{node_id}/approve")
+def approve_node(node_id: str, services: ServicesDep) -> StandingOut:
+    """Let in a node that registered where ops approve nodes: it takes work from now on."""
+    standing = change_standing(services, node_id, approve)
+    services.hub.standing_changed()
+    return standing
+
+
+@router.post("/invites", status_code=status.HTTP_201_CREATED)
+def create_invite(body: InviteIn, services: ServicesDep) -> InviteOut:
+    """An invite code (shown once) for nodes to register with, where ops admit nodes by invitation."""
+    with services.database.transaction() as session:
+        code = admission.create_invite(session, body.uses, body.hours, body.note)
+    expires_at = time.time() + body.hours * 3600 if body.hours is not None else None
+    return InviteOut(code=code, uses=body.uses, expires_at=expires_at)
 
 
 @router.post("/nodes/{node_id}/lift-quarantine")

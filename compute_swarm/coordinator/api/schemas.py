@@ -128,11 +128,27 @@ class LedgerLine(BaseModel):
 
 class NodeRegistrationIn(BaseModel):
     name: str = Field(min_length=1, max_length=100)
+    # Where ops admit nodes by invitation (Settings.node_admission "invite").
+    invite_code: str | None = Field(default=None, max_length=100)
 
 
 class NodeRegistrationOut(BaseModel):
     node_id: str
     token: str
+    # False where ops approve nodes: it may connect, but gets work only once approved.
+    approved: bool = True
+
+
+class InviteIn(BaseModel):
+    uses: int = Field(default=1, ge=1, le=100_000)
+    hours: float | None = Field(default=24 * 7, gt=0, le=24 * 365)
+    note: str = Field(default="", max_length=200)
+
+
+class InviteOut(BaseModel):
+    code: str
+    uses: int
+    expires_at: float | None
 
 
 class EarningsOut(BaseModel):

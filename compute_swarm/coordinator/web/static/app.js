@@ -636,6 +636,10 @@ function setUpOps() {
   function actions(node) {
     if (node.state === "revoked") return element("span", { class: "muted" }, "revoked");
     const cell = element("div", { class: "actions" });
+    if (node.state === "awaiting approval") {
+      cell.append(actionButton("Approve", "small", () => act(node, "approve", "approve", undefined,
+        `Let ${node.name} (${node.id}) take jobs and serve requests? Approve only machines you expected.`)));
+    }
     if (node.quarantined) {
       cell.append(actionButton("Lift quarantine", "small", () => act(node, "lift the quarantine of", "lift-quarantine", undefined,
         `Let ${node.name} take jobs again? Its jobs are re-run at twice a new node's rate until it proves clean.`)));
