@@ -29,6 +29,7 @@ from compute_swarm.coordinator.database import Database
 from compute_swarm.coordinator.hub import Hub
 from compute_swarm.coordinator.inference import InferenceService, RequestLimiter
 from compute_swarm.coordinator.jobs import JobService
+from compute_swarm.coordinator.limits import RequestLimits
 from compute_swarm.coordinator.metrics import Metrics
 from compute_swarm.coordinator.settings import Settings
 from compute_swarm.coordinator.tokens import TokenCounters
@@ -80,6 +81,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.include_router(module.router)
     openai_errors.install(app)
     web.install(app)
+    app.add_middleware(RequestLimits)
     return app
 
 

@@ -48,6 +48,8 @@ class Settings(BaseSettings):
     max_checkpoint_bytes: int = Field(default=4096 * MIB, gt=0)
     max_result_bytes: int = Field(default=4096 * MIB, gt=0)
     chunk_limit_bytes: int = Field(default=8 * MIB, gt=0, le=64 * MIB)
+    # Any other request's body (JSON, a page's form): 413 beyond. Uploads have the limits above.
+    max_request_body_bytes: int = Field(default=1 * MIB, gt=0)
 
     # Nodes.
     max_nodes: int = Field(default=20_000, ge=1)

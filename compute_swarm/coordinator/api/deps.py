@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -97,53 +98,51 @@ def check_browser_request(request: Request, settings: Settings, csrf_expected: s
         raise _refused(error) from None
 
 
-def _signed_in(request: Request, services: Services, kind: str, csrf_given: str | None) -> sessions.SignedIn:
-    cookie = request.cookies.get(sessions.COOKIES[kind])
+def _browser_session(request: Request, services: Services, kind: str) -> sessions.SignedIn | None:
+    """The browser session a request's cookie names; None when it carries a bearer token instead."""
+    if request.headers.get("authorization") or sessions.COOKIES[kind] not in request.cookies:
+        return None
     with services.database.reading() as session:
-        signed_in = sessions.find_session(session, cookie, kind)
+        signed_in = sessions.find_session(session, request.cookies.get(sessions.COOKIES[kind]), kind)
     if signed_in is None:
         raise _unauthorized("your session has ended: sign in again")
-    check_browser_request(request, services.settings, signed_in.session.csrf_token, csrf_given)
-    # Pages read it to put the CSRF token into their forms.
-    request.state.signed_in = signed_in
     return signed_in
 
 
-async def _from_browser(request: Request, services: Services, kind: str) -> sessions.SignedIn | None:
-    """The browser session a request carries, checked; None when it carries a bearer token instead."""
-    if request.headers.get("authorization") or sessions.COOKIES[kind] not in request.cookies:
-        return None
+async def _check_from_our_page(request: Request, services: Services, signed_in: sessions.SignedIn) -> None:
     csrf_given = await _submitted_csrf_token(request) if request.method in sessions.UNSAFE_METHODS else None
-    return await run_in_threadpool(_signed_in, request, services, kind, csrf_given)
+    check_browser_request(request, services.settings, signed_in.session.csrf_token, csrf_given)
+    # Pages read it to put the CSRF token into their forms.
+    request.state.signed_in = signed_in
 
 
-async def current_buyer(request: Request, services: ServicesDep) -> Buyer:
-    """The buyer calling: by the API key in the Authorization header, or by their browser session.
-    The API and the web page both ask here, so both check the same things."""
-    signed_in = await _from_browser(request, services, sessions.BUYER)
-    if signed_in is not None:
-        return signed_in.buyer
-    return await run_in_threadpool(
-        _identify, request, services, accounts.buyer_for_key, "this API key is not valid"
-    )
+# Who is calling, from the request's headers and cookies alone (no body: a browser's CSRF token may
+# be in its form, checked by the dependencies below once the caller is known).
 
 
-def current_node(request: Request, services: ServicesDep) -> Node:
+def identify_buyer(request: Request, services: Services) -> tuple[Buyer, sessions.SignedIn | None]:
+    signed_in = _browser_session(request, services, sessions.BUYER)
+    if signed_in is not None and signed_in.buyer is not None:
+        return signed_in.buyer, signed_in
+    return _identify(request, services, accounts.buyer_for_key, "this API key is not valid"), None
+
+
+def identify_node(request: Request, services: Services) -> Node:
     return _identify(
         request, services, accounts.node_for_token, "this node token is not valid or was revoked"
     )
 
 
-async def current_holder(request: Request, services: ServicesDep) -> Holder:
+def identify_holder(request: Request, services: Services) -> tuple[Holder, sessions.SignedIn | None]:
     """A buyer or a node, told apart by their key's prefix."""
     token = bearer_token(request.headers.get("authorization"))
     if token is not None and token.startswith(accounts.NODE_TOKEN_PREFIX):
-        node = await run_in_threadpool(current_node, request, services)
-        return Holder("node", node.id)
-    return Holder("buyer", (await current_buyer(request, services)).id)
+        return Holder("node", identify_node(request, services).id), None
+    buyer, signed_in = identify_buyer(request, services)
+    return Holder("buyer", buyer.id), signed_in
 
 
-async def current_operator(request: Request, services: ServicesDep) -> None:
+def identify_operator(request: Request, services: Services) -> sessions.SignedIn | None:
     """Ops: the admin token as a bearer token, or an ops browser session opened with it."""
     admin_token = services.settings.admin_token
     if admin_token is None:
@@ -151,11 +150,51 @@ async def current_operator(request: Request, services: ServicesDep) -> None:
             status.HTTP_403_FORBIDDEN,
             "the ops view is closed: start the coordinator with SWARM_ADMIN_TOKEN set",
         )
-    if await _from_browser(request, services, sessions.OPS) is not None:
-        return
-    if not sessions.admin_token_matches(admin_token.get_secret_value(), _token(request)):
+    signed_in = _browser_session(request, services, sessions.OPS)
+    if signed_in is None and not sessions.admin_token_matches(
+        admin_token.get_secret_value(), _token(request)
+    ):
         raise _unauthorized("this is not the admin token")
+    return signed_in
 
+
+# The dependencies routes declare. The API and the web page both ask here, so both check the same things.
+
+
+async def current_buyer(request: Request, services: ServicesDep) -> Buyer:
+    """The buyer calling: by the API key in the Authorization header, or by their browser session."""
+    buyer, signed_in = await run_in_threadpool(identify_buyer, request, services)
+    if signed_in is not None:
+        await _check_from_our_page(request, services, signed_in)
+    return buyer
+
+
+def current_node(request: Request, services: ServicesDep) -> Node:
+    return identify_node(request, services)
+
+
+async def current_holder(request: Request, services: ServicesDep) -> Holder:
+    holder, signed_in = await run_in_threadpool(identify_holder, request, services)
+    if signed_in is not None:
+        await _check_from_our_page(request, services, signed_in)
+    return holder
+
+
+async def current_operator(request: Request, services: ServicesDep) -> None:
+    signed_in = await run_in_threadpool(identify_operator, request, services)
+    if signed_in is not None:
+        await _check_from_our_page(request, services, signed_in)
+
+
+# What each dependency above checks before it needs the body. FastAPI reads a route's body before it
+# solves the route's dependencies, so coordinator/limits.py runs these first: a caller without valid
+# credentials is answered before a byte of the body is read, whatever its size.
+CHECKS_BEFORE_BODY: dict[Callable[..., object], Callable[[Request, Services], object]] = {
+    current_buyer: identify_buyer,
+    current_node: identify_node,
+    current_holder: identify_holder,
+    current_operator: identify_operator,
+}
 
 CurrentBuyer = Annotated[Buyer, Depends(current_buyer)]
 CurrentNode = Annotated[Node, Depends(current_node)]

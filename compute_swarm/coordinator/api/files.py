@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Header, HTTPException, Request, status
 from sqlalchemy import select
+from starlette.concurrency import run_in_threadpool
 
 from compute_swarm.coordinator.api.deps import CurrentBuyer, CurrentHolder, OwnedFile, ServicesDep
 from compute_swarm.coordinator.api.schemas import FileOut, UploadIn, UploadOut
@@ -60,21 +61,10 @@ async def send_chunk(
     services: ServicesDep,
     upload_offset: int = Header(alias="Upload-Offset", ge=0),
 ) -> UploadOut:
-    from starlette.concurrency import run_in_threadpool
-
-    limit = services.settings.chunk_limit_bytes
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > limit:
-        raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"a chunk may hold at most {limit} bytes")
-    data = bytearray()
-    async for part in request.stream():
-        data += part
-        if len(data) > limit:
-            raise HTTPException(status.HTTP_413_CONTENT_TOO_LARGE, f"a chunk may hold at most {limit} bytes")
+    # Bounded by the chunk limit as it arrives (coordinator/limits.py), after the caller is known.
+    data = await request.body()
     try:
-        upload = await run_in_threadpool(
-            services.uploads.receive, holder, upload_id, upload_offset, bytes(data)
-        )
+        upload = await run_in_threadpool(services.uploads.receive, holder, upload_id, upload_offset, data)
     except UploadError as error:
         raise HTTPException(error.status_code, str(error)) from None
     return await run_in_threadpool(_answer, services, upload)
