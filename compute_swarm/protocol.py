@@ -15,7 +15,8 @@ from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 from compute_swarm.engine.jobs import ChatMessage, Sampling
 
 # 3: a lease may bring a llama.cpp adapter to fetch (batch inference with a fine-tuned model).
-PROTOCOL_VERSION = 3
+# 4: a lease states the size of every artifact it names, and a node stops a download past it.
+PROTOCOL_VERSION = 4
 
 JobId = NewType("JobId", str)
 LeaseId = NewType("LeaseId", str)
@@ -268,7 +269,8 @@ class Welcome(_Message):
 class Lease(_Message):
     """Run this job. The spec's `dataset` is replaced by the artifact to fetch; `base_model` is always a
     catalogue name, and `adapter` is never sent (the node fetches adapter_sha256). Resume from the
-    checkpoint artifact when one is given."""
+    checkpoint artifact when one is given. Each artifact comes with its size as the coordinator stored
+    it: a node stops a download that goes past it (None: not known, as from an older coordinator)."""
 
     type: Literal["lease"] = "lease"
     job_id: Identifier
@@ -279,12 +281,15 @@ class Lease(_Message):
     dataset_sha256: Sha256
     dataset_size: int = Field(ge=0)
     checkpoint_sha256: Sha256 | None = None
+    checkpoint_size: int | None = Field(default=None, ge=0)
     checkpoint_step: int = 0
     # A batch inference job with a fine-tuned model: its llama.cpp LoRA adapter, as an artifact.
     adapter_sha256: Sha256 | None = None
+    adapter_size: int | None = Field(default=None, ge=0)
     # A verification re-run of a fine-tune: the result another node delivered (a tar of its adapter),
     # whose held-out loss this node measures too and reports as delivered_eval_loss.
     evaluate_result_sha256: Sha256 | None = None
+    evaluate_result_size: int | None = Field(default=None, ge=0)
     lease_seconds: float
 
 

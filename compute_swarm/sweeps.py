@@ -12,6 +12,7 @@ import itertools
 import math
 import random
 import statistics
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
@@ -164,7 +165,7 @@ def should_stop(
     eval_loss: float, step: int, others_at_step: list[float], rule: MedianStopping
 ) -> tuple[bool, float | None]:
     """Median stopping: (stop?, the median compared with). others_at_step: the other trials' held-out
-    losses at this step (each the latest they reported at or before it)."""
+    losses at this step (losses_at)."""
     if not rule.enabled or step < rule.min_steps or len(others_at_step) < rule.min_trials:
         return False, None
     median = statistics.median(others_at_step)
@@ -175,3 +176,19 @@ def loss_at(points: list[tuple[int, float]], step: int) -> float | None:
     """A trial's held-out loss at `step`: the latest it reported at or before it (points by step)."""
     earlier = [loss for at, loss in points if at <= step]
     return earlier[-1] if earlier else None
+
+
+def losses_at(trials: Iterable[list[tuple[int, float]]], step: int) -> list[float]:
+    """The other trials' held-out losses to compare with at `step`, each trial's points by step.
+
+    A trial counts once it got as far (a point at or after `step`: a loss from an earlier step alone
+    would flatter the trial being judged), with its latest loss at or before `step`. Trials evaluate at
+    their own intervals (a swept max_steps spreads them differently): one whose first evaluation comes
+    after `step` has nothing to compare there and is left out."""
+    losses = []
+    for points in trials:
+        if points and points[-1][0] >= step:
+            loss = loss_at(points, step)
+            if loss is not None:
+                losses.append(loss)
+    return losses

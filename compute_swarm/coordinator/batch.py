@@ -14,6 +14,7 @@ import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import BinaryIO
 
 from compute_swarm.coordinator import pricing
 from compute_swarm.engine.jobs import CatalogueModel, InferenceJobSpec
@@ -21,6 +22,13 @@ from compute_swarm.engine.jobs import CatalogueModel, InferenceJobSpec
 COMPLETIONS_FILE = "completions.jsonl"  # engine.inference.COMPLETIONS_FILE, inside the result's tar
 # A completions file holds at most max_tokens tokens an answer, each at most a few bytes, plus its JSON.
 MAX_COMPLETION_LINE_BYTES = 1 << 20
+# A result is a node's upload, read before anyone trusts it, so its reading is bounded. A batch's tar
+# holds completions.jsonl and at most a few other files (the node packs desktop.workspace.RESULT_FILES);
+# the scan stops past this many members, whatever the archive holds after them.
+MAX_RESULT_MEMBERS = 16
+# What the members' headers may take together (PAX and GNU long-name records included, which tarfile
+# reads whole however long they say they are): a real result's take a few KiB.
+MAX_HEADER_BYTES = 1 << 20
 
 
 class BatchResultError(ValueError):
@@ -59,12 +67,20 @@ def read_answers(result_archive: Path, *, lines: int) -> Iterator[tuple[int, int
     node reported them, read as they are used; raises BatchResultError when the archive does not hold
     one answer per prompt."""
     count = 0
+    most_bytes = lines * MAX_COMPLETION_LINE_BYTES
     try:
-        with tarfile.open(result_archive) as archive:
-            try:
-                member = archive.getmember(COMPLETIONS_FILE)
-            except KeyError:
-                raise BatchResultError(f"the result holds no {COMPLETIONS_FILE}") from None
+        # "r:": a node's result is an uncompressed tar (sdk.client.pack_directory); a compressed one
+        # could unpack to any size.
+        with (
+            open(result_archive, "rb") as file,
+            tarfile.open(fileobj=_ReadBudget(file, MAX_HEADER_BYTES + most_bytes), mode="r:") as archive,
+        ):
+            member = _completions_member(archive)
+            if member.size > most_bytes:
+                raise BatchResultError(
+                    f"{COMPLETIONS_FILE} is {member.size} bytes, more than {lines} answers can take "
+                    f"({MAX_COMPLETION_LINE_BYTES} bytes each at most)"
+                )
             stream = archive.extractfile(member) if member.isfile() else None
             if stream is None:
                 raise BatchResultError(f"{COMPLETIONS_FILE} in the result is not a file")
@@ -74,8 +90,56 @@ def read_answers(result_archive: Path, *, lines: int) -> Iterator[tuple[int, int
                 yield _answer(raw, count)
     except (OSError, tarfile.TarError) as error:
         raise BatchResultError(f"the result is not a readable archive: {error}") from None
+    except RecursionError:  # tarfile reads a chain of extended headers (PAX, GNU long names) recursively
+        raise BatchResultError(
+            "the result's archive has a chain of extended headers too long to read"
+        ) from None
     if count != lines:
         raise BatchResultError(f"the result answers {count} of the {lines} prompts")
+
+
+def _completions_member(archive: tarfile.TarFile) -> tarfile.TarInfo:
+    """The archive's completions file, its members read one by one (tarfile's getmember reads every
+    header in the archive first), at most MAX_RESULT_MEMBERS of them."""
+    found = None
+    for number, member in enumerate(iter(archive.next, None), 1):
+        if number > MAX_RESULT_MEMBERS:
+            raise BatchResultError(
+                f"the result holds more than {MAX_RESULT_MEMBERS} files; a batch's result holds "
+                f"{COMPLETIONS_FILE} and a few others"
+            )
+        if member.name == COMPLETIONS_FILE:
+            if found is not None:
+                raise BatchResultError(f"the result holds {COMPLETIONS_FILE} twice")
+            found = member
+    if found is None:
+        raise BatchResultError(f"the result holds no {COMPLETIONS_FILE}")
+    return found
+
+
+class _ReadBudget:
+    """A binary file that refuses to read more than `budget` bytes in all, for tarfile: bounding the
+    members is not enough where one header can say it is a gigabyte long."""
+
+    def __init__(self, file: BinaryIO, budget: int):
+        self._file = file
+        self._left = budget
+        self._budget = budget
+
+    def read(self, size: int | None = -1) -> bytes:
+        if size is None or size < 0 or size > self._left:
+            raise BatchResultError(
+                f"the result needs more than {self._budget} bytes read to find and read its answers"
+            )
+        data = self._file.read(size)
+        self._left -= len(data)
+        return data
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        return self._file.seek(offset, whence)
+
+    def tell(self) -> int:
+        return self._file.tell()
 
 
 def count_usage(result_archive: Path, *, lines: int, max_tokens: int, dataset_bytes: int) -> BatchUsage:

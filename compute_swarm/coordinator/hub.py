@@ -234,7 +234,15 @@ class Hub:
                     logger.warning("node %s: %s", crash.node_id, crash.message)
                     connection.crashed_models = {**connection.crashed_models, crash.model_key: crash.message}
         elif isinstance(message, protocol.JobProgress):
-            stop = await asyncio.to_thread(self.service.progress, connection.node_id, message)
+            try:
+                stop = await asyncio.to_thread(self.service.progress, connection.node_id, message)
+            except Exception:
+                # A progress report is answered by nothing and superseded by the next: one that cannot
+                # be handled (a bug) is logged and dropped, and the node keeps its connection and job.
+                logger.exception(
+                    "node %s: progress of job %s not recorded", connection.node_id, message.job_id
+                )
+                return
             if stop is not None:
                 await connection.send(
                     protocol.Cancel(job_id=message.job_id, lease_id=message.lease_id, reason=stop[:500])

@@ -36,7 +36,7 @@ from compute_swarm.coordinator.lifecycle import (
 )
 from compute_swarm.coordinator.scheduler import QueuedJob, inference_memory_bytes, required_memory_bytes
 from compute_swarm.coordinator.settings import Settings
-from compute_swarm.coordinator.tables import Buyer, File, Job, JobProgressPoint, Node, Sweep, Upload
+from compute_swarm.coordinator.tables import Artifact, Buyer, File, Job, JobProgressPoint, Node, Sweep, Upload
 from compute_swarm.coordinator.verification import is_trusted
 from compute_swarm.coordinator.verifier import Verifier, node_record
 from compute_swarm.engine.jobs import CATALOGUE, InferenceJobSpec, LoraJobSpec, parse_job_spec
@@ -332,14 +332,15 @@ class JobService:
                     session, job, f"leased to {node_id} (attempt {job.attempt} of {job.max_attempts})"
                 )
                 grants.append(
-                    Grant(node_id=node_id, message=self._lease_message(job), queued_at=job.queued_at)
+                    Grant(node_id=node_id, message=self._lease_message(session, job), queued_at=job.queued_at)
                 )
         return grants
 
-    def _lease_message(self, job: Job) -> protocol.Lease:
+    def _lease_message(self, session: Session, job: Job) -> protocol.Lease:
         # The node receives the dataset (and a fine-tuned model's adapter) as artifacts to fetch: never
-        # the buyer's file id, name or model id.
+        # the buyer's file id, name or model id. With each, its stored size: the node downloads no more.
         spec = {**job.spec, "base_model": job.base_model, "dataset": job.dataset_sha256}
+        evaluate_result_sha256 = job.delivered_result_sha256 if job.kind == "lora" else None
         return protocol.Lease(
             job_id=job.id,
             lease_id=job.lease_id,
@@ -349,9 +350,12 @@ class JobService:
             dataset_sha256=job.dataset_sha256,
             dataset_size=job.dataset_size,
             checkpoint_sha256=job.checkpoint_sha256,
+            checkpoint_size=_artifact_size(session, job.checkpoint_sha256),
             checkpoint_step=job.checkpoint_step,
             adapter_sha256=job.input_adapter_sha256,
-            evaluate_result_sha256=job.delivered_result_sha256 if job.kind == "lora" else None,
+            adapter_size=_artifact_size(session, job.input_adapter_sha256),
+            evaluate_result_sha256=evaluate_result_sha256,
+            evaluate_result_size=_artifact_size(session, evaluate_result_sha256),
             lease_seconds=self.settings.lease_seconds,
         )
 
@@ -444,15 +448,18 @@ class JobService:
         with self.database.transaction() as session:
             job = self._current(session, node_id, report.job_id, report.lease_id)
             if job is None:
+                # A trial stopped when its checkpoint arrived hears why in answer to its next report.
+                ended = session.get(Job, report.job_id)
+                stopped = ended is not None and ended.error_kind == trials.STOPPED_EARLY
+                if stopped and ended.node_id == node_id and ended.error_message:
+                    return ended.error_message
                 return "this lease is no longer valid"
             now = time.time()
-            if job.state == LEASED:
-                job.state = RUNNING
-                record_event(session, job, f"running on {node_id}")
-            previous = job.progress or {}
-            job.progress = report.model_dump(
-                mode="json", exclude={"type", "job_id", "lease_id", "learning_rate"}
-            )
+            previous = _running(session, job, node_id)
+            latest = report.model_dump(mode="json", exclude={"type", "job_id", "lease_id", "learning_rate"})
+            if trials.RESUMED_FROM_STEP in previous:
+                latest[trials.RESUMED_FROM_STEP] = previous[trials.RESUMED_FROM_STEP]
+            job.progress = latest
             loss, eval_loss = _finite(report.loss), _finite(report.eval_loss)
             # Nodes repeat the latest held-out loss on every report: it is a new point only when it changes.
             if eval_loss is not None and eval_loss == previous.get("eval_loss"):
@@ -472,7 +479,9 @@ class JobService:
             job.updated_at = now
             if job.sweep_id is not None and eval_loss is not None:
                 session.flush()  # the point just added counts for the other trials, not against this one
-                return trials.stop_if_worse(session, job, report.step, eval_loss, self.settings)
+                return trials.after_evaluation(
+                    session, job, report.step, eval_loss, self.settings, self.verifier
+                )
             return None
 
     def checkpoint(self, node_id: str, report: protocol.CheckpointUploaded) -> protocol.Acknowledged:
@@ -486,24 +495,30 @@ class JobService:
                 problem = f"step {report.step} is past the job's {max_steps} steps"
             if problem:
                 return _ack(report, "checkpoint", False, job.state, problem)
+            _running(session, job, node_id)
             if report.step > job.checkpoint_step:
                 job.checkpoint_sha256 = report.sha256
                 job.checkpoint_step = report.step
                 job.updated_at = time.time()
                 record_event(session, job, f"checkpoint at step {report.step}")
+                if job.sweep_id is not None:
+                    stopped = trials.after_checkpoint(session, job, report.step, self.settings, self.verifier)
+                    if stopped is not None:
+                        return _ack(report, "checkpoint", True, job.state, stopped)
             return _ack(report, "checkpoint", True, job.state)
 
     def result(self, node_id: str, report: protocol.JobResult) -> protocol.Acknowledged:
         # A batch's completions are read before the transaction: reading a file must not hold the
         # write lock. The archive is content-addressed, so what is read is what the report names.
-        usage, usage_problem = self._batch_usage(report)
+        usage, usage_problem = self._batch_usage(node_id, report)
         with self.database.transaction() as session:
             job = self._current(session, node_id, report.job_id, report.lease_id)
             if job is None:
                 return self._stale(session, report, "result")
-            problem = _check_result(session, node_id, job, report) or (
-                usage_problem if job.kind == "inference" else None
-            )
+            problem = _check_result(session, node_id, job, report)
+            if not problem and job.kind == "inference" and usage is None:
+                # Read before this lease was visible (it is checked first): counted on the next report.
+                problem = usage_problem or "the result was not counted yet: report it again"
             if problem:
                 return _ack(report, "result", False, job.state, problem)
             job.result_sha256 = report.sha256
@@ -545,12 +560,21 @@ class JobService:
             self.verifier.after_completion(session, job)
             return _ack(report, "result", True, job.state)
 
-    def _batch_usage(self, report: protocol.JobResult) -> tuple[batch.BatchUsage | None, str | None]:
-        """For a batch inference job's result: the tokens it is charged for, or why it cannot count."""
+    def _batch_usage(
+        self, node_id: str, report: protocol.JobResult
+    ) -> tuple[batch.BatchUsage | None, str | None]:
+        """For a batch inference job's result: the tokens it is charged for, or why it cannot count.
+        Nothing is read unless the report is the node's current lease's and names a result it uploaded
+        for that lease: else any node could make the coordinator parse any stored blob."""
         with self.database.reading() as session:
             job = session.get(Job, report.job_id)
             if job is None or job.kind != "inference":
                 return None, None
+            if job.lease_id != report.lease_id or job.node_id != node_id or job.state not in HELD_STATES:
+                return None, None  # the transaction answers it as stale
+            problem = _check_result(session, node_id, job, report)
+            if problem:
+                return None, problem
             spec = parse_job_spec(job.spec)
             assert isinstance(spec, InferenceJobSpec)
             max_tokens, lines, dataset_size = spec.sampling.max_tokens, job.dataset_lines, job.dataset_size
@@ -784,8 +808,25 @@ def _quote(session: Session, buyer_id: str, spec: LoraJobSpec | InferenceJobSpec
     )
 
 
+def _running(session: Session, job: Job, node_id: str) -> dict[str, Any]:
+    """The job's progress before this report; the lease's first report marks the job running. A sweep
+    trial's progress keeps the checkpoint step its lease started from: a trial stopped early is paid
+    only for the steps after it (trials.checked_work)."""
+    if job.state == LEASED:
+        job.state = RUNNING
+        record_event(session, job, f"running on {node_id}")
+        if job.sweep_id is not None:
+            job.progress = {trials.RESUMED_FROM_STEP: job.checkpoint_step}
+    return job.progress or {}
+
+
 def _locked_job(session: Session, job_id: str) -> Job | None:
     return session.scalar(select(Job).where(Job.id == job_id).with_for_update())
+
+
+def _artifact_size(session: Session, sha256: str | None) -> int | None:
+    artifact = session.get(Artifact, sha256) if sha256 is not None else None
+    return artifact.size if artifact is not None else None
 
 
 def _check_upload(session: Session, node_id: str, job: Job, purpose: str, sha256: str) -> str | None:

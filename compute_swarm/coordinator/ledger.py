@@ -92,7 +92,7 @@ def post(
 
 
 def _add_to_balance(session: Session, account: str, amount: int) -> None:
-    row = session.get(AccountBalance, account, with_for_update=True)
+    row = _locked_balance(session, account)
     if row is None:
         try:
             with session.begin_nested():
@@ -100,9 +100,17 @@ def _add_to_balance(session: Session, account: str, amount: int) -> None:
                 session.flush()
             return
         except IntegrityError:  # another transaction opened the account first (PostgreSQL)
-            row = session.get(AccountBalance, account, with_for_update=True, populate_existing=True)
+            row = _locked_balance(session, account)
             assert row is not None
     row.balance_micro += amount
+
+
+def _locked_balance(session: Session, account: str) -> AccountBalance | None:
+    """An account's balance row, locked to the end of the transaction (PostgreSQL; SQLite's BEGIN
+    IMMEDIATE holds the whole database already), with the value as it is now: a row this session read
+    earlier keeps its old value unless it is loaded again, and adding to that would undo whatever a
+    transaction committed in between."""
+    return session.get(AccountBalance, account, with_for_update=True, populate_existing=True)
 
 
 def balance(session: Session, account: str) -> int:
@@ -140,7 +148,13 @@ def grant(
 def hold_in_escrow(
     session: Session, buyer_id: str, job_id: str, amount_micro: int, *, what: str = "this job costs"
 ) -> None:
-    available = balance(session, buyer_account(buyer_id))
+    """Move what a job or request may cost from its buyer's balance to its escrow, in the caller's
+    transaction, or raise InsufficientCredits. Every spending of a buyer's balance (jobs, sweeps'
+    trials, batches, live requests) comes here: the balance is read under its row lock, kept until the
+    caller commits, so two holds at once on PostgreSQL take turns and the second sees what the first
+    spent, instead of both passing the check against the same balance."""
+    row = _locked_balance(session, buyer_account(buyer_id))
+    available = row.balance_micro if row is not None else 0
     if available < amount_micro:
         raise InsufficientCredits(
             f"{what} {format_credits(amount_micro)} credits; the balance is {format_credits(available)}"

@@ -2,11 +2,13 @@
 every cookie-carrying request that changes something must pass (its Origin, and a CSRF token).
 
 The cookie holds a random secret; only its sha256 is stored, as with API keys. A buyer's session is
-tied to the key it was opened with: revoking that key signs the browser out.
+tied to the key it was opened with: revoking that key signs the browser out. An ops session is tied to
+the admin token it was opened with: starting the coordinator with another token signs it out.
 """
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import secrets
 import time
@@ -44,9 +46,16 @@ def new_secret() -> str:
 
 
 def open_session(
-    session: Session, kind: str, hours: float, *, buyer_id: str | None = None, api_key_id: str | None = None
+    session: Session,
+    kind: str,
+    hours: float,
+    *,
+    buyer_id: str | None = None,
+    api_key_id: str | None = None,
+    admin_token: str | None = None,
 ) -> tuple[WebSession, str]:
-    """A new session row and the cookie value that names it (not stored)."""
+    """A new session row and the cookie value that names it (not stored). An ops session records the
+    admin token it was opened with (`admin_token`, as a fingerprint); without one it is never found."""
     now = time.time()
     # Expired sessions are swept here, as sign-ins are rare next to requests.
     session.execute(delete(WebSession).where(WebSession.expires_at < now))
@@ -57,6 +66,9 @@ def open_session(
         buyer_id=buyer_id,
         api_key_id=api_key_id,
         csrf_token=new_secret(),
+        admin_token_fingerprint=(
+            admin_token_fingerprint(admin_token) if kind == OPS and admin_token is not None else None
+        ),
         created_at=now,
         expires_at=now + hours * 3600,
     )
@@ -64,14 +76,22 @@ def open_session(
     return row, cookie
 
 
-def find_session(session: Session, cookie: str | None, kind: str) -> SignedIn | None:
-    """The live session a cookie names: not expired, of this kind, its API key not revoked."""
+def find_session(
+    session: Session, cookie: str | None, kind: str, *, admin_token: str | None = None
+) -> SignedIn | None:
+    """The live session a cookie names: not expired, of this kind, its API key not revoked, or (ops)
+    opened with `admin_token`, the admin token in force now."""
     if not cookie or len(cookie) > 100:
         return None
     row = session.get(WebSession, accounts.hash_secret(cookie))
     if row is None or row.kind != kind or row.expires_at < time.time():
         return None
     if kind == OPS:
+        opened_with = row.admin_token_fingerprint
+        if admin_token is None or opened_with is None:
+            return None
+        if not hmac.compare_digest(opened_with.encode(), admin_token_fingerprint(admin_token).encode()):
+            return None
         return SignedIn(row, None)
     key = session.get(ApiKey, row.api_key_id) if row.api_key_id else None
     if key is None or key.revoked_at is not None:
@@ -83,6 +103,12 @@ def find_session(session: Session, cookie: str | None, kind: str) -> SignedIn | 
 def close_session(session: Session, cookie: str | None) -> None:
     if cookie:
         session.execute(delete(WebSession).where(WebSession.id == accounts.hash_secret(cookie)))
+
+
+def admin_token_fingerprint(admin_token: str) -> str:
+    """What an ops session keeps of the admin token: a keyed hash, no use as the token itself nor
+    equal to its plain sha256 (which is how API keys are stored)."""
+    return hmac.new(admin_token.encode(), b"compute-swarm ops session", hashlib.sha256).hexdigest()
 
 
 def admin_token_matches(expected: str | None, given: str) -> bool:

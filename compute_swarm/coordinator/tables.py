@@ -59,6 +59,9 @@ class WebSession(Base):
     buyer_id: Mapped[str | None] = mapped_column(ForeignKey("buyers.id"), nullable=True, index=True)
     api_key_id: Mapped[str | None] = mapped_column(ForeignKey("api_keys.id"), nullable=True)
     csrf_token: Mapped[str] = mapped_column(String(64))
+    # An ops session: a fingerprint of the admin token it was opened with (sessions.py), so that a
+    # new token signs out every browser the old one signed in.
+    admin_token_fingerprint: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
     expires_at: Mapped[float] = mapped_column(Float, index=True)
 

@@ -1,14 +1,27 @@
 """A sweep's trials in the database: queueing them all (or none), stopping the clearly worse ones
 early, and the sweep as its buyer sees it (each trial's settings, losses, cost and state; the best).
 
-A trial stopped early is charged for the share of its steps it ran (the node did that work) and the
-rest of its escrow goes back to the buyer.
+A trial stopped early is paid only for steps the coordinator can check: those between the checkpoint
+its lease resumed from (step 0 for a fresh start) and the latest checkpoint that same lease uploaded
+(the coordinator holds it, checked by its sha256 on arrival). The buyer is charged that share of the
+trial's price and the node credited its share of that (pending, as for a completed job); the rest of
+the escrow goes back to the buyer. No checkpoint from the lease, no charge at all: the step a node
+reports is never paid for. A paid stopped trial is sampled for verification as a completed job is: a
+trusted node trains the trial's spec up to the checkpoint's step and measures the checkpoint's held-out
+loss beside its own (coordinator.verifier).
+
+Stopping follows the held-out loss the trial's node reports (a lie there only ends its own trial),
+against the losses the other trials reported at or before that step (sweeps.losses_at). The engine
+evaluates at each checkpoint step and reports the loss before it saves the checkpoint, so a trial is
+judged there when that checkpoint arrives, and is paid for every step it ran; a loss reported at any
+other step is judged at once. A trial at its last step is never stopped: its result follows.
 """
 
 from __future__ import annotations
 
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
@@ -19,9 +32,21 @@ from compute_swarm.coordinator.inference import fine_tuned_model_id
 from compute_swarm.coordinator.job_events import record as record_event
 from compute_swarm.coordinator.lifecycle import CANCELLED, OPEN_STATES, SUCCEEDED_STATES
 from compute_swarm.coordinator.settings import Settings
-from compute_swarm.coordinator.tables import Job, JobProgressPoint, LedgerEntry, LedgerTransaction, Sweep
+from compute_swarm.coordinator.tables import (
+    Job,
+    JobProgressPoint,
+    LedgerEntry,
+    LedgerTransaction,
+    Sweep,
+    Upload,
+)
+
+if TYPE_CHECKING:  # the verifier reads STOPPED_EARLY from here
+    from compute_swarm.coordinator.verifier import Verifier
 
 STOPPED_EARLY = "stopped_early"
+# In a running trial's progress: the checkpoint step its lease started from (set at its first report).
+RESUMED_FROM_STEP = "resumed_from_step"
 
 
 class SweepError(ValueError):
@@ -57,50 +82,153 @@ def trial_specs(spec: sweeps.SweepSpec) -> list[tuple[dict[str, Any], dict[str, 
     return trials
 
 
-def stop_if_worse(session: Session, job: Job, step: int, eval_loss: float, settings: Settings) -> str | None:
-    """Median stopping for a trial that just reported a held-out loss; the reason when it stopped."""
+@dataclass(frozen=True)
+class CheckedWork:
+    """The steps of a trial's current lease that the coordinator can check: from the checkpoint the
+    lease resumed from to the latest checkpoint the lease uploaded (to_step == from_step: none)."""
+
+    from_step: int
+    to_step: int
+    checkpoint_sha256: str | None
+
+    @property
+    def steps(self) -> int:
+        return self.to_step - self.from_step
+
+
+def checked_work(session: Session, job: Job) -> CheckedWork:
+    """What the job's current lease did that a checkpoint it uploaded shows."""
+    resumed_from = (job.progress or {}).get(RESUMED_FROM_STEP)
+    if not isinstance(resumed_from, int):
+        # A lease that began before the coordinator recorded where leases start: nothing it can show.
+        resumed_from = job.checkpoint_step
+    if job.checkpoint_sha256 is None or job.checkpoint_step <= resumed_from:
+        return CheckedWork(resumed_from, resumed_from, None)
+    uploaded = session.scalar(
+        select(Upload.id).where(
+            Upload.holder == f"node:{job.node_id}",
+            Upload.job_id == job.id,
+            Upload.lease_id == job.lease_id,
+            Upload.purpose == "checkpoint",
+            Upload.sha256 == job.checkpoint_sha256,
+            Upload.completed_at.is_not(None),
+        )
+    )
+    if uploaded is None:
+        return CheckedWork(resumed_from, resumed_from, None)
+    return CheckedWork(resumed_from, job.checkpoint_step, job.checkpoint_sha256)
+
+
+def checkpoint_follows(job: Job, step: int) -> bool:
+    """Whether the engine saves a checkpoint at this step of the trial, after reporting its held-out
+    loss there (engine.lora: every checkpoint_interval steps, before the last)."""
+    interval = job.spec.get("checkpoint_interval") or 0
+    return interval > 0 and step % interval == 0 and step < (job.spec.get("max_steps") or 0)
+
+
+def after_evaluation(
+    session: Session, job: Job, step: int, eval_loss: float, settings: Settings, verifier: Verifier
+) -> str | None:
+    """A trial's node reported a held-out loss at `step`; the reason when the trial stopped."""
+    if step >= (job.spec.get("max_steps") or 0):
+        return None  # its result follows
+    if checkpoint_follows(job, step) and checked_work(session, job).to_step < step:
+        return None  # judged when the checkpoint arrives (after_checkpoint)
+    return stop_if_worse(session, job, step, eval_loss, settings, verifier)
+
+
+def after_checkpoint(
+    session: Session, job: Job, step: int, settings: Settings, verifier: Verifier
+) -> str | None:
+    """A trial's lease just uploaded its checkpoint at `step`: judged by the held-out loss this attempt
+    reported there; the reason when the trial stopped."""
+    if step >= (job.spec.get("max_steps") or 0):
+        return None  # a checkpoint at its last step: its result follows
+    eval_loss = session.scalar(
+        select(JobProgressPoint.eval_loss)
+        .where(
+            JobProgressPoint.job_id == job.id,
+            JobProgressPoint.attempt == job.attempt,
+            JobProgressPoint.step == step,
+            JobProgressPoint.eval_loss.is_not(None),
+        )
+        .order_by(JobProgressPoint.id.desc())
+        .limit(1)
+    )
+    if eval_loss is None:
+        return None
+    return stop_if_worse(session, job, step, eval_loss, settings, verifier)
+
+
+def stop_if_worse(
+    session: Session, job: Job, step: int, eval_loss: float, settings: Settings, verifier: Verifier
+) -> str | None:
+    """Median stopping for a trial with a held-out loss at `step`; the reason when it stopped."""
     sweep = session.get(Sweep, job.sweep_id)
     if sweep is None:
         return None
     rule = sweeps.SweepSpec.model_validate(sweep.spec).median_stopping
-    others: list[float] = []
-    for other_id in session.scalars(select(Job.id).where(Job.sweep_id == sweep.id, Job.id != job.id)):
-        points = [
-            (point.step, point.eval_loss)
-            for point in session.scalars(
-                select(JobProgressPoint)
-                .where(JobProgressPoint.job_id == other_id, JobProgressPoint.eval_loss.is_not(None))
-                .order_by(JobProgressPoint.step)
-            )
-        ]
-        # Only trials that got as far: a loss from an earlier step would flatter this one.
-        if points and points[-1][0] >= step:
-            others.append(sweeps.loss_at(points, step))
+    others = sweeps.losses_at(
+        (
+            [
+                (point.step, point.eval_loss)
+                for point in session.scalars(
+                    select(JobProgressPoint)
+                    .where(JobProgressPoint.job_id == other_id, JobProgressPoint.eval_loss.is_not(None))
+                    .order_by(JobProgressPoint.step)
+                )
+            ]
+            for other_id in session.scalars(select(Job.id).where(Job.sweep_id == sweep.id, Job.id != job.id))
+        ),
+        step,
+    )
     stop, median = sweeps.should_stop(eval_loss, step, others, rule)
     if not stop:
         return None
-    # The job's own step count, never the node's report of it: the node is paid by this share.
-    total = job.spec.get("max_steps") or step
+    # The job's own step count, never the node's report of it.
+    total = max(job.spec.get("max_steps") or step, 1)
     reason = (
         f"stopped early at step {step} of {total}: held-out loss {eval_loss:.4f} is above the median "
         f"{median:.4f} of {len(others)} other trials"
     )
-    # The node did `step` of `total` steps' work: the buyer pays that share, and gets the rest back.
-    price = job.price_micro * min(step, total) // max(total, 1)
-    node_share, fee = pricing.split_payment(price, settings.platform_fee_basis_points)
-    ledger.charge(session, job.id, job.node_id, node_share, fee, buyer_id=job.buyer_id, memo=reason[:500])
+    work = checked_work(session, job)
+    held = job.price_micro
+    price = held * min(work.steps, total) // total
+    if price > 0:
+        payment = (
+            f"charged {ledger.format_credits(price)} of the {ledger.format_credits(held)} credits held, "
+            f"for steps {work.from_step + 1} to {work.to_step} ({work.steps} of {total}, up to the checkpoint "
+            "this lease uploaded); the rest goes back to the buyer"
+        )
+        node_share, fee = pricing.split_payment(price, settings.platform_fee_basis_points)
+        ledger.charge(
+            session,
+            job.id,
+            job.node_id,
+            node_share,
+            fee,
+            buyer_id=job.buyer_id,
+            memo=f"{reason}; {payment}"[:500],
+        )
+    else:
+        payment = (
+            f"nothing charged: no checkpoint uploaded after step {work.from_step} in this lease, so no "
+            f"step it ran can be checked; the {ledger.format_credits(held)} credits held go back to the buyer"
+        )
+        ledger.refund(session, job.id, job.buyer_id, memo=f"{reason}; {payment}"[:500])
     job.price_micro = price
     job.state = CANCELLED
     job.error_kind = STOPPED_EARLY
-    job.error_message = reason
+    job.error_message = f"{reason}; {payment}"
     job.finished_at = job.updated_at = time.time()
     job.lease_id = job.lease_expires_at = None
-    # Not re-run (it delivered nothing to check): its node's credit waits out the window.
-    job.verification = "skipped"
-    job.verification_detail = "stopped early: nothing delivered to verify"
-    job.credit_release_at = job.finished_at + settings.verification_window_seconds
-    record_event(session, job, reason)
-    return reason
+    record_event(session, job, f"{reason}; {payment}")
+    if price > 0:
+        assert work.checkpoint_sha256 is not None
+        verifier.after_stop(session, job, work.to_step, work.checkpoint_sha256)
+    else:
+        verifier.not_to_verify(job, "stopped early with nothing charged: nothing to verify")
+    return f"{reason}; {payment}"
 
 
 def view(session: Session, sweep: Sweep) -> dict[str, Any]:

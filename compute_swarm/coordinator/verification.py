@@ -1,5 +1,6 @@
-"""Verification of untrusted nodes, as pure decisions: which completed jobs are re-run on a trusted
-node, how a re-run is compared with what the node delivered, and how the node's record changes.
+"""Verification of untrusted nodes, as pure decisions: which completed jobs (and paid sweep trials
+stopped early) are re-run on a trusted node, how a re-run is compared with what the node delivered,
+and how the node's record changes.
 
 Sampling is adaptive, in the way BOINC's adaptive replication is: each node carries an estimate of
 its error rate. A new node starts at `initial_error_rate`; every clean verification multiplies the
@@ -197,6 +198,41 @@ def compare_lora(
             PASSED, f"{held_out_note}; training losses within {median:.1%} over {len(common)} steps"
         )
     return Verdict(PASSED, held_out_note)
+
+
+def compare_stopped_trial(
+    *,
+    delivered_eval_loss: float | None,
+    trusted_eval_loss: float | None,
+    reported_losses: dict[int, float],
+    trusted_losses: dict[int, float],
+    same_learning_rates: bool,
+    policy: VerificationPolicy,
+) -> Verdict:
+    """A sweep trial stopped early and paid up to a checkpoint, against a trusted run of its spec to
+    that checkpoint's step: delivered_eval_loss is the checkpoint's held-out loss, measured by the
+    trusted node.
+
+    The held-out losses decide, as for a finished fine-tune. The training losses count too only when
+    the two runs took the same learning rates: a re-run to step k schedules its decay over k steps, the
+    trial over all of its own (the engine cannot stop a schedule part way), so with a decaying schedule
+    the two runs part after the warm-up and their step losses are not expected to agree.
+
+    A trial is stopped on a held-out loss its node reported; without a held-out set (the trusted run
+    measured none) that loss cannot have been measured, and the checkpoint is not taken on trust.
+    """
+    if not _finite(trusted_eval_loss):
+        return Verdict(
+            MISMATCH,
+            "the trusted run has no held-out set, so the held-out loss the trial was stopped on was not measured",
+        )
+    return compare_lora(
+        delivered_eval_loss=delivered_eval_loss,
+        trusted_eval_loss=trusted_eval_loss,
+        reported_losses=reported_losses if same_learning_rates else {},
+        trusted_losses=trusted_losses if same_learning_rates else {},
+        policy=policy,
+    )
 
 
 def line_agrees(delivered: str, trusted: str, policy: VerificationPolicy) -> bool:

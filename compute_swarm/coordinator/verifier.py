@@ -8,6 +8,12 @@ the re-run reports, the two are compared and the checked job is settled:
   node's record falls (quarantine after repeated mismatches).
 The platform pays the trusted node the checked job's node share, out of its fees. A job nobody
 verifies (not sampled, or no trusted node in time) has its credit released when its window passes.
+
+A sweep trial stopped early and paid for the steps up to a checkpoint (coordinator.trials) is sampled
+the same way. Its re-run trains the trial's spec to the checkpoint's step and measures the checkpoint's
+held-out loss (the checkpoint holds the adapter in peft's layout, as a result does); it delivered no
+result, so a pass leaves it stopped (credit released) and a mismatch claws the credit back and gives
+the buyer back what the trial was charged.
 """
 
 from __future__ import annotations
@@ -27,6 +33,7 @@ from compute_swarm.coordinator.job_events import record as record_event
 from compute_swarm.coordinator.lifecycle import CANCELLED, COMPLETED, QUEUED, VERIFIED
 from compute_swarm.coordinator.settings import Settings
 from compute_swarm.coordinator.tables import Job, JobProgressPoint, Node
+from compute_swarm.coordinator.trials import STOPPED_EARLY
 from compute_swarm.coordinator.verification import MISMATCH, PASSED, NodeRecord, Verdict, VerificationPolicy
 
 logger = logging.getLogger(__name__)
@@ -71,22 +78,44 @@ class Verifier:
         job.credit_release_at = time.time() + self.window_seconds
         if job.kind == "inference" and job.spec.get("sampling", {}).get("temperature", 1.0) != 0:
             # A sampled answer depends on the machine's exact numbers: a re-run elsewhere differs.
-            job.verification = SKIPPED
-            job.verification_detail = "sampled answers (temperature above 0) are not replayed"
+            self.not_to_verify(job, "sampled answers (temperature above 0) are not replayed")
             return None
+        return self._sample(session, job, job.spec, job.result_sha256, f"completed on {job.node_id}")
+
+    def after_stop(self, session: Session, job: Job, checked_step: int, checkpoint_sha256: str) -> Job | None:
+        """Decide whether a sweep trial stopped early, and paid for the steps up to its checkpoint at
+        `checked_step`, is re-run; returns the re-run queued. The re-run trains the trial's spec to that
+        step and evaluates the checkpoint as the adapter delivered."""
+        job.credit_release_at = time.time() + self.window_seconds
+        warmup = job.spec.get("warmup_steps") or 0
+        if warmup >= checked_step:
+            # A job must end after its warm-up (LoraJobSpec): a re-run to this step is not a valid job.
+            self.not_to_verify(job, f"stopped within its {warmup} warm-up steps: not replayed")
+            return None
+        spec = {**job.spec, "max_steps": checked_step}
+        what = f"stopped early on {job.node_id}, checkpoint at step {checked_step}"
+        return self._sample(session, job, spec, checkpoint_sha256, what)
+
+    def not_to_verify(self, job: Job, detail: str) -> None:
+        job.verification = SKIPPED
+        job.verification_detail = detail
+
+    def _sample(
+        self, session: Session, job: Job, spec: dict, delivered_sha256: str | None, what: str
+    ) -> Job | None:
+        """Draw whether `job` is re-run (`spec`, checking `delivered_sha256`); queue the re-run if so."""
         node = session.get(Node, job.node_id) if job.node_id else None
         record = node_record(node, self.policy) if node is not None else verification.new_record(self.policy)
         rate = self.budget.rate(verification.sampling_rate(record, self.policy))
         if self.draw() >= rate:
-            job.verification = SKIPPED
-            job.verification_detail = f"not sampled (this node's jobs are re-run at {rate:.0%})"
+            self.not_to_verify(job, f"not sampled (this node's jobs are re-run at {rate:.0%})")
             return None
         now = time.time()
         check = Job(
             id=accounts.new_id("job"),
             buyer_id=job.buyer_id,
             kind=job.kind,
-            spec=job.spec,
+            spec=spec,
             base_model=job.base_model,
             dataset_sha256=job.dataset_sha256,
             dataset_size=job.dataset_size,
@@ -102,7 +131,7 @@ class Verifier:
             excluded_nodes=[job.node_id] if job.node_id else [],
             input_adapter_sha256=job.input_adapter_sha256,
             verifies_job_id=job.id,
-            delivered_result_sha256=job.result_sha256,
+            delivered_result_sha256=delivered_sha256,
             created_at=now,
             updated_at=now,
         )
@@ -110,7 +139,7 @@ class Verifier:
         session.flush()
         job.verification = PENDING
         job.verification_detail = f"sampled (at {rate:.0%}): re-run {check.id} waits for a trusted node"
-        record_event(session, check, f"re-runs {job.id} (completed on {job.node_id}) to verify it")
+        record_event(session, check, f"re-runs {job.id} ({what}) to verify it")
         record_event(session, job, f"to be verified: re-run {check.id} queued for a trusted node")
         return check
 
@@ -128,8 +157,10 @@ class Verifier:
             session, check.id, trusted_node_id, share, memo=f"verified {job.id}: {verdict.outcome}"
         )
         node = session.get(Node, job.node_id) if job.node_id else None
+        stopped = job.error_kind == STOPPED_EARLY
         if verdict.outcome == PASSED:
-            job.state = VERIFIED
+            if not stopped:  # a stopped trial delivered no result: it stays stopped
+                job.state = VERIFIED
             if job.node_id:
                 ledger.release(session, job.id, job.node_id, memo="verified")
         else:
@@ -137,10 +168,25 @@ class Verifier:
                 ledger.clawback(
                     session, job.id, job.node_id, memo=f"verification mismatch: {verdict.reason}"[:500]
                 )
-            # The buyer gets the trusted run's result in place of the one delivered.
-            job.result_sha256 = check.result_sha256
-            job.result_gguf_sha256 = check.result_gguf_sha256
-            job.metrics = check.metrics
+            if stopped:
+                # The buyer paid for steps its checkpoint does not show, and got no result for them.
+                memo = f"verification mismatch: the stopped trial's charge goes back ({verdict.reason})"
+                ledger.post(
+                    session,
+                    kind="refund",
+                    idempotency_key=f"mismatch-refund:{job.id}",
+                    job_id=job.id,
+                    entries={
+                        ledger.FEES: -job.price_micro,
+                        ledger.buyer_account(job.buyer_id): job.price_micro,
+                    },
+                    memo=memo[:500],
+                )
+            else:
+                # The buyer gets the trusted run's result in place of the one delivered.
+                job.result_sha256 = check.result_sha256
+                job.result_gguf_sha256 = check.result_gguf_sha256
+                job.metrics = check.metrics
         job.verification = verdict.outcome
         job.verification_detail = verdict.reason[:2000]
         job.credit_release_at = None
@@ -154,11 +200,12 @@ class Verifier:
                 record_event(
                     session, job, f"node {node.id} is quarantined after {after.mismatches} mismatches"
                 )
-        what = (
-            "verified"
-            if verdict.outcome == PASSED
-            else "mismatch: the trusted run's result replaces the delivered one"
-        )
+        if verdict.outcome == PASSED:
+            what = "verified"
+        elif stopped:
+            what = "mismatch: the node's credit is taken back and the buyer's charge refunded"
+        else:
+            what = "mismatch: the trusted run's result replaces the delivered one"
         record_event(session, job, f"{what} ({verdict.reason})")
         return verdict
 
@@ -180,6 +227,17 @@ class Verifier:
             except batch.BatchResultError as error:
                 return Verdict(MISMATCH, f"the delivered answers cannot be read: {error}")
             return verification.compare_completions(delivered, trusted, self.policy)
+        if job.error_kind == STOPPED_EARLY:
+            return verification.compare_stopped_trial(
+                delivered_eval_loss=report.delivered_eval_loss,
+                trusted_eval_loss=report.eval_loss,
+                reported_losses=_losses_by_step(session, job.id),
+                trusted_losses=_losses_by_step(session, check.id),
+                # The re-run's schedule ends at the checkpoint's step, the trial's at its own max_steps.
+                same_learning_rates=job.spec.get("schedule") == "constant"
+                or check.spec.get("max_steps") == job.spec.get("max_steps"),
+                policy=self.policy,
+            )
         return verification.compare_lora(
             delivered_eval_loss=report.delivered_eval_loss,
             trusted_eval_loss=report.eval_loss,
@@ -213,7 +271,8 @@ class Verifier:
             .where(
                 Job.credit_release_at.is_not(None),
                 Job.credit_release_at <= now,
-                Job.state.in_((COMPLETED, VERIFIED)),
+                # A cancelled job with credit pending is a trial stopped early and paid for its steps.
+                Job.state.in_((COMPLETED, VERIFIED, CANCELLED)),
             )
             .limit(limit)
             .with_for_update()

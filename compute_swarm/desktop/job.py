@@ -218,11 +218,15 @@ class JobRun:
         """The dataset, the checkpoint unpacked to resume from, and a batch's llama.cpp adapter."""
         lease = self.lease
         await asyncio.to_thread(self._host.workspace.clear_job_directory, self.directory)
-        dataset = await self._download("dataset", lease.dataset_sha256)
-        adapter = await self._download("adapter", lease.adapter_sha256) if lease.adapter_sha256 else None
+        dataset = await self._download("dataset", lease.dataset_sha256, lease.dataset_size)
+        adapter = (
+            await self._download("adapter", lease.adapter_sha256, lease.adapter_size)
+            if lease.adapter_sha256
+            else None
+        )
         if lease.checkpoint_sha256 is None:
             return dataset, None, adapter
-        archive = await self._download("checkpoint", lease.checkpoint_sha256)
+        archive = await self._download("checkpoint", lease.checkpoint_sha256, lease.checkpoint_size)
         resume_from = workspace.resume_directory(self.directory)
         try:
             await asyncio.to_thread(unpack_archive, archive, resume_from)
@@ -238,7 +242,9 @@ class JobRun:
         """A verification re-run's other half: the adapter another node delivered, unpacked."""
         if self.lease.evaluate_result_sha256 is None:
             return None
-        archive = await self._download("result to verify", self.lease.evaluate_result_sha256)
+        archive = await self._download(
+            "result to verify", self.lease.evaluate_result_sha256, self.lease.evaluate_result_size
+        )
         directory = workspace.under_verification_directory(self.directory)
         try:
             await asyncio.to_thread(unpack_archive, archive, directory)
@@ -253,16 +259,25 @@ class JobRun:
                 archive.unlink()
         return directory
 
-    async def _download(self, what: str, sha256: str) -> Path:
-        """One of the lease's input artifacts, retried while the coordinator is unreachable."""
+    async def _download(self, what: str, sha256: str, size: int | None) -> Path:
+        """One of the lease's input artifacts, retried while the coordinator is unreachable; never more
+        than the `size` the lease states (past it the job fails: see sdk.client.DownloadTooLarge)."""
         return await self._retrying(
-            f"download the {what}", lambda: self._fetch_artifact(sha256), DOWNLOAD_ATTEMPTS, download=True
+            f"download the {what}",
+            lambda: self._fetch_artifact(sha256, size),
+            DOWNLOAD_ATTEMPTS,
+            download=True,
         )
 
-    def _fetch_artifact(self, sha256: str) -> Path:
+    def _fetch_artifact(self, sha256: str, size: int | None) -> Path:
         """Thread: the artifact from the cache, downloaded into it when it is not there."""
         keep = (self.lease.dataset_sha256, self.lease.checkpoint_sha256, self.lease.adapter_sha256)
-        return self._host.workspace.fetch_artifact(sha256, self._host.client.download_artifact, keep)
+        client = self._host.client
+
+        def download(digest: str, destination: Path) -> Path:
+            return client.download_artifact(digest, destination, size=size)
+
+        return self._host.workspace.fetch_artifact(sha256, download, keep)
 
     async def _retrying(
         self, what: str, call: Callable[[], Any], attempts: int, *, download: bool = False

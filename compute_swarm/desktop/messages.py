@@ -23,7 +23,7 @@ from compute_swarm.desktop import token_store
 from compute_swarm.engine.devices import DeviceInventory
 from compute_swarm.engine.jobs import CATALOGUE, InferenceJobSpec, JobSpec, parse_job_spec
 from compute_swarm.engine.records import Completed, Progress
-from compute_swarm.sdk.client import SwarmError
+from compute_swarm.sdk.client import DownloadTooLarge, SwarmError
 
 logger = logging.getLogger(__name__)
 
@@ -61,6 +61,8 @@ class Backoff:
 
 def is_transient(error: SwarmError) -> bool:
     """Whether a refused request may succeed if tried again later."""
+    if isinstance(error, DownloadTooLarge):  # the same artifact will be as long again
+        return False
     status = error.status_code
     return status is None or status in (408, 425, 429) or status >= 500
 

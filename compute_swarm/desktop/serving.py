@@ -157,7 +157,12 @@ class InferenceServing:
 
         try:
             model = await asyncio.to_thread(self._resolve_base_model, request.model)
-            adapter = await self._adapter(request.adapter_sha256) if request.adapter_sha256 else None
+            adapter = (
+                # adapter_size 0: the coordinator has no record of the file's size.
+                await self._adapter(request.adapter_sha256, request.adapter_size or None)
+                if request.adapter_sha256
+                else None
+            )
         except (SwarmError, OSError, ValueError) as error:
             self._fail(
                 request.request_id, "unavailable", f"could not fetch the model: {describe_error(error)}"
@@ -189,13 +194,17 @@ class InferenceServing:
         while len(self._recent) > self._process_handle().options.max_models:
             self._recent.popitem(last=False)
 
-    async def _adapter(self, sha256: str) -> Path:
+    async def _adapter(self, sha256: str, size: int | None) -> Path:
+        """The request's adapter, downloaded (no more than the `size` the request states) when it is
+        not cached."""
         client = self._client()
         if client is None:
             raise OSError("not registered with the coordinator yet")
-        return await asyncio.to_thread(
-            self.workspace.fetch_artifact, sha256, client.download_artifact, [sha256]
-        )
+
+        def download(digest: str, destination: Path) -> Path:
+            return client.download_artifact(digest, destination, size=size)
+
+        return await asyncio.to_thread(self.workspace.fetch_artifact, sha256, download, [sha256])
 
     def _process_handle(self) -> Any:
         if self._process is None:

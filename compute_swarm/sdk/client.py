@@ -47,6 +47,11 @@ class SwarmError(Exception):
         self.detail = detail
 
 
+class DownloadTooLarge(SwarmError):
+    """A download that went past the size it was to have (the one a lease states, or the one the
+    server announced): stopped there and its bytes discarded. Trying again fetches the same bytes."""
+
+
 class UnsafeArchiveError(SwarmError):
     """An archive with a member that could write outside its directory (absolute path, "..", link,
     device): nothing of it is extracted."""
@@ -406,10 +411,16 @@ class _CoordinatorSession:
         what: str,
         not_found: str | None = None,
         progress: Progress | None = None,
+        size: int | None = None,
     ) -> Path:
+        """With `size`, no more than `size` bytes are written: past it the download stops, the partial
+        file is removed and DownloadTooLarge is raised. Without it the server's announced size bounds
+        the download the same way."""
         destination = Path(destination)
         partial = destination.with_suffix(".partial")
         destination.parent.mkdir(parents=True, exist_ok=True)
+        if size is not None and partial.exists() and partial.stat().st_size > size:
+            partial.unlink()  # a stale partial file, longer than the whole: it cannot be resumed
         resumed = partial.exists() and partial.stat().st_size > 0
         restarted = False
         setbacks = 0
@@ -417,7 +428,12 @@ class _CoordinatorSession:
             offset = partial.stat().st_size if partial.exists() else 0
             resumed = resumed or offset > 0
             try:
-                self._receive(path, partial, offset, not_found=not_found, progress=progress)
+                self._receive(
+                    path, partial, offset, what=what, not_found=not_found, progress=progress, size=size
+                )
+            except DownloadTooLarge:
+                partial.unlink(missing_ok=True)
+                raise
             except httpx.TransportError as error:
                 # The bytes that arrived are kept in `partial`; the next request asks for the rest.
                 received = partial.exists() and partial.stat().st_size > offset
@@ -446,9 +462,18 @@ class _CoordinatorSession:
             )
 
     def _receive(
-        self, path: str, partial: Path, offset: int, *, not_found: str | None, progress: Progress | None
+        self,
+        path: str,
+        partial: Path,
+        offset: int,
+        *,
+        what: str,
+        not_found: str | None,
+        progress: Progress | None,
+        size: int | None,
     ) -> None:
-        """One GET of the bytes from `offset` on, appended to `partial` as they arrive."""
+        """One GET of the bytes from `offset` on, appended to `partial` as they arrive, never past
+        `size` (or, without it, past the size the server announces)."""
         headers = {"Range": f"bytes={offset}-"} if offset else {}
         with self._http.stream("GET", path, headers=headers) as response:
             if response.status_code == 416 and offset:
@@ -463,10 +488,21 @@ class _CoordinatorSession:
                     f"the coordinator at {self.coordinator} sent bytes from {start} when asked for "
                     f"bytes from {offset}"
                 )
+            if size is not None and total is not None and total > size:
+                raise DownloadTooLarge(
+                    f"{what} is {total} bytes, more than the {size} bytes expected; nothing was downloaded"
+                )
+            limit = size if size is not None else total
             done = start
             with partial.open("ab" if start else "wb") as sink:
                 try:
                     for block in response.iter_bytes():
+                        if limit is not None and done + len(block) > limit:
+                            expected = "expected" if size is not None else "the coordinator announced"
+                            raise DownloadTooLarge(
+                                f"{what} is larger than the {limit} bytes {expected}: the download was "
+                                "stopped and discarded"
+                            )
                         sink.write(block)
                         done += len(block)
                         if progress is not None:
@@ -730,9 +766,10 @@ class NodeClient(_CoordinatorSession):
         upload = self._upload(Path(path), {"purpose": purpose, "job_id": job_id, "lease_id": lease_id}, None)
         return upload.sha256
 
-    def download_artifact(self, sha256: str, destination: Path) -> Path:
+    def download_artifact(self, sha256: str, destination: Path, *, size: int | None = None) -> Path:
         """Fetch an artifact to `destination`, resuming from `destination.with_suffix(".partial")`,
-        verified against `sha256` and renamed into place only once it is whole."""
+        verified against `sha256` and renamed into place only once it is whole. `size`, the size the
+        lease states: past it the download stops, is discarded, and DownloadTooLarge is raised."""
         if not _is_sha256(sha256):
             raise ValueError(f"{sha256!r} is not a sha256 hex digest")
         return self._download(
@@ -741,6 +778,7 @@ class NodeClient(_CoordinatorSession):
             sha256,
             what=f"artifact {sha256[:12]}",
             not_found=f"artifact {sha256} not found, or not part of a job this node holds",
+            size=size,
         )
 
 

@@ -1,13 +1,15 @@
 """Hyperparameter sweeps, fast: the pure decisions (expansion, validation, median stopping), then sweeps
 through a real coordinator on loopback with scripted nodes (queueing all trials or none, stopping the
-worse ones early and charging them pro rata, cancelling, the best trial), the SDK's table with and
-without pandas, and the CLI's argument errors. tests/test_sweeps.py runs a sweep on real nodes."""
+worse ones early and charging them for the steps their checkpoints show, cancelling, the best trial),
+the SDK's table with and without pandas, and the CLI's argument errors. tests/test_sweeps.py runs a
+sweep on real nodes; tests/coordinator/test_stopped_trials.py checks how stopped trials are paid."""
 
 from __future__ import annotations
 
 import json
 import math
 import sys
+import tempfile
 
 import httpx
 import pytest
@@ -257,6 +259,26 @@ def next_answer(node: ScriptedNode, lease: dict) -> dict:
             return message
 
 
+def upload_checkpoint(node: ScriptedNode, lease: dict, step: int) -> dict:
+    """Upload a checkpoint for the lease and report it; the coordinator's acknowledgement."""
+    with tempfile.NamedTemporaryFile(suffix=".tar") as file:
+        file.write(f"checkpoint {lease['lease_id']} {step}".encode())
+        file.flush()
+        sha256 = node.http.upload_artifact(
+            file.name, purpose="checkpoint", job_id=lease["job_id"], lease_id=lease["lease_id"]
+        )
+    node.send({"type": "checkpoint", "job_id": lease["job_id"], "lease_id": lease["lease_id"], "step": step,
+               "sha256": sha256})  # fmt: skip
+    while True:
+        message = node.receive()
+        if (
+            message["type"] == "ack"
+            and message["lease_id"] == lease["lease_id"]
+            and message["about"] == "checkpoint"
+        ):
+            return message
+
+
 def finish(node: ScriptedNode, lease: dict, eval_loss: float) -> dict:
     steps = lease["spec"]["max_steps"]
     sha256 = node.upload_result(lease)
@@ -369,13 +391,19 @@ def test_a_trial_worse_than_the_median_stops_early_and_pays_for_its_steps(swarm)
         assert next_answer(node, lease)["type"] == "ack"  # not stopped
         finish(node, lease, at_4)
 
-    # The third is above their median (1.5) at step 2: stopped there, charged 2 of its 4 steps.
+    # The third is above their median (1.5) at step 2. It is judged when its checkpoint at step 2
+    # arrives (the engine reports the loss, then saves): stopped there, charged 2 of its 4 steps.
     stopped = node.receive_type("lease")
     leases.append(stopped)
     progress(node, stopped, 1)
     progress(node, stopped, 2, 3.0)
-    cancel = next_answer(node, stopped)
-    assert cancel["type"] == "cancel" and cancel["lease_id"] == stopped["lease_id"], cancel
+    assert next_answer(node, stopped)["type"] == "ack"  # not judged before its checkpoint
+    ack = upload_checkpoint(node, stopped, 2)
+    assert ack["accepted"] and ack["state"] == "cancelled", ack
+    assert "stopped early at step 2 of 4" in ack["message"] and "for steps 1 to 2" in ack["message"]
+    progress(node, stopped, 3)  # told to stop in answer to its next report
+    cancel = node.receive_type("cancel")
+    assert cancel["lease_id"] == stopped["lease_id"], cancel
     assert "stopped early at step 2 of 4" in cancel["reason"] and "median 1.5000" in cancel["reason"]
     # The node tells how the job ended, as a node agent does: nothing changes, and its slot is free.
     node.send({"type": "failure", "job_id": stopped["job_id"], "lease_id": stopped["lease_id"],
@@ -440,7 +468,7 @@ def test_a_stopped_trial_is_charged_by_its_own_steps_not_the_nodes_count(swarm):
         stopped = node.receive_type("lease")
         node.send({"type": "progress", "job_id": stopped["job_id"], "lease_id": stopped["lease_id"],
                    "step": 2, "total_steps": 2, "eval_loss": 9.0})  # fmt: skip
-        assert next_answer(node, stopped)["type"] == "cancel"
+        assert upload_checkpoint(node, stopped, 2)["state"] == "cancelled"
         row = rows_by_job(buyer.sweep_status(submitted["id"]))[stopped["job_id"]]
         assert row["state"] == "stopped_early"
         assert row["cost_micro"] == row["held_micro"] * 2 // 4

@@ -95,8 +95,8 @@ class FakeClient:
         self.downloads: list[str] = []
         self.uploads: list[tuple[str, str, bytes]] = []
 
-    def download_artifact(self, sha256: str, destination: Path) -> Path:
-        assert sha256 == DATASET_SHA256
+    def download_artifact(self, sha256: str, destination: Path, *, size: int | None = None) -> Path:
+        assert sha256 == DATASET_SHA256 and size == len(DATASET)
         self.downloads.append(sha256)
         Path(destination).write_bytes(DATASET)
         return Path(destination)

@@ -102,8 +102,14 @@ def _browser_session(request: Request, services: Services, kind: str) -> session
     """The browser session a request's cookie names; None when it carries a bearer token instead."""
     if request.headers.get("authorization") or sessions.COOKIES[kind] not in request.cookies:
         return None
+    admin_token = services.settings.admin_token
     with services.database.reading() as session:
-        signed_in = sessions.find_session(session, request.cookies.get(sessions.COOKIES[kind]), kind)
+        signed_in = sessions.find_session(
+            session,
+            request.cookies.get(sessions.COOKIES[kind]),
+            kind,
+            admin_token=admin_token.get_secret_value() if admin_token is not None else None,
+        )
     if signed_in is None:
         raise _unauthorized("your session has ended: sign in again")
     return signed_in

@@ -50,7 +50,9 @@ def sign_in(
             closed=expected is None,
         )
     with services.database.transaction() as session:
-        _row, cookie = sessions.open_session(session, sessions.OPS, services.settings.session_hours)
+        _row, cookie = sessions.open_session(
+            session, sessions.OPS, services.settings.session_hours, admin_token=expected.get_secret_value()
+        )
     response = render.redirect("/ops")
     render.set_cookie(
         request, response, sessions.COOKIES[sessions.OPS], cookie, int(services.settings.session_hours * 3600)
