@@ -48,7 +48,6 @@ from compute_swarm.coordinator.verification import (  # noqa: E402
     OverheadBudget,
     VerificationPolicy,
     after_verification,
-    is_trusted,
     new_record,
     sampling_rate,
 )
@@ -90,8 +89,6 @@ class Outcome:
     cheaters: int = 0
     cheaters_quarantined: int = 0
     honest_quarantined: int = 0
-    cheaters_trusted: int = 0  # cheaters whose clean streak made them trusted (they may verify others)
-    honest_trusted: int = 0  # honest untrusted-by-ops nodes that earned trust
     got_away: list[int] | None = None  # per cheater: cheated jobs not caught
     jobs_to_quarantine: list[int] | None = None  # per quarantined cheater: jobs it ran until then
 
@@ -166,12 +163,6 @@ def simulate(policy: VerificationPolicy, scenario: Scenario, seed: str) -> Outco
     ]
     outcome.cheaters_quarantined = len(outcome.jobs_to_quarantine)
     outcome.honest_quarantined = sum(1 for node in quarantined_after if node not in cheaters)
-    for node in range(scenario.trusted, nodes):
-        if is_trusted(records[node], policy):
-            if node in cheaters:
-                outcome.cheaters_trusted += 1
-            else:
-                outcome.honest_trusted += 1
     return outcome
 
 
@@ -198,8 +189,6 @@ def summary(outcome: Outcome, repeats: int) -> dict:
         else None,
         "jobs_until_quarantine_mean": statistics.fmean(to_quarantine) if to_quarantine else None,
         "honest_quarantined": outcome.honest_quarantined / repeats,
-        "cheaters_earned_trust": outcome.cheaters_trusted / repeats,
-        "honest_earned_trust": outcome.honest_trusted / repeats,
         "overhead": outcome.reruns / outcome.jobs if outcome.jobs else 0.0,
         "overhead_last_quarter": outcome.late_reruns / outcome.late_jobs if outcome.late_jobs else 0.0,
         "unverifiable_samples": outcome.unavailable / repeats,
@@ -285,7 +274,6 @@ def main() -> int:
         f"and its last quarter; goal: overhead <= {OVERHEAD_GOAL:.0%}. Baseline: {BASELINE}.\n"
     )
     sections = []
-    cheaters_trusted = 0
     for cheat_share in cheat_shares:
         for false_mismatch in false_mismatches:
             title = (
@@ -310,7 +298,6 @@ def main() -> int:
                     results[name] = summary(
                         run(policy, scenario, arguments.seed, arguments.repeats), arguments.repeats
                     )
-                    cheaters_trusted += results[name]["cheaters_earned_trust"] > 0
                     print(row(name, share, results[name]))
                     rows.append(
                         {
@@ -347,12 +334,8 @@ def main() -> int:
             )
             print()
 
-    print(
-        f"Rows where a cheater earned trust (a clean streak of trusted_after_clean, so it may verify "
-        f"others): {cheaters_trusted}\n"
-    )
     print(f"Warm-up: an honest swarm of {arguments.nodes} nodes, no flukes, overhead against jobs per node")
-    print(f"{'policy':20}{'jobs/node':>10}{'overhead':>10}{'last 1/4':>10}{'earned trust':>14}")
+    print(f"{'policy':20}{'jobs/node':>10}{'overhead':>10}{'last 1/4':>10}")
     warm_up = []
     for name, policy in POLICIES.items():
         if policy.minimum_rate == policy.maximum_rate:
@@ -365,7 +348,7 @@ def main() -> int:
             warm_up.append({"policy": name, "jobs_per_node": per_node, **result})
             print(
                 f"{name:20}{per_node:>10}{percent(result['overhead']):>10}"
-                f"{percent(result['overhead_last_quarter']):>10}{number(result['honest_earned_trust'], 0):>14}"
+                f"{percent(result['overhead_last_quarter']):>10}"
             )
     seconds = time.monotonic() - started
     print(f"\n{seconds:.1f} s")

@@ -12,6 +12,7 @@ import secrets
 import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 from pydantic import ValidationError
@@ -20,6 +21,7 @@ from sqlalchemy.orm import Session
 
 from compute_swarm import protocol
 from compute_swarm.coordinator import accounts, batch, ledger, lifecycle, pricing, trials
+from compute_swarm.coordinator.adapter_check import AdapterRejected, check_adapter
 from compute_swarm.coordinator.artifacts import ArtifactStore
 from compute_swarm.coordinator.database import Database
 from compute_swarm.coordinator.inference import InferenceError, resolve_model
@@ -39,6 +41,7 @@ from compute_swarm.coordinator.settings import Settings
 from compute_swarm.coordinator.tables import Artifact, Buyer, File, Job, JobProgressPoint, Node, Sweep, Upload
 from compute_swarm.coordinator.verification import is_trusted
 from compute_swarm.coordinator.verifier import Verifier, node_record
+from compute_swarm.engine.catalogue import fetch_catalogue_model
 from compute_swarm.engine.jobs import CATALOGUE, InferenceJobSpec, LoraJobSpec, parse_job_spec
 
 
@@ -94,6 +97,17 @@ class EarningsHistory:
     total_credited_micro: int  # all time
 
 
+@dataclass(frozen=True)
+class AdapterVerdict:
+    """What the coordinator found of a delivered llama.cpp adapter: checked (offered from now on),
+    rejected (the result is refused), or neither (unchecked: the result stands, the adapter is not
+    offered)."""
+
+    checked: bool
+    rejected: bool = False
+    reason: str = ""
+
+
 # Verification re-runs read besides the oldest queued jobs at each dispatch (see JobService.queued).
 RERUNS_PER_DISPATCH = 256
 
@@ -110,10 +124,13 @@ class JobService:
         store: ArtifactStore | None = None,
         *,
         verification_draw: Callable[[], float] | None = None,
+        model_file: Callable[[str], Path] = fetch_catalogue_model,
     ):
         self.database = database
         self.settings = settings
         self.store = store or ArtifactStore(settings.artifacts_dir)
+        # A catalogue model's verified file: delivered adapters are checked against it.
+        self.model_file = model_file
         self.verifier = Verifier(
             settings, self.store, **({"draw": verification_draw} if verification_draw else {})
         )
@@ -365,12 +382,18 @@ class JobService:
         lease_ids = list(lease_ids)
         if not lease_ids:
             return
+        now = time.time()
         with self.database.transaction() as session:
             for start in range(0, len(lease_ids), 500):
                 session.execute(
                     update(Job)
-                    .where(Job.lease_id.in_(lease_ids[start : start + 500]), Job.state.in_(HELD_STATES))
-                    .values(lease_expires_at=time.time() + self.settings.lease_seconds)
+                    .where(
+                        Job.lease_id.in_(lease_ids[start : start + 500]),
+                        Job.state.in_(HELD_STATES),
+                        # A job that moved lately: a stalled one's lease runs out (expire_leases).
+                        Job.updated_at > now - self.settings.lease_progress_seconds,
+                    )
+                    .values(lease_expires_at=now + self.settings.lease_seconds)
                 )
 
     def expire_leases(self) -> list[Revocation]:
@@ -380,7 +403,17 @@ class JobService:
                 .where(Job.state.in_(HELD_STATES), Job.lease_expires_at < time.time())
                 .with_for_update()
             ).all()
-            return [self._lose_lease(session, job, "the lease expired") for job in jobs]
+            stalled_since = time.time() - self.settings.lease_progress_seconds
+            return [
+                self._lose_lease(
+                    session,
+                    job,
+                    f"no progress for {self.settings.lease_progress_seconds:.0f} s"
+                    if job.updated_at < stalled_since
+                    else "the lease expired",
+                )
+                for job in jobs
+            ]
 
     def _lose_lease(self, session: Session, job: Job, reason: str) -> Revocation:
         revocation = Revocation(job.node_id or "", job.id, job.lease_id or "", reason)
@@ -404,7 +437,8 @@ class JobService:
                     and job.node_id == node_id
                     and job.state in HELD_STATES
                 ):
-                    job.lease_expires_at = time.time() + self.settings.lease_seconds
+                    if job.updated_at > time.time() - self.settings.lease_progress_seconds:
+                        job.lease_expires_at = time.time() + self.settings.lease_seconds
                     kept.append(lease_id)
                 else:
                     revoked.append(Revocation(node_id, job_id, lease_id, "this lease is no longer valid"))
@@ -475,8 +509,10 @@ class JobService:
                         at=now,
                     )
                 )
-            job.lease_expires_at = now + self.settings.lease_seconds
-            job.updated_at = now
+            # Only a new step is progress, and renews the lease: a stalled lease is lost (see renew).
+            if report.step > previous.get("step", -1):
+                job.updated_at = now
+                job.lease_expires_at = now + self.settings.lease_seconds
             if job.sweep_id is not None and eval_loss is not None:
                 session.flush()  # the point just added counts for the other trials, not against this one
                 return trials.after_evaluation(
@@ -511,6 +547,7 @@ class JobService:
         # A batch's completions are read before the transaction: reading a file must not hold the
         # write lock. The archive is content-addressed, so what is read is what the report names.
         usage, usage_problem = self._batch_usage(node_id, report)
+        adapter = self._adapter_verdict(node_id, report)
         with self.database.transaction() as session:
             job = self._current(session, node_id, report.job_id, report.lease_id)
             if job is None:
@@ -519,10 +556,16 @@ class JobService:
             if not problem and job.kind == "inference" and usage is None:
                 # Read before this lease was visible (it is checked first): counted on the next report.
                 problem = usage_problem or "the result was not counted yet: report it again"
+            if not problem and report.gguf_sha256 is not None and adapter is None:
+                problem = "the adapter was not checked yet: report it again"
+            if not problem and adapter is not None and adapter.rejected:
+                problem = f"the llama.cpp adapter is refused: {adapter.reason}"
             if problem:
                 return _ack(report, "result", False, job.state, problem)
             job.result_sha256 = report.sha256
-            job.result_gguf_sha256 = report.gguf_sha256
+            job.result_gguf_sha256 = report.gguf_sha256 if adapter is not None and adapter.checked else None
+            if adapter is not None and not adapter.checked:
+                record_event(session, job, f"its llama.cpp adapter is not offered: {adapter.reason}"[:500])
             job.metrics = {
                 "steps": report.steps,
                 "final_loss": _finite(report.final_loss),
@@ -559,6 +602,31 @@ class JobService:
             self._finish(session, job, COMPLETED, f"completed on {node_id}", refund=False)
             self.verifier.after_completion(session, job)
             return _ack(report, "result", True, job.state)
+
+    def _adapter_verdict(self, node_id: str, report: protocol.JobResult) -> AdapterVerdict | None:
+        """A LoRA result's llama.cpp adapter, checked against its base model before anyone is offered
+        it (other sellers' llama.cpp loads it, buyers download it). Read outside the transaction and
+        only for the node's current lease, as a batch's archive is. None: nothing to check (yet)."""
+        if report.gguf_sha256 is None:
+            return None
+        with self.database.reading() as session:
+            job = session.get(Job, report.job_id)
+            if job is None or job.lease_id != report.lease_id or job.node_id != node_id:
+                return None  # the transaction answers it as stale
+            if job.state not in HELD_STATES or _check_result(session, node_id, job, report):
+                return None  # the transaction says why
+            base_model = job.base_model
+        try:
+            base_file = self.model_file(base_model)
+        except Exception as error:  # the coordinator cannot fetch the base model now
+            return AdapterVerdict(
+                checked=False, reason=f"the coordinator could not read {base_model}: {error}"
+            )
+        try:
+            check_adapter(self.store.blob_path(report.gguf_sha256), base_file)
+        except AdapterRejected as error:
+            return AdapterVerdict(checked=False, rejected=True, reason=str(error))
+        return AdapterVerdict(checked=True)
 
     def _batch_usage(
         self, node_id: str, report: protocol.JobResult
@@ -682,10 +750,7 @@ class JobService:
             for node in session.scalars(
                 select(Node).where(
                     Node.revoked_at.is_(None),
-                    Node.trusted
-                    | (Node.clean_streak >= policy.trusted_after_clean)
-                    | Node.quarantined_at.is_not(None)
-                    | Node.approved_at.is_(None),
+                    Node.trusted | Node.quarantined_at.is_not(None) | Node.approved_at.is_(None),
                 )
             ):
                 record = node_record(node, policy)

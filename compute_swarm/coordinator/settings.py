@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     # the agent's longest reconnect back-off (60 s).
     restart_grace_seconds: float = Field(default=90.0, gt=0)
     sweep_interval_seconds: float = Field(default=2.0, gt=0)
+    # A lease whose job reports no new step for this long is lost, heartbeats or not: a node cannot
+    # sit on a job. Long enough for a large model's download and load before the first step.
+    lease_progress_seconds: float = Field(default=1800.0, gt=0)
     default_max_attempts: int = Field(default=3, ge=1, le=20)
     allowed_backends: frozenset[str] = frozenset({"cuda", "rocm", "mps", "cpu"})
 

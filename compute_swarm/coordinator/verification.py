@@ -38,8 +38,6 @@ class VerificationPolicy:
     # Mismatches that quarantine a node (no more jobs until ops lift it), counted since it was last
     # lifted.
     quarantine_after_mismatches: int = 2
-    # Consecutive clean verifications after which a node may verify others (besides the nodes ops trust).
-    trusted_after_clean: int = 50
 
     # LoRA: the delivered adapter's held-out loss, measured by the trusted node, may exceed the trusted
     # run's own by this much (relative, plus absolute): hardware and precision (bf16 on a GPU, fp32 on
@@ -103,10 +101,9 @@ class OverheadBudget:
 
 
 def is_trusted(record: NodeRecord, policy: VerificationPolicy) -> bool:
-    """May this node verify others' work?"""
-    if record.quarantined:
-        return False
-    return record.trusted_by_ops or record.clean_streak >= policy.trusted_after_clean
+    """May this node verify others' work? Only when ops trust it: a clean record is no proof, since a
+    node that earned trust by itself could then clear its own sybils' work."""
+    return record.trusted_by_ops and not record.quarantined
 
 
 def after_verification(record: NodeRecord, outcome: str, policy: VerificationPolicy) -> NodeRecord:
