@@ -42,10 +42,11 @@ def build_services(settings: Settings) -> Services:
     database = Database(settings.resolved_database_url)
     database.upgrade()
     store = ArtifactStore(settings.artifacts_dir)
-    job_service = JobService(database, settings, store)
+    tokens = TokenCounters(fetch_catalogue_model)
+    job_service = JobService(database, settings, store, tokens=tokens)
     metrics = Metrics()
     metrics.count_jobs_with(job_service.counts)
-    inference = InferenceService(database, settings, TokenCounters(fetch_catalogue_model))
+    inference = InferenceService(database, settings, tokens)
     return Services(
         settings=settings,
         database=database,

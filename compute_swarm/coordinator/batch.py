@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import tarfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
@@ -142,12 +142,22 @@ class _ReadBudget:
         return self._file.tell()
 
 
-def count_usage(result_archive: Path, *, lines: int, max_tokens: int, dataset_bytes: int) -> BatchUsage:
-    """The tokens a delivered result is charged for; raises BatchResultError as read_answers does."""
+def count_usage(
+    result_archive: Path,
+    *,
+    lines: int,
+    max_tokens: int,
+    dataset_bytes: int,
+    count_tokens: Callable[[str], int] | None = None,
+) -> BatchUsage:
+    """The tokens a delivered result is charged for: each answer's counted with the model's tokenizer
+    (`count_tokens`), else the node's count within one token a byte; never more than max_tokens. Raises
+    BatchResultError as read_answers does."""
     prompt_tokens = completion_tokens = 0
     for reported_prompt, reported_completion, text in read_answers(result_archive, lines=lines):
         prompt_tokens += reported_prompt
-        completion_tokens += min(reported_completion, max_tokens, len(text.encode()) + 1)
+        counted = count_tokens(text) if count_tokens else min(reported_completion, len(text.encode()) + 1)
+        completion_tokens += min(counted, max_tokens)
     return BatchUsage(min(prompt_tokens, prompt_token_bound(dataset_bytes, lines)), completion_tokens)
 
 

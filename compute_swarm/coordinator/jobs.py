@@ -39,6 +39,7 @@ from compute_swarm.coordinator.lifecycle import (
 from compute_swarm.coordinator.scheduler import QueuedJob, inference_memory_bytes, required_memory_bytes
 from compute_swarm.coordinator.settings import Settings
 from compute_swarm.coordinator.tables import Artifact, Buyer, File, Job, JobProgressPoint, Node, Sweep, Upload
+from compute_swarm.coordinator.tokens import TokenCounters
 from compute_swarm.coordinator.verification import is_trusted
 from compute_swarm.coordinator.verifier import Verifier, node_record
 from compute_swarm.engine.catalogue import fetch_catalogue_model
@@ -125,12 +126,15 @@ class JobService:
         *,
         verification_draw: Callable[[], float] | None = None,
         model_file: Callable[[str], Path] = fetch_catalogue_model,
+        tokens: TokenCounters | None = None,
     ):
         self.database = database
         self.settings = settings
         self.store = store or ArtifactStore(settings.artifacts_dir)
         # A catalogue model's verified file: delivered adapters are checked against it.
         self.model_file = model_file
+        # Each model's tokenizer: a batch's answers are charged the tokens counted with it.
+        self.tokens = tokens
         self.verifier = Verifier(
             settings, self.store, **({"draw": verification_draw} if verification_draw else {})
         )
@@ -646,14 +650,17 @@ class JobService:
             spec = parse_job_spec(job.spec)
             assert isinstance(spec, InferenceJobSpec)
             max_tokens, lines, dataset_size = spec.sampling.max_tokens, job.dataset_lines, job.dataset_size
+            base_model = job.base_model
         if not self.store.has(report.sha256):
             return None, "upload the result for this lease before reporting it"
+        counter = self.tokens.get(base_model) if self.tokens is not None else None
         try:
             usage = batch.count_usage(
                 self.store.blob_path(report.sha256),
                 lines=lines or 0,
                 max_tokens=max_tokens,
                 dataset_bytes=dataset_size,
+                count_tokens=counter.count if counter is not None else None,
             )
         except batch.BatchResultError as error:
             return None, str(error)

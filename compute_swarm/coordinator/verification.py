@@ -54,6 +54,10 @@ class VerificationPolicy:
     # `line_agreement` of its lines agree.
     agreeing_prefix_words: int = 12
     line_agreement: float = 0.9
+    # And it is not much longer than the trusted one: at most this many words more, or twice as long,
+    # whichever allows more (hardware may run a greedy answer on where the trusted run stopped; a node
+    # padding its answers to be paid more tokens is far beyond it).
+    answer_extra_words: int = 16
 
 
 @dataclass(frozen=True)
@@ -234,6 +238,8 @@ def compare_stopped_trial(
 
 def line_agrees(delivered: str, trusted: str, policy: VerificationPolicy) -> bool:
     delivered_words, trusted_words = delivered.split(), trusted.split()
+    if len(delivered_words) > len(trusted_words) + max(policy.answer_extra_words, len(trusted_words)):
+        return False
     needed = min(policy.agreeing_prefix_words, len(delivered_words), len(trusted_words))
     if needed == 0:
         return len(delivered_words) == len(trusted_words)

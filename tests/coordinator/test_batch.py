@@ -65,6 +65,23 @@ def test_usage_is_counted_from_the_answers_with_each_claim_capped(tmp_path):
     assert batch.count_usage(inflated, lines=1, max_tokens=64, dataset_bytes=100).prompt_tokens == 100 + 64
 
 
+def test_with_the_models_tokenizer_answers_are_charged_what_it_counts_not_what_the_node_claims(tmp_path):
+    from compute_swarm.coordinator.tokens import counter_from_gguf
+    from compute_swarm.engine.models import fetch_catalogue_model
+
+    counter = counter_from_gguf(fetch_catalogue_model(DEFAULT_MODEL))
+    lima, long = "The capital of Peru is Lima.", "word " * 200
+    archive = result_archive(
+        tmp_path, [answer(1, lima, completion_tokens=60), answer(2, long, completion_tokens=1)]
+    )
+    usage = batch.count_usage(
+        archive, lines=2, max_tokens=64, dataset_bytes=10_000, count_tokens=counter.count
+    )
+    # Over-claimed and under-claimed alike: the tokenizer's count, at most max_tokens an answer.
+    assert counter.count(lima) == 7 and counter.count(long) > 64
+    assert usage.completion_tokens == 7 + 64
+
+
 def test_the_charge_never_exceeds_the_hold():
     usage = batch.BatchUsage(prompt_tokens=10**9, completion_tokens=10**9)
     assert batch.price_micro(MODEL, usage, held_micro=1234) == 1234

@@ -30,6 +30,7 @@ from compute_swarm.coordinator.verification import (
     compare_lora,
     is_trusted,
     lifted,
+    line_agrees,
     new_record,
     sampling_rate,
 )
@@ -257,6 +258,16 @@ def test_answers_that_diverge_late_still_agree():
     # A shorter answer agrees when it is a prefix of the trusted one (a greedy run cut at max_tokens).
     short = [" ".join(answer.split()[:5]) for answer in ANSWERS]
     assert compare_completions(short, ANSWERS, POLICY).outcome == PASSED
+
+
+def test_answers_padded_after_the_right_words_are_a_mismatch():
+    # What the review measured: "Paris." and 3,000 junk words passed, and were paid by the token.
+    padded = [answer + " junk" * 3000 for answer in ANSWERS]
+    verdict = compare_completions(padded, ANSWERS, POLICY)
+    assert verdict.outcome == MISMATCH, verdict.reason
+    assert not line_agrees("Paris." + " junk" * 3000, "Paris.", POLICY)
+    # A greedy answer running a little past where the trusted run stopped still agrees.
+    assert line_agrees("Paris is the capital of France. It is", "Paris is the capital of France.", POLICY)
 
 
 def test_answers_changed_from_their_first_word_are_a_mismatch():
