@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter
+from typing import Annotated
+
+from fastapi import APIRouter, Query
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from compute_swarm.coordinator import ledger
 from compute_swarm.coordinator.api.deps import CurrentBuyer, ServicesDep
-from compute_swarm.coordinator.api.schemas import BalanceOut, LedgerLine
+from compute_swarm.coordinator.api.schemas import MAX_ROW_ID, BalanceOut, LedgerLine
 from compute_swarm.coordinator.lifecycle import OPEN_STATES
 from compute_swarm.coordinator.tables import Job, LedgerEntry, LedgerTransaction
 
@@ -61,7 +63,10 @@ def balance(buyer: CurrentBuyer, services: ServicesDep) -> BalanceOut:
 
 @router.get("/ledger")
 def history(
-    buyer: CurrentBuyer, services: ServicesDep, limit: int = 100, before: int | None = None
+    buyer: CurrentBuyer,
+    services: ServicesDep,
+    limit: int = 100,
+    before: Annotated[int | None, Query(ge=0, le=MAX_ROW_ID, description="an entry id, to page back")] = None,
 ) -> list[LedgerLine]:
     with services.database.reading() as session:
         return ledger_lines(session, buyer.id, limit, before)

@@ -2,19 +2,23 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, HTTPException, status
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Query, status
 from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy import select
 
 from compute_swarm.coordinator import receipts
 from compute_swarm.coordinator.api.deps import CurrentBuyer, OwnedJob, ServicesDep
 from compute_swarm.coordinator.api.schemas import (
+    MAX_ROW_ID,
     JobEventOut,
     JobIn,
     JobOut,
     ProgressPointOut,
     QuoteIn,
     QuoteOut,
+    file_download,
 )
 from compute_swarm.coordinator.jobs import JobError
 from compute_swarm.coordinator.lifecycle import STATES
@@ -94,7 +98,7 @@ def cancel(job: OwnedJob, services: ServicesDep) -> JobOut:
     return JobOut.of(cancelled)
 
 
-@router.get("/{job_id}/result")
+@router.get("/{job_id}/result", **file_download("application/x-tar"))
 def result(job: OwnedJob, services: ServicesDep) -> FileResponse:
     if job.result_sha256 is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job.id} has no result yet; it is {job.state}")
@@ -106,7 +110,7 @@ def result(job: OwnedJob, services: ServicesDep) -> FileResponse:
     )
 
 
-@router.get("/{job_id}/adapter.gguf")
+@router.get("/{job_id}/adapter.gguf", **file_download("application/octet-stream"))
 def gguf_adapter(job: OwnedJob, services: ServicesDep) -> FileResponse:
     """A fine-tune's adapter as a llama.cpp LoRA file (llama.cpp's --lora), without the tar around it."""
     if job.result_gguf_sha256 is None:
@@ -120,7 +124,11 @@ def gguf_adapter(job: OwnedJob, services: ServicesDep) -> FileResponse:
 
 
 @router.get("/{job_id}/progress")
-def progress(job: OwnedJob, services: ServicesDep, after: int = 0) -> list[ProgressPointOut]:
+def progress(
+    job: OwnedJob,
+    services: ServicesDep,
+    after: Annotated[int, Query(ge=0, le=MAX_ROW_ID, description="a point's id: the points after it")] = 0,
+) -> list[ProgressPointOut]:
     """The losses nodes reported, in order (points after id `after` only, for a page that polls)."""
     query = (
         select(JobProgressPoint)

@@ -22,6 +22,7 @@ from compute_swarm.coordinator.api.schemas import (
     NodeOut,
     NodeRegistrationIn,
     NodeRegistrationOut,
+    file_download,
 )
 from compute_swarm.coordinator.artifacts import SHA256
 from compute_swarm.coordinator.hub import Connection
@@ -93,7 +94,7 @@ def earnings_history(
     )
 
 
-@router.get("/api/artifacts/{sha256}")
+@router.get("/api/artifacts/{sha256}", **file_download("application/octet-stream"))
 def download(sha256: str, node: CurrentNode, services: ServicesDep) -> FileResponse:
     if (
         not SHA256.match(sha256)
@@ -172,7 +173,8 @@ async def _next_frame(websocket: WebSocket) -> str:
 
 
 async def _close(websocket: WebSocket, code: int, reason: str) -> None:
-    with contextlib.suppress(RuntimeError):  # closed already
+    # RuntimeError: closed already; WebSocketDisconnect: the node went away before hearing why.
+    with contextlib.suppress(RuntimeError, WebSocketDisconnect):
         await websocket.close(code, reason)
 
 

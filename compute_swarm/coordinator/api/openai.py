@@ -31,6 +31,11 @@ from compute_swarm.engine.jobs import ChatMessage, Sampling
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
+# A generation answers JSON, or with "stream": true server-sent events.
+GENERATION_RESPONSES: dict[int | str, dict[str, Any]] = {
+    200: {"content": {"application/json": {}, "text/event-stream": {}}}
+}
+
 # What an inference request may take on the node websocket, leaving room for the message around it.
 MAX_PROMPT_BYTES = protocol.MAX_FRAME_BYTES - 16 * 1024
 
@@ -142,14 +147,14 @@ async def get_model(model_id: str, buyer: CurrentBuyer, services: ServicesDep) -
     return _model_object(await _resolve(services, buyer.id, model_id))
 
 
-@router.post("/chat/completions")
+@router.post("/chat/completions", responses=GENERATION_RESPONSES)
 async def chat_completions(body: ChatCompletionIn, buyer: CurrentBuyer, services: ServicesDep):
     sampling = body.sampling(services.settings.inference_default_max_tokens, body.max_completion_tokens)
     messages = tuple(message.plain() for message in body.messages)
     return await _serve(services, buyer.id, body, sampling, messages=messages, chat=True)
 
 
-@router.post("/completions")
+@router.post("/completions", responses=GENERATION_RESPONSES)
 async def completions(body: CompletionIn, buyer: CurrentBuyer, services: ServicesDep):
     prompt = body.prompt
     if isinstance(prompt, list):

@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from compute_swarm.coordinator.api.deps import CurrentBuyer, OwnedFile, OwnedJob, ServicesDep
 from compute_swarm.coordinator.api.openai_errors import OpenAIError
+from compute_swarm.coordinator.api.schemas import MAX_ROW_ID, file_download
 from compute_swarm.coordinator.inference import fine_tuned_model_id
 from compute_swarm.coordinator.jobs import JobError
 from compute_swarm.coordinator.lifecycle import HELD_STATES, OPEN_STATES
@@ -39,6 +40,9 @@ OPENAI_STATUS = {
 }
 DEFAULT_EPOCHS = 3
 SUFFIX = re.compile(r"^[A-Za-z0-9_-]{1,40}$")
+# An event's id as OpenAI's clients page with it: ftevent-<our id>, or the bare number (ASCII digits:
+# str.isdigit() also takes "²", which int() refuses).
+EVENT_CURSOR = re.compile(r"^(?:ftevent-)?([0-9]{1,19})$")
 
 
 def _fine_tuning_job(job: OwnedJob) -> Job:
@@ -99,7 +103,7 @@ def get_file(file: OwnedFile) -> dict:
     return _file_object(file)
 
 
-@router.get("/files/{file_id}/content")
+@router.get("/files/{file_id}/content", **file_download("application/jsonl"))
 def file_content(file: OwnedFile, services: ServicesDep) -> FileResponse:
     return FileResponse(services.store.blob_path(file.sha256), media_type="application/jsonl")
 
@@ -252,8 +256,9 @@ def list_fine_tuning_events(
 ) -> dict:
     limit = min(max(limit, 1), 100)
     query = select(JobEvent).where(JobEvent.job_id == job.id).order_by(JobEvent.id.desc())
-    if after is not None and after.removeprefix("ftevent-").isdigit():
-        query = query.where(JobEvent.id < int(after.removeprefix("ftevent-")))
+    cursor = EVENT_CURSOR.match(after or "")
+    if cursor is not None and int(cursor[1]) <= MAX_ROW_ID:
+        query = query.where(JobEvent.id < int(cursor[1]))
     with services.database.reading() as session:
         events = session.scalars(query.limit(limit + 1)).all()
     data = [

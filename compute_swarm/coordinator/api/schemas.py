@@ -4,10 +4,21 @@ from __future__ import annotations
 
 from typing import Any
 
+from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from compute_swarm.coordinator.inference import fine_tuned_model_id
 from compute_swarm.coordinator.tables import ApiKey, File, Job, Upload
+
+# The largest row id (or any integer) SQLite and PostgreSQL's bigint store: a query parameter compared
+# with ids is bounded by it, or the database driver fails on it (a 500) before the query runs.
+MAX_ROW_ID = 2**63 - 1
+
+
+def file_download(media_type: str) -> dict[str, Any]:
+    """A route's options for answering with a file: documented under the file's own content type,
+    not the JSON FastAPI assumes."""
+    return {"response_class": FileResponse, "responses": {200: {"content": {media_type: {}}}}}
 
 
 class FileOut(BaseModel):

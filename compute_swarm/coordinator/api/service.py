@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from fastapi import APIRouter, Response
+from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
@@ -28,7 +29,8 @@ def health(services: ServicesDep, response: Response) -> dict:
     }
 
 
-@router.get("/metrics")
+# Prometheus' text format, documented as such (not as the JSON FastAPI assumes).
+@router.get("/metrics", response_class=PlainTextResponse)
 def metrics(services: ServicesDep) -> Response:
     return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
