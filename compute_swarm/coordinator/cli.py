@@ -288,12 +288,10 @@ def _lift_quarantine(arguments: argparse.Namespace) -> int:
 
 
 def _approve(arguments: argparse.Namespace) -> int:
-    def change(node, policy) -> None:
-        if node.approved_at is None:
-            node.approved_at = time.time()
+    from compute_swarm.coordinator import admission
 
     return _change_node(
-        arguments, change, "Node {node.id} ({node.name}) is approved: it takes work from now on."
+        arguments, admission.approve, "Node {node.id} ({node.name}) is approved: it takes work from now on."
     )
 
 

@@ -241,15 +241,10 @@ def trust_node(node_id: str, body: TrustIn, services: ServicesDep) -> StandingOu
     return standing
 
 
-def approve(node: Node, policy: VerificationPolicy) -> None:
-    if node.approved_at is None:
-        node.approved_at = time.time()
-
-
 @router.post("/nodes/{node_id}/approve")
 def approve_node(node_id: str, services: ServicesDep) -> StandingOut:
     """Let in a node that registered where ops approve nodes: it takes work from now on."""
-    standing = change_standing(services, node_id, approve)
+    standing = change_standing(services, node_id, admission.approve)
     services.hub.standing_changed()
     return standing
 
