@@ -99,6 +99,12 @@ def test_a_buyer_fine_tunes_through_the_cli_and_loads_the_adapter_with_peft(
 def test_a_node_killed_mid_job_hands_it_to_another_node_from_its_checkpoint(swarm):
     buyer = SwarmClient(swarm.url, swarm.create_buyer("patient", "5"))
     first = swarm.add_node("doomed")
+    # One of ops' own machines: another node resumes from its checkpoint without the result being
+    # held for verification (a checkpoint of an untrusted node is resumed only where a trusted node
+    # could check the result: tests/coordinator/test_checkpoint_provenance.py).
+    node_id = wait_for(lambda: _registered(swarm, "doomed"), 60, "the first node to register", 0.5)
+    trusted = run_cli("admin", "trust-node", "--data-dir", str(swarm.data_dir), node_id)
+    assert trusted.returncode == 0, trusted.stderr
     job = submit(buyer, steps=12, checkpoint_interval=3)
     wait_for(lambda: buyer.job(job["id"])["checkpoint_step"] >= 3, 300, "a checkpoint", 0.5)
     first.kill()  # SIGKILL: the agent and its training child die at once
@@ -140,6 +146,15 @@ def test_the_coordinator_killed_and_restarted_loses_nothing(swarm):
     assert buyer.balance() == {"available_micro": 5_000_000 - spent, "escrow_micro": 0}
     assert _earnings(swarm, node) == spent - running["price_micro"] // 10 - waiting["price_micro"] // 10
     assert swarm.health()["nodes_connected"] == 1
+
+
+def _registered(swarm: Coordinator, name: str) -> str | None:
+    """The id of the node registered under `name`, as ops list them; None before it registers."""
+    listed = run_cli("admin", "nodes", "--data-dir", str(swarm.data_dir))
+    assert listed.returncode == 0, listed.stderr
+    return next(
+        (line.split()[0] for line in listed.stdout.splitlines()[1:] if line.split()[1:2] == [name]), None
+    )
 
 
 def _earnings(swarm: Coordinator, node: Node) -> int:

@@ -1,10 +1,11 @@
 """Batch inference jobs (a JSONL of prompts in, a JSONL of completions out) as the coordinator prices
 them: the most a job can cost, held at submission, and what its completions cost, charged at the end.
 
-A batch is charged as live requests are: for the tokens it generated, counted from the completions the
-node delivered (each answer's count capped by its max_tokens and by one token per byte of its text),
-and the prompt tokens the node reports, capped by what the prompts' size allows. The rest of the hold
-goes back to the buyer.
+A batch is charged as live requests are, for tokens the coordinator counts with the model's own
+tokenizer: its prompts (from the buyer's dataset, each in the model's chat template) and the answers the
+node delivered (each capped by max_tokens). Without the tokenizer (it could not be read), the node's
+counts are taken within bounds: an answer at most one token per byte of its text, the prompts at most
+what their size allows. The rest of the hold goes back to the buyer.
 """
 
 from __future__ import annotations
@@ -17,7 +18,9 @@ from pathlib import Path
 from typing import BinaryIO
 
 from compute_swarm.coordinator import pricing
-from compute_swarm.engine.jobs import CatalogueModel, InferenceJobSpec
+from compute_swarm.coordinator.tokens import ChatMessage, TokenCounter
+from compute_swarm.engine import datasets
+from compute_swarm.engine.jobs import CatalogueModel, InferenceJobSpec, parse_prompt_line
 
 COMPLETIONS_FILE = "completions.jsonl"  # engine.inference.COMPLETIONS_FILE, inside the result's tar
 # A completions file holds at most max_tokens tokens an answer, each at most a few bytes, plus its JSON.
@@ -149,16 +152,34 @@ def count_usage(
     max_tokens: int,
     dataset_bytes: int,
     count_tokens: Callable[[str], int] | None = None,
+    prompt_tokens: int | None = None,
 ) -> BatchUsage:
     """The tokens a delivered result is charged for: each answer's counted with the model's tokenizer
-    (`count_tokens`), else the node's count within one token a byte; never more than max_tokens. Raises
-    BatchResultError as read_answers does."""
-    prompt_tokens = completion_tokens = 0
+    (`count_tokens`), else the node's count within one token a byte; never more than max_tokens. The
+    prompts: `prompt_tokens` as the coordinator counted them (count_prompt_tokens), else the node's
+    count within the prompts' size bound. Raises BatchResultError as read_answers does."""
+    reported_prompts = completion_tokens = 0
     for reported_prompt, reported_completion, text in read_answers(result_archive, lines=lines):
-        prompt_tokens += reported_prompt
+        reported_prompts += reported_prompt
         counted = count_tokens(text) if count_tokens else min(reported_completion, len(text.encode()) + 1)
         completion_tokens += min(counted, max_tokens)
-    return BatchUsage(min(prompt_tokens, prompt_token_bound(dataset_bytes, lines)), completion_tokens)
+    if prompt_tokens is None:
+        prompt_tokens = min(reported_prompts, prompt_token_bound(dataset_bytes, lines))
+    return BatchUsage(prompt_tokens, completion_tokens)
+
+
+def count_prompt_tokens(prompts: Path, counter: TokenCounter) -> int:
+    """The prompt tokens of a batch's prompts file (checked at upload, so every line parses): each
+    chat in the model's template up to the answer, each text prompt as it is."""
+    total = 0
+    for line in datasets.read_jsonl(prompts, parse_prompt_line):
+        if line.messages is not None:
+            total += counter.count_chat(
+                [ChatMessage(message.role, message.content) for message in line.messages]
+            )
+        else:
+            total += counter.count(line.prompt or "")
+    return total
 
 
 def _answer(raw: bytes, number: int) -> tuple[int, int, str]:

@@ -7,6 +7,7 @@ coordinator killed at any instant restarts consistent. Reports from nodes are id
 
 from __future__ import annotations
 
+import logging
 import math
 import secrets
 import time
@@ -20,7 +21,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from compute_swarm import protocol
-from compute_swarm.coordinator import accounts, batch, ledger, lifecycle, pricing, trials
+from compute_swarm.coordinator import accounts, batch, ledger, lifecycle, pricing, provenance, trials
 from compute_swarm.coordinator.adapter_check import AdapterRejected, check_adapter
 from compute_swarm.coordinator.artifacts import ArtifactStore
 from compute_swarm.coordinator.database import Database
@@ -35,15 +36,18 @@ from compute_swarm.coordinator.lifecycle import (
     OPEN_STATES,
     QUEUED,
     RUNNING,
+    VERIFYING,
 )
 from compute_swarm.coordinator.scheduler import QueuedJob, inference_memory_bytes, required_memory_bytes
 from compute_swarm.coordinator.settings import Settings
 from compute_swarm.coordinator.tables import Artifact, Buyer, File, Job, JobProgressPoint, Node, Sweep, Upload
-from compute_swarm.coordinator.tokens import TokenCounters
+from compute_swarm.coordinator.tokens import TokenCounter, TokenCounters
 from compute_swarm.coordinator.verification import is_trusted
 from compute_swarm.coordinator.verifier import Verifier, node_record
 from compute_swarm.engine.catalogue import fetch_catalogue_model
 from compute_swarm.engine.jobs import CATALOGUE, InferenceJobSpec, LoraJobSpec, parse_job_spec
+
+logger = logging.getLogger(__name__)
 
 
 class JobError(Exception):
@@ -352,6 +356,11 @@ class JobService:
                 record_event(
                     session, job, f"leased to {node_id} (attempt {job.attempt} of {job.max_attempts})"
                 )
+                start_over = provenance.reason_to_start_over(session, job, node_id)
+                if start_over is not None:
+                    job.checkpoint_sha256, job.checkpoint_step = None, 0
+                    record_event(session, job, start_over)
+                job.resumed_from_sha256 = job.checkpoint_sha256
                 grants.append(
                     Grant(node_id=node_id, message=self._lease_message(session, job), queued_at=job.queued_at)
                 )
@@ -537,6 +546,7 @@ class JobService:
                 return _ack(report, "checkpoint", False, job.state, problem)
             _running(session, job, node_id)
             if report.step > job.checkpoint_step:
+                provenance.record(session, job, node_id, report.sha256, report.step)
                 job.checkpoint_sha256 = report.sha256
                 job.checkpoint_step = report.step
                 job.updated_at = time.time()
@@ -603,7 +613,14 @@ class JobService:
             # A batch held its most possible price: what it did not use goes back to the buyer.
             refund_to = job.buyer_id if job.kind == "inference" else None
             ledger.charge(session, job.id, node_id, node_share, fee, buyer_id=refund_to)
-            self._finish(session, job, COMPLETED, f"completed on {node_id}", refund=False)
+            if provenance.foreign_base(session, job) is not None:
+                message = (
+                    f"completed on {node_id}, from a checkpoint another node made: its result is held "
+                    f"until a trusted node verifies it"
+                )
+                self._finish(session, job, VERIFYING, message, refund=False)
+            else:
+                self._finish(session, job, COMPLETED, f"completed on {node_id}", refund=False)
             self.verifier.after_completion(session, job)
             return _ack(report, "result", True, job.state)
 
@@ -650,7 +667,7 @@ class JobService:
             spec = parse_job_spec(job.spec)
             assert isinstance(spec, InferenceJobSpec)
             max_tokens, lines, dataset_size = spec.sampling.max_tokens, job.dataset_lines, job.dataset_size
-            base_model = job.base_model
+            base_model, prompts = job.base_model, job.dataset_sha256
         if not self.store.has(report.sha256):
             return None, "upload the result for this lease before reporting it"
         counter = self.tokens.get(base_model) if self.tokens is not None else None
@@ -661,10 +678,19 @@ class JobService:
                 max_tokens=max_tokens,
                 dataset_bytes=dataset_size,
                 count_tokens=counter.count if counter is not None else None,
+                prompt_tokens=self._prompt_tokens(prompts, counter) if counter is not None else None,
             )
         except batch.BatchResultError as error:
             return None, str(error)
         return usage, None
+
+    def _prompt_tokens(self, prompts_sha256: str, counter: TokenCounter) -> int | None:
+        """A batch's prompt tokens as the model reads them, counted here; None if they cannot be."""
+        try:
+            return batch.count_prompt_tokens(self.store.blob_path(prompts_sha256), counter)
+        except (OSError, ValueError) as error:  # DatasetError is a ValueError
+            logger.warning("the prompts %s could not be counted: %s", prompts_sha256, error)
+            return None
 
     def failure(self, node_id: str, report: protocol.JobFailure) -> protocol.Acknowledged:
         with self.database.transaction() as session:

@@ -1,6 +1,8 @@
 """The job lifecycle's decisions, as pure functions: what happens to a job when an attempt ends badly.
 
-States: queued → leased → running → completed (→ verified), plus failed and cancelled. A lease that
+States: queued → leased → running → completed (→ verified), plus failed and cancelled; a result built
+on a checkpoint another node made waits in `verifying` (coordinator.provenance) until a trusted re-run
+decides it: then `verified`, or `completed` with the trusted result. A lease that
 is lost (the node stopped renewing it) or a failure the node reports sends the job back to the queue
 until it has used max_attempts; then it fails and its escrow is refunded. Nodes are never blamed for
 a job that fails everywhere.
@@ -12,11 +14,17 @@ from dataclasses import dataclass
 
 QUEUED, LEASED, RUNNING = "queued", "leased", "running"
 COMPLETED, VERIFIED, FAILED, CANCELLED = "completed", "verified", "failed", "cancelled"
-STATES = (QUEUED, LEASED, RUNNING, COMPLETED, VERIFIED, FAILED, CANCELLED)
+VERIFYING = "verifying"  # done and charged; the result is held from the buyer until it is verified
+STATES = (QUEUED, LEASED, RUNNING, VERIFYING, COMPLETED, VERIFIED, FAILED, CANCELLED)
 HELD_STATES = frozenset({LEASED, RUNNING})  # a node holds a lease
 OPEN_STATES = frozenset({QUEUED, LEASED, RUNNING})  # escrow still held
 FINAL_STATES = frozenset({COMPLETED, VERIFIED, FAILED, CANCELLED})
 SUCCEEDED_STATES = frozenset({COMPLETED, VERIFIED})  # a result was delivered (verified or not yet)
+
+
+def result_released(state: str) -> bool:
+    """May the buyer have the job's result (download it, serve its fine-tuned model)?"""
+    return state != VERIFYING
 
 
 @dataclass(frozen=True)

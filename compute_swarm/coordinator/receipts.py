@@ -10,6 +10,7 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from compute_swarm.coordinator import ledger
+from compute_swarm.coordinator.lifecycle import result_released
 from compute_swarm.coordinator.tables import Job, JobEvent, LedgerEntry, LedgerTransaction
 
 
@@ -74,7 +75,7 @@ def receipt(session: Session, job: Job) -> dict[str, Any]:
         "created_at": job.created_at,
         "finished_at": job.finished_at,
         "completed_by": job.node_id if job.result_sha256 else None,
-        "result_sha256": job.result_sha256,
+        "result_sha256": job.result_sha256 if result_released(job.state) else None,
         # After a mismatch the buyer's result is the trusted re-run's, not what completed_by delivered.
         "result_from": (
             next((rerun.node_id for rerun in reruns if rerun.result_sha256 == job.result_sha256), None)

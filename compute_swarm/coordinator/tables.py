@@ -8,7 +8,19 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy import JSON, BigInteger, Boolean, Float, ForeignKey, Index, Integer, MetaData, String, Text
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    Boolean,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    UniqueConstraint,
+)
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
 # Stable constraint names, so migrations can alter them on every database.
@@ -184,6 +196,8 @@ class Job(Base):
     progress: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     checkpoint_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     checkpoint_step: Mapped[int] = mapped_column(Integer, default=0)
+    # The checkpoint the latest lease started from (None: step 0); who made it is in `checkpoints`.
+    resumed_from_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     result_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
     # A LoRA job's adapter as a llama.cpp LoRA file, which serves its fine-tuned model.
     result_gguf_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
@@ -199,6 +213,9 @@ class Job(Base):
     sweep_id: Mapped[str | None] = mapped_column(String(32), nullable=True, index=True)
     sweep_parameters: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     delivered_result_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    # A re-run that looks for the node that introduced a bad state (coordinator.provenance): the
+    # checkpoint it checks, its step, its author, and the node whose work followed it.
+    checks_checkpoint: Mapped[dict[str, Any] | None] = mapped_column(JSON, nullable=True)
     # pending (a re-run is queued), passed, mismatch, skipped (not sampled), unavailable (no trusted
     # node could take it in time); None before completion.
     verification: Mapped[str | None] = mapped_column(String(16), nullable=True)
@@ -210,6 +227,24 @@ class Job(Base):
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class Checkpoint(Base):
+    """A checkpoint a node uploaded for a job, with who made it and what it was built on: checkpoints
+    are untrusted input, and a bad one is charged to its author (coordinator.provenance)."""
+
+    __tablename__ = "checkpoints"
+    __table_args__ = (UniqueConstraint("job_id", "sha256"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("jobs.id"), index=True)
+    sha256: Mapped[str] = mapped_column(String(64))
+    step: Mapped[int] = mapped_column(Integer)
+    node_id: Mapped[str] = mapped_column(String(32))
+    lease_id: Mapped[str] = mapped_column(String(32))
+    # The checkpoint the uploading lease started from (None: step 0).
+    resumed_from_sha256: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    uploaded_at: Mapped[float] = mapped_column(Float)
 
 
 class Sweep(Base):

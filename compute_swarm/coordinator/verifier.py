@@ -14,6 +14,9 @@ the same way. Its re-run trains the trial's spec to the checkpoint's step and me
 held-out loss (the checkpoint holds the adapter in peft's layout, as a result does); it delivered no
 result, so a pass leaves it stopped (credit released) and a mismatch claws the credit back and gives
 the buyer back what the trial was charged.
+
+Work built on a checkpoint another untrusted node made is always re-run, and a mismatch on it looks
+for the node that introduced the bad state before anyone is blamed (coordinator.provenance).
 """
 
 from __future__ import annotations
@@ -27,12 +30,12 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from compute_swarm import protocol
-from compute_swarm.coordinator import accounts, batch, ledger, verification
+from compute_swarm.coordinator import accounts, batch, ledger, provenance, verification
 from compute_swarm.coordinator.artifacts import ArtifactStore
 from compute_swarm.coordinator.job_events import record as record_event
-from compute_swarm.coordinator.lifecycle import CANCELLED, COMPLETED, QUEUED, VERIFIED
+from compute_swarm.coordinator.lifecycle import CANCELLED, COMPLETED, QUEUED, VERIFIED, VERIFYING
 from compute_swarm.coordinator.settings import Settings
-from compute_swarm.coordinator.tables import Job, JobProgressPoint, Node
+from compute_swarm.coordinator.tables import Checkpoint, Job, JobProgressPoint, Node
 from compute_swarm.coordinator.trials import STOPPED_EARLY
 from compute_swarm.coordinator.verification import MISMATCH, PASSED, NodeRecord, Verdict, VerificationPolicy
 
@@ -80,7 +83,14 @@ class Verifier:
             # A sampled answer depends on the machine's exact numbers: a re-run elsewhere differs.
             self.not_to_verify(job, "sampled answers (temperature above 0) are not replayed")
             return None
-        return self._sample(session, job, job.spec, job.result_sha256, f"completed on {job.node_id}")
+        return self._sample(
+            session,
+            job,
+            job.spec,
+            job.result_sha256,
+            f"completed on {job.node_id}",
+            always_because=_built_on_foreign_checkpoint(session, job),
+        )
 
     def after_stop(self, session: Session, job: Job, checked_step: int, checkpoint_sha256: str) -> Job | None:
         """Decide whether a sweep trial stopped early, and paid for the steps up to its checkpoint at
@@ -94,22 +104,62 @@ class Verifier:
             return None
         spec = {**job.spec, "max_steps": checked_step}
         what = f"stopped early on {job.node_id}, checkpoint at step {checked_step}"
-        return self._sample(session, job, spec, checkpoint_sha256, what)
+        return self._sample(
+            session,
+            job,
+            spec,
+            checkpoint_sha256,
+            what,
+            always_because=_built_on_foreign_checkpoint(session, job),
+        )
 
     def not_to_verify(self, job: Job, detail: str) -> None:
         job.verification = SKIPPED
         job.verification_detail = detail
 
     def _sample(
-        self, session: Session, job: Job, spec: dict, delivered_sha256: str | None, what: str
+        self,
+        session: Session,
+        job: Job,
+        spec: dict,
+        delivered_sha256: str | None,
+        what: str,
+        *,
+        always_because: str | None = None,
     ) -> Job | None:
-        """Draw whether `job` is re-run (`spec`, checking `delivered_sha256`); queue the re-run if so."""
-        node = session.get(Node, job.node_id) if job.node_id else None
-        record = node_record(node, self.policy) if node is not None else verification.new_record(self.policy)
-        rate = self.budget.rate(verification.sampling_rate(record, self.policy))
-        if self.draw() >= rate:
-            self.not_to_verify(job, f"not sampled (this node's jobs are re-run at {rate:.0%})")
-            return None
+        """Draw whether `job` is re-run (`spec`, checking `delivered_sha256`); queue the re-run if so.
+        `always_because`: why it is re-run whatever the draw (outside the overhead budget)."""
+        if always_because is None:
+            node = session.get(Node, job.node_id) if job.node_id else None
+            record = (
+                node_record(node, self.policy) if node is not None else verification.new_record(self.policy)
+            )
+            rate = self.budget.rate(verification.sampling_rate(record, self.policy))
+            if self.draw() >= rate:
+                self.not_to_verify(job, f"not sampled (this node's jobs are re-run at {rate:.0%})")
+                return None
+            why = f"sampled (at {rate:.0%})"
+        else:
+            why = f"always verified: {always_because}"
+        check = self._queue_rerun(
+            session, job, spec, delivered_sha256, excluded=[job.node_id] if job.node_id else []
+        )
+        job.verification = PENDING
+        job.verification_detail = f"{why}: re-run {check.id} waits for a trusted node"
+        record_event(session, check, f"re-runs {job.id} ({what}) to verify it")
+        record_event(session, job, f"to be verified: re-run {check.id} queued for a trusted node")
+        return check
+
+    def _queue_rerun(
+        self,
+        session: Session,
+        job: Job,
+        spec: dict,
+        delivered_sha256: str | None,
+        *,
+        excluded: list[str],
+        checks_checkpoint: dict | None = None,
+    ) -> Job:
         now = time.time()
         check = Job(
             id=accounts.new_id("job"),
@@ -127,20 +177,17 @@ class Verifier:
             attempt=0,
             max_attempts=VERIFICATION_ATTEMPTS,
             queued_at=now,
-            # Never the node being checked.
-            excluded_nodes=[job.node_id] if job.node_id else [],
+            # Never a node being checked.
+            excluded_nodes=excluded,
             input_adapter_sha256=job.input_adapter_sha256,
             verifies_job_id=job.id,
             delivered_result_sha256=delivered_sha256,
+            checks_checkpoint=checks_checkpoint,
             created_at=now,
             updated_at=now,
         )
         session.add(check)
         session.flush()
-        job.verification = PENDING
-        job.verification_detail = f"sampled (at {rate:.0%}): re-run {check.id} waits for a trusted node"
-        record_event(session, check, f"re-runs {job.id} ({what}) to verify it")
-        record_event(session, job, f"to be verified: re-run {check.id} queued for a trusted node")
         return check
 
     # ---- a re-run reported
@@ -151,62 +198,179 @@ class Verifier:
         """Compare a re-run's result with the checked job's and settle the checked job."""
         job = session.scalar(select(Job).where(Job.id == check.verifies_job_id).with_for_update())
         assert job is not None, "a re-run always names the job it checks"
+        if check.checks_checkpoint is not None:
+            return self._conclude_checkpoint_check(session, job, check, report, trusted_node_id)
         verdict = self._compare(session, job, check, report)
         share = ledger.node_credit_for_job(session, job.id, job.node_id) if job.node_id else 0
         ledger.pay_for_verification(
             session, check.id, trusted_node_id, share, memo=f"verified {job.id}: {verdict.outcome}"
         )
-        node = session.get(Node, job.node_id) if job.node_id else None
         stopped = job.error_kind == STOPPED_EARLY
+        job.credit_release_at = None
+        job.updated_at = time.time()
         if verdict.outcome == PASSED:
             if not stopped:  # a stopped trial delivered no result: it stays stopped
                 job.state = VERIFIED
-            if job.node_id:
-                ledger.release(session, job.id, job.node_id, memo="verified")
+            job.verification, job.verification_detail = PASSED, verdict.reason[:2000]
+            self._judge(session, job, job.node_id, PASSED, "verified")
+            record_event(session, job, f"verified ({verdict.reason})")
+            return verdict
+        if stopped:
+            # The buyer paid for steps its checkpoint does not show, and got no result for them.
+            memo = f"verification mismatch: the stopped trial's charge goes back ({verdict.reason})"
+            ledger.post(
+                session,
+                kind="refund",
+                idempotency_key=f"mismatch-refund:{job.id}",
+                job_id=job.id,
+                entries={ledger.FEES: -job.price_micro, ledger.buyer_account(job.buyer_id): job.price_micro},
+                memo=memo[:500],
+            )
+            what = "mismatch: the buyer's charge for the stopped trial is refunded"
         else:
-            if job.node_id:
-                ledger.clawback(
-                    session, job.id, job.node_id, memo=f"verification mismatch: {verdict.reason}"[:500]
-                )
-            if stopped:
-                # The buyer paid for steps its checkpoint does not show, and got no result for them.
-                memo = f"verification mismatch: the stopped trial's charge goes back ({verdict.reason})"
-                ledger.post(
-                    session,
-                    kind="refund",
-                    idempotency_key=f"mismatch-refund:{job.id}",
-                    job_id=job.id,
-                    entries={
-                        ledger.FEES: -job.price_micro,
-                        ledger.buyer_account(job.buyer_id): job.price_micro,
-                    },
-                    memo=memo[:500],
-                )
-            else:
-                # The buyer gets the trusted run's result in place of the one delivered.
-                job.result_sha256 = check.result_sha256
-                job.result_gguf_sha256 = check.result_gguf_sha256
-                job.metrics = check.metrics
-        job.verification = verdict.outcome
-        job.verification_detail = verdict.reason[:2000]
-        job.credit_release_at = None
-        job.updated_at = time.time()
-        if node is not None:
-            before = node_record(node, self.policy)
-            after = verification.after_verification(before, verdict.outcome, self.policy)
-            store_record(node, after)
-            node.verifications += 1
-            if after.quarantined and not before.quarantined:
-                record_event(
-                    session, job, f"node {node.id} is quarantined after {after.mismatches} mismatches"
-                )
-        if verdict.outcome == PASSED:
-            what = "verified"
-        elif stopped:
-            what = "mismatch: the node's credit is taken back and the buyer's charge refunded"
-        else:
+            # The buyer gets the trusted run's result in place of the one delivered.
+            job.result_sha256 = check.result_sha256
+            job.result_gguf_sha256 = check.result_gguf_sha256
+            job.metrics = check.metrics
+            job.state = COMPLETED  # from verifying, where a result built on a foreign checkpoint waits
             what = "mismatch: the trusted run's result replaces the delivered one"
         record_event(session, job, f"{what} ({verdict.reason})")
+        base = provenance.foreign_base(session, job)
+        if base is not None and job.node_id is not None:
+            # Built on another node's checkpoint: who introduced the bad state is found before anyone
+            # is blamed.
+            self._check_checkpoint(session, job, base, after=job.node_id, mismatch=verdict.reason)
+            return verdict
+        job.verification, job.verification_detail = MISMATCH, verdict.reason[:2000]
+        self._judge(session, job, job.node_id, MISMATCH, f"verification mismatch: {verdict.reason}")
+        return verdict
+
+    def _judge(self, session: Session, job: Job, node_id: str | None, outcome: str, memo: str) -> None:
+        """Settle one node's part in `job`: its credit for the job (if any) is released or clawed back,
+        and its record moves; a mismatch may quarantine it."""
+        if node_id is None:
+            return
+        if outcome == PASSED:
+            ledger.release(session, job.id, node_id, memo=memo[:500])
+        else:
+            ledger.clawback(session, job.id, node_id, memo=memo[:500])
+        node = session.get(Node, node_id)
+        if node is None:
+            return
+        before = node_record(node, self.policy)
+        after = verification.after_verification(before, outcome, self.policy)
+        store_record(node, after)
+        node.verifications += 1
+        if after.quarantined and not before.quarantined:
+            record_event(session, job, f"node {node.id} is quarantined after {after.mismatches} mismatches")
+
+    def _check_checkpoint(
+        self, session: Session, job: Job, checkpoint: Checkpoint, *, after: str, mismatch: str
+    ) -> None:
+        """Queue a trusted re-run of `job`'s spec to `checkpoint`'s step that measures the checkpoint's
+        held-out loss (as a stopped trial's is checked): a sound checkpoint puts the fault on `after`,
+        the node whose work followed it; a bad one on its author, or further back."""
+        author = checkpoint.node_id
+        warmup = job.spec.get("warmup_steps") or 0
+        if warmup >= checkpoint.step:
+            # A re-run to this step would not be a valid job (it must end after its warm-up): the bad
+            # state cannot be traced, and nobody is blamed for it.
+            job.verification = MISMATCH
+            job.verification_detail = (
+                f"{mismatch}; it was built on node {author}'s checkpoint at step {checkpoint.step}, within "
+                f"the {warmup} warm-up steps, which cannot be checked: no node is blamed"
+            )[:2000]
+            if job.node_id:
+                ledger.release(
+                    session, job.id, job.node_id, memo="not blamed: the bad state cannot be traced"
+                )
+            record_event(session, job, "the mismatch cannot be traced to a node: nobody is blamed")
+            return
+        excluded = sorted({node for node in (job.node_id, author, after) if node})
+        plan = {
+            "sha256": checkpoint.sha256,
+            "step": checkpoint.step,
+            "author": author,
+            "after": after,
+            "mismatch": mismatch[:1000],
+        }
+        check = self._queue_rerun(
+            session,
+            job,
+            {**job.spec, "max_steps": checkpoint.step},
+            checkpoint.sha256,
+            excluded=excluded,
+            checks_checkpoint=plan,
+        )
+        job.verification = PENDING
+        job.verification_detail = (
+            f"{mismatch}; it was built on node {author}'s checkpoint at step {checkpoint.step}: re-run "
+            f"{check.id} checks that checkpoint to find which node introduced the bad state"
+        )[:2000]
+        # The delivering node's credit waits for the finding, or for the window as any credit does.
+        job.credit_release_at = time.time() + self.window_seconds
+        record_event(
+            session, check, f"checks node {author}'s checkpoint at step {checkpoint.step} of {job.id}"
+        )
+        record_event(
+            session,
+            job,
+            f"built on node {author}'s checkpoint at step {checkpoint.step}: re-run {check.id} checks it "
+            f"before any node is blamed",
+        )
+
+    def _conclude_checkpoint_check(
+        self, session: Session, job: Job, check: Job, report: protocol.JobResult, trusted_node_id: str
+    ) -> Verdict:
+        plan = check.checks_checkpoint
+        assert plan is not None
+        step, author, after = int(plan["step"]), str(plan["author"]), str(plan["after"])
+        verdict = verification.compare_stopped_trial(
+            delivered_eval_loss=report.delivered_eval_loss,
+            trusted_eval_loss=report.eval_loss,
+            # The re-run's schedule ends at the checkpoint's step, the job's at its own max_steps: the
+            # held-out losses decide.
+            reported_losses={},
+            trusted_losses={},
+            same_learning_rates=False,
+            policy=self.policy,
+        )
+        share = ledger.node_credit_for_job(session, job.id, job.node_id) if job.node_id else 0
+        total = max(job.spec.get("max_steps") or step, 1)
+        ledger.pay_for_verification(
+            session,
+            check.id,
+            trusted_node_id,
+            share * min(step, total) // total,
+            memo=f"checked the checkpoint at step {step} of {job.id}: {verdict.outcome}",
+        )
+        job.credit_release_at = None
+        job.updated_at = time.time()
+        if verdict.outcome == PASSED:
+            culprit = after
+            finding = (
+                f"node {author}'s checkpoint at step {step} is sound ({verdict.reason}): the bad state came "
+                f"after it, from node {culprit}"
+            )
+        else:
+            checkpoint = provenance.find(session, job, str(plan["sha256"]))
+            earlier = (
+                provenance.suspect(session, job, checkpoint.resumed_from_sha256, author)
+                if checkpoint is not None
+                else None
+            )
+            if earlier is not None:
+                # That checkpoint was itself built on another node's: look further back.
+                self._check_checkpoint(session, job, earlier, after=author, mismatch=str(plan["mismatch"]))
+                return verdict
+            culprit = author
+            finding = f"node {culprit}'s checkpoint at step {step} is bad ({verdict.reason})"
+        job.verification = MISMATCH
+        job.verification_detail = f"{plan['mismatch']}; {finding}"[:2000]
+        self._judge(session, job, culprit, MISMATCH, f"verification mismatch: {finding}")
+        if job.node_id is not None and culprit != job.node_id:
+            ledger.release(session, job.id, job.node_id, memo=f"not at fault: {finding}"[:500])
+        record_event(session, job, f"the mismatch is charged to node {culprit}: {finding}"[:500])
         return verdict
 
     def _compare(self, session: Session, job: Job, check: Job, report: protocol.JobResult) -> Verdict:
@@ -256,11 +420,12 @@ class Verifier:
         credit waits out its window, as an unsampled job's does."""
         job = session.get(Job, check.verifies_job_id)
         if job is not None and job.verification == PENDING:
-            job.verification = UNAVAILABLE
-            job.verification_detail = (
-                f"the re-run {check.id} could not finish: {check.error_message or check.state}"
+            _undecided(
+                session,
+                job,
+                check,
+                f"the re-run {check.id} could not finish: {check.error_message or check.state}",
             )
-            record_event(session, job, "not verified: the trusted re-run could not finish")
 
     # ---- windows
 
@@ -272,7 +437,7 @@ class Verifier:
                 Job.credit_release_at.is_not(None),
                 Job.credit_release_at <= now,
                 # A cancelled job with credit pending is a trial stopped early and paid for its steps.
-                Job.state.in_((COMPLETED, VERIFIED, CANCELLED)),
+                Job.state.in_((VERIFYING, COMPLETED, VERIFIED, CANCELLED)),
             )
             .limit(limit)
             .with_for_update()
@@ -281,6 +446,7 @@ class Verifier:
             if job.node_id:
                 ledger.release(session, job.id, job.node_id, memo="verification window passed")
             job.credit_release_at = None
+            _deliver_unverified(session, job)
             if job.verification == PENDING:
                 # A re-run no trusted node took in time is dropped; one that runs may still decide.
                 for check in session.scalars(
@@ -289,10 +455,8 @@ class Verifier:
                     check.state = CANCELLED
                     check.finished_at = check.updated_at = now
                     record_event(session, check, "no trusted node took it within the verification window")
-                    job.verification = UNAVAILABLE
-                    job.verification_detail = "no trusted node re-ran it within the verification window"
-                    record_event(
-                        session, job, "not verified: no trusted node re-ran it in time; credit released"
+                    _undecided(
+                        session, job, check, "no trusted node re-ran it within the verification window"
                     )
         return len(due)
 
@@ -303,3 +467,36 @@ def _losses_by_step(session: Session, job_id: str) -> dict[int, float]:
         select(JobProgressPoint).where(JobProgressPoint.job_id == job_id).order_by(JobProgressPoint.id)
     ).all()
     return {point.step: point.loss for point in points if point.loss is not None}
+
+
+def _built_on_foreign_checkpoint(session: Session, job: Job) -> str | None:
+    """Why the job's work is always re-run, or None: it was built on another node's checkpoint."""
+    base = provenance.foreign_base(session, job)
+    if base is None:
+        return None
+    return f"built on a checkpoint (step {base.step}) that node {base.node_id} made"
+
+
+def _undecided(session: Session, job: Job, check: Job, why: str) -> None:
+    """A re-run of `job` that will not report: the verification ends without a verdict on a node."""
+    if check.checks_checkpoint is not None:
+        # The mismatch stands (the buyer has the trusted result); only its author was not found.
+        job.verification = MISMATCH
+        job.verification_detail = (
+            f"{check.checks_checkpoint.get('mismatch', 'mismatch')}; the checkpoint it was built on could not "
+            f"be checked ({why}): no node is blamed"
+        )[:2000]
+        record_event(session, job, "the checkpoint could not be checked: no node is blamed for the mismatch")
+        return
+    job.verification = UNAVAILABLE
+    job.verification_detail = why[:2000]
+    record_event(session, job, f"not verified: {why}"[:500])
+    _deliver_unverified(session, job)
+
+
+def _deliver_unverified(session: Session, job: Job) -> None:
+    """A result held for verification that no trusted node could give in time goes to the buyer,
+    marked unverified: holding it forever would lose the buyer's work."""
+    if job.state == VERIFYING:
+        job.state = COMPLETED
+        record_event(session, job, "no trusted node verified it in time: its result is delivered unverified")

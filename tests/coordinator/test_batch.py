@@ -82,6 +82,36 @@ def test_with_the_models_tokenizer_answers_are_charged_what_it_counts_not_what_t
     assert usage.completion_tokens == 7 + 64
 
 
+def test_with_the_models_tokenizer_prompts_are_charged_what_it_counts_not_what_the_node_claims(tmp_path):
+    from compute_swarm.coordinator.tokens import ChatMessage, counter_from_gguf
+    from compute_swarm.engine.models import fetch_catalogue_model
+
+    counter = counter_from_gguf(fetch_catalogue_model(DEFAULT_MODEL))
+    chat = [{"role": "user", "content": "What is the capital of Peru?"}]
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text(
+        json.dumps({"messages": chat}) + "\n\n" + json.dumps({"prompt": "Once upon a time"}) + "\n"
+    )
+    counted = batch.count_prompt_tokens(prompts, counter)
+    expected = counter.count_chat([ChatMessage("user", "What is the capital of Peru?")]) + counter.count(
+        "Once upon a time"
+    )
+    # The chat is counted in the model's template (more than its words), the text prompt as it is.
+    assert counted == expected and expected > counter.count("What is the capital of Peru?") + 4
+    archive = result_archive(
+        tmp_path, [answer(1, "Lima.", prompt_tokens=10**6), answer(2, "there", prompt_tokens=0)]
+    )
+    usage = batch.count_usage(
+        archive,
+        lines=2,
+        max_tokens=64,
+        dataset_bytes=10_000,
+        count_tokens=counter.count,
+        prompt_tokens=counted,
+    )
+    assert usage.prompt_tokens == counted
+
+
 def test_the_charge_never_exceeds_the_hold():
     usage = batch.BatchUsage(prompt_tokens=10**9, completion_tokens=10**9)
     assert batch.price_micro(MODEL, usage, held_micro=1234) == 1234

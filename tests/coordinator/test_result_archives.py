@@ -178,3 +178,41 @@ def test_the_lessees_own_result_is_read_within_bounds(coordinator, tmp_path, arc
     assert growth < PEAK_GROWTH_LIMIT
     assert buyer.job(job["id"])["state"] in ("leased", "running")
     node.disconnect()
+
+
+def test_a_batch_is_charged_the_prompt_tokens_the_coordinator_counts_not_the_nodes_claim(
+    coordinator, tmp_path
+):
+    """Issue 16: a node claiming 1,000 prompt tokens an answer used to be paid up to the prompts' size
+    bound (the file's bytes plus 64 a line); now the coordinator counts the prompts with the model's
+    tokenizer."""
+    from compute_swarm.coordinator.tokens import counter_from_gguf
+    from compute_swarm.engine.models import fetch_catalogue_model
+    from compute_swarm.sdk.client import pack_directory
+
+    buyer = new_buyer(coordinator, "counted-batch-buyer", "100")
+    node = ScriptedNode(coordinator, "prompt-inflater")
+    node.connect(inference_slots=1)
+    job = submit_batch(buyer, tmp_path, lines=2)
+    lease = lease_for(node, job["id"])
+    result = tmp_path / "result"
+    result.mkdir()
+    (result / batch.COMPLETIONS_FILE).write_text(
+        "".join(
+            f'{{"line": {n}, "text": "{n}.", "finish_reason": "stop", "prompt_tokens": 1000, "completion_tokens": 2}}\n'
+            for n in (1, 2)
+        )
+    )
+    archive = tmp_path / "result.tar"
+    pack_directory(result, archive)
+    sha256 = node.http.upload_artifact(
+        archive, purpose="result", job_id=job["id"], lease_id=lease["lease_id"]
+    )
+    ack, _ = report(node, job["id"], lease["lease_id"], sha256)
+    assert ack["accepted"], ack
+
+    counter = counter_from_gguf(fetch_catalogue_model(MODEL))
+    expected = sum(counter.count(f"Say {n}.") for n in range(2))
+    metrics = buyer.job(job["id"])["metrics"]
+    assert (metrics["prompt_tokens"], metrics["completion_tokens"]) == (expected, 2 * counter.count("1."))
+    node.disconnect()

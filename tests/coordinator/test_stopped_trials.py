@@ -137,6 +137,7 @@ def coordinator(tmp_path_factory):
     server = Coordinator(
         tmp_path_factory.mktemp("stopped-trials"),
         environment={
+            "SWARM_ADMIN_TOKEN": ADMIN_TOKEN,
             "SWARM_VERIFICATION_BASE_RATE": "0",
             "SWARM_VERIFICATION_MINIMUM_RATE": "0",
             "SWARM_VERIFICATION_MAXIMUM_RATE": "0",
@@ -403,7 +404,16 @@ def test_a_resumed_trial_is_paid_only_for_the_steps_after_the_checkpoint_it_resu
                 "message": "the seller paused"})  # fmt: skip
     assert receive_about(first, lease)["accepted"]
 
-    # The next node resumes from step 50, checkpoints at 75 and is stopped at 80: paid for 25 steps.
+    # The next node resumes from step 50 (a node ops trust could check work built on another node's
+    # checkpoint), checkpoints at 75 and is stopped at 80: paid for 25 steps.
+    checker = scene.node("checker", connect=False)
+    trusted = httpx.post(
+        f"{scene.coordinator.url}/api/ops/nodes/{checker.node_id}/trust",
+        json={"trusted": True},
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        timeout=10,
+    )
+    assert trusted.status_code == 200, trusted.text
     second = scene.node("second")
     resumed = second.receive_type("lease")
     assert resumed["job_id"] == lease["job_id"] and resumed["checkpoint_step"] == 50
@@ -419,6 +429,10 @@ def test_a_resumed_trial_is_paid_only_for_the_steps_after_the_checkpoint_it_resu
     )
     assert "for steps 51 to 75 (25 of 100" in cancel["reason"]
     assert earned(first) == 0
+    # Built on the first node's checkpoint: verified whatever the sampling rate (none here).
+    stopped = scene.buyer.job(lease["job_id"])
+    assert stopped["verification"] == "pending", stopped
+    assert f"that node {first.node_id} made" in stopped["verification_detail"]
 
 
 def test_trials_evaluating_at_different_steps_keep_the_nodes_connected(scene):

@@ -21,7 +21,7 @@ from compute_swarm.coordinator.api.schemas import (
     file_download,
 )
 from compute_swarm.coordinator.jobs import JobError
-from compute_swarm.coordinator.lifecycle import STATES
+from compute_swarm.coordinator.lifecycle import STATES, result_released
 from compute_swarm.coordinator.tables import Job, JobEvent, JobProgressPoint
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
@@ -100,6 +100,7 @@ def cancel(job: OwnedJob, services: ServicesDep) -> JobOut:
 
 @router.get("/{job_id}/result", **file_download("application/x-tar"))
 def result(job: OwnedJob, services: ServicesDep) -> FileResponse:
+    _refuse_held(job)
     if job.result_sha256 is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job.id} has no result yet; it is {job.state}")
     return FileResponse(
@@ -113,6 +114,7 @@ def result(job: OwnedJob, services: ServicesDep) -> FileResponse:
 @router.get("/{job_id}/adapter.gguf", **file_download("application/octet-stream"))
 def gguf_adapter(job: OwnedJob, services: ServicesDep) -> FileResponse:
     """A fine-tune's adapter as a llama.cpp LoRA file (llama.cpp's --lora), without the tar around it."""
+    _refuse_held(job)
     if job.result_gguf_sha256 is None:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"job {job.id} has no GGUF adapter; it is {job.state}")
     return FileResponse(
@@ -155,3 +157,12 @@ def receipt(job: OwnedJob, services: ServicesDep) -> dict:
     """What ran, on which nodes, how verification ended, and the money the job moved."""
     with services.database.reading() as session:
         return receipts.receipt(session, job)
+
+
+def _refuse_held(job: Job) -> None:
+    if not result_released(job.state):
+        raise HTTPException(
+            status.HTTP_409_CONFLICT,
+            f"job {job.id} is verifying: its result was built on a checkpoint another node made, and a "
+            f"trusted node checks it before you get it",
+        )

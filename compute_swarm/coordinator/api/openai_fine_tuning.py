@@ -33,6 +33,7 @@ OPENAI_STATUS = {
     "queued": "queued",
     "leased": "running",
     "running": "running",
+    "verifying": "running",  # the result is held until a trusted node verifies it
     "completed": "succeeded",
     "verified": "succeeded",
     "failed": "failed",

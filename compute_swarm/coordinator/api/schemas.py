@@ -8,6 +8,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, Field
 
 from compute_swarm.coordinator.inference import fine_tuned_model_id
+from compute_swarm.coordinator.lifecycle import result_released
 from compute_swarm.coordinator.tables import ApiKey, File, Job, Upload
 
 # The largest row id (or any integer) SQLite and PostgreSQL's bigint store: a query parameter compared
@@ -112,8 +113,10 @@ class JobOut(BaseModel):
             if job.state == "failed"
             else None,
             checkpoint_step=job.checkpoint_step,
-            result_sha256=job.result_sha256,
-            fine_tuned_model=fine_tuned_model_id(job) if job.result_gguf_sha256 else None,
+            result_sha256=job.result_sha256 if result_released(job.state) else None,
+            fine_tuned_model=fine_tuned_model_id(job)
+            if job.result_gguf_sha256 and result_released(job.state)
+            else None,
             verification=job.verification,
             verification_detail=job.verification_detail,
             created_at=job.created_at,

@@ -26,7 +26,7 @@ from compute_swarm.coordinator.api.openai_fine_tuning import SUFFIX
 from compute_swarm.coordinator.api.schemas import FileOut, JobOut
 from compute_swarm.coordinator.inference import fine_tuned_model_id
 from compute_swarm.coordinator.jobs import JobError
-from compute_swarm.coordinator.lifecycle import OPEN_STATES
+from compute_swarm.coordinator.lifecycle import OPEN_STATES, SUCCEEDED_STATES
 from compute_swarm.coordinator.tables import File, Job, JobEvent, LedgerEntry, LedgerTransaction
 from compute_swarm.coordinator.web import render
 from compute_swarm.engine.jobs import CATALOGUE, DEFAULT_MODEL
@@ -360,7 +360,9 @@ def job_page(request: Request, job: OwnedJob, services: ServicesDep) -> Response
         refunded=totals["refund"],
         charged=max(0, -totals["escrow"] - totals["refund"]) if job.state not in OPEN_STATES else 0,
         dataset=dataset,
-        fine_tuned_model=fine_tuned_model_id(job) if job.result_gguf_sha256 else None,
+        fine_tuned_model=fine_tuned_model_id(job)
+        if job.result_gguf_sha256 and job.state in SUCCEEDED_STATES
+        else None,
         is_open=job.state in OPEN_STATES,
     )
 
@@ -384,7 +386,12 @@ def cancel(job: OwnedJob, services: ServicesDep) -> Response:
 def playground(request: Request, buyer: CurrentBuyer, services: ServicesDep, model: str = "") -> Response:
     query = (
         select(Job)
-        .where(Job.buyer_id == buyer.id, Job.verifies_job_id.is_(None), Job.result_gguf_sha256.is_not(None))
+        .where(
+            Job.buyer_id == buyer.id,
+            Job.verifies_job_id.is_(None),
+            Job.state.in_(SUCCEEDED_STATES),
+            Job.result_gguf_sha256.is_not(None),
+        )
         .order_by(Job.finished_at.desc())
         .limit(100)
     )

@@ -323,7 +323,7 @@ function addFileRow(file) {
 
 // ---- Jobs: the list follows each job's state and progress
 
-const OPEN_STATES = ["queued", "leased", "running"];
+const OPEN_STATES = ["queued", "leased", "running", "verifying"];
 
 function progressCell(job) {
   const cell = document.createDocumentFragment();
@@ -334,6 +334,8 @@ function progressCell(job) {
     const loss = progress.loss === null || progress.loss === undefined ? "" : ` · loss ${progress.loss.toFixed(3)}`;
     cell.append(element("progress", { max: progress.total_steps, value: progress.step }), " ",
       element("span", { class: "small" }, `${progress.step}/${progress.total_steps}${loss}`));
+  } else if (job.state === "verifying") {
+    cell.append(element("span", { class: "muted small" }, "being verified by a trusted node"));
   } else if (job.state === "queued") {
     cell.append(element("span", { class: "muted small" }, "waiting for a node"));
   }
