@@ -108,10 +108,16 @@ class Coordinator(SwarmProcess):
 
     def create_buyer(self, name: str, credits: str = "100") -> str:
         result = run_cli(
-            "admin", "create-buyer", "--data-dir", str(self.data_dir), "--name", name, "--credits", credits
-        )
+            "admin", "create-buyer", "--data-dir", str(self.data_dir), "--name", name, "--credits", credits,
+            environment=self.database_environment(),
+        )  # fmt: skip
         assert result.returncode == 0, result.stderr
         return result.stdout.strip().splitlines()[-1]
+
+    def database_environment(self) -> dict[str, str]:
+        """What an admin command needs to reach this coordinator's database (a PostgreSQL one's URL)."""
+        url = self.environment.get("SWARM_DATABASE_URL")
+        return {"SWARM_DATABASE_URL": url} if url else {}
 
     def health(self) -> dict:
         return httpx.get(f"{self.url}/healthz", timeout=5).json()

@@ -5,7 +5,8 @@ from __future__ import annotations
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
-from fastapi import FastAPI
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse
 
 from compute_swarm import protocol
 from compute_swarm.coordinator import web
@@ -25,7 +26,7 @@ from compute_swarm.coordinator.api import (
 )
 from compute_swarm.coordinator.api.deps import Services
 from compute_swarm.coordinator.artifacts import ArtifactStore
-from compute_swarm.coordinator.database import Database
+from compute_swarm.coordinator.database import Database, UnstorableText
 from compute_swarm.coordinator.hub import Hub
 from compute_swarm.coordinator.inference import InferenceService, RequestLimiter
 from compute_swarm.coordinator.jobs import JobService
@@ -81,6 +82,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     for module in (files, jobs, sweeps, account, keys, nodes, ops, service, openai, openai_fine_tuning):
         app.include_router(module.router)
     openai_errors.install(app)
+
+    @app.exception_handler(UnstorableText)
+    async def unstorable_text(request: Request, error: UnstorableText) -> JSONResponse:
+        if request.url.path.startswith(openai_errors.OPENAI_PREFIX):
+            return JSONResponse(openai_errors.error_body(400, str(error)), status_code=400)
+        return JSONResponse({"detail": str(error)}, status_code=400)
+
     web.install(app)
     app.add_middleware(RequestLimits)
     return app

@@ -19,6 +19,12 @@ from sqlalchemy.orm import Session, sessionmaker
 MIGRATIONS = Path(__file__).parent / "migrations"
 
 
+class UnstorableText(ValueError):
+    """Text with a NUL character, from a request: PostgreSQL cannot store (or even compare) it, and
+    SQLite could. Refused on both, so a buyer's or a node's input is answered the same everywhere (a
+    400 from the API, not a 500 on one database only)."""
+
+
 class Database:
     def __init__(self, url: str):
         self.url = url
@@ -34,6 +40,8 @@ class Database:
             event.listen(self.engine, "begin", _begin_immediate)
         else:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        # The same text is refused on both databases, before it reaches either (see UnstorableText).
+        event.listen(self.engine, "before_cursor_execute", _refuse_nul_characters)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._write_lock = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
         # Reads take no write lock: in WAL mode they see the last commit while writers go on.
@@ -84,3 +92,10 @@ def _configure_sqlite(connection, _record) -> None:
 def _begin_immediate(connection) -> None:
     read_only = connection.get_execution_options().get("read_only", False)
     connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def _refuse_nul_characters(_connection, _cursor, _statement, parameters, _context, executemany: bool) -> None:
+    for row in parameters if executemany else [parameters]:
+        values = row.values() if isinstance(row, dict) else row or ()
+        if any(isinstance(value, str) and "\x00" in value for value in values):
+            raise UnstorableText("text may not contain NUL characters (\\u0000)")

@@ -568,10 +568,30 @@ def test_the_node_socket_survives_fuzzed_frames_and_leaks_no_connection(coordina
 # ---- what the fuzzers found
 
 
-def test_numbers_past_what_the_database_stores_are_refused_not_a_server_error(coordinator):
+@pytest.fixture(scope="module")
+def postgres_coordinator(tmp_path_factory):
+    """A coordinator on a throwaway PostgreSQL (the pgserver wheel), as ops run a large swarm."""
+    pgserver = pytest.importorskip(
+        "pgserver", reason="PostgreSQL tests need the pgserver wheel (the dev extra)"
+    )
+    server = pgserver.get_server(tmp_path_factory.mktemp("postgres"), cleanup_mode="stop")
+    url = server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
+    process = Coordinator(
+        tmp_path_factory.mktemp("postgres-coordinator"),
+        environment={"SWARM_ADMIN_TOKEN": ADMIN_TOKEN, "SWARM_DATABASE_URL": url},
+    ).start()
+    yield process
+    process.stop()
+    server.cleanup()
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_numbers_past_what_the_database_stores_are_refused_not_a_server_error(database, request):
     """GET /api/ledger?before=-15462201487136620544 answered 500 (OverflowError binding it for
     SQLite); /api/jobs/{id}/progress?after= had the same flaw, and /v1/fine_tuning/jobs/{id}/events
-    took after=ftevent-² for a number (str.isdigit) that int() then refused."""
+    took after=ftevent-² for a number (str.isdigit) that int() then refused. On PostgreSQL, whose
+    ids are 32 bits, before=2**31 or more answered 500 (the schemathesis run against PostgreSQL)."""
+    coordinator = request.getfixturevalue("coordinator" if database == "sqlite" else "postgres_coordinator")
     api_key = coordinator.create_buyer("paging buyer", "10")
     buyer = SwarmClient(coordinator.url, api_key)
     dataset = buyer.upload_file(DEMO_CHAT_DATASET)
@@ -583,16 +603,18 @@ def test_numbers_past_what_the_database_stores_are_refused_not_a_server_error(co
     for path in (
         f"/api/ledger?before={2**64}",
         f"/api/ledger?before=-{2**64}",
+        f"/api/ledger?before={2**31}",
         f"/api/jobs/{job['id']}/progress?after={2**63}",
+        f"/api/jobs/{job['id']}/progress?after={2**31}",
     ):
         assert get(path).status_code == 422, path
     assert get("/api/ledger?before=1").json() == []
-    assert len(get(f"/api/ledger?before={2**63 - 1}").json()) == 2  # the grant and the job's hold
-    assert get(f"/api/jobs/{job['id']}/progress?after={2**63 - 1}").json() == []
+    assert len(get(f"/api/ledger?before={2**31 - 1}").json()) == 2  # the grant and the job's hold
+    assert get(f"/api/jobs/{job['id']}/progress?after={2**31 - 1}").json() == []
     events = f"/v1/fine_tuning/jobs/{job['id']}/events"
     everything = get(events).json()["data"]
     assert everything
-    for cursor in ("ftevent-²", f"ftevent-{2**64}", "1e3"):
+    for cursor in ("ftevent-²", f"ftevent-{2**64}", f"ftevent-{2**31}", "1e3"):
         answer = get(f"{events}?after={cursor}")
         assert answer.status_code == 200, cursor
         assert answer.json()["data"] == everything  # not a cursor: no paging
@@ -619,6 +641,48 @@ def test_a_node_gone_before_its_bad_frame_is_refused_leaves_no_error_behind(coor
     time.sleep(1)  # its close attempts come just after the refusal is logged
     assert unhandled_errors(coordinator, log_start) == []
     assert coordinator.health()["nodes_connected"] == 0
+
+
+@pytest.mark.parametrize("database", ["sqlite", "postgresql"])
+def test_text_with_a_nul_character_is_refused_alike_on_both_databases(database, request):
+    """On PostgreSQL, which cannot store or compare text with a NUL, a NUL in an id, a key's name or a
+    node's name answered 500 (and SQLite stored it). Now 400 on both; a node's message with one
+    closes its socket as malformed, not as a coordinator error (1011) it would reconnect into."""
+    from compute_swarm.sdk.client import NodeClient
+
+    coordinator = request.getfixturevalue("coordinator" if database == "sqlite" else "postgres_coordinator")
+    api_key = coordinator.create_buyer("nul buyer", "10")
+    headers = {"Authorization": f"Bearer {api_key}"}
+    for method, path, body in (
+        ("GET", "/api/jobs/job_%00", None),
+        ("GET", "/v1/files/file_%00", None),
+        ("POST", "/api/keys", {"name": "a\u0000b"}),
+        (
+            "POST",
+            "/v1/chat/completions",
+            {"model": "ft:\u0000", "messages": [{"role": "user", "content": "hi"}]},
+        ),
+    ):
+        answer = httpx.request(method, coordinator.url + path, json=body, headers=headers, timeout=10)
+        assert answer.status_code == 400, (path, answer.status_code, answer.text)
+        assert "NUL" in answer.text, answer.text
+    assert httpx.post(coordinator.url + "/api/nodes/register", json={"name": "n\u0000"}).status_code == 400
+    with pytest.raises(Exception, match="NUL"):
+        NodeClient.register(coordinator.url, "n\u0000")
+
+    buyer = SwarmClient(coordinator.url, api_key)
+    node = ScriptedNode(coordinator, "nul-writer")
+    node.connect()
+    dataset = buyer.upload_file(DEMO_CHAT_DATASET)
+    buyer.submit_lora({"base_model": DEFAULT_MODEL, "dataset": dataset["id"], "max_steps": 3})
+    lease = node.receive_type("lease")
+    node.send({"type": "failure", "job_id": lease["job_id"], "lease_id": lease["lease_id"], "kind": "error",
+               "message": "boom\u0000"})  # fmt: skip
+    with pytest.raises(ConnectionClosed) as closed:
+        while True:
+            node.receive(timeout=10)
+    assert closed.value.rcvd.code == protocol.CloseCode.MALFORMED
+    assert "NUL" in closed.value.rcvd.reason
 
 
 def test_answers_that_are_not_json_are_documented_as_what_they_are(coordinator):

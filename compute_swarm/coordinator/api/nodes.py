@@ -25,6 +25,7 @@ from compute_swarm.coordinator.api.schemas import (
     file_download,
 )
 from compute_swarm.coordinator.artifacts import SHA256
+from compute_swarm.coordinator.database import UnstorableText
 from compute_swarm.coordinator.hub import Connection
 from compute_swarm.coordinator.node_session import NodeSession
 from compute_swarm.coordinator.tables import Job, Node
@@ -151,6 +152,11 @@ async def node_socket(websocket: WebSocket) -> None:
         await _close(websocket, CloseCode.MALFORMED, "no hello within 15 s")
     except (WebSocketDisconnect, RuntimeError):
         pass
+    except UnstorableText as error:
+        # The node's own input, which it would send again on reconnecting: refused as malformed.
+        reason = f"protocol violation: {error}"
+        logger.warning("closing node %s: %s", node.id, error)
+        await _close(websocket, CloseCode.MALFORMED, str(error))
     except Exception:
         # A bug or a database outage must not leave the node hanging: it reconnects and re-sends.
         logger.exception("node %s: error while handling its messages", node.id)

@@ -11,9 +11,9 @@ from compute_swarm.coordinator.inference import fine_tuned_model_id
 from compute_swarm.coordinator.lifecycle import result_released
 from compute_swarm.coordinator.tables import ApiKey, File, Job, Upload
 
-# The largest row id (or any integer) SQLite and PostgreSQL's bigint store: a query parameter compared
-# with ids is bounded by it, or the database driver fails on it (a 500) before the query runs.
-MAX_ROW_ID = 2**63 - 1
+# The largest row id: ids are Integer columns, 32 bits on PostgreSQL (SQLite stores 64). A query
+# parameter compared with ids is bounded by it, or PostgreSQL fails on it (a 500) before the query runs.
+MAX_ROW_ID = 2**31 - 1
 
 
 def file_download(media_type: str) -> dict[str, Any]:
