@@ -140,7 +140,7 @@ class JobService:
         # Each model's tokenizer: a batch's answers are charged the tokens counted with it.
         self.tokens = tokens
         self.verifier = Verifier(
-            settings, self.store, **({"draw": verification_draw} if verification_draw else {})
+            settings, self.store, **({"draw": verification_draw} if verification_draw else {}), tokens=tokens
         )
 
     # ---- buyers

@@ -18,7 +18,7 @@ overhead for swarms with cheaters.
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 PASSED, MISMATCH = "passed", "mismatch"
@@ -58,6 +58,9 @@ class VerificationPolicy:
     # whichever allows more (hardware may run a greedy answer on where the trusted run stopped; a node
     # padding its answers to be paid more tokens is far beyond it).
     answer_extra_words: int = 16
+    # The same in tokens (counted with the model's tokenizer, else in bytes): a node padding an answer
+    # with one long run of junk adds a single word but many tokens.
+    answer_extra_tokens: int = 32
 
 
 @dataclass(frozen=True)
@@ -236,9 +239,20 @@ def compare_stopped_trial(
     )
 
 
-def line_agrees(delivered: str, trusted: str, policy: VerificationPolicy) -> bool:
+def line_agrees(
+    delivered: str,
+    trusted: str,
+    policy: VerificationPolicy,
+    count_tokens: Callable[[str], int] | None = None,
+) -> bool:
+    """Does a delivered answer agree with the trusted one? Its first words match, and it is not much
+    longer in words or in tokens (`count_tokens`: the model's tokenizer; without it, bytes)."""
     delivered_words, trusted_words = delivered.split(), trusted.split()
     if len(delivered_words) > len(trusted_words) + max(policy.answer_extra_words, len(trusted_words)):
+        return False
+    length = count_tokens or (lambda text: len(text.encode()))
+    delivered_tokens, trusted_tokens = length(delivered), length(trusted)
+    if delivered_tokens > trusted_tokens + max(policy.answer_extra_tokens, trusted_tokens):
         return False
     needed = min(policy.agreeing_prefix_words, len(delivered_words), len(trusted_words))
     if needed == 0:
@@ -247,14 +261,20 @@ def line_agrees(delivered: str, trusted: str, policy: VerificationPolicy) -> boo
 
 
 def compare_completions(
-    delivered: Sequence[str], trusted: Sequence[str], policy: VerificationPolicy
+    delivered: Sequence[str],
+    trusted: Sequence[str],
+    policy: VerificationPolicy,
+    count_tokens: Callable[[str], int] | None = None,
 ) -> Verdict:
     """A greedy batch's answers, line by line, against a trusted re-run's."""
     if len(delivered) != len(trusted):
         return Verdict(MISMATCH, f"{len(delivered)} answers delivered, the trusted run gave {len(trusted)}")
     if not trusted:
         return Verdict(PASSED, "no lines")
-    agreeing = sum(line_agrees(mine, theirs, policy) for mine, theirs in zip(delivered, trusted, strict=True))
+    agreeing = sum(
+        line_agrees(mine, theirs, policy, count_tokens)
+        for mine, theirs in zip(delivered, trusted, strict=True)
+    )
     share = agreeing / len(trusted)
     if share < policy.line_agreement:
         return Verdict(

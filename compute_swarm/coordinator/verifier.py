@@ -36,6 +36,7 @@ from compute_swarm.coordinator.job_events import record as record_event
 from compute_swarm.coordinator.lifecycle import CANCELLED, COMPLETED, QUEUED, VERIFIED, VERIFYING
 from compute_swarm.coordinator.settings import Settings
 from compute_swarm.coordinator.tables import Checkpoint, Job, JobProgressPoint, Node
+from compute_swarm.coordinator.tokens import TokenCounters
 from compute_swarm.coordinator.trials import STOPPED_EARLY
 from compute_swarm.coordinator.verification import MISMATCH, PASSED, NodeRecord, Verdict, VerificationPolicy
 
@@ -67,12 +68,20 @@ def store_record(node: Node, record: NodeRecord) -> None:
 
 
 class Verifier:
-    def __init__(self, settings: Settings, store: ArtifactStore, draw: Callable[[], float] = random.random):
+    def __init__(
+        self,
+        settings: Settings,
+        store: ArtifactStore,
+        draw: Callable[[], float] = random.random,
+        tokens: TokenCounters | None = None,
+    ):
         self.policy = settings.verification_policy()
         self.window_seconds = settings.verification_window_seconds
         self.store = store
         self.draw = draw  # uniform in [0, 1): injected, so tests and the bench decide what is sampled
         self.budget = verification.OverheadBudget(self.policy.overhead_budget)
+        # Each model's tokenizer: batch answers are compared in tokens too (None: in bytes).
+        self.tokens = tokens
 
     # ---- a job completed
 
@@ -390,7 +399,10 @@ class Verifier:
                 ]
             except batch.BatchResultError as error:
                 return Verdict(MISMATCH, f"the delivered answers cannot be read: {error}")
-            return verification.compare_completions(delivered, trusted, self.policy)
+            counter = self.tokens.get(job.base_model) if self.tokens is not None else None
+            return verification.compare_completions(
+                delivered, trusted, self.policy, counter.count if counter is not None else None
+            )
         if job.error_kind == STOPPED_EARLY:
             return verification.compare_stopped_trial(
                 delivered_eval_loss=report.delivered_eval_loss,

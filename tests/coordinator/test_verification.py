@@ -270,6 +270,28 @@ def test_answers_padded_after_the_right_words_are_a_mismatch():
     assert line_agrees("Paris is the capital of France. It is", "Paris is the capital of France.", POLICY)
 
 
+def test_answers_padded_with_one_long_word_are_a_mismatch_in_tokens():
+    """One word of junk passed the word count ("Paris." then 3,000 letters without a space is two words)
+    and was paid up to max_tokens: the lengths are compared in tokens (or bytes) too."""
+    from compute_swarm.coordinator.tokens import counter_from_gguf
+    from compute_swarm.engine.catalogue import fetch_catalogue_model
+    from compute_swarm.engine.jobs import DEFAULT_MODEL
+
+    counter = counter_from_gguf(fetch_catalogue_model(DEFAULT_MODEL))
+    junk = "Paris. " + "x" * 3000
+    assert len(junk.split()) == 2
+    for count_tokens in (None, counter.count):
+        assert not line_agrees(junk, "Paris.", POLICY, count_tokens)
+        verdict = compare_completions(
+            [answer + " " + "x" * 3000 for answer in ANSWERS], ANSWERS, POLICY, count_tokens
+        )
+        assert verdict.outcome == MISMATCH, verdict.reason
+        assert line_agrees(
+            "Paris is the capital of France. It is", "Paris is the capital of France.", POLICY, count_tokens
+        )
+        assert compare_completions(ANSWERS, list(ANSWERS), POLICY, count_tokens).outcome == PASSED
+
+
 def test_answers_changed_from_their_first_word_are_a_mismatch():
     forged = ["Nonsense " + " ".join(answer.split()[1:]) for answer in ANSWERS[:3]] + ANSWERS[3:]
     verdict = compare_completions(forged, ANSWERS, POLICY)
