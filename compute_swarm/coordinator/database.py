@@ -94,8 +94,16 @@ def _begin_immediate(connection) -> None:
     connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
 
 
-def _refuse_nul_characters(_connection, _cursor, _statement, parameters, _context, executemany: bool) -> None:
-    for row in parameters if executemany else [parameters]:
-        values = row.values() if isinstance(row, dict) else row or ()
-        if any(isinstance(value, str) and "\x00" in value for value in values):
-            raise UnstorableText("text may not contain NUL characters (\\u0000)")
+def _refuse_nul_characters(_connection, _cursor, _statement, parameters, _context, _executemany) -> None:
+    # Parameters come as a dict, a tuple, or (executemany, SQLAlchemy's batched inserts) a list of
+    # either, or a flat list of many rows' values: every string in them is looked at.
+    pending = [parameters]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise UnstorableText("text may not contain NUL characters (\\u0000)")
+        elif isinstance(value, dict):
+            pending.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            pending.extend(value)
