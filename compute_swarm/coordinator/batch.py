@@ -19,7 +19,6 @@ from typing import BinaryIO
 
 from compute_swarm.coordinator import pricing
 from compute_swarm.coordinator.tokens import ChatMessage, TokenCounter
-from compute_swarm.engine import datasets
 from compute_swarm.engine.jobs import CatalogueModel, InferenceJobSpec, parse_prompt_line
 
 COMPLETIONS_FILE = "completions.jsonl"  # engine.inference.COMPLETIONS_FILE, inside the result's tar
@@ -169,16 +168,20 @@ def count_usage(
 
 
 def count_prompt_tokens(prompts: Path, counter: TokenCounter) -> int:
-    """The prompt tokens of a batch's prompts file (checked at upload, so every line parses): each
-    chat in the model's template up to the answer, each text prompt as it is."""
+    """The prompt tokens of a batch's prompts file (checked line by line at upload, so every line
+    parses): each chat in the model's template up to the answer, each text prompt as it is."""
     total = 0
-    for line in datasets.read_jsonl(prompts, parse_prompt_line):
-        if line.messages is not None:
-            total += counter.count_chat(
-                [ChatMessage(message.role, message.content) for message in line.messages]
-            )
-        else:
-            total += counter.count(line.prompt or "")
+    with prompts.open("rb") as file:
+        for raw in file:
+            if not raw.strip():
+                continue  # blank lines are not prompts (as at upload)
+            line = parse_prompt_line(raw.decode("utf-8"))
+            if line.messages is not None:
+                total += counter.count_chat(
+                    [ChatMessage(message.role, message.content) for message in line.messages]
+                )
+            else:
+                total += counter.count(line.prompt or "")
     return total
 
 

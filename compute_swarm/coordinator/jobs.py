@@ -688,7 +688,7 @@ class JobService:
         """A batch's prompt tokens as the model reads them, counted here; None if they cannot be."""
         try:
             return batch.count_prompt_tokens(self.store.blob_path(prompts_sha256), counter)
-        except (OSError, ValueError) as error:  # DatasetError is a ValueError
+        except (OSError, ValueError) as error:  # UnicodeDecodeError and a bad line are ValueErrors
             logger.warning("the prompts %s could not be counted: %s", prompts_sha256, error)
             return None
 
