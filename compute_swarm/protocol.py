@@ -16,7 +16,9 @@ from compute_swarm.engine.jobs import ChatMessage, Sampling
 
 # 3: a lease may bring a llama.cpp adapter to fetch (batch inference with a fine-tuned model).
 # 4: a lease states the size of every artifact it names, and a node stops a download past it.
-PROTOCOL_VERSION = 4
+# 5: the welcome says the node's standing (active, awaiting ops' approval, quarantined), and a
+#    `standing` message says it again at once when it changes.
+PROTOCOL_VERSION = 5
 
 JobId = NewType("JobId", str)
 LeaseId = NewType("LeaseId", str)
@@ -257,6 +259,23 @@ class Earnings(_Message):
     jobs_completed: int
 
 
+# What the node may do: take work (active), or wait, connected, for ops to approve it
+# (awaiting_approval) or to lift the quarantine verification put it in (quarantined).
+StandingState = Literal["active", "awaiting_approval", "quarantined"]
+MAX_STANDING_REASON_CHARACTERS = 1000
+
+
+class Standing(_Message):
+    """Whether this node gets work, and if not why, in words for its seller. Part of the welcome, and
+    sent again the moment it changes (ops approve the node, verification quarantines it, ops lift
+    the quarantine). A node that is not active stays connected and is sent no lease and no inference
+    request until it is."""
+
+    type: Literal["standing"] = "standing"
+    state: StandingState
+    reason: str = Field(default="", max_length=MAX_STANDING_REASON_CHARACTERS)
+
+
 class Welcome(_Message):
     type: Literal["welcome"] = "welcome"
     protocol_version: int
@@ -264,6 +283,7 @@ class Welcome(_Message):
     heartbeat_interval_seconds: float
     lease_seconds: float
     earnings: Earnings
+    standing: Standing
 
 
 class Lease(_Message):
@@ -337,7 +357,7 @@ class InferenceStop(_Message):
 
 
 CoordinatorMessage = Annotated[
-    Welcome | Lease | Cancel | Acknowledged | Earnings | InferenceRequest | InferenceStop,
+    Welcome | Lease | Cancel | Acknowledged | Earnings | Standing | InferenceRequest | InferenceStop,
     Field(discriminator="type"),
 ]
 coordinator_message_adapter: TypeAdapter[CoordinatorMessage] = TypeAdapter(CoordinatorMessage)

@@ -36,6 +36,7 @@ logger = logging.getLogger("compute_swarm.coordinator.hub")
 STOPPING_GRACE_SECONDS = 90.0
 DISPATCH_GATHER_SECONDS = 0.005
 LEASE_BATCH = 256
+ACTIVE = protocol.Standing(state="active")
 
 
 @dataclass(eq=False)
@@ -66,6 +67,9 @@ class Connection:
     # no request until ops let it.
     trusted: bool = False
     barred: bool = False
+    # What the node was last told of its standing (in its welcome, then in `standing` messages): a
+    # barred node is told why, so its seller is not left waiting for work that cannot come.
+    standing: protocol.Standing = ACTIVE
     last_message_at: float = field(default_factory=time.monotonic)
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
 
@@ -175,6 +179,7 @@ class Hub:
         trusted, barred = await asyncio.to_thread(self.service.standing)
         connection.trusted = connection.node_id in trusted
         connection.barred = connection.node_id in barred
+        connection.standing = barred.get(connection.node_id, ACTIVE)
         connection.crashed_models = _crash_reports(connection.hello.crashed_models)
         self.connections[connection.node_id] = connection
         if connection.hello.inference_slots > 0:
@@ -189,6 +194,7 @@ class Hub:
                 heartbeat_interval_seconds=protocol.HEARTBEAT_INTERVAL_SECONDS,
                 lease_seconds=self.settings.lease_seconds,
                 earnings=earnings,
+                standing=connection.standing,
             )
         )
         await self._send_cancels(revoked)
@@ -458,14 +464,18 @@ class Hub:
 
     async def _refresh_standing(self) -> None:
         """Verification moves nodes in and out of trust and quarantine, and ops approve nodes and
-        lift quarantines: follow it."""
+        lift quarantines: follow it, and tell each node whose standing changed at once."""
         trusted, barred = await asyncio.to_thread(self.service.standing)
         for node_id, connection in list(self.connections.items()):
-            standing = (node_id in trusted, node_id in barred)
-            if standing != (connection.trusted, connection.barred):
-                connection.trusted, connection.barred = standing
+            flags = (node_id in trusted, node_id in barred)
+            if flags != (connection.trusted, connection.barred):
+                connection.trusted, connection.barred = flags
                 self._refresh_snapshot(connection)
                 self._work_waiting.set()
+            told = barred.get(node_id, ACTIVE)
+            if told != connection.standing:
+                connection.standing = told
+                await connection.send(told)
 
     async def _send_cancels(self, revocations: Iterable[Revocation]) -> None:
         for revocation in revocations:

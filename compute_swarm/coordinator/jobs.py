@@ -773,11 +773,11 @@ class JobService:
         with self.database.transaction() as session:
             return self.verifier.release_due(session, time.time() if now is None else now)
 
-    def standing(self) -> tuple[set[str], set[str]]:
-        """The nodes that may verify others (trusted), and those barred from work (quarantined, or
-        waiting for ops' approval): few, read in one query."""
+    def standing(self) -> tuple[set[str], dict[str, protocol.Standing]]:
+        """The nodes that may verify others (trusted), and those barred from work, each with why, as
+        its seller is told (waiting for ops' approval, or quarantined): few, read in one query."""
         trusted: set[str] = set()
-        barred: set[str] = set()
+        barred: dict[str, protocol.Standing] = {}
         policy = self.verifier.policy
         with self.database.reading() as session:
             for node in session.scalars(
@@ -787,8 +787,20 @@ class JobService:
                 )
             ):
                 record = node_record(node, policy)
-                if record.quarantined or node.approved_at is None:
-                    barred.add(node.id)
+                if node.approved_at is None:
+                    barred[node.id] = protocol.Standing(
+                        state="awaiting_approval",
+                        reason="the swarm operator approves each new computer before it gets work; it "
+                        "stays connected and takes jobs as soon as they do",
+                    )
+                elif record.quarantined:
+                    times = f" ({node.mismatches} times)" if node.mismatches > 1 else ""
+                    barred[node.id] = protocol.Standing(
+                        state="quarantined",
+                        reason=f"this computer's results did not match trusted re-runs of the same "
+                        f"jobs{times}; it gets no work until the swarm operator looks into it and lifts "
+                        f"the quarantine",
+                    )
                 elif is_trusted(record, policy):
                     trusted.add(node.id)
         return trusted, barred

@@ -39,12 +39,14 @@ from compute_swarm.desktop.messages import (
     default_node_name,
     describe_error,
     failure_message,
+    is_invite_code_refusal,
     is_transient,
     refused_token_message,
     telemetry_from_inventory,
     websocket_url,
 )
 from compute_swarm.desktop.serving import InferenceServing
+from compute_swarm.desktop.settings import normalize_invite_code
 from compute_swarm.desktop.workspace import Workspace
 from compute_swarm.engine.devices import DeviceInventory
 from compute_swarm.protocol import CloseCode, ProtocolViolation, format_credits
@@ -62,6 +64,18 @@ GUARD_INTERVAL_SECONDS = 5.0  # how often the GPU and the seller's activity are 
 class NodeStopped(Exception):
     """The agent cannot go on (its token was refused, its protocol is out of date); str() says why
     and what to do."""
+
+
+class InviteCodeRefused(NodeStopped):
+    """The coordinator admits nodes by invitation and refused to register this one: it had no invite
+    code (`code_given` False), or the coordinator refused the one it had. `detail` is the coordinator's
+    own explanation. Raised only by an agent that does not wait for a code (see `set_invite_code`)."""
+
+    def __init__(self, coordinator: str, code_given: bool, detail: str):
+        self.coordinator = coordinator
+        self.code_given = code_given
+        self.detail = detail
+        super().__init__(f"the coordinator at {coordinator} refused to register this node: {detail}")
 
 
 # ---- what the facade reports
@@ -83,6 +97,11 @@ class AgentStatus:
     earnings: protocol.Earnings | None = None
     problem: str | None = None  # why the agent is not connected, in words
     stopped: bool = False
+    # Registration waits for an invite code: none was given ("missing"), or the coordinator refused
+    # the one given ("refused"); `problem` then holds the coordinator's words. See set_invite_code.
+    invite_code_wanted: Literal["missing", "refused"] | None = None
+    # Whether the coordinator gives this node work, as it last said (None: not welcomed yet).
+    standing: protocol.Standing | None = None
 
 
 # ---- the agent
@@ -122,6 +141,10 @@ class NodeAgent:
         rng: random.Random | None = None,
         inference_slots: int | None = None,  # None: 1 where llama-cpp-python is installed, else 0
         invite_code: str | None = None,  # where the coordinator admits nodes by invitation
+        # True where someone can answer (the tray): a refused or missing invite code is said in the
+        # status, and registration waits for set_invite_code. False (the headless node): run() raises
+        # InviteCodeRefused.
+        wait_for_invite_code: bool = False,
     ):
         self.coordinator = token_store.normalize_coordinator_url(coordinator)
         self.data_dir = Path(data_dir)
@@ -132,7 +155,9 @@ class NodeAgent:
         self._runner_factory = runner_factory
         self._client_factory = client_factory
         self._register = register
-        self._invite_code = invite_code
+        self._invite_code = None if invite_code is None else normalize_invite_code(invite_code)
+        self._wait_for_invite_code = wait_for_invite_code
+        self._invite_code_given = asyncio.Event()
         self._probe = probe
         self._activity = activity
         self._guard_settings = guards or GuardSettings()
@@ -227,6 +252,12 @@ class NodeAgent:
         """New guard settings, applied at the next reading (within GUARD_INTERVAL_SECONDS)."""
         self._call_in_loop(self._set_guards_now, guards)
 
+    def set_invite_code(self, code: str) -> None:
+        """Register with this invite code: a registration waiting for one (`status.invite_code_wanted`)
+        tries again with it at once, even with the same code as before (ops may have made it since).
+        Raises ValueError, saying what to do, for text that cannot be a code (empty, overlong)."""
+        self._call_in_loop(self._set_invite_code_now, normalize_invite_code(code))
+
     async def earnings_history(self, days: int = 30) -> dict[str, Any]:
         """This node's credits per UTC hour over the last `days` days, with its earnings now (the
         coordinator's `GET /api/nodes/me/earnings`)."""
@@ -302,6 +333,10 @@ class NodeAgent:
     def _set_guards_now(self, guards: GuardSettings) -> None:
         self._guard_settings = guards
 
+    def _set_invite_code_now(self, code: str) -> None:
+        self._invite_code = code
+        self._invite_code_given.set()
+
     def _hand_back_job(self, reason: str) -> None:
         if self._job is not None:
             self._job.cancel("paused", pause_reason=reason)
@@ -357,12 +392,30 @@ class NodeAgent:
             return stored
         backoff = Backoff(rng=self._rng)
         while True:
+            # Cleared before the code is read: a code given while this request is under way is tried next.
+            self._invite_code_given.clear()
+            invite_code = self._invite_code
             try:
                 node_id, token = await asyncio.to_thread(
-                    self._register, self.coordinator, self.name, invite_code=self._invite_code
+                    self._register, self.coordinator, self.name, invite_code=invite_code
                 )
                 break
             except SwarmError as error:
+                if is_invite_code_refusal(error):
+                    refusal = InviteCodeRefused(
+                        self.coordinator, invite_code is not None, error.detail or str(error)
+                    )
+                    if not self._wait_for_invite_code:
+                        raise refusal from None
+                    logger.warning("%s; waiting for an invite code", refusal)
+                    self._update(
+                        invite_code_wanted="refused" if refusal.code_given else "missing",
+                        problem=refusal.detail,
+                    )
+                    await self._invite_code_given.wait()
+                    logger.info("registering with %s with the invite code given", self.coordinator)
+                    self._update(invite_code_wanted=None, problem=None)
+                    continue
                 if not is_transient(error):
                     raise NodeStopped(
                         f"the coordinator at {self.coordinator} refused to register this node: {error}"
@@ -458,7 +511,14 @@ class NodeAgent:
             for helper in helpers:
                 helper.add_done_callback(_log_task_failure)
             logger.info("connected to %s as node %s", self.coordinator, welcome.node_id)
-            self._update(connected=True, node_id=welcome.node_id, earnings=welcome.earnings, problem=None)
+            self._log_standing(welcome.standing)
+            self._update(
+                connected=True,
+                node_id=welcome.node_id,
+                earnings=welcome.earnings,
+                standing=welcome.standing,
+                problem=None,
+            )
             async for text in websocket:
                 message = protocol.parse_coordinator_message(text)
                 try:
@@ -610,8 +670,22 @@ class NodeAgent:
                 message.jobs_completed,
             )
             self._update(earnings=message)
+        elif isinstance(message, protocol.Standing):
+            self._log_standing(message)
+            self._update(standing=message)
         else:
             raise ProtocolViolation(CloseCode.MALFORMED, f"unexpected {message.type} message")
+
+    def _log_standing(self, standing: protocol.Standing) -> None:
+        if standing == self._status.standing:
+            return
+        if standing.state == "active":
+            if self._status.standing is not None:
+                logger.info("the coordinator gives this node work again")
+        else:
+            logger.warning(
+                "the coordinator gives this node no work (%s): %s", standing.state, standing.reason
+            )
 
     def _on_lease(self, lease: protocol.Lease) -> None:
         current = self._job

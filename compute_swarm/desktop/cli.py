@@ -13,6 +13,8 @@ from pathlib import Path
 # Only the standard library at import: every `compute-swarm` command loads this module.
 from compute_swarm.desktop.token_store import COORDINATOR_ENVIRONMENT_VARIABLE
 
+INVITE_CODE_ENVIRONMENT_VARIABLE = "SWARM_INVITE_CODE"
+
 
 def default_data_directory() -> Path:
     import platformdirs
@@ -43,9 +45,9 @@ def register_commands(subcommands: argparse._SubParsersAction) -> None:
     node.add_argument("--name", help="how this node is listed (default: the host name)")
     node.add_argument(
         "--invite-code",
-        default=os.environ.get("SWARM_INVITE_CODE"),
+        default=os.environ.get(INVITE_CODE_ENVIRONMENT_VARIABLE) or None,  # set but empty: none
         help="the code from the coordinator's operators, where they admit nodes by invitation "
-        "(only the first run needs it; default: $SWARM_INVITE_CODE)",
+        f"(only the first run needs it; default: ${INVITE_CODE_ENVIRONMENT_VARIABLE})",
     )
     node.add_argument("--device", help="cpu, cuda:N or mps (default: the best one found, per job)")
     guards = node.add_argument_group(
@@ -187,13 +189,21 @@ def _show_earnings(coordinator: str, data_dir: Path) -> int:
 
 
 def _serve(coordinator: str, data_dir: Path, arguments: argparse.Namespace) -> int:
-    from compute_swarm.desktop.agent import NodeAgent, NodeStopped
+    from compute_swarm.desktop.agent import InviteCodeRefused, NodeAgent, NodeStopped
+    from compute_swarm.desktop.settings import normalize_invite_code
 
     try:
         guards = guard_settings(arguments)
     except ValueError as error:
         _say(str(error))
         return 2
+    invite_code = arguments.invite_code
+    if invite_code is not None:
+        try:
+            invite_code = normalize_invite_code(invite_code)
+        except ValueError as error:
+            _say(f"--invite-code: {error}")
+            return 2
     printer = _StatusPrinter(coordinator)
     agent = NodeAgent(
         coordinator,
@@ -202,16 +212,33 @@ def _serve(coordinator: str, data_dir: Path, arguments: argparse.Namespace) -> i
         device=arguments.device,
         on_change=printer,
         guards=guards,
-        invite_code=arguments.invite_code,
+        invite_code=invite_code,
     )
     try:
         asyncio.run(_run_until_interrupted(agent))
+    except InviteCodeRefused as refusal:
+        _say(invite_code_advice(refusal))
+        return 1
     except NodeStopped as error:
         _say(str(error))
         return 1
     except KeyboardInterrupt:  # a third Ctrl-C, or one before the agent's loop started
         return 130
     return 0
+
+
+def invite_code_advice(refusal) -> str:
+    """What a seller at the terminal does about a registration refused for its invite code."""
+    if refusal.code_given:
+        return (
+            f"the coordinator at {refusal.coordinator} refused the invite code ({refusal.detail}): "
+            "run again with --invite-code and a new code from its operators"
+        )
+    return (
+        f"the coordinator at {refusal.coordinator} admits computers by invitation ({refusal.detail}): "
+        f"run again with --invite-code CODE (or set {INVITE_CODE_ENVIRONMENT_VARIABLE}), with the code "
+        "its operators gave you"
+    )
 
 
 async def _run_until_interrupted(agent) -> None:
@@ -243,7 +270,8 @@ async def _run_until_interrupted(agent) -> None:
 
 
 class _StatusPrinter:
-    """Says on stderr what a seller watching the terminal wants to know: connected, jobs, earnings."""
+    """Says on stderr what a seller watching the terminal wants to know: connected, held by the swarm
+    operator or not, jobs, earnings."""
 
     def __init__(self, coordinator: str):
         self.coordinator = coordinator
@@ -252,13 +280,20 @@ class _StatusPrinter:
         self._job: str | None = None
         self._last_job = None
         self._pause_reason: str | None = None
+        self._standing = None
 
     def __call__(self, status) -> None:
         if status.connected and not self._was_connected:
             again = "re" if self._connected_before else ""
-            doing = f"job {status.job.job_id} goes on" if status.job is not None else "waiting for jobs"
+            if status.job is not None:
+                doing = f"job {status.job.job_id} goes on"
+            elif status.standing is not None and status.standing.state != "active":
+                doing = _held(status.standing)
+            else:
+                doing = "waiting for jobs"
             _say(f"{again}connected to {self.coordinator} as node {status.node_id}; {doing}")
             self._connected_before = True
+            self._standing = status.standing
         self._was_connected = status.connected
         if status.job is not None and status.job.job_id != self._job:
             _say(
@@ -268,10 +303,23 @@ class _StatusPrinter:
         if status.pause_reason != self._pause_reason:
             _say(f"paused: {status.pause_reason}" if status.paused else "working again")
             self._pause_reason = status.pause_reason
+        if status.standing is not None and status.standing != self._standing:
+            if status.standing.state != "active":
+                _say(_held(status.standing))
+            elif self._standing is not None:
+                _say("the swarm operator lets this computer take work now: waiting for jobs")
+            self._standing = status.standing
         if status.last_job is not None and status.last_job != self._last_job:
             outcome = status.last_job
             _say(f"job {outcome.job_id} {outcome.outcome}: {outcome.message}")
         self._last_job = status.last_job
+
+
+def _held(standing) -> str:
+    """Why the coordinator gives this node no work, for the seller at the terminal."""
+    if standing.state == "awaiting_approval":
+        return "waiting for the swarm operator to approve this computer (it takes jobs as soon as they do)"
+    return f"paused by the swarm operator: {standing.reason or 'no work for now'}"
 
 
 def _say(message: str) -> None:

@@ -67,6 +67,12 @@ def is_transient(error: SwarmError) -> bool:
     return status is None or status in (408, 425, 429) or status >= 500
 
 
+def is_invite_code_refusal(error: SwarmError) -> bool:
+    """Whether a registration was refused for its invite code: the coordinator admits nodes by
+    invitation and the code was missing, unknown, used up or expired (its only 403 there)."""
+    return error.status_code == 403
+
+
 def describe_error(error: BaseException) -> str:
     return str(error) or type(error).__name__
 
@@ -264,16 +270,23 @@ def failure_message(lease: protocol.Lease, kind: str, message: str) -> protocol.
 
 
 class ProgressThrottle:
-    """At most one progress message per interval; the newest one held back is sent by flush()."""
+    """At most one progress message per interval; the newest one held back is sent by flush(). A new
+    held-out loss always goes at once: the coordinator judges a sweep trial by the loss at the very
+    step it was measured (its checkpoint follows), which a later report would misplace."""
 
     def __init__(self, interval: float = PROGRESS_INTERVAL_SECONDS):
         self.interval = interval
         self._last_sent: float | None = None
+        self._last_eval_loss: float | None = None
         self._held: protocol.JobProgress | None = None
 
     def offer(self, message: protocol.JobProgress, now: float) -> protocol.JobProgress | None:
-        if self._last_sent is None or now - self._last_sent >= self.interval:
+        new_evaluation = message.eval_loss is not None and message.eval_loss != self._last_eval_loss
+        if new_evaluation or self._last_sent is None or now - self._last_sent >= self.interval:
             self._last_sent, self._held = now, None
+            self._last_eval_loss = (
+                message.eval_loss if message.eval_loss is not None else self._last_eval_loss
+            )
             return message
         self._held = message
         return None

@@ -20,10 +20,13 @@ from compute_swarm.desktop.guards import GuardSettings
 
 logger = logging.getLogger(__name__)
 
-SETTINGS_VERSION = 1
+# 2: the invite code typed for the coordinator, kept until this computer has joined it.
+SETTINGS_VERSION = 2
 # The coordinator `make run` starts; a seller joining someone else's swarm types its address once.
 DEFAULT_COORDINATOR = "http://127.0.0.1:8000"
 CONFIG_ENVIRONMENT_VARIABLE = "SWARM_CONFIG_DIR"
+# The longest invite code a coordinator takes; its own codes are about 37 characters.
+MAX_INVITE_CODE_CHARACTERS = 100
 
 
 class SettingsError(Exception):
@@ -40,11 +43,35 @@ class Settings(BaseModel):
     autostart: bool = True
     notifications: bool = True
     guards: GuardSettings = Field(default_factory=GuardSettings)
+    # Where the coordinator admits computers by invitation: the code its operators gave, for
+    # `coordinator` only, kept until this computer has registered there (the first start, or a retry).
+    invite_code: str | None = None
 
     @field_validator("coordinator")
     @classmethod
     def _coordinator_url(cls, value: str) -> str:
         return token_store.normalize_coordinator_url(value)
+
+    @field_validator("invite_code")
+    @classmethod
+    def _invite_code(cls, value: str | None) -> str | None:
+        return None if value is None else normalize_invite_code(value)
+
+
+def normalize_invite_code(text: str) -> str:
+    """An invite code as typed or pasted, without the spaces around it; raises ValueError (saying what
+    to do) for an empty one, an overlong one, or one with spaces or control characters inside."""
+    code = text.strip()
+    if not code:
+        raise ValueError("type the invite code the swarm operator gave you")
+    if len(code) > MAX_INVITE_CODE_CHARACTERS:
+        raise ValueError(
+            f"an invite code is at most {MAX_INVITE_CODE_CHARACTERS} characters, this is {len(code)}: "
+            "paste only the code"
+        )
+    if not code.isprintable() or any(character.isspace() for character in code):
+        raise ValueError("an invite code has no spaces or line breaks inside: paste only the code")
+    return code
 
 
 def default_coordinator() -> str:
@@ -129,8 +156,8 @@ class SettingsStore:
 
 
 def _migrate(data: dict[str, Any]) -> dict[str, Any]:
-    """Bring an older file up to SETTINGS_VERSION. Version 1 is the first: a file without a version
-    is one."""
+    """Bring an older file up to SETTINGS_VERSION. Version 1 is the first (a file without a version is
+    one); 2 only added the invite code, which a version 1 file does not have."""
     return {**data, "version": SETTINGS_VERSION}
 
 

@@ -11,6 +11,8 @@ import httpx
 import pytest
 
 from compute_swarm.coordinator.admission import AdmissionRefused, RegistrationLimiter
+from compute_swarm.coordinator.database import Database
+from compute_swarm.coordinator.tables import Node
 from compute_swarm.sdk.client import NodeClient, SwarmError
 from tests.coordinator.test_node_socket import ScriptedNode, check_ledger, new_buyer, submit
 from tests.swarm_processes import Coordinator, run_cli
@@ -66,6 +68,69 @@ def test_by_default_a_new_node_waits_for_ops_approval_before_any_work(approval, 
     buyer.cancel(job["id"])
     node.disconnect()
     assert ops(approval, "/api/ops/nodes/node_0000000000000000/approve").status_code == 404
+
+
+def test_a_waiting_node_is_told_so_in_its_welcome_and_told_at_once_when_ops_approve_it(tmp_path):
+    # Sweeps a minute apart: what the node hears within seconds was pushed by the approval itself.
+    coordinator = coordinator_with(
+        tmp_path, SWARM_NODE_ADMISSION="approval", SWARM_SWEEP_INTERVAL_SECONDS="60"
+    )
+    try:
+        node = ScriptedNode(coordinator, "patient")
+        waiting = node.connect()["standing"]
+        assert waiting["type"] == "standing" and waiting["state"] == "awaiting_approval"
+        assert "approves each new computer" in waiting["reason"]
+
+        assert ops(coordinator, f"/api/ops/nodes/{node.node_id}/approve").status_code == 200
+        assert node.receive_type("standing", timeout=5) == {
+            "type": "standing",
+            "state": "active",
+            "reason": "",
+        }
+        node.disconnect()
+        assert node.connect()["standing"]["state"] == "active"
+        node.disconnect()
+    finally:
+        coordinator.stop()
+    check_ledger(coordinator.data_dir)
+
+
+def quarantine(coordinator: Coordinator, node_id: str, mismatches: int = 2) -> None:
+    """What verification writes after a node's second mismatch (tests/test_verification.py gets there
+    with a cheating node, in minutes)."""
+    database = Database(f"sqlite:///{coordinator.data_dir / 'coordinator.sqlite3'}")
+    try:
+        with database.transaction() as session:
+            node = session.get(Node, node_id)
+            assert node is not None
+            node.mismatches, node.quarantined_at = mismatches, time.time()
+    finally:
+        database.close()
+
+
+def test_a_quarantined_node_is_told_why_and_told_again_when_ops_lift_it(tmp_path):
+    coordinator = coordinator_with(tmp_path, SWARM_NODE_ADMISSION="open")
+    try:
+        node = ScriptedNode(coordinator, "suspect")
+        assert node.connect()["standing"] == {"type": "standing", "state": "active", "reason": ""}
+
+        quarantine(coordinator, node.node_id)  # written from another process: the next sweep finds it
+        quarantined = node.receive_type("standing", timeout=10)
+        assert quarantined["state"] == "quarantined"
+        assert "did not match trusted re-runs of the same jobs (2 times)" in quarantined["reason"]
+        node.disconnect()
+        assert node.connect()["standing"] == quarantined  # and so says its welcome from now on
+
+        assert ops(coordinator, f"/api/ops/nodes/{node.node_id}/lift-quarantine").status_code == 200
+        assert node.receive_type("standing", timeout=5) == {
+            "type": "standing",
+            "state": "active",
+            "reason": "",
+        }
+        node.disconnect()
+    finally:
+        coordinator.stop()
+    check_ledger(coordinator.data_dir)
 
 
 def test_a_registration_answer_says_whether_the_node_is_in(approval):

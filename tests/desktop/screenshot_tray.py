@@ -1,8 +1,9 @@
 """Screenshots of the real tray window (`make screenshots`, under Xvfb): a real coordinator on loopback,
-the window's agent connected to it and running a real 3-step fine-tune of SmolLM2. This machine has no
-GPU, so the GPU the window shows is a reading fed through the agent's telemetry interface.
+the window's agent connected to it and running a real 3-step fine-tune of SmolLM2; then the window
+where the swarm operator approves each computer, and where computers join by invitation. This machine
+has no GPU, so the GPU the window shows is a reading fed through the agent's telemetry interface.
 
-    python -m tests.desktop.screenshot_tray OUTPUT_DIRECTORY
+    python -m tests.desktop.screenshot_tray OUTPUT_DIRECTORY [--joining-only]
 """
 
 from __future__ import annotations
@@ -43,11 +44,54 @@ def save(app: TrayApp, application: QApplication, path: Path) -> None:
     print(f"wrote {path} ({window.width()}×{window.height()})")
 
 
+def joining_screenshots(application: QApplication, output: Path, work: Path) -> None:
+    """A computer waiting for the swarm operator's approval, and one asked for an invite code."""
+    for admission, name, shown in (
+        (
+            "approval",
+            "tray-4-awaiting-approval.png",
+            lambda app: app.window.headline.text() == "Waiting for approval",
+        ),
+        ("invite", "tray-5-invite-code.png", lambda app: app.window.invite_code.isVisible()),
+    ):
+        coordinator = Coordinator(work / admission, environment={"SWARM_NODE_ADMISSION": admission}).start()
+        os.environ["SWARM_COORDINATOR"] = coordinator.url
+        machine = Machine()
+        machine.set(temperature=47.0)
+        app = TrayApp(
+            SettingsStore(work / admission / "config" / "settings.json"),
+            work / admission / "node",
+            agent_options={
+                "probe": machine.probe,
+                "activity": machine.activity,
+                "guard_interval_seconds": 1.0,
+            },
+            manage_autostart=False,
+        )
+        try:
+            app.window.move(20, 20)
+            app.show()
+            app.window.start_stop.click()
+            wait(application, lambda app=app, shown=shown: shown(app), 60, f"the {admission} state")
+            save(app, application, output / name)
+        finally:
+            app.bridge.stop()
+            app.bridge.stop()
+            app.bridge.wait(30)
+            app.close()
+            app.window.close()
+            coordinator.kill()
+
+
 def main() -> int:
-    output = Path(sys.argv[1] if len(sys.argv) > 1 else "screenshots")
+    arguments = [argument for argument in sys.argv[1:] if not argument.startswith("--")]
+    output = Path(arguments[0] if arguments else "screenshots")
     output.mkdir(parents=True, exist_ok=True)
     work = Path(tempfile.mkdtemp(prefix="tray-screenshots-"))
     os.environ.setdefault("SWARM_TOKEN_STORE", "file")
+    if "--joining-only" in sys.argv:
+        joining_screenshots(QApplication.instance() or QApplication([]), output, work)
+        return 0
     coordinator = Coordinator(work / "coordinator").start()
     os.environ["SWARM_COORDINATOR"] = coordinator.url
     application = QApplication.instance() or QApplication([])
@@ -91,6 +135,8 @@ def main() -> int:
         app.bridge.wait(30)
         app.close()
         coordinator.kill()
+    app.window.hide()
+    joining_screenshots(application, output, work)
     return 0
 
 

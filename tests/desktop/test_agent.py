@@ -65,6 +65,7 @@ class FakeCoordinator:
                 heartbeat_interval_seconds=self.heartbeat_interval,
                 lease_seconds=60.0,
                 earnings=protocol.Earnings(pending_micro=0, available_micro=0, jobs_completed=0),
+                standing=protocol.Standing(state="active"),
             )
             await websocket.send(welcome.model_dump_json())
             await self.connections.put(websocket)

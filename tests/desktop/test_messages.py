@@ -194,6 +194,24 @@ def test_progress_is_rate_limited_but_the_last_one_is_kept() -> None:
     assert throttle.flush() is None
 
 
+def test_a_new_held_out_loss_is_never_held_back() -> None:
+    """A sweep trial is judged by the held-out loss at the step it was measured; a throttled report
+    reached the coordinator a step later (or never), so the trial's checkpoint went unjudged."""
+    throttle = ProgressThrottle(interval=1.0)
+    lease = make_lease()
+
+    def at(step: int, eval_loss: float | None = None) -> protocol.JobProgress:
+        return protocol.JobProgress(
+            job_id=lease.job_id, lease_id=lease.lease_id, step=step, total_steps=9, eval_loss=eval_loss
+        )
+
+    assert throttle.offer(at(1), now=10.0) == at(1)
+    assert throttle.offer(at(2, 1.5), now=10.1) == at(2, 1.5)
+    # The same loss repeated on later reports (as the engine does) is throttled as usual.
+    assert throttle.offer(at(3, 1.5), now=10.2) is None
+    assert throttle.offer(at(4, 1.2), now=10.3) == at(4, 1.2)
+
+
 def test_outbox_keeps_reports_until_acknowledged_and_resends_them() -> None:
     lease = make_lease()
     outbox = Outbox()

@@ -14,6 +14,7 @@ from compute_swarm.desktop.settings import (
     SettingsError,
     SettingsStore,
     default_config_directory,
+    normalize_invite_code,
 )
 
 
@@ -93,3 +94,20 @@ def test_the_headless_node_takes_the_settings_guards_with_its_flags(
         guards("--hours", "25-3")
     with pytest.raises(ValueError, match="temperature_limit_celsius"):
         guards("--max-temperature", "500")
+
+
+def test_an_invite_code_is_kept_trimmed_and_a_bad_one_refused_with_a_reason(tmp_path: Path) -> None:
+    store = SettingsStore(tmp_path / "settings.json")
+    store.save(Settings(invite_code="  swarm-invite-abc_123\n"))
+    assert store.load().settings.invite_code == "swarm-invite-abc_123"
+    for typed, said in (
+        ("", "type the invite code"),
+        ("x" * 101, "at most 100 characters, this is 101"),
+        ("swarm-invite-abc 123", "no spaces"),
+    ):
+        with pytest.raises(ValueError, match=said):
+            normalize_invite_code(typed)
+    # A file from before invite codes (version 1) reads as it was.
+    store.path.write_text(json.dumps({"version": 1, "coordinator": "http://x", "earning": True}))
+    loaded = store.load()
+    assert loaded.problem is None and loaded.settings.earning and loaded.settings.invite_code is None

@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import typing
 from pathlib import Path
 
 import pytest
@@ -21,10 +22,13 @@ from compute_swarm.desktop.guards import GuardSettings
 from compute_swarm.desktop.settings import Settings, SettingsStore
 from compute_swarm.desktop.tray import state
 from compute_swarm.desktop.tray.app import SingleInstance, TrayApp
+from compute_swarm.desktop.tray.widgets import state_icon
 from compute_swarm.engine.devices import CpuInfo, DeviceInventory, GpuInfo, GpuProcess
 from compute_swarm.engine.jobs import DEMO_CHAT_DATASET
 from compute_swarm.sdk.client import SwarmClient
+from tests.coordinator.test_admission import coordinator_with, ops
 from tests.coordinator.test_node_socket import check_ledger
+from tests.desktop.test_joining import create_invite
 from tests.swarm_processes import Coordinator
 
 pytestmark = pytest.mark.desktop
@@ -244,6 +248,79 @@ def test_settings_are_saved_applied_to_the_agent_and_read_back(
     assert saved.guards.only_when_idle and saved.guards.idle_minutes == 3
     assert saved.notifications is False and saved.earning is True
     assert app.window.temperature_chart.threshold == 75
+
+
+def test_a_computer_waiting_for_the_operators_approval_says_so_until_it_is_approved(
+    qtbot, make_app, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    coordinator = coordinator_with(tmp_path / "coordinator", SWARM_NODE_ADMISSION="approval")
+    monkeypatch.setenv("SWARM_COORDINATOR", coordinator.url)
+    try:
+        app = make_app()
+        window = app.window
+        qtbot.mouseClick(window.start_stop, Qt.MouseButton.LeftButton)
+        qtbot.waitUntil(lambda: icon_state(app) == "waiting", timeout=30_000)
+        # Not "Ready": nothing would come, and the seller is told why and who decides.
+        assert (window.headline.text(), window.detail.text()) == (
+            "Waiting for approval",
+            "Waiting for the swarm operator to approve this computer",
+        )
+        assert window.job_title.text().startswith("No jobs until approved. Nothing to do meanwhile")
+        assert app.headline_action.text() == (
+            "Waiting for approval: waiting for the swarm operator to approve this computer"
+        )
+        assert window.connection.text().startswith(f"Connected to {coordinator.url} as node ")
+        assert not window.invite_code.isVisible()
+
+        assert ops(coordinator, f"/api/ops/nodes/{app.status.node_id}/approve").status_code == 200
+        qtbot.waitUntil(lambda: icon_state(app) == "idle", timeout=10_000)
+        assert (window.headline.text(), window.detail.text()) == ("Ready", "Waiting for a job")
+        assert window.job_title.text() == "No job right now"
+    finally:
+        coordinator.stop()
+
+
+def test_the_window_asks_for_an_invite_code_says_a_wrong_one_and_joins_with_a_good_one(
+    qtbot, make_app, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    coordinator = coordinator_with(tmp_path / "coordinator", SWARM_NODE_ADMISSION="invite")
+    monkeypatch.setenv("SWARM_COORDINATOR", coordinator.url)
+    try:
+        app = make_app()
+        window = app.window
+        assert not window.invite_code.isVisible()  # asked for only where the coordinator wants one
+        qtbot.mouseClick(window.start_stop, Qt.MouseButton.LeftButton)
+        qtbot.waitUntil(window.invite_code.isVisible, timeout=30_000)
+        assert window.headline.text() == "Invite code needed"
+        assert window.detail.text() == (
+            "This swarm lets computers join by invitation: type the invite code the swarm operator gave you"
+        )
+        assert icon_state(app) == "waiting" and window.start_stop.text() == "Stop"
+        assert window.invite_code.hasFocus()
+
+        qtbot.mouseClick(window.join_button, Qt.MouseButton.LeftButton)  # nothing typed
+        assert window.coordinator_error.text() == "Type the invite code the swarm operator gave you"
+        qtbot.keyClicks(window.invite_code, "swarm-invite-guessed")
+        qtbot.keyClick(window.invite_code, Qt.Key.Key_Return)
+        qtbot.waitUntil(lambda: window.headline.text() == "Invite code refused", timeout=15_000)
+        assert "unknown, used up or expired" in window.detail.text()
+        assert not window.coordinator_error.isVisible() and window.invite_code.isVisible()
+        assert SettingsStore(app.store.path).load().settings.invite_code == "swarm-invite-guessed"
+
+        window.invite_code.setText(create_invite(coordinator))
+        qtbot.mouseClick(window.join_button, Qt.MouseButton.LeftButton)
+        qtbot.waitUntil(lambda: icon_state(app) == "idle", timeout=15_000)
+        assert not window.invite_code.isVisible()
+        # Joined: the code is not kept any longer than it was needed.
+        qtbot.waitUntil(lambda: SettingsStore(app.store.path).load().settings.invite_code is None)
+    finally:
+        coordinator.stop()
+
+
+def test_every_state_has_an_icon(qtbot) -> None:
+    # Drawn for the window and the tray at each change: a state that cannot be drawn raises in a slot.
+    for icon_state_name in typing.get_args(state.IconState):
+        assert not state_icon(icon_state_name).pixmap(16, 16).isNull()
 
 
 def test_a_bad_address_is_said_next_to_the_field_and_nothing_starts(qtbot, make_app) -> None:

@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import datetime
+from dataclasses import replace
 
 from compute_swarm.desktop.agent import AgentStatus
 from compute_swarm.desktop.job import JobOutcome, JobStatus
 from compute_swarm.desktop.tray import state
-from compute_swarm.protocol import Earnings
+from compute_swarm.protocol import Earnings, Standing
 
 TOKYO = datetime.timezone(datetime.timedelta(hours=9))
 
@@ -99,3 +100,78 @@ def test_notifications_for_finished_jobs_guard_pauses_and_lost_connections() -> 
 def test_tooltip_has_temperature_and_today() -> None:
     assert state.tooltip(None, state.RunState(), None, None) == "compute-swarm — Not earning"
     assert state.tooltip(None, state.RunState(), None, 1_500_000).endswith("Today: 1.5 credits")
+
+
+def test_the_operators_hold_is_said_plainly_instead_of_ready_or_earning() -> None:
+    running = state.RunState(running=True)
+    waiting = AgentStatus(
+        coordinator="http://c",
+        node_id="node_1",
+        connected=True,
+        standing=Standing(state="awaiting_approval", reason="ops approve each new computer"),
+    )
+    assert state.icon_state(waiting, running) == "waiting"
+    assert state.headline_parts(waiting, running) == (
+        "Waiting for approval",
+        "waiting for the swarm operator to approve this computer",
+    )
+    assert (
+        state.no_job_text(waiting) == "No jobs until approved. Nothing to do meanwhile: work starts by itself"
+    )
+    # Even while a guard pauses it: the operator's hold is what keeps work away for now.
+    hot_and_waiting = replace(waiting, paused=True, pause_reason="hot", paused_by="guard")
+    assert state.icon_state(hot_and_waiting, running) == "waiting"
+
+    quarantined = replace(
+        waiting, standing=Standing(state="quarantined", reason="results did not match trusted re-runs")
+    )
+    assert state.icon_state(quarantined, running) == "paused"
+    assert state.headline(quarantined, running) == (
+        "Paused by the swarm operator: results did not match trusted re-runs"
+    )
+    assert state.tooltip(quarantined, running, None, None) == (
+        "compute-swarm — Paused by the swarm operator: results did not match trusted re-runs"
+    )
+    assert state.no_job_text(quarantined) == "No jobs while the swarm operator has paused this computer"
+
+    active = replace(waiting, standing=Standing(state="active"))
+    assert state.icon_state(active, running) == "idle" and state.no_job_text(active) == "No job right now"
+    # Disconnected, the last standing is not shown as if it were live.
+    assert state.icon_state(replace(waiting, connected=False), running) == "offline"
+
+
+def test_standing_changes_and_invite_codes_are_notified() -> None:
+    connected = AgentStatus(coordinator="http://c", node_id="node_1", connected=True)
+    waiting = replace(connected, standing=Standing(state="awaiting_approval", reason="x"))
+    approved = replace(connected, standing=Standing(state="active"))
+    quarantined = replace(connected, standing=Standing(state="quarantined", reason="results did not match"))
+    assert state.notifications(connected, waiting) == [
+        ("Waiting for approval", "Waiting for the swarm operator to approve this computer")
+    ]
+    assert state.notifications(waiting, waiting) == []
+    assert state.notifications(waiting, approved) == [
+        ("Approved", "The swarm operator approved this computer: it takes jobs now")
+    ]
+    assert state.notifications(connected, approved) == []  # active from the start: nothing to say
+    assert state.notifications(approved, quarantined) == [
+        ("Paused by the swarm operator", "Results did not match")
+    ]
+    assert state.notifications(quarantined, approved)[0][0] == "Earning again"
+
+    missing = AgentStatus(coordinator="http://c", invite_code_wanted="missing", problem="by invitation")
+    refused = AgentStatus(coordinator="http://c", invite_code_wanted="refused", problem="the code is used up")
+    assert state.notifications(None, missing)[0][0] == "Invite code needed"
+    assert state.notifications(missing, refused) == [("Invite code refused", "The code is used up")]
+
+
+def test_a_wanted_invite_code_is_asked_for_rather_than_shown_as_offline() -> None:
+    running = state.RunState(running=True)
+    missing = AgentStatus(coordinator="http://c", invite_code_wanted="missing", problem="by invitation only")
+    assert state.icon_state(missing, running) == "waiting"
+    title, detail = state.headline_parts(missing, running)
+    assert title == "Invite code needed" and "type the invite code" in detail
+    refused = AgentStatus(
+        coordinator="http://c", invite_code_wanted="refused", problem="the invite code is unknown"
+    )
+    assert state.headline(refused, running) == "Invite code refused: the invite code is unknown"
+    assert state.icon_state(missing, state.RunState()) == "offline"  # not running: nothing is waiting

@@ -19,7 +19,7 @@ from PySide6.QtWidgets import QApplication, QMenu, QSystemTrayIcon
 
 from compute_swarm.desktop import autostart, token_store
 from compute_swarm.desktop.agent import AgentStatus
-from compute_swarm.desktop.settings import Settings, SettingsError, SettingsStore
+from compute_swarm.desktop.settings import Settings, SettingsError, SettingsStore, normalize_invite_code
 from compute_swarm.desktop.tray import state
 from compute_swarm.desktop.tray.bridge import AgentBridge
 from compute_swarm.desktop.tray.widgets import state_icon
@@ -138,9 +138,15 @@ class TrayApp(QObject):
             self.window.show_coordinator_error(f"{error}: type the address your swarm gave you")
             return
         self.window.show_coordinator_error(None)
-        self._save(self.settings.model_copy(update={"coordinator": coordinator, "earning": True}))
+        # An invite code is for the swarm it was typed for: another address starts without one.
+        invite_code = self.settings.invite_code if coordinator == self.settings.coordinator else None
+        self._save(
+            self.settings.model_copy(
+                update={"coordinator": coordinator, "earning": True, "invite_code": invite_code}
+            )
+        )
         self.activity = state.RunState(running=True)
-        self.bridge.start(coordinator, self.settings.guards)
+        self.bridge.start(coordinator, self.settings.guards, invite_code=invite_code)
         self._earnings_timer.start()
         self._update_view()
 
@@ -152,6 +158,18 @@ class TrayApp(QObject):
         self.activity = state.RunState(running=True, stopping=True)
         self.bridge.stop()
         self._update_view()
+
+    def submit_invite_code(self, text: str) -> None:
+        """The seller typed the invite code the coordinator asked for: keep it (until this computer
+        has joined) and let the waiting registration try it at once."""
+        try:
+            code = normalize_invite_code(text)
+        except ValueError as error:
+            self.window.show_invite_code_error(str(error))
+            return
+        self.window.show_invite_code_error(None)
+        self._save(self.settings.model_copy(update={"invite_code": code}))
+        self.bridge.set_invite_code(code)
 
     def open_settings(self) -> None:
         dialog = SettingsDialog(self.settings, self.window)
@@ -189,6 +207,9 @@ class TrayApp(QObject):
                 self._notify(title, message)
         earnings_changed = self.status is None or status.earnings != self.status.earnings
         self.status = status
+        if status.node_id is not None and self.settings.invite_code is not None:
+            # Registered: the code has done its work, and is not kept where it could be read.
+            self._save(self.settings.model_copy(update={"invite_code": None}))
         if status.telemetry is not None and status.telemetry is not self.telemetry:
             self.telemetry = status.telemetry
             if self.temperatures.add(time.time(), status.telemetry):
@@ -224,6 +245,7 @@ class TrayApp(QObject):
         self.window.start_requested.connect(self.start)
         self.window.stop_requested.connect(self.stop)
         self.window.settings_requested.connect(self.open_settings)
+        self.window.invite_code_entered.connect(self.submit_invite_code)
         self.bridge.status_changed.connect(self._on_status)
         self.bridge.telemetry_read.connect(self._on_telemetry)
         self.bridge.earnings_history_read.connect(self._on_earnings_history)

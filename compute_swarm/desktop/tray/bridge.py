@@ -51,8 +51,10 @@ class AgentBridge(QObject):
     def running(self) -> bool:
         return self._thread is not None
 
-    def start(self, coordinator: str, guards: GuardSettings) -> None:
-        """Register (the first time), connect and take jobs, on the agent's own thread."""
+    def start(self, coordinator: str, guards: GuardSettings, invite_code: str | None = None) -> None:
+        """Register (the first time, with the invite code where the coordinator wants one), connect and
+        take jobs, on the agent's own thread. A registration refused for its invite code waits for
+        `set_invite_code` (the agent's status says so) rather than stop."""
         if self._thread is not None:
             return
         agent = self._agent_factory(
@@ -60,6 +62,8 @@ class AgentBridge(QObject):
             self.data_dir,
             guards=guards,
             on_change=self.status_changed.emit,  # a queued signal: safe from the agent's thread
+            invite_code=invite_code,
+            wait_for_invite_code=True,
             **self._agent_options,
         )
         self._agent = agent
@@ -74,6 +78,12 @@ class AgentBridge(QObject):
     def set_guards(self, guards: GuardSettings) -> None:
         if self._agent is not None:
             self._agent.set_guards(guards)
+
+    def set_invite_code(self, code: str) -> None:
+        """Hand the running agent an invite code: a registration waiting for one tries it at once.
+        Raises ValueError for text that cannot be a code."""
+        if self._agent is not None:
+            self._agent.set_invite_code(code)
 
     def wait(self, timeout: float) -> bool:
         """Block until the agent's thread has ended (at quit); True if it has."""

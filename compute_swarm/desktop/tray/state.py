@@ -11,9 +11,16 @@ from typing import Literal
 
 from compute_swarm.desktop.agent import AgentStatus
 from compute_swarm.desktop.job import JobStatus
-from compute_swarm.protocol import Telemetry, format_credits
+from compute_swarm.protocol import Standing, StandingState, Telemetry, format_credits
 
-IconState = Literal["offline", "idle", "earning", "paused", "error"]
+# "waiting": for someone else before work can come (the swarm operator's approval, an invite code).
+IconState = Literal["offline", "idle", "earning", "paused", "waiting", "error"]
+
+AWAITING_APPROVAL = "waiting for the swarm operator to approve this computer"
+PAUSED_BY_OPERATOR = "Paused by the swarm operator"
+INVITE_CODE_NEEDED = (
+    "this swarm lets computers join by invitation: type the invite code the swarm operator gave you"
+)
 
 _PHASES = {
     "downloading": "getting the job's data",
@@ -35,11 +42,22 @@ class RunState:
 def icon_state(status: AgentStatus | None, activity: RunState) -> IconState:
     if activity.error is not None:
         return "error"
+    if status is not None and activity.running and status.invite_code_wanted is not None:
+        return "waiting"
     if status is None or not activity.running or not status.connected:
         return "offline"
-    if status.paused:
+    # The operator's hold comes first: while it lasts no work comes, whatever the guards say.
+    standing = standing_state(status)
+    if standing == "awaiting_approval":
+        return "waiting"
+    if standing == "quarantined" or status.paused:
         return "paused"
     return "earning" if status.job is not None else "idle"
+
+
+def standing_state(status: AgentStatus | None) -> StandingState:
+    """The coordinator's last word on whether this computer gets work ("active" until it says)."""
+    return status.standing.state if status is not None and status.standing is not None else "active"
 
 
 def headline(status: AgentStatus | None, activity: RunState) -> str:
@@ -61,8 +79,16 @@ def headline_parts(status: AgentStatus | None, activity: RunState) -> tuple[str,
         return "Not earning", None
     if status is None:
         return "Connecting…", None
+    if status.invite_code_wanted == "missing":
+        return "Invite code needed", INVITE_CODE_NEEDED
+    if status.invite_code_wanted == "refused":
+        return "Invite code refused", status.problem
     if state == "offline":
         return ("Connecting…", None) if status.problem is None else ("Offline", "reconnecting…")
+    if state == "waiting":
+        return "Waiting for approval", AWAITING_APPROVAL
+    if status.standing is not None and status.standing.state == "quarantined":
+        return PAUSED_BY_OPERATOR, status.standing.reason or None
     if state == "paused":
         return "Paused", status.pause_reason
     if state == "earning":
@@ -90,6 +116,16 @@ def tooltip(
     if earned_today_micro is not None:
         lines.append(f"Today: {format_credits(earned_today_micro)} credits")
     return "\n".join(lines)
+
+
+def no_job_text(status: AgentStatus | None) -> str:
+    """The job card's line while no job runs: why none can come, where the operator holds this computer."""
+    standing = standing_state(status)
+    if standing == "awaiting_approval":
+        return "No jobs until approved. Nothing to do meanwhile: work starts by itself"
+    if standing == "quarantined":
+        return "No jobs while the swarm operator has paused this computer"
+    return "No job right now"
 
 
 def describe_job(job: JobStatus) -> str:
@@ -168,8 +204,16 @@ def summarize_earnings(history: dict, now: datetime.datetime, days: int = 14) ->
 
 def notifications(previous: AgentStatus | None, current: AgentStatus) -> list[tuple[str, str]]:
     """(title, message) for what a seller wants to hear about without looking: a job finished, work
-    paused by a guard, the connection lost."""
+    paused by a guard or held by the swarm operator, an invite code wanted, the connection lost."""
     said: list[tuple[str, str]] = []
+    if current.invite_code_wanted is not None and (
+        previous is None or previous.invite_code_wanted != current.invite_code_wanted
+    ):
+        if current.invite_code_wanted == "missing":
+            said.append(("Invite code needed", _sentence(INVITE_CODE_NEEDED)))
+        else:
+            said.append(("Invite code refused", _sentence(current.problem or "the coordinator refused it")))
+    said += _standing_notifications(previous.standing if previous is not None else None, current.standing)
     if current.last_job is not None and (previous is None or previous.last_job != current.last_job):
         outcome = current.last_job
         if outcome.outcome == "completed":
@@ -184,6 +228,25 @@ def notifications(previous: AgentStatus | None, current: AgentStatus) -> list[tu
         if previous.connected and not current.connected and not current.stopped:
             said.append(("Disconnected", "Lost the coordinator; reconnecting…"))
     return said
+
+
+def _standing_notifications(previous: Standing | None, current: Standing | None) -> list[tuple[str, str]]:
+    if current is None or current == previous:
+        return []
+    was = previous.state if previous is not None else None
+    if current.state == "awaiting_approval":
+        return [("Waiting for approval", _sentence(AWAITING_APPROVAL))]
+    if current.state == "quarantined":
+        return [(PAUSED_BY_OPERATOR, _sentence(current.reason or "this computer gets no work for now"))]
+    if was == "awaiting_approval":
+        return [("Approved", "The swarm operator approved this computer: it takes jobs now")]
+    if was == "quarantined":
+        return [("Earning again", "The swarm operator lifted the pause: this computer takes jobs again")]
+    return []  # active from the first welcome: nothing to say
+
+
+def _sentence(text: str) -> str:
+    return text[:1].upper() + text[1:]
 
 
 # ---- chart histories

@@ -16,6 +16,7 @@ STATE_COLORS: dict[IconState, str] = {
     "earning": "#34c759",
     "idle": "#4aa3ff",
     "paused": "#f5a623",
+    "waiting": "#bf9bff",
     "offline": "#8a94a6",
     "error": "#ff453a",
 }
@@ -25,7 +26,8 @@ GRID = "#2a3140"
 
 
 def state_icon(state: IconState, size: int = 64) -> QIcon:
-    """A chip in the state's colour with a glyph (play, pause, dot, ring, cross), readable at 16 px."""
+    """A chip in the state's colour with a glyph (play, pause, dot, clock, ring, cross), readable at
+    16 px."""
     pixmap = QPixmap(size, size)
     pixmap.fill(Qt.GlobalColor.transparent)
     painter = QPainter(pixmap)
@@ -51,12 +53,18 @@ def state_icon(state: IconState, size: int = 64) -> QIcon:
             painter.drawRoundedRect(QRectF(x, center.y() - radius, width, 2 * radius), 2, 2)
     elif state == "idle":
         painter.drawEllipse(center, radius * 0.8, radius * 0.8)
+    elif state == "waiting":  # a clock face: someone else's move
+        painter.setBrush(Qt.BrushStyle.NoBrush)
+        painter.setPen(_round_pen(color, size * 0.07))
+        painter.drawEllipse(center, radius, radius)
+        painter.drawLine(center, QPointF(center.x(), center.y() - radius * 0.65))
+        painter.drawLine(center, QPointF(center.x() + radius * 0.5, center.y()))
     elif state == "offline":
         painter.setBrush(Qt.BrushStyle.NoBrush)
         painter.setPen(QPen(color, size * 0.08))
         painter.drawEllipse(center, radius * 0.8, radius * 0.8)
     else:
-        painter.setPen(QPen(color, size * 0.1, cap=Qt.PenCapStyle.RoundCap))
+        painter.setPen(_round_pen(color, size * 0.1))
         painter.drawLine(
             QPointF(center.x() - radius, center.y() - radius),
             QPointF(center.x() + radius, center.y() + radius),
@@ -67,6 +75,13 @@ def state_icon(state: IconState, size: int = 64) -> QIcon:
         )
     painter.end()
     return QIcon(pixmap)
+
+
+def _round_pen(color: QColor, width: float) -> QPen:
+    # PySide6's QPen takes no keyword arguments: the cap is set after.
+    pen = QPen(color, width)
+    pen.setCapStyle(Qt.PenCapStyle.RoundCap)
+    return pen
 
 
 class Chart(QWidget):
@@ -80,6 +95,7 @@ class Chart(QWidget):
         self.values: list[float] = []
         self.labels: list[str] = []  # under the bars: first and last are drawn
         self.threshold: float | None = None  # a dashed line (the temperature limit)
+        self.threshold_caption = "limit"  # written on the dashed line, with its value
         self.empty_text = "no data yet"
         self.setMinimumHeight(90)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
@@ -103,10 +119,12 @@ class Chart(QWidget):
             self._draw_labels(painter, area)
             return
         top = max([*self.values, self.threshold or 0.0])
-        if self.kind == "line":
-            top += 5  # room for the value written at the top right
         # A line's scale starts a little under its lowest point, so a few degrees do not look like a cliff.
         bottom = 0.0 if self.kind == "bars" else max(0.0, min(self.values) - 15)
+        if self.kind == "line":
+            # Room above for the value written at the top right, clear of the dashed limit: next to
+            # the line, a reading looked like the limit's value.
+            top += max(5.0, (top - bottom) * 0.3)
         if top <= bottom:
             top = bottom + 1
 
@@ -117,6 +135,11 @@ class Chart(QWidget):
             painter.setPen(QPen(QColor(STATE_COLORS["paused"]), 1, Qt.PenStyle.DashLine))
             painter.drawLine(
                 QPointF(area.left(), y(self.threshold)), QPointF(area.right(), y(self.threshold))
+            )
+            painter.drawText(
+                QRectF(area.left() + 2, y(self.threshold) - 16, area.width() / 2, 15),
+                Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignBottom,
+                f"{self.threshold_caption} {self.threshold:.0f}{self.unit}",
             )
         painter.setPen(Qt.PenStyle.NoPen)
         if self.kind == "bars":

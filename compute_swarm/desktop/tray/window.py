@@ -53,6 +53,8 @@ QPushButton:hover {{ background: #343d50; }}
 QPushButton#primary {{ background: {STATE_COLORS["earning"]}; color: #06210f; font-size: 12pt;
     font-weight: 700; padding: 9px 22px; }}
 QPushButton#primary:hover {{ background: #4cd872; }}
+QPushButton#primary-small {{ background: {STATE_COLORS["earning"]}; color: #06210f; font-weight: 700; }}
+QPushButton#primary-small:hover {{ background: #4cd872; }}
 QPushButton#stop {{ background: #3a2a2a; color: #ffb4ae; font-size: 12pt; font-weight: 700;
     padding: 9px 22px; }}
 QProgressBar {{ background: #2a3140; border: none; border-radius: 4px; height: 8px; text-align: center;
@@ -126,6 +128,7 @@ class MainWindow(QWidget):
     start_requested = Signal(str)  # the coordinator address typed
     stop_requested = Signal()
     settings_requested = Signal()
+    invite_code_entered = Signal(str)  # as typed: the app checks it
 
     def __init__(self, settings: Settings) -> None:
         super().__init__()
@@ -158,15 +161,30 @@ class MainWindow(QWidget):
         header.addWidget(self.start_stop, 0, Qt.AlignmentFlag.AlignTop)
         root.addLayout(header)
 
-        address = QHBoxLayout()
-        address.addWidget(_label("Coordinator", "muted"))
+        # The address, and under it the invite code where the coordinator asks for one: one grid, so
+        # the two fields line up.
+        address = QGridLayout()
+        address.setHorizontalSpacing(8)
+        address.addWidget(_label("Coordinator", "muted"), 0, 0)
         self.coordinator = QLineEdit(settings.coordinator)
         self.coordinator.setPlaceholderText("http://127.0.0.1:8000")
         self.coordinator.returnPressed.connect(self._start_or_stop)
-        address.addWidget(self.coordinator, 1)
+        address.addWidget(self.coordinator, 0, 1)
         self.settings_button = QPushButton("Settings")
         self.settings_button.clicked.connect(self.settings_requested.emit)
-        address.addWidget(self.settings_button)
+        address.addWidget(self.settings_button, 0, 2)
+        self.invite_code_label = _label("Invite code", "muted")
+        self.invite_code = QLineEdit(settings.invite_code or "")
+        self.invite_code.setPlaceholderText("swarm-invite-…, from the swarm operator")
+        self.invite_code.returnPressed.connect(self._submit_invite_code)
+        self.join_button = QPushButton("Join")
+        self.join_button.setObjectName("primary-small")
+        self.join_button.clicked.connect(self._submit_invite_code)
+        self._invite_widgets = (self.invite_code_label, self.invite_code, self.join_button)
+        for column, widget in enumerate(self._invite_widgets):
+            address.addWidget(widget, 1, column)
+            widget.hide()
+        address.setColumnStretch(1, 1)
         root.addLayout(address)
         self.coordinator_error = _label("", "error")
         self.coordinator_error.hide()
@@ -233,9 +251,18 @@ class MainWindow(QWidget):
         title, detail = state.headline_parts(status, activity)
         self.headline.setText(title)
         self.headline.setStyleSheet(f"color: {STATE_COLORS[icon_state]};" if icon_state != "offline" else "")
+        asking_for_invite_code = (
+            status is not None and activity.running and status.invite_code_wanted is not None
+        )
         if activity.error:
             detail = activity.error
-        elif status is not None and activity.running and not status.connected and status.problem:
+        elif (
+            status is not None
+            and activity.running
+            and not status.connected
+            and status.problem
+            and not asking_for_invite_code  # there the headline's detail says what to do
+        ):
             detail = status.problem
         elif not activity.running:
             detail = "Press Start earning to rent this GPU to the swarm while you are not using it."
@@ -246,6 +273,7 @@ class MainWindow(QWidget):
         self.start_stop.style().polish(self.start_stop)
         self.coordinator.setEnabled(not activity.running)
         self.settings_button.setEnabled(True)
+        self._show_invite_code_field(asking_for_invite_code)
         self._show_job(status)
         if status is not None:
             if status.telemetry is not None:
@@ -302,6 +330,12 @@ class MainWindow(QWidget):
         self.coordinator_error.setText(message or "")
         self.coordinator_error.setVisible(bool(message))
 
+    def show_invite_code_error(self, message: str | None) -> None:
+        """What is wrong with the code typed, before it is sent (empty, overlong, spaces inside)."""
+        self.show_coordinator_error(message[:1].upper() + message[1:] if message else None)
+        if message:
+            self.invite_code.setFocus()
+
     # ---- inside
 
     def _start_or_stop(self) -> None:
@@ -310,13 +344,24 @@ class MainWindow(QWidget):
         else:
             self.start_requested.emit(self.coordinator.text())
 
+    def _submit_invite_code(self) -> None:
+        self.invite_code_entered.emit(self.invite_code.text())
+
+    def _show_invite_code_field(self, visible: bool) -> None:
+        appearing = visible and self.invite_code.isHidden()
+        for widget in self._invite_widgets:
+            widget.setVisible(visible)
+        if appearing:
+            self.invite_code.setFocus()
+            self.invite_code.selectAll()  # a refused code is typed over, not appended to
+
     def _show_job(self, status: AgentStatus | None) -> None:
         job = status.job if status else None
         last = status.last_job if status else None
         if job is not None and last is not None and last.job_id == job.job_id:
             job = None  # reported already: only its trainer is still exiting
         if job is None:
-            self.job_title.setText("No job right now")
+            self.job_title.setText(state.no_job_text(status))
             self.job_progress.hide()
             self.job_details.setText("")
         else:
@@ -333,6 +378,8 @@ class MainWindow(QWidget):
         if status is None or not activity.running:
             return "Not connected"
         node = f" as node {status.node_id}" if status.node_id else ""
+        if status.invite_code_wanted is not None:
+            return f"Not registered with {status.coordinator} yet: it wants an invite code"
         if status.connected:
             return f"Connected to {status.coordinator}{node}"
         return f"Not connected to {status.coordinator}{node}" + (
