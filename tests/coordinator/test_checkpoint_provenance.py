@@ -68,6 +68,19 @@ def hand_back_after_checkpoint(node: ScriptedNode, step: int, content: bytes) ->
     return lease, sha256
 
 
+def handed_back(swarm: Coordinator, buyer: SwarmClient, author: str, content: bytes):
+    """A job whose first node (`author`) uploads `content` as its checkpoint at step 2 of 3, hands the
+    job back and leaves, on a swarm with a trusted node (not connected yet): (job, the checkpoint's
+    sha256, the first node, the trusted node)."""
+    first, checker = ScriptedNode(swarm, author), ScriptedNode(swarm, "checker")
+    assert ops(swarm, f"/api/ops/nodes/{checker.node_id}/trust", {"trusted": True}).status_code == 200
+    job = submit(buyer)
+    first.connect()
+    _, sha256 = hand_back_after_checkpoint(first, 2, content)
+    first.disconnect()
+    return job, sha256, first, checker
+
+
 def deliver(node: ScriptedNode, lease: dict, content: bytes, **report: object) -> dict:
     """Report the lease's job done (its steps' losses, then the result); the coordinator's answer."""
     for step in range(lease["checkpoint_step"] + 1, lease["spec"]["max_steps"] + 1):
@@ -95,14 +108,9 @@ def events(coordinator: Coordinator, buyer_key: str, job_id: str) -> list[str]:
 def test_a_poisoned_checkpoint_is_charged_to_its_author_and_never_reaches_the_buyer_unchecked(swarm):
     buyer_key = swarm.create_buyer("poisoned buyer", "10")
     buyer = SwarmClient(swarm.url, buyer_key)
-    poisoner, honest, checker = (ScriptedNode(swarm, name) for name in ("poisoner", "honest", "checker"))
-    assert ops(swarm, f"/api/ops/nodes/{checker.node_id}/trust", {"trusted": True}).status_code == 200
-    job = submit(buyer)
-
     # 1. The poisoner uploads garbage at step 2 of 3 and hands the job back.
-    poisoner.connect()
-    _, garbage = hand_back_after_checkpoint(poisoner, 2, b"garbage weights")
-    poisoner.disconnect()
+    job, garbage, poisoner, checker = handed_back(swarm, buyer, "poisoner", b"garbage weights")
+    honest = ScriptedNode(swarm, "honest")
 
     # 2. The honest node resumes from it and delivers: the result is held, and always verified (this
     #    coordinator samples no job).
@@ -180,13 +188,8 @@ def test_a_poisoned_checkpoint_is_charged_to_its_author_and_never_reaches_the_bu
 
 def test_a_bad_result_on_a_sound_checkpoint_is_charged_to_the_node_that_delivered_it(swarm):
     buyer = SwarmClient(swarm.url, swarm.create_buyer("cheated buyer", "10"))
-    first, cheat, checker = (ScriptedNode(swarm, name) for name in ("first", "cheat", "checker"))
-    assert ops(swarm, f"/api/ops/nodes/{checker.node_id}/trust", {"trusted": True}).status_code == 200
-    job = submit(buyer)
-    first.connect()
-    _, sound = hand_back_after_checkpoint(first, 2, b"sound weights")
-    first.disconnect()
-
+    job, sound, first, checker = handed_back(swarm, buyer, "first", b"sound weights")
+    cheat = ScriptedNode(swarm, "cheat")
     cheat.connect()
     lease = cheat.receive_type("lease")
     assert lease["checkpoint_sha256"] == sound
@@ -213,12 +216,8 @@ def test_a_bad_result_on_a_sound_checkpoint_is_charged_to_the_node_that_delivere
 
 def test_a_result_built_on_a_clean_foreign_checkpoint_is_verified_then_delivered(swarm):
     buyer = SwarmClient(swarm.url, swarm.create_buyer("patient buyer", "10"))
-    first, second, checker = (ScriptedNode(swarm, name) for name in ("first", "second", "checker"))
-    assert ops(swarm, f"/api/ops/nodes/{checker.node_id}/trust", {"trusted": True}).status_code == 200
-    job = submit(buyer)
-    first.connect()
-    hand_back_after_checkpoint(first, 2, b"sound weights")
-    first.disconnect()
+    job, _, _, checker = handed_back(swarm, buyer, "first", b"sound weights")
+    second = ScriptedNode(swarm, "second")
     second.connect()
     delivered = deliver(second, second.receive_type("lease"), b"good adapter")
     assert delivered["state"] == "verifying"
