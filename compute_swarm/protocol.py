@@ -7,8 +7,9 @@ here: datasets, checkpoints and adapters move as content-addressed artifacts ove
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
-from typing import Annotated, Any, Literal, NewType, TypeVar
+from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
@@ -19,10 +20,6 @@ from compute_swarm.engine.jobs import ChatMessage, Sampling
 # 5: the welcome says the node's standing (active, awaiting ops' approval, quarantined), and a
 #    `standing` message says it again at once when it changes.
 PROTOCOL_VERSION = 5
-
-JobId = NewType("JobId", str)
-LeaseId = NewType("LeaseId", str)
-NodeId = NewType("NodeId", str)
 
 # Where the node token goes in the websocket handshake (and in HTTP requests from a node).
 AUTHORIZATION_HEADER = "Authorization"
@@ -57,6 +54,11 @@ MAX_DELTA_CHARACTERS = 16 * 1024
 # A node reports at most this many models it has seen crash, each with a report of at most this length.
 MAX_CRASHED_MODELS = 64
 MAX_CRASH_REPORT_CHARACTERS = 1000
+
+
+def finite_or_none(value: float | None) -> float | None:
+    """A reading, or None for no reading (NaN and infinities are not valid JSON numbers)."""
+    return value if value is not None and math.isfinite(value) else None
 
 
 class CloseCode:

@@ -8,7 +8,6 @@ coordinator killed at any instant restarts consistent. Reports from nodes are id
 from __future__ import annotations
 
 import logging
-import math
 import secrets
 import time
 from collections.abc import Callable, Iterable
@@ -46,6 +45,7 @@ from compute_swarm.coordinator.verification import is_trusted
 from compute_swarm.coordinator.verifier import Verifier, node_record
 from compute_swarm.engine.catalogue import fetch_catalogue_model
 from compute_swarm.engine.jobs import CATALOGUE, InferenceJobSpec, LoraJobSpec, parse_job_spec
+from compute_swarm.protocol import finite_or_none
 
 logger = logging.getLogger(__name__)
 
@@ -507,7 +507,7 @@ class JobService:
             if trials.RESUMED_FROM_STEP in previous:
                 latest[trials.RESUMED_FROM_STEP] = previous[trials.RESUMED_FROM_STEP]
             job.progress = latest
-            loss, eval_loss = _finite(report.loss), _finite(report.eval_loss)
+            loss, eval_loss = finite_or_none(report.loss), finite_or_none(report.eval_loss)
             # Nodes repeat the latest held-out loss on every report: it is a new point only when it changes.
             if eval_loss is not None and eval_loss == previous.get("eval_loss"):
                 eval_loss = None
@@ -582,8 +582,8 @@ class JobService:
                 record_event(session, job, f"its llama.cpp adapter is not offered: {adapter.reason}"[:500])
             job.metrics = {
                 "steps": report.steps,
-                "final_loss": _finite(report.final_loss),
-                "eval_loss": _finite(report.eval_loss),
+                "final_loss": finite_or_none(report.final_loss),
+                "eval_loss": finite_or_none(report.eval_loss),
                 "train_tokens": report.train_tokens,
                 "seconds": report.seconds,
             }
@@ -993,10 +993,6 @@ def _ack(report: Any, about: str, accepted: bool, state: str, message: str = "")
         state=state,
         message=message,
     )
-
-
-def _finite(value: float | None) -> float | None:
-    return value if value is not None and math.isfinite(value) else None
 
 
 def _fields(error: ValidationError) -> dict[str, str]:

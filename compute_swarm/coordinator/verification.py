@@ -17,9 +17,10 @@ overhead for swarms with cheaters.
 
 from __future__ import annotations
 
-import math
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
+
+from compute_swarm.protocol import finite_or_none
 
 PASSED, MISMATCH = "passed", "mismatch"
 
@@ -146,10 +147,6 @@ class Verdict:
     reason: str
 
 
-def _finite(value: float | None) -> bool:
-    return value is not None and math.isfinite(value)
-
-
 def compare_lora(
     *,
     delivered_eval_loss: float | None,
@@ -164,10 +161,10 @@ def compare_lora(
     the delivered adapter could not be loaded at all). reported_losses / trusted_losses: training loss
     by step, as the node reported it and as the trusted run measured it.
     """
-    if not _finite(trusted_eval_loss):
+    if finite_or_none(trusted_eval_loss) is None:
         # Nothing to compare with (a dataset too small for a held-out split): the training losses decide.
         held_out_note = "no held-out set"
-    elif not _finite(delivered_eval_loss):
+    elif finite_or_none(delivered_eval_loss) is None:
         return Verdict(
             MISMATCH, "the delivered adapter could not be evaluated (it does not fit the job's model)"
         )
@@ -225,7 +222,7 @@ def compare_stopped_trial(
     A trial is stopped on a held-out loss its node reported; without a held-out set (the trusted run
     measured none) that loss cannot have been measured, and the checkpoint is not taken on trust.
     """
-    if not _finite(trusted_eval_loss):
+    if finite_or_none(trusted_eval_loss) is None:
         return Verdict(
             MISMATCH,
             "the trusted run has no held-out set, so the held-out loss the trial was stopped on was not measured",

@@ -26,7 +26,6 @@ from compute_swarm.desktop.messages import (
     checkpoint_message,
     describe_error,
     failure_message,
-    finite_or_none,
     is_transient,
     progress_message,
     result_message,
@@ -35,6 +34,7 @@ from compute_swarm.desktop.messages import (
 from compute_swarm.desktop.workspace import Workspace
 from compute_swarm.engine.jobs import InferenceJobSpec, JobSpec
 from compute_swarm.engine.records import CheckpointSaved, Completed, Failed, Log, Progress, Record, Started
+from compute_swarm.protocol import finite_or_none
 from compute_swarm.sdk.client import SwarmError, pack_directory, unpack_archive
 
 logger = logging.getLogger(__name__)

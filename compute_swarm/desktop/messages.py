@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import contextlib
 import logging
-import math
 import random
 import socket
 from dataclasses import dataclass
@@ -23,6 +22,7 @@ from compute_swarm.desktop import token_store
 from compute_swarm.engine.devices import DeviceInventory
 from compute_swarm.engine.jobs import CATALOGUE, InferenceJobSpec, JobSpec, parse_job_spec
 from compute_swarm.engine.records import Completed, Progress
+from compute_swarm.protocol import finite_or_none
 from compute_swarm.sdk.client import DownloadTooLarge, SwarmError
 
 logger = logging.getLogger(__name__)
@@ -137,11 +137,6 @@ def agent_version() -> str:
 
 def default_node_name() -> str:
     return (socket.gethostname() or "node")[:64]
-
-
-def finite_or_none(value: float | None) -> float | None:
-    """A reading, or None for no reading (NaN and infinities are not valid JSON numbers)."""
-    return value if value is not None and math.isfinite(value) else None
 
 
 def telemetry_from_inventory(
