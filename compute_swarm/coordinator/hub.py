@@ -64,14 +64,16 @@ class Connection:
     # Its standing, refreshed before the next dispatch once a job settled or ops changed it, and
     # each sweep (ops' CLI writes from another process): a trusted node takes re-runs that verify
     # others' jobs; a barred one (quarantined, or waiting for ops' approval) takes no job and serves
-    # no request until ops let it.
+    # no request until ops let it. The node is told its standing (in its welcome, then in `standing`
+    # messages), so its seller is not left waiting for work that cannot come.
     trusted: bool = False
-    barred: bool = False
-    # What the node was last told of its standing (in its welcome, then in `standing` messages): a
-    # barred node is told why, so its seller is not left waiting for work that cannot come.
     standing: protocol.Standing = ACTIVE
     last_message_at: float = field(default_factory=time.monotonic)
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+
+    @property
+    def barred(self) -> bool:
+        return self.standing.state != "active"
 
     async def close_quietly(self, code: int, reason: str) -> None:
         with contextlib.suppress(Exception):  # closed already
@@ -178,7 +180,6 @@ class Hub:
         }
         trusted, barred = await asyncio.to_thread(self.service.standing)
         connection.trusted = connection.node_id in trusted
-        connection.barred = connection.node_id in barred
         connection.standing = barred.get(connection.node_id, ACTIVE)
         connection.crashed_models = _crash_reports(connection.hello.crashed_models)
         self.connections[connection.node_id] = connection
@@ -467,15 +468,14 @@ class Hub:
         lift quarantines: follow it, and tell each node whose standing changed at once."""
         trusted, barred = await asyncio.to_thread(self.service.standing)
         for node_id, connection in list(self.connections.items()):
-            flags = (node_id in trusted, node_id in barred)
-            if flags != (connection.trusted, connection.barred):
-                connection.trusted, connection.barred = flags
+            standing = barred.get(node_id, ACTIVE)
+            if (node_id in trusted, standing) != (connection.trusted, connection.standing):
+                connection.trusted = node_id in trusted
+                if standing != connection.standing:
+                    connection.standing = standing
+                    await connection.send(standing)
                 self._refresh_snapshot(connection)
                 self._work_waiting.set()
-            told = barred.get(node_id, ACTIVE)
-            if told != connection.standing:
-                connection.standing = told
-                await connection.send(told)
 
     async def _send_cancels(self, revocations: Iterable[Revocation]) -> None:
         for revocation in revocations:

@@ -613,7 +613,8 @@ class JobService:
             # A batch held its most possible price: what it did not use goes back to the buyer.
             refund_to = job.buyer_id if job.kind == "inference" else None
             ledger.charge(session, job.id, node_id, node_share, fee, buyer_id=refund_to)
-            if provenance.foreign_base(session, job) is not None:
+            built_on = provenance.foreign_base(session, job)
+            if built_on is not None:
                 message = (
                     f"completed on {node_id}, from a checkpoint another node made: its result is held "
                     f"until a trusted node verifies it"
@@ -621,7 +622,7 @@ class JobService:
                 self._finish(session, job, VERIFYING, message, refund=False)
             else:
                 self._finish(session, job, COMPLETED, f"completed on {node_id}", refund=False)
-            self.verifier.after_completion(session, job)
+            self.verifier.after_completion(session, job, built_on)
             return _ack(report, "result", True, job.state)
 
     def _adapter_verdict(self, node_id: str, report: protocol.JobResult) -> AdapterVerdict | None:

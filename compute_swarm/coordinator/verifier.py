@@ -85,8 +85,9 @@ class Verifier:
 
     # ---- a job completed
 
-    def after_completion(self, session: Session, job: Job) -> Job | None:
-        """Decide whether the job just completed (by job.node_id) is re-run; returns the re-run queued."""
+    def after_completion(self, session: Session, job: Job, built_on: Checkpoint | None) -> Job | None:
+        """Decide whether the job just completed (by job.node_id) is re-run; returns the re-run queued.
+        `built_on`: the foreign checkpoint its work resumed from (provenance.foreign_base), if any."""
         job.credit_release_at = time.time() + self.window_seconds
         if job.kind == "inference" and job.spec.get("sampling", {}).get("temperature", 1.0) != 0:
             # A sampled answer depends on the machine's exact numbers: a re-run elsewhere differs.
@@ -98,7 +99,7 @@ class Verifier:
             job.spec,
             job.result_sha256,
             f"completed on {job.node_id}",
-            always_because=_built_on_foreign_checkpoint(session, job),
+            always_because=_built_on_foreign_checkpoint(built_on),
         )
 
     def after_stop(self, session: Session, job: Job, checked_step: int, checkpoint_sha256: str) -> Job | None:
@@ -119,7 +120,7 @@ class Verifier:
             spec,
             checkpoint_sha256,
             what,
-            always_because=_built_on_foreign_checkpoint(session, job),
+            always_because=_built_on_foreign_checkpoint(provenance.foreign_base(session, job)),
         )
 
     def not_to_verify(self, job: Job, detail: str) -> None:
@@ -481,9 +482,8 @@ def _losses_by_step(session: Session, job_id: str) -> dict[int, float]:
     return {point.step: point.loss for point in points if point.loss is not None}
 
 
-def _built_on_foreign_checkpoint(session: Session, job: Job) -> str | None:
-    """Why the job's work is always re-run, or None: it was built on another node's checkpoint."""
-    base = provenance.foreign_base(session, job)
+def _built_on_foreign_checkpoint(base: Checkpoint | None) -> str | None:
+    """Why work is always re-run, or None: it was built on `base`, another node's checkpoint."""
     if base is None:
         return None
     return f"built on a checkpoint (step {base.step}) that node {base.node_id} made"
