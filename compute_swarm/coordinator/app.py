@@ -29,12 +29,16 @@ from compute_swarm.coordinator.artifacts import ArtifactStore
 from compute_swarm.coordinator.database import Database, UnstorableText
 from compute_swarm.coordinator.hub import Hub
 from compute_swarm.coordinator.inference import InferenceService, RequestLimiter
-from compute_swarm.coordinator.jobs import JobService
+from compute_swarm.coordinator.leases import Leases
 from compute_swarm.coordinator.limits import RequestLimits
 from compute_swarm.coordinator.metrics import Metrics
+from compute_swarm.coordinator.node_accounts import NodeAccounts
+from compute_swarm.coordinator.reports import Reports
 from compute_swarm.coordinator.settings import Settings
+from compute_swarm.coordinator.submissions import Submissions
 from compute_swarm.coordinator.tokens import TokenCounters
 from compute_swarm.coordinator.uploads import UploadService
+from compute_swarm.coordinator.verifier import Verifier
 from compute_swarm.engine.catalogue import fetch_catalogue_model
 
 
@@ -44,21 +48,31 @@ def build_services(settings: Settings) -> Services:
     database.upgrade()
     store = ArtifactStore(settings.artifacts_dir)
     tokens = TokenCounters(fetch_catalogue_model)
-    job_service = JobService(database, settings, store, tokens=tokens)
+    verifier = Verifier(settings, store, tokens=tokens)
+    leases = Leases(database, settings, verifier)
+    reports = Reports(database, settings, store, verifier, model_file=fetch_catalogue_model, tokens=tokens)
+    node_accounts = NodeAccounts(database, verifier)
     metrics = Metrics()
-    metrics.count_jobs_with(job_service.counts)
+    metrics.count_jobs_with(leases.counts)
     inference = InferenceService(database, settings, tokens)
+    hub = Hub(leases, reports, node_accounts, settings, metrics, inference)
+    # What committed transactions decided (a job to dispatch, a node to stop) reaches the hub.
+    database.on_commit = hub.carry_out
     return Services(
         settings=settings,
         database=database,
         store=store,
-        jobs=job_service,
+        submissions=Submissions(database, settings),
+        leases=leases,
+        reports=reports,
+        node_accounts=node_accounts,
+        verifier=verifier,
         uploads=UploadService(database, store, settings),
         inference=inference,
         limiter=RequestLimiter(
             settings.inference_requests_per_minute, settings.inference_concurrent_requests
         ),
-        hub=Hub(job_service, settings, metrics, inference),
+        hub=hub,
         metrics=metrics,
     )
 

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy import Engine, create_engine, event
 from sqlalchemy.orm import Session, sessionmaker
@@ -25,9 +26,21 @@ class UnstorableText(ValueError):
     400 from the API, not a 500 on one database only)."""
 
 
+# Session.info key: what a transaction queued for after its commit (coordinator.effects).
+AFTER_COMMIT = "compute_swarm.after_commit"
+
+
+def after_commit(session: Session, *items: Any) -> None:
+    """Queue items (coordinator.effects) for the database's on_commit, once `session` commits."""
+    session.info.setdefault(AFTER_COMMIT, []).extend(items)
+
+
 class Database:
     def __init__(self, url: str):
         self.url = url
+        # Given what each committed transaction queued under AFTER_COMMIT (the coordinator wires its hub
+        # here); a rolled-back transaction's queue is dropped.
+        self.on_commit: Callable[[list[Any]], None] = lambda _queued: None
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
             path = url.removeprefix("sqlite:///")
@@ -54,8 +67,12 @@ class Database:
         """A session whose work commits together when the block ends, or not at all."""
         # SQLite has one writer at a time; its busy handler makes waiting writers poll with sleeps of
         # up to 100 ms. Queueing them on a lock in this process instead hands the database over at once.
-        with self._write_lock, self._sessions() as session, session.begin():
-            yield session
+        with self._write_lock, self._sessions() as session:
+            with session.begin():
+                yield session
+            queued = session.info.pop(AFTER_COMMIT, [])
+        if queued:
+            self.on_commit(queued)
 
     @contextmanager
     def reading(self) -> Iterator[Session]:

@@ -1,8 +1,9 @@
 """The connected nodes, and the loops that feed them: dispatch (queued jobs → leases) and the lease
 sweeper (renewals and expiries).
 
-Everything here runs on the server's event loop; database work goes to threads. Other threads (the
-REST handlers) reach the hub only through `wake()` and `revoke()`, which are thread-safe.
+Everything here runs on the server's event loop; database work goes to threads. The services tell
+the hub what to do through the effects their transactions commit (coordinator.effects): the database
+hands them to `carry_out`, the one thread-safe entry point, from whichever thread committed.
 """
 
 from __future__ import annotations
@@ -15,9 +16,12 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
 
 from compute_swarm import protocol
+from compute_swarm.coordinator.effects import Effect, NodeRevoked, StandingChanged, StopOnNode, WakeDispatcher
 from compute_swarm.coordinator.inference import InferenceService, Relay
-from compute_swarm.coordinator.jobs import Grant, JobService, Revocation
+from compute_swarm.coordinator.leases import Grant, Leases
 from compute_swarm.coordinator.metrics import Metrics
+from compute_swarm.coordinator.node_accounts import NodeAccounts
+from compute_swarm.coordinator.reports import Reports
 from compute_swarm.coordinator.scheduler import (
     Assignment,
     InferenceCandidate,
@@ -90,9 +94,17 @@ class Connection:
 
 class Hub:
     def __init__(
-        self, service: JobService, settings: Settings, metrics: Metrics, inference: InferenceService
+        self,
+        leases: Leases,
+        reports: Reports,
+        accounts: NodeAccounts,
+        settings: Settings,
+        metrics: Metrics,
+        inference: InferenceService,
     ):
-        self.service = service
+        self.leases = leases
+        self.reports = reports
+        self.accounts = accounts
         self.settings = settings
         self.metrics = metrics
         self.inference = inference
@@ -109,6 +121,7 @@ class Hub:
         # first, so a node quarantined a moment ago is not handed the job submitted just after.
         self._standing_stale = False
         self._tasks: list[asyncio.Task] = []
+        self._background: set[asyncio.Future] = set()  # effects under way (kept from the collector)
 
     # ---- life
 
@@ -118,7 +131,7 @@ class Hub:
         refunded = await asyncio.to_thread(self.inference.recover_after_restart)
         if refunded:
             logger.warning("refunded %d inference requests cut off by the restart", refunded)
-        recovered = await asyncio.to_thread(self.service.recover_after_restart)
+        recovered = await asyncio.to_thread(self.leases.recover_after_restart)
         if recovered:
             logger.warning(
                 "%d jobs were leased when the coordinator stopped; waiting for their nodes", recovered
@@ -142,26 +155,32 @@ class Hub:
         for connection in list(self.connections.values()):
             await connection.close_quietly(CloseCode.GOING_AWAY, "the coordinator is shutting down")
 
-    # ---- thread-safe entry points
+    # ---- the thread-safe entry point
 
-    def wake(self) -> None:
-        """Something may be dispatchable now (a job was submitted, a node freed up)."""
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._work_waiting.set)
+    def carry_out(self, effects: list[Effect]) -> None:
+        """Do what committed transactions decided (any thread; see coordinator.effects)."""
+        if self._loop is not None and effects:
+            self._loop.call_soon_threadsafe(self._carry_out, effects)
 
-    def standing_changed(self) -> None:
-        """Ops trusted or approved a node, or lifted its quarantine: dispatch reads the standing first."""
-        if self._loop is not None:
-            self._loop.call_soon_threadsafe(self._mark_standing_stale)
+    def _carry_out(self, effects: list[Effect]) -> None:
+        stops = [effect for effect in effects if isinstance(effect, StopOnNode)]
+        if stops:
+            self._spawn(self._send_cancels(stops))
+        for effect in effects:
+            if isinstance(effect, StandingChanged):
+                # A verdict or ops moved a node's standing: dispatch reads it first, so a node
+                # quarantined a moment ago is not handed the job submitted just after.
+                self._standing_stale = True
+            elif isinstance(effect, NodeRevoked) and effect.node_id in self.connections:
+                connection = self.connections[effect.node_id]
+                self._spawn(connection.close_quietly(CloseCode.UNAUTHORIZED, "this node's token was revoked"))
+        if any(isinstance(effect, WakeDispatcher | StandingChanged) for effect in effects):
+            self._work_waiting.set()
 
-    def _mark_standing_stale(self) -> None:
-        self._standing_stale = True
-        self._work_waiting.set()
-
-    def revoke(self, revocations: Iterable[Revocation]) -> None:
-        revocations = list(revocations)
-        if self._loop is not None and revocations:
-            asyncio.run_coroutine_threadsafe(self._send_cancels(revocations), self._loop)
+    def _spawn(self, work: Awaitable[None]) -> None:
+        task = asyncio.ensure_future(work)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     # ---- connections
 
@@ -171,14 +190,14 @@ class Hub:
         if previous is not None:
             await previous.close_quietly(CloseCode.REPLACED, "the node connected again")
         kept, revoked = await asyncio.to_thread(
-            self.service.adopt, connection.node_id, connection.hello.running
+            self.leases.adopt, connection.node_id, connection.hello.running
         )
         connection.leases = {
             reference.lease_id: reference.job_id
             for reference in connection.hello.running
             if reference.lease_id in kept
         }
-        trusted, barred = await asyncio.to_thread(self.service.standing)
+        trusted, barred = await asyncio.to_thread(self.accounts.standing)
         connection.trusted = connection.node_id in trusted
         connection.standing = barred.get(connection.node_id, ACTIVE)
         connection.crashed_models = _crash_reports(connection.hello.crashed_models)
@@ -187,7 +206,7 @@ class Hub:
             self._serving[connection.node_id] = connection
         self._refresh_snapshot(connection)
         self.metrics.nodes_connected.set(len(self.connections))
-        earnings = await asyncio.to_thread(self.service.earnings, connection.node_id)
+        earnings = await asyncio.to_thread(self.accounts.earnings, connection.node_id)
         await connection.send(
             protocol.Welcome(
                 protocol_version=protocol.PROTOCOL_VERSION,
@@ -242,7 +261,7 @@ class Hub:
                     connection.crashed_models = {**connection.crashed_models, crash.model_key: crash.message}
         elif isinstance(message, protocol.JobProgress):
             try:
-                stop = await asyncio.to_thread(self.service.progress, connection.node_id, message)
+                stop = await asyncio.to_thread(self.reports.progress, connection.node_id, message)
             except Exception:
                 # A progress report is answered by nothing and superseded by the next: one that cannot
                 # be handled (a bug) is logged and dropped, and the node keeps its connection and job.
@@ -256,21 +275,19 @@ class Hub:
                 )
         elif isinstance(message, protocol.CheckpointUploaded):
             await connection.send(
-                await asyncio.to_thread(self.service.checkpoint, connection.node_id, message)
+                await asyncio.to_thread(self.reports.checkpoint, connection.node_id, message)
             )
         elif isinstance(message, protocol.JobResult | protocol.JobFailure):
-            settle = self.service.result if isinstance(message, protocol.JobResult) else self.service.failure
+            settle = self.reports.result if isinstance(message, protocol.JobResult) else self.reports.failure
             acknowledgement = await asyncio.to_thread(settle, connection.node_id, message)
             connection.stopping.pop(message.lease_id, None)
             if isinstance(message, protocol.JobFailure) and message.kind == "released":
                 connection.resting = True
-            # A settled re-run may have quarantined (or cleared) the node it checked.
-            self._mark_standing_stale()
             self._end_lease(connection, message.lease_id)
             self._refresh_snapshot(connection)
             await connection.send(acknowledgement)
             if acknowledgement.accepted and isinstance(message, protocol.JobResult):
-                await connection.send(await asyncio.to_thread(self.service.earnings, connection.node_id))
+                await connection.send(await asyncio.to_thread(self.accounts.earnings, connection.node_id))
 
     # ---- inference
 
@@ -353,7 +370,7 @@ class Hub:
             return 0
         # A few more than there are free nodes, so that jobs no free node can take (a batch with no
         # node serving inference, a job every free node refused) do not hide the ones behind them.
-        queued = await asyncio.to_thread(self.service.queued, min(len(self._free) + 64, 5000))
+        queued = await asyncio.to_thread(self.leases.queued, min(len(self._free) + 64, 5000))
         if not queued:
             return 0
         free = [connection.snapshot for connection in self._free.values() if connection.snapshot is not None]
@@ -379,7 +396,7 @@ class Hub:
         for start in range(0, len(assignments), LEASE_BATCH):
             batch = assignments[start : start + LEASE_BATCH]
             grants = await asyncio.to_thread(
-                self.service.lease, [(assignment.job_id, assignment.node_id) for assignment in batch]
+                self.leases.lease, [(assignment.job_id, assignment.node_id) for assignment in batch]
             )
             await asyncio.gather(*(self._deliver(grant) for grant in grants))
             granted += len(grants)
@@ -417,7 +434,7 @@ class Hub:
         connection = self.connections.get(grant.node_id)
         if connection is None:
             # It left between planning and leasing.
-            await asyncio.to_thread(self.service.return_lease, grant.message.job_id, grant.message.lease_id)
+            await asyncio.to_thread(self.leases.return_lease, grant.message.job_id, grant.message.lease_id)
             return
         connection.leases[grant.message.lease_id] = grant.message.job_id
         self._refresh_snapshot(connection)
@@ -435,7 +452,7 @@ class Hub:
                 await self.sweep_once()
                 # For ops (`admin nodes`): when each node was last connected, to the half minute.
                 if time.monotonic() - last_seen_written > 30:
-                    await asyncio.to_thread(self.service.mark_seen, list(self.connections))
+                    await asyncio.to_thread(self.accounts.mark_seen, list(self.connections))
                     last_seen_written = time.monotonic()
             except Exception:
                 logger.exception("lease sweep failed; retrying")
@@ -450,23 +467,21 @@ class Hub:
             if now - connection.last_message_at < 3 * protocol.HEARTBEAT_INTERVAL_SECONDS
             for lease_id in connection.leases
         ]
-        await asyncio.to_thread(self.service.renew, alive)
+        await asyncio.to_thread(self.leases.renew, alive)
         # Ops revoke tokens from another process (`admin revoke-node`): drop those nodes here.
-        for node_id in await asyncio.to_thread(self.service.revoked_nodes, list(self.connections)):
+        for node_id in await asyncio.to_thread(self.accounts.revoked_nodes, list(self.connections)):
             connection = self.connections.get(node_id)
             if connection is not None:
                 await connection.close_quietly(CloseCode.UNAUTHORIZED, "this node's token was revoked")
         await self._refresh_standing()
-        await asyncio.to_thread(self.service.release_due_credits)
-        expired = await asyncio.to_thread(self.service.expire_leases)
-        if expired:
-            await self._send_cancels(expired)
-            self._work_waiting.set()
+        await asyncio.to_thread(self.accounts.release_due_credits)
+        # The nodes of leases that ran out are told to stop, and the dispatcher woken (effects).
+        await asyncio.to_thread(self.leases.expire_leases)
 
     async def _refresh_standing(self) -> None:
         """Verification moves nodes in and out of trust and quarantine, and ops approve nodes and
         lift quarantines: follow it, and tell each node whose standing changed at once."""
-        trusted, barred = await asyncio.to_thread(self.service.standing)
+        trusted, barred = await asyncio.to_thread(self.accounts.standing)
         for node_id, connection in list(self.connections.items()):
             standing = barred.get(node_id, ACTIVE)
             if (node_id in trusted, standing) != (connection.trusted, connection.standing):
@@ -477,7 +492,7 @@ class Hub:
                 self._refresh_snapshot(connection)
                 self._work_waiting.set()
 
-    async def _send_cancels(self, revocations: Iterable[Revocation]) -> None:
+    async def _send_cancels(self, revocations: Iterable[StopOnNode]) -> None:
         for revocation in revocations:
             connection = self.connections.get(revocation.node_id)
             if connection is None:

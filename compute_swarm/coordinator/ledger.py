@@ -213,6 +213,20 @@ def refund(session: Session, job_id: str, buyer_id: str, memo: str) -> bool:
     return posted is not None
 
 
+def return_charge(session: Session, job_id: str, buyer_id: str, amount_micro: int, memo: str) -> bool:
+    """Give a buyer back what a job was charged, out of the platform's fees (a charge that verification
+    found unearned). Once per job; returns False, changing nothing, on a repeat."""
+    posted = post(
+        session,
+        kind="refund",
+        idempotency_key=f"mismatch-refund:{job_id}",
+        job_id=job_id,
+        entries={FEES: -amount_micro, buyer_account(buyer_id): amount_micro},
+        memo=memo,
+    )
+    return posted is not None
+
+
 def node_credit_for_job(session: Session, job_id: str, node_id: str) -> int:
     """What a job's charge credited its node (0 when it was not charged to that node)."""
     return int(

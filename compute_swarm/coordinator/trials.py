@@ -27,10 +27,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from compute_swarm import sweeps
-from compute_swarm.coordinator import ledger, pricing
+from compute_swarm.coordinator import ledger, lifecycle
 from compute_swarm.coordinator.inference import fine_tuned_model_id
-from compute_swarm.coordinator.job_events import record as record_event
-from compute_swarm.coordinator.lifecycle import CANCELLED, OPEN_STATES, SUCCEEDED_STATES
+from compute_swarm.coordinator.job_changes import change
+from compute_swarm.coordinator.lifecycle import OPEN_STATES, STOPPED_EARLY, SUCCEEDED_STATES
 from compute_swarm.coordinator.settings import Settings
 from compute_swarm.coordinator.tables import (
     Job,
@@ -41,10 +41,9 @@ from compute_swarm.coordinator.tables import (
     Upload,
 )
 
-if TYPE_CHECKING:  # the verifier reads STOPPED_EARLY from here
+if TYPE_CHECKING:
     from compute_swarm.coordinator.verifier import Verifier
 
-STOPPED_EARLY = "stopped_early"
 # In a running trial's progress: the checkpoint step its lease started from (set at its first report).
 RESUMED_FROM_STEP = "resumed_from_step"
 
@@ -192,43 +191,16 @@ def stop_if_worse(
         f"{median:.4f} of {len(others)} other trials"
     )
     work = checked_work(session, job)
-    held = job.price_micro
-    price = held * min(work.steps, total) // total
-    if price > 0:
-        payment = (
-            f"charged {ledger.format_credits(price)} of the {ledger.format_credits(held)} credits held, "
-            f"for steps {work.from_step + 1} to {work.to_step} ({work.steps} of {total}, up to the checkpoint "
-            "this lease uploaded); the rest goes back to the buyer"
-        )
-        node_share, fee = pricing.split_payment(price, settings.platform_fee_basis_points)
-        ledger.charge(
-            session,
-            job.id,
-            job.node_id,
-            node_share,
-            fee,
-            buyer_id=job.buyer_id,
-            memo=f"{reason}; {payment}"[:500],
-        )
-    else:
-        payment = (
-            f"nothing charged: no checkpoint uploaded after step {work.from_step} in this lease, so no "
-            f"step it ran can be checked; the {ledger.format_credits(held)} credits held go back to the buyer"
-        )
-        ledger.refund(session, job.id, job.buyer_id, memo=f"{reason}; {payment}"[:500])
-    job.price_micro = price
-    job.state = CANCELLED
-    job.error_kind = STOPPED_EARLY
-    job.error_message = f"{reason}; {payment}"
-    job.finished_at = job.updated_at = time.time()
-    job.lease_id = job.lease_expires_at = None
-    record_event(session, job, f"{reason}; {payment}")
-    if price > 0:
+    stopped = lifecycle.TrialStopped(
+        time.time(), reason, total, work.from_step, work.to_step, settings.platform_fee_basis_points
+    )
+    change(session, job, stopped)
+    if job.price_micro > 0:
         assert work.checkpoint_sha256 is not None
         verifier.after_stop(session, job, work.to_step, work.checkpoint_sha256)
     else:
         verifier.not_to_verify(job, "stopped early with nothing charged: nothing to verify")
-    return f"{reason}; {payment}"
+    return job.error_message
 
 
 def view(session: Session, sweep: Sweep) -> dict[str, Any]:

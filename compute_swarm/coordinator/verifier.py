@@ -1,4 +1,5 @@
-"""Verification in the database, inside the transactions JobService opens.
+"""Verification in the database, inside the transactions the services open (coordinator.reports,
+coordinator.leases, coordinator.node_accounts).
 
 When a job completes, it may be sampled (coordinator.verification) for a re-run on a trusted node: a
 new job, with no price of its own, that names the job it checks and the result delivered for it. When
@@ -30,14 +31,23 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from compute_swarm import protocol
-from compute_swarm.coordinator import accounts, batch, ledger, provenance, verification
+from compute_swarm.coordinator import accounts, batch, ledger, lifecycle, provenance, verification
 from compute_swarm.coordinator.artifacts import ArtifactStore
+from compute_swarm.coordinator.database import after_commit
+from compute_swarm.coordinator.effects import StandingChanged
+from compute_swarm.coordinator.job_changes import change
 from compute_swarm.coordinator.job_events import record as record_event
-from compute_swarm.coordinator.lifecycle import CANCELLED, COMPLETED, QUEUED, VERIFIED, VERIFYING
+from compute_swarm.coordinator.lifecycle import (
+    CANCELLED,
+    COMPLETED,
+    QUEUED,
+    STOPPED_EARLY,
+    VERIFIED,
+    VERIFYING,
+)
 from compute_swarm.coordinator.settings import Settings
 from compute_swarm.coordinator.tables import Checkpoint, Job, JobProgressPoint, Node
 from compute_swarm.coordinator.tokens import TokenCounters
-from compute_swarm.coordinator.trials import STOPPED_EARLY
 from compute_swarm.coordinator.verification import MISMATCH, PASSED, NodeRecord, Verdict, VerificationPolicy
 
 logger = logging.getLogger(__name__)
@@ -152,11 +162,15 @@ class Verifier:
         else:
             why = f"always verified: {always_because}"
         check = self._queue_rerun(
-            session, job, spec, delivered_sha256, excluded=[job.node_id] if job.node_id else []
+            session,
+            job,
+            spec,
+            delivered_sha256,
+            f"re-runs {job.id} ({what}) to verify it",
+            excluded=[job.node_id] if job.node_id else [],
         )
         job.verification = PENDING
         job.verification_detail = f"{why}: re-run {check.id} waits for a trusted node"
-        record_event(session, check, f"re-runs {job.id} ({what}) to verify it")
         record_event(session, job, f"to be verified: re-run {check.id} queued for a trusted node")
         return check
 
@@ -166,10 +180,12 @@ class Verifier:
         job: Job,
         spec: dict,
         delivered_sha256: str | None,
+        what: str,
         *,
         excluded: list[str],
         checks_checkpoint: dict | None = None,
     ) -> Job:
+        """Queue a re-run of `job` (`spec`) that checks `delivered_sha256`; `what` it does, for its log."""
         now = time.time()
         check = Job(
             id=accounts.new_id("job"),
@@ -183,10 +199,7 @@ class Verifier:
             required_memory_bytes=job.required_memory_bytes,
             required_memory_bytes_16bit=job.required_memory_bytes_16bit,
             price_micro=0,
-            state=QUEUED,
-            attempt=0,
             max_attempts=VERIFICATION_ATTEMPTS,
-            queued_at=now,
             # Never a node being checked.
             excluded_nodes=excluded,
             input_adapter_sha256=job.input_adapter_sha256,
@@ -194,10 +207,8 @@ class Verifier:
             delivered_result_sha256=delivered_sha256,
             checks_checkpoint=checks_checkpoint,
             created_at=now,
-            updated_at=now,
         )
-        session.add(check)
-        session.flush()
+        change(session, check, lifecycle.Submitted(now, what))
         return check
 
     # ---- a re-run reported
@@ -215,36 +226,20 @@ class Verifier:
         ledger.pay_for_verification(
             session, check.id, trusted_node_id, share, memo=f"verified {job.id}: {verdict.outcome}"
         )
-        stopped = job.error_kind == STOPPED_EARLY
         job.credit_release_at = None
         job.updated_at = time.time()
         if verdict.outcome == PASSED:
-            if not stopped:  # a stopped trial delivered no result: it stays stopped
-                job.state = VERIFIED
             job.verification, job.verification_detail = PASSED, verdict.reason[:2000]
             self._judge(session, job, job.node_id, PASSED, "verified")
-            record_event(session, job, f"verified ({verdict.reason})")
+            change(session, job, lifecycle.VerificationPassed(time.time(), verdict.reason))
             return verdict
-        if stopped:
-            # The buyer paid for steps its checkpoint does not show, and got no result for them.
-            memo = f"verification mismatch: the stopped trial's charge goes back ({verdict.reason})"
-            ledger.post(
-                session,
-                kind="refund",
-                idempotency_key=f"mismatch-refund:{job.id}",
-                job_id=job.id,
-                entries={ledger.FEES: -job.price_micro, ledger.buyer_account(job.buyer_id): job.price_micro},
-                memo=memo[:500],
-            )
-            what = "mismatch: the buyer's charge for the stopped trial is refunded"
-        else:
-            # The buyer gets the trusted run's result in place of the one delivered.
+        if job.error_kind != STOPPED_EARLY:
+            # The buyer gets the trusted run's result in place of the one delivered (a stopped trial
+            # delivered none: its charge goes back instead).
             job.result_sha256 = check.result_sha256
             job.result_gguf_sha256 = check.result_gguf_sha256
             job.metrics = check.metrics
-            job.state = COMPLETED  # from verifying, where a result built on a foreign checkpoint waits
-            what = "mismatch: the trusted run's result replaces the delivered one"
-        record_event(session, job, f"{what} ({verdict.reason})")
+        change(session, job, lifecycle.VerificationFailed(time.time(), verdict.reason))
         base = provenance.foreign_base(session, job)
         if base is not None and job.node_id is not None:
             # Built on another node's checkpoint: who introduced the bad state is found before anyone
@@ -271,6 +266,11 @@ class Verifier:
         after = verification.after_verification(before, outcome, self.policy)
         store_record(node, after)
         node.verifications += 1
+        if (after.quarantined, verification.is_trusted(after, self.policy)) != (
+            before.quarantined,
+            verification.is_trusted(before, self.policy),
+        ):
+            after_commit(session, StandingChanged())  # the hub reads standing before its next dispatch
         if after.quarantined and not before.quarantined:
             record_event(session, job, f"node {node.id} is quarantined after {after.mismatches} mismatches")
 
@@ -309,6 +309,7 @@ class Verifier:
             job,
             {**job.spec, "max_steps": checkpoint.step},
             checkpoint.sha256,
+            f"checks node {author}'s checkpoint at step {checkpoint.step} of {job.id}",
             excluded=excluded,
             checks_checkpoint=plan,
         )
@@ -319,9 +320,6 @@ class Verifier:
         )[:2000]
         # The delivering node's credit waits for the finding, or for the window as any credit does.
         job.credit_release_at = time.time() + self.window_seconds
-        record_event(
-            session, check, f"checks node {author}'s checkpoint at step {checkpoint.step} of {job.id}"
-        )
         record_event(
             session,
             job,
@@ -465,9 +463,10 @@ class Verifier:
                 for check in session.scalars(
                     select(Job).where(Job.verifies_job_id == job.id, Job.state == QUEUED).with_for_update()
                 ):
-                    check.state = CANCELLED
-                    check.finished_at = check.updated_at = now
-                    record_event(session, check, "no trusted node took it within the verification window")
+                    dropped = lifecycle.RerunDropped(
+                        now, "no trusted node took it within the verification window"
+                    )
+                    change(session, check, dropped)
                     _undecided(
                         session, job, check, "no trusted node re-ran it within the verification window"
                     )
@@ -510,5 +509,4 @@ def _deliver_unverified(session: Session, job: Job) -> None:
     """A result held for verification that no trusted node could give in time goes to the buyer,
     marked unverified: holding it forever would lose the buyer's work."""
     if job.state == VERIFYING:
-        job.state = COMPLETED
-        record_event(session, job, "no trusted node verified it in time: its result is delivered unverified")
+        change(session, job, lifecycle.DeliveredUnverified(time.time()))

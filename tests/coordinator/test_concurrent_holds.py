@@ -20,8 +20,8 @@ from sqlalchemy import event, func, select, text
 from compute_swarm.coordinator import accounts, ledger, pricing
 from compute_swarm.coordinator.database import Database
 from compute_swarm.coordinator.inference import InferenceError, InferenceService, ServedModel
-from compute_swarm.coordinator.jobs import JobError, JobService
 from compute_swarm.coordinator.settings import Settings
+from compute_swarm.coordinator.submissions import JobError, Submissions
 from compute_swarm.coordinator.tables import Artifact, File, LedgerEntry
 from compute_swarm.engine.jobs import CATALOGUE, parse_job_spec
 
@@ -137,7 +137,7 @@ def test_two_inference_holds_at_once_cannot_overdraw_the_balance(database, tmp_p
 
 def test_a_job_and_a_request_at_once_take_turns(database, tmp_path):
     """The job path locks the buyer too, and the two kinds of hold never deadlock each other."""
-    jobs = JobService(database, Settings(data_dir=tmp_path))
+    jobs = Submissions(database, Settings(data_dir=tmp_path))
     inference = InferenceService(database, Settings(data_dir=tmp_path))
     spec = {"base_model": "smollm2-135m-instruct", "dataset": "file_turns", "max_steps": 2}
     job_price = pricing.price_micro(

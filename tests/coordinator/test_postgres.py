@@ -11,10 +11,14 @@ from alembic.migration import MigrationContext
 
 from compute_swarm import protocol
 from compute_swarm.coordinator import accounts, ledger
+from compute_swarm.coordinator.artifacts import ArtifactStore
 from compute_swarm.coordinator.database import Database
-from compute_swarm.coordinator.jobs import JobService
+from compute_swarm.coordinator.leases import Leases
+from compute_swarm.coordinator.reports import Reports
 from compute_swarm.coordinator.settings import Settings
+from compute_swarm.coordinator.submissions import Submissions
 from compute_swarm.coordinator.tables import Artifact, ArtifactHolder, Base, File, Upload
+from compute_swarm.coordinator.verifier import Verifier
 
 pgserver = pytest.importorskip("pgserver", reason="PostgreSQL tests need the pgserver wheel (the dev extra)")
 pytest.importorskip("psycopg", reason="PostgreSQL tests need psycopg (the dev extra)")
@@ -37,7 +41,11 @@ def test_migrations_build_the_declared_schema(database):
 
 
 def test_a_job_is_submitted_leased_completed_and_paid_once(database, tmp_path):
-    service = JobService(database, Settings(data_dir=tmp_path))
+    settings = Settings(data_dir=tmp_path)
+    store = ArtifactStore(settings.artifacts_dir)
+    verifier = Verifier(settings, store)
+    submissions, leases = Submissions(database, settings), Leases(database, settings, verifier)
+    reports = Reports(database, settings, store, verifier, model_file=lambda name: tmp_path / name)
     dataset = b'{"prompt": "hi", "completion": "ahoy"}\n' * 10
     sha256 = hashlib.sha256(dataset).hexdigest()
     with database.transaction() as session:
@@ -48,10 +56,10 @@ def test_a_job_is_submitted_leased_completed_and_paid_once(database, tmp_path):
         session.add(File(id="file_pg", buyer_id=buyer.id, sha256=sha256, filename="d.jsonl", size=len(dataset),
                          purpose="dataset", lines=10, created_at=0.0))  # fmt: skip
 
-    job = service.submit(
+    job = submissions.submit(
         buyer.id, {"base_model": "smollm2-135m-instruct", "dataset": "file_pg", "max_steps": 2}, None
     )
-    (grant,) = service.lease([(job.id, node.id)])
+    (grant,) = leases.lease([(job.id, node.id)])
     result_sha256 = "ab" * 32
     with database.transaction() as session:  # what a finished upload of the node's result leaves
         session.add(Artifact(sha256=result_sha256, size=3, created_at=0.0))
@@ -61,8 +69,8 @@ def test_a_job_is_submitted_leased_completed_and_paid_once(database, tmp_path):
                            received=3, purpose="result", job_id=job.id, lease_id=grant.message.lease_id,
                            created_at=0.0, completed_at=0.0))  # fmt: skip
     report = protocol.JobResult(job_id=job.id, lease_id=grant.message.lease_id, sha256=result_sha256, steps=2)
-    assert service.result(node.id, report).accepted
-    assert not service.result(node.id, report).accepted
+    assert reports.result(node.id, report).accepted
+    assert not reports.result(node.id, report).accepted
     with database.transaction() as session:
         assert ledger.balance(session, ledger.buyer_account(buyer.id)) == 5_000_000 - job.price_micro
         assert (
@@ -76,10 +84,10 @@ def test_concurrent_submissions_cannot_overspend(database, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
     from compute_swarm.coordinator import pricing
-    from compute_swarm.coordinator.jobs import JobError
+    from compute_swarm.coordinator.submissions import JobError
     from compute_swarm.engine.jobs import CATALOGUE, parse_job_spec
 
-    service = JobService(database, Settings(data_dir=tmp_path))
+    service = Submissions(database, Settings(data_dir=tmp_path))
     spec = {"base_model": "smollm2-135m-instruct", "dataset": "file_race", "max_steps": 2}
     price = pricing.price_micro(
         parse_job_spec({"type": "lora", **spec}), CATALOGUE["smollm2-135m-instruct"], 10

@@ -14,11 +14,15 @@ from compute_swarm.coordinator.artifacts import ArtifactStore
 from compute_swarm.coordinator.database import Database
 from compute_swarm.coordinator.hub import Hub
 from compute_swarm.coordinator.inference import InferenceService, RequestLimiter
-from compute_swarm.coordinator.jobs import JobService
+from compute_swarm.coordinator.leases import Leases
 from compute_swarm.coordinator.metrics import Metrics
+from compute_swarm.coordinator.node_accounts import NodeAccounts
+from compute_swarm.coordinator.reports import Reports
 from compute_swarm.coordinator.settings import Settings
+from compute_swarm.coordinator.submissions import Submissions
 from compute_swarm.coordinator.tables import Buyer, File, Job, Node, Sweep
 from compute_swarm.coordinator.uploads import Holder, UploadService
+from compute_swarm.coordinator.verifier import Verifier
 
 
 @dataclass
@@ -26,7 +30,11 @@ class Services:
     settings: Settings
     database: Database
     store: ArtifactStore
-    jobs: JobService
+    submissions: Submissions
+    leases: Leases
+    reports: Reports
+    node_accounts: NodeAccounts
+    verifier: Verifier
     uploads: UploadService
     inference: InferenceService
     limiter: RequestLimiter

@@ -27,7 +27,7 @@ def create_upload(body: UploadIn, holder: CurrentHolder, services: ServicesDep) 
     if holder.kind == "node" and (
         not body.job_id
         or not body.lease_id
-        or not services.jobs.holds_lease(holder.id, body.job_id, body.lease_id)
+        or not services.leases.holds_lease(holder.id, body.job_id, body.lease_id)
     ):
         raise HTTPException(status.HTTP_409_CONFLICT, "this node does not hold that job's lease")
     try:

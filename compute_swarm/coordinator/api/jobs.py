@@ -20,8 +20,8 @@ from compute_swarm.coordinator.api.schemas import (
     QuoteOut,
     file_download,
 )
-from compute_swarm.coordinator.jobs import JobError
 from compute_swarm.coordinator.lifecycle import STATES, result_released
+from compute_swarm.coordinator.submissions import JobError
 from compute_swarm.coordinator.tables import Job, JobEvent, JobProgressPoint
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
@@ -30,10 +30,9 @@ router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 @router.post("", status_code=status.HTTP_201_CREATED)
 def submit(body: JobIn, buyer: CurrentBuyer, services: ServicesDep) -> JobOut:
     try:
-        job = services.jobs.submit(buyer.id, body.spec, body.max_attempts)
+        job = services.submissions.submit(buyer.id, body.spec, body.max_attempts)
     except JobError as error:
         return refusal(error)
-    services.hub.wake()
     return JobOut.of(job)
 
 
@@ -50,7 +49,7 @@ def refusal(error: JobError) -> JSONResponse:
 def quote(body: QuoteIn, buyer: CurrentBuyer, services: ServicesDep) -> QuoteOut:
     """What submitting this spec would hold in escrow, next to the buyer's balance; nothing changes."""
     try:
-        quoted, available = services.jobs.quote(buyer.id, body.spec)
+        quoted, available = services.submissions.quote(buyer.id, body.spec)
     except JobError as error:
         return refusal(error)
     return QuoteOut(
@@ -90,11 +89,9 @@ def get_job(job: OwnedJob) -> JobOut:
 @router.post("/{job_id}/cancel")
 def cancel(job: OwnedJob, services: ServicesDep) -> JobOut:
     try:
-        cancelled, revocation = services.jobs.cancel(job.id)
+        cancelled = services.submissions.cancel(job.id)
     except JobError as error:
         raise HTTPException(error.status_code, str(error)) from None
-    if revocation is not None:
-        services.hub.revoke([revocation])
     return JobOut.of(cancelled)
 
 

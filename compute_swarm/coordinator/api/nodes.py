@@ -59,7 +59,7 @@ def register(body: NodeRegistrationIn, request: Request, services: ServicesDep) 
 
 @router.get("/api/nodes/me")
 def me(node: CurrentNode, services: ServicesDep) -> NodeOut:
-    earnings = services.jobs.earnings(node.id)
+    earnings = services.node_accounts.earnings(node.id)
     return NodeOut(
         node_id=node.id, name=node.name, earnings=EarningsOut(**earnings.model_dump(exclude={"type"}))
     )
@@ -83,7 +83,7 @@ def earnings_history(
         int, Query(ge=1, le=EARNINGS_HISTORY_MAX_DAYS, description="how many days back the hours go")
     ] = 30,
 ) -> EarningsHistoryOut:
-    history = services.jobs.earnings_history(node.id, days)
+    history = services.node_accounts.earnings_history(node.id, days)
     return EarningsHistoryOut(
         earnings=EarningsOut(**history.earnings.model_dump(exclude={"type"})),
         since=history.since,
@@ -99,7 +99,7 @@ def earnings_history(
 def download(sha256: str, node: CurrentNode, services: ServicesDep) -> FileResponse:
     if (
         not SHA256.match(sha256)
-        or not (services.jobs.may_download(node.id, sha256) or services.hub.serves_adapter(node.id, sha256))
+        or not (services.leases.may_download(node.id, sha256) or services.hub.serves_adapter(node.id, sha256))
         or not services.store.has(sha256)
     ):
         raise HTTPException(

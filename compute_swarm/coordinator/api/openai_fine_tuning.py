@@ -19,8 +19,8 @@ from compute_swarm.coordinator.api.deps import CurrentBuyer, OwnedFile, OwnedJob
 from compute_swarm.coordinator.api.openai_errors import OpenAIError
 from compute_swarm.coordinator.api.schemas import MAX_ROW_ID, file_download
 from compute_swarm.coordinator.inference import fine_tuned_model_id
-from compute_swarm.coordinator.jobs import JobError
 from compute_swarm.coordinator.lifecycle import HELD_STATES, OPEN_STATES
+from compute_swarm.coordinator.submissions import JobError
 from compute_swarm.coordinator.tables import File, Job, JobEvent
 from compute_swarm.coordinator.uploads import Holder, UploadError
 from compute_swarm.engine.jobs import CATALOGUE, LoraJobSpec
@@ -191,12 +191,11 @@ def create_fine_tuning_job(body: FineTuningJobIn, buyer: CurrentBuyer, services:
     if body.seed is not None:
         spec["seed"] = body.seed
     try:
-        job = services.jobs.submit(buyer.id, spec, None, model_suffix=body.suffix)
+        job = services.submissions.submit(buyer.id, spec, None, model_suffix=body.suffix)
     except JobError as error:
         status = 400 if error.status_code == 422 else error.status_code
         param = "training_file" if "file" in str(error) else None
         raise OpenAIError(status, str(error), param=param) from None
-    services.hub.wake()
     return _job_object(job)
 
 
@@ -243,11 +242,9 @@ def get_fine_tuning_job(job: FineTuningJob) -> dict:
 @router.post("/fine_tuning/jobs/{job_id}/cancel")
 def cancel_fine_tuning_job(job: FineTuningJob, services: ServicesDep) -> dict:
     try:
-        cancelled, revocation = services.jobs.cancel(job.id)
+        cancelled = services.submissions.cancel(job.id)
     except JobError as error:
         raise OpenAIError(400 if error.status_code == 409 else error.status_code, str(error)) from None
-    if revocation is not None:
-        services.hub.revoke([revocation])
     return _job_object(cancelled)
 
 

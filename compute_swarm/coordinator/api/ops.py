@@ -18,7 +18,6 @@ from compute_swarm.coordinator.lifecycle import LEASED, QUEUED, STATES
 from compute_swarm.coordinator.tables import Job, JobEvent, Node
 from compute_swarm.coordinator.verification import VerificationPolicy
 from compute_swarm.coordinator.verifier import node_record, store_record
-from compute_swarm.protocol import CloseCode
 
 router = APIRouter(prefix="/api/ops", tags=["ops"], dependencies=[Operator])
 
@@ -76,7 +75,7 @@ async def overview(services: ServicesDep) -> OverviewOut:
 
 def _overview(services: Services, live: dict[str, Connection]) -> OverviewOut:
     now = time.time()
-    policy = services.jobs.verifier.policy
+    policy = services.verifier.policy
     with services.database.reading() as session:
         nodes = session.scalars(
             select(Node)
@@ -182,17 +181,10 @@ class RevokedOut(BaseModel):
 async def revoke_node(node_id: str, services: ServicesDep) -> RevokedOut:
     """Revoke a node's token: it is disconnected now and its jobs go back to the queue."""
 
-    def revoke() -> Node:
-        with services.database.transaction() as session:
-            return accounts.revoke_node(session, node_id)
-
     try:
-        node = await run_in_threadpool(revoke)
+        node = await run_in_threadpool(services.node_accounts.revoke, node_id)
     except accounts.AccountError as error:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
-    connection = services.hub.connections.get(node_id)
-    if connection is not None:
-        await connection.close_quietly(CloseCode.UNAUTHORIZED, "this node's token was revoked")
     return RevokedOut(node_id=node.id, revoked_at=node.revoked_at)
 
 
@@ -208,18 +200,17 @@ class StandingOut(BaseModel):
 
 
 def change_standing(services: Services, node_id: str, change) -> StandingOut:
-    """Apply change(node, policy) to a node's verification standing, in one transaction."""
-    with services.database.transaction() as session:
-        node = session.get(Node, node_id)
-        if node is None:
-            raise HTTPException(status.HTTP_404_NOT_FOUND, f"no node {node_id!r}")
-        change(node, services.jobs.verifier.policy)
-        return StandingOut(
-            node_id=node.id,
-            trusted_by_ops=node.trusted,
-            quarantined=node.quarantined_at is not None,
-            approved=node.approved_at is not None,
-        )
+    """Apply change(node, policy) to a node's standing; its node hears of it (coordinator.effects)."""
+    try:
+        node = services.node_accounts.change_standing(node_id, change)
+    except accounts.AccountError as error:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
+    return StandingOut(
+        node_id=node.id,
+        trusted_by_ops=node.trusted,
+        quarantined=node.quarantined_at is not None,
+        approved=node.approved_at is not None,
+    )
 
 
 def set_trust(trusted: bool):
@@ -236,17 +227,13 @@ def lift(node: Node, policy: VerificationPolicy) -> None:
 @router.post("/nodes/{node_id}/trust")
 def trust_node(node_id: str, body: TrustIn, services: ServicesDep) -> StandingOut:
     """Trust a node to verify others' jobs (ops' own machines), or stop trusting it."""
-    standing = change_standing(services, node_id, set_trust(body.trusted))
-    services.hub.standing_changed()
-    return standing
+    return change_standing(services, node_id, set_trust(body.trusted))
 
 
 @router.post("/nodes/{node_id}/approve")
 def approve_node(node_id: str, services: ServicesDep) -> StandingOut:
     """Let in a node that registered where ops approve nodes: it takes work from now on."""
-    standing = change_standing(services, node_id, admission.approve)
-    services.hub.standing_changed()
-    return standing
+    return change_standing(services, node_id, admission.approve)
 
 
 @router.post("/invites", status_code=status.HTTP_201_CREATED)
@@ -261,6 +248,4 @@ def create_invite(body: InviteIn, services: ServicesDep) -> InviteOut:
 @router.post("/nodes/{node_id}/lift-quarantine")
 def lift_quarantine(node_id: str, services: ServicesDep) -> StandingOut:
     """Let a quarantined node take jobs again, watched more closely than a new node."""
-    standing = change_standing(services, node_id, lift)
-    services.hub.standing_changed()
-    return standing
+    return change_standing(services, node_id, lift)

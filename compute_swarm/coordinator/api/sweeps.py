@@ -10,9 +10,7 @@ from sqlalchemy import select
 
 from compute_swarm.coordinator import trials
 from compute_swarm.coordinator.api.deps import CurrentBuyer, ServicesDep, owned
-from compute_swarm.coordinator.jobs import JobError
-from compute_swarm.coordinator.lifecycle import OPEN_STATES
-from compute_swarm.coordinator.tables import Job, Sweep
+from compute_swarm.coordinator.tables import Sweep
 
 router = APIRouter(prefix="/api/sweeps", tags=["sweeps"])
 
@@ -37,10 +35,9 @@ def _view(services: ServicesDep, sweep: Sweep) -> dict:
 def submit(body: SweepIn, buyer: CurrentBuyer, services: ServicesDep) -> dict:
     """Expand the sweep into trials and queue them all, holding each trial's price (or queue none)."""
     try:
-        sweep, _queued = services.jobs.submit_sweep(buyer.id, body.spec)
+        sweep, _queued = services.submissions.submit_sweep(buyer.id, body.spec)
     except trials.SweepError as error:
         raise HTTPException(error.status_code, str(error)) from None
-    services.hub.wake()
     return _view(services, sweep)
 
 
@@ -61,15 +58,5 @@ def get_sweep(sweep: OwnedSweep, services: ServicesDep) -> dict:
 @router.post("/{sweep_id}/cancel")
 def cancel(sweep: OwnedSweep, services: ServicesDep) -> dict:
     """Cancel every trial still open (their escrow comes back); finished trials stay as they are."""
-    with services.database.reading() as session:
-        open_trials = session.scalars(
-            select(Job.id).where(Job.sweep_id == sweep.id, Job.state.in_(OPEN_STATES))
-        ).all()
-    for job_id in open_trials:
-        try:
-            _job, revocation = services.jobs.cancel(job_id)
-        except JobError:
-            continue  # it finished meanwhile
-        if revocation is not None:
-            services.hub.revoke([revocation])
+    services.submissions.cancel_sweep(sweep.id)
     return _view(services, sweep)

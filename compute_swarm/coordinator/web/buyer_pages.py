@@ -8,6 +8,7 @@ session's CSRF token; the scripts call the JSON API with it in a header.
 from __future__ import annotations
 
 import collections
+import contextlib
 import secrets
 import threading
 import time
@@ -25,8 +26,8 @@ from compute_swarm.coordinator.api.keys import list_keys
 from compute_swarm.coordinator.api.openai_fine_tuning import SUFFIX
 from compute_swarm.coordinator.api.schemas import FileOut, JobOut
 from compute_swarm.coordinator.inference import fine_tuned_model_id
-from compute_swarm.coordinator.jobs import JobError
 from compute_swarm.coordinator.lifecycle import OPEN_STATES, SUCCEEDED_STATES
+from compute_swarm.coordinator.submissions import JobError
 from compute_swarm.coordinator.tables import File, Job, JobEvent, LedgerEntry, LedgerTransaction
 from compute_swarm.coordinator.web import render
 from compute_swarm.engine.jobs import CATALOGUE, DEFAULT_MODEL
@@ -314,13 +315,14 @@ async def _launch(request: Request, services: ServicesDep, buyer_id: str, values
         errors["dataset"] = "choose a dataset (upload one on the Datasets page)"
     if not errors:
         try:
-            job = await run_in_threadpool(services.jobs.submit, buyer_id, spec, None, model_suffix=suffix)
+            job = await run_in_threadpool(
+                services.submissions.submit, buyer_id, spec, None, model_suffix=suffix
+            )
         except JobError as error:
             errors = dict(error.fields) or {"form": str(error)}
             if error.status_code == 402:
                 errors = {"form": f"{error} — your balance is on the Account page"}
         else:
-            services.hub.wake()
             return render.redirect(f"/jobs/{job.id}")
     return await run_in_threadpool(_launch_page, request, services, buyer_id, values, errors, 422)
 
@@ -369,13 +371,8 @@ def job_page(request: Request, job: OwnedJob, services: ServicesDep) -> Response
 
 @router.post("/jobs/{job_id}/cancel")
 def cancel(job: OwnedJob, services: ServicesDep) -> Response:
-    try:
-        _cancelled, revocation = services.jobs.cancel(job.id)
-    except JobError:
-        pass  # finished meanwhile: the page shows how
-    else:
-        if revocation is not None:
-            services.hub.revoke([revocation])
+    with contextlib.suppress(JobError):  # finished meanwhile: the page shows how
+        services.submissions.cancel(job.id)
     return render.redirect(f"/jobs/{job.id}")
 
 
