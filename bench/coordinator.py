@@ -15,7 +15,7 @@ Two measurements, on separate nodes:
   those nodes say accepting_jobs=True at once. Dispatches/s = backlog / (last lease - resume): what the
   dispatch loop can do when submission is not the limit.
 
-Baselines from the same run, with the ratio printed: the pure scheduler (`coordinator.scheduler.plan`
+Baselines from the same run, with the ratio printed: the pure scheduler (`coordinator.domain.scheduler.plan`
 on the same node and job counts, in this process) and the raw SQLite commit rate on the same disk with
 the coordinator's settings (WAL, synchronous=FULL, BEGIN IMMEDIATE), which bounds every write the
 coordinator commits one at a time (a submitted job, a registration, a node's hello); the disk may be
@@ -655,9 +655,14 @@ def percentiles_ms(values: list[float]) -> dict:
 
 
 def measure_planner(node_count: int, job_count: int, repeats: int = 5) -> dict:
-    """coordinator.scheduler.plan() alone on snapshots like the hub's: one job over all N idle nodes
+    """coordinator.domain.scheduler.plan() alone on snapshots like the hub's: one job over all N idle nodes
     (what every dispatch-loop wake-up pays in the stream) and the backlog's jobs over its free nodes."""
-    from compute_swarm.coordinator.scheduler import QueuedJob, node_snapshot, plan, required_memory_bytes
+    from compute_swarm.coordinator.domain.scheduler import (
+        QueuedJob,
+        node_snapshot,
+        plan,
+        required_memory_bytes,
+    )
     from compute_swarm.engine.jobs import CATALOGUE, parse_job_spec
 
     spec = parse_job_spec({"type": "lora", **JOB_SPEC, "dataset": "file_bench"})

@@ -1,5 +1,5 @@
 """Verification policy under attack: a seeded Monte-Carlo swarm, driven by the real policy functions
-(coordinator.verification: new_record, sampling_rate, after_verification, is_trusted). No network, no
+(coordinator.domain.verification: new_record, sampling_rate, after_verification, is_trusted). No network, no
 database: pure Python, a few seconds on 2 cores.
 
 The model:
@@ -8,7 +8,7 @@ The model:
   each, every one assigned to a uniformly random node that is not quarantined.
 - A cheater cheats on each of its jobs with probability --cheat-shares (swept: 1.0 always, 0.2
   "sometimes"). A completed job is re-run on an ops-trusted node other than its own with probability
-  sampling_rate(its node's record) (what coordinator.verifier does); a re-run costs one unit.
+  sampling_rate(its node's record) (what coordinator.service.verifier does); a re-run costs one unit.
 - ASSUMPTION: a verified cheated job is always a mismatch (the comparison catches it, which is what
   the comparison tests show for random adapters, truncated training and made-up answers); a verified
   honest job passes, except for a false mismatch with probability --false-mismatch (swept: 0 and
@@ -42,7 +42,7 @@ from random import Random
 REPOSITORY = Path(__file__).resolve().parent.parent
 # This directory holds bench/coordinator.py: the repository must come first so `coordinator` is the package.
 sys.path.insert(0, str(REPOSITORY))
-from compute_swarm.coordinator.verification import (  # noqa: E402
+from compute_swarm.coordinator.domain.verification import (  # noqa: E402
     MISMATCH,
     PASSED,
     OverheadBudget,

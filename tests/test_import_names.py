@@ -116,8 +116,8 @@ def test_the_built_wheel_installs_no_top_level_name_but_compute_swarm(tmp_path: 
     # The parts' data travel with them: the demo data, the coordinator's migrations and web page.
     for needed in (
         "compute_swarm/engine/data/demo_chat.jsonl",
-        "compute_swarm/coordinator/migrations/env.py",
-        "compute_swarm/coordinator/web/static/app.js",
+        "compute_swarm/coordinator/store/migrations/env.py",
+        "compute_swarm/coordinator/transport/web/static/app.js",
         "compute_swarm/coordinator/API.md",
     ):
         assert needed in names

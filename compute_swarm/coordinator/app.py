@@ -9,9 +9,21 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from compute_swarm import protocol
-from compute_swarm.coordinator import web
-from compute_swarm.coordinator.admission import RegistrationLimiter
-from compute_swarm.coordinator.api import (
+from compute_swarm.coordinator.service.admission import RegistrationLimiter
+from compute_swarm.coordinator.service.inference import InferenceService
+from compute_swarm.coordinator.service.leases import Leases
+from compute_swarm.coordinator.service.node_accounts import NodeAccounts
+from compute_swarm.coordinator.service.reports import Reports
+from compute_swarm.coordinator.service.request_limiter import RequestLimiter
+from compute_swarm.coordinator.service.submissions import Submissions
+from compute_swarm.coordinator.service.tokens import TokenCounters
+from compute_swarm.coordinator.service.uploads import UploadService
+from compute_swarm.coordinator.service.verifier import Verifier
+from compute_swarm.coordinator.settings import Settings
+from compute_swarm.coordinator.store.artifacts import ArtifactStore
+from compute_swarm.coordinator.store.database import Database, UnstorableText
+from compute_swarm.coordinator.transport import web
+from compute_swarm.coordinator.transport.api import (
     account,
     files,
     jobs,
@@ -24,21 +36,10 @@ from compute_swarm.coordinator.api import (
     service,
     sweeps,
 )
-from compute_swarm.coordinator.api.deps import Services
-from compute_swarm.coordinator.artifacts import ArtifactStore
-from compute_swarm.coordinator.database import Database, UnstorableText
-from compute_swarm.coordinator.hub import Hub
-from compute_swarm.coordinator.inference import InferenceService, RequestLimiter
-from compute_swarm.coordinator.leases import Leases
-from compute_swarm.coordinator.limits import RequestLimits
-from compute_swarm.coordinator.metrics import Metrics
-from compute_swarm.coordinator.node_accounts import NodeAccounts
-from compute_swarm.coordinator.reports import Reports
-from compute_swarm.coordinator.settings import Settings
-from compute_swarm.coordinator.submissions import Submissions
-from compute_swarm.coordinator.tokens import TokenCounters
-from compute_swarm.coordinator.uploads import UploadService
-from compute_swarm.coordinator.verifier import Verifier
+from compute_swarm.coordinator.transport.api.deps import Services
+from compute_swarm.coordinator.transport.hub import Hub
+from compute_swarm.coordinator.transport.limits import RequestLimits
+from compute_swarm.coordinator.transport.metrics import Metrics
 from compute_swarm.engine.catalogue import fetch_catalogue_model
 
 

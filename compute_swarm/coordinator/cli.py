@@ -136,7 +136,7 @@ def _settings(arguments: argparse.Namespace, **overrides):
 
 
 def _database(arguments: argparse.Namespace):
-    from compute_swarm.coordinator.database import Database
+    from compute_swarm.coordinator.store.database import Database
 
     settings = _settings(arguments)
     database = Database(settings.resolved_database_url)
@@ -163,7 +163,8 @@ def _local_swarm(arguments: argparse.Namespace) -> int:
 
 
 def _create_buyer(arguments: argparse.Namespace) -> int:
-    from compute_swarm.coordinator import accounts, ledger
+    from compute_swarm.coordinator.service import accounts
+    from compute_swarm.coordinator.store import ledger
 
     database = _database(arguments)
     try:
@@ -179,7 +180,8 @@ def _create_buyer(arguments: argparse.Namespace) -> int:
 
 
 def _grant(arguments: argparse.Namespace) -> int:
-    from compute_swarm.coordinator import accounts, ledger
+    from compute_swarm.coordinator.service import accounts
+    from compute_swarm.coordinator.store import ledger
 
     if arguments.credits <= 0:
         print("compute-swarm admin: grant a positive amount", file=sys.stderr)
@@ -205,8 +207,8 @@ def _grant(arguments: argparse.Namespace) -> int:
 def _nodes(arguments: argparse.Namespace) -> int:
     from sqlalchemy import select
 
-    from compute_swarm.coordinator import ledger
-    from compute_swarm.coordinator.tables import Node
+    from compute_swarm.coordinator.store import ledger
+    from compute_swarm.coordinator.store.tables import Node
 
     database = _database(arguments)
     with database.transaction() as session:
@@ -241,7 +243,7 @@ def _nodes(arguments: argparse.Namespace) -> int:
 
 
 def _revoke(arguments: argparse.Namespace) -> int:
-    from compute_swarm.coordinator import accounts
+    from compute_swarm.coordinator.service import accounts
 
     database = _database(arguments)
     try:
@@ -255,7 +257,7 @@ def _revoke(arguments: argparse.Namespace) -> int:
 
 
 def _change_node(arguments: argparse.Namespace, change, done: str) -> int:
-    from compute_swarm.coordinator.tables import Node
+    from compute_swarm.coordinator.store.tables import Node
 
     settings = _settings(arguments)
     database = _database(arguments)
@@ -278,8 +280,8 @@ def _trust(arguments: argparse.Namespace) -> int:
 
 
 def _lift_quarantine(arguments: argparse.Namespace) -> int:
-    from compute_swarm.coordinator import verification
-    from compute_swarm.coordinator.verifier import node_record, store_record
+    from compute_swarm.coordinator.domain import verification
+    from compute_swarm.coordinator.service.verifier import node_record, store_record
 
     def change(node, policy) -> None:
         store_record(node, verification.lifted(node_record(node, policy), policy))
@@ -288,7 +290,7 @@ def _lift_quarantine(arguments: argparse.Namespace) -> int:
 
 
 def _approve(arguments: argparse.Namespace) -> int:
-    from compute_swarm.coordinator import admission
+    from compute_swarm.coordinator.service import admission
 
     return _change_node(
         arguments, admission.approve, "Node {node.id} ({node.name}) is approved: it takes work from now on."
@@ -296,7 +298,7 @@ def _approve(arguments: argparse.Namespace) -> int:
 
 
 def _create_invite(arguments: argparse.Namespace) -> int:
-    from compute_swarm.coordinator import admission
+    from compute_swarm.coordinator.service import admission
 
     database = _database(arguments)
     try:

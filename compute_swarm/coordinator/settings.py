@@ -9,7 +9,7 @@ import platformdirs
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from compute_swarm.coordinator.verification import VerificationPolicy
+from compute_swarm.coordinator.domain.verification import VerificationPolicy
 
 MIB = 1024 * 1024
 # An admin token must look random: long, and not one character or word repeated ("changeme" × 3).

@@ -10,7 +10,7 @@ import gguf
 import numpy as np
 import pytest
 
-from compute_swarm.coordinator.adapter_check import AdapterRejected, check_adapter
+from compute_swarm.coordinator.service.adapter_check import AdapterRejected, check_adapter
 from compute_swarm.engine.jobs import DEFAULT_MODEL
 from compute_swarm.engine.models import fetch_catalogue_model
 

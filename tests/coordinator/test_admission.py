@@ -10,9 +10,9 @@ import time
 import httpx
 import pytest
 
-from compute_swarm.coordinator.admission import AdmissionRefused, RegistrationLimiter
-from compute_swarm.coordinator.database import Database
-from compute_swarm.coordinator.tables import Node
+from compute_swarm.coordinator.service.admission import AdmissionRefused, RegistrationLimiter
+from compute_swarm.coordinator.store.database import Database
+from compute_swarm.coordinator.store.tables import Node
 from compute_swarm.sdk.client import NodeClient, SwarmError
 from tests.coordinator.test_node_socket import ScriptedNode, check_ledger, new_buyer, submit
 from tests.swarm_processes import Coordinator, run_cli

@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from compute_swarm.coordinator import batch, pricing
+from compute_swarm.coordinator.domain import pricing
+from compute_swarm.coordinator.service import batch
 from compute_swarm.engine.jobs import CATALOGUE, DEFAULT_MODEL, InferenceJobSpec, Sampling
 from compute_swarm.sdk.client import pack_directory
 
@@ -66,7 +67,7 @@ def test_usage_is_counted_from_the_answers_with_each_claim_capped(tmp_path):
 
 
 def test_with_the_models_tokenizer_answers_are_charged_what_it_counts_not_what_the_node_claims(tmp_path):
-    from compute_swarm.coordinator.tokens import counter_from_gguf
+    from compute_swarm.coordinator.service.tokens import counter_from_gguf
     from compute_swarm.engine.models import fetch_catalogue_model
 
     counter = counter_from_gguf(fetch_catalogue_model(DEFAULT_MODEL))
@@ -83,7 +84,7 @@ def test_with_the_models_tokenizer_answers_are_charged_what_it_counts_not_what_t
 
 
 def test_with_the_models_tokenizer_prompts_are_charged_what_it_counts_not_what_the_node_claims(tmp_path):
-    from compute_swarm.coordinator.tokens import ChatMessage, counter_from_gguf
+    from compute_swarm.coordinator.service.tokens import ChatMessage, counter_from_gguf
     from compute_swarm.engine.models import fetch_catalogue_model
 
     counter = counter_from_gguf(fetch_catalogue_model(DEFAULT_MODEL))

@@ -17,12 +17,14 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from sqlalchemy import event, func, select, text
 
-from compute_swarm.coordinator import accounts, ledger, pricing
-from compute_swarm.coordinator.database import Database
-from compute_swarm.coordinator.inference import InferenceError, InferenceService, ServedModel
+from compute_swarm.coordinator.domain import pricing
+from compute_swarm.coordinator.service import accounts
+from compute_swarm.coordinator.service.inference import InferenceError, InferenceService, ServedModel
+from compute_swarm.coordinator.service.submissions import JobError, Submissions
 from compute_swarm.coordinator.settings import Settings
-from compute_swarm.coordinator.submissions import JobError, Submissions
-from compute_swarm.coordinator.tables import Artifact, File, LedgerEntry
+from compute_swarm.coordinator.store import ledger
+from compute_swarm.coordinator.store.database import Database
+from compute_swarm.coordinator.store.tables import Artifact, File, LedgerEntry
 from compute_swarm.engine.jobs import CATALOGUE, parse_job_spec
 
 pgserver = pytest.importorskip("pgserver", reason="PostgreSQL tests need the pgserver wheel (the dev extra)")

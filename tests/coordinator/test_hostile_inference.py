@@ -157,7 +157,7 @@ def llama_cpp_counts(messages: list[dict], answer: str) -> tuple[int, int]:
 
 
 def test_the_buyer_pays_the_tokens_the_coordinator_counts_not_what_the_node_claims(coordinator):
-    from compute_swarm.coordinator import pricing
+    from compute_swarm.coordinator.domain import pricing
     from compute_swarm.engine.jobs import CATALOGUE
 
     messages = [{"role": "user", "content": "What is the capital of Peru? Answer in a sentence."}]

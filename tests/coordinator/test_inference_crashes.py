@@ -9,7 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from compute_swarm.coordinator import pricing
+from compute_swarm.coordinator.domain import pricing
 from compute_swarm.engine.jobs import CATALOGUE, DEFAULT_MODEL
 from compute_swarm.sdk.client import SwarmClient
 from tests.coordinator.test_node_socket import TELEMETRY, ScriptedNode, check_ledger

@@ -4,8 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from compute_swarm.coordinator import accounts, ledger
-from compute_swarm.coordinator.database import Database
+from compute_swarm.coordinator.service import accounts
+from compute_swarm.coordinator.store import ledger
+from compute_swarm.coordinator.store.database import Database
 
 
 @pytest.fixture

@@ -6,9 +6,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from compute_swarm.coordinator import lifecycle
-from compute_swarm.coordinator.effects import StopOnNode, WakeDispatcher
-from compute_swarm.coordinator.lifecycle import (
+from compute_swarm.coordinator.domain import lifecycle
+from compute_swarm.coordinator.domain.effects import StopOnNode, WakeDispatcher
+from compute_swarm.coordinator.domain.lifecycle import (
     CANCELLED,
     COMPLETED,
     FAILED,

@@ -5,8 +5,8 @@ from __future__ import annotations
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from compute_swarm.coordinator.database import Database
-from compute_swarm.coordinator.tables import Base
+from compute_swarm.coordinator.store.database import Database
+from compute_swarm.coordinator.store.tables import Base
 
 
 def test_migrations_match_the_tables(tmp_path):

@@ -10,9 +10,10 @@ import httpx
 import pytest
 from sqlalchemy import update
 
-from compute_swarm.coordinator import accounts, ledger
-from compute_swarm.coordinator.database import Database
-from compute_swarm.coordinator.tables import LedgerTransaction
+from compute_swarm.coordinator.service import accounts
+from compute_swarm.coordinator.store import ledger
+from compute_swarm.coordinator.store.database import Database
+from compute_swarm.coordinator.store.tables import LedgerTransaction
 from compute_swarm.sdk.client import NodeClient, SwarmError
 from tests.coordinator.test_node_socket import check_ledger
 from tests.swarm_processes import Coordinator

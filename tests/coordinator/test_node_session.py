@@ -7,7 +7,7 @@ import json
 import pytest
 
 from compute_swarm import protocol
-from compute_swarm.coordinator.node_session import NodeSession
+from compute_swarm.coordinator.transport.node_session import NodeSession
 from compute_swarm.protocol import CloseCode, ProtocolViolation
 
 TELEMETRY = {

@@ -16,9 +16,9 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus
 from websockets.sync.client import ClientConnection, connect
 
 from compute_swarm import protocol
-from compute_swarm.coordinator import ledger
-from compute_swarm.coordinator.database import Database
-from compute_swarm.coordinator.tables import AccountBalance, LedgerEntry
+from compute_swarm.coordinator.store import ledger
+from compute_swarm.coordinator.store.database import Database
+from compute_swarm.coordinator.store.tables import AccountBalance, LedgerEntry
 from compute_swarm.engine.jobs import DEMO_CHAT_DATASET
 from compute_swarm.sdk.client import NodeClient, SwarmClient
 from tests.swarm_processes import Coordinator, run_cli, wait_for

@@ -10,15 +10,16 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from compute_swarm import protocol
-from compute_swarm.coordinator import accounts, ledger
-from compute_swarm.coordinator.artifacts import ArtifactStore
-from compute_swarm.coordinator.database import Database
-from compute_swarm.coordinator.leases import Leases
-from compute_swarm.coordinator.reports import Reports
+from compute_swarm.coordinator.service import accounts
+from compute_swarm.coordinator.service.leases import Leases
+from compute_swarm.coordinator.service.reports import Reports
+from compute_swarm.coordinator.service.submissions import Submissions
+from compute_swarm.coordinator.service.verifier import Verifier
 from compute_swarm.coordinator.settings import Settings
-from compute_swarm.coordinator.submissions import Submissions
-from compute_swarm.coordinator.tables import Artifact, ArtifactHolder, Base, File, Upload
-from compute_swarm.coordinator.verifier import Verifier
+from compute_swarm.coordinator.store import ledger
+from compute_swarm.coordinator.store.artifacts import ArtifactStore
+from compute_swarm.coordinator.store.database import Database
+from compute_swarm.coordinator.store.tables import Artifact, ArtifactHolder, Base, File, Upload
 
 pgserver = pytest.importorskip("pgserver", reason="PostgreSQL tests need the pgserver wheel (the dev extra)")
 pytest.importorskip("psycopg", reason="PostgreSQL tests need psycopg (the dev extra)")
@@ -83,8 +84,8 @@ def test_a_job_is_submitted_leased_completed_and_paid_once(database, tmp_path):
 def test_concurrent_submissions_cannot_overspend(database, tmp_path):
     from concurrent.futures import ThreadPoolExecutor
 
-    from compute_swarm.coordinator import pricing
-    from compute_swarm.coordinator.submissions import JobError
+    from compute_swarm.coordinator.domain import pricing
+    from compute_swarm.coordinator.service.submissions import JobError
     from compute_swarm.engine.jobs import CATALOGUE, parse_job_spec
 
     service = Submissions(database, Settings(data_dir=tmp_path))

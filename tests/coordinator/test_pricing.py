@@ -8,7 +8,7 @@ from fractions import Fraction
 
 import pytest
 
-from compute_swarm.coordinator.pricing import (
+from compute_swarm.coordinator.domain.pricing import (
     DEFAULT_MICRO_PER_MILLION_TOKEN_PARAMETERS,
     held_out_examples,
     planned_steps,

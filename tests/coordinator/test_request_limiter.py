@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from compute_swarm.coordinator.inference import InferenceError, RequestLimiter
+from compute_swarm.coordinator.service.inference import InferenceError
+from compute_swarm.coordinator.service.request_limiter import RequestLimiter
 
 
 class Clock:

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from compute_swarm.coordinator import batch
+from compute_swarm.coordinator.service import batch
 from compute_swarm.sdk.client import SwarmClient
 from tests.coordinator.test_node_socket import ScriptedNode, new_buyer, submit
 from tests.swarm_processes import Coordinator
@@ -186,7 +186,7 @@ def test_a_batch_is_charged_the_prompt_tokens_the_coordinator_counts_not_the_nod
     """Issue 16: a node claiming 1,000 prompt tokens an answer used to be paid up to the prompts' size
     bound (the file's bytes plus 64 a line); now the coordinator counts the prompts with the model's
     tokenizer."""
-    from compute_swarm.coordinator.tokens import counter_from_gguf
+    from compute_swarm.coordinator.service.tokens import counter_from_gguf
     from compute_swarm.engine.models import fetch_catalogue_model
     from compute_swarm.sdk.client import pack_directory
 

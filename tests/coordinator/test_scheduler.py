@@ -12,7 +12,7 @@ from fractions import Fraction
 
 import pytest
 
-from compute_swarm.coordinator.scheduler import (
+from compute_swarm.coordinator.domain.scheduler import (
     ALL_BACKENDS,
     Assignment,
     InferenceCandidate,
@@ -507,7 +507,7 @@ def test_queued_job_carries_both_memory_figures() -> None:
 def test_decisions_import_nothing_heavy() -> None:
     # The coordinator runs on a small VM without torch: these modules must not pull it in.
     code = (
-        "import sys, compute_swarm.coordinator.scheduler, compute_swarm.coordinator.pricing; "
+        "import sys, compute_swarm.coordinator.domain.scheduler, compute_swarm.coordinator.domain.pricing; "
         "print(','.join(sorted({m.split('.')[0] for m in sys.modules} & {'torch', 'transformers', 'peft'})))"
     )
     result = subprocess.run(

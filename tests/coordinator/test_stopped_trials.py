@@ -15,11 +15,11 @@ import httpx
 import pytest
 
 from compute_swarm import protocol, sweeps
-from compute_swarm.coordinator import pricing
-from compute_swarm.coordinator.hub import Connection, Hub
-from compute_swarm.coordinator.metrics import Metrics
+from compute_swarm.coordinator.domain import pricing
+from compute_swarm.coordinator.domain.verification import MISMATCH, PASSED, VerificationPolicy
 from compute_swarm.coordinator.settings import Settings
-from compute_swarm.coordinator.verification import MISMATCH, PASSED, VerificationPolicy
+from compute_swarm.coordinator.transport.hub import Connection, Hub
+from compute_swarm.coordinator.transport.metrics import Metrics
 from compute_swarm.engine.jobs import DEMO_CHAT_DATASET
 from tests.coordinator.test_node_socket import TELEMETRY, ScriptedNode, check_ledger, new_buyer
 from tests.swarm_processes import Coordinator, wait_for
@@ -79,7 +79,7 @@ def test_a_stopped_trial_is_judged_by_the_held_out_losses_and_needs_a_held_out_s
 
 def compare_stopped(delivered, trusted, reported, measured, *, same_learning_rates, policy):
     # Imported here, so that the other tests of this file still run on a coordinator without it.
-    from compute_swarm.coordinator.verification import compare_stopped_trial
+    from compute_swarm.coordinator.domain.verification import compare_stopped_trial
 
     return compare_stopped_trial(
         delivered_eval_loss=delivered,

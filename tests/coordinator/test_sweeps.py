@@ -16,7 +16,7 @@ import pytest
 from pydantic import ValidationError
 
 from compute_swarm import sweeps
-from compute_swarm.coordinator import pricing
+from compute_swarm.coordinator.domain import pricing
 from compute_swarm.coordinator.settings import Settings
 from compute_swarm.engine.jobs import DEMO_CHAT_DATASET
 from compute_swarm.sdk.client import SwarmClient, SwarmError, SweepTable, sweep_table

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from compute_swarm.coordinator.tokens import ChatMessage, TokenCounters, counter_from_gguf
+from compute_swarm.coordinator.service.tokens import ChatMessage, TokenCounters, counter_from_gguf
 from compute_swarm.engine.jobs import DEFAULT_MODEL
 from compute_swarm.engine.models import fetch_catalogue_model
 

@@ -1,4 +1,4 @@
-"""Verification of untrusted nodes: the pure policy (coordinator.verification), the ledger moves it
+"""Verification of untrusted nodes: the pure policy (coordinator.domain.verification), the ledger moves it
 makes (release, clawback, paying the trusted node), and the whole loop through a real coordinator
 process with scripted nodes: a sampled job waits for a trusted node, which re-runs it and settles it
 (verified and released, or a mismatch clawed back, its result replaced and its node quarantined), and
@@ -17,10 +17,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from compute_swarm.coordinator import accounts, ledger
-from compute_swarm.coordinator.database import Database
-from compute_swarm.coordinator.settings import Settings
-from compute_swarm.coordinator.verification import (
+from compute_swarm.coordinator.domain.verification import (
     MISMATCH,
     PASSED,
     OverheadBudget,
@@ -34,6 +31,10 @@ from compute_swarm.coordinator.verification import (
     new_record,
     sampling_rate,
 )
+from compute_swarm.coordinator.service import accounts
+from compute_swarm.coordinator.settings import Settings
+from compute_swarm.coordinator.store import ledger
+from compute_swarm.coordinator.store.database import Database
 from compute_swarm.sdk.client import NodeClient, SwarmClient
 from tests.coordinator.test_node_socket import ScriptedNode, check_ledger, submit
 from tests.swarm_processes import Coordinator, wait_for
@@ -273,7 +274,7 @@ def test_answers_padded_after_the_right_words_are_a_mismatch():
 def test_answers_padded_with_one_long_word_are_a_mismatch_in_tokens():
     """One word of junk passed the word count ("Paris." then 3,000 letters without a space is two words)
     and was paid up to max_tokens: the lengths are compared in tokens (or bytes) too."""
-    from compute_swarm.coordinator.tokens import counter_from_gguf
+    from compute_swarm.coordinator.service.tokens import counter_from_gguf
     from compute_swarm.engine.catalogue import fetch_catalogue_model
     from compute_swarm.engine.jobs import DEFAULT_MODEL
 

@@ -20,7 +20,7 @@ from sqlalchemy import func, select, update
 
 from compute_swarm.coordinator.app import create_app
 from compute_swarm.coordinator.settings import Settings
-from compute_swarm.coordinator.tables import ApiKey, Buyer, Job
+from compute_swarm.coordinator.store.tables import ApiKey, Buyer, Job
 from compute_swarm.engine.jobs import DEMO_CHAT_DATASET
 
 ORIGIN = "http://127.0.0.1:8000"

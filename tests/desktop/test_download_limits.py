@@ -16,8 +16,8 @@ from pathlib import Path
 
 import pytest
 
-from compute_swarm.coordinator.artifacts import ArtifactStore
 from compute_swarm.coordinator.settings import Settings
+from compute_swarm.coordinator.store.artifacts import ArtifactStore
 from compute_swarm.engine.jobs import DEMO_CHAT_DATASET
 from compute_swarm.sdk.client import NodeClient, SwarmClient, SwarmError
 from tests.swarm_processes import Coordinator, Node, wait_for

@@ -1,0 +1,133 @@
+"""Buyers and nodes: creating them, and recognising them by their secret.
+
+Secrets are 256-bit random strings shown once; only their sha256 is stored. A plain hash is enough
+(no password stretching) because the secrets are random, not chosen by people.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import time
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from compute_swarm.coordinator.store import ledger
+from compute_swarm.coordinator.store.tables import ApiKey, Buyer, Node
+
+BUYER_KEY_PREFIX = "swarm-buyer-"
+NODE_TOKEN_PREFIX = "swarm-node-"
+
+
+class AccountError(ValueError):
+    pass
+
+
+def new_id(prefix: str) -> str:
+    return f"{prefix}_{secrets.token_hex(8)}"
+
+
+def hash_secret(secret: str) -> str:
+    return hashlib.sha256(secret.encode()).hexdigest()
+
+
+MAX_KEYS_PER_BUYER = 50
+
+
+def create_buyer(session: Session, name: str, credits_micro: int = 0) -> tuple[Buyer, str]:
+    """Returns the buyer and their first API key, which is not stored anywhere."""
+    name = name.strip()
+    if not name or len(name) > 100:
+        raise AccountError("a buyer name is 1 to 100 characters")
+    if session.scalar(select(Buyer.id).where(Buyer.name == name)) is not None:
+        raise AccountError(f"a buyer named {name!r} exists already")
+    buyer = Buyer(id=new_id("buyer"), name=name, created_at=time.time())
+    session.add(buyer)
+    session.flush()
+    _key, api_key = create_api_key(session, buyer.id, "first key")
+    if credits_micro:
+        ledger.grant(
+            session, buyer.id, credits_micro, idempotency_key=f"grant:{buyer.id}:initial", memo="initial"
+        )
+    return buyer, api_key
+
+
+def create_api_key(session: Session, buyer_id: str, name: str) -> tuple[ApiKey, str]:
+    """A new key for a buyer: the row, and the key itself, shown once and not stored."""
+    name = name.strip()
+    if not name or len(name) > 100:
+        raise AccountError("a key's name is 1 to 100 characters")
+    live = session.scalars(
+        select(ApiKey.id).where(ApiKey.buyer_id == buyer_id, ApiKey.revoked_at.is_(None))
+    ).all()
+    if len(live) >= MAX_KEYS_PER_BUYER:
+        raise AccountError(f"a buyer holds at most {MAX_KEYS_PER_BUYER} keys: revoke one first")
+    api_key = BUYER_KEY_PREFIX + secrets.token_urlsafe(32)
+    key = ApiKey(
+        id=new_id("key"),
+        buyer_id=buyer_id,
+        name=name,
+        key_hash=hash_secret(api_key),
+        hint=api_key[-4:],
+        created_at=time.time(),
+    )
+    session.add(key)
+    session.flush()
+    return key, api_key
+
+
+def revoke_api_key(session: Session, buyer_id: str, key_id: str) -> ApiKey:
+    key = session.get(ApiKey, key_id)
+    if key is None or key.buyer_id != buyer_id:
+        raise AccountError(f"no API key {key_id!r}")
+    if key.revoked_at is None:
+        key.revoked_at = time.time()
+    return key
+
+
+def api_key_for_secret(session: Session, api_key: str) -> ApiKey | None:
+    """The live key row a secret belongs to (None for a wrong or revoked key)."""
+    if not api_key.startswith(BUYER_KEY_PREFIX):
+        return None
+    key = session.scalar(select(ApiKey).where(ApiKey.key_hash == hash_secret(api_key)))
+    return key if key is not None and key.revoked_at is None else None
+
+
+def buyer_by_name(session: Session, name: str) -> Buyer:
+    buyer = session.scalar(select(Buyer).where(Buyer.name == name))
+    if buyer is None:
+        raise AccountError(f"no buyer named {name!r}")
+    return buyer
+
+
+def buyer_for_key(session: Session, api_key: str) -> Buyer | None:
+    key = api_key_for_secret(session, api_key)
+    return session.get(Buyer, key.buyer_id) if key is not None else None
+
+
+def register_node(session: Session, name: str) -> tuple[Node, str]:
+    name = name.strip()
+    if not name or len(name) > 100:
+        raise AccountError("a node name is 1 to 100 characters")
+    token = NODE_TOKEN_PREFIX + secrets.token_urlsafe(32)
+    node = Node(id=new_id("node"), name=name, token_hash=hash_secret(token), created_at=time.time())
+    session.add(node)
+    return node, token
+
+
+def node_for_token(session: Session, token: str) -> Node | None:
+    """The node a token belongs to, unless it was revoked."""
+    if not token.startswith(NODE_TOKEN_PREFIX):
+        return None
+    node = session.scalar(select(Node).where(Node.token_hash == hash_secret(token)))
+    return node if node is not None and node.revoked_at is None else None
+
+
+def revoke_node(session: Session, node_id: str) -> Node:
+    node = session.get(Node, node_id)
+    if node is None:
+        raise AccountError(f"no node {node_id!r}")
+    if node.revoked_at is None:
+        node.revoked_at = time.time()
+    return node

@@ -1,0 +1,287 @@
+"""Leases in the database: which jobs wait (for the dispatcher), leasing them to nodes, renewals,
+losses and a node's reconnection. A node reads only the inputs of a job it holds now.
+"""
+
+from __future__ import annotations
+
+import secrets
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from compute_swarm import protocol
+from compute_swarm.coordinator.domain import lifecycle
+from compute_swarm.coordinator.domain.effects import StopOnNode
+from compute_swarm.coordinator.domain.lifecycle import FAILED, HELD_STATES, QUEUED
+from compute_swarm.coordinator.domain.scheduler import QueuedJob
+from compute_swarm.coordinator.service import provenance
+from compute_swarm.coordinator.service.verifier import Verifier
+from compute_swarm.coordinator.settings import Settings
+from compute_swarm.coordinator.store.database import Database
+from compute_swarm.coordinator.store.job_changes import change
+from compute_swarm.coordinator.store.job_events import record as record_event
+from compute_swarm.coordinator.store.tables import Artifact, Job
+
+
+@dataclass(frozen=True)
+class Grant:
+    """A lease just granted: what the node needs to start."""
+
+    node_id: str
+    message: protocol.Lease
+    queued_at: float
+
+
+# Verification re-runs read besides the oldest queued jobs at each dispatch (see Leases.queued).
+RERUNS_PER_DISPATCH = 256
+
+
+def new_lease_id() -> str:
+    return f"lease_{secrets.token_hex(8)}"
+
+
+class Leases:
+    def __init__(self, database: Database, settings: Settings, verifier: Verifier):
+        self.database = database
+        self.settings = settings
+        self.verifier = verifier
+
+    def queued(self, limit: int = 5000) -> list[QueuedJob]:
+        """The oldest queued jobs, and besides them the oldest verification re-runs: only trusted nodes
+        take those, so a backlog of ordinary jobs must not hide them from the dispatcher."""
+        columns = (
+            Job.id,
+            Job.base_model,
+            Job.required_memory_bytes,
+            Job.required_memory_bytes_16bit,
+            Job.queued_at,
+            Job.excluded_nodes,
+            Job.kind,
+            Job.verifies_job_id,
+        )
+        with self.database.reading() as session:
+            rows = session.execute(
+                select(*columns).where(Job.state == QUEUED).order_by(Job.queued_at).limit(limit)
+            ).all()
+            seen = {row.id for row in rows}
+            rows += [
+                row
+                for row in session.execute(
+                    select(*columns)
+                    .where(Job.state == QUEUED, Job.verifies_job_id.is_not(None))
+                    .order_by(Job.queued_at)
+                    .limit(RERUNS_PER_DISPATCH)
+                ).all()
+                if row.id not in seen
+            ]
+        return [
+            QueuedJob(
+                job_id=row.id,
+                base_model=row.base_model,
+                required_memory_bytes=row.required_memory_bytes,
+                required_memory_bytes_16bit=row.required_memory_bytes_16bit,
+                queued_at=row.queued_at,
+                excluded_nodes=frozenset(row.excluded_nodes or ()),
+                inference=row.kind == "inference",
+                verification=row.verifies_job_id is not None,
+            )
+            for row in rows
+        ]
+
+    def lease(self, assignments: Iterable[tuple[str, str]]) -> list[Grant]:
+        """Lease each (job id, node id) whose job is still queued, all in one transaction."""
+        now = time.time()
+        grants = []
+        assignments = list(assignments)
+        with self.database.transaction() as session:
+            jobs = {
+                job.id: job
+                for job in session.scalars(
+                    select(Job).where(Job.id.in_([job_id for job_id, _ in assignments])).with_for_update()
+                )
+            }
+            for job_id, node_id in assignments:
+                job = jobs.get(job_id)
+                if job is None or job.state != QUEUED:
+                    continue
+                change(
+                    session, job, lifecycle.Leased(now, node_id, new_lease_id(), self.settings.lease_seconds)
+                )
+                start_over = provenance.reason_to_start_over(session, job, node_id)
+                if start_over is not None:
+                    job.checkpoint_sha256, job.checkpoint_step = None, 0
+                    record_event(session, job, start_over)
+                job.resumed_from_sha256 = job.checkpoint_sha256
+                grants.append(
+                    Grant(node_id=node_id, message=self._lease_message(session, job), queued_at=job.queued_at)
+                )
+        return grants
+
+    def _lease_message(self, session: Session, job: Job) -> protocol.Lease:
+        # The node receives the dataset (and a fine-tuned model's adapter) as artifacts to fetch: never
+        # the buyer's file id, name or model id. With each, its stored size: the node downloads no more.
+        spec = {**job.spec, "base_model": job.base_model, "dataset": job.dataset_sha256}
+        evaluate_result_sha256 = job.delivered_result_sha256 if job.kind == "lora" else None
+        return protocol.Lease(
+            job_id=job.id,
+            lease_id=job.lease_id,
+            attempt=job.attempt,
+            max_attempts=job.max_attempts,
+            spec=spec,
+            dataset_sha256=job.dataset_sha256,
+            dataset_size=job.dataset_size,
+            checkpoint_sha256=job.checkpoint_sha256,
+            checkpoint_size=_artifact_size(session, job.checkpoint_sha256),
+            checkpoint_step=job.checkpoint_step,
+            adapter_sha256=job.input_adapter_sha256,
+            adapter_size=_artifact_size(session, job.input_adapter_sha256),
+            evaluate_result_sha256=evaluate_result_sha256,
+            evaluate_result_size=_artifact_size(session, evaluate_result_sha256),
+            lease_seconds=self.settings.lease_seconds,
+        )
+
+    def renew(self, lease_ids: Iterable[str]) -> None:
+        lease_ids = list(lease_ids)
+        if not lease_ids:
+            return
+        now = time.time()
+        with self.database.transaction() as session:
+            for start in range(0, len(lease_ids), 500):
+                session.execute(
+                    update(Job)
+                    .where(
+                        Job.lease_id.in_(lease_ids[start : start + 500]),
+                        Job.state.in_(HELD_STATES),
+                        # A job that moved lately: a stalled one's lease runs out (expire_leases).
+                        Job.updated_at > now - self.settings.lease_progress_seconds,
+                    )
+                    .values(lease_expires_at=now + self.settings.lease_seconds)
+                )
+
+    def expire_leases(self) -> int:
+        """Leases that ran out (or whose job stalled) end; their nodes are told to stop once this
+        commits. Returns how many."""
+        with self.database.transaction() as session:
+            jobs = session.scalars(
+                select(Job)
+                .where(Job.state.in_(HELD_STATES), Job.lease_expires_at < time.time())
+                .with_for_update()
+            ).all()
+            stalled_since = time.time() - self.settings.lease_progress_seconds
+            for job in jobs:
+                stalled = job.updated_at < stalled_since
+                reason = (
+                    f"no progress for {self.settings.lease_progress_seconds:.0f} s"
+                    if stalled
+                    else "the lease expired"
+                )
+                self._end_attempt(session, job, lifecycle.LeaseLost(time.time(), reason))
+            return len(jobs)
+
+    def adopt(
+        self, node_id: str, running: Iterable[protocol.LeaseReference]
+    ) -> tuple[list[str], list[StopOnNode]]:
+        """A node (re)connected saying what it is running. Returns the leases it may keep, and the ones
+        it must stop (for the caller to tell it, once it is connected). Jobs leased to it that it does
+        not mention are queued again."""
+        claimed = {reference.lease_id: reference.job_id for reference in running}
+        kept, revoked = [], []
+        with self.database.transaction() as session:
+            for lease_id, job_id in claimed.items():
+                job = locked_job(session, job_id)
+                if (
+                    job is not None
+                    and job.lease_id == lease_id
+                    and job.node_id == node_id
+                    and job.state in HELD_STATES
+                ):
+                    if job.updated_at > time.time() - self.settings.lease_progress_seconds:
+                        job.lease_expires_at = time.time() + self.settings.lease_seconds
+                    kept.append(lease_id)
+                else:
+                    revoked.append(StopOnNode(node_id, job_id, lease_id, "this lease is no longer valid"))
+            forgotten = session.scalars(
+                select(Job)
+                .where(
+                    Job.node_id == node_id,
+                    Job.state.in_(HELD_STATES),
+                    Job.lease_id.not_in(list(claimed) or [""]),
+                )
+                .with_for_update()
+            ).all()
+            for job in forgotten:
+                lost = lifecycle.LeaseLost(
+                    time.time(), "the node reconnected without it", node_may_run_it=False
+                )
+                self._end_attempt(session, job, lost)
+        return kept, revoked
+
+    def return_lease(self, job_id: str, lease_id: str) -> None:
+        """A lease that never reached its node goes back to the queue; the attempt does not count."""
+        with self.database.transaction() as session:
+            job = locked_job(session, job_id)
+            if job is not None and job.lease_id == lease_id and job.state in HELD_STATES:
+                change(session, job, lifecycle.LeaseReturned(time.time()))
+
+    def recover_after_restart(self) -> int:
+        """At start-up: give nodes one lease period to reconnect and claim the jobs they still run."""
+        with self.database.transaction() as session:
+            result = session.execute(
+                update(Job)
+                .where(Job.state.in_(HELD_STATES))
+                .values(lease_expires_at=time.time() + self.settings.restart_grace_seconds)
+            )
+            return result.rowcount or 0
+
+    def may_download(self, node_id: str, sha256: str) -> bool:
+        """A node reads only the inputs (dataset, checkpoint, adapter) of a job it holds now."""
+        with self.database.reading() as session:
+            return (
+                session.scalar(
+                    select(func.count())
+                    .select_from(Job)
+                    .where(
+                        Job.node_id == node_id,
+                        Job.state.in_(HELD_STATES),
+                        (Job.dataset_sha256 == sha256)
+                        | (Job.checkpoint_sha256 == sha256)
+                        | (Job.input_adapter_sha256 == sha256)
+                        | (Job.delivered_result_sha256 == sha256),
+                    )
+                )
+                > 0
+            )
+
+    def holds_lease(self, node_id: str, job_id: str, lease_id: str) -> bool:
+        with self.database.transaction() as session:
+            return current_job(session, node_id, job_id, lease_id) is not None
+
+    def counts(self) -> dict[str, int]:
+        with self.database.reading() as session:
+            rows = session.execute(select(Job.state, func.count()).group_by(Job.state)).all()
+        return {state: count for state, count in rows}
+
+    def _end_attempt(self, session: Session, job: Job, event: lifecycle.LeaseLost) -> None:
+        change(session, job, event)
+        if job.verifies_job_id is not None and job.state == FAILED:
+            self.verifier.check_failed(session, job)
+
+
+def current_job(session: Session, node_id: str, job_id: str, lease_id: str) -> Job | None:
+    """The job, locked, if `lease_id` is its current lease and `node_id` holds it; else None."""
+    job = locked_job(session, job_id)
+    if job is None or job.lease_id != lease_id or job.node_id != node_id or job.state not in HELD_STATES:
+        return None
+    return job
+
+
+def locked_job(session: Session, job_id: str) -> Job | None:
+    return session.scalar(select(Job).where(Job.id == job_id).with_for_update())
+
+
+def _artifact_size(session: Session, sha256: str | None) -> int | None:
+    artifact = session.get(Artifact, sha256) if sha256 is not None else None
+    return artifact.size if artifact is not None else None

@@ -1,0 +1,126 @@
+"""The database: one engine per coordinator, sessions that commit or roll back as a unit, migrations.
+
+SQLite (the default) runs in WAL mode with synchronous=FULL, so a committed transaction survives a
+power cut, and every transaction takes the write lock up front (BEGIN IMMEDIATE): read-modify-write
+steps such as settling a job are serialized and never fail half-way on a lock upgrade.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.orm import Session, sessionmaker
+
+MIGRATIONS = Path(__file__).parent / "migrations"
+
+
+class UnstorableText(ValueError):
+    """Text with a NUL character, from a request: PostgreSQL cannot store (or even compare) it, and
+    SQLite could. Refused on both, so a buyer's or a node's input is answered the same everywhere (a
+    400 from the API, not a 500 on one database only)."""
+
+
+# Session.info key: what a transaction queued for after its commit (coordinator.domain.effects).
+AFTER_COMMIT = "compute_swarm.after_commit"
+
+
+def after_commit(session: Session, *items: Any) -> None:
+    """Queue items (coordinator.domain.effects) for the database's on_commit, once `session` commits."""
+    session.info.setdefault(AFTER_COMMIT, []).extend(items)
+
+
+class Database:
+    def __init__(self, url: str):
+        self.url = url
+        # Given what each committed transaction queued under AFTER_COMMIT (the coordinator wires its hub
+        # here); a rolled-back transaction's queue is dropped.
+        self.on_commit: Callable[[list[Any]], None] = lambda _queued: None
+        self.is_sqlite = url.startswith("sqlite")
+        if self.is_sqlite:
+            path = url.removeprefix("sqlite:///")
+            if path and path != ":memory:":
+                Path(path).parent.mkdir(parents=True, exist_ok=True)
+            self.engine: Engine = create_engine(
+                url, connect_args={"check_same_thread": False, "timeout": 30}, pool_size=8, max_overflow=8
+            )
+            event.listen(self.engine, "connect", _configure_sqlite)
+            event.listen(self.engine, "begin", _begin_immediate)
+        else:
+            self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
+        # The same text is refused on both databases, before it reaches either (see UnstorableText).
+        event.listen(self.engine, "before_cursor_execute", _refuse_nul_characters)
+        self._sessions = sessionmaker(self.engine, expire_on_commit=False)
+        self._write_lock = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
+        # Reads take no write lock: in WAL mode they see the last commit while writers go on.
+        self._read_sessions = sessionmaker(
+            self.engine.execution_options(read_only=True), expire_on_commit=False
+        )
+
+    @contextmanager
+    def transaction(self) -> Iterator[Session]:
+        """A session whose work commits together when the block ends, or not at all."""
+        # SQLite has one writer at a time; its busy handler makes waiting writers poll with sleeps of
+        # up to 100 ms. Queueing them on a lock in this process instead hands the database over at once.
+        with self._write_lock, self._sessions() as session:
+            with session.begin():
+                yield session
+            queued = session.info.pop(AFTER_COMMIT, [])
+        if queued:
+            self.on_commit(queued)
+
+    @contextmanager
+    def reading(self) -> Iterator[Session]:
+        """A session for reads only: it never waits for writers (and must not write)."""
+        with self._read_sessions() as session, session.begin():
+            yield session
+
+    def upgrade(self) -> None:
+        """Bring the schema to the newest migration (a no-op when it is there already)."""
+        from alembic import command
+        from alembic.config import Config
+
+        config = Config()
+        config.set_main_option("script_location", str(MIGRATIONS))
+        config.attributes["engine"] = self.engine
+        command.upgrade(config, "head")
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+
+def _configure_sqlite(connection, _record) -> None:
+    # Let SQLAlchemy's "begin" event issue BEGIN itself (pysqlite's own transaction handling would
+    # start transactions lazily and in DEFERRED mode).
+    connection.isolation_level = None
+    cursor = connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=FULL")
+    cursor.execute("PRAGMA foreign_keys=ON")
+    cursor.execute("PRAGMA busy_timeout=30000")
+    cursor.close()
+
+
+def _begin_immediate(connection) -> None:
+    read_only = connection.get_execution_options().get("read_only", False)
+    connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+def _refuse_nul_characters(_connection, _cursor, _statement, parameters, _context, _executemany) -> None:
+    # Parameters come as a dict, a tuple, or (executemany, SQLAlchemy's batched inserts) a list of
+    # either, or a flat list of many rows' values: every string in them is looked at.
+    pending = [parameters]
+    while pending:
+        value = pending.pop()
+        if isinstance(value, str):
+            if "\x00" in value:
+                raise UnstorableText("text may not contain NUL characters (\\u0000)")
+        elif isinstance(value, dict):
+            pending.extend(value.values())
+        elif isinstance(value, (list, tuple)):
+            pending.extend(value)

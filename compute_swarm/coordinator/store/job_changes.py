@@ -1,0 +1,100 @@
+"""Where a job's lifecycle meets its row: `change` asks coordinator.domain.lifecycle what an event does to the
+job, writes the answer, posts its money through the ledger, records it in the job's timeline and
+queues its effects for after the commit, all in the caller's transaction. This is the one place a
+job's state is written.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.orm import Session
+
+from compute_swarm.coordinator.domain import lifecycle
+from compute_swarm.coordinator.domain.lifecycle import Charge, Hold, JobFacts, Move, Refund, ReturnCharge
+from compute_swarm.coordinator.store import ledger
+from compute_swarm.coordinator.store.database import after_commit
+from compute_swarm.coordinator.store.job_events import record as record_event
+from compute_swarm.coordinator.store.tables import Job
+
+# A new job's row is made with the row's own fields; its lifecycle's fields come from Submitted.
+_FIELDS = (
+    "attempt",
+    "node_id",
+    "lease_id",
+    "lease_expires_at",
+    "error_kind",
+    "error_message",
+    "progress",
+    "queued_at",
+    "finished_at",
+    "updated_at",
+    "price_micro",
+)
+
+
+def facts(job: Job) -> JobFacts:
+    """The job as its lifecycle reads it."""
+    return JobFacts(
+        job_id=job.id,
+        buyer_id=job.buyer_id,
+        state=job.state or lifecycle.NEW,
+        price_micro=job.price_micro,
+        max_attempts=job.max_attempts,
+        rerun=job.verifies_job_id is not None,
+        attempt=job.attempt or 0,
+        node_id=job.node_id,
+        lease_id=job.lease_id,
+        lease_expires_at=job.lease_expires_at,
+        excluded_nodes=tuple(job.excluded_nodes or ()),
+        error_kind=job.error_kind,
+        error_message=job.error_message,
+        progress=job.progress,
+        queued_at=job.queued_at,
+        finished_at=job.finished_at,
+        updated_at=job.updated_at,
+    )
+
+
+def change(session: Session, job: Job, event: lifecycle.Event) -> lifecycle.Transition:
+    """Apply `event` to `job` (a row locked by the caller, or one just made); raises
+    lifecycle.NotAllowed, changing nothing, when the job's state does not take it, and
+    ledger.InsufficientCredits when a buyer cannot pay a hold."""
+    transition = lifecycle.transition(facts(job), event)
+    after = transition.job
+    job.state = after.state
+    for name in _FIELDS:
+        value: Any = getattr(after, name)
+        if getattr(job, name) != value:
+            setattr(job, name, value)
+    if list(job.excluded_nodes or ()) != list(after.excluded_nodes):
+        job.excluded_nodes = list(after.excluded_nodes)
+    if job not in session:
+        session.add(job)
+    if transition.moves:
+        session.flush()  # the ledger's rows name the job
+    for move in transition.moves:
+        _post(session, job, move)
+    record_event(session, job, transition.message)
+    after_commit(session, *transition.effects)
+    return transition
+
+
+def _post(session: Session, job: Job, move: Move) -> None:
+    match move:
+        case Hold():
+            ledger.hold_in_escrow(session, job.buyer_id, job.id, move.amount_micro)
+        case Charge():
+            ledger.charge(
+                session,
+                job.id,
+                move.node_id,
+                move.node_share_micro,
+                move.fee_micro,
+                buyer_id=job.buyer_id if move.return_rest else None,
+                memo=move.memo,
+            )
+        case Refund():
+            ledger.refund(session, job.id, job.buyer_id, memo=move.memo)
+        case ReturnCharge():
+            ledger.return_charge(session, job.id, job.buyer_id, move.amount_micro, memo=move.memo[:500])

@@ -1,0 +1,43 @@
+"""For ops and tools: health, Prometheus metrics, and the model catalogue."""
+
+from __future__ import annotations
+
+from fastapi import APIRouter, Response
+from fastapi.responses import PlainTextResponse
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from sqlalchemy import text
+
+from compute_swarm.coordinator.transport.api.deps import ServicesDep
+from compute_swarm.engine.jobs import CATALOGUE
+
+router = APIRouter(tags=["service"])
+
+
+@router.get("/healthz")
+def health(services: ServicesDep, response: Response) -> dict:
+    try:
+        with services.database.reading() as session:
+            session.execute(text("SELECT 1"))
+        database = "ok"
+    except Exception as error:  # the answer must still come back, saying what is wrong
+        database = f"error: {error.__class__.__name__}"
+        response.status_code = 503
+    return {
+        "status": "ok" if database == "ok" else "degraded",
+        "database": database,
+        "nodes_connected": len(services.hub.connections),
+    }
+
+
+# Prometheus' text format, documented as such (not as the JSON FastAPI assumes).
+@router.get("/metrics", response_class=PlainTextResponse)
+def metrics(services: ServicesDep) -> Response:
+    return Response(generate_latest(services.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/api/models")
+def models() -> list[dict]:
+    return [
+        {"name": model.name, "parameters": model.parameters, "licence": model.licence}
+        for model in CATALOGUE.values()
+    ]
