@@ -42,6 +42,28 @@ MINIMUM_FRAME_COST = 256
 # Money on the wire (and everywhere else) is whole micro-credits.
 MICRO_PER_CREDIT = 1_000_000
 
+# A job's states, as the coordinator stores them and buyers read them (REST API, SDK, web page) and
+# nodes hear them in acknowledgements. What moves a job between them: coordinator.domain.lifecycle.
+QUEUED, LEASED, RUNNING = "queued", "leased", "running"
+VERIFYING = "verifying"  # done and charged; the result is held from the buyer until it is verified
+COMPLETED, VERIFIED, FAILED, CANCELLED = "completed", "verified", "failed", "cancelled"
+JOB_STATES = (QUEUED, LEASED, RUNNING, VERIFYING, COMPLETED, VERIFIED, FAILED, CANCELLED)
+FINAL_JOB_STATES = frozenset({COMPLETED, VERIFIED, FAILED, CANCELLED})
+SUCCEEDED_JOB_STATES = frozenset({COMPLETED, VERIFIED})  # a result was delivered (verified or not yet)
+
+# Why a job's run ended badly: the engine's kinds (engine.records.Failed.kind), and "released", which
+# only a node sends: it gives the job back without fault of the job (its seller paused it, a game
+# started, the agent is shutting down, it was busy).
+FailureKind = Literal[
+    "invalid_spec",  # the spec or its dataset cannot be used: the buyer's to fix, retrying won't help
+    "insufficient_memory",  # refused before start: it would not fit this device
+    "out_of_memory",  # ran out of memory while running
+    "cancelled",
+    "crashed",  # the child process died without saying why (signal, segfault, OOM killer)
+    "error",  # any other exception in the job
+    "released",
+]
+
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
 Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN)]
 # Counts that fit every database's 32-bit integer columns.
@@ -199,11 +221,7 @@ class JobFailure(_Message):
     type: Literal["failure"] = "failure"
     job_id: Identifier
     lease_id: Identifier
-    # engine.records.Failed.kind, or "released": the node gives the job back without fault of the job
-    # (its seller paused it, a game started, the agent is shutting down, it was busy).
-    kind: Literal[
-        "invalid_spec", "insufficient_memory", "out_of_memory", "cancelled", "crashed", "error", "released"
-    ]
+    kind: FailureKind
     message: str = Field(max_length=4000)
 
 

@@ -26,7 +26,9 @@ SHARED = {"compute_swarm.protocol", "compute_swarm.sweeps", "compute_swarm.engin
 ALLOWED_IMPORTS = {
     "sdk": SHARED,
     # engine.catalogue: the model files, from which the coordinator reads each model's tokenizer.
-    "coordinator": SHARED | {"compute_swarm.engine.catalogue"},
+    # engine.memory: the memory estimate (plain arithmetic, no torch), so the coordinator leases a job
+    # only to a node that will find it fits, by the node's own figure.
+    "coordinator": SHARED | {"compute_swarm.engine.catalogue", "compute_swarm.engine.memory"},
     "engine": {"compute_swarm.protocol", "compute_swarm.kernels"},
     "kernels": set(),
     "desktop": SHARED | {"compute_swarm.engine", "compute_swarm.kernels", "compute_swarm.sdk"},

@@ -4,7 +4,8 @@ input, and which full-screen application (a game) is in the foreground, so the g
 Everything goes through ctypes (no Qt, no extra dependencies) and never raises: where the OS cannot say,
 the answer is None. The agent calls `read_activity` every few seconds from a worker thread, so each call
 is a handful of cheap system calls; on X11 it is two to five round trips on one display connection that
-is opened on first use and kept for the process (a frozen X server blocks the calling thread).
+an `ActivityReader` opens on first use and keeps until it is closed (a frozen X server blocks the calling
+thread). `read_activity` and its two halves use one reader for the whole process.
 """
 
 from __future__ import annotations
@@ -33,42 +34,121 @@ class Activity:
     fullscreen_application: str | None  # None: nothing full screen in front, or cannot tell
 
 
+class ActivityReader:
+    """Reads the seller's activity, keeping what it needs between readings: on X11 its own display
+    connection, opened on first use, and when to try again a display that failed. `close()` lets the
+    display go; a reader may read again after it (it opens the display anew)."""
+
+    def __init__(self) -> None:
+        self._connection: _X11Connection | None = None  # used and replaced only under _xlib.lock
+        self._retry_key: tuple[int, str] | None = None  # the display that failed last ...
+        self._retry_at = 0.0  # ... and when to try it again (time.monotonic)
+
+    def read(self) -> Activity:
+        return Activity(
+            user_idle_seconds=self.user_idle_seconds(), fullscreen_application=self.fullscreen_application()
+        )
+
+    def user_idle_seconds(self) -> float | None:
+        """Seconds since the last keyboard or mouse input in this desktop session, or None where unknown
+        (a headless server, a Wayland session, a failure)."""
+        try:
+            if sys.platform == "win32":
+                return _windows_idle_seconds()
+            if sys.platform == "darwin":
+                return _macos_idle_seconds()
+            return self._x11_idle_seconds()
+        except Exception:
+            _debug_once("idle", "could not read the user's idle time", exc_info=True)
+            return None
+
+    def fullscreen_application(self) -> str | None:
+        """The title of the full-screen application in the foreground, or None.
+
+        macOS has no public API that tells whether another application is full screen, so there this is
+        always None; the guards' list of processes on the GPU covers games there.
+        """
+        try:
+            if sys.platform == "win32":
+                return _windows_fullscreen_application()
+            if sys.platform == "darwin":
+                return None
+            return self._x11_fullscreen_application()
+        except Exception:
+            _debug_once("fullscreen", "could not read the foreground application", exc_info=True)
+            return None
+
+    def close(self) -> None:
+        """Close the X11 display connection and forget a display that failed."""
+        with _xlib.lock:
+            if self._connection is not None:
+                _abandon(self._connection)
+                self._connection = None
+            self._retry_key = None
+
+    def _x11_idle_seconds(self) -> float | None:
+        if _in_wayland_session():
+            # Xwayland only sees input aimed at X windows: typing in a native Wayland window would read
+            # as idle, which is the one wrong answer that matters here.
+            _debug_once("wayland idle", "a Wayland session gives no idle time to X11 clients")
+            return None
+        with _xlib.lock:
+            connection = self._x11_connection()
+            return connection.idle_seconds() if connection is not None else None
+
+    def _x11_fullscreen_application(self) -> str | None:
+        # Under Wayland this still sees full-screen X11 games through Xwayland (most games run there).
+        with _xlib.lock:
+            connection = self._x11_connection()
+            return connection.fullscreen_application() if connection is not None else None
+
+    def _x11_connection(self) -> _X11Connection | None:
+        """The connection to $DISPLAY, opened on first use and kept (caller holds the lock)."""
+        display_name = os.environ.get("DISPLAY", "")
+        if not display_name:
+            return None  # a headless server, or a Wayland session without Xwayland
+        key = (os.getpid(), display_name)
+        connection = self._connection
+        if connection is not None:
+            if connection.key == key and not connection.broken:
+                return connection
+            self._connection = None
+            if connection.broken:
+                self._retry_key, self._retry_at = connection.key, time.monotonic() + _X11_RETRY_SECONDS
+            _abandon(connection)
+        if self._retry_key == key and time.monotonic() < self._retry_at:
+            return None
+        libraries = _x11_libraries()
+        if libraries is None:
+            return None
+        connection = _open_x11_connection(libraries, display_name, key)
+        if connection is None:
+            self._retry_key, self._retry_at = key, time.monotonic() + _X11_RETRY_SECONDS
+            return None
+        self._connection = connection
+        self._retry_key = None
+        return connection
+
+
+# The reader behind the module's functions, shared by the whole process (the agent's guards use it).
+_process_reader = ActivityReader()
+
+
 def read_activity() -> Activity:
-    return Activity(user_idle_seconds=user_idle_seconds(), fullscreen_application=fullscreen_application())
+    return _process_reader.read()
 
 
 def user_idle_seconds() -> float | None:
-    """Seconds since the last keyboard or mouse input in this desktop session, or None where unknown
-    (a headless server, a Wayland session, a failure)."""
-    try:
-        if sys.platform == "win32":
-            return _windows_idle_seconds()
-        if sys.platform == "darwin":
-            return _macos_idle_seconds()
-        return _x11_idle_seconds()
-    except Exception:
-        _debug_once("idle", "could not read the user's idle time", exc_info=True)
-        return None
+    """ActivityReader.user_idle_seconds, with the process's reader."""
+    return _process_reader.user_idle_seconds()
 
 
 def fullscreen_application() -> str | None:
-    """The title of the full-screen application in the foreground, or None.
-
-    macOS has no public API that tells whether another application is full screen, so there this is
-    always None; the guards' list of processes on the GPU covers games there.
-    """
-    try:
-        if sys.platform == "win32":
-            return _windows_fullscreen_application()
-        if sys.platform == "darwin":
-            return None
-        return _x11_fullscreen_application()
-    except Exception:
-        _debug_once("fullscreen", "could not read the foreground application", exc_info=True)
-        return None
+    """ActivityReader.fullscreen_application, with the process's reader."""
+    return _process_reader.fullscreen_application()
 
 
-_logged_once: set[str] = set()
+_logged_once: set[str] = set()  # for the whole process: most of these conditions hold for the session
 
 
 def _debug_once(key: str, message: str, *arguments: object, exc_info: bool = False) -> None:
@@ -335,7 +415,7 @@ class _Property(NamedTuple):
 
 
 class _X11Connection:
-    """One Xlib display of this module's own, used only under `_x11.lock`."""
+    """One Xlib display of an ActivityReader's own, used only under `_xlib.lock`."""
 
     _ATOM_NAMES = (
         b"_NET_ACTIVE_WINDOW",
@@ -443,45 +523,44 @@ class _X11Connection:
                 self.libraries.x11.XFree(data)
 
 
-class _X11State:
-    """The per-process X11 state: libraries, handlers and the one open connection."""
+class _XlibProcess:
+    """What Xlib keeps for the whole process: the libraries, the error handlers, and the displays the
+    readers have open. One lock for every reader: Xlib is not set up for threads (XInitThreads)."""
 
     def __init__(self) -> None:
         self.lock = threading.Lock()
         self.libraries: _X11Libraries | None = None
         self.libraries_failed = False
-        self.connection: _X11Connection | None = None
-        self.own_displays: set[int] = set()  # the Displays this module has open, a forked parent's too
-        self.retry_key: tuple[int, str] | None = None  # the display that failed last ...
-        self.retry_at = 0.0  # ... and when to try it again (time.monotonic)
+        self.own_displays: set[int] = set()  # the Displays the readers have open, a forked parent's too
+        self.connections: dict[int, _X11Connection] = {}  # those set up, by Display
         self.previous_error_handler: int | None = None
         self.previous_io_error_handler: int | None = None
         self.handlers: tuple[object, ...] = ()  # ctypes callbacks, kept alive for Xlib
 
 
-_x11 = _X11State()
+_xlib = _XlibProcess()
 
 
 def _on_x_error(display: int | None, event: int | None) -> int:
-    if display in _x11.own_displays:
+    if display in _xlib.own_displays:
         # X's default handler prints and calls exit(). Ours are routine (a window closed between two
         # requests), and the failing call's own status already tells the caller.
         return 0
-    if _x11.previous_error_handler:
-        return _X_ERROR_HANDLER(_x11.previous_error_handler)(display, event)
+    if _xlib.previous_error_handler:
+        return _X_ERROR_HANDLER(_xlib.previous_error_handler)(display, event)
     return 0
 
 
 def _on_x_io_error(display: int | None) -> int:
-    if display in _x11.own_displays:
-        connection = _x11.connection
-        if connection is not None and connection.display == display:
+    if display in _xlib.own_displays:
+        connection = _xlib.connections.get(display)
+        if connection is not None:
             connection.broken = True
         # Returning hands over to the display's exit handler: ours returns too, so Xlib marks the
         # display dead instead of exiting the process (before libX11 1.7 it exits; nothing stops that).
         return 0
-    if _x11.previous_io_error_handler:
-        return _X_IO_ERROR_HANDLER(_x11.previous_io_error_handler)(display)
+    if _xlib.previous_io_error_handler:
+        return _X_IO_ERROR_HANDLER(_xlib.previous_io_error_handler)(display)
     return 0
 
 
@@ -491,11 +570,11 @@ def _on_x_io_error_exit(display: int | None, user_data: int | None) -> None:
 
 def _x11_libraries() -> _X11Libraries | None:
     """Loads libX11 and installs the error handlers, once per process (caller holds the lock)."""
-    if _x11.libraries is None and not _x11.libraries_failed:
+    if _xlib.libraries is None and not _xlib.libraries_failed:
         try:
             libraries = _load_x11_libraries()
         except (OSError, AttributeError):
-            _x11.libraries_failed = True
+            _xlib.libraries_failed = True
             _debug_once("libX11", "libX11.so.6 is not usable: no X11 activity", exc_info=True)
             return None
         handlers = (
@@ -503,13 +582,13 @@ def _x11_libraries() -> _X11Libraries | None:
             _X_IO_ERROR_HANDLER(_on_x_io_error),
             _X_IO_ERROR_EXIT_HANDLER(_on_x_io_error_exit),
         )
-        _x11.handlers = handlers
+        _xlib.handlers = handlers
         # The handlers are process-wide in Xlib: errors on displays that are not ours go on to
         # whichever handlers were there before. A library that installs its own later takes ours over.
-        _x11.previous_error_handler = libraries.x11.XSetErrorHandler(handlers[0])
-        _x11.previous_io_error_handler = libraries.x11.XSetIOErrorHandler(handlers[1])
-        _x11.libraries = libraries
-    return _x11.libraries
+        _xlib.previous_error_handler = libraries.x11.XSetErrorHandler(handlers[0])
+        _xlib.previous_io_error_handler = libraries.x11.XSetIOErrorHandler(handlers[1])
+        _xlib.libraries = libraries
+    return _xlib.libraries
 
 
 def _abandon(connection: _X11Connection) -> None:
@@ -517,75 +596,31 @@ def _abandon(connection: _X11Connection) -> None:
     # display whose server went away is safe, the error handlers above keep Xlib from exiting.
     if connection.key[0] == os.getpid():
         connection.libraries.x11.XCloseDisplay(connection.display)
-        _x11.own_displays.discard(connection.display)
+        _xlib.own_displays.discard(connection.display)
+        _xlib.connections.pop(connection.display, None)
 
 
-def _x11_connection() -> _X11Connection | None:
-    """The connection to $DISPLAY, opened on first use and kept (caller holds the lock)."""
-    display_name = os.environ.get("DISPLAY", "")
-    if not display_name:
-        return None  # a headless server, or a Wayland session without Xwayland
-    key = (os.getpid(), display_name)
-    connection = _x11.connection
-    if connection is not None:
-        if connection.key == key and not connection.broken:
-            return connection
-        _x11.connection = None
-        if connection.broken:
-            _x11.retry_key, _x11.retry_at = connection.key, time.monotonic() + _X11_RETRY_SECONDS
-        _abandon(connection)
-    if _x11.retry_key == key and time.monotonic() < _x11.retry_at:
-        return None
-    libraries = _x11_libraries()
-    if libraries is None:
-        return None
+def _open_x11_connection(
+    libraries: _X11Libraries, display_name: str, key: tuple[int, str]
+) -> _X11Connection | None:
+    """A new connection to the display, None where it cannot be opened (caller holds the lock)."""
     display = libraries.x11.XOpenDisplay(display_name.encode())
     if not display:
         _debug_once(f"open {display_name}", "cannot open X display %r", display_name)
-        _x11.retry_key, _x11.retry_at = key, time.monotonic() + _X11_RETRY_SECONDS
         return None
-    _x11.own_displays.add(display)
+    _xlib.own_displays.add(display)  # before its first request: an X error on it must not exit()
     if hasattr(libraries.x11, "XSetIOErrorExitHandler"):
-        libraries.x11.XSetIOErrorExitHandler(display, _x11.handlers[2], None)
+        libraries.x11.XSetIOErrorExitHandler(display, _xlib.handlers[2], None)
     try:
-        _x11.connection = _X11Connection(libraries, display, key)
+        connection = _X11Connection(libraries, display, key)
     except OSError:
         _debug_once(f"setup {display_name}", "X display %r answered oddly", display_name, exc_info=True)
         libraries.x11.XCloseDisplay(display)
-        _x11.own_displays.discard(display)
-        _x11.retry_key, _x11.retry_at = key, time.monotonic() + _X11_RETRY_SECONDS
+        _xlib.own_displays.discard(display)
         return None
-    _x11.retry_key = None
-    return _x11.connection
+    _xlib.connections[display] = connection
+    return connection
 
 
 def _in_wayland_session() -> bool:
     return bool(os.environ.get("WAYLAND_DISPLAY")) or os.environ.get("XDG_SESSION_TYPE") == "wayland"
-
-
-def _x11_idle_seconds() -> float | None:
-    if _in_wayland_session():
-        # Xwayland only sees input aimed at X windows: typing in a native Wayland window would read as
-        # idle, which is the one wrong answer that matters here.
-        _debug_once("wayland idle", "a Wayland session gives no idle time to X11 clients")
-        return None
-    with _x11.lock:
-        connection = _x11_connection()
-        return connection.idle_seconds() if connection is not None else None
-
-
-def _x11_fullscreen_application() -> str | None:
-    # Under Wayland this still sees full-screen X11 games through Xwayland (most games run there).
-    with _x11.lock:
-        connection = _x11_connection()
-        return connection.fullscreen_application() if connection is not None else None
-
-
-def _reset_for_tests() -> None:
-    """Closes the X11 connection and forgets failed displays and logged conditions."""
-    with _x11.lock:
-        if _x11.connection is not None:
-            _abandon(_x11.connection)
-            _x11.connection = None
-        _x11.retry_key = None
-    _logged_once.clear()

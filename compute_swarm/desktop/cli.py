@@ -189,7 +189,8 @@ def _show_earnings(coordinator: str, data_dir: Path) -> int:
 
 
 def _serve(coordinator: str, data_dir: Path, arguments: argparse.Namespace) -> int:
-    from compute_swarm.desktop.agent import InviteCodeRefused, NodeAgent, NodeStopped
+    from compute_swarm.desktop.agent import NodeAgent
+    from compute_swarm.desktop.node_stopped import InviteCodeRefused, NodeStopped
     from compute_swarm.desktop.settings import normalize_invite_code
 
     try:

@@ -19,18 +19,16 @@ from typing import Any, Literal
 
 from compute_swarm import protocol
 from compute_swarm.desktop import workspace
-from compute_swarm.desktop.messages import (
-    Backoff,
-    InvalidLease,
+from compute_swarm.desktop.backoff import Backoff
+from compute_swarm.desktop.failures import describe_error, is_transient
+from compute_swarm.desktop.job_reports import (
     ProgressThrottle,
     checkpoint_message,
-    describe_error,
     failure_message,
-    is_transient,
     progress_message,
     result_message,
-    spec_for_lease,
 )
+from compute_swarm.desktop.lease_spec import InvalidLease, spec_for_lease
 from compute_swarm.desktop.workspace import Workspace
 from compute_swarm.engine.jobs import InferenceJobSpec, JobSpec
 from compute_swarm.engine.records import CheckpointSaved, Completed, Failed, Log, Progress, Record, Started

@@ -23,7 +23,7 @@ from typing import Any
 from compute_swarm import protocol
 from compute_swarm.desktop import crashes
 from compute_swarm.desktop.crashes import ModelCrash, ProbeBackoff
-from compute_swarm.desktop.messages import describe_error
+from compute_swarm.desktop.failures import describe_error
 from compute_swarm.desktop.workspace import Workspace
 from compute_swarm.sdk.client import SwarmError
 

@@ -6,30 +6,22 @@ size.
 from __future__ import annotations
 
 import contextlib
-import json
 import logging
 import os
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
 
+from compute_swarm.engine import artifacts
 from compute_swarm.sdk.client import pack_directory, sha256_of_file
 
 logger = logging.getLogger(__name__)
 
 KEEP_JOB_LOGS = 3
 ARTIFACT_CACHE_BYTES = 5 * 2**30
-# What a finished job leaves for its buyer: a LoRA adapter (peft files, its llama.cpp form when the base
-# model is a GGUF, the training curves) or a batch inference job's completions.
-RESULT_FILES = (
-    "adapter_config.json",
-    "adapter_model.safetensors",
-    "metrics.json",
-    "adapter.gguf",
-    "completions.jsonl",
-)
-GGUF_ADAPTER_FILE = "adapter.gguf"
-WORKER_LOG = "worker.log"
+# The engine's names, for desktop.job, which reaches them through this module.
+GGUF_ADAPTER_FILE = artifacts.GGUF_ADAPTER_FILE
+WORKER_LOG = artifacts.WORKER_LOG
 
 
 def output_directory(job_directory: Path) -> Path:
@@ -47,25 +39,17 @@ def under_verification_directory(job_directory: Path) -> Path:
     return job_directory / "under-verification"
 
 
+def result_staging_directory(job_directory: Path) -> Path:
+    """Where the result files are gathered to be packed."""
+    return job_directory / "result"
+
+
 def pack_result(job_directory: Path, archive: Path, dataset_sha256: str) -> str:
-    """The adapter files only (no checkpoints, no log) in a staging directory, then a tar; its sha256."""
-    staging = job_directory / "result"
+    """The job's result (engine.artifacts.stage_result) in a staging directory, then a tar; its sha256."""
+    staging = result_staging_directory(job_directory)
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
-    present = [name for name in RESULT_FILES if (output_directory(job_directory) / name).is_file()]
-    if not {"adapter_model.safetensors", "completions.jsonl"} & set(present):
-        raise ValueError("the job left neither an adapter nor completions")
-    for name in present:
-        source = output_directory(job_directory) / name
-        if name == "metrics.json":
-            # The spec inside names this node's own dataset path; the buyer knows it by its hash.
-            metrics = json.loads(source.read_text(encoding="utf-8"))
-            if isinstance(metrics, dict) and isinstance(metrics.get("spec"), dict):
-                metrics["spec"]["dataset"] = dataset_sha256
-                metrics["spec"].pop("evaluate_adapter", None)
-            (staging / name).write_text(json.dumps(metrics, indent=2), encoding="utf-8")
-        else:
-            shutil.copyfile(source, staging / name)
+    artifacts.stage_result(output_directory(job_directory), staging, dataset_sha256)
     try:
         return pack_directory(staging, archive)
     finally:
@@ -94,8 +78,8 @@ class Workspace:
 
     def clear_job_directory(self, job_directory: Path) -> None:
         """A fresh start for an attempt: what an earlier attempt on this node left is no use now."""
-        for leftover in ("output", "resume", "result"):
-            shutil.rmtree(job_directory / leftover, ignore_errors=True)
+        for leftover in (output_directory, resume_directory, result_staging_directory):
+            shutil.rmtree(leftover(job_directory), ignore_errors=True)
         job_directory.mkdir(parents=True, exist_ok=True)
 
     def fetch_artifact(

@@ -17,13 +17,19 @@ import torch
 from peft import PeftModel, set_peft_model_state_dict
 from safetensors.torch import load_file, save_file
 
+from compute_swarm.engine.artifacts import (
+    ADAPTER_CONFIG_FILE,
+    ADAPTER_WEIGHTS_FILE,
+    CHECKPOINT_OPTIMIZER_FILE,
+    CHECKPOINT_RANDOM_STATE_FILE,
+    CHECKPOINT_STATE_FILE,
+    checkpoint_directories,
+    checkpoint_directory,
+    checkpoint_name,
+)
 from compute_swarm.engine.jobs import InvalidJobError, LoraJobSpec
 
 FORMAT_VERSION = 1
-STATE_FILE = "trainer_state.json"
-OPTIMIZER_FILE = "optimizer.safetensors"
-RANDOM_STATE_FILE = "random_state.safetensors"
-ADAPTER_FILE = "adapter_model.safetensors"
 KEEP_LATEST = 2
 # Fields that may change between the run that saved a checkpoint and the run that resumes it: the
 # interval, and the local paths of the model and data (each node keeps its own; their contents count).
@@ -41,13 +47,10 @@ class TrainerState:
     metrics: dict[str, Any]
 
 
-def checkpoint_directory(output_dir: Path) -> Path:
-    return output_dir / "checkpoints"
-
-
 def latest_checkpoint(output_dir: Path) -> Path | None:
-    candidates = sorted(checkpoint_directory(output_dir).glob("step-*"))
-    complete = [path for path in candidates if (path / STATE_FILE).is_file()]
+    complete = [
+        path for path in checkpoint_directories(output_dir) if (path / CHECKPOINT_STATE_FILE).is_file()
+    ]
     return complete[-1] if complete else None
 
 
@@ -56,7 +59,7 @@ def save_adapter(model: PeftModel, directory: Path) -> None:
     model.save_pretrained(directory)
     # peft keeps target_modules as a set, whose order follows Python's per-process string hashing;
     # a sorted list makes the file reproducible (peft reads either).
-    config_path = directory / "adapter_config.json"
+    config_path = directory / ADAPTER_CONFIG_FILE
     config = json.loads(config_path.read_text())
     if isinstance(config.get("target_modules"), list):
         config["target_modules"] = sorted(config["target_modules"])
@@ -83,12 +86,12 @@ def save_checkpoint(
 ) -> Path:
     parent = checkpoint_directory(output_dir)
     parent.mkdir(parents=True, exist_ok=True)
-    final = parent / f"step-{state.step:08d}"
-    scratch = parent / f".step-{state.step:08d}.partial"
+    final = parent / checkpoint_name(state.step)
+    scratch = parent / f".{checkpoint_name(state.step)}.partial"
     shutil.rmtree(scratch, ignore_errors=True)
     save_adapter(model, scratch)
-    save_file(_optimizer_tensors(optimizer), scratch / OPTIMIZER_FILE)
-    save_file(_random_state(device), scratch / RANDOM_STATE_FILE)
+    save_file(_optimizer_tensors(optimizer), scratch / CHECKPOINT_OPTIMIZER_FILE)
+    save_file(_random_state(device), scratch / CHECKPOINT_RANDOM_STATE_FILE)
     document = {
         "format": FORMAT_VERSION,
         "step": state.step,
@@ -99,10 +102,10 @@ def save_checkpoint(
         "metrics": state.metrics,
     }
     # The state file is written last: a directory without it is an interrupted save and is ignored.
-    (scratch / STATE_FILE).write_text(json.dumps(document, indent=2))
+    (scratch / CHECKPOINT_STATE_FILE).write_text(json.dumps(document, indent=2))
     shutil.rmtree(final, ignore_errors=True)
     os.replace(scratch, final)
-    for old in sorted(parent.glob("step-*"))[:-KEEP_LATEST]:
+    for old in checkpoint_directories(output_dir)[:-KEEP_LATEST]:
         shutil.rmtree(old, ignore_errors=True)
     return final
 
@@ -117,7 +120,7 @@ def load_checkpoint(
 ) -> TrainerState:
     """Restore the adapter, optimizer and random state into freshly built objects."""
     try:
-        document = json.loads((path / STATE_FILE).read_text())
+        document = json.loads((path / CHECKPOINT_STATE_FILE).read_text())
     except (OSError, json.JSONDecodeError) as error:
         raise CheckpointError(f"{path} is not a complete checkpoint: {error}") from None
     if document.get("format") != FORMAT_VERSION:
@@ -131,9 +134,9 @@ def load_checkpoint(
         differences = sorted(key for key in identity if saved.get(key) != identity[key])
         raise CheckpointError(f"{path} belongs to a different job: {', '.join(differences)} differ")
     try:
-        set_peft_model_state_dict(model, load_file(path / ADAPTER_FILE))
-        _restore_optimizer(optimizer, load_file(path / OPTIMIZER_FILE))
-        _restore_random_state(load_file(path / RANDOM_STATE_FILE), device)
+        set_peft_model_state_dict(model, load_file(path / ADAPTER_WEIGHTS_FILE))
+        _restore_optimizer(optimizer, load_file(path / CHECKPOINT_OPTIMIZER_FILE))
+        _restore_random_state(load_file(path / CHECKPOINT_RANDOM_STATE_FILE), device)
         return TrainerState(
             step=int(document["step"]), scaler=document["scaler"], metrics=document["metrics"]
         )

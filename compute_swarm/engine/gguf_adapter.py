@@ -17,6 +17,8 @@ import numpy as np
 import torch
 from safetensors.torch import load_file
 
+from compute_swarm.engine.artifacts import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
+
 # Architectures checked end to end against llama.cpp, and whether llama.cpp's converter reorders the
 # rows of their q/k projections (LlamaModel.permute). Add one only after checking both, as
 # tests/engine/test_gguf_adapter.py does: a wrong answer gives a file that loads and quietly misbehaves.
@@ -76,10 +78,10 @@ def export_lora_to_gguf(adapter_dir: str | Path, base_gguf: str | Path, output: 
 
 
 def _read_alpha(adapter_dir: Path) -> float:
-    config_path = adapter_dir / "adapter_config.json"
+    config_path = adapter_dir / ADAPTER_CONFIG_FILE
     if not config_path.is_file():
         raise AdapterExportError(
-            f"{adapter_dir} is not a peft adapter directory: it has no adapter_config.json"
+            f"{adapter_dir} is not a peft adapter directory: it has no {ADAPTER_CONFIG_FILE}"
         )
     config = json.loads(config_path.read_text())
     if config.get("peft_type", "LORA") != "LORA":
@@ -128,9 +130,9 @@ def _read_base(base_gguf: Path) -> _BaseModel:
 def _adapter_tensors(adapter_dir: Path, base: _BaseModel, base_name: str) -> dict[str, np.ndarray]:
     """The adapter's tensors under llama.cpp's names: `<base tensor>.lora_a` is (rank, in) and
     `<base tensor>.lora_b` is (out, rank) in numpy order, like peft's lora_A and lora_B."""
-    weights_path = adapter_dir / "adapter_model.safetensors"
+    weights_path = adapter_dir / ADAPTER_WEIGHTS_FILE
     if not weights_path.is_file():
-        raise AdapterExportError(f"{adapter_dir} has no adapter_model.safetensors")
+        raise AdapterExportError(f"{adapter_dir} has no {ADAPTER_WEIGHTS_FILE}")
     pairs: dict[str, dict[str, np.ndarray]] = {}
     for key, tensor in load_file(weights_path).items():
         module, _, kind = key.rpartition(".lora_")

@@ -25,15 +25,14 @@ import torch.nn.functional as functional
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
+from transformers import PreTrainedTokenizerBase
 
-from compute_swarm.engine import checkpoints, datasets, devices, models, resources
+from compute_swarm.engine import artifacts, checkpoints, datasets, devices, models, resources
 from compute_swarm.engine.jobs import InvalidJobError, LoraJobSpec
 from compute_swarm.engine.records import CheckpointSaved, Completed, Log, Progress, Record, Started
 from compute_swarm.kernels.attention import backend_in_use
 
 logger = logging.getLogger(__name__)
-GGUF_ADAPTER_FILE = "adapter.gguf"  # the adapter for llama.cpp, beside peft's files
-METRICS_FILE = "metrics.json"
 
 
 class TrainingCancelled(Exception):
@@ -221,11 +220,9 @@ def build_model(spec: LoraJobSpec, directory: Path, device: str, precision: Prec
     return get_peft_model(base, config)
 
 
-def check_memory(
-    spec: LoraJobSpec, device: str, *, memory_limit_bytes: int | None = None
-) -> resources.MemoryEstimate:
-    """Refuse, before any weights load, a job that would not fit on the device (or within the limit
-    the seller set). Raises resources.InsufficientMemoryError naming the numbers."""
+def check_memory(spec: LoraJobSpec, device: str) -> resources.MemoryEstimate:
+    """Refuse, before any weights load, a job that would not fit on the device. Raises
+    resources.InsufficientMemoryError naming the numbers."""
     # Read shapes from headers only: a GGUF not yet prepared is measured before it is dequantized.
     model = models.resolve_model(spec.base_model)
     config_file = model.directory / "config.json"
@@ -238,11 +235,237 @@ def check_memory(
         attention_heads=heads,
     )
     available = devices.probe(check_torch=False).memory_available_bytes(device)
-    if memory_limit_bytes is not None:
-        available = memory_limit_bytes if available is None else min(available, memory_limit_bytes)
     if available is not None:
         resources.check_fits(estimate, available_bytes=available, device=device)
     return estimate
+
+
+@dataclass(frozen=True)
+class TrainingData:
+    """A job's dataset, tokenized, split into training and held-out examples, and planned into steps."""
+
+    train_examples: list[datasets.TokenizedExample]
+    eval_examples: list[datasets.TokenizedExample]
+    plan: BatchPlan
+    total_steps: int
+    pad_token_id: int
+
+
+def prepare_data(spec: LoraJobSpec, tokenizer: PreTrainedTokenizerBase) -> TrainingData:
+    """Tokenize the dataset, hold out the evaluation examples and plan the micro-batches of the run.
+    Raises datasets.DatasetError for unusable data."""
+    examples = datasets.tokenize_dataset(
+        datasets.read_jsonl(spec.dataset), tokenizer, spec.max_sequence_length
+    )
+    train_examples, eval_examples = split_for_evaluation(examples, spec.eval_fraction, spec.seed)
+    return TrainingData(
+        train_examples=train_examples,
+        eval_examples=eval_examples,
+        plan=BatchPlan(train_examples, spec.batch_size, spec.seed),
+        total_steps=total_optimizer_steps(spec, len(train_examples)),
+        pad_token_id=tokenizer.pad_token_id,
+    )
+
+
+class TrainingRun:
+    """The adapter being trained, its optimizer and its history, from the first (or a resumed) step
+    to the last; it reports what it does through `report`."""
+
+    def __init__(
+        self,
+        spec: LoraJobSpec,
+        data: TrainingData,
+        model: PeftModel,
+        *,
+        identity: dict[str, Any],
+        output_dir: Path,
+        device: str,
+        precision: Precision,
+        report: Callable[[Record], None],
+    ):
+        self.spec = spec
+        self.data = data
+        self.model = model
+        self.identity = identity  # what a checkpoint of this run must match to be resumed
+        self.output_dir = output_dir
+        self.device = device
+        self.precision = precision
+        self.report = report
+        self.model.train()
+        self.parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
+        self.optimizer = torch.optim.AdamW(
+            self.parameters, lr=spec.learning_rate, weight_decay=spec.weight_decay
+        )
+        self.scaler = torch.amp.GradScaler(device.split(":")[0]) if precision.loss_scaling else None
+        self.step = 0
+        self.history: dict[str, Any] = {"loss": [], "eval_loss": [], "train_tokens": 0}
+
+    @property
+    def final_loss(self) -> float | None:
+        return self.history["loss"][-1] if self.history["loss"] else None
+
+    @property
+    def final_eval_loss(self) -> float | None:
+        return self.history["eval_loss"][-1][1] if self.history["eval_loss"] else None
+
+    def resume(self, resume_from: str | Path) -> None:
+        """Restore a checkpoint: `resume_from` is its directory, or "latest" for the newest one in the
+        output directory (none yet: start from step 0). Raises checkpoints.CheckpointError."""
+        path = (
+            checkpoints.latest_checkpoint(self.output_dir)
+            if str(resume_from) == "latest"
+            else Path(resume_from)
+        )
+        if path is None:
+            logger.warning("no checkpoint in %s yet: starting from step 0", self.output_dir)
+            return
+        state = checkpoints.load_checkpoint(
+            path, identity=self.identity, device=self.device, model=self.model, optimizer=self.optimizer
+        )
+        self.step, self.history = state.step, state.metrics
+        if self.scaler is not None and state.scaler:
+            self.scaler.load_state_dict(state.scaler)
+
+    def report_started(self) -> None:
+        self.report(
+            Started(
+                process_id=os.getpid(),
+                device=self.device,
+                total_steps=self.data.total_steps,
+                resumed_from_step=self.step,
+                train_examples=len(self.data.train_examples),
+                eval_examples=len(self.data.eval_examples),
+                attention=backend_in_use(self.model.config._attn_implementation, self.device),
+            )
+        )
+
+    def train(self, should_stop: Callable[[], bool]) -> None:
+        """Take the remaining optimizer steps, evaluating and checkpointing on the spec's interval and
+        reporting each step. Raises TrainingCancelled (after saving a checkpoint) once should_stop()."""
+        total_steps = self.data.total_steps
+        run_tokens, run_started, first_step = 0, time.monotonic(), self.step
+        last_checkpoint_step = self.step
+        while self.step < total_steps:
+            if should_stop():
+                raise TrainingCancelled(
+                    self.save_checkpoint()
+                    if self.step > last_checkpoint_step
+                    else checkpoints.latest_checkpoint(self.output_dir)
+                )
+            learning_rate = learning_rate_at(self.step, self.spec, total_steps)
+            loss, tokens = self._optimizer_step(learning_rate)
+            self.step += 1
+            run_tokens += tokens
+            self.history["loss"].append(loss)
+            self.history["train_tokens"] += tokens
+
+            checkpoint_due = (
+                bool(self.spec.checkpoint_interval)
+                and self.step % self.spec.checkpoint_interval == 0
+                and self.step < total_steps
+            )
+            eval_loss = self.held_out_loss() if checkpoint_due or self.step == total_steps else None
+            if eval_loss is not None:
+                self.history["eval_loss"].append([self.step, eval_loss])
+            elapsed = time.monotonic() - run_started
+            seconds_per_step = elapsed / (self.step - first_step)
+            self.report(
+                Progress(
+                    step=self.step,
+                    total_steps=total_steps,
+                    loss=loss,
+                    learning_rate=learning_rate,
+                    tokens_per_second=run_tokens / max(elapsed, 1e-9),
+                    elapsed_seconds=elapsed,
+                    eta_seconds=seconds_per_step * (total_steps - self.step),
+                    eval_loss=eval_loss,
+                )
+            )
+            if checkpoint_due:
+                self.save_checkpoint()
+                last_checkpoint_step = self.step
+
+    def _optimizer_step(self, learning_rate: float) -> tuple[float, int]:
+        """One optimizer step over the step's micro-batches; its mean loss per answer token, and the
+        tokens it read. Raises FloatingPointError when the loss is no longer finite."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate
+        accumulation = self.spec.gradient_accumulation_steps
+        batches = [
+            collate(
+                self.data.plan.micro_batch(self.step * accumulation + index),
+                self.data.pad_token_id,
+                self.device,
+            )
+            for index in range(accumulation)
+        ]
+        # Normalise by the answer tokens of the whole step, so accumulation equals one large batch.
+        step_label_count = max(1, sum(predicted_label_count(batch) for batch in batches))
+        step_loss, step_tokens = 0.0, 0
+        for batch in batches:
+            micro_loss = answer_loss_sum(self.model, batch, self.precision) / step_label_count
+            (self.scaler.scale(micro_loss) if self.scaler else micro_loss).backward()
+            step_loss += micro_loss.item()
+            step_tokens += int(batch["attention_mask"].sum())
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        torch.nn.utils.clip_grad_norm_(self.parameters, self.spec.max_grad_norm)
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if not math.isfinite(step_loss):
+            raise FloatingPointError(
+                f"the loss became {step_loss} at step {self.step + 1}; lower learning_rate or max_grad_norm"
+            )
+        return step_loss, step_tokens
+
+    def held_out_loss(self) -> float | None:
+        return evaluate(
+            self.model,
+            self.data.eval_examples,
+            batch_size=self.spec.batch_size,
+            pad_token_id=self.data.pad_token_id,
+            device=self.device,
+            precision=self.precision,
+        )
+
+    def save_checkpoint(self) -> Path:
+        state = checkpoints.TrainerState(
+            self.step, self.scaler.state_dict() if self.scaler else None, self.history
+        )
+        path = checkpoints.save_checkpoint(
+            self.output_dir,
+            spec=self.spec,
+            identity=self.identity,
+            device=self.device,
+            model=self.model,
+            optimizer=self.optimizer,
+            state=state,
+        )
+        self.report(CheckpointSaved(step=self.step, path=str(path)))
+        return path
+
+    def evaluate_other_adapter(self, directory: Path) -> float | None:
+        """The held-out loss of another adapter for this job (the one under verification); None when it
+        does not fit this job's model. The model keeps that adapter's weights: save this run's first."""
+        if not load_adapter_weights(self.model, directory):
+            self.report(
+                Log(level="warning", message="the adapter under verification does not fit this job's model")
+            )
+            return None
+        loss = self.held_out_loss()
+        self.report(Log(level="info", message=f"the adapter under verification: held-out loss {loss}"))
+        return loss
+
+
+def save_trained_adapter(model: PeftModel, output_dir: Path, base_model_source: Path) -> None:
+    """The job's adapter in peft's layout, and for llama.cpp too when the base model is a GGUF."""
+    checkpoints.save_adapter(model, output_dir)
+    if base_model_source.suffix == ".gguf":
+        _export_for_llama_cpp(output_dir, base_model_source)
 
 
 def train_lora(
@@ -267,179 +490,49 @@ def train_lora(
     seed_everything(spec.seed)
 
     base_model = models.resolve_model(spec.base_model)
-    directory = base_model.prepare()
-    tokenizer = models.load_tokenizer(directory)
-    examples = datasets.tokenize_dataset(
-        datasets.read_jsonl(spec.dataset), tokenizer, spec.max_sequence_length
-    )
-    train_examples, eval_examples = split_for_evaluation(examples, spec.eval_fraction, spec.seed)
-    total_steps = total_optimizer_steps(spec, len(train_examples))
-    plan = BatchPlan(train_examples, spec.batch_size, spec.seed)
-    pad_token_id = tokenizer.pad_token_id
-
-    model = build_model(spec, directory, device, precision)
-    model.train()
-    parameters = [parameter for parameter in model.parameters() if parameter.requires_grad]
-    optimizer = torch.optim.AdamW(parameters, lr=spec.learning_rate, weight_decay=spec.weight_decay)
-    scaler = torch.amp.GradScaler(device.split(":")[0]) if precision.loss_scaling else None
-
-    step = 0
-    history: dict[str, Any] = {"loss": [], "eval_loss": [], "train_tokens": 0}
+    data = prepare_data(spec, models.load_tokenizer(base_model.prepare()))
+    # The adapter's initial weights come from the generator seed_everything seeded.
+    model = build_model(spec, base_model.directory, device, precision)
     identity = checkpoints.job_identity(
         spec,
         model_fingerprint=base_model.fingerprint,
         dataset_sha256=models.sha256_of_file(Path(spec.dataset)),
     )
-    if resume_from is not None:
-        path = (
-            checkpoints.latest_checkpoint(output_dir) if str(resume_from) == "latest" else Path(resume_from)
-        )
-        if path is None:
-            logger.warning("no checkpoint in %s yet: starting from step 0", output_dir)
-        else:
-            state = checkpoints.load_checkpoint(
-                path, identity=identity, device=device, model=model, optimizer=optimizer
-            )
-            step, history = state.step, state.metrics
-            if scaler is not None and state.scaler:
-                scaler.load_state_dict(state.scaler)
-
-    report(
-        Started(
-            process_id=os.getpid(),
-            device=device,
-            total_steps=total_steps,
-            resumed_from_step=step,
-            train_examples=len(train_examples),
-            eval_examples=len(eval_examples),
-            attention=backend_in_use(model.config._attn_implementation, device),
-        )
+    run = TrainingRun(
+        spec,
+        data,
+        model,
+        identity=identity,
+        output_dir=output_dir,
+        device=device,
+        precision=precision,
+        report=report,
     )
+    if resume_from is not None:
+        run.resume(resume_from)
+    run.report_started()
+    run.train(should_stop)
 
-    def save(at_step: int) -> Path:
-        state = checkpoints.TrainerState(at_step, scaler.state_dict() if scaler else None, history)
-        path = checkpoints.save_checkpoint(
-            output_dir,
-            spec=spec,
-            identity=identity,
-            device=device,
-            model=model,
-            optimizer=optimizer,
-            state=state,
-        )
-        report(CheckpointSaved(step=at_step, path=str(path)))
-        return path
-
-    def held_out_loss() -> float | None:
-        return evaluate(
-            model,
-            eval_examples,
-            batch_size=spec.batch_size,
-            pad_token_id=pad_token_id,
-            device=device,
-            precision=precision,
-        )
-
-    run_tokens, run_started, first_step = 0, time.monotonic(), step
-    last_checkpoint_step = step
-    loss = history["loss"][-1] if history["loss"] else None
-    while step < total_steps:
-        if should_stop():
-            raise TrainingCancelled(
-                save(step) if step > last_checkpoint_step else checkpoints.latest_checkpoint(output_dir)
-            )
-        learning_rate = learning_rate_at(step, spec, total_steps)
-        for group in optimizer.param_groups:
-            group["lr"] = learning_rate
-        batches = [
-            collate(plan.micro_batch(step * spec.gradient_accumulation_steps + index), pad_token_id, device)
-            for index in range(spec.gradient_accumulation_steps)
-        ]
-        # Normalise by the answer tokens of the whole step, so accumulation equals one large batch.
-        step_label_count = max(1, sum(predicted_label_count(batch) for batch in batches))
-        step_loss, step_tokens = 0.0, 0
-        for batch in batches:
-            micro_loss = answer_loss_sum(model, batch, precision) / step_label_count
-            (scaler.scale(micro_loss) if scaler else micro_loss).backward()
-            step_loss += micro_loss.item()
-            step_tokens += int(batch["attention_mask"].sum())
-        if scaler:
-            scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(parameters, spec.max_grad_norm)
-        if scaler:
-            scaler.step(optimizer)
-            scaler.update()
-        else:
-            optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-        if not math.isfinite(step_loss):
-            raise FloatingPointError(
-                f"the loss became {step_loss} at step {step + 1}; lower learning_rate or max_grad_norm"
-            )
-        step += 1
-        loss = step_loss
-        run_tokens += step_tokens
-        history["loss"].append(loss)
-        history["train_tokens"] += step_tokens
-
-        checkpoint_due = (
-            spec.checkpoint_interval and step % spec.checkpoint_interval == 0 and step < total_steps
-        )
-        eval_loss = held_out_loss() if checkpoint_due or step == total_steps else None
-        if eval_loss is not None:
-            history["eval_loss"].append([step, eval_loss])
-        elapsed = time.monotonic() - run_started
-        seconds_per_step = elapsed / (step - first_step)
-        report(
-            Progress(
-                step=step,
-                total_steps=total_steps,
-                loss=loss,
-                learning_rate=learning_rate,
-                tokens_per_second=run_tokens / max(elapsed, 1e-9),
-                elapsed_seconds=elapsed,
-                eta_seconds=seconds_per_step * (total_steps - step),
-                eval_loss=eval_loss,
-            )
-        )
-        if checkpoint_due:
-            save(step)
-            last_checkpoint_step = step
-
-    checkpoints.save_adapter(model, output_dir)
-    if base_model.source.suffix == ".gguf":
-        _export_for_llama_cpp(output_dir, base_model.source)
-    final_eval = history["eval_loss"][-1][1] if history["eval_loss"] else None
-    delivered_eval = None
-    if spec.evaluate_adapter is not None:
-        # Our own adapter is saved: the model may now take the other one's weights.
-        if load_adapter_weights(model, Path(spec.evaluate_adapter)):
-            delivered_eval = held_out_loss()
-            report(
-                Log(level="info", message=f"the adapter under verification: held-out loss {delivered_eval}")
-            )
-        else:
-            report(
-                Log(level="warning", message="the adapter under verification does not fit this job's model")
-            )
+    save_trained_adapter(run.model, output_dir, base_model.source)
+    delivered_eval_loss = (
+        run.evaluate_other_adapter(Path(spec.evaluate_adapter)) if spec.evaluate_adapter is not None else None
+    )
     completed = Completed(
         output_dir=str(output_dir),
-        steps=step,
-        final_loss=loss,
-        eval_loss=final_eval,
-        train_tokens=history["train_tokens"],
+        steps=run.step,
+        final_loss=run.final_loss,
+        eval_loss=run.final_eval_loss,
+        train_tokens=run.history["train_tokens"],
         seconds=time.monotonic() - started_at,
-        delivered_eval_loss=delivered_eval,
+        delivered_eval_loss=delivered_eval_loss,
     )
-    metrics = {
-        "spec": spec.model_dump(mode="json"),
-        "loss": history["loss"],
-        "eval_loss": history["eval_loss"],
-        "train_tokens": history["train_tokens"],
-        "train_examples": len(train_examples),
-        "eval_examples": len(eval_examples),
-    }
-    (output_dir / METRICS_FILE).write_text(json.dumps(metrics, indent=2))
+    artifacts.write_training_metrics(
+        output_dir,
+        spec,
+        run.history,
+        train_examples=len(data.train_examples),
+        eval_examples=len(data.eval_examples),
+    )
     return completed
 
 
@@ -447,7 +540,7 @@ def load_adapter_weights(model: PeftModel, directory: Path) -> bool:
     """Put another adapter's LoRA weights (peft layout, safetensors) into this model's adapter, in
     place; False, leaving the model as it was, when they are not exactly its shapes (a different rank,
     other modules, a damaged or foreign file)."""
-    path = directory / "adapter_model.safetensors"
+    path = directory / artifacts.ADAPTER_WEIGHTS_FILE
     try:
         weights = load_safetensors(path, device="cpu")
     except (OSError, ValueError, RuntimeError, SafetensorError):
@@ -471,7 +564,7 @@ def _export_for_llama_cpp(output_dir: Path, base_gguf: Path) -> None:
     from compute_swarm.engine.gguf_adapter import AdapterExportError, export_lora_to_gguf
 
     try:
-        export_lora_to_gguf(output_dir, base_gguf, output_dir / GGUF_ADAPTER_FILE)
+        export_lora_to_gguf(output_dir, base_gguf, output_dir / artifacts.GGUF_ADAPTER_FILE)
     except (AdapterExportError, OSError) as error:
         logger.warning("the adapter could not be exported for llama.cpp, so it cannot be served: %s", error)
 

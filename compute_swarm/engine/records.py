@@ -10,6 +10,8 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from compute_swarm.protocol import FailureKind
+
 
 class _Record(BaseModel):
     # NaN and infinity travel as JSON's usual extensions, not as null, so a record always reads back.
@@ -64,14 +66,7 @@ class Completed(_Record):
     delivered_eval_loss: float | None = None
 
 
-FailureKind = Literal[
-    "invalid_spec",  # the spec or its dataset cannot be used: the buyer's to fix, retrying won't help
-    "insufficient_memory",  # refused before start: it would not fit this device
-    "out_of_memory",  # ran out of memory while running
-    "cancelled",
-    "crashed",  # the child process died without saying why (signal, segfault, OOM killer)
-    "error",  # any other exception in the job
-]
+# Why a job ended badly: declared once, in the protocol (the engine's kinds are all but "released").
 
 
 class Failed(_Record):

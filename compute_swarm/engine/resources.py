@@ -1,6 +1,6 @@
-"""Memory a LoRA fine-tune (or a model served for inference) will need, estimated from weight shapes
-read from file headers, and the check that refuses, with the numbers, a job that would not fit the
-chosen device.
+"""A model's shape read from its weight files (file headers only: no weight is loaded), the memory a
+job on this node will need (worked out by engine.memory, the estimate the coordinator uses too), and
+the check that refuses, with the numbers, a job that would not fit the chosen device.
 """
 
 from __future__ import annotations
@@ -10,38 +10,26 @@ import math
 import os
 import re
 from collections.abc import Iterable, Mapping
-from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+# The node's code (engine.lora, engine.worker, engine.inference) reaches MemoryEstimate, ResourceError,
+# format_bytes and USABLE_PERCENT through this module too.
+from compute_swarm.engine.memory import (
+    OVERHEAD_BYTES_BY_DEVICE_KIND,
+    USABLE_PERCENT,
+    MemoryEstimate,
+    ModelShape,
+    ResourceError,
+    estimate_inference,
+    estimate_lora,
+    format_bytes,
+    key_value_width,
+    usable_bytes,
+)
+
 if TYPE_CHECKING:
     from compute_swarm.engine.jobs import LoraJobSpec
-
-KIB = 1024
-MIB = 1024 * KIB
-GIB = 1024 * MIB
-
-# A job may plan on this fraction of the free memory it is given. The estimate leaves out allocator
-# fragmentation, temporaries of the backward pass and whatever else starts on the machine meanwhile;
-# a 10% reserve turns most of those into a slower job instead of an out-of-memory crash.
-USABLE_PERCENT = 90
-
-# Memory a training process holds before its first weight, by device kind (the part before ':').
-# cuda (torch also names ROCm GPUs so): the CUDA context (300-500 MiB on recent drivers, even with
-# lazy module loading) plus cuBLAS workspaces and the caching allocator's rounding.
-# cpu: the resident interpreter with torch, transformers and peft imported (340 MiB RSS measured
-# with torch 2.13 and transformers 5 on Linux).
-# mps/xpu: the runtime libraries plus the driver's context; Apple's memory is shared with the CPU
-# side, so the interpreter's share is counted too.
-OVERHEAD_BYTES_BY_DEVICE_KIND: dict[str, int] = {
-    "cuda": 500 * MIB,
-    "cpu": 400 * MIB,
-    "mps": 500 * MIB,
-    "xpu": 500 * MIB,
-}
-
-# Each LoRA parameter is fp32 and carries its gradient and AdamW's two moments: 4 tensors × 4 bytes.
-ADAPTER_BYTES_PER_PARAMETER = 16
 
 # When the number of attention heads is not given, assume heads of 64 dimensions: the smallest in
 # common use (SmolLM2 64; Llama, Qwen, Mistral 128; Gemma 256). Smaller heads mean more of them and
@@ -74,10 +62,6 @@ _PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".ckpt", ".pkl", ".pickle")
 _LAYER_INDEX = re.compile(r"(?:^|\.)(\d+)\.")
 
 
-class ResourceError(ValueError):
-    """A model whose size cannot be read, or a job whose memory cannot be estimated."""
-
-
 class InsufficientMemoryError(ResourceError):
     """A job that would need more memory than the chosen device has free."""
 
@@ -86,51 +70,6 @@ class InsufficientMemoryError(ResourceError):
         self.estimate = estimate
         self.available_bytes = available_bytes
         self.device = device
-
-
-def format_bytes(count: int) -> str:
-    """A byte count for people: '3.2 GiB', '40 MiB', '1.5 MiB', '12 KiB', '100 bytes'."""
-    if count >= GIB:
-        return f"{count / GIB:.1f} GiB"
-    if count >= 10 * MIB:
-        return f"{count / MIB:.0f} MiB"
-    if count >= MIB:
-        return f"{count / MIB:.1f} MiB"
-    if count >= KIB:
-        return f"{count / KIB:.0f} KiB"
-    return f"{count} bytes"
-
-
-@dataclass(frozen=True)
-class MemoryEstimate:
-    """What a LoRA fine-tune will hold on its device at its peak, in bytes."""
-
-    weights_bytes: int
-    adapter_bytes: int
-    activation_bytes: int
-    overhead_bytes: int
-    lora_parameters: int
-    model_parameters: int
-
-    @property
-    def total_bytes(self) -> int:
-        return self.weights_bytes + self.adapter_bytes + self.activation_bytes + self.overhead_bytes
-
-    def breakdown(self) -> str:
-        return (
-            f"weights {format_bytes(self.weights_bytes)}, "
-            f"LoRA + optimizer {format_bytes(self.adapter_bytes)}, "
-            f"activations {format_bytes(self.activation_bytes)}, "
-            f"overhead {format_bytes(self.overhead_bytes)}"
-        )
-
-    def describe(self) -> str:
-        """One line for people, e.g. 'about 3.2 GiB (weights 1.1 GiB, ...; 134,515,008 model parameters,
-        921,600 LoRA parameters)'."""
-        return (
-            f"about {format_bytes(self.total_bytes)} ({self.breakdown()}; "
-            f"{self.model_parameters:,} model parameters, {self.lora_parameters:,} LoRA parameters)"
-        )
 
 
 # Reading shapes ------------------------------------------------------------------------------------
@@ -301,6 +240,16 @@ def _find_shape(shapes: Mapping[str, tuple[int, ...]], suffixes: Iterable[str]) 
     return None
 
 
+def _linear_weights(shapes: Mapping[str, tuple[int, ...]]) -> dict[str, tuple[tuple[int, int], ...]]:
+    """Every 2-D weight by module name, as (out_features, in_features): ModelShape.linear_weights."""
+    linear_weights: dict[str, list[tuple[int, int]]] = {}
+    for name, shape in shapes.items():
+        module = _module_name(name)
+        if module and len(shape) == 2:
+            linear_weights.setdefault(module, []).append((shape[0], shape[1]))
+    return {module: tuple(weights) for module, weights in linear_weights.items()}
+
+
 def _device_kind(device: str) -> str:
     kind = device.split(":", 1)[0].strip().lower()
     if kind not in OVERHEAD_BYTES_BY_DEVICE_KIND:
@@ -311,47 +260,17 @@ def _device_kind(device: str) -> str:
     return kind
 
 
-def estimate_lora_memory(
-    spec: LoraJobSpec,
-    shapes: Mapping[str, tuple[int, ...]],
-    *,
-    device: str,
-    compute_dtype_bytes: int,
-    attention_heads: int | None = None,
-) -> MemoryEstimate:
-    """The peak memory of one training micro-batch (batch_size × max_sequence_length tokens) of `spec`
-    on `device`, from the model's weight `shapes` (see read_weight_shapes).
+def model_shape(shapes: Mapping[str, tuple[int, ...]], *, attention_heads: int | None = None) -> ModelShape:
+    """The shape engine.memory estimates from, out of a model's weight `shapes` (see
+    read_weight_shapes).
 
-    compute_dtype_bytes is the size of the dtype weights and activations are held in: 4 for fp32
-    (CPU), 2 for bf16/fp16 (GPU). attention_heads, when known (config.json's num_attention_heads,
-    GGUF's llama.attention.head_count), makes the attention-score term exact; without it heads of
-    ASSUMED_HEAD_DIMENSION are assumed. Gradient accumulation does not change the peak: the
-    micro-batches run one after another. Raises ResourceError when no weight matches the spec's
-    target_modules or the shapes lack what the estimate needs.
+    attention_heads, when known (config.json's num_attention_heads, GGUF's llama.attention.head_count),
+    is taken as it is; without it heads of ASSUMED_HEAD_DIMENSION are assumed. Raises ResourceError
+    when the shapes lack the token embedding or numbered layers.
     """
-    if compute_dtype_bytes not in (2, 4):
-        raise ResourceError(
-            f"compute_dtype_bytes must be 2 (bf16/fp16) or 4 (fp32), not {compute_dtype_bytes}"
-        )
     if attention_heads is not None and attention_heads < 1:
         raise ResourceError(f"attention_heads must be positive, not {attention_heads}")
-    overhead_bytes = OVERHEAD_BYTES_BY_DEVICE_KIND[_device_kind(device)]
-    dtype_bytes = compute_dtype_bytes
-
-    model_parameters = sum(math.prod(shape) for shape in shapes.values())
-
-    # LoRA adds A (rank × in) and B (out × rank) beside every targeted weight W (out × in).
-    targets = set(spec.target_modules)
-    targeted = [shape for name, shape in shapes.items() if len(shape) == 2 and _module_name(name) in targets]
-    if not targeted:
-        found = sorted(
-            {module for name, shape in shapes.items() if len(shape) == 2 and (module := _module_name(name))}
-        )
-        raise ResourceError(
-            f"target modules {spec.target_modules!r} match no weight in this model; "
-            f"it has {', '.join(found) or 'no 2-D weights'}"
-        )
-    lora_parameters = sum(spec.rank * (in_features + out_features) for out_features, in_features in targeted)
+    linear_weights = _linear_weights(shapes)
 
     embedding = _find_shape(shapes, _EMBEDDING_NAMES)
     if embedding is None:
@@ -367,9 +286,7 @@ def estimate_lora_memory(
     if layer_count == 0:
         raise ResourceError("cannot find numbered layers in this model (names like model.layers.0....)")
     widening = [
-        shape[0]
-        for name, shape in shapes.items()
-        if len(shape) == 2 and _module_name(name) in _MLP_WIDENING_MODULES
+        out_features for module in _MLP_WIDENING_MODULES for out_features, _ in linear_weights.get(module, ())
     ]
     # A model without recognisable MLP names gets GPT's 4 × hidden.
     intermediate_size = max(widening) if widening else 4 * hidden_size
@@ -378,48 +295,39 @@ def estimate_lora_memory(
         query_width = query[0] if query is not None else hidden_size
         attention_heads = max(1, math.ceil(query_width / ASSUMED_HEAD_DIMENSION))
 
-    sequence_length = spec.max_sequence_length
-    tokens = spec.batch_size * sequence_length
-
-    # Activations kept for the backward pass. LoRA freezes W, but the gradient must still flow back
-    # through every layer to the adapters below it, so a layer keeps nearly what full training keeps.
-    # Korthikanti et al. 2022, "Reducing Activation Recomputation in Large Transformer Models", §4.1
-    # eq. (1): a layer keeps s·b·h·(34 + 5·a·s/h) bytes with 16-bit activations (s sequence, b batch,
-    # h hidden, a heads): 11sbh attention inputs, 4sbh for the two norms, 19sbh for a 4h GeLU MLP, and
-    # 5as²b for the attention scores (softmax output 2, its dropout mask 1, dropout output 2).
-    # Llama's SwiGLU MLP keeps its input (2sbh) and four intermediate-wide tensors instead: gate,
-    # silu(gate), up and their product (8sbI). Byte counts scale with the dtype from the 16-bit ones.
-    # Fused attention kernels (flash, SDPA) never store the 5as²b scores; counting them anyway keeps
-    # the estimate safe on back-ends that do (eager attention, CPU math paths).
-    # Checked against one real step (transformers 5 + peft, SmolLM2-135M, fp32 on CPU, eager, rank 8
-    # on q/k/v/o): batch × sequence 1 × 256, 2 × 256, 4 × 512 peaked at 1.5, 2.55, 7.8 GiB RSS; this
-    # estimate says 1.6, 2.3, 7.9 GiB, and the USABLE_PERCENT reserve absorbs the difference.
-    per_layer_16bit_bytes = tokens * (
-        11 * hidden_size + 4 * hidden_size + 2 * hidden_size + 8 * intermediate_size
+    return ModelShape(
+        parameters=sum(math.prod(shape) for shape in shapes.values()),
+        layer_count=layer_count,
+        hidden_size=hidden_size,
+        intermediate_size=intermediate_size,
+        vocabulary_size=vocabulary_size,
+        attention_heads=attention_heads,
+        linear_weights=linear_weights,
     )
-    per_layer_16bit_bytes += 5 * attention_heads * tokens * sequence_length
-    layer_bytes = layer_count * per_layer_16bit_bytes * dtype_bytes // 2
-    # peft's LoRA branch keeps rank-wide A·x, and with dropout > 0 also the dropped-out copy of x and
-    # its one-byte mask, for every targeted weight.
-    dropout_bytes_per_input = dtype_bytes + 1 if spec.dropout > 0 else 0
-    adapter_activation_bytes = tokens * sum(
-        spec.rank * dtype_bytes + in_features * dropout_bytes_per_input for _, in_features in targeted
-    )
-    # The embedding output entering layer 0 and the final norm's output.
-    residual_bytes = 2 * tokens * hidden_size * dtype_bytes
-    # The logits dominate small models with large vocabularies: transformers' causal-LM loss upcasts
-    # them to fp32, so one token holds vocab × 4 bytes three times (logits, log-softmax, their
-    # gradient), plus the 16-bit logits they were upcast from.
-    logits_bytes_per_entry = 3 * 4 + (dtype_bytes if dtype_bytes < 4 else 0)
-    logits_bytes = tokens * vocabulary_size * logits_bytes_per_entry
 
-    return MemoryEstimate(
-        weights_bytes=model_parameters * dtype_bytes,
-        adapter_bytes=lora_parameters * ADAPTER_BYTES_PER_PARAMETER,
-        activation_bytes=layer_bytes + adapter_activation_bytes + residual_bytes + logits_bytes,
-        overhead_bytes=overhead_bytes,
-        lora_parameters=lora_parameters,
-        model_parameters=model_parameters,
+
+def estimate_lora_memory(
+    spec: LoraJobSpec,
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    device: str,
+    compute_dtype_bytes: int,
+    attention_heads: int | None = None,
+) -> MemoryEstimate:
+    """The peak memory of one training micro-batch of `spec` on `device` (cpu, cuda:0...), from the
+    model's weight `shapes` (see read_weight_shapes): engine.memory.estimate_lora on model_shape(shapes,
+    attention_heads=attention_heads).
+
+    compute_dtype_bytes is the size of the dtype weights and activations are held in: 4 for fp32
+    (CPU), 2 for bf16/fp16 (GPU). Raises ResourceError for an unknown device, when no weight matches
+    the spec's target_modules or the shapes lack what the estimate needs.
+    """
+    device_kind = _device_kind(device)
+    return estimate_lora(
+        spec,
+        model_shape(shapes, attention_heads=attention_heads),
+        device_kind=device_kind,
+        compute_dtype_bytes=compute_dtype_bytes,
     )
 
 
@@ -428,10 +336,10 @@ def check_fits(estimate: MemoryEstimate, *, available_bytes: int, device: str) -
     `available_bytes` (the memory free on `device`, measured by the caller)."""
     if available_bytes < 0:
         raise ResourceError(f"available_bytes must not be negative, not {available_bytes}")
-    usable_bytes = available_bytes * USABLE_PERCENT // 100
-    if estimate.total_bytes <= usable_bytes:
+    usable = usable_bytes(available_bytes)
+    if estimate.total_bytes <= usable:
         return
-    if estimate.total_bytes - estimate.activation_bytes > usable_bytes:
+    if estimate.total_bytes - estimate.activation_bytes > usable:
         advice = "the model alone does not fit: choose a device with more free memory or a smaller model"
     else:
         advice = (
@@ -441,33 +349,21 @@ def check_fits(estimate: MemoryEstimate, *, available_bytes: int, device: str) -
     raise InsufficientMemoryError(
         f"this job needs about {format_bytes(estimate.total_bytes)} on {device} ({estimate.breakdown()}) "
         f"but only {format_bytes(available_bytes)} is free, of which a job may use {USABLE_PERCENT}% "
-        f"({format_bytes(usable_bytes)}); {advice}",
+        f"({format_bytes(usable)}); {advice}",
         estimate=estimate,
         available_bytes=available_bytes,
         device=device,
     )
 
 
-# llama.cpp's compute buffers beside the weights and the cache (tens of MiB for small models).
-INFERENCE_COMPUTE_BYTES = 64 * MIB
-
-
 def estimate_inference_memory(
     model_path: str | Path, adapter_path: str | Path | None, context_tokens: int
 ) -> int:
-    """Bytes llama.cpp holds to serve a GGUF model: its file (weights are used as stored, quantized),
-    the adapter file, the KV cache of `context_tokens` in f16 (keys and values of every layer's
-    k_proj and v_proj width) and compute buffers."""
-    shapes = read_weight_shapes(model_path)
-    cache_width = sum(
-        shape[0]
-        for name, shape in shapes.items()
-        if _module_name(name) in ("k_proj", "v_proj") and len(shape) == 2
-    )
-    adapter_bytes = os.path.getsize(adapter_path) if adapter_path is not None else 0
-    return (
-        os.path.getsize(model_path)
-        + adapter_bytes
-        + 2 * context_tokens * cache_width
-        + INFERENCE_COMPUTE_BYTES
+    """Bytes llama.cpp holds to serve a GGUF model (engine.memory.estimate_inference): its file, the
+    adapter file, the KV cache of `context_tokens` and compute buffers."""
+    return estimate_inference(
+        model_file_bytes=os.path.getsize(model_path),
+        adapter_file_bytes=os.path.getsize(adapter_path) if adapter_path is not None else 0,
+        key_value_width=key_value_width(_linear_weights(read_weight_shapes(model_path))),
+        context_tokens=context_tokens,
     )

@@ -17,11 +17,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from compute_swarm.engine.artifacts import WORKER_LOG
 from compute_swarm.engine.jobs import JobSpec
 from compute_swarm.engine.records import FINAL_RECORD_TYPES, Failed, Log, Record, record_adapter
 from compute_swarm.engine.worker import JobRequest
 
-WORKER_LOG = "worker.log"
 STDERR_TAIL_BYTES = 4000
 
 
@@ -45,7 +45,6 @@ class JobRunner:
         *,
         device: str | None = None,
         resume_from: str | Path | None = None,
-        memory_limit_bytes: int | None = None,
         environment: dict[str, str] | None = None,
     ):
         self.output_dir = Path(output_dir)
@@ -54,7 +53,6 @@ class JobRunner:
             output_dir=str(self.output_dir),
             device=device,
             resume_from=str(resume_from) if resume_from is not None else None,
-            memory_limit_bytes=memory_limit_bytes,
         )
         self.environment = environment
         self.process: subprocess.Popen[str] | None = None

@@ -27,7 +27,6 @@ class JobRequest(BaseModel):
     output_dir: str
     device: str | None = None  # None: the best device engine.devices finds
     resume_from: str | None = None  # a checkpoint directory, or "latest"
-    memory_limit_bytes: int | None = None  # the most memory the seller lets a job use on the device
 
 
 class Command(BaseModel):
@@ -79,7 +78,7 @@ def run(request: JobRequest, write: RecordWriter, cancelled: threading.Event) ->
 
     try:
         device = request.device or devices.probe().best_device()
-        lora.check_memory(request.spec, device, memory_limit_bytes=request.memory_limit_bytes)
+        lora.check_memory(request.spec, device)
         completed = lora.train_lora(
             request.spec,
             request.output_dir,

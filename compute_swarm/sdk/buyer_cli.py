@@ -16,6 +16,7 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from compute_swarm import protocol
 from compute_swarm.engine.jobs import (
     DEFAULT_MODEL,
     InferenceJobSpec,
@@ -39,7 +40,7 @@ from compute_swarm.sdk.commands import (
 )
 
 FOLLOW_INTERVAL_SECONDS = 1.0
-JOB_STATES = ("queued", "leased", "running", "verifying", "completed", "failed", "cancelled", "verified")
+JOB_STATES = protocol.JOB_STATES
 
 # What a file or job id looks like (as opposed to a path): the protocol's identifier alphabet.
 _IDENTIFIER = re.compile(r"^[A-Za-z0-9_-]{1,64}$")

@@ -23,10 +23,11 @@ from urllib.parse import quote
 import httpx
 from pydantic import BaseModel, ConfigDict, ValidationError
 
+from compute_swarm import protocol
 from compute_swarm.protocol import AUTHORIZATION_HEADER, SHA256_PATTERN, TOKEN_SCHEME
 
-FINAL_STATES = frozenset({"completed", "failed", "cancelled", "verified"})
-SUCCESSFUL_STATES = frozenset({"completed", "verified"})
+FINAL_STATES = protocol.FINAL_JOB_STATES
+SUCCESSFUL_STATES = protocol.SUCCEEDED_JOB_STATES
 
 UPLOAD_OFFSET_HEADER = "Upload-Offset"
 # Answers that mean "the coordinator (or a proxy before it) is restarting": worth waiting for.

@@ -259,3 +259,17 @@ def test_any_sequence_settles_escrow_once_and_never_leaves_a_lease_on_a_finished
     assert settles <= 1
     if job.state in lifecycle.FINAL_STATES | {VERIFYING} and not rerun:
         assert settles == 1
+
+
+def test_every_state_and_failure_kind_is_declared_once_and_understood_everywhere():
+    from typing import get_args
+
+    from compute_swarm import protocol
+    from compute_swarm.coordinator.transport.api.openai_fine_tuning import OPENAI_STATUS
+
+    # The buyer-facing names come from the protocol; OpenAI's client is told one for each.
+    assert lifecycle.STATES is protocol.JOB_STATES and set(OPENAI_STATUS) == set(protocol.JOB_STATES)
+    # Every kind a node may report leads somewhere (queued again, or failed), none is refused.
+    for kind in get_args(protocol.FailureKind):
+        outcome = lifecycle.after_failure(kind, "why", 1, 2)
+        assert outcome.state in (QUEUED, FAILED)

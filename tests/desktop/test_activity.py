@@ -30,13 +30,18 @@ needs_xvfb = pytest.mark.skipif(
 
 
 @pytest.fixture(autouse=True)
-def no_session(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
-    """Each test starts as a headless process with no X connection kept from an earlier test."""
+def no_session(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Each test starts as a headless process."""
     for variable in ("DISPLAY", "WAYLAND_DISPLAY", "XDG_SESSION_TYPE"):
         monkeypatch.delenv(variable, raising=False)
-    activity._reset_for_tests()
-    yield
-    activity._reset_for_tests()
+
+
+@pytest.fixture
+def reader() -> Iterator[activity.ActivityReader]:
+    """A reader of the test's own: no X connection or failed display is kept from an earlier test."""
+    reader = activity.ActivityReader()
+    yield reader
+    reader.close()
 
 
 @contextlib.contextmanager
@@ -163,11 +168,13 @@ class WindowManager:
 
 
 @pytest.fixture
-def window_manager(xvfb_display: str, monkeypatch: pytest.MonkeyPatch) -> Iterator[WindowManager]:
+def window_manager(
+    xvfb_display: str, monkeypatch: pytest.MonkeyPatch, reader: activity.ActivityReader
+) -> Iterator[WindowManager]:
     monkeypatch.setenv("DISPLAY", xvfb_display)
     manager = WindowManager(xvfb_display)
     yield manager
-    activity._reset_for_tests()
+    reader.close()
     manager.close()
 
 
@@ -222,10 +229,12 @@ def test_a_headless_process_reads_no_activity_and_returns_at_once() -> None:
         reading.user_idle_seconds = 1.0  # type: ignore[misc]
 
 
-def test_a_display_that_cannot_be_opened_reads_as_unknown(monkeypatch: pytest.MonkeyPatch) -> None:
+def test_a_display_that_cannot_be_opened_reads_as_unknown(
+    monkeypatch: pytest.MonkeyPatch, reader: activity.ActivityReader
+) -> None:
     monkeypatch.setenv("DISPLAY", ":64999")  # no server there
-    assert activity.read_activity() == activity.Activity(None, None)
-    assert activity.read_activity() == activity.Activity(None, None)
+    assert reader.read() == activity.Activity(None, None)
+    assert reader.read() == activity.Activity(None, None)
 
 
 @pytest.mark.parametrize("platform", ["win32", "darwin"])
@@ -261,21 +270,23 @@ def test_windows_idle_time_survives_the_tick_counter_wrapping() -> None:
 @pytest.mark.desktop
 @needs_xvfb
 def test_idle_time_grows_while_no_one_touches_the_machine(
-    xvfb_display: str, monkeypatch: pytest.MonkeyPatch
+    xvfb_display: str, monkeypatch: pytest.MonkeyPatch, reader: activity.ActivityReader
 ) -> None:
     monkeypatch.setenv("DISPLAY", xvfb_display)
-    first = activity.user_idle_seconds()
+    first = reader.user_idle_seconds()
     assert first is not None
     assert 0.0 <= first < 600.0
     time.sleep(1.0)
-    second = activity.user_idle_seconds()
+    second = reader.user_idle_seconds()
     assert second is not None
     assert 0.8 <= second - first <= 5.0
 
 
 @pytest.mark.desktop
 @needs_xvfb
-def test_moving_the_mouse_resets_the_idle_time(xvfb_display: str, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_moving_the_mouse_resets_the_idle_time(
+    xvfb_display: str, monkeypatch: pytest.MonkeyPatch, reader: activity.ActivityReader
+) -> None:
     try:
         xtest = ctypes.CDLL("libXtst.so.6")
     except OSError:
@@ -289,7 +300,7 @@ def test_moving_the_mouse_resets_the_idle_time(xvfb_display: str, monkeypatch: p
     xtest.XTestFakeMotionEvent.argtypes += (ctypes.c_ulong,)
     monkeypatch.setenv("DISPLAY", xvfb_display)
     time.sleep(0.6)
-    before = activity.user_idle_seconds()
+    before = reader.user_idle_seconds()
     assert before is not None and before >= 0.5
     mouse = x11.XOpenDisplay(xvfb_display.encode())
     try:
@@ -297,56 +308,58 @@ def test_moving_the_mouse_resets_the_idle_time(xvfb_display: str, monkeypatch: p
         x11.XSync(mouse, 0)
     finally:
         x11.XCloseDisplay(mouse)
-    after = activity.user_idle_seconds()
+    after = reader.user_idle_seconds()
     assert after is not None and after < 0.4
 
 
 @pytest.mark.desktop
 @needs_xvfb
-def test_no_focused_window_is_no_fullscreen_application(window_manager: WindowManager) -> None:
-    assert activity.fullscreen_application() is None
+def test_no_focused_window_is_no_fullscreen_application(
+    window_manager: WindowManager, reader: activity.ActivityReader
+) -> None:
+    assert reader.fullscreen_application() is None
     window = window_manager.create_window()
     window_manager.set_text(window, "_NET_WM_NAME", "UTF8_STRING", b"Text Editor")
     window_manager.activate(window)
-    assert activity.fullscreen_application() is None  # focused, but not full screen
-    assert activity.read_activity().user_idle_seconds is not None
+    assert reader.fullscreen_application() is None  # focused, but not full screen
+    assert reader.read().user_idle_seconds is not None
 
 
 @pytest.mark.desktop
 @needs_xvfb
 def test_a_focused_fullscreen_game_is_named_until_it_leaves_full_screen(
-    window_manager: WindowManager,
+    window_manager: WindowManager, reader: activity.ActivityReader
 ) -> None:
     game = window_manager.create_window()
     window_manager.set_text(game, "_NET_WM_NAME", "UTF8_STRING", b"Some Game")
     window_manager.set_fullscreen(game, True)
     window_manager.activate(game)
-    assert activity.fullscreen_application() == "Some Game"
-    assert activity.read_activity().fullscreen_application == "Some Game"
+    assert reader.fullscreen_application() == "Some Game"
+    assert reader.read().fullscreen_application == "Some Game"
 
     window_manager.set_fullscreen(game, False)
-    assert activity.fullscreen_application() is None
+    assert reader.fullscreen_application() is None
 
 
 @pytest.mark.desktop
 @needs_xvfb
 def test_a_fullscreen_window_is_named_from_either_name_property_or_generically(
-    window_manager: WindowManager,
+    window_manager: WindowManager, reader: activity.ActivityReader
 ) -> None:
     old_game = window_manager.create_window()
     window_manager.set_text(old_game, "WM_NAME", "STRING", "Jeu d'été".encode("latin-1"))
     window_manager.set_fullscreen(old_game, True)
     window_manager.activate(old_game)
-    assert activity.fullscreen_application() == "Jeu d'été"
+    assert reader.fullscreen_application() == "Jeu d'été"
 
     # _NET_WM_NAME, in UTF-8, wins over WM_NAME.
     window_manager.set_text(old_game, "_NET_WM_NAME", "UTF8_STRING", "Café Racer ゲーム".encode())
-    assert activity.fullscreen_application() == "Café Racer ゲーム"
+    assert reader.fullscreen_application() == "Café Racer ゲーム"
 
     nameless = window_manager.create_window()
     window_manager.set_fullscreen(nameless, True)
     window_manager.activate(nameless)
-    assert activity.fullscreen_application() == activity.UNNAMED_FULLSCREEN_APPLICATION
+    assert reader.fullscreen_application() == activity.UNNAMED_FULLSCREEN_APPLICATION
 
 
 CHILD_READING_A_VANISHED_WINDOW = """
@@ -380,14 +393,14 @@ def test_a_window_that_vanished_is_no_fullscreen_application_and_the_process_liv
 @pytest.mark.desktop
 @needs_xvfb
 def test_a_wayland_session_gives_no_idle_time_but_still_sees_x11_games(
-    window_manager: WindowManager, monkeypatch: pytest.MonkeyPatch
+    window_manager: WindowManager, monkeypatch: pytest.MonkeyPatch, reader: activity.ActivityReader
 ) -> None:
     monkeypatch.setenv("WAYLAND_DISPLAY", "wayland-0")  # DISPLAY is then Xwayland's
     game = window_manager.create_window()
     window_manager.set_text(game, "_NET_WM_NAME", "UTF8_STRING", b"Some Game")
     window_manager.set_fullscreen(game, True)
     window_manager.activate(game)
-    assert activity.read_activity() == activity.Activity(None, "Some Game")
+    assert reader.read() == activity.Activity(None, "Some Game")
 
 
 CHILD_AFTER_SERVER_DIES = """

@@ -19,8 +19,10 @@ from websockets.exceptions import ConnectionClosed
 
 from compute_swarm import protocol
 from compute_swarm.desktop import cli, token_store
-from compute_swarm.desktop.agent import NodeAgent, NodeStopped
-from compute_swarm.desktop.messages import Reportable
+from compute_swarm.desktop.agent import NodeAgent
+from compute_swarm.desktop.node_stopped import NodeStopped
+from compute_swarm.desktop.outbox import Reportable
+from compute_swarm.engine import artifacts
 from compute_swarm.engine.jobs import DEFAULT_MODEL, ChatMessage, Sampling
 from compute_swarm.engine.records import CheckpointSaved, Completed, Failed, Log, Progress, Started
 from tests.crashing_llama import CrashingLlama
@@ -137,7 +139,7 @@ class FakeRunner:
 
     def start(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        (self.output_dir / "worker.log").write_text("training\n")
+        (self.output_dir / artifacts.WORKER_LOG).write_text("training\n")
 
     def cancel(self, grace_seconds: float = 60.0) -> None:
         self.cancelled.set()
@@ -158,25 +160,27 @@ class FakeRunner:
                 elapsed_seconds=step,
                 eta_seconds=4 - step,
             )
-        checkpoint = self.output_dir / "checkpoints" / "step-00000002"
+        checkpoint = artifacts.checkpoint_directory(self.output_dir) / artifacts.checkpoint_name(2)
         checkpoint.mkdir(parents=True)
-        (checkpoint / "trainer_state.json").write_text('{"step": 2}')
+        (checkpoint / artifacts.CHECKPOINT_STATE_FILE).write_text('{"step": 2}')
         yield CheckpointSaved(step=2, path=str(checkpoint))
         # A checkpoint is worth uploading only while the job runs on: wait until it is reported.
         assert self.checkpoint_reported.wait(5)
         if self.wait_for_cancel:
             assert self.cancelled.wait(5)
             # As the trainer does: a checkpoint of the last step taken, then the end.
-            checkpoint = self.output_dir / "checkpoints" / "step-00000003"
+            checkpoint = artifacts.checkpoint_directory(self.output_dir) / artifacts.checkpoint_name(3)
             checkpoint.mkdir(parents=True)
-            (checkpoint / "trainer_state.json").write_text('{"step": 3}')
+            (checkpoint / artifacts.CHECKPOINT_STATE_FILE).write_text('{"step": 3}')
             yield CheckpointSaved(step=3, path=str(checkpoint))
             yield Failed(kind="cancelled", message="cancelled", checkpoint=str(checkpoint))
             return
         yield Log(level="warning", message="a warning from the engine")
-        (self.output_dir / "adapter_config.json").write_text("{}")
-        (self.output_dir / "adapter_model.safetensors").write_bytes(b"weights")
-        (self.output_dir / "metrics.json").write_text(json.dumps({"spec": {"dataset": self.spec.dataset}}))
+        (self.output_dir / artifacts.ADAPTER_CONFIG_FILE).write_text("{}")
+        (self.output_dir / artifacts.ADAPTER_WEIGHTS_FILE).write_bytes(b"weights")
+        (self.output_dir / artifacts.METRICS_FILE).write_text(
+            json.dumps({"spec": {"dataset": self.spec.dataset}})
+        )
         yield Completed(
             output_dir=str(self.output_dir),
             steps=4,
@@ -253,11 +257,11 @@ def test_agent_runs_a_lease_and_resends_its_result_after_a_reconnect(tmp_path: P
             assert hashlib.sha256(archive.read_bytes()).hexdigest() == result.sha256
             with tarfile.open(archive) as tar:
                 assert sorted(tar.getnames()) == [
-                    "adapter_config.json",
-                    "adapter_model.safetensors",
-                    "metrics.json",
+                    artifacts.ADAPTER_CONFIG_FILE,
+                    artifacts.ADAPTER_WEIGHTS_FILE,
+                    artifacts.METRICS_FILE,
                 ]
-                metrics = json.load(tar.extractfile("metrics.json"))
+                metrics = json.load(tar.extractfile(artifacts.METRICS_FILE))
             assert metrics["spec"]["dataset"] == DATASET_SHA256  # not the seller's path
             assert agent.status.last_job.outcome == "completed" and agent.status.job is None
 
@@ -274,7 +278,7 @@ def test_agent_runs_a_lease_and_resends_its_result_after_a_reconnect(tmp_path: P
             async with asyncio.timeout(5):
                 while (job_directory / "output").exists():
                     await asyncio.sleep(0.02)
-            assert (job_directory / "worker.log").read_text() == "training\n"
+            assert (job_directory / artifacts.WORKER_LOG).read_text() == "training\n"
 
             assert await agent.earnings() == protocol.Earnings(
                 pending_micro=5, available_micro=7, jobs_completed=1
@@ -440,12 +444,12 @@ def test_a_result_acknowledged_before_the_child_exits_is_tidied_once_it_has(tmp_
             runner.checkpoint_reported.set()
             await coordinator.expect(protocol.JobResult)
             await asyncio.sleep(0.2)  # the acknowledgement has arrived; the child is still exiting
-            assert (output / "worker.log").exists()
+            assert (output / artifacts.WORKER_LOG).exists()
             runner.exit.set()
             async with asyncio.timeout(5):
                 while output.exists():
                     await asyncio.sleep(0.02)
-            assert (output.parent / "worker.log").exists()
+            assert (output.parent / artifacts.WORKER_LOG).exists()
         finally:
             agent.stop()
             await asyncio.wait_for(running, 10)

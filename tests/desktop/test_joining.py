@@ -10,7 +10,8 @@ import pytest
 
 from compute_swarm.desktop import token_store
 from compute_swarm.desktop.activity import Activity
-from compute_swarm.desktop.agent import InviteCodeRefused, NodeAgent
+from compute_swarm.desktop.agent import NodeAgent
+from compute_swarm.desktop.node_stopped import InviteCodeRefused
 from tests.coordinator.test_admission import coordinator_with, ops
 from tests.desktop.test_messages import inventory
 from tests.swarm_processes import Coordinator, Node, run_cli, wait_for

@@ -1,5 +1,7 @@
-"""The node agent's pure decisions: reconnect delays, telemetry, lease → spec, record → message, the
-progress throttle, the outbox of reports awaiting acknowledgement and what a closed connection means."""
+"""The node agent's pure decisions: reconnect delays (desktop.backoff), telemetry
+(desktop.node_description), lease → spec (desktop.lease_spec), record → message and the progress
+throttle (desktop.job_reports), the outbox of reports awaiting acknowledgement (desktop.outbox) and what
+a closed connection means (desktop.connection_rules)."""
 
 from __future__ import annotations
 
@@ -12,20 +14,18 @@ import pytest
 
 from compute_swarm import protocol
 from compute_swarm.desktop import token_store
-from compute_swarm.desktop.messages import (
-    Backoff,
-    InvalidLease,
-    Outbox,
+from compute_swarm.desktop.backoff import Backoff
+from compute_swarm.desktop.connection_rules import connection_end, websocket_url
+from compute_swarm.desktop.job_reports import (
     ProgressThrottle,
     checkpoint_message,
-    connection_end,
     failure_message,
     progress_message,
     result_message,
-    spec_for_lease,
-    telemetry_from_inventory,
-    websocket_url,
 )
+from compute_swarm.desktop.lease_spec import InvalidLease, spec_for_lease
+from compute_swarm.desktop.node_description import telemetry_from_inventory
+from compute_swarm.desktop.outbox import Outbox
 from compute_swarm.engine.devices import CpuInfo, DeviceInventory, GpuInfo
 from compute_swarm.engine.jobs import DEFAULT_MODEL
 from compute_swarm.engine.records import Completed, Progress

@@ -5,7 +5,7 @@ from __future__ import annotations
 import datetime
 from dataclasses import replace
 
-from compute_swarm.desktop.agent import AgentStatus
+from compute_swarm.desktop.agent_status import AgentStatus
 from compute_swarm.desktop.job import JobOutcome, JobStatus
 from compute_swarm.desktop.tray import state
 from compute_swarm.protocol import Earnings, Standing

@@ -10,6 +10,7 @@ import pytest
 
 from compute_swarm.desktop import workspace
 from compute_swarm.desktop.workspace import Workspace
+from compute_swarm.engine import artifacts
 
 
 def test_a_tidied_job_keeps_only_its_logs_and_only_the_newest_jobs_keep_theirs(tmp_path: Path) -> None:
@@ -18,9 +19,9 @@ def test_a_tidied_job_keeps_only_its_logs_and_only_the_newest_jobs_keep_theirs(t
         directory = space.job_directory(f"job_{number}")
         space.clear_job_directory(directory)
         output = workspace.output_directory(directory)
-        (output / "checkpoints").mkdir(parents=True)
+        artifacts.checkpoint_directory(output).mkdir(parents=True)
         (output / workspace.WORKER_LOG).write_text(f"attempt of job {number}\n")
-        (directory / "result.tar").write_bytes(b"tar")
+        (directory / artifacts.RESULT_ARCHIVE).write_bytes(b"tar")
         os.utime(directory, (number, number))
     running = frozenset({"job_0"})  # the oldest, but a lease still runs in it
 

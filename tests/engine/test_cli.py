@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+from compute_swarm.engine import artifacts
 from tests.conftest import write_jsonl
 
 COMMAND = str(Path(sys.executable).parent / "compute-swarm")
@@ -43,7 +44,8 @@ def test_train_writes_a_peft_adapter_and_prints_its_directory_last(
     )
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip().splitlines()[-1] == str(output)
-    assert (output / "adapter_model.safetensors").is_file() and (output / "adapter_config.json").is_file()
+    for name in (artifacts.ADAPTER_CONFIG_FILE, artifacts.ADAPTER_WEIGHTS_FILE):
+        assert (output / name).is_file()
     assert "3/3" in result.stderr  # the progress bar reached the end
     assert "checkpoint at step 2" in result.stderr and "Done: 3 steps" in result.stderr
     assert "Prompt:     What is 2 plus 3?" in result.stderr and "Fine-tuned: " in result.stderr

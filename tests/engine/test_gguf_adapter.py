@@ -12,6 +12,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import save_file
 
+from compute_swarm.engine.artifacts import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from compute_swarm.engine.gguf_adapter import AdapterExportError, export_lora_to_gguf
 from compute_swarm.engine.models import fetch_catalogue_model, load_causal_lm, prepared_model_directory
 
@@ -141,8 +142,8 @@ def write_adapter(directory: Path, weights: dict[str, torch.Tensor], **config_ch
     """A small adapter directory in peft's layout, for cases no training run would produce."""
     directory.mkdir()
     config = {"peft_type": "LORA", "r": RANK, "lora_alpha": ALPHA, "use_rslora": False, **config_changes}
-    (directory / "adapter_config.json").write_text(json.dumps(config))
-    save_file(weights, directory / "adapter_model.safetensors")
+    (directory / ADAPTER_CONFIG_FILE).write_text(json.dumps(config))
+    save_file(weights, directory / ADAPTER_WEIGHTS_FILE)
     return directory
 
 

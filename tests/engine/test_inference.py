@@ -14,7 +14,7 @@ import pytest
 
 llama_cpp = pytest.importorskip("llama_cpp")
 
-from compute_swarm.engine import inference  # noqa: E402
+from compute_swarm.engine import artifacts, inference  # noqa: E402
 from compute_swarm.engine.inference import (  # noqa: E402
     GenerationDone,
     GenerationError,
@@ -138,7 +138,9 @@ def test_a_batch_job_answers_every_line_in_order(pool, gguf, tmp_path):
     )
     records = []
     completed = inference.run_batch(spec, tmp_path / "out", pool=pool, report=records.append)
-    answers = [json.loads(line) for line in (tmp_path / "out" / "completions.jsonl").read_text().splitlines()]
+    answers = [
+        json.loads(line) for line in (tmp_path / "out" / artifacts.COMPLETIONS_FILE).read_text().splitlines()
+    ]
     assert [(answer["line"], answer.get("id")) for answer in answers] == [(1, "a"), (2, None)]
     assert answers[0]["message"]["role"] == "assistant" and answers[1]["text"]
     assert completed.steps == 2 and completed.train_tokens == sum(a["completion_tokens"] for a in answers)

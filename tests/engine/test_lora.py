@@ -13,13 +13,13 @@ from peft import PeftModel
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from compute_swarm.engine import lora
+from compute_swarm.engine import artifacts, lora
 from compute_swarm.engine.checkpoints import CheckpointError, latest_checkpoint
 from compute_swarm.engine.datasets import read_jsonl, tokenize_dataset
 from compute_swarm.engine.jobs import InvalidJobError, LoraJobSpec
 from compute_swarm.engine.records import CheckpointSaved, Progress
 
-ADAPTER_FILES = ("adapter_config.json", "adapter_model.safetensors")
+ADAPTER_FILES = (artifacts.ADAPTER_CONFIG_FILE, artifacts.ADAPTER_WEIGHTS_FILE)
 
 
 def adapter_bytes(directory: Path) -> dict[str, bytes]:
@@ -126,8 +126,8 @@ def test_gradient_accumulation_matches_one_large_batch(
     one = lora.train_lora(large, tmp_path / "large")
     two = lora.train_lora(accumulated, tmp_path / "accumulated")
     assert math.isclose(one.final_loss, two.final_loss, rel_tol=1e-4)
-    weights_one = load_file(tmp_path / "large" / "adapter_model.safetensors")
-    weights_two = load_file(tmp_path / "accumulated" / "adapter_model.safetensors")
+    weights_one = load_file(tmp_path / "large" / artifacts.ADAPTER_WEIGHTS_FILE)
+    weights_two = load_file(tmp_path / "accumulated" / artifacts.ADAPTER_WEIGHTS_FILE)
     for name, tensor in weights_one.items():
         torch.testing.assert_close(tensor, weights_two[name], rtol=1e-3, atol=1e-5)
 
@@ -138,7 +138,7 @@ def test_a_checkpoint_of_another_job_is_refused(
     spec = tiny_spec(tiny_model_directory, chat_dataset, max_steps=2, checkpoint_interval=1)
     lora.train_lora(spec, tmp_path / "run")
     checkpoint = latest_checkpoint(tmp_path / "run")
-    assert checkpoint is not None and checkpoint.name == "step-00000001"
+    assert checkpoint is not None and checkpoint.name == artifacts.checkpoint_name(1)
     other = spec.model_copy(update={"learning_rate": 1e-4, "rank": 4})
     with pytest.raises(CheckpointError, match="belongs to a different job: learning_rate, rank differ"):
         lora.train_lora(other, tmp_path / "run", resume_from=checkpoint)
@@ -184,7 +184,7 @@ def test_mixed_precision_training_on_the_gpu_learns_and_is_deterministic(
     second = lora.train_lora(spec, tmp_path / "second", device=device)
     assert math.isfinite(first.final_loss) and first.final_loss == second.final_loss
     assert adapter_bytes(tmp_path / "first") == adapter_bytes(tmp_path / "second")
-    metrics = json.loads((tmp_path / "first" / "metrics.json").read_text())
+    metrics = json.loads((tmp_path / "first" / artifacts.METRICS_FILE).read_text())
     assert sum(metrics["loss"][-3:]) < sum(metrics["loss"][:3])
 
 

@@ -13,12 +13,12 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from compute_swarm.engine import lora
+from compute_swarm.engine import artifacts, lora
 from compute_swarm.engine.jobs import LoraJobSpec
 from compute_swarm.engine.records import Completed
 from tests.engine.test_lora import tiny_spec as lora_tiny_spec
 
-WEIGHTS = "adapter_model.safetensors"
+WEIGHTS = artifacts.ADAPTER_WEIGHTS_FILE
 
 
 @dataclass(frozen=True)

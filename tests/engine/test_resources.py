@@ -14,10 +14,8 @@ import torch
 from safetensors.torch import save_file
 
 from compute_swarm.engine.jobs import LoraJobSpec
+from compute_swarm.engine.memory import ADAPTER_BYTES_PER_PARAMETER, GIB, USABLE_PERCENT
 from compute_swarm.engine.resources import (
-    ADAPTER_BYTES_PER_PARAMETER,
-    GIB,
-    USABLE_PERCENT,
     InsufficientMemoryError,
     MemoryEstimate,
     ResourceError,

@@ -23,24 +23,31 @@ from typing import Any
 
 from compute_swarm.coordinator.domain import pricing
 from compute_swarm.coordinator.domain.effects import Effect, StopOnNode, WakeDispatcher
-from compute_swarm.protocol import format_credits
+from compute_swarm.protocol import (
+    CANCELLED,
+    COMPLETED,
+    FAILED,
+    FINAL_JOB_STATES,
+    JOB_STATES,
+    LEASED,
+    QUEUED,
+    RUNNING,
+    SUCCEEDED_JOB_STATES,
+    VERIFIED,
+    VERIFYING,
+    FailureKind,
+    format_credits,
+)
 
 NEW = "new"  # not stored: the state a job is in before its submission
-QUEUED, LEASED, RUNNING = "queued", "leased", "running"
-COMPLETED, VERIFIED, FAILED, CANCELLED = "completed", "verified", "failed", "cancelled"
-VERIFYING = "verifying"  # done and charged; the result is held from the buyer until it is verified
-STATES = (QUEUED, LEASED, RUNNING, VERIFYING, COMPLETED, VERIFIED, FAILED, CANCELLED)
+STATES = JOB_STATES
+FINAL_STATES, SUCCEEDED_STATES = FINAL_JOB_STATES, SUCCEEDED_JOB_STATES
 HELD_STATES = frozenset({LEASED, RUNNING})  # a node holds a lease
 OPEN_STATES = frozenset({QUEUED, LEASED, RUNNING})  # escrow still held
-FINAL_STATES = frozenset({COMPLETED, VERIFIED, FAILED, CANCELLED})
-SUCCEEDED_STATES = frozenset({COMPLETED, VERIFIED})  # a result was delivered (verified or not yet)
 
-# Why a job failed or ended (Job.error_kind): the node's kinds (engine.records.Failed.kind) and the
-# coordinator's own.
+# Why a job failed or ended (Job.error_kind): a node's protocol.FailureKind, or the coordinator's own.
 STOPPED_EARLY = "stopped_early"  # a sweep trial median stopping ended (state cancelled)
 ATTEMPTS_EXHAUSTED = "attempts_exhausted"
-INVALID_SPEC, RELEASED = "invalid_spec", "released"
-INSUFFICIENT_MEMORY, OUT_OF_MEMORY = "insufficient_memory", "out_of_memory"
 
 
 def result_released(state: str) -> bool:
@@ -160,7 +167,7 @@ class LeaseReturned:
 @dataclass(frozen=True)
 class FailureReported:
     at: float
-    kind: str
+    kind: FailureKind
     message: str
 
 
@@ -304,7 +311,7 @@ def transition(job: JobFacts, event: Event) -> Transition:
                 event.message,
                 job.attempt,
                 job.max_attempts,
-                invalid_before=job.error_kind == INVALID_SPEC,
+                invalid_before=job.error_kind == "invalid_spec",
             )
             return _after_attempt(_with(job, error_kind=event.kind), outcome, event.at)
         case Cancelled():
@@ -383,11 +390,11 @@ class Retry:
 
 
 def after_failure(
-    kind: str, message: str, attempt: int, max_attempts: int, *, invalid_before: bool = False
+    kind: FailureKind, message: str, attempt: int, max_attempts: int, *, invalid_before: bool = False
 ) -> Retry:
     """The node reported that the job failed (engine.records.Failed.kind). `invalid_before`: another
     node already found the spec invalid."""
-    if kind == INVALID_SPEC:
+    if kind == "invalid_spec":
         # The buyer's data or settings would fail the same way on every node; but one node's word
         # must not fail a buyer's job: a second node confirms it first. No attempt is used meanwhile.
         if invalid_before:
@@ -398,14 +405,14 @@ def after_failure(
             exclude_node=True,
             attempt_counts=False,
         )
-    if kind == RELEASED:
+    if kind == "released":
         # The seller paused or stopped, or the node was busy: the job did nothing wrong. A checkpoint
         # uploaded on the way out lets the next node continue.
         return Retry(QUEUED, f"handed back by the node: {message}", attempt_counts=False)
-    if kind == INSUFFICIENT_MEMORY:
+    if kind == "insufficient_memory":
         # Refused before it started: no work was done and another node may fit it.
         return Retry(QUEUED, message, exclude_node=True, attempt_counts=False)
-    exclude = kind == OUT_OF_MEMORY
+    exclude = kind == "out_of_memory"
     if attempt >= max_attempts:
         return Retry(FAILED, f"{message} (failed on all {attempt} attempts)", exclude_node=exclude)
     return Retry(QUEUED, message, exclude_node=exclude)

@@ -11,6 +11,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from compute_swarm.engine.jobs import CatalogueModel, LoraJobSpec
+from compute_swarm.engine.memory import catalogue_shape, estimate_inference, estimate_lora, free_bytes_needed
 from compute_swarm.protocol import Telemetry, crash_covering
 
 ALL_BACKENDS: frozenset[str] = frozenset({"cuda", "rocm", "mps", "cpu"})
@@ -107,79 +108,38 @@ def node_snapshot(
     )
 
 
-MIB = 1024 * 1024
-# What a training process holds before its first weight: the interpreter with torch imported, the
-# GPU context (engine.resources.OVERHEAD_BYTES_BY_DEVICE_KIND, 400-500 MiB).
-PROCESS_OVERHEAD_BYTES = 500 * MIB
-# A node lets a job plan on this share of its free memory (engine.resources.USABLE_PERCENT).
-USABLE_PERCENT = 90
-# The shape assumed for a model known only by its parameter count: a decoder whose hidden size is this
-# many times its layer count (SmolLM2-135M: 576 / 30 = 19.2). Larger models are wider (Llama-2-7B:
-# 4096 / 32 = 128), so for them this over-estimates the activations, the safe direction.
-ASSUMED_WIDTH_PER_LAYER = 20
-ASSUMED_HEAD_DIMENSION = 64  # the smallest in common use: more heads, more attention-score memory
-ASSUMED_VOCABULARY_SIZE = 49_152  # SmolLM2's; the node's exact check reads the real one
-ADAPTER_BYTES_PER_PARAMETER = 16  # fp32 LoRA weight, its gradient and AdamW's two moments
-
-
-def _integer_cube_root(value: int) -> int:
-    root = round(value ** (1 / 3))
-    while root**3 > value:
-        root -= 1
-    while (root + 1) ** 3 <= value:
-        root += 1
-    return root
+# The device kinds (engine.memory.OVERHEAD_BYTES_BY_DEVICE_KIND) whose process overhead a backend's
+# figure allows for: torch names ROCm GPUs "cuda", and the fp32 figure serves CPU and MPS nodes alike
+# (QueuedJob.required_memory_bytes), so it takes the larger of the two.
+_DEVICE_KINDS_OF_BACKEND: dict[str, tuple[str, ...]] = {
+    "cuda": ("cuda",),
+    "rocm": ("cuda",),
+    "mps": ("cpu", "mps"),
+    "cpu": ("cpu", "mps"),
+}
 
 
 def required_memory_bytes(spec: LoraJobSpec, model: CatalogueModel, *, backend: str = "cpu") -> int:
-    """Free memory a node needs on its training device for this LoRA job: a pre-filter, so that jobs
-    are not leased to nodes that are plainly too small; the node does the exact check from the real
-    weight shapes (engine.resources) before it starts, and refuses a job that does not fit.
+    """Free memory a node needs on its training device for this LoRA job: engine.memory's estimate,
+    the one the node checks before it starts (engine.lora.check_memory), from the catalogue's record
+    of the model's shape, divided by the share of its free memory a node lets a job use
+    (engine.memory.free_bytes_needed).
 
-    The default, backend "cpu", gives the figure for fp32 training (CPU and MPS), which also bounds
-    16-bit training on CUDA/ROCm; backend "cuda" or "rocm" gives the smaller 16-bit figure.
-
-    With P parameters, weights of b bytes (4 in fp32, 2 in 16-bit), t = batch_size × max_sequence_length
-    tokens per micro-batch and m target modules, it follows engine.resources.estimate_lora_memory with
-    the model's shape guessed from P: a decoder of L layers of width h has P ≈ 12·L·h², and h = 20·L
-    gives L·h = (20·P / 12)^(2/3) / 20. Then
-      weights      P · b
-      adapter      rank · 2 · m · L·h · 16 (fp32 LoRA weights, gradients, AdamW moments)
-      activations  t · L·h · (38 + 5·s/64) · b/2  (per layer: attention and norm inputs, a SwiGLU MLP,
-                   attention scores of 64-wide heads; Korthikanti et al. 2022, eq. 1)
-                   + t · m · L·h · (b + 1) (LoRA dropout copies and masks, when dropout > 0)
-                   + t · 49,152 · (12, or 14 in 16-bit)  (logits, upcast to fp32 for the loss)
-      overhead     500 MiB
-    and the node may use 90% of its free memory, so the sum is divided by 0.9. For the demo job
-    (SmolLM2-135M, batch 4 × 512 tokens) it says 9.3 GiB in fp32 and 5.8 GiB in 16 bits: 8.3 and 5.2
-    GiB before the division, where engine.resources says 7.9 and 5.1 GiB. It grows with batch_size,
-    max_sequence_length and P. Raises ValueError for an unknown backend or a model without parameters.
+    The default, backend "cpu", gives the figure for fp32 training on the CPU and on MPS (the larger
+    of the two: MPS allows 100 MiB more for its runtime), which also bounds 16-bit training on
+    CUDA/ROCm; backend "cuda" or "rocm" gives the smaller 16-bit figure. For the demo job
+    (SmolLM2-135M, batch 4 × 512 tokens) it says 8.9 GiB in fp32 and 5.6 GiB in 16 bits. Raises
+    ValueError for an unknown backend or a model whose shape is not recorded (engine.memory.CATALOGUE_SHAPES).
     """
     if backend not in ALL_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: expected one of {', '.join(sorted(ALL_BACKENDS))}")
-    if model.parameters < 1:
-        raise ValueError(f"model {model.name!r} has {model.parameters} parameters; it must have at least 1")
+    shape = catalogue_shape(model)
     weight_bytes = 2 if backend in HALF_PRECISION_BACKENDS else 4
-    width = ASSUMED_WIDTH_PER_LAYER
-    layers_times_hidden = max(1, _integer_cube_root((width * model.parameters // 12) ** 2) // width)
-    sequence_length = spec.max_sequence_length
-    tokens = spec.batch_size * sequence_length
-    target_modules = len(spec.target_modules)
-
-    layer_bytes_16bit = (
-        tokens
-        * layers_times_hidden
-        * (38 * ASSUMED_HEAD_DIMENSION + 5 * sequence_length)
-        // ASSUMED_HEAD_DIMENSION
+    held_bytes = max(
+        estimate_lora(spec, shape, device_kind=kind, compute_dtype_bytes=weight_bytes).total_bytes
+        for kind in _DEVICE_KINDS_OF_BACKEND[backend]
     )
-    dropout_bytes = (
-        tokens * target_modules * layers_times_hidden * (weight_bytes + 1) if spec.dropout > 0 else 0
-    )
-    logits_bytes = tokens * ASSUMED_VOCABULARY_SIZE * (12 + (2 if weight_bytes == 2 else 0))
-    activation_bytes = layer_bytes_16bit * weight_bytes // 2 + dropout_bytes + logits_bytes
-    adapter_bytes = spec.rank * 2 * target_modules * layers_times_hidden * ADAPTER_BYTES_PER_PARAMETER
-    total_bytes = model.parameters * weight_bytes + adapter_bytes + activation_bytes + PROCESS_OVERHEAD_BYTES
-    return -(-total_bytes * 100 // USABLE_PERCENT)
+    return free_bytes_needed(held_bytes)
 
 
 def queued_job(
@@ -454,13 +414,17 @@ class InferenceCandidate:
     crashed_models: Mapping[str, str] = field(default_factory=dict)
 
 
-# Serving a quantized model holds its file, the adapter, a 4096-token cache and compute buffers:
-# about its file size again on top for the small models of the catalogue, and a fixed reserve.
-INFERENCE_RESERVE_BYTES = 256 * MIB
-
-
 def inference_memory_bytes(model: CatalogueModel, adapter_size: int = 0) -> int:
-    return 2 * model.file_size_bytes + adapter_size + INFERENCE_RESERVE_BYTES
+    """Free memory a node needs to serve the model with an adapter of adapter_size bytes: engine.memory's
+    estimate, the one the node checks before it loads a model (engine.inference.ModelPool), for the
+    default context, divided by the share of its free memory a node lets it use. Raises ValueError for
+    a model whose shape is not recorded (engine.memory.CATALOGUE_SHAPES)."""
+    held_bytes = estimate_inference(
+        model_file_bytes=model.file_size_bytes,
+        adapter_file_bytes=adapter_size,
+        key_value_width=catalogue_shape(model).key_value_width,
+    )
+    return free_bytes_needed(held_bytes)
 
 
 def choose_inference_node(
@@ -474,8 +438,9 @@ def choose_inference_node(
     """The node to serve one request, or None when no node can now.
 
     A node qualifies with a free slot, while it takes work (a paused node is playing a game), where the
-    model has not crashed it, and with the memory to load the model unless it has it loaded. Preferred,
-    in order: the model loaded, the base model on disk, a GPU, fewer requests in flight, more free memory.
+    model has not crashed it, and with required_memory_bytes free (inference_memory_bytes) to load the
+    model unless it has it loaded. Preferred, in order: the model loaded, the base model on disk, a GPU,
+    fewer requests in flight, more free memory.
     """
     best: tuple | None = None
     chosen: str | None = None
@@ -529,7 +494,4 @@ def _may_serve(
         or crash_covering(candidate.crashed_models, model_key) is not None
     ):
         return False
-    return (
-        model_key in candidate.loaded_models
-        or snapshot.memory_bytes * USABLE_PERCENT // 100 >= required_memory_bytes
-    )
+    return model_key in candidate.loaded_models or snapshot.memory_bytes >= required_memory_bytes

@@ -23,6 +23,7 @@ from sqlalchemy.orm import Session
 from compute_swarm import protocol
 from compute_swarm.coordinator.domain import pricing
 from compute_swarm.coordinator.domain.lifecycle import SUCCEEDED_STATES
+from compute_swarm.coordinator.service import buyer_reads
 from compute_swarm.coordinator.service.tokens import TokenCounters
 from compute_swarm.coordinator.settings import Settings
 from compute_swarm.coordinator.store import ledger
@@ -129,16 +130,7 @@ class InferenceService:
     def models(self, buyer_id: str) -> list[ServedModel]:
         """The catalogue, then the buyer's fine-tuned models that can be served, newest first."""
         with self.database.reading() as session:
-            jobs = session.scalars(
-                select(Job)
-                .where(
-                    Job.buyer_id == buyer_id,
-                    Job.verifies_job_id.is_(None),
-                    Job.state.in_(SUCCEEDED_STATES),
-                    Job.result_gguf_sha256.is_not(None),
-                )
-                .order_by(Job.finished_at.desc())
-            ).all()
+            jobs = session.scalars(buyer_reads.servable_models(buyer_id)).all()
         return [ServedModel(model.name, model) for model in CATALOGUE.values()] + [
             ServedModel(
                 fine_tuned_model_id(job),

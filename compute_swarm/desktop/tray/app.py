@@ -18,7 +18,7 @@ from PySide6.QtNetwork import QLocalServer, QLocalSocket
 from PySide6.QtWidgets import QApplication, QMenu, QSystemTrayIcon
 
 from compute_swarm.desktop import autostart, token_store
-from compute_swarm.desktop.agent import AgentStatus
+from compute_swarm.desktop.agent_status import AgentStatus
 from compute_swarm.desktop.settings import Settings, SettingsError, SettingsStore, normalize_invite_code
 from compute_swarm.desktop.tray import state
 from compute_swarm.desktop.tray.bridge import AgentBridge

@@ -14,9 +14,10 @@ from typing import Any
 
 from PySide6.QtCore import QObject, Signal
 
-from compute_swarm.desktop.agent import NodeAgent, NodeStopped
+from compute_swarm.desktop.agent import NodeAgent
 from compute_swarm.desktop.guards import GuardSettings
-from compute_swarm.desktop.messages import telemetry_from_inventory
+from compute_swarm.desktop.node_description import telemetry_from_inventory
+from compute_swarm.desktop.node_stopped import NodeStopped
 from compute_swarm.engine.devices import DeviceInventory
 
 logger = logging.getLogger(__name__)

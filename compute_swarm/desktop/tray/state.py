@@ -9,7 +9,7 @@ from collections import deque
 from dataclasses import dataclass
 from typing import Literal
 
-from compute_swarm.desktop.agent import AgentStatus
+from compute_swarm.desktop.agent_status import AgentStatus
 from compute_swarm.desktop.job import JobStatus
 from compute_swarm.protocol import Standing, StandingState, Telemetry, format_credits
 

@@ -28,7 +28,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from compute_swarm.desktop.agent import AgentStatus
+from compute_swarm.desktop.agent_status import AgentStatus
 from compute_swarm.desktop.guards import GuardSettings
 from compute_swarm.desktop.settings import Settings
 from compute_swarm.desktop.tray import state

@@ -9,7 +9,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy import select
 
 from compute_swarm.coordinator.domain.lifecycle import STATES, result_released
-from compute_swarm.coordinator.service import receipts
+from compute_swarm.coordinator.service import buyer_reads, receipts
 from compute_swarm.coordinator.service.submissions import JobError
 from compute_swarm.coordinator.store.tables import Job, JobEvent, JobProgressPoint
 from compute_swarm.coordinator.transport.api.deps import CurrentBuyer, OwnedJob, ServicesDep
@@ -69,12 +69,7 @@ def list_jobs(
         raise HTTPException(
             status.HTTP_422_UNPROCESSABLE_CONTENT, f"state must be one of: {', '.join(STATES)}"
         )
-    query = (
-        select(Job)
-        .where(Job.buyer_id == buyer.id, Job.verifies_job_id.is_(None))
-        .order_by(Job.created_at.desc())
-        .limit(min(max(limit, 1), 1000))
-    )
+    query = buyer_reads.buyers_jobs(buyer.id).order_by(Job.created_at.desc()).limit(min(max(limit, 1), 1000))
     if state is not None:
         query = query.where(Job.state == state)
     with services.database.reading() as session:

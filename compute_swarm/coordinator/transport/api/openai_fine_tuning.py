@@ -15,7 +15,8 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
-from compute_swarm.coordinator.domain.lifecycle import HELD_STATES, OPEN_STATES
+from compute_swarm.coordinator.domain.lifecycle import HELD_STATES, OPEN_STATES, SUCCEEDED_STATES
+from compute_swarm.coordinator.service import buyer_reads
 from compute_swarm.coordinator.service.inference import fine_tuned_model_id
 from compute_swarm.coordinator.service.submissions import JobError
 from compute_swarm.coordinator.service.uploads import Holder, UploadError
@@ -216,11 +217,7 @@ def list_fine_tuning_jobs(
     buyer: CurrentBuyer, services: ServicesDep, after: str | None = None, limit: int = 20
 ) -> dict:
     limit = min(max(limit, 1), 100)
-    query = (
-        select(Job)
-        .where(Job.buyer_id == buyer.id, Job.kind == "lora", Job.verifies_job_id.is_(None))
-        .order_by(Job.created_at.desc())
-    )
+    query = buyer_reads.buyers_jobs(buyer.id).where(Job.kind == "lora").order_by(Job.created_at.desc())
     with services.database.reading() as session:
         if after is not None:
             cursor = session.get(Job, after)
@@ -276,7 +273,7 @@ def list_fine_tuning_events(
 
 def _job_object(job: Job) -> dict:
     spec = job.spec
-    succeeded = job.state in ("completed", "verified")
+    succeeded = job.state in SUCCEEDED_STATES
     default_learning_rate = LoraJobSpec.model_fields["learning_rate"].default
     metrics = job.metrics or {}
     return {

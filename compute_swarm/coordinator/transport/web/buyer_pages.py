@@ -20,12 +20,11 @@ from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
 from compute_swarm.coordinator.domain.lifecycle import OPEN_STATES, SUCCEEDED_STATES
-from compute_swarm.coordinator.service import accounts, sessions
+from compute_swarm.coordinator.service import accounts, buyer_reads, sessions
 from compute_swarm.coordinator.service.inference import fine_tuned_model_id
 from compute_swarm.coordinator.service.submissions import JobError
 from compute_swarm.coordinator.store import ledger
 from compute_swarm.coordinator.store.tables import File, Job, JobEvent, LedgerEntry, LedgerTransaction
-from compute_swarm.coordinator.transport.api.account import balance_of, ledger_lines
 from compute_swarm.coordinator.transport.api.deps import (
     CurrentBuyer,
     OwnedJob,
@@ -239,12 +238,7 @@ def files_page(request: Request, buyer: CurrentBuyer, services: ServicesDep) -> 
 
 @router.get("/jobs")
 def jobs_page(request: Request, buyer: CurrentBuyer, services: ServicesDep) -> Response:
-    query = (
-        select(Job)
-        .where(Job.buyer_id == buyer.id, Job.verifies_job_id.is_(None))
-        .order_by(Job.created_at.desc())
-        .limit(200)
-    )
+    query = buyer_reads.buyers_jobs(buyer.id).order_by(Job.created_at.desc()).limit(200)
     with services.database.reading() as session:
         jobs = [JobOut.of(job) for job in session.scalars(query)]
     return render.page(request, "jobs.html", title="Jobs", jobs=jobs)
@@ -387,17 +381,7 @@ def cancel(job: OwnedJob, services: ServicesDep) -> Response:
 
 @router.get("/playground")
 def playground(request: Request, buyer: CurrentBuyer, services: ServicesDep, model: str = "") -> Response:
-    query = (
-        select(Job)
-        .where(
-            Job.buyer_id == buyer.id,
-            Job.verifies_job_id.is_(None),
-            Job.state.in_(SUCCEEDED_STATES),
-            Job.result_gguf_sha256.is_not(None),
-        )
-        .order_by(Job.finished_at.desc())
-        .limit(100)
-    )
+    query = buyer_reads.servable_models(buyer.id).limit(100)
     with services.database.reading() as session:
         fine_tuned = [fine_tuned_model_id(job) for job in session.scalars(query)]
     return render.page(
@@ -420,8 +404,8 @@ def _account_page(
     status_code=200,
 ) -> Response:
     with services.database.reading() as session:
-        balance = balance_of(session, buyer_id)
-        lines = ledger_lines(session, buyer_id, limit=200)
+        balance = buyer_reads.balance(session, buyer_id)
+        lines = buyer_reads.ledger_lines(session, buyer_id, limit=200)
     return render.page(
         request,
         "account.html",
