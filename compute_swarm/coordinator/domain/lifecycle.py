@@ -17,7 +17,7 @@ the node that runs it (coordinator.service.verifier).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -264,118 +264,166 @@ class NotAllowed(Exception):
 
 def transition(job: JobFacts, event: Event) -> Transition:
     """The job after `event`, the money that moves and what must happen outside the database."""
-    match event:
-        case Submitted():
-            _require(job, event, {NEW})
-            message = event.message or "submitted"
-            queued = _with(job, state=QUEUED, attempt=0, queued_at=event.at, updated_at=event.at)
-            moves = () if job.rerun else (Hold(job.price_micro),)
-            return Transition(queued, message, moves, (WakeDispatcher(),))
-        case Leased():
-            _require(job, event, {QUEUED})
-            leased = _with(
-                job,
-                state=LEASED,
-                attempt=job.attempt + 1,
-                node_id=event.node_id,
-                lease_id=event.lease_id,
-                lease_expires_at=event.at + event.lease_seconds,
-                updated_at=event.at,
-            )
-            message = f"leased to {event.node_id} (attempt {leased.attempt} of {job.max_attempts})"
-            return Transition(leased, message)
-        case Started():
-            _require(job, event, {LEASED})
-            return Transition(_with(job, state=RUNNING), f"running on {event.node_id}")
-        case LeaseLost():
-            _require(job, event, HELD_STATES)
-            if job.attempt >= job.max_attempts:
-                outcome = Retry(FAILED, f"{event.reason}; gave up after {job.attempt} attempts")
-            else:
-                outcome = Retry(
-                    QUEUED, f"{event.reason}; queued again (attempt {job.attempt} of {job.max_attempts} used)"
-                )
-            after = _after_attempt(job, outcome, event.at)
-            if event.node_may_run_it and job.node_id and job.lease_id:
-                stop = StopOnNode(job.node_id, job.job_id, job.lease_id, event.reason)
-                after = dataclasses.replace(after, effects=(stop, *after.effects))
-            return after
-        case LeaseReturned():
-            _require(job, event, HELD_STATES)
-            outcome = Retry(QUEUED, "the node left before its lease arrived", attempt_counts=False)
-            return _after_attempt(job, outcome, event.at)
-        case FailureReported():
-            _require(job, event, HELD_STATES)
-            outcome = after_failure(
-                event.kind,
-                event.message,
-                job.attempt,
-                job.max_attempts,
-                invalid_before=job.error_kind == "invalid_spec",
-            )
-            return _after_attempt(_with(job, error_kind=event.kind), outcome, event.at)
-        case Cancelled():
-            if job.state not in OPEN_STATES:
-                raise NotAllowed(f"job {job.job_id} is {job.state} already")
-            if job.rerun:
-                raise NotAllowed(f"job {job.job_id} verifies another job and cannot be cancelled")
-            effects: tuple[Effect, ...] = ()
-            if job.state in HELD_STATES and job.node_id and job.lease_id:
-                effects = (StopOnNode(job.node_id, job.job_id, job.lease_id, "the buyer cancelled the job"),)
-            cancelled = _finished(job, CANCELLED, event.at)
-            return Transition(cancelled, event.reason, _refund(job, CANCELLED, event.reason), effects)
-        case ResultAccepted():
-            _require(job, event, HELD_STATES)
-            if job.rerun:
-                return Transition(_finished(job, COMPLETED, event.at), f"completed on {event.node_id}")
-            node_share, fee = pricing.split_payment(event.price_micro, event.fee_basis_points)
-            # A batch held its most possible price: what it did not use goes back to the buyer.
-            rest = event.price_micro < job.price_micro
-            charge = Charge(event.node_id, node_share, fee, return_rest=rest, memo="job completed")
-            if event.held_for_verification:
-                state, message = (
-                    VERIFYING,
-                    (
-                        f"completed on {event.node_id}, from a checkpoint another node made: its result is held "
-                        f"until a trusted node verifies it"
-                    ),
-                )
-            else:
-                state, message = COMPLETED, f"completed on {event.node_id}"
-            done = _with(_finished(job, state, event.at), price_micro=event.price_micro)
-            return Transition(done, message, (charge,))
-        case TrialStopped():
-            _require(job, event, HELD_STATES, buyers_only=True)
-            return _stop_trial(job, event)
-        case VerificationPassed():
-            _require_verifiable(job, event)
-            # A stopped trial delivered no result: it stays stopped.
-            state = CANCELLED if job.state == CANCELLED else VERIFIED
-            return Transition(_with(job, state=state, updated_at=event.at), f"verified ({event.reason})")
-        case VerificationFailed():
-            _require_verifiable(job, event)
-            if job.state == CANCELLED:
-                # The buyer paid for steps the checkpoint does not show, and got no result for them.
-                memo = f"verification mismatch: the stopped trial's charge goes back ({event.reason})"
-                moves: tuple[Move, ...] = (ReturnCharge(job.price_micro, memo),)
-                what = "mismatch: the buyer's charge for the stopped trial is refunded"
-                return Transition(_with(job, updated_at=event.at), f"{what} ({event.reason})", moves)
-            # From verifying (or completed): the buyer gets the trusted run's result instead.
-            what = "mismatch: the trusted run's result replaces the delivered one"
-            settled = _with(job, state=COMPLETED, updated_at=event.at)
-            return Transition(settled, f"{what} ({event.reason})")
-        case DeliveredUnverified():
-            _require(job, event, {VERIFYING}, buyers_only=True)
-            return Transition(
-                _with(job, state=COMPLETED, updated_at=event.at),
-                "no trusted node verified it in time: its result is delivered unverified",
-            )
-        case RerunDropped():
-            _require(job, event, {QUEUED})
-            if not job.rerun:
-                raise NotAllowed(f"job {job.job_id} is not a verification re-run")
-            return Transition(_finished(job, CANCELLED, event.at), event.reason)
-    raise TypeError(f"not a job event: {event!r}")
+    rule = _RULES.get(type(event))
+    if rule is None:
+        raise TypeError(f"not a job event: {event!r}")
+    return rule(job, event)
+
+
+# ---- each event's rule
+
+
+def _submitted(job: JobFacts, event: Submitted) -> Transition:
+    _require(job, event, {NEW})
+    message = event.message or "submitted"
+    queued = _with(job, state=QUEUED, attempt=0, queued_at=event.at, updated_at=event.at)
+    moves = () if job.rerun else (Hold(job.price_micro),)
+    return Transition(queued, message, moves, (WakeDispatcher(),))
+
+
+def _leased(job: JobFacts, event: Leased) -> Transition:
+    _require(job, event, {QUEUED})
+    leased = _with(
+        job,
+        state=LEASED,
+        attempt=job.attempt + 1,
+        node_id=event.node_id,
+        lease_id=event.lease_id,
+        lease_expires_at=event.at + event.lease_seconds,
+        updated_at=event.at,
+    )
+    message = f"leased to {event.node_id} (attempt {leased.attempt} of {job.max_attempts})"
+    return Transition(leased, message)
+
+
+def _started(job: JobFacts, event: Started) -> Transition:
+    _require(job, event, {LEASED})
+    return Transition(_with(job, state=RUNNING), f"running on {event.node_id}")
+
+
+def _lease_lost(job: JobFacts, event: LeaseLost) -> Transition:
+    _require(job, event, HELD_STATES)
+    if job.attempt >= job.max_attempts:
+        outcome = Retry(FAILED, f"{event.reason}; gave up after {job.attempt} attempts")
+    else:
+        outcome = Retry(
+            QUEUED, f"{event.reason}; queued again (attempt {job.attempt} of {job.max_attempts} used)"
+        )
+    after = _after_attempt(job, outcome, event.at)
+    if event.node_may_run_it and job.node_id and job.lease_id:
+        stop = StopOnNode(job.node_id, job.job_id, job.lease_id, event.reason)
+        after = dataclasses.replace(after, effects=(stop, *after.effects))
+    return after
+
+
+def _lease_returned(job: JobFacts, event: LeaseReturned) -> Transition:
+    _require(job, event, HELD_STATES)
+    outcome = Retry(QUEUED, "the node left before its lease arrived", attempt_counts=False)
+    return _after_attempt(job, outcome, event.at)
+
+
+def _failure_reported(job: JobFacts, event: FailureReported) -> Transition:
+    _require(job, event, HELD_STATES)
+    outcome = after_failure(
+        event.kind,
+        event.message,
+        job.attempt,
+        job.max_attempts,
+        invalid_before=job.error_kind == "invalid_spec",
+    )
+    return _after_attempt(_with(job, error_kind=event.kind), outcome, event.at)
+
+
+def _cancelled(job: JobFacts, event: Cancelled) -> Transition:
+    if job.state not in OPEN_STATES:
+        raise NotAllowed(f"job {job.job_id} is {job.state} already")
+    if job.rerun:
+        raise NotAllowed(f"job {job.job_id} verifies another job and cannot be cancelled")
+    effects: tuple[Effect, ...] = ()
+    if job.state in HELD_STATES and job.node_id and job.lease_id:
+        effects = (StopOnNode(job.node_id, job.job_id, job.lease_id, "the buyer cancelled the job"),)
+    cancelled = _finished(job, CANCELLED, event.at)
+    return Transition(cancelled, event.reason, _refund(job, CANCELLED, event.reason), effects)
+
+
+def _result_accepted(job: JobFacts, event: ResultAccepted) -> Transition:
+    _require(job, event, HELD_STATES)
+    if job.rerun:
+        return Transition(_finished(job, COMPLETED, event.at), f"completed on {event.node_id}")
+    node_share, fee = pricing.split_payment(event.price_micro, event.fee_basis_points)
+    # A batch held its most possible price: what it did not use goes back to the buyer.
+    rest = event.price_micro < job.price_micro
+    charge = Charge(event.node_id, node_share, fee, return_rest=rest, memo="job completed")
+    if event.held_for_verification:
+        state, message = (
+            VERIFYING,
+            (
+                f"completed on {event.node_id}, from a checkpoint another node made: its result is held "
+                f"until a trusted node verifies it"
+            ),
+        )
+    else:
+        state, message = COMPLETED, f"completed on {event.node_id}"
+    done = _with(_finished(job, state, event.at), price_micro=event.price_micro)
+    return Transition(done, message, (charge,))
+
+
+def _trial_stopped(job: JobFacts, event: TrialStopped) -> Transition:
+    _require(job, event, HELD_STATES, buyers_only=True)
+    return _stop_trial(job, event)
+
+
+def _verification_passed(job: JobFacts, event: VerificationPassed) -> Transition:
+    _require_verifiable(job, event)
+    # A stopped trial delivered no result: it stays stopped.
+    state = CANCELLED if job.state == CANCELLED else VERIFIED
+    return Transition(_with(job, state=state, updated_at=event.at), f"verified ({event.reason})")
+
+
+def _verification_failed(job: JobFacts, event: VerificationFailed) -> Transition:
+    _require_verifiable(job, event)
+    if job.state == CANCELLED:
+        # The buyer paid for steps the checkpoint does not show, and got no result for them.
+        memo = f"verification mismatch: the stopped trial's charge goes back ({event.reason})"
+        moves: tuple[Move, ...] = (ReturnCharge(job.price_micro, memo),)
+        what = "mismatch: the buyer's charge for the stopped trial is refunded"
+        return Transition(_with(job, updated_at=event.at), f"{what} ({event.reason})", moves)
+    # From verifying (or completed): the buyer gets the trusted run's result instead.
+    what = "mismatch: the trusted run's result replaces the delivered one"
+    settled = _with(job, state=COMPLETED, updated_at=event.at)
+    return Transition(settled, f"{what} ({event.reason})")
+
+
+def _delivered_unverified(job: JobFacts, event: DeliveredUnverified) -> Transition:
+    _require(job, event, {VERIFYING}, buyers_only=True)
+    return Transition(
+        _with(job, state=COMPLETED, updated_at=event.at),
+        "no trusted node verified it in time: its result is delivered unverified",
+    )
+
+
+def _rerun_dropped(job: JobFacts, event: RerunDropped) -> Transition:
+    _require(job, event, {QUEUED})
+    if not job.rerun:
+        raise NotAllowed(f"job {job.job_id} is not a verification re-run")
+    return Transition(_finished(job, CANCELLED, event.at), event.reason)
+
+
+_RULES: dict[type, Callable[[JobFacts, Any], Transition]] = {
+    Submitted: _submitted,
+    Leased: _leased,
+    Started: _started,
+    LeaseLost: _lease_lost,
+    LeaseReturned: _lease_returned,
+    FailureReported: _failure_reported,
+    Cancelled: _cancelled,
+    ResultAccepted: _result_accepted,
+    TrialStopped: _trial_stopped,
+    VerificationPassed: _verification_passed,
+    VerificationFailed: _verification_failed,
+    DeliveredUnverified: _delivered_unverified,
+    RerunDropped: _rerun_dropped,
+}
 
 
 # ---- what a failed attempt leads to
