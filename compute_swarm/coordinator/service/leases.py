@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session
 from compute_swarm import protocol
 from compute_swarm.coordinator.domain import lifecycle
 from compute_swarm.coordinator.domain.effects import StopOnNode
-from compute_swarm.coordinator.domain.lifecycle import FAILED, HELD_STATES, QUEUED
+from compute_swarm.coordinator.domain.lifecycle import HELD_STATES, QUEUED
 from compute_swarm.coordinator.domain.scheduler import QueuedJob
 from compute_swarm.coordinator.service import provenance
 from compute_swarm.coordinator.service.verifier import Verifier
@@ -266,8 +266,7 @@ class Leases:
 
     def _end_attempt(self, session: Session, job: Job, event: lifecycle.LeaseLost) -> None:
         change(session, job, event)
-        if job.verifies_job_id is not None and job.state == FAILED:
-            self.verifier.check_failed(session, job)
+        self.verifier.after_attempt(session, job)
 
 
 def current_job(session: Session, node_id: str, job_id: str, lease_id: str) -> Job | None:

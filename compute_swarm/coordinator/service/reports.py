@@ -19,7 +19,7 @@ from sqlalchemy.orm import Session
 
 from compute_swarm import protocol
 from compute_swarm.coordinator.domain import lifecycle
-from compute_swarm.coordinator.domain.lifecycle import FAILED, HELD_STATES, LEASED, STOPPED_EARLY
+from compute_swarm.coordinator.domain.lifecycle import HELD_STATES, LEASED, STOPPED_EARLY
 from compute_swarm.coordinator.service import batch, provenance, trials
 from compute_swarm.coordinator.service.adapter_check import AdapterRejected, check_adapter
 from compute_swarm.coordinator.service.leases import current_job
@@ -274,8 +274,7 @@ class Reports:
             if job is None:
                 return self._stale(session, report, "failure")
             change(session, job, lifecycle.FailureReported(time.time(), report.kind, report.message))
-            if job.verifies_job_id is not None and job.state == FAILED:
-                self.verifier.check_failed(session, job)
+            self.verifier.after_attempt(session, job)
             return _ack(report, "failure", True, job.state)
 
     def _stale(self, session: Session, report: Any, about: str) -> protocol.Acknowledged:

@@ -36,6 +36,7 @@ from compute_swarm.coordinator.domain.effects import StandingChanged
 from compute_swarm.coordinator.domain.lifecycle import (
     CANCELLED,
     COMPLETED,
+    FAILED,
     QUEUED,
     STOPPED_EARLY,
     VERIFIED,
@@ -434,9 +435,11 @@ class Verifier:
             raise batch.BatchResultError("the result is not in the store")
         return self.store.blob_path(sha256)
 
-    def check_failed(self, session: Session, check: Job) -> None:
-        """A re-run that ended without a result (no trusted node could finish it): the checked job's
-        credit waits out its window, as an unsampled job's does."""
+    def after_attempt(self, session: Session, check: Job) -> None:
+        """After a job's attempt ended badly: if it is a re-run that failed for good (no trusted node
+        could finish it), the checked job's credit waits out its window, as an unsampled job's does."""
+        if check.verifies_job_id is None or check.state != FAILED:
+            return
         job = session.get(Job, check.verifies_job_id)
         if job is not None and job.verification == PENDING:
             _undecided(
