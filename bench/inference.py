@@ -133,7 +133,8 @@ def main() -> None:
     import openai
     from llama_cpp import Llama
 
-    from compute_swarm.engine.inference import DEFAULT_CONTEXT_TOKENS, default_threads, gpu_offload_available
+    from compute_swarm.engine.inference import default_threads, gpu_offload_available
+    from compute_swarm.engine.memory import DEFAULT_CONTEXT_TOKENS
     from compute_swarm.engine.models import fetch_catalogue_model
     from tests.swarm_processes import Coordinator, Node, wait_for
 

@@ -11,15 +11,17 @@ import math
 from collections.abc import Mapping
 from typing import Annotated, Any, Literal, TypeVar
 
-from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from compute_swarm.engine.jobs import ChatMessage, Sampling
+from compute_swarm.engine.jobs import ChatMessage, InferenceJobSpec, Sampling, WireJobSpec
 
 # 3: a lease may bring a llama.cpp adapter to fetch (batch inference with a fine-tuned model).
 # 4: a lease states the size of every artifact it names, and a node stops a download past it.
 # 5: the welcome says the node's standing (active, awaiting ops' approval, quarantined), and a
 #    `standing` message says it again at once when it changes.
-PROTOCOL_VERSION = 5
+# 6: a lease's spec is typed (protocol.Lease.spec): every datum in it is named by its content hash, a
+#    batch's adapter and a verification re-run's adapter to evaluate included, as the lease names them.
+PROTOCOL_VERSION = 6
 
 # Where the node token goes in the websocket handshake (and in HTTP requests from a node).
 AUTHORIZATION_HEADER = "Authorization"
@@ -307,17 +309,17 @@ class Welcome(_Message):
 
 
 class Lease(_Message):
-    """Run this job. The spec's `dataset` is replaced by the artifact to fetch; `base_model` is always a
-    catalogue name, and `adapter` is never sent (the node fetches adapter_sha256). Resume from the
-    checkpoint artifact when one is given. Each artifact comes with its size as the coordinator stored
-    it: a node stops a download that goes past it (None: not known, as from an older coordinator)."""
+    """Run this job. Its spec names its data by content hash (the artifacts to fetch, each with its
+    size as the coordinator stored it: a node stops a download that goes past it) and its base model
+    by catalogue name; the node validates it here, once, and runs it on its own copies. Resume from the
+    checkpoint artifact when one is given."""
 
     type: Literal["lease"] = "lease"
     job_id: Identifier
     lease_id: Identifier
     attempt: int = Field(ge=1)
     max_attempts: int = Field(ge=1)
-    spec: dict[str, Any]
+    spec: WireJobSpec
     dataset_sha256: Sha256
     dataset_size: int = Field(ge=0)
     checkpoint_sha256: Sha256 | None = None
@@ -331,6 +333,16 @@ class Lease(_Message):
     evaluate_result_sha256: Sha256 | None = None
     evaluate_result_size: int | None = Field(default=None, ge=0)
     lease_seconds: float
+
+    @model_validator(mode="after")
+    def _spec_names_the_artifacts(self) -> Lease:
+        if isinstance(self.spec, InferenceJobSpec):
+            named = (self.spec.dataset, self.spec.adapter, None)
+        else:
+            named = (self.spec.dataset, None, self.spec.evaluate_adapter)
+        if named != (self.dataset_sha256, self.adapter_sha256, self.evaluate_result_sha256):
+            raise ValueError("the spec's data are not the artifacts the lease names")
+        return self
 
 
 class Cancel(_Message):
@@ -408,8 +420,39 @@ def parse_node_message(text: str | bytes) -> NodeMessage:
     return _parse(node_message_adapter, text)
 
 
+class UnusableLease(Exception):
+    """A lease whose envelope is sound but whose job this node cannot take as sent (its spec does not
+    validate here): the node answers with `failure` and keeps the connection."""
+
+    def __init__(self, failure: JobFailure):
+        super().__init__(failure.message)
+        self.failure = failure
+
+
+class _LeaseEnvelope(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+    type: Literal["lease"]
+    job_id: Identifier
+    lease_id: Identifier
+
+
 def parse_coordinator_message(text: str | bytes) -> CoordinatorMessage:
-    return _parse(coordinator_message_adapter, text)
+    try:
+        return _parse(coordinator_message_adapter, text)
+    except ProtocolViolation as violation:
+        if violation.code != CloseCode.MALFORMED:
+            raise
+        try:
+            envelope = _LeaseEnvelope.model_validate_json(text)
+        except ValidationError:
+            raise violation from None
+        failure = JobFailure(
+            job_id=envelope.job_id,
+            lease_id=envelope.lease_id,
+            kind="invalid_spec",
+            message=f"this node cannot take the lease as sent: {violation}"[:4000],
+        )
+        raise UnusableLease(failure) from None
 
 
 def model_key(model: str, adapter_sha256: str | None) -> str:

@@ -45,7 +45,8 @@ def one_step(lease, *arguments):
 
 
 def claim_every_step(lease, record, sha256, gguf_sha256=None):
-    claimed = record.model_copy(update={"steps": lease.spec.get("max_steps") or record.steps})
+    max_steps = lease.spec.max_steps if isinstance(lease.spec, LoraJobSpec) else None
+    claimed = record.model_copy(update={"steps": max_steps or record.steps})
     return honest_result_message(lease, claimed, sha256, gguf_sha256)
 
 

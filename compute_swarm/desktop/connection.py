@@ -175,7 +175,13 @@ class CoordinatorConnection:
             logger.info("connected to %s as node %s", self._coordinator, welcome.node_id)
             self._host.welcomed(welcome)
             async for text in websocket:
-                message = protocol.parse_coordinator_message(text)
+                try:
+                    message = protocol.parse_coordinator_message(text)
+                except protocol.UnusableLease as unusable:
+                    # The job is refused, not the connection: the coordinator hears why at once.
+                    logger.error("refused job %s: %s", unusable.failure.job_id, unusable.failure.message)
+                    self.post(unusable.failure)
+                    continue
                 try:
                     self._host.handle(message)
                 except ProtocolViolation:

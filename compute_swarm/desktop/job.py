@@ -1,6 +1,6 @@
 """One leased job on this node: fetches its dataset and checkpoint, runs it in engine.runner's child
 process, uploads its checkpoints and result (retrying while the coordinator is unreachable) and reports
-how it ended. desktop.agent owns one `JobRun` per lease and lends it a `JobHost`.
+how it ended. desktop.leased_jobs owns one `JobRun` per lease and lends it a `JobHost`.
 """
 
 from __future__ import annotations
@@ -28,8 +28,9 @@ from compute_swarm.desktop.job_reports import (
     progress_message,
     result_message,
 )
-from compute_swarm.desktop.lease_spec import InvalidLease, spec_for_lease
+from compute_swarm.desktop.lease_spec import InvalidLease, check_lease, spec_for_lease
 from compute_swarm.desktop.workspace import Workspace
+from compute_swarm.engine import artifacts
 from compute_swarm.engine.jobs import InferenceJobSpec, JobSpec
 from compute_swarm.engine.records import CheckpointSaved, Completed, Failed, Log, Progress, Record, Started
 from compute_swarm.protocol import finite_or_none
@@ -164,11 +165,10 @@ class JobRun:
         lease = self.lease
         try:
             try:
-                # Refused before downloading anything.
-                spec_for_lease(lease, self._host.workspace.artifact_path(lease.dataset_sha256))
+                check_lease(lease)  # refused before downloading anything
                 dataset, resume_from, adapter = await self._fetch_inputs()
                 evaluate = await self._fetch_result_to_evaluate()
-                spec = spec_for_lease(lease, dataset, adapter, evaluate)
+                spec = spec_for_lease(lease, dataset, adapter if adapter is not None else evaluate)
             except InvalidLease as error:
                 await self._report_early_failure("invalid_spec", str(error))
                 return
@@ -432,7 +432,7 @@ class JobRun:
             return
         self._set_status(phase="uploading")
         await asyncio.gather(*self._uploads, return_exceptions=True)
-        archive = self.directory / "result.tar"
+        archive = self.directory / artifacts.RESULT_ARCHIVE
         try:
             await asyncio.to_thread(workspace.pack_result, self.directory, archive, lease.dataset_sha256)
             sha256 = await self._retrying(
@@ -443,7 +443,7 @@ class JobRun:
                 UPLOAD_ATTEMPTS,
             )
             gguf_sha256 = None
-            gguf = self.output_dir / workspace.GGUF_ADAPTER_FILE
+            gguf = self.output_dir / artifacts.GGUF_ADAPTER_FILE
             if gguf.is_file():
                 gguf_sha256 = await self._retrying(
                     "upload the adapter for llama.cpp",
@@ -491,7 +491,7 @@ class JobRun:
                 logger.info(
                     "job %s: details (see %s):\n%s",
                     lease.job_id,
-                    self.output_dir / workspace.WORKER_LOG,
+                    self.output_dir / artifacts.WORKER_LOG,
                     record.details,
                 )
         self._post(failure_message(lease, kind, message))

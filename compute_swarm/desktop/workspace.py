@@ -19,9 +19,6 @@ logger = logging.getLogger(__name__)
 
 KEEP_JOB_LOGS = 3
 ARTIFACT_CACHE_BYTES = 5 * 2**30
-# The engine's names, for desktop.job, which reaches them through this module.
-GGUF_ADAPTER_FILE = artifacts.GGUF_ADAPTER_FILE
-WORKER_LOG = artifacts.WORKER_LOG
 
 
 def output_directory(job_directory: Path) -> Path:
@@ -103,13 +100,13 @@ class Workspace:
         """Remove a finished job's files, keeping its worker.log; keep the newest KEEP_JOB_LOGS logs."""
         directory = self.job_directory(job_id)
         if directory.is_dir() and job_id not in running:  # else a newer attempt runs in it now
-            log = output_directory(directory) / WORKER_LOG
+            log = output_directory(directory) / artifacts.WORKER_LOG
             if log.is_file():  # appended to the log of an earlier attempt on this node, if any
-                with open(directory / WORKER_LOG, "ab") as kept, open(log, "rb") as latest:
+                with open(directory / artifacts.WORKER_LOG, "ab") as kept, open(log, "rb") as latest:
                     shutil.copyfileobj(latest, kept)
                 log.unlink()
             for child in directory.iterdir():
-                if child.name == WORKER_LOG:
+                if child.name == artifacts.WORKER_LOG:
                     continue
                 if child.is_dir() and not child.is_symlink():
                     shutil.rmtree(child, ignore_errors=True)

@@ -10,7 +10,6 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from compute_swarm.engine.inference import COMPLETIONS_FILE
 from compute_swarm.engine.jobs import LoraJobSpec
 
 # A LoRA adapter in peft's layout: peft's own loaders expect exactly these two names.
@@ -19,6 +18,8 @@ ADAPTER_WEIGHTS_FILE = "adapter_model.safetensors"
 GGUF_ADAPTER_FILE = "adapter.gguf"  # the adapter for llama.cpp, beside peft's files
 METRICS_FILE = "metrics.json"  # the training curves and the spec they came from
 WORKER_LOG = "worker.log"  # the engine child's stderr, appended to by every attempt
+# A batch inference job's answers, one JSON line per prompt in order (engine.inference).
+COMPLETIONS_FILE = "completions.jsonl"
 
 # Checkpoints: output_dir/checkpoints/step-00000003/{adapter files, trainer state, optimizer, RNG}.
 CHECKPOINTS_DIRECTORY = "checkpoints"

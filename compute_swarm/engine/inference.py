@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING, Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
+from compute_swarm.engine.artifacts import COMPLETIONS_FILE
 from compute_swarm.engine.jobs import (
     ChatMessage,
     InferenceJobSpec,
@@ -26,6 +27,7 @@ from compute_swarm.engine.jobs import (
     Sampling,
     parse_prompt_line,
 )
+from compute_swarm.engine.memory import DEFAULT_CONTEXT_TOKENS
 from compute_swarm.engine.records import Completed, Progress, Record, Started
 
 if TYPE_CHECKING:
@@ -33,9 +35,7 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_CONTEXT_TOKENS = 4096
 DEFAULT_MAX_LOADED_MODELS = 2
-COMPLETIONS_FILE = "completions.jsonl"
 
 
 class _Message(BaseModel):

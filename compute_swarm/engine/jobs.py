@@ -10,17 +10,20 @@ import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, Literal
+from typing import Annotated, ClassVar, Generic, Literal
 
 from pydantic import (
     BaseModel,
     ConfigDict,
     Field,
+    GetCoreSchemaHandler,
     TypeAdapter,
     ValidationError,
     field_validator,
     model_validator,
 )
+from pydantic_core import CoreSchema, core_schema
+from typing_extensions import TypeVar
 
 # Module names that peft matches against `named_modules()`; plain identifiers only, so a spec can
 # never smuggle a regular expression or a path into the trainer.
@@ -180,12 +183,62 @@ class _Spec(BaseModel):
     model_config = ConfigDict(frozen=True, extra="forbid", strict=True)
 
 
-class LoraJobSpec(_Spec):
+# ---- where a job's data is. A spec names its data (the dataset; a batch's adapter; a verification
+# re-run's adapter to evaluate) in one of three forms, by where the spec is; its settings are the same
+# in all three. The coordinator turns a buyer's spec into a lease's, a node a lease's into its own
+# (`relocated`), and each side validates a spec once: the coordinator when the buyer submits it, the
+# node when the lease arrives (protocol.Lease).
+
+
+class _DataReference(str):
+    """One form of naming a job's data, validated as a string of at most `maximum_length` characters
+    matching `pattern` (None: any). The values stay plain strings; the class names the form."""
+
+    pattern: ClassVar[re.Pattern | None] = None
+    maximum_length: ClassVar[int] = 4096
+    described: ClassVar[str] = ""
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: object, handler: GetCoreSchemaHandler) -> CoreSchema:
+        return core_schema.no_info_after_validator_function(
+            cls._check, core_schema.str_schema(min_length=1, max_length=cls.maximum_length)
+        )
+
+    @classmethod
+    def _check(cls, value: str) -> str:
+        if cls.pattern is not None and not cls.pattern.fullmatch(value):
+            raise ValueError(f"{value[:100]!r} is not {cls.described}")
+        return value
+
+
+class FileId(_DataReference):
+    """A file the buyer uploaded to the coordinator, by its id: how the API's specs name their data."""
+
+    pattern = re.compile(r"[A-Za-z0-9_-]+")
+    maximum_length = 64
+    described = "a file id (upload the file first and give the id the upload returned)"
+
+
+class ContentHash(_DataReference):
+    """An artifact's sha256: how a lease names the data a node fetches (never a buyer's file id)."""
+
+    pattern = re.compile(r"[0-9a-f]{64}")
+    described = "an artifact's sha256 (64 lowercase hex digits)"
+
+
+class LocalPath(_DataReference):
+    """A file on the machine that runs the job, which the engine reads (the default form)."""
+
+
+Reference = TypeVar("Reference", default=LocalPath)
+
+
+class LoraJobSpec(_Spec, Generic[Reference]):
     """A LoRA fine-tune of a causal language model on a JSONL dataset.
 
-    base_model and dataset are resolved on the machine that runs the job. Locally (the CLI) they may
-    be paths; a coordinator must only ever send catalogue names and content-addressed artifacts that
-    the node itself placed, never a path chosen by a buyer.
+    Unparametrised, its data are local paths and base_model may be a path too (the engine, its CLI). A
+    coordinator only ever sends catalogue names and content hashes (`LoraJobSpec[ContentHash]`),
+    which the node resolves to artifacts it placed itself, never to a path chosen by a buyer.
     """
 
     type: Literal["lora"] = "lora"
@@ -195,10 +248,8 @@ class LoraJobSpec(_Spec):
         max_length=4096,
         description="A catalogue name (see CATALOGUE), a Hugging Face model directory, or a .gguf file.",
     )
-    dataset: str = Field(
-        min_length=1,
-        max_length=4096,
-        description="A JSONL file: one {'messages': [...]} or {'prompt': ..., 'completion': ...} per line.",
+    dataset: Reference = Field(
+        description="A JSONL file: one {'messages': [...]} or {'prompt': ..., 'completion': ...} per line."
     )
 
     # The adapter.
@@ -229,8 +280,8 @@ class LoraJobSpec(_Spec):
     )
     # Verification: after training, also measure the held-out loss of this adapter (another node's
     # result for the same spec), so the two can be compared.
-    evaluate_adapter: str | None = Field(
-        default=None, min_length=1, max_length=4096, description="A peft adapter directory to evaluate too."
+    evaluate_adapter: Reference | None = Field(
+        default=None, description="A peft adapter (a directory, or its tar as an artifact) to evaluate too."
     )
 
     @field_validator("target_modules")
@@ -274,35 +325,60 @@ class Sampling(_Spec):
     )
 
 
-class InferenceJobSpec(_Spec):
+class InferenceJobSpec(_Spec, Generic[Reference]):
     """Batch inference: answer every line of a JSONL of prompts (see PromptLine) with one model,
-    writing a JSONL of completions in the same order.
-
-    As with LoraJobSpec, base_model, adapter and dataset are resolved on the node; a coordinator sends
-    a catalogue name and content-addressed artifacts, never a buyer's path.
+    writing a JSONL of completions in the same order. Its data take the three forms as LoraJobSpec's.
     """
 
     type: Literal["inference"] = "inference"
     base_model: str = Field(min_length=1, max_length=4096)
-    adapter: str | None = Field(
-        default=None, min_length=1, max_length=4096, description="A llama.cpp LoRA adapter (.gguf)."
-    )
-    dataset: str = Field(min_length=1, max_length=4096)
+    adapter: Reference | None = Field(default=None, description="A llama.cpp LoRA adapter (.gguf).")
+    dataset: Reference
     sampling: Sampling = Sampling()
 
 
+# A spec as the machine that runs it reads it (data as local paths), as a buyer submits it to the
+# coordinator (data as file ids) and as a lease carries it to a node (data as content hashes).
 JobSpec = Annotated[LoraJobSpec | InferenceJobSpec, Field(discriminator="type")]
+BuyerJobSpec = Annotated[LoraJobSpec[FileId] | InferenceJobSpec[FileId], Field(discriminator="type")]
+WireJobSpec = Annotated[LoraJobSpec[ContentHash] | InferenceJobSpec[ContentHash], Field(discriminator="type")]
 _job_spec_adapter: TypeAdapter[JobSpec] = TypeAdapter(JobSpec)
+_buyer_spec_adapter: TypeAdapter[BuyerJobSpec] = TypeAdapter(BuyerJobSpec)
 
 
 def parse_job_spec(data: str | bytes | dict) -> JobSpec:
-    """Validate a spec given as JSON text or as JSON-like data (as it arrives on the wire).
+    """Validate a spec whose data are local paths, given as JSON text or as JSON-like data.
 
     Raises pydantic.ValidationError, whose message names each bad field.
     """
-    if isinstance(data, dict):
-        data = json.dumps(data)
-    return _job_spec_adapter.validate_json(data)
+    return _job_spec_adapter.validate_json(json.dumps(data) if isinstance(data, dict) else data)
+
+
+def parse_buyer_spec(data: str | bytes | dict) -> BuyerJobSpec:
+    """Validate a spec whose data are the buyer's file ids (as the API receives it, and as the
+    coordinator stores it). Raises pydantic.ValidationError."""
+    return _buyer_spec_adapter.validate_json(json.dumps(data) if isinstance(data, dict) else data)
+
+
+def relocated(
+    spec: LoraJobSpec | InferenceJobSpec,
+    form: type[_DataReference],
+    *,
+    dataset: str,
+    adapter: str | None = None,
+    base_model: str | None = None,
+) -> LoraJobSpec | InferenceJobSpec:
+    """The same job with its data named in another form (FileId, ContentHash or LocalPath): `dataset`,
+    and `adapter` (a batch's llama.cpp adapter, a fine-tune's adapter to evaluate); `base_model` when
+    it is named otherwise there too (a buyer's fine-tuned model id is its catalogue base on the wire).
+    Raises pydantic.ValidationError where a reference does not fit the form."""
+    kind = LoraJobSpec if isinstance(spec, LoraJobSpec) else InferenceJobSpec
+    fields = {name: getattr(spec, name) for name in type(spec).model_fields}
+    fields["dataset"] = dataset
+    fields["adapter" if kind is InferenceJobSpec else "evaluate_adapter"] = adapter
+    if base_model is not None:
+        fields["base_model"] = base_model
+    return kind[form](**fields)
 
 
 # ---- command-line options: `compute-swarm train` (local) and `compute-swarm submit lora` (the swarm)

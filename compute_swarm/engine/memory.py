@@ -45,7 +45,7 @@ ADAPTER_BYTES_PER_PARAMETER = 16
 # llama.cpp's compute buffers beside the weights and the cache (tens of MiB for small models).
 INFERENCE_COMPUTE_BYTES = 64 * MIB
 # The context a node serves a model with unless its owner sets another, and so the KV cache the
-# coordinator allows for (engine.inference.DEFAULT_CONTEXT_TOKENS must be the same).
+# coordinator allows for (engine.inference serves with it).
 DEFAULT_CONTEXT_TOKENS = 4096
 
 

@@ -207,6 +207,15 @@ def test_a_rerun_no_trusted_node_took_is_dropped():
         transition(submitted(), lifecycle.RerunDropped(9.0, "window passed"))
 
 
+def test_a_job_whose_stored_spec_cannot_be_sent_fails_before_any_lease_and_is_refunded():
+    step = transition(submitted(), lifecycle.Unsendable(1.0, "its spec can no longer be sent"))
+    assert (step.job.state, step.job.error_kind, step.job.node_id) == (FAILED, "invalid_spec", None)
+    assert step.moves == (Refund("job failed: its spec can no longer be sent"),)
+    assert transition(submitted(rerun=True), lifecycle.Unsendable(1.0, "x")).moves == ()
+    with pytest.raises(NotAllowed):
+        transition(leased(submitted()), lifecycle.Unsendable(1.0, "x"))
+
+
 # ---- any sequence of events
 
 
@@ -227,6 +236,7 @@ EVENTS = st.sampled_from(
         lifecycle.VerificationPassed(6.0, "ok"),
         lifecycle.VerificationFailed(6.0, "differs"),
         lifecycle.DeliveredUnverified(7.0),
+        lifecycle.Unsendable(1.0, "its stored spec no longer validates"),
     ]
 )
 

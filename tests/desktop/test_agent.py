@@ -367,6 +367,35 @@ def test_a_lease_for_a_model_outside_the_catalogue_is_refused_without_downloadin
     asyncio.run(scenario())
 
 
+def test_a_lease_whose_spec_does_not_validate_is_refused_and_the_connection_kept(tmp_path: Path) -> None:
+    async def scenario() -> None:
+        coordinator = FakeCoordinator(auto_acknowledge=True)
+        server = await serve(coordinator.handle, "127.0.0.1", 0)
+        agent = make_agent(tmp_path, server.sockets[0].getsockname()[1])
+        running = asyncio.create_task(agent.run())
+        try:
+            await coordinator.expect(protocol.Hello)
+            websocket = await coordinator.connections.get()
+            unusable = json.loads(make_lease().model_dump_json())
+            unusable["spec"]["rank"] = 0
+            await websocket.send(json.dumps(unusable))
+            failure = await coordinator.expect(protocol.JobFailure)
+            assert (failure.job_id, failure.kind) == ("job_1", "invalid_spec") and "rank" in failure.message
+            assert agent._client.downloads == [] and FakeRunner.instances == []
+            # The same connection takes the next lease.
+            await websocket.send(make_lease(job_id="job_2", lease_id="lease_2").model_dump_json())
+            async with asyncio.timeout(10):
+                while not FakeRunner.instances:
+                    await asyncio.sleep(0.05)
+            assert coordinator.connections.empty()
+        finally:
+            agent.stop()
+            await asyncio.wait_for(running, 10)
+            server.close()
+
+    asyncio.run(scenario())
+
+
 def test_a_refused_token_stops_the_agent_with_a_clear_error(tmp_path: Path) -> None:
     async def scenario() -> None:
         coordinator = FakeCoordinator(close_with=(protocol.CloseCode.UNAUTHORIZED, "token revoked"))

@@ -6,6 +6,7 @@ a closed connection means (desktop.connection_rules)."""
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 import random
 from pathlib import Path
@@ -27,7 +28,7 @@ from compute_swarm.desktop.lease_spec import InvalidLease, spec_for_lease
 from compute_swarm.desktop.node_description import telemetry_from_inventory
 from compute_swarm.desktop.outbox import Outbox
 from compute_swarm.engine.devices import CpuInfo, DeviceInventory, GpuInfo
-from compute_swarm.engine.jobs import DEFAULT_MODEL
+from compute_swarm.engine.jobs import DEFAULT_MODEL, LoraJobSpec
 from compute_swarm.engine.records import Completed, Progress
 
 DATASET = b'{"prompt": "2+2?", "completion": "4"}\n'
@@ -130,14 +131,53 @@ def test_telemetry_from_an_inventory_uses_the_torch_checked_backends() -> None:
 def test_a_lease_becomes_a_spec_with_the_nodes_own_dataset_path(tmp_path: Path) -> None:
     local = tmp_path / "artifacts" / DATASET_SHA256
     spec = spec_for_lease(make_lease(rank=4), local)
-    assert spec.dataset == str(local)
+    assert isinstance(spec, LoraJobSpec) and spec.dataset == str(local)
     assert (spec.base_model, spec.rank, spec.max_steps) == (DEFAULT_MODEL, 4, 4)
 
-    for base_model in ("/home/seller/.ssh/id_rsa", "some-other-model", None):
+    for base_model in ("/home/seller/.ssh/id_rsa", "some-other-model"):
         with pytest.raises(InvalidLease, match="not in this node's catalogue"):
             spec_for_lease(make_lease(base_model=base_model), local)
-    with pytest.raises(InvalidLease, match="rank"):
-        spec_for_lease(make_lease(rank=0), local)
+
+
+def lease_text(**changes: object) -> str:
+    """A lease as it arrives on the wire, with its fields (the spec's under "spec") changed."""
+    message = json.loads(make_lease().model_dump_json())
+    message["spec"].update(changes.pop("spec", {}))
+    message.update(changes)
+    return json.dumps(message)
+
+
+def test_a_lease_whose_job_cannot_run_as_sent_is_refused_and_the_connection_kept() -> None:
+    assert protocol.parse_coordinator_message(lease_text()) == make_lease()
+    unusable = {
+        "a setting out of range": {"spec": {"rank": 0}},
+        "no base model": {"spec": {"base_model": None}},
+        "a path for the dataset": {"spec": {"dataset": "/home/seller/.ssh/id_rsa"}},
+        "another dataset than the lease's": {"spec": {"dataset": "b" * 64}},
+        "an adapter the lease does not name": {"spec": {"evaluate_adapter": "c" * 64}},
+        "a field this node does not know": {"spec": {"new_setting": 1}},
+    }
+    for what, changes in unusable.items():
+        with pytest.raises(protocol.UnusableLease) as refused:
+            protocol.parse_coordinator_message(lease_text(**changes))
+        failure = refused.value.failure
+        assert (failure.job_id, failure.lease_id, failure.kind) == ("job_1", "lease_1", "invalid_spec"), what
+        assert "cannot take the lease" in failure.message, what
+    # A lease without the job it is about cannot be answered: that is a broken connection.
+    with pytest.raises(protocol.ProtocolViolation) as broken:
+        protocol.parse_coordinator_message(lease_text(job_id=None, spec={"rank": 0}))
+    assert not isinstance(broken.value, protocol.UnusableLease)
+
+
+def test_a_verification_re_run_evaluates_the_adapter_the_lease_names(tmp_path: Path) -> None:
+    delivered = "d" * 64
+    lease = protocol.parse_coordinator_message(
+        lease_text(
+            spec={"evaluate_adapter": delivered}, evaluate_result_sha256=delivered, evaluate_result_size=9
+        )
+    )
+    spec = spec_for_lease(lease, tmp_path / "data.jsonl", tmp_path / "delivered")
+    assert isinstance(spec, LoraJobSpec) and spec.evaluate_adapter == str(tmp_path / "delivered")
 
 
 def test_records_translate_into_wire_messages() -> None:

@@ -20,7 +20,7 @@ def test_a_tidied_job_keeps_only_its_logs_and_only_the_newest_jobs_keep_theirs(t
         space.clear_job_directory(directory)
         output = workspace.output_directory(directory)
         artifacts.checkpoint_directory(output).mkdir(parents=True)
-        (output / workspace.WORKER_LOG).write_text(f"attempt of job {number}\n")
+        (output / artifacts.WORKER_LOG).write_text(f"attempt of job {number}\n")
         (directory / artifacts.RESULT_ARCHIVE).write_bytes(b"tar")
         os.utime(directory, (number, number))
     running = frozenset({"job_0"})  # the oldest, but a lease still runs in it
@@ -28,8 +28,8 @@ def test_a_tidied_job_keeps_only_its_logs_and_only_the_newest_jobs_keep_theirs(t
     space.tidy_job("job_1", running)
 
     job_1 = space.job_directory("job_1")
-    assert [path.name for path in job_1.iterdir()] == [workspace.WORKER_LOG]
-    assert (job_1 / workspace.WORKER_LOG).read_text() == "attempt of job 1\n"
+    assert [path.name for path in job_1.iterdir()] == [artifacts.WORKER_LOG]
+    assert (job_1 / artifacts.WORKER_LOG).read_text() == "attempt of job 1\n"
     assert (space.job_directory("job_0") / "output").is_dir()
     # job_1 was just tidied, so it is the newest; of the other finished jobs, the oldest goes.
     kept = sorted(path.name for path in space.jobs_directory.iterdir())

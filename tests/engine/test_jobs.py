@@ -5,7 +5,14 @@ from __future__ import annotations
 import pytest
 from pydantic import ValidationError
 
-from compute_swarm.engine.jobs import LoraJobSpec, parse_job_spec
+from compute_swarm.engine.jobs import (
+    ContentHash,
+    LocalPath,
+    LoraJobSpec,
+    parse_buyer_spec,
+    parse_job_spec,
+    relocated,
+)
 
 VALID = {"type": "lora", "base_model": "smollm2-135m-instruct", "dataset": "data.jsonl", "max_steps": 10}
 
@@ -53,3 +60,46 @@ def test_specs_are_immutable() -> None:
     spec = LoraJobSpec(base_model="m", dataset="d.jsonl", max_steps=1)
     with pytest.raises(ValidationError):
         spec.rank = 64  # type: ignore[misc]
+
+
+def test_a_spec_names_its_data_in_the_form_of_where_it_is() -> None:
+    submitted = parse_buyer_spec(
+        {
+            "type": "lora",
+            "base_model": "smollm2-135m-instruct",
+            "dataset": "file_0123",
+            "max_steps": 5,
+            "rank": 4,
+        }
+    )
+    on_the_wire = relocated(submitted, ContentHash, dataset="a" * 64, adapter="b" * 64)
+    on_the_node = relocated(on_the_wire, LocalPath, dataset="/data/a.jsonl", adapter="/data/delivered")
+    assert isinstance(on_the_wire, LoraJobSpec[ContentHash]) and isinstance(on_the_node, LoraJobSpec)
+    assert (on_the_wire.dataset, on_the_wire.evaluate_adapter) == ("a" * 64, "b" * 64)
+    assert (on_the_node.dataset, on_the_node.evaluate_adapter) == ("/data/a.jsonl", "/data/delivered")
+    settings = {"dataset", "evaluate_adapter"}
+    assert submitted.model_dump(exclude=settings) == on_the_node.model_dump(exclude=settings)
+
+    batch = parse_buyer_spec({"type": "inference", "base_model": "ft:x", "dataset": "file_prompts"})
+    wire_batch = relocated(
+        batch, ContentHash, dataset="c" * 64, adapter="d" * 64, base_model="smollm2-135m-instruct"
+    )
+    assert (wire_batch.base_model, wire_batch.adapter) == ("smollm2-135m-instruct", "d" * 64)
+
+
+@pytest.mark.parametrize(
+    ("parse", "dataset", "words"),
+    [
+        (parse_buyer_spec, "/home/buyer/data.jsonl", "is not a file id"),
+        (parse_buyer_spec, "x" * 65, "at most 64 characters"),
+        (
+            lambda data: relocated(parse_job_spec(data), ContentHash, dataset="file_1"),
+            "/d",
+            "is not an artifact's sha256",
+        ),
+        (parse_job_spec, "", "at least 1 character"),
+    ],
+)
+def test_a_reference_that_does_not_fit_its_form_is_refused(parse, dataset: str, words: str) -> None:
+    with pytest.raises(ValidationError, match=words):
+        parse({"type": "lora", "base_model": "m", "dataset": dataset, "max_steps": 2})

@@ -13,7 +13,6 @@ from pathlib import Path
 import pytest
 
 from compute_swarm.coordinator.domain.scheduler import inference_memory_bytes, required_memory_bytes
-from compute_swarm.engine import inference
 from compute_swarm.engine.catalogue import fetch_catalogue_model
 from compute_swarm.engine.jobs import CATALOGUE, DEFAULT_MODEL, LoraJobSpec
 from compute_swarm.engine.memory import (
@@ -166,10 +165,6 @@ def test_a_node_chosen_to_serve_a_model_finds_it_fits() -> None:
     for adapter_path, adapter_size in ((None, 0), (adapter, adapter.stat().st_size)):
         held = estimate_inference_memory(gguf, adapter_path, DEFAULT_CONTEXT_TOKENS)
         assert inference_memory_bytes(DEMO_MODEL, adapter_size) == free_bytes_needed(held)
-
-
-def test_the_node_serves_with_the_context_the_coordinator_assumes() -> None:
-    assert inference.DEFAULT_CONTEXT_TOKENS == DEFAULT_CONTEXT_TOKENS
 
 
 # The arithmetic ----------------------------------------------------------------------------------------

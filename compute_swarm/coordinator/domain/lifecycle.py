@@ -233,6 +233,14 @@ class RerunDropped:
     reason: str
 
 
+@dataclass(frozen=True)
+class Unsendable:
+    """A queued job whose stored spec no node can be sent (only one an older coordinator stored)."""
+
+    at: float
+    reason: str
+
+
 Event = (
     Submitted
     | Leased
@@ -247,6 +255,7 @@ Event = (
     | VerificationFailed
     | DeliveredUnverified
     | RerunDropped
+    | Unsendable
 )
 
 
@@ -409,6 +418,14 @@ def _rerun_dropped(job: JobFacts, event: RerunDropped) -> Transition:
     return Transition(_finished(job, CANCELLED, event.at), event.reason)
 
 
+def _unsendable(job: JobFacts, event: Unsendable) -> Transition:
+    _require(job, event, {QUEUED})
+    failed = _with(
+        _finished(job, FAILED, event.at), error_kind="invalid_spec", error_message=event.reason[:2000]
+    )
+    return Transition(failed, event.reason, _refund(job, FAILED, event.reason))
+
+
 _RULES: dict[type, Callable[[JobFacts, Any], Transition]] = {
     Submitted: _submitted,
     Leased: _leased,
@@ -423,6 +440,7 @@ _RULES: dict[type, Callable[[JobFacts, Any], Transition]] = {
     VerificationFailed: _verification_failed,
     DeliveredUnverified: _delivered_unverified,
     RerunDropped: _rerun_dropped,
+    Unsendable: _unsendable,
 }
 
 

@@ -19,13 +19,13 @@ from typing import BinaryIO
 
 from compute_swarm.coordinator.domain import pricing
 from compute_swarm.coordinator.service.tokens import ChatMessage, TokenCounter
+from compute_swarm.engine.artifacts import COMPLETIONS_FILE
 from compute_swarm.engine.jobs import CatalogueModel, InferenceJobSpec, parse_prompt_line
 
-COMPLETIONS_FILE = "completions.jsonl"  # engine.inference.COMPLETIONS_FILE, inside the result's tar
 # A completions file holds at most max_tokens tokens an answer, each at most a few bytes, plus its JSON.
 MAX_COMPLETION_LINE_BYTES = 1 << 20
 # A result is a node's upload, read before anyone trusts it, so its reading is bounded. A batch's tar
-# holds completions.jsonl and at most a few other files (the node packs desktop.workspace.RESULT_FILES);
+# holds completions.jsonl and at most a few other files (the node packs engine.artifacts.RESULT_FILES);
 # the scan stops past this many members, whatever the archive holds after them.
 MAX_RESULT_MEMBERS = 16
 # What the members' headers may take together (PAX and GNU long-name records included, which tarfile

@@ -9,6 +9,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import dataclass
 
+from pydantic import ValidationError
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
@@ -24,6 +25,7 @@ from compute_swarm.coordinator.store.database import Database
 from compute_swarm.coordinator.store.job_changes import change
 from compute_swarm.coordinator.store.job_events import record as record_event
 from compute_swarm.coordinator.store.tables import Artifact, Job
+from compute_swarm.engine.jobs import ContentHash, InferenceJobSpec, LoraJobSpec, relocated
 
 
 @dataclass(frozen=True)
@@ -41,6 +43,19 @@ RERUNS_PER_DISPATCH = 256
 
 def new_lease_id() -> str:
     return f"lease_{secrets.token_hex(8)}"
+
+
+def wire_spec(job: Job) -> LoraJobSpec[ContentHash] | InferenceJobSpec[ContentHash]:
+    """The job's spec as a node reads it: its data named by content hash and its base model by
+    catalogue name, never by the buyer's file id, file name or fine-tuned model id. Its adapter is a
+    batch's llama.cpp adapter, or the result a verification re-run of a fine-tune evaluates."""
+    return relocated(
+        job.submitted_spec,
+        ContentHash,
+        dataset=job.dataset_sha256,
+        adapter=job.input_adapter_sha256 if job.kind == "inference" else job.delivered_result_sha256,
+        base_model=job.base_model,
+    )
 
 
 class Leases:
@@ -107,6 +122,13 @@ class Leases:
                 job = jobs.get(job_id)
                 if job is None or job.state != QUEUED:
                     continue
+                try:
+                    spec = wire_spec(job)
+                except ValidationError as error:
+                    # Validated when it was submitted: only a spec an older coordinator stored can fail.
+                    reason = f"its spec can no longer be sent to a node: {error.errors()[0]['msg']}"
+                    change(session, job, lifecycle.Unsendable(now, reason))
+                    continue
                 change(
                     session, job, lifecycle.Leased(now, node_id, new_lease_id(), self.settings.lease_seconds)
                 )
@@ -116,15 +138,20 @@ class Leases:
                     record_event(session, job, start_over)
                 job.resumed_from_sha256 = job.checkpoint_sha256
                 grants.append(
-                    Grant(node_id=node_id, message=self._lease_message(session, job), queued_at=job.queued_at)
+                    Grant(
+                        node_id=node_id,
+                        message=self._lease_message(session, job, spec),
+                        queued_at=job.queued_at,
+                    )
                 )
         return grants
 
-    def _lease_message(self, session: Session, job: Job) -> protocol.Lease:
-        # The node receives the dataset (and a fine-tuned model's adapter) as artifacts to fetch: never
-        # the buyer's file id, name or model id. With each, its stored size: the node downloads no more.
-        spec = {**job.spec, "base_model": job.base_model, "dataset": job.dataset_sha256}
-        evaluate_result_sha256 = job.delivered_result_sha256 if job.kind == "lora" else None
+    def _lease_message(
+        self, session: Session, job: Job, spec: LoraJobSpec[ContentHash] | InferenceJobSpec[ContentHash]
+    ) -> protocol.Lease:
+        # Each artifact the spec names comes with its stored size: the node downloads no more.
+        adapter_sha256 = spec.adapter if isinstance(spec, InferenceJobSpec) else None
+        evaluate_result_sha256 = spec.evaluate_adapter if isinstance(spec, LoraJobSpec) else None
         return protocol.Lease(
             job_id=job.id,
             lease_id=job.lease_id,
@@ -136,8 +163,8 @@ class Leases:
             checkpoint_sha256=job.checkpoint_sha256,
             checkpoint_size=_artifact_size(session, job.checkpoint_sha256),
             checkpoint_step=job.checkpoint_step,
-            adapter_sha256=job.input_adapter_sha256,
-            adapter_size=_artifact_size(session, job.input_adapter_sha256),
+            adapter_sha256=adapter_sha256,
+            adapter_size=_artifact_size(session, adapter_sha256),
             evaluate_result_sha256=evaluate_result_sha256,
             evaluate_result_size=_artifact_size(session, evaluate_result_sha256),
             lease_seconds=self.settings.lease_seconds,

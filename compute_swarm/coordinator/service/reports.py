@@ -32,7 +32,7 @@ from compute_swarm.coordinator.store.database import Database
 from compute_swarm.coordinator.store.job_changes import change
 from compute_swarm.coordinator.store.job_events import record as record_event
 from compute_swarm.coordinator.store.tables import Job, JobProgressPoint, Node, Upload
-from compute_swarm.engine.jobs import CATALOGUE, InferenceJobSpec, parse_job_spec
+from compute_swarm.engine.jobs import CATALOGUE, InferenceJobSpec
 from compute_swarm.protocol import finite_or_none
 
 logger = logging.getLogger(__name__)
@@ -118,7 +118,7 @@ class Reports:
             if job is None:
                 return self._stale(session, report, "checkpoint")
             problem = _check_upload(session, node_id, job, "checkpoint", report.sha256)
-            max_steps = job.spec.get("max_steps")
+            max_steps = job.max_steps
             if not problem and max_steps is not None and report.step > max_steps:
                 problem = f"step {report.step} is past the job's {max_steps} steps"
             if problem:
@@ -240,7 +240,7 @@ class Reports:
             problem = _check_result(session, node_id, job, report)
             if problem:
                 return None, problem
-            spec = parse_job_spec(job.spec)
+            spec = job.submitted_spec
             assert isinstance(spec, InferenceJobSpec)
             max_tokens, lines, dataset_size = spec.sampling.max_tokens, job.dataset_lines, job.dataset_size
             base_model, prompts = job.base_model, job.dataset_sha256
@@ -322,7 +322,7 @@ def _check_result(session: Session, node_id: str, job: Job, report: protocol.Job
         return problem
     # Work the coordinator can check: a fixed-length job takes exactly its steps, and no job ends
     # before the checkpoint it was resumed from.
-    max_steps = job.spec.get("max_steps")
+    max_steps = job.max_steps
     if max_steps is not None and report.steps != max_steps:
         return f"the job takes {max_steps} steps, not {report.steps}"
     if report.steps < max(1, job.checkpoint_step):

@@ -21,7 +21,7 @@ from compute_swarm.coordinator.store import ledger
 from compute_swarm.coordinator.store.database import Database
 from compute_swarm.coordinator.store.job_changes import change
 from compute_swarm.coordinator.store.tables import Buyer, File, Job, Sweep
-from compute_swarm.engine.jobs import CATALOGUE, InferenceJobSpec, LoraJobSpec, parse_job_spec
+from compute_swarm.engine.jobs import CATALOGUE, InferenceJobSpec, LoraJobSpec, parse_buyer_spec
 
 
 class JobError(Exception):
@@ -198,10 +198,11 @@ class Submissions:
 
 
 def parse_spec(spec_data: Any) -> LoraJobSpec | InferenceJobSpec:
+    """A buyer's spec, validated: the coordinator's one check of it (a lease's spec is built from it)."""
     if not isinstance(spec_data, dict):
         raise JobError("spec must be a JSON object", 422)
     try:
-        spec = parse_job_spec({"type": "lora", **spec_data})
+        spec = parse_buyer_spec({"type": "lora", **spec_data})
     except ValidationError as error:
         raise JobError(_describe(error), 422, _fields(error)) from None
     if isinstance(spec, InferenceJobSpec) and spec.adapter is not None:

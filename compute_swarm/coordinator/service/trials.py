@@ -122,15 +122,16 @@ def checked_work(session: Session, job: Job) -> CheckedWork:
 def checkpoint_follows(job: Job, step: int) -> bool:
     """Whether the engine saves a checkpoint at this step of the trial, after reporting its held-out
     loss there (engine.lora: every checkpoint_interval steps, before the last)."""
-    interval = job.spec.get("checkpoint_interval") or 0
-    return interval > 0 and step % interval == 0 and step < (job.spec.get("max_steps") or 0)
+    spec = job.submitted_spec
+    interval = spec.checkpoint_interval
+    return interval > 0 and step % interval == 0 and step < (spec.max_steps or 0)
 
 
 def after_evaluation(
     session: Session, job: Job, step: int, eval_loss: float, settings: Settings, verifier: Verifier
 ) -> str | None:
     """A trial's node reported a held-out loss at `step`; the reason when the trial stopped."""
-    if step >= (job.spec.get("max_steps") or 0):
+    if step >= (job.max_steps or 0):
         return None  # its result follows
     if checkpoint_follows(job, step) and checked_work(session, job).to_step < step:
         return None  # judged when the checkpoint arrives (after_checkpoint)
@@ -142,7 +143,7 @@ def after_checkpoint(
 ) -> str | None:
     """A trial's lease just uploaded its checkpoint at `step`: judged by the held-out loss this attempt
     reported there; the reason when the trial stopped."""
-    if step >= (job.spec.get("max_steps") or 0):
+    if step >= (job.max_steps or 0):
         return None  # a checkpoint at its last step: its result follows
     eval_loss = session.scalar(
         select(JobProgressPoint.eval_loss)
@@ -186,7 +187,7 @@ def stop_if_worse(
     if not stop:
         return None
     # The job's own step count, never the node's report of it.
-    total = max(job.spec.get("max_steps") or step, 1)
+    total = max(job.max_steps or step, 1)
     reason = (
         f"stopped early at step {step} of {total}: held-out loss {eval_loss:.4f} is above the median "
         f"{median:.4f} of {len(others)} other trials"

@@ -58,6 +58,7 @@ from compute_swarm.coordinator.store.database import after_commit
 from compute_swarm.coordinator.store.job_changes import change
 from compute_swarm.coordinator.store.job_events import record as record_event
 from compute_swarm.coordinator.store.tables import Checkpoint, Job, JobProgressPoint, Node
+from compute_swarm.engine.jobs import InferenceJobSpec
 
 logger = logging.getLogger(__name__)
 
@@ -108,7 +109,8 @@ class Verifier:
         """Decide whether the job just completed (by job.node_id) is re-run; returns the re-run queued.
         `built_on`: the foreign checkpoint its work resumed from (provenance.foreign_base), if any."""
         job.credit_release_at = time.time() + self.window_seconds
-        if job.kind == "inference" and job.spec.get("sampling", {}).get("temperature", 1.0) != 0:
+        spec = job.submitted_spec
+        if isinstance(spec, InferenceJobSpec) and spec.sampling.temperature != 0:
             # A sampled answer depends on the machine's exact numbers: a re-run elsewhere differs.
             self.not_to_verify(job, "sampled answers (temperature above 0) are not replayed")
             return None
@@ -126,7 +128,7 @@ class Verifier:
         `checked_step`, is re-run; returns the re-run queued. The re-run trains the trial's spec to that
         step and evaluates the checkpoint as the adapter delivered."""
         job.credit_release_at = time.time() + self.window_seconds
-        warmup = job.spec.get("warmup_steps") or 0
+        warmup = job.submitted_spec.warmup_steps
         if warmup >= checked_step:
             # A job must end after its warm-up (LoraJobSpec): a re-run to this step is not a valid job.
             self.not_to_verify(job, f"stopped within its {warmup} warm-up steps: not replayed")
@@ -290,7 +292,7 @@ class Verifier:
         held-out loss (as a stopped trial's is checked): a sound checkpoint puts the fault on `after`,
         the node whose work followed it; a bad one on its author, or further back."""
         author = checkpoint.node_id
-        warmup = job.spec.get("warmup_steps") or 0
+        warmup = job.submitted_spec.warmup_steps
         if warmup >= checkpoint.step:
             # A re-run to this step would not be a valid job (it must end after its warm-up): the bad
             # state cannot be traced, and nobody is blamed for it.
@@ -353,7 +355,7 @@ class Verifier:
             policy=self.policy,
         )
         share = ledger.node_credit_for_job(session, job.id, job.node_id) if job.node_id else 0
-        total = max(job.spec.get("max_steps") or step, 1)
+        total = max(job.max_steps or step, 1)
         ledger.pay_for_verification(
             session,
             check.id,
@@ -418,8 +420,8 @@ class Verifier:
                 reported_losses=_losses_by_step(session, job.id),
                 trusted_losses=_losses_by_step(session, check.id),
                 # The re-run's schedule ends at the checkpoint's step, the trial's at its own max_steps.
-                same_learning_rates=job.spec.get("schedule") == "constant"
-                or check.spec.get("max_steps") == job.spec.get("max_steps"),
+                same_learning_rates=job.submitted_spec.schedule == "constant"
+                or check.max_steps == job.max_steps,
                 policy=self.policy,
             )
         return verification.compare_lora(

@@ -23,6 +23,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from compute_swarm.engine.jobs import FileId, InferenceJobSpec, LoraJobSpec, parse_buyer_spec
+
 # Stable constraint names, so migrations can alter them on every database.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -227,6 +229,17 @@ class Job(Base):
     created_at: Mapped[float] = mapped_column(Float)
     updated_at: Mapped[float] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+    @property
+    def submitted_spec(self) -> LoraJobSpec[FileId] | InferenceJobSpec[FileId]:
+        """`spec` read back typed: validated when it was submitted, its data named by file id."""
+        return parse_buyer_spec(self.spec)
+
+    @property
+    def max_steps(self) -> int | None:
+        """A LoRA job's fixed length in optimizer steps (None: by epochs, or not a fine-tune)."""
+        spec = self.submitted_spec
+        return spec.max_steps if isinstance(spec, LoraJobSpec) else None
 
 
 class Checkpoint(Base):

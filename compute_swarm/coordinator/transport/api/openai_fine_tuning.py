@@ -272,7 +272,8 @@ def list_fine_tuning_events(
 
 
 def _job_object(job: Job) -> dict:
-    spec = job.spec
+    spec = job.submitted_spec
+    assert isinstance(spec, LoraJobSpec)  # the fine-tuning API lists fine-tunes only
     succeeded = job.state in SUCCEEDED_STATES
     default_learning_rate = LoraJobSpec.model_fields["learning_rate"].default
     metrics = job.metrics or {}
@@ -286,19 +287,18 @@ def _job_object(job: Job) -> dict:
         "organization_id": job.buyer_id,
         "result_files": [],
         "status": OPENAI_STATUS.get(job.state, job.state),
-        "training_file": spec.get("dataset"),
+        "training_file": spec.dataset,
         "validation_file": None,
         "hyperparameters": {
-            "n_epochs": spec.get("epochs") or "auto",
-            "batch_size": spec.get("batch_size"),
-            "learning_rate_multiplier": spec.get("learning_rate", default_learning_rate)
-            / default_learning_rate,
+            "n_epochs": spec.epochs or "auto",
+            "batch_size": spec.batch_size,
+            "learning_rate_multiplier": spec.learning_rate / default_learning_rate,
         },
         "trained_tokens": metrics.get("train_tokens"),
         "error": {"code": job.error_kind or "error", "message": job.error_message or "", "param": None}
         if job.state == "failed"
         else None,
-        "seed": spec.get("seed", 0),
+        "seed": spec.seed,
         "estimated_finish": None,
         "integrations": [],
         "user_provided_suffix": job.model_suffix,

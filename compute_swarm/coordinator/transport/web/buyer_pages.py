@@ -340,7 +340,7 @@ def job_page(request: Request, job: OwnedJob, services: ServicesDep) -> Response
                 LedgerTransaction.job_id == job.id, LedgerEntry.account == ledger.buyer_account(job.buyer_id)
             )
         ).all()
-        dataset = session.get(File, job.spec.get("dataset", ""))
+        dataset = session.get(File, job.submitted_spec.dataset)
     totals = collections.Counter()
     for kind, amount in money:
         totals[kind] += amount
