@@ -125,21 +125,6 @@ class JobOut(BaseModel):
         )
 
 
-class BalanceOut(BaseModel):
-    available_micro: int
-    escrow_micro: int
-
-
-class LedgerLine(BaseModel):
-    id: int
-    transaction_id: int
-    kind: str
-    job_id: str | None
-    amount_micro: int
-    memo: str
-    created_at: float
-
-
 class NodeRegistrationIn(BaseModel):
     name: str = Field(min_length=1, max_length=100)
     # Where ops admit nodes by invitation (Settings.node_admission "invite").
