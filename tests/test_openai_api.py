@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from compute_swarm.engine.jobs import DEMO_CHAT_DATASET
-from compute_swarm.sdk.client import FINAL_STATES, SwarmClient
+from compute_swarm.sdk.client import FINAL_JOB_STATES, SwarmClient
 from tests.conftest import write_jsonl
 from tests.coordinator.test_node_socket import TELEMETRY, ScriptedNode, check_ledger
 from tests.swarm_processes import Coordinator, Node, run_cli, wait_for
@@ -128,7 +128,7 @@ def test_a_buyer_serves_and_fine_tunes_with_the_official_client(swarm):
         }
     )
     batch = wait_for(
-        lambda: (job := account.job(batch["id"]))["state"] in FINAL_STATES and job, 300, "the batch"
+        lambda: (job := account.job(batch["id"]))["state"] in FINAL_JOB_STATES and job, 300, "the batch"
     )
     assert batch["state"] == "completed", batch
     answers = read_completions(account, batch["id"], swarm.data_dir / "peru-answers")

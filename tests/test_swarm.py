@@ -16,7 +16,7 @@ from tests.swarm_processes import Coordinator, Node, run_cli, wait_for
 
 # Small and quick on two CPU cores, but a real fine-tune of the real model.
 SMALL_JOB = {"batch_size": 2, "max_sequence_length": 96, "learning_rate": 1e-3, "eval_fraction": 0.0}
-FINAL_STATES = {"completed", "failed", "cancelled"}
+FINAL_JOB_STATES = {"completed", "failed", "cancelled"}
 
 pytestmark = pytest.mark.slow
 
@@ -54,7 +54,7 @@ def submit(buyer: SwarmClient, steps: int, **spec) -> dict:
 
 def finished(buyer: SwarmClient, job_id: str, timeout: float) -> dict:
     return wait_for(
-        lambda: (job := buyer.job(job_id))["state"] in FINAL_STATES and job,
+        lambda: (job := buyer.job(job_id))["state"] in FINAL_JOB_STATES and job,
         timeout,
         f"job {job_id} to finish",
         0.5,

@@ -28,7 +28,7 @@ from compute_swarm.engine.jobs import (
 )
 from compute_swarm.protocol import format_credits
 from compute_swarm.sdk import sweep_cli
-from compute_swarm.sdk.client import FINAL_STATES, SUCCESSFUL_STATES, SwarmClient, SwarmError
+from compute_swarm.sdk.client import FINAL_JOB_STATES, SUCCESSFUL_STATES, SwarmClient, SwarmError
 from compute_swarm.sdk.commands import (
     ByteProgress,
     UsageError,
@@ -492,9 +492,9 @@ def describe_job(job: dict) -> str:
         eval_loss = progress.get("eval_loss") or (job.get("metrics") or {}).get("eval_loss")
         if eval_loss is not None:
             parts.append(f"held-out loss {eval_loss:.4f}")
-        if job["state"] not in FINAL_STATES and progress.get("tokens_per_second") is not None:
+        if job["state"] not in FINAL_JOB_STATES and progress.get("tokens_per_second") is not None:
             parts.append(f"{progress['tokens_per_second']:.0f} tok/s")
-        if job["state"] not in FINAL_STATES and progress.get("eta_seconds") is not None:
+        if job["state"] not in FINAL_JOB_STATES and progress.get("eta_seconds") is not None:
             parts.append(f"about {_format_duration(progress['eta_seconds'])} left")
         lines.append(f"  progress: {', '.join(parts)}")
     metrics = job.get("metrics") or {}
@@ -502,7 +502,7 @@ def describe_job(job: dict) -> str:
         lines.append(
             f"  tokens:   {metrics.get('prompt_tokens')} prompt, {metrics['completion_tokens']} completion"
         )
-    held = " held (the most it can cost)" if _is_batch(job) and job["state"] not in FINAL_STATES else ""
+    held = " held (the most it can cost)" if _is_batch(job) and job["state"] not in FINAL_JOB_STATES else ""
     lines.append(f"  price:    {format_credits(job['price_micro'])} credits{held}")
     lines.append(f"  created:  {_format_time(job.get('created_at'))}")
     if job.get("finished_at"):

@@ -26,7 +26,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 from compute_swarm import protocol
 from compute_swarm.protocol import AUTHORIZATION_HEADER, SHA256_PATTERN, TOKEN_SCHEME
 
-FINAL_STATES = protocol.FINAL_JOB_STATES
+FINAL_JOB_STATES = protocol.FINAL_JOB_STATES
 SUCCESSFUL_STATES = protocol.SUCCEEDED_JOB_STATES
 
 UPLOAD_OFFSET_HEADER = "Upload-Offset"
@@ -614,7 +614,7 @@ class SwarmClient(_CoordinatorSession):
             if job != previous:
                 yield job
                 previous = job
-            if job["state"] in FINAL_STATES:
+            if job["state"] in FINAL_JOB_STATES:
                 return
             time.sleep(interval)
 

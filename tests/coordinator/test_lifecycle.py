@@ -6,6 +6,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from compute_swarm import protocol
 from compute_swarm.coordinator.domain import lifecycle
 from compute_swarm.coordinator.domain.effects import StopOnNode, WakeDispatcher
 from compute_swarm.coordinator.domain.lifecycle import (
@@ -258,7 +259,7 @@ def test_any_sequence_settles_escrow_once_and_never_leaves_a_lease_on_a_finished
         assert charged or not any(isinstance(move, ReturnCharge) for move in step.moves)
         assert not (rerun and step.moves), "a re-run moves no money"
         assert 0 <= job.attempt <= job.max_attempts
-        assert job.state in lifecycle.STATES
+        assert job.state in protocol.JOB_STATES
         if job.state in lifecycle.HELD_STATES:
             assert job.node_id and job.lease_id
         else:
@@ -267,7 +268,7 @@ def test_any_sequence_settles_escrow_once_and_never_leaves_a_lease_on_a_finished
             assert job.node_id is None
     # Escrow is settled (charged or refunded) at most once, and exactly once when the job is over.
     assert settles <= 1
-    if job.state in lifecycle.FINAL_STATES | {VERIFYING} and not rerun:
+    if job.state in protocol.FINAL_JOB_STATES | {VERIFYING} and not rerun:
         assert settles == 1
 
 
@@ -278,7 +279,7 @@ def test_every_state_and_failure_kind_is_declared_once_and_understood_everywhere
     from compute_swarm.coordinator.transport.api.openai_fine_tuning import OPENAI_STATUS
 
     # The buyer-facing names come from the protocol; OpenAI's client is told one for each.
-    assert lifecycle.STATES is protocol.JOB_STATES and set(OPENAI_STATUS) == set(protocol.JOB_STATES)
+    assert set(OPENAI_STATUS) == set(protocol.JOB_STATES)
     # Every kind a node may report leads somewhere (queued again, or failed), none is refused.
     for kind in get_args(protocol.FailureKind):
         outcome = lifecycle.after_failure(kind, "why", 1, 2)

@@ -27,12 +27,9 @@ from compute_swarm.protocol import (
     CANCELLED,
     COMPLETED,
     FAILED,
-    FINAL_JOB_STATES,
-    JOB_STATES,
     LEASED,
     QUEUED,
     RUNNING,
-    SUCCEEDED_JOB_STATES,
     VERIFIED,
     VERIFYING,
     FailureKind,
@@ -40,8 +37,6 @@ from compute_swarm.protocol import (
 )
 
 NEW = "new"  # not stored: the state a job is in before its submission
-STATES = JOB_STATES
-FINAL_STATES, SUCCEEDED_STATES = FINAL_JOB_STATES, SUCCEEDED_JOB_STATES
 HELD_STATES = frozenset({LEASED, RUNNING})  # a node holds a lease
 OPEN_STATES = frozenset({QUEUED, LEASED, RUNNING})  # escrow still held
 

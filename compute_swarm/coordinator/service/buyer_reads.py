@@ -9,9 +9,10 @@ from dataclasses import dataclass
 from sqlalchemy import Select, select
 from sqlalchemy.orm import Session
 
-from compute_swarm.coordinator.domain.lifecycle import OPEN_STATES, SUCCEEDED_STATES
+from compute_swarm.coordinator.domain.lifecycle import OPEN_STATES
 from compute_swarm.coordinator.store import ledger
 from compute_swarm.coordinator.store.tables import Job, LedgerEntry, LedgerTransaction
+from compute_swarm.protocol import SUCCEEDED_JOB_STATES
 
 
 def buyers_jobs(buyer_id: str) -> Select[tuple[Job]]:
@@ -23,7 +24,7 @@ def servable_models(buyer_id: str) -> Select[tuple[Job]]:
     """A buyer's fine-tunes whose llama.cpp adapter was checked, newest first: the models they chat with."""
     return (
         buyers_jobs(buyer_id)
-        .where(Job.state.in_(SUCCEEDED_STATES), Job.result_gguf_sha256.is_not(None))
+        .where(Job.state.in_(SUCCEEDED_JOB_STATES), Job.result_gguf_sha256.is_not(None))
         .order_by(Job.finished_at.desc())
     )
 

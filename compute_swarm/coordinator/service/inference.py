@@ -22,7 +22,6 @@ from sqlalchemy.orm import Session
 
 from compute_swarm import protocol
 from compute_swarm.coordinator.domain import pricing
-from compute_swarm.coordinator.domain.lifecycle import SUCCEEDED_STATES
 from compute_swarm.coordinator.service import buyer_reads
 from compute_swarm.coordinator.service.tokens import TokenCounters
 from compute_swarm.coordinator.settings import Settings
@@ -30,6 +29,7 @@ from compute_swarm.coordinator.store import ledger
 from compute_swarm.coordinator.store.database import Database
 from compute_swarm.coordinator.store.tables import Artifact, InferenceRequest, Job
 from compute_swarm.engine.jobs import CATALOGUE, CatalogueModel
+from compute_swarm.protocol import SUCCEEDED_JOB_STATES
 
 logger = logging.getLogger("compute_swarm.coordinator.service.inference")
 
@@ -85,7 +85,7 @@ def resolve_model(session: Session, buyer_id: str, model_id: str) -> ServedModel
         or fine_tuned_model_id(job) != model_id
     ):
         raise unknown
-    if job.state not in SUCCEEDED_STATES:
+    if job.state not in SUCCEEDED_JOB_STATES:
         raise InferenceError(
             f"The model '{model_id}' is not ready: its fine-tuning job is {job.state}.",
             404,

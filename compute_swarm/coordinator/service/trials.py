@@ -28,7 +28,7 @@ from sqlalchemy.orm import Session
 
 from compute_swarm import sweeps
 from compute_swarm.coordinator.domain import lifecycle
-from compute_swarm.coordinator.domain.lifecycle import OPEN_STATES, STOPPED_EARLY, SUCCEEDED_STATES
+from compute_swarm.coordinator.domain.lifecycle import OPEN_STATES, STOPPED_EARLY
 from compute_swarm.coordinator.service.inference import fine_tuned_model_id
 from compute_swarm.coordinator.settings import Settings
 from compute_swarm.coordinator.store import ledger
@@ -41,6 +41,7 @@ from compute_swarm.coordinator.store.tables import (
     Sweep,
     Upload,
 )
+from compute_swarm.protocol import SUCCEEDED_JOB_STATES
 
 if TYPE_CHECKING:
     from compute_swarm.coordinator.service.verifier import Verifier
@@ -243,7 +244,7 @@ def view(session: Session, sweep: Sweep) -> dict[str, Any]:
                 **(trial.sweep_parameters or {}),
                 "step": (trial.progress or {}).get("step", metrics.get("steps")),
                 "eval_loss": metrics.get("eval_loss")
-                if trial.state in SUCCEEDED_STATES
+                if trial.state in SUCCEEDED_JOB_STATES
                 else (points[-1].eval_loss if points else None),
                 "final_loss": metrics.get("final_loss"),
                 "held_micro": held.get(trial.id, 0),
@@ -251,7 +252,7 @@ def view(session: Session, sweep: Sweep) -> dict[str, Any]:
                 "fine_tuned_model": fine_tuned_model_id(trial) if trial.result_gguf_sha256 else None,
             }
         )
-    finished = [row for row, trial in zip(rows, trials, strict=True) if trial.state in SUCCEEDED_STATES]
+    finished = [row for row, trial in zip(rows, trials, strict=True) if trial.state in SUCCEEDED_JOB_STATES]
     ranked = [row for row in finished if row["eval_loss"] is not None] or [
         row for row in finished if row["final_loss"] is not None
     ]

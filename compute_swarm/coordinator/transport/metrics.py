@@ -8,7 +8,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
-from compute_swarm.coordinator.domain.lifecycle import STATES
+from compute_swarm.protocol import JOB_STATES
 
 
 class _JobCounts(Collector):
@@ -20,7 +20,7 @@ class _JobCounts(Collector):
     def collect(self) -> Iterator[GaugeMetricFamily]:
         family = GaugeMetricFamily("swarm_jobs", "Jobs by state", labels=["state"])
         counts = self._counts()
-        for state in STATES:
+        for state in JOB_STATES:
             family.add_metric([state], counts.get(state, 0))
         yield family
 

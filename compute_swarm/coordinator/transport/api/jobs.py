@@ -8,7 +8,7 @@ from fastapi import APIRouter, HTTPException, Query, status
 from fastapi.responses import FileResponse, JSONResponse
 from sqlalchemy import select
 
-from compute_swarm.coordinator.domain.lifecycle import STATES, result_released
+from compute_swarm.coordinator.domain.lifecycle import result_released
 from compute_swarm.coordinator.service import buyer_reads, receipts
 from compute_swarm.coordinator.service.submissions import JobError
 from compute_swarm.coordinator.store.tables import Job, JobEvent, JobProgressPoint
@@ -23,6 +23,7 @@ from compute_swarm.coordinator.transport.api.schemas import (
     QuoteOut,
     file_download,
 )
+from compute_swarm.protocol import JOB_STATES
 
 router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 
@@ -65,9 +66,9 @@ def quote(body: QuoteIn, buyer: CurrentBuyer, services: ServicesDep) -> QuoteOut
 def list_jobs(
     buyer: CurrentBuyer, services: ServicesDep, state: str | None = None, limit: int = 200
 ) -> list[JobOut]:
-    if state is not None and state not in STATES:
+    if state is not None and state not in JOB_STATES:
         raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT, f"state must be one of: {', '.join(STATES)}"
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"state must be one of: {', '.join(JOB_STATES)}"
         )
     query = buyer_reads.buyers_jobs(buyer.id).order_by(Job.created_at.desc()).limit(min(max(limit, 1), 1000))
     if state is not None:

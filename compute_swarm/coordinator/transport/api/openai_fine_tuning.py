@@ -15,7 +15,7 @@ from fastapi.responses import FileResponse
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy import select
 
-from compute_swarm.coordinator.domain.lifecycle import HELD_STATES, OPEN_STATES, SUCCEEDED_STATES
+from compute_swarm.coordinator.domain.lifecycle import HELD_STATES, OPEN_STATES
 from compute_swarm.coordinator.service import buyer_reads
 from compute_swarm.coordinator.service.inference import fine_tuned_model_id
 from compute_swarm.coordinator.service.submissions import JobError
@@ -25,6 +25,7 @@ from compute_swarm.coordinator.transport.api.deps import CurrentBuyer, OwnedFile
 from compute_swarm.coordinator.transport.api.openai_errors import OpenAIError
 from compute_swarm.coordinator.transport.api.schemas import MAX_ROW_ID, file_download
 from compute_swarm.engine.jobs import CATALOGUE, LoraJobSpec
+from compute_swarm.protocol import SUCCEEDED_JOB_STATES
 
 router = APIRouter(prefix="/v1", tags=["openai"])
 
@@ -274,7 +275,7 @@ def list_fine_tuning_events(
 def _job_object(job: Job) -> dict:
     spec = job.submitted_spec
     assert isinstance(spec, LoraJobSpec)  # the fine-tuning API lists fine-tunes only
-    succeeded = job.state in SUCCEEDED_STATES
+    succeeded = job.state in SUCCEEDED_JOB_STATES
     default_learning_rate = LoraJobSpec.model_fields["learning_rate"].default
     metrics = job.metrics or {}
     return {

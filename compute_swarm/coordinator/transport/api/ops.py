@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from starlette.concurrency import run_in_threadpool
 
 from compute_swarm.coordinator.domain import verification
-from compute_swarm.coordinator.domain.lifecycle import LEASED, QUEUED, STATES
+from compute_swarm.coordinator.domain.lifecycle import LEASED, QUEUED
 from compute_swarm.coordinator.domain.verification import VerificationPolicy
 from compute_swarm.coordinator.service import accounts, admission
 from compute_swarm.coordinator.service.verifier import node_record, store_record
@@ -20,6 +20,7 @@ from compute_swarm.coordinator.store.tables import Job, JobEvent, Node
 from compute_swarm.coordinator.transport.api.deps import Operator, Services, ServicesDep
 from compute_swarm.coordinator.transport.api.schemas import InviteIn, InviteOut
 from compute_swarm.coordinator.transport.hub import Connection
+from compute_swarm.protocol import JOB_STATES
 
 router = APIRouter(prefix="/api/ops", tags=["ops"], dependencies=[Operator])
 
@@ -110,7 +111,7 @@ def _overview(services: Services, live: dict[str, Connection]) -> OverviewOut:
         nodes=rows,
         nodes_connected=len(live),
         queue_depth=counts.get(QUEUED, 0),
-        jobs_by_state={state: counts.get(state, 0) for state in STATES},
+        jobs_by_state={state: counts.get(state, 0) for state in JOB_STATES},
         oldest_queued_seconds=now - oldest_queued if oldest_queued is not None else None,
     )
 

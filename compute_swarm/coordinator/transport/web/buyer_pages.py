@@ -19,7 +19,7 @@ from fastapi.responses import Response
 from sqlalchemy import select
 from starlette.concurrency import run_in_threadpool
 
-from compute_swarm.coordinator.domain.lifecycle import OPEN_STATES, SUCCEEDED_STATES
+from compute_swarm.coordinator.domain.lifecycle import OPEN_STATES
 from compute_swarm.coordinator.service import accounts, buyer_reads, sessions
 from compute_swarm.coordinator.service.inference import fine_tuned_model_id
 from compute_swarm.coordinator.service.submissions import JobError
@@ -36,6 +36,7 @@ from compute_swarm.coordinator.transport.api.openai_fine_tuning import SUFFIX
 from compute_swarm.coordinator.transport.api.schemas import FileOut, JobOut
 from compute_swarm.coordinator.transport.web import render
 from compute_swarm.engine.jobs import CATALOGUE, DEFAULT_MODEL
+from compute_swarm.protocol import SUCCEEDED_JOB_STATES
 
 router = APIRouter(include_in_schema=False)
 
@@ -363,7 +364,7 @@ def job_page(request: Request, job: OwnedJob, services: ServicesDep) -> Response
         charged=max(0, -totals["escrow"] - totals["refund"]) if job.state not in OPEN_STATES else 0,
         dataset=dataset,
         fine_tuned_model=fine_tuned_model_id(job)
-        if job.result_gguf_sha256 and job.state in SUCCEEDED_STATES
+        if job.result_gguf_sha256 and job.state in SUCCEEDED_JOB_STATES
         else None,
         is_open=job.state in OPEN_STATES,
     )
