@@ -28,7 +28,10 @@ ALLOWED_IMPORTS = {
     # engine.catalogue: the model files, from which the coordinator reads each model's tokenizer.
     # engine.memory: the memory estimate (plain arithmetic, no torch), so the coordinator leases a job
     # only to a node that will find it fits, by the node's own figure.
-    "coordinator": SHARED | {"compute_swarm.engine.catalogue", "compute_swarm.engine.memory"},
+    # engine.artifacts: the result's file names (no torch), so a batch's completions are read by the
+    # name the engine wrote them under.
+    "coordinator": SHARED
+    | {"compute_swarm.engine.catalogue", "compute_swarm.engine.memory", "compute_swarm.engine.artifacts"},
     "engine": {"compute_swarm.protocol", "compute_swarm.kernels"},
     "kernels": set(),
     "desktop": SHARED | {"compute_swarm.engine", "compute_swarm.kernels", "compute_swarm.sdk"},
