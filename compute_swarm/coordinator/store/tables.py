@@ -232,8 +232,14 @@ class Job(Base):
 
     @property
     def submitted_spec(self) -> LoraJobSpec[FileId] | InferenceJobSpec[FileId]:
-        """`spec` read back typed: validated when it was submitted, its data named by file id."""
-        return parse_buyer_spec(self.spec)
+        """`spec` read back typed: validated when it was submitted, its data named by file id. Parsed
+        once per loaded row (a trial's reports read it several times each), again only if `spec` is
+        replaced."""
+        parsed = self.__dict__.get("_submitted_spec")
+        if parsed is None or parsed[0] is not self.spec:
+            parsed = (self.spec, parse_buyer_spec(self.spec))
+            self.__dict__["_submitted_spec"] = parsed
+        return parsed[1]
 
     @property
     def max_steps(self) -> int | None:
