@@ -6,11 +6,13 @@ Shared by the coordinator and the nodes, so this module imports nothing heavier 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Annotated, ClassVar, Generic, Literal
+from typing import Annotated, Any, ClassVar, Generic, Literal
 
 from pydantic import (
     BaseModel,
@@ -187,7 +189,7 @@ class _Spec(BaseModel):
 # re-run's adapter to evaluate) in one of three forms, by where the spec is; its settings are the same
 # in all three. The coordinator turns a buyer's spec into a lease's, a node a lease's into its own
 # (`relocated`), and each side validates a spec once: the coordinator when the buyer submits it, the
-# node when the lease arrives (protocol.Lease).
+# node when the lease arrives (protocol.Lease). A stored spec is read back cheaply (parse_stored_buyer_spec).
 
 
 class _DataReference(str):
@@ -360,6 +362,19 @@ def parse_buyer_spec(data: str | bytes | dict) -> BuyerJobSpec:
     return _buyer_spec_adapter.validate_json(json.dumps(data) if isinstance(data, dict) else data)
 
 
+def parse_stored_buyer_spec(data: Mapping[str, Any]) -> BuyerJobSpec:
+    """Read back a spec that parse_buyer_spec accepted and the coordinator stored as JSON. Python's lax
+    mode takes JSON's lists for the spec's tuples, all it needs to relax for data that validated
+    strictly once, at half the cost of parsing JSON text again: every lease reads a stored spec."""
+    return _buyer_spec_adapter.validate_python(data, strict=False)
+
+
+@functools.cache
+def _in_form(kind: type[_Spec], form: type[_DataReference]) -> type[_Spec]:
+    # pydantic looks a parametrised class up afresh at each kind[form], a few microseconds a lease.
+    return kind[form]
+
+
 def relocated(
     spec: LoraJobSpec | InferenceJobSpec,
     form: type[_DataReference],
@@ -373,12 +388,13 @@ def relocated(
     it is named otherwise there too (a buyer's fine-tuned model id is its catalogue base on the wire).
     Raises pydantic.ValidationError where a reference does not fit the form."""
     kind = LoraJobSpec if isinstance(spec, LoraJobSpec) else InferenceJobSpec
-    fields = {name: getattr(spec, name) for name in type(spec).model_fields}
-    fields["dataset"] = dataset
+    # A model's __dict__ holds its fields' values (extra="forbid": nothing else), already typed, so
+    # the new form re-checks them cheaply: every lease relocates a spec.
+    fields = {**spec.__dict__, "dataset": dataset}
     fields["adapter" if kind is InferenceJobSpec else "evaluate_adapter"] = adapter
     if base_model is not None:
         fields["base_model"] = base_model
-    return kind[form](**fields)
+    return _in_form(kind, form).model_validate(fields)
 
 
 # ---- command-line options: `compute-swarm train` (local) and `compute-swarm submit lora` (the swarm)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from pydantic import ValidationError
 
@@ -11,6 +13,7 @@ from compute_swarm.engine.jobs import (
     LoraJobSpec,
     parse_buyer_spec,
     parse_job_spec,
+    parse_stored_buyer_spec,
     relocated,
 )
 
@@ -22,6 +25,26 @@ def test_a_valid_spec_round_trips_through_json() -> None:
     assert spec.target_modules == ("q_proj", "v_proj")
     assert parse_job_spec(spec.model_dump_json()) == spec
     assert spec.examples_per_step == spec.batch_size * spec.gradient_accumulation_steps
+
+
+@pytest.mark.parametrize(
+    "submitted",
+    [
+        {
+            "type": "lora",
+            "base_model": "m",
+            "dataset": "file_1",
+            "max_steps": 3,
+            "target_modules": ["q_proj"],
+        },
+        {"type": "inference", "base_model": "m", "dataset": "file_2", "sampling": {"stop": ["###", "\n\n"]}},
+    ],
+)
+def test_a_stored_spec_reads_back_as_the_buyer_submitted_it(submitted: dict) -> None:
+    spec = parse_buyer_spec(submitted)
+    # The coordinator stores the spec as JSON, whose lists stand for the spec's tuples.
+    stored = json.loads(spec.model_dump_json())
+    assert parse_stored_buyer_spec(stored) == spec
 
 
 @pytest.mark.parametrize(

@@ -23,7 +23,7 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
-from compute_swarm.engine.jobs import FileId, InferenceJobSpec, LoraJobSpec, parse_buyer_spec
+from compute_swarm.engine.jobs import FileId, InferenceJobSpec, LoraJobSpec, parse_stored_buyer_spec
 
 # Stable constraint names, so migrations can alter them on every database.
 NAMING_CONVENTION = {
@@ -237,7 +237,7 @@ class Job(Base):
         replaced."""
         parsed = self.__dict__.get("_submitted_spec")
         if parsed is None or parsed[0] is not self.spec:
-            parsed = (self.spec, parse_buyer_spec(self.spec))
+            parsed = (self.spec, parse_stored_buyer_spec(self.spec))
             self.__dict__["_submitted_spec"] = parsed
         return parsed[1]
 
