@@ -7,9 +7,11 @@
 #
 # Left out of the locks on purpose:
 #  - torch: each user picks the build for their GPU (CPU, CUDA, ROCm) and set-up installs it first,
-#    on its own (TORCH_SPEC in the Makefile). The locks are still resolved *with* torch==$TORCH_VERSION,
-#    so its pure-Python dependencies (sympy, networkx, filelock, fsspec, jinja2, setuptools...) are
-#    locked at versions it accepts, and triton is the exact one its Linux wheels pin.
+#    on its own (TORCH_SPEC in the Makefile); a packaged app fetches the build that fits from
+#    requirements/torch-<build>-<os>.txt, which installers/torch-locks.sh writes at the end. The
+#    locks are still resolved *with* torch==$TORCH_VERSION, so its pure-Python dependencies (sympy,
+#    networkx, filelock, fsspec, jinja2, setuptools...) are locked at versions it accepts, and triton
+#    is the exact one its Linux wheels pin.
 #  - torch's CUDA-only dependencies (the CUDA build of torch brings its own): the NVIDIA_PACKAGES below,
 #    i.e. everything torch $TORCH_VERSION's Linux metadata pulls in through cuda-toolkit[...],
 #    cuda-bindings, nvidia-cudnn/cusparselt/nccl/nvshmem.
@@ -82,3 +84,7 @@ compile llama-cpp-python.txt llama.in --no-deps --no-annotate
 # uv itself, for installers that use uv to install a lock.
 echo "uv==$UV_VERSION" > "$tmp/project/uv.in"
 compile uv.txt uv.in --no-annotate
+
+# The torch builds a packaged app's engine runtime takes (requirements/torch-<build>-<os>.txt), against
+# the node lock just written.
+sh installers/torch-locks.sh

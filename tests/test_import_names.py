@@ -143,7 +143,7 @@ def test_hugging_face_kernels_and_ours_live_side_by_side_here_and_in_engine_chil
     import transformers.integrations.hub_kernels  # noqa: F401 (transformers imports it at model load)
 
     import compute_swarm.kernels.attention
-    from compute_swarm.engine.runner import child_environment
+    from compute_swarm.engine import child_process
 
     assert hasattr(kernels, "get_kernel")
     assert Path(compute_swarm.kernels.attention.__file__).is_relative_to(PACKAGE)
@@ -151,7 +151,7 @@ def test_hugging_face_kernels_and_ours_live_side_by_side_here_and_in_engine_chil
     # is the repository root here, and nothing in it may shadow another project's package.
     result = subprocess.run(
         [sys.executable, "-c", HUB_KERNELS_CHECK],
-        env=child_environment(),
+        env=child_process.environment(),
         cwd=REPOSITORY,
         capture_output=True,
         text=True,

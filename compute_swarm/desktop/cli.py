@@ -89,6 +89,78 @@ def register_commands(subcommands: argparse._SubParsersAction) -> None:
     node.set_defaults(handler=run_node_command)
 
 
+def register_runtime_command(subcommands: argparse._SubParsersAction) -> None:
+    runtime = subcommands.add_parser(
+        "runtime",
+        help="fetch, check or repair the engine runtime a packaged app runs jobs with",
+        description="Fetch the engine runtime (torch for this machine's GPU, transformers, peft...) "
+        "from the locks this app carries, every file checked against its sha256, into a versioned "
+        "folder; or check the one in use and fetch again what is damaged. An interrupted fetch "
+        "resumes where it stopped.",
+    )
+    runtime.add_argument(
+        "--source",
+        action="append",
+        metavar="INDEX_OR_FOLDER",
+        help="a package index URL (PyPI's simple API or a mirror) or a folder of wheels, tried in "
+        "order; repeat for more (default: the settings' runtime sources, else the torch build's "
+        "PyTorch index, then PyPI)",
+    )
+    runtime.add_argument(
+        "--root", type=Path, default=None, help="where runtimes go (default: the platform's data folder)"
+    )
+    runtime.add_argument(
+        "--status", action="store_true", help="say which runtime is in use and which this machine needs"
+    )
+    runtime.set_defaults(handler=run_runtime_command)
+
+
+def run_runtime_command(arguments: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from compute_swarm.desktop.runtime import this_machine
+    from compute_swarm.desktop.runtime.fetch import Busy, Progress
+    from compute_swarm.desktop.runtime.pins import LockError
+    from compute_swarm.desktop.runtime.sources import SourceError
+    from compute_swarm.desktop.runtime.wheels import WheelError
+    from compute_swarm.desktop.settings import SettingsError, SettingsStore
+
+    try:
+        sources = arguments.source or SettingsStore().load().settings.runtime_sources
+        runtime, choice = this_machine.engine_runtime(sources, root=arguments.root)
+    except (LockError, SettingsError) as error:
+        _say_runtime(str(error))
+        return 1
+    _say_runtime(f"torch build {choice.build}: {choice.reason}")
+    if arguments.status:
+        state = "ready" if runtime.ready() else "not fetched yet"
+        _say_runtime(
+            f"in use: {runtime.in_use() or 'none'}; this machine's runtime {runtime.folder}: {state}"
+        )
+        return 0
+    bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True)
+
+    def show(progress: Progress) -> None:
+        if progress.stage in ("downloading", "installing"):
+            bar.total = progress.total_bytes
+            bar.n = progress.done_bytes
+        bar.set_description_str(progress.detail[:60], refresh=True)
+
+    try:
+        folder = runtime.fetch(show)
+    except (SourceError, WheelError, Busy) as error:
+        bar.close()
+        _say_runtime(f"the runtime could not be fetched: {error}")
+        return 1
+    except KeyboardInterrupt:
+        bar.close()
+        _say_runtime("stopped: run it again to go on where it stopped")
+        return 130
+    bar.close()
+    _say_runtime(f"the engine runtime is ready in {folder}")
+    return 0
+
+
 def register_tray_command(subcommands: argparse._SubParsersAction) -> None:
     tray = subcommands.add_parser(
         "tray",
@@ -325,3 +397,7 @@ def _held(standing) -> str:
 
 def _say(message: str) -> None:
     print(f"compute-swarm node: {message}", file=sys.stderr, flush=True)
+
+
+def _say_runtime(message: str) -> None:
+    print(f"compute-swarm runtime: {message}", file=sys.stderr, flush=True)

@@ -21,7 +21,9 @@ from compute_swarm.desktop.guards import GuardSettings
 logger = logging.getLogger(__name__)
 
 # 2: the invite code typed for the coordinator, kept until this computer has joined it.
-SETTINGS_VERSION = 2
+# 3: where the engine runtime is fetched from (a mirror ops name), when not the build's own indexes.
+SETTINGS_VERSION = 3
+MAX_RUNTIME_SOURCES = 8
 # The coordinator `make run` starts; a seller joining someone else's swarm types its address once.
 DEFAULT_COORDINATOR = "http://127.0.0.1:8000"
 CONFIG_ENVIRONMENT_VARIABLE = "SWARM_CONFIG_DIR"
@@ -46,6 +48,10 @@ class Settings(BaseModel):
     # Where the coordinator admits computers by invitation: the code its operators gave, for
     # `coordinator` only, kept until this computer has registered there (the first start, or a retry).
     invite_code: str | None = None
+    # Package indexes (PyPI's simple API or a mirror of it) or folders of wheels to fetch the engine
+    # runtime from, tried in order; empty: the torch build's PyTorch index, then PyPI. Every file is
+    # checked against the app's locks, so a mirror can serve no other files.
+    runtime_sources: tuple[str, ...] = Field(default=(), max_length=MAX_RUNTIME_SOURCES)
 
     @field_validator("coordinator")
     @classmethod
@@ -56,6 +62,28 @@ class Settings(BaseModel):
     @classmethod
     def _invite_code(cls, value: str | None) -> str | None:
         return None if value is None else normalize_invite_code(value)
+
+    @field_validator("runtime_sources")
+    @classmethod
+    def _runtime_sources(cls, value: tuple[str, ...]) -> tuple[str, ...]:
+        return tuple(normalize_runtime_source(source) for source in value)
+
+
+def normalize_runtime_source(text: str) -> str:
+    """A runtime source as typed: an http(s) index URL or an absolute folder; raises ValueError saying
+    what is wrong."""
+    source = text.strip()
+    if source.startswith(("http://", "https://")):
+        if any(character.isspace() for character in source) or len(source) > 2000:
+            raise ValueError(
+                f"{source[:100]!r} is not a URL: give a package index such as https://pypi.org/simple"
+            )
+        return source.rstrip("/")
+    if Path(source).is_absolute():
+        return source
+    raise ValueError(
+        f"{source[:100]!r}: a runtime source is a package index URL (https://...) or a folder's full path"
+    )
 
 
 def normalize_invite_code(text: str) -> str:
@@ -157,7 +185,7 @@ class SettingsStore:
 
 def _migrate(data: dict[str, Any]) -> dict[str, Any]:
     """Bring an older file up to SETTINGS_VERSION. Version 1 is the first (a file without a version is
-    one); 2 only added the invite code, which a version 1 file does not have."""
+    one); 2 only added the invite code and 3 the runtime sources, which older files do not have."""
     return {**data, "version": SETTINGS_VERSION}
 
 

@@ -300,11 +300,13 @@ def _torch_backends() -> frozenset[str]:
 
 def _torch_backends_in_child(timeout_seconds: float = 120.0) -> frozenset[str]:
     import subprocess
-    import sys
+
+    from compute_swarm.engine import child_process
 
     try:
         answer = subprocess.run(
-            [sys.executable, "-m", "compute_swarm.engine.devices", "--torch-backends"],
+            child_process.command("compute_swarm.engine.devices", "--torch-backends"),
+            env=child_process.environment(),
             capture_output=True,
             text=True,
             timeout=timeout_seconds,

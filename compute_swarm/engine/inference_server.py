@@ -24,6 +24,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError
 
+from compute_swarm.engine import child_process
 from compute_swarm.engine.inference import (
     DEFAULT_CONTEXT_TOKENS,
     DEFAULT_MAX_LOADED_MODELS,
@@ -37,7 +38,6 @@ from compute_swarm.engine.inference import (
     generate,
     generation_event_adapter,
 )
-from compute_swarm.engine.runner import child_environment
 
 logger = logging.getLogger(__name__)
 
@@ -129,19 +129,16 @@ class InferenceProcess:
     def _running_process(self) -> subprocess.Popen[str]:
         if self._process is not None and self._process.poll() is None:
             return self._process
-        environment = child_environment()
+        environment = child_process.environment()
         log = subprocess.DEVNULL
         if self.log_directory is not None:
             self.log_directory.mkdir(parents=True, exist_ok=True)
             log = open(self.log_directory / SERVER_LOG, "ab")  # noqa: SIM115 (the child keeps it)
         try:
             process = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "compute_swarm.engine.inference_server",
-                    self.options.model_dump_json(),
-                ],
+                child_process.command(
+                    "compute_swarm.engine.inference_server", self.options.model_dump_json()
+                ),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,

@@ -10,29 +10,19 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import threading
 from collections.abc import Iterator
 from pathlib import Path
 
 from pydantic import ValidationError
 
+from compute_swarm.engine import child_process
 from compute_swarm.engine.artifacts import WORKER_LOG
 from compute_swarm.engine.jobs import JobSpec
 from compute_swarm.engine.records import FINAL_RECORD_TYPES, Failed, Log, Record, record_adapter
 from compute_swarm.engine.worker import JobRequest
 
 STDERR_TAIL_BYTES = 4000
-
-
-def child_environment(extra: dict[str, str] | None = None) -> dict[str, str]:
-    """The environment of an engine child process: ours, plus `extra`, with the folder that holds
-    this compute_swarm package first on PYTHONPATH, so the child imports this same code wherever the
-    parent found it (an editable install, a source tree, a frozen app)."""
-    environment = {**os.environ, **(extra or {})}
-    package_parent = str(Path(__file__).resolve().parents[2])
-    environment["PYTHONPATH"] = os.pathsep.join(filter(None, [package_parent, environment.get("PYTHONPATH")]))
-    return environment
 
 
 class JobRunner:
@@ -66,14 +56,14 @@ class JobRunner:
 
     def start(self) -> None:
         self.output_dir.mkdir(parents=True, exist_ok=True)
-        environment = child_environment(self.environment)
+        environment = child_process.environment(self.environment)
         # NVML (engine.devices) numbers GPUs by PCI bus; CUDA must agree, or a job checked against one
         # GPU's free memory would run on another.
         environment.setdefault("CUDA_DEVICE_ORDER", "PCI_BUS_ID")
         self._log_start = self.log_path.stat().st_size if self.log_path.exists() else 0
         with open(self.log_path, "ab") as log:
             self.process = subprocess.Popen(
-                [sys.executable, "-m", "compute_swarm.engine.worker"],
+                child_process.command("compute_swarm.engine.worker"),
                 stdin=subprocess.PIPE,
                 stdout=subprocess.PIPE,
                 stderr=log,

@@ -15,6 +15,7 @@ from compute_swarm.desktop.settings import (
     SettingsStore,
     default_config_directory,
     normalize_invite_code,
+    normalize_runtime_source,
 )
 
 
@@ -111,3 +112,19 @@ def test_an_invite_code_is_kept_trimmed_and_a_bad_one_refused_with_a_reason(tmp_
     store.path.write_text(json.dumps({"version": 1, "coordinator": "http://x", "earning": True}))
     loaded = store.load()
     assert loaded.problem is None and loaded.settings.earning and loaded.settings.invite_code is None
+
+
+def test_runtime_sources_are_index_urls_or_full_folder_paths(tmp_path: Path) -> None:
+    store = SettingsStore(tmp_path / "settings.json")
+    store.save(Settings(runtime_sources=(" https://mirror.example/simple/ ", "/srv/wheels")))
+    assert store.load().settings.runtime_sources == ("https://mirror.example/simple", "/srv/wheels")
+    for typed, said in (
+        ("mirror.example/simple", "package index URL"),
+        ("https://mirror example/simple", "is not a URL"),
+    ):
+        with pytest.raises(ValueError, match=said):
+            normalize_runtime_source(typed)
+    # A version 2 file (before runtime sources) reads as it was: the build's own indexes.
+    store.path.write_text(json.dumps({"version": 2, "coordinator": "http://x", "invite_code": "abc"}))
+    loaded = store.load()
+    assert loaded.problem is None and loaded.settings.runtime_sources == ()
