@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 LOCK ?= requirements/dev.txt
 INSTALLED := $(VENV)/.installed-$(notdir $(basename $(LOCK)))
 
-.PHONY: setup system-packages run tray train-demo test lint format bench screenshots lock clean
+.PHONY: setup system-packages run tray train-demo test lint format bench screenshots lock installer clean
 
 setup: $(INSTALLED) system-packages
 
@@ -30,6 +30,10 @@ $(INSTALLED): pyproject.toml $(LOCK) requirements/uv.txt requirements/llama-cpp-
 	sh installers/llama-cpp.sh $(BIN)/python
 	$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e .
 	touch $@
+
+# The packaged tray app for this machine's OS, in dist/ (installers/build-app.sh; Linux: a .tar.gz).
+installer: system-packages
+	sh installers/build-app.sh
 
 # Re-resolve every lock in requirements/ from pyproject.toml (see the README: upgrading a dependency).
 lock:

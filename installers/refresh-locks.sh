@@ -75,12 +75,16 @@ lock coordinator coordinator
 lock postgres postgres
 lock node node
 lock desktop desktop
+lock app app
 lock dev engine coordinator desktop dev
 
 # The llama-cpp-python sdist alone, for its build script:
 #   pip download --no-binary :all: --no-deps --require-hashes -r requirements/llama-cpp-python.txt
 echo "llama-cpp-python==$LLAMA_CPP_VERSION" > "$tmp/project/llama.in"
 compile llama-cpp-python.txt llama.in --no-deps --no-annotate
+# PyInstaller, which packages the tray app (installers/build-app.sh).
+echo "pyinstaller" > "$tmp/project/installer.in"
+compile installer.txt installer.in
 # uv itself, for installers that use uv to install a lock.
 echo "uv==$UV_VERSION" > "$tmp/project/uv.in"
 compile uv.txt uv.in --no-annotate

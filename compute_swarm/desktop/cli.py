@@ -121,9 +121,9 @@ def run_runtime_command(arguments: argparse.Namespace) -> int:
     from compute_swarm.desktop.runtime import this_machine
     from compute_swarm.desktop.runtime.fetch import Busy, Progress
     from compute_swarm.desktop.runtime.pins import LockError
-    from compute_swarm.desktop.runtime.sources import SourceError
     from compute_swarm.desktop.runtime.wheels import WheelError
     from compute_swarm.desktop.settings import SettingsError, SettingsStore
+    from compute_swarm.engine.package_index import SourceError
 
     try:
         sources = arguments.source or SettingsStore().load().settings.runtime_sources

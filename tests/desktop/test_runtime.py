@@ -20,9 +20,9 @@ from packaging.tags import Tag
 
 from compute_swarm.desktop.runtime import builds, wheels
 from compute_swarm.desktop.runtime.fetch import CURRENT, Progress, Runtimes
-from compute_swarm.desktop.runtime.pins import LockError, Pin, read_lock
-from compute_swarm.desktop.runtime.sources import Cancelled, SourceError
+from compute_swarm.desktop.runtime.pins import LockError, read_lock
 from compute_swarm.engine.devices import CpuInfo, DeviceInventory, GpuInfo
+from compute_swarm.engine.package_index import Cancelled, Pin, SourceError
 
 TAGS = [Tag("py3", "none", "any")]
 

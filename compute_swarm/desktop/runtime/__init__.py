@@ -3,7 +3,7 @@ peft, llama.cpp and the rest, the build that fits this machine's GPU, from the s
 set-up (requirements/), every file checked against its sha256.
 
 - `pins`: which files make a runtime (the locks, read for this machine) and which build fits it;
-- `sources`: where the files are (a package index, a mirror, a folder) and a resumable download;
+- where the files are and their resumable download: `engine.package_index` (the catalogue's too);
 - `wheels`: a wheel unpacked into the runtime, and the check of what is installed against its hashes;
 - `fetch`: the versioned runtime directory: fetch, resume, cancel, repair, switch when the lock changes.
 """

@@ -25,9 +25,10 @@ import filelock
 import httpx
 from packaging.tags import Tag
 
-from compute_swarm.desktop.runtime import sources, wheels
-from compute_swarm.desktop.runtime.pins import Pin, digest
-from compute_swarm.desktop.runtime.sources import Cancelled, Candidate
+from compute_swarm.desktop.runtime import wheels
+from compute_swarm.desktop.runtime.pins import digest
+from compute_swarm.engine import package_index
+from compute_swarm.engine.package_index import Cancelled, Candidate, Pin
 
 RUNTIME_FORMAT = 1
 MANIFEST = "runtime.json"  # written last: a folder with it is complete
@@ -76,7 +77,7 @@ class Runtimes:
         self.build = build
         self.pins = list(pins)
         self.sources = list(sources_in_order)
-        self.tags = list(tags) if tags is not None else sources.compatible_tags()
+        self.tags = list(tags) if tags is not None else package_index.compatible_tags()
         self.client = client
         self.name = f"{build}-{digest(self.pins)[:16]}"
         self.folder = root / self.name
@@ -85,12 +86,7 @@ class Runtimes:
 
     def in_use(self) -> Path | None:
         """The complete runtime `current` names (perhaps an older lock's, until this one is fetched)."""
-        try:
-            name = (self.root / CURRENT).read_text(encoding="utf-8").strip()
-        except OSError:
-            return None
-        folder = self.root / name
-        return folder if name and os.sep not in name and (folder / MANIFEST).is_file() else None
+        return in_use(self.root)
 
     def ready(self) -> bool:
         """This lock's runtime is complete and in use (its files are checked by fetch)."""
@@ -201,13 +197,15 @@ class Runtimes:
             if cancel.is_set():
                 raise Cancelled()
             on_progress(Progress("looking up", position, len(pins), None, f"looking up {pin}"))
-            found.append((pin, sources.find_wheel(client, self.sources, pin, self.tags)))
+            found.append((pin, package_index.find_wheel(client, self.sources, pin, self.tags)))
         downloads = self.root / DOWNLOADS
         meter = _Meter(sum(candidate.size or 0 for _, candidate in found), on_progress)
         for pin, candidate in found:
             meter.detail = f"downloading {candidate.filename}"
             wheel = downloads / candidate.filename
-            wheel_sha256 = sources.download(client, candidate, pin, wheel, progress=meter.add, cancel=cancel)
+            wheel_sha256 = package_index.download(
+                client, candidate, pin, wheel, progress=meter.add, cancel=cancel
+            )
             meter.report("installing", f"installing {pin}")
             files = wheels.install(wheel, site)
             installed[pin.name] = {"version": str(pin.version), "wheel_sha256": wheel_sha256, "files": files}
@@ -223,6 +221,16 @@ class Runtimes:
 
     def _manifest(self, installed: dict[str, Any]) -> dict[str, Any]:
         return {"format": RUNTIME_FORMAT, "build": self.build, "name": self.name, "distributions": installed}
+
+
+def in_use(root: Path) -> Path | None:
+    """The complete runtime under `root` that `current` names, if any."""
+    try:
+        name = (root / CURRENT).read_text(encoding="utf-8").strip()
+    except OSError:
+        return None
+    folder = root / name
+    return folder if name and os.sep not in name and (folder / MANIFEST).is_file() else None
 
 
 class _Meter:

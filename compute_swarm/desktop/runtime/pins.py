@@ -6,12 +6,13 @@ from __future__ import annotations
 import hashlib
 import re
 from collections.abc import Iterable
-from dataclasses import dataclass
 from pathlib import Path
 
 from packaging.markers import InvalidMarker, Marker
 from packaging.utils import NormalizedName, canonicalize_name
 from packaging.version import InvalidVersion, Version
+
+from compute_swarm.engine.package_index import Pin
 
 _PIN = re.compile(r"(?P<name>[A-Za-z0-9][A-Za-z0-9._-]*)==(?P<version>[^\s;\\]+)")
 _HASH = re.compile(r"--hash=sha256:(?P<digest>[0-9a-f]{64})")
@@ -19,18 +20,6 @@ _HASH = re.compile(r"--hash=sha256:(?P<digest>[0-9a-f]{64})")
 
 class LockError(Exception):
     """A lock file that cannot be read as pins with hashes; str() names the file and the line."""
-
-
-@dataclass(frozen=True)
-class Pin:
-    """One distribution at one version, and the sha256 of each file of it the lock accepts."""
-
-    name: NormalizedName
-    version: Version
-    hashes: frozenset[str]
-
-    def __str__(self) -> str:
-        return f"{self.name}=={self.version}"
 
 
 def read_locks(paths: Iterable[Path], *, environment: dict[str, str] | None = None) -> list[Pin]:

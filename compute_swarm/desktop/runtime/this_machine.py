@@ -84,3 +84,16 @@ def engine_runtime(
         root or runtime_root(), choice.build, pins, list(sources) or default_sources(choice.build)
     )
     return runtime, choice
+
+
+def take_runtime_in_use(root: Path | None = None) -> Path | None:
+    """Put the runtime in use (whichever lock it was fetched for) on this process's path and its
+    children's, as a packaged app does when it starts; None where none has been fetched."""
+    from compute_swarm.desktop.runtime.fetch import SITE_PACKAGES, in_use
+    from compute_swarm.engine import child_process
+
+    folder = in_use(root or runtime_root())
+    if folder is None:
+        return None
+    child_process.use_runtime(folder / SITE_PACKAGES)
+    return folder

