@@ -1,9 +1,10 @@
 """Screenshots of the real tray window (`make screenshots`, under Xvfb): a real coordinator on loopback,
 the window's agent connected to it and running a real 3-step fine-tune of SmolLM2; then the window
-where the swarm operator approves each computer, and where computers join by invitation. This machine
+where the swarm operator approves each computer, where computers join by invitation, and a packaged
+app's first download of its engine. This machine
 has no GPU, so the GPU the window shows is a reading fed through the agent's telemetry interface.
 
-    python -m tests.desktop.screenshot_tray OUTPUT_DIRECTORY [--joining-only]
+    python -m tests.desktop.screenshot_tray OUTPUT_DIRECTORY [--joining-only | --engine-only]
 """
 
 from __future__ import annotations
@@ -17,11 +18,13 @@ from pathlib import Path
 from PySide6.QtCore import QEventLoop, QTimer
 from PySide6.QtWidgets import QApplication
 
+from compute_swarm.desktop.runtime.fetch import Runtimes
 from compute_swarm.desktop.settings import SettingsStore
 from compute_swarm.desktop.tray.app import TrayApp
 from compute_swarm.engine.jobs import DEMO_CHAT_DATASET
 from compute_swarm.sdk.client import SwarmClient
 from tests.desktop.test_tray import Machine
+from tests.desktop.wheel_index import TAGS, Index, make_wheel, pin_of
 from tests.swarm_processes import Coordinator
 
 
@@ -83,6 +86,49 @@ def joining_screenshots(application: QApplication, output: Path, work: Path) -> 
             coordinator.kill()
 
 
+def engine_download_screenshot(application: QApplication, output: Path, work: Path) -> None:
+    """A packaged app's first Start earning: the engine runtime downloading, from a package index here
+    over a slow line (a 24 MB wheel of random bytes)."""
+    published = work / "published"
+    published.mkdir()
+    engine = make_wheel(
+        published,
+        "packaged_engine",
+        "1.0",
+        {"packaged_engine/weights.bin": os.urandom(24 * 1024 * 1024)},
+    )
+    index = Index(published)
+    index.seconds_per_chunk = 0.02
+    runtime = Runtimes(
+        work / "runtime",
+        "cu128",
+        [pin_of(engine)],
+        [index.url],
+        tags=TAGS,
+        # As builds.choose says it for the RTX 4070 the window shows (this machine has none).
+        reason="NVIDIA driver 570.86 runs CUDA up to 12.8: torch's CUDA 12.8 build",
+    )
+    app = TrayApp(
+        SettingsStore(work / "engine" / "settings.json"),
+        work / "engine" / "node",
+        agent_options={"probe": Machine().probe, "guard_interval_seconds": 1.0},
+        manage_autostart=False,
+        engine_runtime=lambda settings: runtime,
+    )
+    try:
+        app.window.move(20, 20)
+        app.show()
+        app.window.start_stop.click()
+        wait(application, lambda: app.window.runtime_progress.value() > 250, 60, "the engine download")
+        save(app, application, output / "tray-0-engine-download.png")
+    finally:
+        app.stop()
+        wait(application, lambda: not app.activity.running, 30, "the download to stop")
+        app.close()
+        app.window.close()
+        index.close()
+
+
 def main() -> int:
     arguments = [argument for argument in sys.argv[1:] if not argument.startswith("--")]
     output = Path(arguments[0] if arguments else "screenshots")
@@ -91,6 +137,9 @@ def main() -> int:
     os.environ.setdefault("SWARM_TOKEN_STORE", "file")
     if "--joining-only" in sys.argv:
         joining_screenshots(QApplication.instance() or QApplication([]), output, work)
+        return 0
+    if "--engine-only" in sys.argv:
+        engine_download_screenshot(QApplication.instance() or QApplication([]), output, work)
         return 0
     coordinator = Coordinator(work / "coordinator").start()
     os.environ["SWARM_COORDINATOR"] = coordinator.url
@@ -137,6 +186,7 @@ def main() -> int:
         coordinator.kill()
     app.window.hide()
     joining_screenshots(application, output, work)
+    engine_download_screenshot(application, output, work)
     return 0
 
 

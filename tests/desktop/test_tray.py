@@ -4,11 +4,15 @@ on loopback, a real fine-tune of SmolLM2, and the guards fed through the agent's
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
+import os
+import sys
 import threading
 import typing
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -19,16 +23,19 @@ from PySide6.QtWidgets import QApplication
 
 from compute_swarm.desktop.activity import Activity
 from compute_swarm.desktop.guards import GuardSettings
+from compute_swarm.desktop.runtime.fetch import Runtimes
 from compute_swarm.desktop.settings import Settings, SettingsStore
 from compute_swarm.desktop.tray import state
 from compute_swarm.desktop.tray.app import SingleInstance, TrayApp
 from compute_swarm.desktop.tray.widgets import state_icon
+from compute_swarm.engine import child_process
 from compute_swarm.engine.devices import CpuInfo, DeviceInventory, GpuInfo, GpuProcess
 from compute_swarm.engine.jobs import DEMO_CHAT_DATASET
 from compute_swarm.sdk.client import SwarmClient
 from tests.coordinator.test_admission import coordinator_with, ops
 from tests.coordinator.test_node_socket import check_ledger
 from tests.desktop.test_joining import create_invite
+from tests.desktop.wheel_index import TAGS, Index, make_wheel, pin_of
 from tests.swarm_processes import Coordinator
 
 pytestmark = pytest.mark.desktop
@@ -95,7 +102,7 @@ def machine() -> Machine:
 def make_app(qtbot, tmp_path: Path, machine: Machine):
     apps: list[TrayApp] = []
 
-    def make() -> TrayApp:
+    def make(**options: Any) -> TrayApp:
         app = TrayApp(
             SettingsStore(tmp_path / "config" / "settings.json"),
             tmp_path / "node",
@@ -105,6 +112,7 @@ def make_app(qtbot, tmp_path: Path, machine: Machine):
                 "guard_interval_seconds": 0.2,
             },
             manage_autostart=False,
+            **options,
         )
         qtbot.addWidget(app.window)
         apps.append(app)
@@ -349,3 +357,55 @@ def test_a_second_launch_shows_the_first_instead_of_starting(qtbot, tmp_path: Pa
         assert not SingleInstance(str(tmp_path / "settings.json")).claim()
     assert SingleInstance(str(tmp_path / "other.json")).claim()  # another seller's config: its own app
     assert QApplication.instance() is not None
+
+
+def test_a_packaged_app_fetches_its_engine_first_with_progress_and_a_cancel_that_keeps_what_it_has(
+    qtbot, make_app, coordinator: Coordinator, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The runtime this app takes goes on sys.path and into the environment: both are put back after.
+    monkeypatch.setattr(sys, "path", list(sys.path))
+    monkeypatch.delenv(child_process.RUNTIME_VARIABLE, raising=False)
+    published = tmp_path / "published"
+    published.mkdir()
+    engine = make_wheel(
+        published,
+        "packaged_engine",
+        "1.0",
+        {
+            "packaged_engine/__init__.py": b"READY = True\n",
+            # Random bytes, so the wheel stays 2 MB: 32 chunks on the slow line below.
+            "packaged_engine/weights.bin": hashlib.sha256(b"weights").digest() * 65_536,
+        },
+    )
+    index = Index(published)
+    index.seconds_per_chunk = 0.1
+    runtime = Runtimes(
+        tmp_path / "runtime", "cpu", [pin_of(engine)], [index.url], tags=TAGS, reason="no GPU: CPU build"
+    )
+    app = make_app(engine_runtime=lambda settings: runtime)
+    window = app.window
+    try:
+        qtbot.mouseClick(window.start_stop, Qt.MouseButton.LeftButton)
+        qtbot.waitUntil(lambda: window.runtime_card.isVisible() and " MB (" in window.runtime_numbers.text())
+        assert window.runtime_reason.text() == "no GPU: CPU build"
+        assert "left" in window.runtime_numbers.text() and window.runtime_progress.value() > 0
+        assert window.start_stop.text() == "Stop" and not app.bridge.running, "no agent before the engine"
+        assert (window.headline.text(), window.detail.text()) == (
+            "Getting ready",
+            "Fetching the engine, once",
+        )
+
+        qtbot.mouseClick(window.runtime_cancel, Qt.MouseButton.LeftButton)
+        qtbot.waitUntil(lambda: not app.activity.running, timeout=10_000)
+        assert not window.runtime_card.isVisible() and window.start_stop.text() == "Start earning"
+        assert not runtime.ready() and list((tmp_path / "runtime" / "downloads").glob("*.part"))
+        assert json.loads(app.store.path.read_text())["earning"] is False
+
+        index.seconds_per_chunk = 0.0
+        start(qtbot, app)  # the fetch goes on where it stopped, then the agent connects
+        assert runtime.ready() and not window.runtime_card.isVisible()
+        ranges = [wanted for path, wanted in index.requests if path.endswith(engine.name)]
+        assert ranges[-1] is not None, "the second fetch resumed the download"
+        assert os.environ[child_process.RUNTIME_VARIABLE] == str(runtime.site_packages())
+    finally:
+        index.close()

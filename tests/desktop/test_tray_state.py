@@ -7,6 +7,7 @@ from dataclasses import replace
 
 from compute_swarm.desktop.agent_status import AgentStatus
 from compute_swarm.desktop.job import JobOutcome, JobStatus
+from compute_swarm.desktop.runtime.fetch import Progress
 from compute_swarm.desktop.tray import state
 from compute_swarm.protocol import Earnings, Standing
 
@@ -175,3 +176,18 @@ def test_a_wanted_invite_code_is_asked_for_rather_than_shown_as_offline() -> Non
     )
     assert state.headline(refused, running) == "Invite code refused: the invite code is unknown"
     assert state.icon_state(missing, state.RunState()) == "offline"  # not running: nothing is waiting
+
+
+def test_the_engine_fetch_says_what_is_done_of_what_and_the_time_left() -> None:
+    megabyte = 1024**2
+    assert (
+        state.runtime_fetch_text(Progress("downloading", 110 * megabyte, 440 * megabyte, 95.0, "torch"))
+        == "110 of 440 MB (25%), about 2 min left"
+    )
+    assert (
+        state.runtime_fetch_text(Progress("downloading", 0, 440 * megabyte, None, "")) == "0 of 440 MB (0%)"
+    )
+    assert (
+        state.runtime_fetch_text(Progress("looking up", 12, 69, None, ""))
+        == "Finding the files: 12 of 69 packages"
+    )

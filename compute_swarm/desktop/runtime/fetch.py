@@ -72,6 +72,7 @@ class Runtimes:
         *,
         tags: Sequence[Tag] | None = None,
         client: httpx.Client | None = None,
+        reason: str = "",
     ):
         self.root = root
         self.build = build
@@ -79,6 +80,7 @@ class Runtimes:
         self.sources = list(sources_in_order)
         self.tags = list(tags) if tags is not None else package_index.compatible_tags()
         self.client = client
+        self.reason = reason  # why this build, for the window
         self.name = f"{build}-{digest(self.pins)[:16]}"
         self.folder = root / self.name
 

@@ -81,9 +81,21 @@ def engine_runtime(
     )
     pins = read_locks([locks / "node.txt", here[choice.build]])
     runtime = Runtimes(
-        root or runtime_root(), choice.build, pins, list(sources) or default_sources(choice.build)
+        root or runtime_root(),
+        choice.build,
+        pins,
+        list(sources) or default_sources(choice.build),
+        reason=choice.reason,
     )
     return runtime, choice
+
+
+def runtime_this_app_needs(sources: Sequence[str] = ()) -> Runtimes | None:
+    """The runtime a packaged app fetches before its first job; None for an app run from a Python
+    environment, whose engine is installed there. Raises LockError as engine_runtime does."""
+    if not getattr(sys, "frozen", False):
+        return None
+    return engine_runtime(sources)[0]
 
 
 def take_runtime_in_use(root: Path | None = None) -> Path | None:

@@ -9,6 +9,7 @@ import getpass
 import hashlib
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -19,11 +20,16 @@ from PySide6.QtWidgets import QApplication, QMenu, QSystemTrayIcon
 
 from compute_swarm.desktop import autostart, token_store
 from compute_swarm.desktop.agent_status import AgentStatus
+from compute_swarm.desktop.runtime import this_machine
+from compute_swarm.desktop.runtime.fetch import SITE_PACKAGES, Runtimes
+from compute_swarm.desktop.runtime.pins import LockError
 from compute_swarm.desktop.settings import Settings, SettingsError, SettingsStore, normalize_invite_code
 from compute_swarm.desktop.tray import state
 from compute_swarm.desktop.tray.bridge import AgentBridge
+from compute_swarm.desktop.tray.runtime_fetch import RuntimeFetch
 from compute_swarm.desktop.tray.widgets import state_icon
 from compute_swarm.desktop.tray.window import MainWindow, SettingsDialog
+from compute_swarm.engine import child_process
 
 logger = logging.getLogger(__name__)
 
@@ -78,8 +84,14 @@ class TrayApp(QObject):
         *,
         agent_options: dict[str, Any] | None = None,
         manage_autostart: bool = True,  # tests leave the real login items alone
+        engine_runtime: Callable[[Settings], Runtimes | None] | None = None,
     ):
         super().__init__()
+        # What the engine needs fetched before the first job (a packaged app's runtime), if anything.
+        self._engine_runtime = engine_runtime or (
+            lambda settings: this_machine.runtime_this_app_needs(settings.runtime_sources)
+        )
+        self._runtime_fetch: RuntimeFetch | None = None
         self.store = store
         self.manage_autostart = manage_autostart
         problem = None
@@ -146,13 +158,62 @@ class TrayApp(QObject):
             )
         )
         self.activity = state.RunState(running=True)
+        try:
+            runtime = self._engine_runtime(self.settings)
+        except LockError as error:
+            self._on_stopped(f"This app cannot fetch its engine: {error}")
+            return
+        if runtime is not None and not runtime.ready():
+            self._fetch_runtime(runtime, coordinator, invite_code)
+        else:
+            self._start_agent(coordinator, invite_code)
+        self._update_view()
+
+    def _start_agent(self, coordinator: str, invite_code: str | None) -> None:
         self.bridge.start(coordinator, self.settings.guards, invite_code=invite_code)
         self._earnings_timer.start()
+
+    def _fetch_runtime(self, runtime: Runtimes, coordinator: str, invite_code: str | None) -> None:
+        """Fetch the engine runtime, showing its progress; start the agent once it is in."""
+        fetch = RuntimeFetch(runtime, self)
+        self._runtime_fetch = fetch
+        self.activity = state.RunState(running=True, fetching_engine=True)
+        fetch.progressed.connect(lambda progress: self.window.show_runtime_fetch(progress, runtime.reason))
+        fetch.finished.connect(lambda folder: self._on_runtime_ready(folder, coordinator, invite_code))
+        fetch.failed.connect(self._on_runtime_failed)
+        fetch.cancelled.connect(self._on_runtime_cancelled)
+        fetch.start()
+        logger.info("fetching the engine runtime %s (%s)", runtime.name, runtime.reason)
+
+    def _on_runtime_ready(self, folder: Path, coordinator: str, invite_code: str | None) -> None:
+        self._runtime_fetch = None
+        self.window.show_runtime_fetch(None)
+        child_process.use_runtime(folder / SITE_PACKAGES)
+        logger.info("the engine runtime %s is ready", folder.name)
+        if self.activity.running and not self.activity.stopping:
+            self.activity = state.RunState(running=True)
+            self._start_agent(coordinator, invite_code)
+        self._update_view()
+
+    def _on_runtime_failed(self, message: str) -> None:
+        self._runtime_fetch = None
+        self.window.show_runtime_fetch(None)
+        self._on_stopped(message)
+
+    def _on_runtime_cancelled(self) -> None:
+        self._runtime_fetch = None
+        self.window.show_runtime_fetch(None)
+        self._save(self.settings.model_copy(update={"earning": False}))
+        self.activity = state.RunState()
         self._update_view()
 
     def stop(self) -> None:
-        """Stop earning; the job checkpoints and is handed back first (a second Stop kills it)."""
+        """Stop earning; the job checkpoints and is handed back first (a second Stop kills it). While
+        the engine is being fetched, the fetch stops (what it has stays for the next Start)."""
         if not self.activity.running:
+            return
+        if self._runtime_fetch is not None:
+            self._runtime_fetch.cancel()
             return
         self._save(self.settings.model_copy(update={"earning": False}))
         self.activity = state.RunState(running=True, stopping=True)
@@ -189,6 +250,9 @@ class TrayApp(QObject):
         """Stop the agent (waiting for its job's checkpoint), then leave; the next start goes on earning
         if it was earning now."""
         earning = self.activity.running and not self.activity.stopping
+        if self._runtime_fetch is not None:  # what it fetched stays: the next start goes on from there
+            self._runtime_fetch.cancel()
+            self._runtime_fetch.wait(10)
         if self.bridge.running:
             self.bridge.stop()
             if not self.bridge.wait(QUIT_WAIT_SECONDS):
@@ -246,6 +310,7 @@ class TrayApp(QObject):
         self.window.stop_requested.connect(self.stop)
         self.window.settings_requested.connect(self.open_settings)
         self.window.invite_code_entered.connect(self.submit_invite_code)
+        self.window.runtime_cancel_requested.connect(self.stop)
         self.bridge.status_changed.connect(self._on_status)
         self.bridge.telemetry_read.connect(self._on_telemetry)
         self.bridge.earnings_history_read.connect(self._on_earnings_history)

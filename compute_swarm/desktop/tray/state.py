@@ -11,6 +11,7 @@ from typing import Literal
 
 from compute_swarm.desktop.agent_status import AgentStatus
 from compute_swarm.desktop.job import JobStatus
+from compute_swarm.desktop.runtime.fetch import Progress
 from compute_swarm.protocol import Standing, StandingState, Telemetry, format_credits
 
 # "waiting": for someone else before work can come (the swarm operator's approval, an invite code).
@@ -37,6 +38,7 @@ class RunState:
     running: bool = False
     stopping: bool = False
     error: str | None = None  # why the agent stopped for good (a refused token, an old protocol)
+    fetching_engine: bool = False  # a packaged app's first start: its engine runtime comes first
 
 
 def icon_state(status: AgentStatus | None, activity: RunState) -> IconState:
@@ -77,6 +79,8 @@ def headline_parts(status: AgentStatus | None, activity: RunState) -> tuple[str,
         return "Stopping", "saving the job's progress…"
     if not activity.running:
         return "Not earning", None
+    if activity.fetching_engine:
+        return "Getting ready", "fetching the engine, once"
     if status is None:
         return "Connecting…", None
     if status.invite_code_wanted == "missing":
@@ -168,6 +172,21 @@ def format_bytes(count: int | None) -> str:
     if count is None:
         return "?"
     return f"{count / 1024**3:.1f} GiB"
+
+
+def runtime_fetch_text(progress: Progress) -> str:
+    """The line under the engine runtime's progress bar: what is done of what, and the time left."""
+    if progress.stage == "looking up":
+        return f"Finding the files: {progress.done_bytes} of {progress.total_bytes} packages"
+    if progress.stage == "checking":
+        return "Checking the engine's files"
+    if progress.stage == "ready":
+        return "Ready"
+    done, total = progress.done_bytes / 1024**2, progress.total_bytes / 1024**2
+    left = (
+        f", about {format_duration(progress.seconds_left)} left" if progress.seconds_left is not None else ""
+    )
+    return f"{done:,.0f} of {total:,.0f} MB ({progress.fraction:.0%}){left}"
 
 
 # ---- earnings

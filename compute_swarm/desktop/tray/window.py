@@ -30,6 +30,7 @@ from PySide6.QtWidgets import (
 
 from compute_swarm.desktop.agent_status import AgentStatus
 from compute_swarm.desktop.guards import GuardSettings
+from compute_swarm.desktop.runtime.fetch import Progress
 from compute_swarm.desktop.settings import Settings
 from compute_swarm.desktop.tray import state
 from compute_swarm.desktop.tray.widgets import MUTED, STATE_COLORS, TEXT, Chart, Meter, state_icon
@@ -129,6 +130,7 @@ class MainWindow(QWidget):
     stop_requested = Signal()
     settings_requested = Signal()
     invite_code_entered = Signal(str)  # as typed: the app checks it
+    runtime_cancel_requested = Signal()
 
     def __init__(self, settings: Settings) -> None:
         super().__init__()
@@ -189,6 +191,23 @@ class MainWindow(QWidget):
         self.coordinator_error = _label("", "error")
         self.coordinator_error.hide()
         root.addWidget(self.coordinator_error)
+
+        # ---- the engine, fetched once by a packaged app before its first job
+        self.runtime_card, runtime_layout = _card("Getting the engine ready (once)")
+        self.runtime_reason = _label("", "muted")
+        self.runtime_progress = QProgressBar()
+        self.runtime_progress.setRange(0, 1000)
+        self.runtime_progress.setTextVisible(False)
+        self.runtime_progress.setFixedHeight(8)
+        self.runtime_numbers = _label("")
+        self.runtime_detail = _label("", "muted")
+        self.runtime_cancel = QPushButton("Cancel")
+        self.runtime_cancel.clicked.connect(self.runtime_cancel_requested.emit)
+        for widget in (self.runtime_reason, self.runtime_progress, self.runtime_numbers, self.runtime_detail):
+            runtime_layout.addWidget(widget)
+        runtime_layout.addWidget(self.runtime_cancel, 0, Qt.AlignmentFlag.AlignRight)
+        self.runtime_card.hide()
+        root.addWidget(self.runtime_card)
 
         # ---- the GPUs
         self.gpu_cards: list[GpuCard] = []
@@ -325,6 +344,16 @@ class MainWindow(QWidget):
         self._limit_celsius = limit_celsius
         self.temperature_chart.threshold = limit_celsius
         self.temperature_chart.update()
+
+    def show_runtime_fetch(self, progress: Progress | None, reason: str = "") -> None:
+        """The engine runtime's fetch: its progress, or None to put the card away."""
+        self.runtime_card.setVisible(progress is not None)
+        if progress is None:
+            return
+        self.runtime_reason.setText(reason)
+        self.runtime_progress.setValue(round(progress.fraction * 1000))
+        self.runtime_numbers.setText(state.runtime_fetch_text(progress))
+        self.runtime_detail.setText(progress.detail)
 
     def show_coordinator_error(self, message: str | None) -> None:
         self.coordinator_error.setText(message or "")
