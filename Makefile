@@ -13,7 +13,7 @@ TORCH_SPEC ?= torch==2.13.0
 LOCK ?= requirements/dev.txt
 INSTALLED := $(VENV)/.installed-$(notdir $(basename $(LOCK)))
 
-.PHONY: setup system-packages run tray train-demo test lint format bench screenshots lock installer clean
+.PHONY: setup system-packages run tray train-demo test lint format bench screenshots lock installer test-installer clean
 
 setup: $(INSTALLED) system-packages
 
@@ -54,6 +54,10 @@ train-demo: $(INSTALLED)
 
 test: $(INSTALLED) system-packages
 	$(BIN)/python -m pytest
+
+# The packaged app end to end: build, install in a fresh home, fetch its engine, earn (tests/test_installed_app.py).
+test-installer: $(INSTALLED) system-packages
+	$(BIN)/python -m pytest -m installer -s tests/test_installed_app.py
 
 lint: $(INSTALLED)
 	$(BIN)/ruff check .
