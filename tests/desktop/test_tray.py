@@ -407,5 +407,15 @@ def test_a_packaged_app_fetches_its_engine_first_with_progress_and_a_cancel_that
         ranges = [wanted for path, wanted in index.requests if path.endswith(engine.name)]
         assert ranges[-1] is not None, "the second fetch resumed the download"
         assert os.environ[child_process.RUNTIME_VARIABLE] == str(runtime.site_packages())
+
+        # The next launch checks the runtime against its hashes before the first job, and repairs it.
+        qtbot.mouseClick(window.start_stop, Qt.MouseButton.LeftButton)
+        qtbot.waitUntil(lambda: not app.activity.running, timeout=60_000)
+        (runtime.site_packages() / "packaged_engine" / "__init__.py").write_text("READY = False\n")
+        index.requests.clear()
+        relaunched = make_app(engine_runtime=lambda settings: runtime)
+        start(qtbot, relaunched)
+        assert [path for path, _ in index.requests if path.startswith("/files/")] == [f"/files/{engine.name}"]
+        assert (runtime.site_packages() / "packaged_engine" / "__init__.py").read_text() == "READY = True\n"
     finally:
         index.close()

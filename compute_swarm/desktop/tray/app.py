@@ -92,6 +92,7 @@ class TrayApp(QObject):
             lambda settings: this_machine.runtime_this_app_needs(settings.runtime_sources)
         )
         self._runtime_fetch: RuntimeFetch | None = None
+        self._runtime_checked = False
         self.store = store
         self.manage_autostart = manage_autostart
         problem = None
@@ -163,7 +164,8 @@ class TrayApp(QObject):
         except LockError as error:
             self._on_stopped(f"This app cannot fetch its engine: {error}")
             return
-        if runtime is not None and not runtime.ready():
+        # Fetched, or checked against its hashes (and repaired) once per launch before the first job.
+        if runtime is not None and not (runtime.ready() and self._runtime_checked):
             self._fetch_runtime(runtime, coordinator, invite_code)
         else:
             self._start_agent(coordinator, invite_code)
@@ -187,6 +189,7 @@ class TrayApp(QObject):
 
     def _on_runtime_ready(self, folder: Path, coordinator: str, invite_code: str | None) -> None:
         self._runtime_fetch = None
+        self._runtime_checked = True
         self.window.show_runtime_fetch(None)
         child_process.use_runtime(folder / SITE_PACKAGES)
         logger.info("the engine runtime %s is ready", folder.name)
