@@ -148,7 +148,6 @@ class Hub:
         connection.trusted = connection.node_id in trusted
         connection.standing = barred.get(connection.node_id, ACTIVE)
         connection.crashed_models = _crash_reports(connection.hello.crashed_models)
-        self.registry.add(connection)
         earnings = await asyncio.to_thread(self.accounts.earnings, connection.node_id)
         await connection.send(
             protocol.Welcome(
@@ -160,6 +159,10 @@ class Hub:
                 standing=connection.standing,
             )
         )
+        # Registered only once welcomed: while the earnings were read (a thread, so the loop ran on), a
+        # registered connection could be handed a lease or a chat request before its welcome, which
+        # the node refuses as out of order (seen once in a full run under load).
+        self.registry.add(connection)
         await self.registry.stop_leases(revoked)
         self.dispatcher.wake()
 
