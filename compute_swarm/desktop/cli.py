@@ -129,13 +129,14 @@ def run_runtime_command(arguments: argparse.Namespace) -> int:
         sources = arguments.source or SettingsStore().load().settings.runtime_sources
         runtime, choice = this_machine.engine_runtime(sources, root=arguments.root)
     except (LockError, SettingsError) as error:
-        _say_runtime(str(error))
+        _say(str(error), "runtime")
         return 1
-    _say_runtime(f"torch build {choice.build}: {choice.reason}")
+    _say(f"torch build {choice.build}: {choice.reason}", "runtime")
     if arguments.status:
         state = "ready" if runtime.ready() else "not fetched yet"
-        _say_runtime(
-            f"in use: {runtime.in_use() or 'none'}; this machine's runtime {runtime.folder}: {state}"
+        _say(
+            f"in use: {runtime.in_use() or 'none'}; this machine's runtime {runtime.folder}: {state}",
+            "runtime",
         )
         return 0
     bar = tqdm(total=0, unit="B", unit_scale=True, unit_divisor=1024, dynamic_ncols=True)
@@ -150,14 +151,14 @@ def run_runtime_command(arguments: argparse.Namespace) -> int:
         folder = runtime.fetch(show)
     except (SourceError, WheelError, Busy) as error:
         bar.close()
-        _say_runtime(f"the runtime could not be fetched: {error}")
+        _say(f"the runtime could not be fetched: {error}", "runtime")
         return 1
     except KeyboardInterrupt:
         bar.close()
-        _say_runtime("stopped: run it again to go on where it stopped")
+        _say("stopped: run it again to go on where it stopped", "runtime")
         return 130
     bar.close()
-    _say_runtime(f"the engine runtime is ready in {folder}")
+    _say(f"the engine runtime is ready in {folder}", "runtime")
     return 0
 
 
@@ -395,9 +396,5 @@ def _held(standing) -> str:
     return f"paused by the swarm operator: {standing.reason or 'no work for now'}"
 
 
-def _say(message: str) -> None:
-    print(f"compute-swarm node: {message}", file=sys.stderr, flush=True)
-
-
-def _say_runtime(message: str) -> None:
-    print(f"compute-swarm runtime: {message}", file=sys.stderr, flush=True)
+def _say(message: str, command: str = "node") -> None:
+    print(f"compute-swarm {command}: {message}", file=sys.stderr, flush=True)
