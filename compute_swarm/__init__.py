@@ -2,5 +2,6 @@
 
 The parts are subpackages: `sdk` (buyers), `coordinator` (the service), `desktop` (sellers' node agent
 and tray app), `engine` (runs one job) and `kernels` (attention). `protocol` is the node ⇄ coordinator
-wire and `sweeps` the sweep spec; both are light, for every part to share. Nothing is imported here.
+wire, `sweeps` the sweep spec and `invitation` what a downloaded app carries to join its swarm; all are
+light, for every part to share. Nothing is imported here.
 """

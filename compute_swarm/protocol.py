@@ -21,7 +21,9 @@ from compute_swarm.engine.jobs import ChatMessage, InferenceJobSpec, Sampling, W
 #    `standing` message says it again at once when it changes.
 # 6: a lease's spec is typed (protocol.Lease.spec): every datum in it is named by its content hash, a
 #    batch's adapter and a verification re-run's adapter to evaluate included, as the lease names them.
-PROTOCOL_VERSION = 6
+# 7: the welcome says the oldest agent version the coordinator takes and the newest it offers (its
+#    sell page); a hello from an older agent is closed with UNSUPPORTED_VERSION.
+PROTOCOL_VERSION = 7
 
 # Where the node token goes in the websocket handshake (and in HTTP requests from a node).
 AUTHORIZATION_HEADER = "Authorization"
@@ -95,7 +97,9 @@ class CloseCode:
     MALFORMED = 4400  # not JSON, not a known message, or a message out of order
     UNAUTHORIZED = 4401  # missing, unknown or revoked token
     REPLACED = 4409  # the same node connected again; this older connection is closed
-    UNSUPPORTED_VERSION = 4426  # protocol versions differ: the agent needs an update
+    # The protocol versions differ, or the agent is older than the coordinator takes: the seller needs
+    # the version the coordinator's sell page (/sell) offers.
+    UNSUPPORTED_VERSION = 4426
 
 
 # Close codes after which reconnecting with the same token cannot help.
@@ -306,6 +310,10 @@ class Welcome(_Message):
     lease_seconds: float
     earnings: Earnings
     standing: Standing
+    # The oldest agent version this coordinator takes, and the newest it offers on its sell page
+    # (/sell): an older agent shows "Update available". None: no such bound.
+    minimum_agent_version: str | None = Field(default=None, max_length=64)
+    latest_agent_version: str | None = Field(default=None, max_length=64)
 
 
 class Lease(_Message):
@@ -475,3 +483,14 @@ def format_credits(micro: int) -> str:
     whole, fraction = divmod(abs(int(micro)), MICRO_PER_CREDIT)
     text = f"{whole}.{fraction:06d}".rstrip("0").rstrip(".")
     return f"-{text}" if micro < 0 else text
+
+
+def is_older_version(version: str, than: str) -> bool:
+    """Whether agent version `version` comes before `than`, by PEP 440. A version that does not parse
+    counts as older: an agent that cannot say what it is is not known to be new enough."""
+    from packaging.version import InvalidVersion, Version  # not for the SDK's light import of this module
+
+    try:
+        return Version(version) < Version(than)
+    except InvalidVersion:
+        return True

@@ -21,8 +21,14 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 PACKAGE = REPOSITORY / "compute_swarm"
 
 # Which parts of compute_swarm each part may import (besides itself). The shared light modules:
-# the wire protocol, the sweep spec and the job specs (engine.jobs, which imports nothing heavy).
-SHARED = {"compute_swarm.protocol", "compute_swarm.sweeps", "compute_swarm.engine.jobs"}
+# the wire protocol, the sweep spec, the job specs (engine.jobs, which imports nothing heavy) and
+# what a downloaded app carries to join its swarm (invitation: the sell page writes it, the app reads it).
+SHARED = {
+    "compute_swarm.protocol",
+    "compute_swarm.sweeps",
+    "compute_swarm.engine.jobs",
+    "compute_swarm.invitation",
+}
 ALLOWED_IMPORTS = {
     "sdk": SHARED,
     # engine.catalogue: the model files, from which the coordinator reads each model's tokenizer.

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+from importlib import metadata
 from pathlib import Path
 from typing import Literal
 
 import platformdirs
+from packaging.version import InvalidVersion, Version
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
@@ -15,6 +17,21 @@ MIB = 1024 * 1024
 # An admin token must look random: long, and not one character or word repeated ("changeme" × 3).
 MINIMUM_SECRET_LENGTH = 24
 MINIMUM_DISTINCT_CHARACTERS = 10
+
+
+def coordinator_version() -> str:
+    try:
+        return metadata.version("compute-swarm")
+    except metadata.PackageNotFoundError:
+        return "0"
+
+
+def _is_version(text: str) -> bool:
+    try:
+        Version(text)
+    except InvalidVersion:
+        return False
+    return len(text) <= 64  # the protocol's bound on an agent version
 
 
 def default_data_dir() -> Path:
@@ -62,6 +79,13 @@ class Settings(BaseSettings):
     node_admission: Literal["open", "invite", "approval"] = "approval"
     # Registrations per hour from one address (429 beyond); 0: no limit.
     registrations_per_hour_per_address: int = Field(default=20, ge=0)
+    # The seller's app. Agents older than the minimum are turned away with the sell page's address
+    # (empty: any version that speaks this protocol); older than the latest, they show "Update
+    # available" (empty: this coordinator's own version). The sell page (/sell) offers the packages
+    # in app_downloads_dir as `make installer` names them (empty: <data_dir>/app-downloads).
+    minimum_agent_version: str = ""
+    latest_agent_version: str = ""
+    app_downloads_dir: Path | None = None
 
     # Inference.
     # How long a request waits for a node with a free slot before the buyer is told to try later.
@@ -115,7 +139,20 @@ class Settings(BaseSettings):
             raise ValueError("verification_minimum_rate must not exceed verification_maximum_rate")
         if self.public_origin and not self.public_origin.startswith(("http://", "https://")):
             raise ValueError("public_origin must start with http:// or https://")
+        for name in ("minimum_agent_version", "latest_agent_version"):
+            value = getattr(self, name)
+            if value and not _is_version(value):
+                raise ValueError(f"{name} must be a version such as 0.2.0 (PEP 440), not {value!r}")
         return self
+
+    @property
+    def offered_agent_version(self) -> str:
+        """The newest agent version the sell page offers."""
+        return self.latest_agent_version or coordinator_version()
+
+    @property
+    def resolved_app_downloads_dir(self) -> Path:
+        return self.app_downloads_dir or self.data_dir / "app-downloads"
 
     def verification_policy(self) -> VerificationPolicy:
         return VerificationPolicy(

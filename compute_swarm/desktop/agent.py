@@ -311,12 +311,14 @@ class NodeAgent:
 
     def _welcomed(self, welcome: protocol.Welcome) -> None:
         self._account.log_standing(welcome.standing)
+        latest = welcome.latest_agent_version
         self._status.update(
             connected=True,
             node_id=welcome.node_id,
             earnings=welcome.earnings,
             standing=welcome.standing,
             problem=None,
+            newer_version=latest if latest and protocol.is_older_version(agent_version(), latest) else None,
         )
 
     def _connection_ended(self) -> None:

@@ -38,6 +38,8 @@ class AgentStatus:
     invite_code_wanted: Literal["missing", "refused"] | None = None
     # Whether the coordinator gives this node work, as it last said (None: not welcomed yet).
     standing: protocol.Standing | None = None
+    # The newer agent version the coordinator offers on its sell page, when this one is older.
+    newer_version: str | None = None
 
 
 class StatusBoard:

@@ -21,10 +21,16 @@ from websockets.exceptions import ConnectionClosed, InvalidStatus, WebSocketExce
 from compute_swarm import protocol
 from compute_swarm.desktop.background_tasks import cancel_all, log_task_failure, wait_until, within
 from compute_swarm.desktop.backoff import Backoff
-from compute_swarm.desktop.connection_rules import connection_end, refused_token_message, websocket_url
+from compute_swarm.desktop.connection_rules import (
+    connection_end,
+    refused_token_message,
+    sell_page,
+    unsupported_version_message,
+    websocket_url,
+)
 from compute_swarm.desktop.failures import describe_error
 from compute_swarm.desktop.node_description import agent_version
-from compute_swarm.desktop.node_stopped import NodeStopped
+from compute_swarm.desktop.node_stopped import NodeStopped, UnsupportedVersion
 from compute_swarm.desktop.outbox import Outbox, Reportable
 from compute_swarm.protocol import CloseCode, ProtocolViolation
 
@@ -152,10 +158,14 @@ class CoordinatorConnection:
                 raise ProtocolViolation(CloseCode.MALFORMED, f"expected welcome first, got {welcome.type}")
             if welcome.protocol_version != protocol.PROTOCOL_VERSION:
                 await websocket.close(CloseCode.NORMAL, "unsupported protocol version")
-                raise NodeStopped(
-                    f"the coordinator at {self._coordinator} speaks protocol version "
-                    f"{welcome.protocol_version} and this agent {protocol.PROTOCOL_VERSION}: "
-                    "update compute-swarm"
+                raise UnsupportedVersion(
+                    unsupported_version_message(
+                        self._coordinator,
+                        agent_version(),
+                        f"it speaks protocol version {welcome.protocol_version}, this app "
+                        f"{protocol.PROTOCOL_VERSION}",
+                    ),
+                    sell_page(self._coordinator),
                 )
             backoff.reset()
             if self._closing:  # stop() came during the handshake
@@ -203,7 +213,11 @@ class CoordinatorConnection:
             if self._outgoing is outgoing:
                 self._websocket, self._outgoing = None, None
             self._host.ended()
-        end = connection_end(websocket.close_code, websocket.close_reason or "", self._coordinator)
+        end = connection_end(
+            websocket.close_code, websocket.close_reason or "", self._coordinator, agent_version()
+        )
+        if end.unsupported_version:
+            raise UnsupportedVersion(end.problem, sell_page(self._coordinator))
         if end.fatal:
             raise NodeStopped(end.problem)
         if end.slow_reconnect:

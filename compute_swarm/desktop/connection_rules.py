@@ -20,6 +20,19 @@ def websocket_url(coordinator: str) -> str:
     return urlunsplit((scheme, parts.netloc, parts.path.rstrip("/") + "/node", "", ""))
 
 
+def sell_page(coordinator: str) -> str:
+    """The coordinator's page for sellers, which offers the app version it works with."""
+    return token_store.normalize_coordinator_url(coordinator).rstrip("/") + "/sell"
+
+
+def unsupported_version_message(coordinator: str, agent_version: str, reason: str) -> str:
+    return (
+        f"the coordinator at {coordinator} does not work with this version of compute-swarm, "
+        f"{agent_version} ({reason or 'unsupported version'}): install the version it offers at "
+        f"{sell_page(coordinator)}"
+    )
+
+
 def refused_token_message(coordinator: str, reason: str) -> str:
     return (
         f"the coordinator at {coordinator} refused this node's token "
@@ -32,14 +45,21 @@ def refused_token_message(coordinator: str, reason: str) -> str:
 class ConnectionEnd:
     problem: str  # why the connection ended, in words
     fatal: bool = False  # reconnecting cannot help: the agent stops, saying `problem`
+    unsupported_version: bool = False  # fatal until the seller installs the version the coordinator offers
     slow_reconnect: bool = False  # the coordinator welcomed the node and then objected
 
 
-def connection_end(code: int | None, reason: str, coordinator: str) -> ConnectionEnd:
-    """What a welcomed connection's close code means for the agent."""
+def connection_end(code: int | None, reason: str, coordinator: str, agent_version: str) -> ConnectionEnd:
+    """What a connection's close code means for the agent."""
     if code == protocol.CloseCode.UNAUTHORIZED:
         return ConnectionEnd(refused_token_message(coordinator, reason), fatal=True)
-    if code in protocol.FATAL_CLOSE_CODES:  # UNSUPPORTED_VERSION, and any added later
+    if code == protocol.CloseCode.UNSUPPORTED_VERSION:
+        return ConnectionEnd(
+            unsupported_version_message(coordinator, agent_version, reason),
+            fatal=True,
+            unsupported_version=True,
+        )
+    if code in protocol.FATAL_CLOSE_CODES:  # any added later
         return ConnectionEnd(
             f"the coordinator at {coordinator} closed the connection ({reason or code}): update compute-swarm",
             fatal=True,

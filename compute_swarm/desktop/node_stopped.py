@@ -11,6 +11,15 @@ class NodeStopped(Exception):
     and what to do."""
 
 
+class UnsupportedVersion(NodeStopped):
+    """The coordinator does not work with this version of the agent: the seller installs the one its
+    sell page (`download_page`) offers."""
+
+    def __init__(self, message: str, download_page: str):
+        super().__init__(message)
+        self.download_page = download_page
+
+
 class InviteCodeRefused(NodeStopped):
     """The coordinator admits nodes by invitation and refused to register this one: it had no invite
     code (`code_given` False), or the coordinator refused the one it had. `detail` is the coordinator's

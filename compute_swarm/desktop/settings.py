@@ -27,6 +27,9 @@ MAX_RUNTIME_SOURCES = 8
 # The coordinator `make run` starts; a seller joining someone else's swarm types its address once.
 DEFAULT_COORDINATOR = "http://127.0.0.1:8000"
 CONFIG_ENVIRONMENT_VARIABLE = "SWARM_CONFIG_DIR"
+# Runtime sources for computers whose settings name none (a fleet's image, a mirror ops hand out),
+# separated by spaces.
+RUNTIME_SOURCES_ENVIRONMENT_VARIABLE = "SWARM_RUNTIME_SOURCES"
 # The longest invite code a coordinator takes; its own codes are about 37 characters.
 MAX_INVITE_CODE_CHARACTERS = 100
 
@@ -51,7 +54,9 @@ class Settings(BaseModel):
     # Package indexes (PyPI's simple API or a mirror of it) or folders of wheels to fetch the engine
     # runtime from, tried in order; empty: the torch build's PyTorch index, then PyPI. Every file is
     # checked against the app's locks, so a mirror can serve no other files.
-    runtime_sources: tuple[str, ...] = Field(default=(), max_length=MAX_RUNTIME_SOURCES)
+    runtime_sources: tuple[str, ...] = Field(
+        default_factory=lambda: default_runtime_sources(), max_length=MAX_RUNTIME_SOURCES
+    )
 
     @field_validator("coordinator")
     @classmethod
@@ -110,6 +115,17 @@ def default_coordinator() -> str:
         )
     except ValueError:
         return DEFAULT_COORDINATOR
+
+
+def default_runtime_sources() -> tuple[str, ...]:
+    """$SWARM_RUNTIME_SOURCES's usable sources (a bad one is logged and left out), else none."""
+    sources = []
+    for text in os.environ.get(RUNTIME_SOURCES_ENVIRONMENT_VARIABLE, "").split()[:MAX_RUNTIME_SOURCES]:
+        try:
+            sources.append(normalize_runtime_source(text))
+        except ValueError as error:
+            logger.warning("%s: %s", RUNTIME_SOURCES_ENVIRONMENT_VARIABLE, error)
+    return tuple(sources)
 
 
 def default_config_directory() -> Path:

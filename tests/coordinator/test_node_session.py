@@ -94,3 +94,31 @@ def test_generated_text_is_exempt_from_the_message_rate_but_not_from_the_byte_ra
     with pytest.raises(ProtocolViolation):
         for _ in range(200_000 // protocol.MINIMUM_FRAME_COST + 1):
             session.receive(tiny)
+
+
+def test_an_agent_older_than_the_minimum_is_turned_away_with_unsupported_version():
+    session = NodeSession("node_1", minimum_agent_version="0.2.0")
+    with pytest.raises(ProtocolViolation) as violation:
+        session.receive(HELLO.replace('"agent_version": "1"', '"agent_version": "0.1.9"'))
+    assert violation.value.code == CloseCode.UNSUPPORTED_VERSION
+    assert violation.value.reason == (
+        "agent version 0.1.9 is older than the oldest this coordinator takes, 0.2.0"
+    )
+    # A version that cannot be read is not known to be new enough.
+    with pytest.raises(ProtocolViolation) as violation:
+        NodeSession("node_1", minimum_agent_version="0.2.0").receive(
+            HELLO.replace('"agent_version": "1"', '"agent_version": "dev build"')
+        )
+    assert violation.value.code == CloseCode.UNSUPPORTED_VERSION
+    for version in ("0.2.0", "0.10.0", "1"):
+        fresh = NodeSession("node_1", minimum_agent_version="0.2.0")
+        hello = fresh.receive(HELLO.replace('"agent_version": "1"', f'"agent_version": "{version}"'))
+        assert isinstance(hello, protocol.Hello)
+
+
+def test_a_hello_of_another_protocol_version_is_unsupported_even_when_it_does_not_parse_as_this_one():
+    older = json.dumps({"type": "hello", "protocol_version": 3, "agent_version": "0.0.1", "gpus": []})
+    with pytest.raises(ProtocolViolation) as violation:
+        NodeSession("node_1").receive(older)
+    assert violation.value.code == CloseCode.UNSUPPORTED_VERSION
+    assert "protocol version 3 is not supported" in violation.value.reason

@@ -209,7 +209,7 @@ def test_a_revoked_node_is_disconnected_and_cannot_connect_again(coordinator):
                 {"type": "hello", "protocol_version": 999, "agent_version": "x", "telemetry": TELEMETRY}
             ),
             protocol.CloseCode.UNSUPPORTED_VERSION,
-            "update the node",
+            "protocol version 999 is not supported",
         ),
     ],
 )

@@ -11,7 +11,7 @@ import pytest
 from compute_swarm.desktop import token_store
 from compute_swarm.desktop.activity import Activity
 from compute_swarm.desktop.agent import NodeAgent
-from compute_swarm.desktop.node_stopped import InviteCodeRefused
+from compute_swarm.desktop.node_stopped import InviteCodeRefused, UnsupportedVersion
 from tests.coordinator.test_admission import coordinator_with, ops
 from tests.desktop.test_messages import inventory
 from tests.swarm_processes import Coordinator, Node, run_cli, wait_for
@@ -153,4 +153,40 @@ def test_the_node_command_says_it_waits_for_the_operator_and_when_it_is_let_in(t
         wait_for(lambda: "lets this computer take work now" in node.log(), 15, "the approval")
     finally:
         node.stop()
+        coordinator.stop()
+
+
+def test_an_app_older_than_the_coordinator_takes_stops_and_names_the_sell_page(tmp_path: Path) -> None:
+    coordinator = coordinator_with(
+        tmp_path / "coordinator", SWARM_NODE_ADMISSION="open", SWARM_MINIMUM_AGENT_VERSION="99.0"
+    )
+    try:
+        agent = node_agent(coordinator, tmp_path / "node")
+        with pytest.raises(UnsupportedVersion) as stopped:
+            asyncio.run(asyncio.wait_for(agent.run(), 60))
+        assert stopped.value.download_page == f"{coordinator.url}/sell"
+        assert "older than the oldest this coordinator takes, 99.0" in str(stopped.value)
+        assert f"install the version it offers at {coordinator.url}/sell" in str(stopped.value)
+    finally:
+        coordinator.stop()
+
+
+def test_an_app_older_than_the_latest_is_told_an_update_is_available(tmp_path: Path) -> None:
+    coordinator = coordinator_with(
+        tmp_path / "coordinator", SWARM_NODE_ADMISSION="open", SWARM_LATEST_AGENT_VERSION="99.0"
+    )
+
+    async def scenario() -> None:
+        agent = node_agent(coordinator, tmp_path / "node")
+        running = asyncio.create_task(agent.run())
+        try:
+            await until(lambda: agent.status.connected, 60, "the welcome")
+            assert agent.status.newer_version == "99.0"
+        finally:
+            agent.stop()
+            await asyncio.wait_for(running, 30)
+
+    try:
+        asyncio.run(scenario())
+    finally:
         coordinator.stop()

@@ -96,16 +96,22 @@ def test_backoff_delays_are_jittered_within_a_doubling_capped_bound() -> None:
 
 def test_a_close_code_says_whether_to_reconnect_and_how_soon() -> None:
     coordinator = "http://127.0.0.1:8000"
-    refused = connection_end(protocol.CloseCode.UNAUTHORIZED, "token revoked", coordinator)
+    refused = connection_end(protocol.CloseCode.UNAUTHORIZED, "token revoked", coordinator, "0.1.0")
     assert refused.fatal and "token revoked" in refused.problem and "--forget" in refused.problem
-    outdated = connection_end(protocol.CloseCode.UNSUPPORTED_VERSION, "", coordinator)
-    assert outdated.fatal and "update compute-swarm" in outdated.problem
-    replaced = connection_end(protocol.CloseCode.REPLACED, "replaced", coordinator)
+    outdated = connection_end(
+        protocol.CloseCode.UNSUPPORTED_VERSION, "older than 0.2.0", coordinator, "0.1.0"
+    )
+    assert outdated.fatal and outdated.unsupported_version
+    assert outdated.problem == (
+        "the coordinator at http://127.0.0.1:8000 does not work with this version of compute-swarm, 0.1.0 "
+        "(older than 0.2.0): install the version it offers at http://127.0.0.1:8000/sell"
+    )
+    replaced = connection_end(protocol.CloseCode.REPLACED, "replaced", coordinator, "0.1.0")
     assert not replaced.fatal and replaced.slow_reconnect and "running twice" in replaced.problem
-    dropped = connection_end(1006, "", coordinator)
+    dropped = connection_end(1006, "", coordinator, "0.1.0")
     assert not dropped.fatal and not dropped.slow_reconnect and "without a close" in dropped.problem
-    going_away = connection_end(protocol.CloseCode.GOING_AWAY, "restarting", coordinator)
-    assert going_away == connection_end(1001, "restarting", coordinator)
+    going_away = connection_end(protocol.CloseCode.GOING_AWAY, "restarting", coordinator, "0.1.0")
+    assert going_away == connection_end(1001, "restarting", coordinator, "0.1.0")
     assert not going_away.slow_reconnect and going_away.problem.endswith("(close code 1001: restarting)")
 
 

@@ -128,3 +128,10 @@ def test_runtime_sources_are_index_urls_or_full_folder_paths(tmp_path: Path) -> 
     store.path.write_text(json.dumps({"version": 2, "coordinator": "http://x", "invite_code": "abc"}))
     loaded = store.load()
     assert loaded.problem is None and loaded.settings.runtime_sources == ()
+
+
+def test_runtime_sources_default_to_the_environments(monkeypatch, tmp_path: Path) -> None:
+    monkeypatch.setenv("SWARM_RUNTIME_SOURCES", " https://mirror.example/simple/  not-a-source /srv/wheels ")
+    assert Settings().runtime_sources == ("https://mirror.example/simple", "/srv/wheels")
+    # Sources the settings name come first; the environment is only the default.
+    assert Settings(runtime_sources=("/opt/wheels",)).runtime_sources == ("/opt/wheels",)

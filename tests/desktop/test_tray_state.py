@@ -191,3 +191,18 @@ def test_the_engine_fetch_says_what_is_done_of_what_and_the_time_left() -> None:
         state.runtime_fetch_text(Progress("looking up", 12, 69, None, ""))
         == "Finding the files: 12 of 69 packages"
     )
+
+
+def test_the_update_line_says_when_the_swarm_offers_or_needs_a_newer_app() -> None:
+    connected = AgentStatus(coordinator="http://127.0.0.1:8000", connected=True)
+    running = state.RunState(running=True)
+    assert state.update_notice(connected, running) is None
+    offered = state.update_notice(replace(connected, newer_version="0.3.0"), running)
+    assert offered == state.UpdateNotice(
+        "Update available: version 0.3.0.", "Download it", "http://127.0.0.1:8000/sell"
+    )
+    needed = state.RunState(error="too old", download_page="http://127.0.0.1:8000/sell")
+    notice = state.update_notice(None, needed)
+    assert notice is not None and notice.url == "http://127.0.0.1:8000/sell"
+    assert state.headline_parts(None, needed) == ("Update needed", None)
+    assert state.icon_state(None, needed) == "error"

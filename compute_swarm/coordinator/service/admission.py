@@ -29,6 +29,16 @@ class AdmissionRefused(Exception):
         self.status_code = status_code
 
 
+def invite_usable(session: Session, invite_code: str) -> bool:
+    """Whether a registration with this code would be let in now (nothing is spent)."""
+    invite = session.get(NodeInvite, accounts.hash_secret(invite_code))
+    return invite is not None and _still_good(invite, time.time())
+
+
+def _still_good(invite: NodeInvite, now: float) -> bool:
+    return invite.uses_left > 0 and (invite.expires_at is None or invite.expires_at >= now)
+
+
 def register(session: Session, name: str, admission: str, invite_code: str | None) -> tuple[Node, str]:
     """A new node and its token (shown once); let in now unless ops approve nodes. Raises
     AdmissionRefused (403) for a missing or spent invite code, AccountError for a bad name."""
@@ -39,11 +49,7 @@ def register(session: Session, name: str, admission: str, invite_code: str | Non
             if invite_code
             else None
         )
-        if (
-            invite is None
-            or invite.uses_left <= 0
-            or (invite.expires_at is not None and invite.expires_at < now)
-        ):
+        if invite is None or not _still_good(invite, now):
             raise AdmissionRefused(
                 "this coordinator admits nodes by invitation: ask its operators for an invite code"
                 if not invite_code

@@ -6,6 +6,7 @@ message and byte rates, a valid typed message, and hello first with a matching p
 
 from __future__ import annotations
 
+import json
 import time
 from collections.abc import Callable
 
@@ -43,9 +44,11 @@ class NodeSession:
         bytes_per_second: float = protocol.BYTES_PER_SECOND,
         bytes_burst: int = protocol.BYTES_BURST,
         clock: Callable[[], float] = time.monotonic,
+        minimum_agent_version: str = "",
     ):
         self.node_id = node_id
         self.greeted = False
+        self._minimum_agent_version = minimum_agent_version
         self._messages = TokenBucket(messages_per_second, burst, "messages", clock)
         self._bytes = TokenBucket(bytes_per_second, bytes_burst, "bytes", clock)
 
@@ -53,6 +56,9 @@ class NodeSession:
         """Parse one frame; raises ProtocolViolation (close code and reason) for anything not allowed."""
         # Before parsing: parsing a flood is the cost to bound.
         self._bytes.spend(max(len(text), protocol.MINIMUM_FRAME_COST))
+        if not self.greeted:
+            # Read before the strict parse: an older agent's hello may not parse as this version's.
+            self._check_versions(text)
         message = protocol.parse_node_message(text)
         # Generated text comes as fast as the GPU makes it: only the byte rate bounds it here, and the
         # relay bounds each request's text by its max_tokens.
@@ -61,13 +67,36 @@ class NodeSession:
         if not self.greeted:
             if not isinstance(message, protocol.Hello):
                 raise ProtocolViolation(CloseCode.MALFORMED, f"expected hello first, got {message.type}")
-            if message.protocol_version != protocol.PROTOCOL_VERSION:
-                raise ProtocolViolation(
-                    CloseCode.UNSUPPORTED_VERSION,
-                    f"protocol version {message.protocol_version} is not supported; this coordinator speaks "
-                    f"{protocol.PROTOCOL_VERSION}: update the node",
-                )
             self.greeted = True
         elif isinstance(message, protocol.Hello):
             raise ProtocolViolation(CloseCode.MALFORMED, "hello sent twice")
         return message
+
+    def _check_versions(self, text: str | bytes) -> None:
+        """Turn away a hello in another protocol version or from an agent older than the minimum, with
+        UNSUPPORTED_VERSION: the agent then tells its seller to fetch the version the sell page offers.
+        Anything else is left to the strict parse."""
+        try:
+            hello = json.loads(text)
+        except ValueError:
+            return
+        if not isinstance(hello, dict) or hello.get("type") != "hello":
+            return
+        version = hello.get("protocol_version")
+        if version != protocol.PROTOCOL_VERSION:
+            raise ProtocolViolation(
+                CloseCode.UNSUPPORTED_VERSION,
+                f"protocol version {str(version)[:16]} is not supported; this coordinator speaks "
+                f"{protocol.PROTOCOL_VERSION}",
+            )
+        agent_version = hello.get("agent_version")
+        if (
+            self._minimum_agent_version
+            and isinstance(agent_version, str)
+            and protocol.is_older_version(agent_version, self._minimum_agent_version)
+        ):
+            raise ProtocolViolation(
+                CloseCode.UNSUPPORTED_VERSION,
+                f"agent version {agent_version[:32]} is older than the oldest this coordinator takes, "
+                f"{self._minimum_agent_version}",
+            )

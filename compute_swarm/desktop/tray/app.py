@@ -18,7 +18,7 @@ from PySide6.QtGui import QAction
 from PySide6.QtNetwork import QLocalServer, QLocalSocket
 from PySide6.QtWidgets import QApplication, QMenu, QSystemTrayIcon
 
-from compute_swarm.desktop import autostart, token_store
+from compute_swarm.desktop import autostart, first_run, token_store
 from compute_swarm.desktop.agent_status import AgentStatus
 from compute_swarm.desktop.runtime import this_machine
 from compute_swarm.desktop.runtime.fetch import SITE_PACKAGES, Runtimes
@@ -297,9 +297,9 @@ class TrayApp(QObject):
         self.window.show_earnings(self.summary)
         self._update_view()
 
-    def _on_stopped(self, problem: str | None) -> None:
+    def _on_stopped(self, problem: str | None, download_page: str | None = None) -> None:
         self._earnings_timer.stop()
-        self.activity = state.RunState(error=problem)
+        self.activity = state.RunState(error=problem, download_page=download_page)
         if problem is not None:
             self._save(self.settings.model_copy(update={"earning": False}))
             if self.settings.notifications:
@@ -409,15 +409,21 @@ def run_tray(data_dir: Path, *, minimized: bool = False, settings_path: Path | N
     if not instance.claim():
         logger.info("compute-swarm is running already: showed its window")
         return 0
+    is_first_run = not store.path.exists()
+    if is_first_run:  # a download from a sell page knows its swarm
+        first_run.join_offered_swarm(
+            store, app_folder=first_run.app_folder(), downloads=first_run.downloads_folder()
+        )
     app = TrayApp(store, data_dir)
     instance.activated.connect(app.show_window)
-    _first_run_autostart(app)
+    if is_first_run:
+        _first_run_autostart(app)
     app.show(minimized=minimized)
     return application.exec()
 
 
 def _first_run_autostart(app: TrayApp) -> None:
     """Start at login is on by default: register it the first time, then follow the setting."""
-    if app.settings.autostart and app.settings_writable and not app.store.path.exists():
+    if app.settings.autostart and app.settings_writable:
         app.apply_autostart(True)
         app.store.save(app.settings)

@@ -17,7 +17,7 @@ from PySide6.QtCore import QObject, Signal
 from compute_swarm.desktop.agent import NodeAgent
 from compute_swarm.desktop.guards import GuardSettings
 from compute_swarm.desktop.node_description import telemetry_from_inventory
-from compute_swarm.desktop.node_stopped import NodeStopped
+from compute_swarm.desktop.node_stopped import NodeStopped, UnsupportedVersion
 from compute_swarm.engine.devices import DeviceInventory
 
 logger = logging.getLogger(__name__)
@@ -28,7 +28,9 @@ class AgentBridge(QObject):
     telemetry_read = Signal(object)  # protocol.Telemetry, read while the agent is not running
     earnings_history_read = Signal(object)  # the coordinator's answer (dict)
     earnings_history_failed = Signal(str)
-    stopped = Signal(object)  # None after a clean stop, else why the agent could not go on (str)
+    # None after a clean stop, else why the agent could not go on (str); and where the coordinator does
+    # not work with this app's version, its sell page (str), which offers the version it does.
+    stopped = Signal(object, object)
 
     def __init__(
         self,
@@ -122,8 +124,11 @@ class AgentBridge(QObject):
 
     def _run(self, agent: NodeAgent) -> None:
         problem: str | None = None
+        download_page: str | None = None
         try:
             asyncio.run(self._serve(agent))
+        except UnsupportedVersion as error:
+            problem, download_page = str(error), error.download_page
         except NodeStopped as error:
             problem = str(error)
         except Exception as error:  # a bug: say so rather than die silently with the window open
@@ -132,7 +137,7 @@ class AgentBridge(QObject):
         finally:
             self._loop = None
             self._thread = None
-            self.stopped.emit(problem)
+            self.stopped.emit(problem, download_page)
 
     async def _serve(self, agent: NodeAgent) -> None:
         self._loop = asyncio.get_running_loop()

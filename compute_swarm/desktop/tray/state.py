@@ -10,6 +10,7 @@ from dataclasses import dataclass
 from typing import Literal
 
 from compute_swarm.desktop.agent_status import AgentStatus
+from compute_swarm.desktop.connection_rules import sell_page
 from compute_swarm.desktop.job import JobStatus
 from compute_swarm.desktop.runtime.fetch import Progress
 from compute_swarm.protocol import Standing, StandingState, Telemetry, format_credits
@@ -39,6 +40,8 @@ class RunState:
     stopping: bool = False
     error: str | None = None  # why the agent stopped for good (a refused token, an old protocol)
     fetching_engine: bool = False  # a packaged app's first start: its engine runtime comes first
+    # The coordinator does not work with this app's version: its sell page offers the one it does.
+    download_page: str | None = None
 
 
 def icon_state(status: AgentStatus | None, activity: RunState) -> IconState:
@@ -71,6 +74,8 @@ def headline(status: AgentStatus | None, activity: RunState) -> str:
 def headline_parts(status: AgentStatus | None, activity: RunState) -> tuple[str, str | None]:
     """The state in a word or two, and what it is about (the pause's reason), for the window's header."""
     state = icon_state(status, activity)
+    if activity.download_page is not None:
+        return "Update needed", None
     if state == "error":
         return "Stopped: needs your attention", None
     if activity.stopping:
@@ -98,6 +103,30 @@ def headline_parts(status: AgentStatus | None, activity: RunState) -> tuple[str,
     if state == "earning":
         return "Earning", "running a job"
     return "Ready", "waiting for a job"
+
+
+@dataclass(frozen=True)
+class UpdateNotice:
+    text: str
+    link_text: str
+    url: str  # the coordinator's sell page
+
+
+def update_notice(status: AgentStatus | None, activity: RunState) -> UpdateNotice | None:
+    """The line that says this app needs (or could have) the version the coordinator offers."""
+    if activity.download_page is not None:
+        return UpdateNotice(
+            "This swarm no longer works with this version of the app.",
+            "Download the new version",
+            activity.download_page,
+        )
+    if activity.running and status is not None and status.newer_version:
+        return UpdateNotice(
+            f"Update available: version {status.newer_version}.",
+            "Download it",
+            sell_page(status.coordinator),
+        )
+    return None
 
 
 def hottest_temperature(telemetry: Telemetry | None) -> float | None:

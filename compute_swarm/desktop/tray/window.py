@@ -6,6 +6,7 @@ decides when.
 from __future__ import annotations
 
 import datetime
+import html
 
 from pydantic import ValidationError
 from PySide6.QtCore import Qt, Signal
@@ -46,6 +47,7 @@ QLabel#title {{ font-size: 11pt; font-weight: 600; }}
 QLabel#headline {{ font-size: 15pt; font-weight: 600; }}
 QLabel#big {{ font-size: 17pt; font-weight: 600; }}
 QLabel#error {{ color: {STATE_COLORS["error"]}; }}
+QLabel#notice {{ background: #2a2614; color: #ffd60a; border-radius: 8px; padding: 8px 10px; }}
 QLineEdit, QSpinBox, QDoubleSpinBox {{ background: #0d1017; border: 1px solid #2a3140; border-radius: 6px;
     padding: 4px 6px; }}
 QLineEdit:disabled {{ color: {MUTED}; }}
@@ -162,6 +164,11 @@ class MainWindow(QWidget):
         self.start_stop.clicked.connect(self._start_or_stop)
         header.addWidget(self.start_stop, 0, Qt.AlignmentFlag.AlignTop)
         root.addLayout(header)
+        self.update_notice = _label("", "notice")
+        self.update_notice.setTextFormat(Qt.TextFormat.RichText)
+        self.update_notice.setOpenExternalLinks(True)  # the coordinator's sell page, in the browser
+        self.update_notice.hide()
+        root.addWidget(self.update_notice)
 
         # The address, and under it the invite code where the coordinator asks for one: one grid, so
         # the two fields line up.
@@ -305,6 +312,13 @@ class MainWindow(QWidget):
                     f"{earnings.jobs_completed} job{'' if earnings.jobs_completed == 1 else 's'} done"
                 )
         self.connection.setText(self._connection_text(status, activity))
+        notice = state.update_notice(status, activity)
+        self.update_notice.setVisible(notice is not None)
+        if notice is not None:
+            self.update_notice.setText(
+                f'{html.escape(notice.text)} <a href="{html.escape(notice.url)}">'
+                f"{html.escape(notice.link_text)}</a>"
+            )
 
     def show_telemetry(self, telemetry: Telemetry) -> None:
         while len(self.gpu_cards) < len(telemetry.gpus):

@@ -124,7 +124,7 @@ async def node_socket(websocket: WebSocket) -> None:
         await websocket.close(CloseCode.GOING_AWAY, "the coordinator is full; try again later")
         return
     await websocket.accept()
-    session = NodeSession(node.id)
+    session = NodeSession(node.id, minimum_agent_version=services.settings.minimum_agent_version)
     connection: Connection | None = None
     reason = "the node disconnected"
     try:

@@ -157,6 +157,8 @@ class Hub:
                 lease_seconds=self.settings.lease_seconds,
                 earnings=earnings,
                 standing=connection.standing,
+                minimum_agent_version=self.settings.minimum_agent_version or None,
+                latest_agent_version=self.settings.offered_agent_version,
             )
         )
         # Registered only once welcomed: while the earnings were read (a thread, so the loop ran on), a

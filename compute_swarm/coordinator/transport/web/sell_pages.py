@@ -1,0 +1,81 @@
+"""The sellers' page, public: what the app does and earns, and the app for the visitor's OS, made to join
+this swarm (its address, and the invite code of an invite link: /sell?invite=CODE) with no typing."""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request
+from fastapi.responses import Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from compute_swarm.coordinator.domain import pricing
+from compute_swarm.coordinator.service import admission, app_downloads
+from compute_swarm.coordinator.transport.api.deps import ServicesDep
+from compute_swarm.coordinator.transport.web import render
+from compute_swarm.invitation import INVITE_CODE, Invitation
+from compute_swarm.protocol import format_credits
+
+router = APIRouter(prefix="/sell", include_in_schema=False)
+InviteQuery = Annotated[str | None, Query(max_length=100)]
+
+
+@router.get("")
+def sell_page(request: Request, services: ServicesDep, invite: InviteQuery = None) -> Response:
+    settings = services.settings
+    packages = app_downloads.offered(settings.resolved_app_downloads_dir)
+    visitor = app_downloads.platform_of(request.headers.get("user-agent", ""))
+    invite_state = None if invite is None else ("usable" if _invite_usable(services, invite) else "unusable")
+    return render.page(
+        request,
+        "sell.html",
+        title="Earn with your GPU",
+        packages=[packages[platform] for platform in app_downloads.PLATFORMS if platform in packages],
+        platform_names=app_downloads.PLATFORM_NAMES,
+        visitor=visitor,
+        primary=packages.get(visitor) if visitor else None,
+        download_query=f"?invite={invite}" if invite_state == "usable" else "",
+        invite_state=invite_state,
+        admission=settings.node_admission,
+        seller_share_percent=(pricing.BASIS_POINTS - settings.platform_fee_basis_points) / 100,
+        training_rate=format_credits(pricing.DEFAULT_MICRO_PER_MILLION_TOKEN_PARAMETERS),
+        inference_rate=format_credits(pricing.INFERENCE_MICRO_PER_MILLION_TOKEN_PARAMETERS),
+        version=settings.offered_agent_version,
+    )
+
+
+@router.get("/download/{platform}")
+def download(request: Request, services: ServicesDep, platform: str, invite: InviteQuery = None) -> Response:
+    package = app_downloads.offered(services.settings.resolved_app_downloads_dir).get(platform)
+    if package is None:
+        raise HTTPException(
+            404, "This swarm offers no app for that system yet: see the sell page for those it has."
+        )
+    if invite is not None and not _invite_usable(services, invite):
+        raise HTTPException(
+            403,
+            "This invite link is unknown, used up or expired: ask the swarm's operators for a new one "
+            "(or download the app from /sell and type a code later).",
+        )
+    coordinator = services.settings.public_origin or str(request.base_url).rstrip("/")
+    try:
+        sent = app_downloads.download(package, Invitation(coordinator, invite))
+    except OSError:
+        raise HTTPException(404, "The app's package is being replaced: try again in a minute.") from None
+    return StreamingResponse(
+        sent.chunks,
+        media_type="application/octet-stream",
+        headers={
+            "Content-Length": str(sent.size),
+            "Content-Disposition": f'attachment; filename="{sent.file_name}"',
+            "Cache-Control": "no-store",  # it may carry an invite code
+            "X-Content-Type-Options": "nosniff",
+        },
+    )
+
+
+def _invite_usable(services: ServicesDep, code: str) -> bool:
+    if not INVITE_CODE.match(code):
+        return False
+    with services.database.transaction() as session:
+        return admission.invite_usable(session, code)
