@@ -34,6 +34,23 @@ image = state_icon('earning', 256).pixmap(256).toImage()
 for name in ('icon.png', 'icon.ico', 'icon.icns'):
     assert image.save('build/app-icons/' + name), name
 "
+# llama-cpp-python for the engine runtime: no public index has a wheel, so the app's own is built here
+# (for every CPU; Metal on macOS), published beside the package in dist/wheels/ (a coordinator serves
+# it from its app-downloads folder), and pinned by its hash in a lock the app carries.
+llama_build=cpu
+[ "$os" = macos ] && llama_build=mps
+rm -rf build/app-locks dist/wheels
+mkdir -p build/app-locks
+llama_wheel="$(sh installers/llama-cpp.sh "$bin/python" --wheel-into dist/wheels | tail -n 1)"
+case "$llama_wheel" in
+    *.whl)
+        llama_version="$(basename "$llama_wheel" | cut -d- -f2)"
+        llama_hash="$("$bin/python" -c 'import hashlib, sys; print(hashlib.sha256(open(sys.argv[1], "rb").read()).hexdigest())' "$llama_wheel")"
+        printf '# installers/build-app.sh: the llama-cpp-python wheel it built (dist/wheels/)\nllama-cpp-python==%s \\\n    --hash=sha256:%s\n' \
+            "$llama_version" "$llama_hash" > "build/app-locks/llama-cpp-$llama_build-$os.txt"
+        ;;
+    *) echo "build-app.sh: no llama-cpp-python wheel for this machine: the app will serve no inference" >&2 ;;
+esac
 "$bin/pyinstaller" --noconfirm --log-level WARN --distpath build/app-dist --workpath build/app-work \
     installers/app/compute-swarm.spec
 cp build/app-icons/icon.png build/app-icons/icon.ico build/app-dist/compute-swarm-app/

@@ -12,8 +12,13 @@
 # The wheel is kept in a cache keyed by the sdist's hash, the flags, the Python and the platform
 # (COMPUTE_SWARM_WHEEL_CACHE, default ~/.cache/compute-swarm/wheels), so a second set-up installs it
 # in seconds instead of building it again (about 7 minutes on 2 cores).
+#
+# With --wheel-into DIR the wheel is copied into DIR instead of installed: installers/build-app.sh
+# publishes it beside the packaged app, whose engine runtime fetches it (no public index has one).
 set -eu
-python="${1:?usage: installers/llama-cpp.sh PYTHON}"
+python="${1:?usage: installers/llama-cpp.sh PYTHON [--wheel-into DIR]}"
+wheel_into=""
+[ "${2:-}" = "--wheel-into" ] && wheel_into="${3:?--wheel-into needs a folder}"
 here="$(cd "$(dirname "$0")/.." && pwd)"
 pin="$here/requirements/llama-cpp-python.txt"
 
@@ -53,6 +58,12 @@ if [ -z "$wheel" ]; then
     mkdir -p "$cache"
     mv "$work"/wheel/llama_cpp_python-*.whl "$cache/"
     wheel="$(ls "$cache"/llama_cpp_python-*.whl | head -n 1)"
+fi
+if [ -n "$wheel_into" ]; then
+    mkdir -p "$wheel_into"
+    cp "$wheel" "$wheel_into/"
+    echo "$wheel_into/$(basename "$wheel")"
+    exit 0
 fi
 "$python" -m pip install --quiet --no-deps --force-reinstall "$wheel"
 # What the library was built for, read in a child so that a bad build cannot take set-up down with it.

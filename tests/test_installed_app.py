@@ -3,7 +3,8 @@ README's test command, `make test-installer` alone): build the Linux package, of
 coordinator's sell page, download it there with an invite link, install it into a fresh home with no
 repository and no .venv on any path, start it under Xvfb and press *Start earning* (xdotool); it joins
 the swarm its download names, fetches its engine runtime, and a real fine-tune completes on it with its
-earnings credited. Prints the seller's first minutes: the runtime's fetch and the first job."""
+earnings credited, and it answers a chat through llama.cpp from the runtime. Prints the seller's first
+minutes: the runtime's fetch and the first job."""
 
 from __future__ import annotations
 
@@ -16,6 +17,7 @@ import time
 from pathlib import Path
 
 import httpx
+import openai
 import pytest
 
 from compute_swarm.engine.jobs import DEMO_CHAT_DATASET
@@ -56,6 +58,8 @@ def test_the_downloaded_app_joins_fetches_its_engine_and_earns_from_a_real_fine_
     offered = tmp_path / "app-downloads"
     offered.mkdir()
     shutil.copy(package, offered / package.name)
+    # llama-cpp-python's wheel, built by build-app.sh: the runtime fetches it from the coordinator.
+    shutil.copytree(REPOSITORY / "dist" / "wheels", offered / "wheels")
 
     coordinator = Coordinator(
         tmp_path / "coordinator",
@@ -125,7 +129,8 @@ def test_the_downloaded_app_joins_fetches_its_engine_and_earns_from_a_real_fine_
         )  # fmt: skip
         wait_for(lambda: coordinator.health()["nodes_connected"] == 1, 120, process, log_path, "the node")
         connected = time.monotonic()
-        buyer = SwarmClient(coordinator.url, coordinator.create_buyer("buyer"))
+        buyer_key = coordinator.create_buyer("buyer")
+        buyer = SwarmClient(coordinator.url, buyer_key)
         dataset = buyer.upload_file(DEMO_CHAT_DATASET)
         job = buyer.submit_lora(
             {"base_model": "smollm2-135m-instruct", "dataset": dataset["id"], "max_steps": 3,
@@ -134,6 +139,13 @@ def test_the_downloaded_app_joins_fetches_its_engine_and_earns_from_a_real_fine_
         wait_for(lambda: buyer.job(job["id"])["state"] == "completed", 600, process, log_path, "the job")
         finished = time.monotonic()
         assert node_credit_micro(coordinator) > 0, "the seller's earnings are credited"
+        # Inference too: llama.cpp came with the runtime, and the node serves chat.
+        chat = openai.OpenAI(base_url=f"{coordinator.url}/v1", api_key=buyer_key, max_retries=0, timeout=300)
+        answer = chat.chat.completions.create(
+            model="smollm2-135m-instruct", messages=[{"role": "user", "content": "Say hello."}], max_tokens=8
+        )
+        assert answer.choices[0].message.content and answer.usage.completion_tokens > 0
+        chatted = time.monotonic()
     finally:
         if process is not None:
             os.killpg(process.pid, 15)
@@ -144,7 +156,8 @@ def test_the_downloaded_app_joins_fetches_its_engine_and_earns_from_a_real_fine_
         f"\nthe seller's first minutes: package built in {built_seconds:.0f} s, {package.stat().st_size / 2**20:.0f} MB; "
         f"engine runtime fetched {runtime_ready - launched:.0f} s after launch "
         f"({sum(path.stat().st_size for path in runtime.rglob('*') if path.is_file()) / 2**30:.1f} GiB); "
-        f"connected after {connected - launched:.0f} s; first job done {finished - connected:.0f} s after submission"
+        f"connected after {connected - launched:.0f} s; first job done {finished - connected:.0f} s after submission; "
+        f"first chat answered in {chatted - finished:.0f} s"
     )
 
 

@@ -126,8 +126,12 @@ def run_runtime_command(arguments: argparse.Namespace) -> int:
     from compute_swarm.engine.package_index import SourceError
 
     try:
-        sources = arguments.source or SettingsStore().load().settings.runtime_sources
-        runtime, choice = this_machine.engine_runtime(sources, root=arguments.root)
+        settings = SettingsStore().load().settings
+        runtime, choice = this_machine.engine_runtime(
+            arguments.source or settings.runtime_sources,
+            coordinator=settings.coordinator,
+            root=arguments.root,
+        )
     except (LockError, SettingsError) as error:
         _say(str(error), "runtime")
         return 1

@@ -1,11 +1,14 @@
 """Screenshots of every page of the web UI (`make screenshots`): real headless Chromium, a real
 coordinator and a real node on loopback fine-tuning SmolLM2, at a laptop's size and a phone's.
 
-    python -m tests.browser.screenshot_pages OUTPUT_DIRECTORY
+    python -m tests.browser.screenshot_pages OUTPUT_DIRECTORY [--sell-only]
+
+The sellers' page offers the Linux package `make installer` left in dist/, where there is one.
 """
 
 from __future__ import annotations
 
+import os
 import re
 import sys
 import tempfile
@@ -17,11 +20,45 @@ from compute_swarm.engine.jobs import DEFAULT_MODEL
 from compute_swarm.engine.models import prepared_model_directory
 from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS, DESKTOP_VIEWPORT, PHONE_VIEWPORT
 from tests.browser.test_web_page import ADMIN_TOKEN, BAD_DATASET, DATASET, drop_file, sign_up, start_swarm
+from tests.swarm_processes import Coordinator, run_cli
+
+REPOSITORY = Path(__file__).resolve().parents[2]
+LINUX_BROWSER = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/131.0 Safari/537.36"
+
+
+def sell_page_screenshots(output: Path, work: Path) -> None:
+    """The sellers' page as a Linux visitor with an invite link sees it, at a laptop's size and a phone's."""
+    coordinator = Coordinator(work / "sell", environment={"SWARM_NODE_ADMISSION": "invite"}).start()
+    try:
+        offered = coordinator.data_dir / "app-downloads"
+        offered.mkdir()
+        for package in (REPOSITORY / "dist").glob("compute-swarm-*.tar.gz"):
+            os.link(package, offered / package.name)
+        invite = run_cli("admin", "create-invite", "--data-dir", str(coordinator.data_dir))
+        code = invite.stdout.strip().splitlines()[-1]
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            for name, options in (
+                ("16-sell", {"viewport": DESKTOP_VIEWPORT}),
+                ("17-phone-sell", {"viewport": PHONE_VIEWPORT, "device_scale_factor": 2, "is_mobile": True}),
+            ):
+                page = browser.new_context(user_agent=LINUX_BROWSER, **options).new_page()
+                page.goto(f"{coordinator.url}/sell?invite={code}")
+                path = output / f"web-{name}.png"
+                page.screenshot(path=path, full_page=True)
+                print(f"wrote {path}")
+            browser.close()
+    finally:
+        coordinator.kill()
 
 
 def main() -> int:
-    output = Path(sys.argv[1] if len(sys.argv) > 1 else "screenshots")
+    arguments = [argument for argument in sys.argv[1:] if not argument.startswith("--")]
+    output = Path(arguments[0] if arguments else "screenshots")
     output.mkdir(parents=True, exist_ok=True)
+    if "--sell-only" in sys.argv:
+        sell_page_screenshots(output, Path(tempfile.mkdtemp(prefix="web-screenshots-")))
+        return 0
     prepared_model_directory(DEFAULT_MODEL)
     work = Path(tempfile.mkdtemp(prefix="web-screenshots-"))
     coordinator, node = start_swarm(work, "gaming-pc")
@@ -106,6 +143,7 @@ def main() -> int:
     finally:
         node.kill()
         coordinator.kill()
+    sell_page_screenshots(output, work)
     return 0
 
 

@@ -162,3 +162,30 @@ def test_invitations_round_trip_through_json_and_file_names():
             invitation.from_json(text)
     with pytest.raises(invitation.InvitationError):
         invitation.from_file_name("compute-swarm-0.2.0-windows-x86_64-setup.join-AAAAAAAAAAAA.exe")
+
+
+def test_the_wheels_the_app_needs_are_served_as_a_package_index(tmp_path, downloads):
+    from packaging.utils import canonicalize_name
+    from packaging.version import Version
+
+    from compute_swarm.engine.package_index import Pin, list_files
+
+    wheels = downloads / "wheels"
+    wheels.mkdir()
+    wheel = wheels / "llama_cpp_python-0.3.36-cp311-cp311-linux_x86_64.whl"
+    wheel.write_bytes(b"PK\x03\x04 a wheel")
+    (wheels / "notes.txt").write_text("not a wheel")
+    (downloads / "secret.whl").write_bytes(b"outside the wheels folder")
+    with client_for(tmp_path, downloads, node_admission="open") as client:
+        # The engine runtime's fetcher reads it as it reads PyPI (TestClient is an httpx.Client).
+        pin = Pin(canonicalize_name("llama-cpp-python"), Version("0.3.36"), frozenset({"0" * 64}))
+        (candidate,) = list_files(client, f"{ORIGIN}/sell/wheels", pin)
+        assert candidate.filename == wheel.name
+        assert client.get(candidate.location).content == wheel.read_bytes()
+        for path in (
+            "/sell/wheels/numpy/",
+            "/sell/wheels/llama-cpp-python/notes.txt",
+            "/sell/wheels/llama-cpp-python/..%2Fsecret.whl",
+            "/sell/wheels/..%2F/",
+        ):
+            assert client.get(path).status_code == 404, path

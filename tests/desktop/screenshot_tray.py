@@ -1,10 +1,10 @@
 """Screenshots of the real tray window (`make screenshots`, under Xvfb): a real coordinator on loopback,
 the window's agent connected to it and running a real 3-step fine-tune of SmolLM2; then the window
-where the swarm operator approves each computer, where computers join by invitation, and a packaged
-app's first download of its engine. This machine
+where the swarm operator approves each computer, where computers join by invitation, where the
+coordinator offers or needs a newer app, and a packaged app's first download of its engine. This machine
 has no GPU, so the GPU the window shows is a reading fed through the agent's telemetry interface.
 
-    python -m tests.desktop.screenshot_tray OUTPUT_DIRECTORY [--joining-only | --engine-only]
+    python -m tests.desktop.screenshot_tray OUTPUT_DIRECTORY [--joining-only | --update-only | --engine-only]
 """
 
 from __future__ import annotations
@@ -86,6 +86,52 @@ def joining_screenshots(application: QApplication, output: Path, work: Path) -> 
             coordinator.kill()
 
 
+def update_screenshots(application: QApplication, output: Path, work: Path) -> None:
+    """The coordinator offers a newer app ("Update available"), and one that no longer takes this app."""
+    for setting, name, shown in (
+        (
+            "SWARM_LATEST_AGENT_VERSION",
+            "tray-6-update-available.png",
+            lambda app: app.window.update_notice.isVisible() and app.window.headline.text() == "Ready",
+        ),
+        (
+            "SWARM_MINIMUM_AGENT_VERSION",
+            "tray-7-update-needed.png",
+            lambda app: app.window.headline.text() == "Update needed",
+        ),
+    ):
+        folder = work / setting.lower()
+        coordinator = Coordinator(
+            folder, environment={"SWARM_NODE_ADMISSION": "open", setting: "0.2.0"}
+        ).start()
+        os.environ["SWARM_COORDINATOR"] = coordinator.url
+        machine = Machine()
+        machine.set(temperature=52.0)
+        app = TrayApp(
+            SettingsStore(folder / "config" / "settings.json"),
+            folder / "node",
+            agent_options={
+                "probe": machine.probe,
+                "activity": machine.activity,
+                "guard_interval_seconds": 1.0,
+            },
+            manage_autostart=False,
+        )
+        try:
+            app.window.move(20, 20)
+            app.show()
+            app.window.start_stop.click()
+            wait(application, lambda app=app, shown=shown: shown(app), 60, name)
+            save(app, application, output / name)
+        finally:
+            app.bridge.stop()
+            app.bridge.stop()
+            app.bridge.wait(30)
+            app.close()
+            app.window.close()
+            coordinator.kill()
+
+
 def engine_download_screenshot(application: QApplication, output: Path, work: Path) -> None:
     """A packaged app's first Start earning: the engine runtime downloading, from a package index here
     over a slow line (a 24 MB wheel of random bytes)."""
@@ -138,6 +184,9 @@ def main() -> int:
     if "--joining-only" in sys.argv:
         joining_screenshots(QApplication.instance() or QApplication([]), output, work)
         return 0
+    if "--update-only" in sys.argv:
+        update_screenshots(QApplication.instance() or QApplication([]), output, work)
+        return 0
     if "--engine-only" in sys.argv:
         engine_download_screenshot(QApplication.instance() or QApplication([]), output, work)
         return 0
@@ -186,6 +235,7 @@ def main() -> int:
         coordinator.kill()
     app.window.hide()
     joining_screenshots(application, output, work)
+    update_screenshots(application, output, work)
     engine_download_screenshot(application, output, work)
     return 0
 

@@ -269,3 +269,35 @@ def test_the_build_fits_the_gpu_and_its_driver(gpus, driver, system, available, 
         machine="arm64",
     )
     assert choice.build == build and words in choice.reason, choice
+
+
+def test_the_runtime_takes_the_apps_llama_cpp_lock_and_the_coordinators_wheels(tmp_path):
+    from compute_swarm.desktop.runtime import this_machine
+
+    locks = tmp_path / "requirements"
+    locks.mkdir()
+    (locks / "node.txt").write_text(f"numpy==2.3.0 \\\n    --hash=sha256:{'a' * 64}\n")
+    (locks / "torch-cpu-linux.txt").write_text(f"torch==2.13.0+cpu \\\n    --hash=sha256:{'b' * 64}\n")
+    (locks / "torch-cu128-linux.txt").write_text(f"torch==2.13.0+cu128 \\\n    --hash=sha256:{'c' * 64}\n")
+
+    def runtime(gpus=()):
+        return this_machine.engine_runtime(
+            ("/srv/wheels",),
+            coordinator="https://swarm.example.com",
+            root=tmp_path / "runtime",
+            locks=locks,
+            inventory=inventory(*gpus),
+        )[0]
+
+    # An app built where llama.cpp could not be (no wheel, no lock): no inference, the rest as before.
+    assert {pin.name for pin in runtime().pins} == {"numpy", "torch"}
+    # The wheel build-app.sh built, pinned by its hash, fetched from the coordinator (last: a mirror
+    # the settings name may carry it too).
+    (locks / "llama-cpp-cpu-linux.txt").write_text(
+        f"llama-cpp-python==0.3.36 \\\n    --hash=sha256:{'d' * 64}\n"
+    )
+    cpu = runtime()
+    assert {pin.name for pin in cpu.pins} == {"numpy", "torch", "llama-cpp-python"}
+    assert list(cpu.sources) == ["/srv/wheels", "https://swarm.example.com/sell/wheels"]
+    assert this_machine.llama_lock(locks, "cu128", "Linux") == locks / "llama-cpp-cpu-linux.txt"
+    assert this_machine.llama_lock(locks, "cpu", "Windows") is None

@@ -204,5 +204,8 @@ def test_the_update_line_says_when_the_swarm_offers_or_needs_a_newer_app() -> No
     needed = state.RunState(error="too old", download_page="http://127.0.0.1:8000/sell")
     notice = state.update_notice(None, needed)
     assert notice is not None and notice.url == "http://127.0.0.1:8000/sell"
-    assert state.headline_parts(None, needed) == ("Update needed", None)
+    assert state.headline_parts(None, needed) == (
+        "Update needed",
+        "this swarm works with another version of the app",
+    )
     assert state.icon_state(None, needed) == "error"

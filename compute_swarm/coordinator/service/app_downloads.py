@@ -1,5 +1,7 @@
 """The seller's app as the sell page hands it out: the newest package for each OS in the downloads folder
-(named as `make installer` names them), each made to join this swarm with no typing.
+(named as `make installer` names them), each made to join this swarm with no typing; and the wheels
+in its `wheels/` folder that no public index has (llama-cpp-python built for every CPU), which the
+app's engine runtime fetches from here (desktop/runtime), each checked against the app's own lock.
 
 A download carries the coordinator's address and, where ops admit computers by invitation, the invite
 code the visitor came with (compute_swarm.invitation; the app reads it on its first start):
@@ -36,6 +38,10 @@ PACKAGE_NAME = re.compile(
     r"(?P<machine>[A-Za-z0-9_]+)(?P<suffix>\.tar\.gz|-setup\.exe|\.dmg)$"
 )
 CHUNK_BYTES = 1024 * 1024
+WHEELS_FOLDER = "wheels"
+# A project name as PEP 503 normalizes it, and a wheel's file name (PEP 427), nothing else.
+PROJECT_NAME = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
+WHEEL_NAME = re.compile(r"^[A-Za-z0-9_.+!-]+\.whl$")
 
 
 @dataclass(frozen=True)
@@ -132,3 +138,19 @@ def _read(file: BinaryIO) -> Iterator[bytes]:
 def _chain(head: bytes, rest: Iterator[bytes]) -> Iterator[bytes]:
     yield head
     yield from rest
+
+
+def wheels(folder: Path, project: str) -> list[Path]:
+    """The wheels of a project (its normalized name) in `folder`/wheels, by name."""
+    if not PROJECT_NAME.match(project):
+        return []
+    try:
+        paths = sorted((folder / WHEELS_FOLDER).glob("*.whl"))
+    except OSError:
+        return []
+    return [
+        path
+        for path in paths
+        if WHEEL_NAME.match(path.name)
+        and re.sub(r"[-_.]+", "-", path.name.split("-", 1)[0]).lower() == project
+    ]

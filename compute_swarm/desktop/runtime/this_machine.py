@@ -47,6 +47,22 @@ def available_builds(locks: Path, system: str) -> dict[str, Path]:
     }
 
 
+def llama_lock(locks: Path, build: str, system: str) -> Path | None:
+    """The lock of llama-cpp-python for this build (installers/build-app.sh writes it with the wheel it
+    builds, for no public index has one), else its CPU build's: inference on the CPU beats none."""
+    operating_system = _OPERATING_SYSTEMS.get(system)
+    for name in (build, "cpu"):
+        path = locks / f"llama-cpp-{name}-{operating_system}.txt"
+        if path.is_file():
+            return path
+    return None
+
+
+def swarm_wheels(coordinator: str) -> str:
+    """The coordinator's own package index of the wheels it hands out with the app (its sell page)."""
+    return coordinator.rstrip("/") + "/sell/wheels"
+
+
 def default_sources(build: str) -> tuple[str, ...]:
     """Where a build's files are: torch (and CUDA's or ROCm's libraries) at its PyTorch index, the rest
     at PyPI. Any source serves: each file is checked against the lock."""
@@ -58,12 +74,14 @@ def default_sources(build: str) -> tuple[str, ...]:
 def engine_runtime(
     sources: Sequence[str] = (),
     *,
+    coordinator: str | None = None,
     root: Path | None = None,
     locks: Path | None = None,
     inventory: DeviceInventory | None = None,
 ) -> tuple[Runtimes, builds.Choice]:
-    """This machine's runtime and why its build was chosen. Raises LockError where the app carries no
-    lock for this system."""
+    """This machine's runtime and why its build was chosen: from `sources` (else the build's own
+    indexes), then the coordinator's wheels. Raises LockError where the app carries no lock for this
+    system."""
     from compute_swarm.engine import devices
 
     locks = locks or locks_folder()
@@ -79,23 +97,27 @@ def engine_runtime(
         driver_version=driver_version,
         system=system,
     )
-    pins = read_locks([locks / "node.txt", here[choice.build]])
+    llama = llama_lock(locks, choice.build, system)
+    pins = read_locks([locks / "node.txt", here[choice.build], *([llama] if llama else [])])
     runtime = Runtimes(
         root or runtime_root(),
         choice.build,
         pins,
-        list(sources) or default_sources(choice.build),
+        [
+            *(list(sources) or default_sources(choice.build)),
+            *([swarm_wheels(coordinator)] if coordinator else []),
+        ],
         reason=choice.reason,
     )
     return runtime, choice
 
 
-def runtime_this_app_needs(sources: Sequence[str] = ()) -> Runtimes | None:
+def runtime_this_app_needs(sources: Sequence[str] = (), coordinator: str | None = None) -> Runtimes | None:
     """The runtime a packaged app fetches before its first job; None for an app run from a Python
     environment, whose engine is installed there. Raises LockError as engine_runtime does."""
     if not getattr(sys, "frozen", False):
         return None
-    return engine_runtime(sources)[0]
+    return engine_runtime(sources, coordinator=coordinator)[0]
 
 
 def take_runtime_in_use(root: Path | None = None) -> Path | None:

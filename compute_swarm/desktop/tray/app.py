@@ -89,7 +89,9 @@ class TrayApp(QObject):
         super().__init__()
         # What the engine needs fetched before the first job (a packaged app's runtime), if anything.
         self._engine_runtime = engine_runtime or (
-            lambda settings: this_machine.runtime_this_app_needs(settings.runtime_sources)
+            lambda settings: this_machine.runtime_this_app_needs(
+                settings.runtime_sources, settings.coordinator
+            )
         )
         self._runtime_fetch: RuntimeFetch | None = None
         self._runtime_checked = False

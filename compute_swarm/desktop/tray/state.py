@@ -74,8 +74,8 @@ def headline(status: AgentStatus | None, activity: RunState) -> str:
 def headline_parts(status: AgentStatus | None, activity: RunState) -> tuple[str, str | None]:
     """The state in a word or two, and what it is about (the pause's reason), for the window's header."""
     state = icon_state(status, activity)
-    if activity.download_page is not None:
-        return "Update needed", None
+    if activity.download_page is not None:  # the update line below says where to get it
+        return "Update needed", "this swarm works with another version of the app"
     if state == "error":
         return "Stopped: needs your attention", None
     if activity.stopping:
@@ -117,7 +117,7 @@ def update_notice(status: AgentStatus | None, activity: RunState) -> UpdateNotic
     if activity.download_page is not None:
         return UpdateNotice(
             "This swarm no longer works with this version of the app.",
-            "Download the new version",
+            "Download the version it offers",
             activity.download_page,
         )
     if activity.running and status is not None and status.newer_version:

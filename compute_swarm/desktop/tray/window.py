@@ -37,6 +37,7 @@ from compute_swarm.desktop.tray import state
 from compute_swarm.desktop.tray.widgets import MUTED, STATE_COLORS, TEXT, Chart, Meter, state_icon
 from compute_swarm.protocol import GpuTelemetry, Telemetry
 
+LINK = "#8ab4ff"  # readable on the window's dark cards and on the notice's amber
 STYLE_SHEET = f"""
 QWidget {{ color: {TEXT}; font-size: 10pt; }}
 MainWindow, QDialog {{ background: #12161f; }}
@@ -280,7 +281,9 @@ class MainWindow(QWidget):
         asking_for_invite_code = (
             status is not None and activity.running and status.invite_code_wanted is not None
         )
-        if activity.error:
+        if activity.download_page is not None:
+            pass  # the headline's words; the update line under it says where the app is
+        elif activity.error:
             detail = activity.error
         elif (
             status is not None
@@ -316,7 +319,7 @@ class MainWindow(QWidget):
         self.update_notice.setVisible(notice is not None)
         if notice is not None:
             self.update_notice.setText(
-                f'{html.escape(notice.text)} <a href="{html.escape(notice.url)}">'
+                f'{html.escape(notice.text)} <a href="{html.escape(notice.url)}" style="color: {LINK};">'
                 f"{html.escape(notice.link_text)}</a>"
             )
 

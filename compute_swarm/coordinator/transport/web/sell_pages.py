@@ -6,7 +6,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
-from fastapi.responses import Response, StreamingResponse
+from fastapi.responses import FileResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
 from compute_swarm.coordinator.domain import pricing
@@ -26,14 +26,21 @@ def sell_page(request: Request, services: ServicesDep, invite: InviteQuery = Non
     packages = app_downloads.offered(settings.resolved_app_downloads_dir)
     visitor = app_downloads.platform_of(request.headers.get("user-agent", ""))
     invite_state = None if invite is None else ("usable" if _invite_usable(services, invite) else "unusable")
+    primary = packages.get(visitor) if visitor else None
     return render.page(
         request,
         "sell.html",
         title="Earn with your GPU",
-        packages=[packages[platform] for platform in app_downloads.PLATFORMS if platform in packages],
+        offered=bool(packages),
+        # Every other system, with its package or None where this swarm offers none.
+        others=[
+            (platform, packages.get(platform))
+            for platform in app_downloads.PLATFORMS
+            if primary is None or platform != primary.platform
+        ],
         platform_names=app_downloads.PLATFORM_NAMES,
         visitor=visitor,
-        primary=packages.get(visitor) if visitor else None,
+        primary=primary,
         download_query=f"?invite={invite}" if invite_state == "usable" else "",
         invite_state=invite_state,
         admission=settings.node_admission,
@@ -72,6 +79,25 @@ def download(request: Request, services: ServicesDep, platform: str, invite: Inv
             "X-Content-Type-Options": "nosniff",
         },
     )
+
+
+@router.get("/wheels/{project}/")
+def wheel_index(services: ServicesDep, project: str) -> Response:
+    """A package index page (PEP 503) of the wheels this swarm hands out with its app."""
+    found = app_downloads.wheels(services.settings.resolved_app_downloads_dir, project)
+    if not found:
+        raise HTTPException(404, f"no wheels of {project[:100]} here")
+    links = "\n".join(f'<a href="{path.name}">{path.name}</a><br>' for path in found)
+    body = f"<!DOCTYPE html>\n<html><body>\n<h1>Links for {project}</h1>\n{links}\n</body></html>\n"
+    return Response(body, media_type="text/html", headers={"Cache-Control": "no-cache"})
+
+
+@router.get("/wheels/{project}/{file_name}")
+def wheel_file(services: ServicesDep, project: str, file_name: str) -> Response:
+    for path in app_downloads.wheels(services.settings.resolved_app_downloads_dir, project):
+        if path.name == file_name:
+            return FileResponse(path, media_type="application/octet-stream")
+    raise HTTPException(404, f"no wheel {file_name[:200]} here")
 
 
 def _invite_usable(services: ServicesDep, code: str) -> bool:
