@@ -54,4 +54,5 @@ esac
 "$bin/pyinstaller" --noconfirm --log-level WARN --distpath build/app-dist --workpath build/app-work \
     installers/app/compute-swarm.spec
 cp build/app-icons/icon.png build/app-icons/icon.ico build/app-dist/compute-swarm-app/
-sh "installers/$os/package.sh" build/app-dist/compute-swarm-app
+APP_VERSION="$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -n 1)" \
+    sh "installers/$os/package.sh" build/app-dist/compute-swarm-app

@@ -3,7 +3,7 @@
 # per-user installer (no root), an uninstaller and the desktop entry.
 set -eu
 app="${1:?usage: package.sh APP_FOLDER}"
-version="$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -n 1)"
+version="${APP_VERSION:?run by installers/build-app.sh, which sets APP_VERSION}"
 name="compute-swarm-$version-linux-$(uname -m)"
 stage="build/package/$name"
 rm -rf "$stage"

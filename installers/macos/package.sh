@@ -13,7 +13,7 @@ set -eu
 folder="${1:?usage: package.sh APP_FOLDER}"
 app="$(dirname "$folder")/compute-swarm.app"
 test -d "$app" || { echo "package.sh: $app is missing (the spec makes it on macOS)" >&2; exit 1; }
-version="$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -n 1)"
+version="${APP_VERSION:?run by installers/build-app.sh, which sets APP_VERSION}"
 name="compute-swarm-$version-macos-$(uname -m)"
 stage="build/package/$name"
 rm -rf "$stage"

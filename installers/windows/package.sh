@@ -8,7 +8,7 @@
 # The app's swarm travels in the installer's file name (a sell page adds it), never inside it.
 set -eu
 app="${1:?usage: package.sh APP_FOLDER}"
-version="$(sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml | head -n 1)"
+version="${APP_VERSION:?run by installers/build-app.sh, which sets APP_VERSION}"
 output="dist/compute-swarm-$version-windows-x86_64-setup.exe"
 mkdir -p dist
 sign() {

@@ -47,6 +47,35 @@ def save(app: TrayApp, application: QApplication, path: Path) -> None:
     print(f"wrote {path} ({window.width()}×{window.height()})")
 
 
+def started_window_screenshot(
+    application: QApplication, folder: Path, environment: dict[str, str], shown, path: Path
+) -> None:
+    """The window after Start earning against a coordinator with these settings, once `shown(app)`."""
+    coordinator = Coordinator(folder, environment=environment).start()
+    os.environ["SWARM_COORDINATOR"] = coordinator.url
+    machine = Machine()
+    machine.set(temperature=47.0)
+    app = TrayApp(
+        SettingsStore(folder / "config" / "settings.json"),
+        folder / "node",
+        agent_options={"probe": machine.probe, "activity": machine.activity, "guard_interval_seconds": 1.0},
+        manage_autostart=False,
+    )
+    try:
+        app.window.move(20, 20)
+        app.show()
+        app.window.start_stop.click()
+        wait(application, lambda: shown(app), 60, path.name)
+        save(app, application, path)
+    finally:
+        app.bridge.stop()
+        app.bridge.stop()
+        app.bridge.wait(30)
+        app.close()
+        app.window.close()
+        coordinator.kill()
+
+
 def joining_screenshots(application: QApplication, output: Path, work: Path) -> None:
     """A computer waiting for the swarm operator's approval, and one asked for an invite code."""
     for admission, name, shown in (
@@ -57,33 +86,8 @@ def joining_screenshots(application: QApplication, output: Path, work: Path) -> 
         ),
         ("invite", "tray-5-invite-code.png", lambda app: app.window.invite_code.isVisible()),
     ):
-        coordinator = Coordinator(work / admission, environment={"SWARM_NODE_ADMISSION": admission}).start()
-        os.environ["SWARM_COORDINATOR"] = coordinator.url
-        machine = Machine()
-        machine.set(temperature=47.0)
-        app = TrayApp(
-            SettingsStore(work / admission / "config" / "settings.json"),
-            work / admission / "node",
-            agent_options={
-                "probe": machine.probe,
-                "activity": machine.activity,
-                "guard_interval_seconds": 1.0,
-            },
-            manage_autostart=False,
-        )
-        try:
-            app.window.move(20, 20)
-            app.show()
-            app.window.start_stop.click()
-            wait(application, lambda app=app, shown=shown: shown(app), 60, f"the {admission} state")
-            save(app, application, output / name)
-        finally:
-            app.bridge.stop()
-            app.bridge.stop()
-            app.bridge.wait(30)
-            app.close()
-            app.window.close()
-            coordinator.kill()
+        environment = {"SWARM_NODE_ADMISSION": admission}
+        started_window_screenshot(application, work / admission, environment, shown, output / name)
 
 
 def update_screenshots(application: QApplication, output: Path, work: Path) -> None:
@@ -100,36 +104,8 @@ def update_screenshots(application: QApplication, output: Path, work: Path) -> N
             lambda app: app.window.headline.text() == "Update needed",
         ),
     ):
-        folder = work / setting.lower()
-        coordinator = Coordinator(
-            folder, environment={"SWARM_NODE_ADMISSION": "open", setting: "0.2.0"}
-        ).start()
-        os.environ["SWARM_COORDINATOR"] = coordinator.url
-        machine = Machine()
-        machine.set(temperature=52.0)
-        app = TrayApp(
-            SettingsStore(folder / "config" / "settings.json"),
-            folder / "node",
-            agent_options={
-                "probe": machine.probe,
-                "activity": machine.activity,
-                "guard_interval_seconds": 1.0,
-            },
-            manage_autostart=False,
-        )
-        try:
-            app.window.move(20, 20)
-            app.show()
-            app.window.start_stop.click()
-            wait(application, lambda app=app, shown=shown: shown(app), 60, name)
-            save(app, application, output / name)
-        finally:
-            app.bridge.stop()
-            app.bridge.stop()
-            app.bridge.wait(30)
-            app.close()
-            app.window.close()
-            coordinator.kill()
+        environment = {"SWARM_NODE_ADMISSION": "open", setting: "0.2.0"}
+        started_window_screenshot(application, work / setting.lower(), environment, shown, output / name)
 
 
 def engine_download_screenshot(application: QApplication, output: Path, work: Path) -> None:

@@ -38,6 +38,7 @@ PACKAGE_NAME = re.compile(
     r"(?P<machine>[A-Za-z0-9_]+)(?P<suffix>\.tar\.gz|-setup\.exe|\.dmg)$"
 )
 CHUNK_BYTES = 1024 * 1024
+MAX_FILE_NAME = 255  # bytes, on NTFS, APFS and ext4 alike
 WHEELS_FOLDER = "wheels"
 # A project name as PEP 503 normalizes it, and a wheel's file name (PEP 427), nothing else.
 PROJECT_NAME = re.compile(r"^[a-z0-9]+(?:-[a-z0-9]+)*$")
@@ -105,7 +106,9 @@ def download(package: Package, invitation: Invitation) -> Download:
     file = package.path.open("rb")
     size = os.fstat(file.fileno()).st_size
     if package.platform != "linux":
-        return Download(tagged_file_name(package.name, invitation), size, _read(file))
+        name = tagged_file_name(package.name, invitation)
+        # Longer than file systems take (a very long address): the seller types the address instead.
+        return Download(name if len(name) <= MAX_FILE_NAME else package.name, size, _read(file))
     head = _tar_entry_member(f"{_app_folder_of(package)}/{JOIN_FILE}", to_json(invitation))
     return Download(package.name, len(head) + size, _chain(head, _read(file)))
 
