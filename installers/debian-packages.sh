@@ -1,7 +1,8 @@
 #!/usr/bin/env sh
 # Installs the Debian/Ubuntu packages the tray app and its tests need (Qt's runtime libraries, fonts,
-# Xvfb for a real window, xdotool to press its buttons there, NSIS to compile the Windows installer) and Chromium for the web page's browser tests (driven through Playwright,
-# never a browser it downloads), when they are missing and apt-get can run (as root, or through sudo).
+# Xvfb for a real window, xdotool to press its buttons there, NSIS to compile the Windows installer)
+# and Chromium for the web page's browser tests (driven through Playwright, never a browser it
+# downloads), when they are missing and apt-get can run (as root, or through sudo).
 # Elsewhere it says what is missing and goes on: the tests that need a package skip with the reason.
 set -eu
 PACKAGES="libegl1 libgl1 libfontconfig1 libfreetype6 libglib2.0-0 libdbus-1-3 libxkbcommon0 \
