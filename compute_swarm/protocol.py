@@ -23,7 +23,8 @@ from compute_swarm.engine.jobs import ChatMessage, InferenceJobSpec, Sampling, W
 #    batch's adapter and a verification re-run's adapter to evaluate included, as the lease names them.
 # 7: the welcome says the oldest agent version the coordinator takes and the newest it offers (its
 #    sell page); a hello from an older agent is closed with UNSUPPORTED_VERSION.
-PROTOCOL_VERSION = 7
+# 8: the coordinator times each node's round trip (`ping`, answered at once by `pong`).
+PROTOCOL_VERSION = 8
 
 # Where the node token goes in the websocket handshake (and in HTTP requests from a node).
 AUTHORIZATION_HEADER = "Authorization"
@@ -33,6 +34,8 @@ MAX_FRAME_BYTES = 256 * 1024
 PING_INTERVAL_SECONDS = 20.0
 PING_TIMEOUT_SECONDS = 20.0  # with the interval above, a dead node is noticed within about 40 s
 HEARTBEAT_INTERVAL_SECONDS = 10.0
+# How often the coordinator times a node's round trip (a `ping` it must answer at once).
+PING_INTERVAL_SECONDS = 30.0
 # A node may send this many messages per second on average, in bursts of MESSAGE_BURST.
 MESSAGES_PER_SECOND = 20.0
 MESSAGE_BURST = 100
@@ -73,6 +76,7 @@ Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN)]
 # Counts that fit every database's 32-bit integer columns.
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+Nonce = Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 # A model a node keeps loaded: a catalogue name, or "<catalogue name>+<adapter sha256>".
 ModelKey = Annotated[str, Field(min_length=1, max_length=140, pattern=r"^[A-Za-z0-9_.-]+(\+[0-9a-f]{64})?$")]
 # Generated text travels in pieces of at most this many characters (4 bytes each at most in UTF-8).
@@ -171,6 +175,14 @@ class Hello(_Message):
     crashed_models: tuple[CrashedModel, ...] = Field(default=(), max_length=MAX_CRASHED_MODELS)
 
 
+class Pong(_Message):
+    """The answer to a `ping`, sent at once: the coordinator's clock times the round trip, so a node
+    can make itself look slower, never faster."""
+
+    type: Literal["pong"] = "pong"
+    nonce: Nonce
+
+
 class Heartbeat(_Message):
     type: Literal["heartbeat"] = "heartbeat"
     telemetry: Telemetry
@@ -263,6 +275,7 @@ class InferenceFailed(_Message):
 NodeMessage = Annotated[
     Hello
     | Heartbeat
+    | Pong
     | JobProgress
     | CheckpointUploaded
     | JobResult
@@ -314,6 +327,13 @@ class Welcome(_Message):
     # (/sell): an older agent shows "Update available". None: no such bound.
     minimum_agent_version: str | None = Field(default=None, max_length=64)
     latest_agent_version: str | None = Field(default=None, max_length=64)
+
+
+class Ping(_Message):
+    """Answer with a `pong` of the same nonce, at once: the coordinator times the round trip."""
+
+    type: Literal["ping"] = "ping"
+    nonce: Nonce
 
 
 class Lease(_Message):
@@ -397,7 +417,7 @@ class InferenceStop(_Message):
 
 
 CoordinatorMessage = Annotated[
-    Welcome | Lease | Cancel | Acknowledged | Earnings | Standing | InferenceRequest | InferenceStop,
+    Welcome | Lease | Cancel | Acknowledged | Earnings | Standing | InferenceRequest | InferenceStop | Ping,
     Field(discriminator="type"),
 ]
 coordinator_message_adapter: TypeAdapter[CoordinatorMessage] = TypeAdapter(CoordinatorMessage)

@@ -326,7 +326,9 @@ class NodeAgent:
         self._status.update(connected=False)
 
     def _dispatch(self, message: protocol.CoordinatorMessage) -> None:
-        if isinstance(message, protocol.Lease):
+        if isinstance(message, protocol.Ping):
+            self._connection.post(protocol.Pong(nonce=message.nonce))  # at once: it is being timed
+        elif isinstance(message, protocol.Lease):
             self._jobs.take(message)
         elif isinstance(message, protocol.Cancel):
             self._jobs.cancel(message)

@@ -4,6 +4,7 @@ flood of nodes."""
 
 from __future__ import annotations
 
+import json
 import secrets
 import time
 
@@ -15,7 +16,7 @@ from compute_swarm.coordinator.store.database import Database
 from compute_swarm.coordinator.store.tables import Node
 from compute_swarm.sdk.client import NodeClient, SwarmError
 from tests.coordinator.test_node_socket import ScriptedNode, check_ledger, new_buyer, submit
-from tests.swarm_processes import Coordinator, run_cli
+from tests.swarm_processes import Coordinator, run_cli, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager")
 ADMIN_TOKEN = secrets.token_urlsafe(32)
@@ -196,3 +197,24 @@ def test_the_limiter_forgets_an_address_after_an_hour():
     now[0] += 3601
     limiter.admit("198.51.100.7")
     RegistrationLimiter(0).admit("anyone")  # 0: no limit
+
+
+def test_the_coordinator_times_each_nodes_round_trip_itself(approval):
+    node = ScriptedNode(approval, "timed")
+    node.connect()
+    assert node.socket is not None
+    # A ping comes right after the welcome; the node's answer is timed by the coordinator's clock.
+    ping = json.loads(node.socket.recv(timeout=15))
+    assert ping["type"] == "ping" and len(ping["nonce"]) >= 8
+    node.send({"type": "pong", "nonce": "not-the-nonce-sent"})  # stale or made up: ignored
+    node.send({"type": "pong", "nonce": ping["nonce"]})
+
+    def round_trip() -> float | None:
+        rows = httpx.get(
+            approval.url + "/api/ops/overview", headers={"Authorization": f"Bearer {ADMIN_TOKEN}"}, timeout=10
+        ).json()["nodes"]
+        return next(row["round_trip_ms"] for row in rows if row["id"] == node.node_id)
+
+    measured = wait_for(round_trip, 10, "the round trip")
+    assert 0 < measured < 5_000
+    node.disconnect()

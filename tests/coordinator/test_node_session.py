@@ -122,3 +122,28 @@ def test_a_hello_of_another_protocol_version_is_unsupported_even_when_it_does_no
         NodeSession("node_1").receive(older)
     assert violation.value.code == CloseCode.UNSUPPORTED_VERSION
     assert "protocol version 3 is not supported" in violation.value.reason
+
+
+def test_a_round_trip_is_timed_by_the_coordinators_clock_and_a_silent_node_looks_slow():
+    from compute_swarm.coordinator.transport.hub.registry import Connection
+
+    async def nothing(*arguments) -> None:
+        return None
+
+    hello = protocol.parse_node_message(HELLO)
+    connection = Connection("node_1", nothing, nothing, hello, hello.telemetry, True)
+    assert connection.round_trip_seconds(100.0) is None and connection.ping_due(100.0)
+    connection.ping_nonce, connection.pinged_at = "nonce-one", 100.0
+    assert not connection.ping_due(200.0)  # one ping at a time
+    assert connection.round_trip_seconds(100.5) == 0.5  # still waiting: at least this long
+    assert not connection.timed_pong("made-up-nonce", 100.02)
+    assert connection.timed_pong("nonce-one", 100.02)
+    assert connection.round_trip_seconds(101.0) == pytest.approx(0.02)
+    assert not connection.timed_pong("nonce-one", 100.03)  # answered already
+    # A slow answer moves the smoothed figure without defining it.
+    connection.ping_nonce, connection.pinged_at = "nonce-two", 200.0
+    assert connection.timed_pong("nonce-two", 200.22)
+    assert connection.round_trip_seconds(201.0) == pytest.approx(0.7 * 0.02 + 0.3 * 0.22)
+    # A node that stops answering looks as slow as it is.
+    connection.ping_nonce, connection.pinged_at = "nonce-three", 300.0
+    assert connection.round_trip_seconds(309.0) == pytest.approx(9.0)

@@ -108,8 +108,13 @@ class ScriptedNode:
         self.socket.send(json.dumps(message))
 
     def receive(self, timeout: float = 15) -> dict:
+        """The next message other than a ping, which is answered at once, as a real node does."""
         assert self.socket is not None
-        return json.loads(self.socket.recv(timeout=timeout))
+        while True:
+            message = json.loads(self.socket.recv(timeout=timeout))
+            if message["type"] != "ping":
+                return message
+            self.send({"type": "pong", "nonce": message["nonce"]})
 
     def receive_type(self, kind: str, timeout: float = 15) -> dict:
         while True:

@@ -616,3 +616,21 @@ def test_the_crash_is_the_answer_only_when_no_other_node_could_take_the_request(
     # Nothing crashed and no node free: waiting, as before (no crash to tell).
     assert route([busy]) == (None, None)
     assert route([]) == (None, None)
+
+
+# ---- inference routing by round trip
+
+
+def test_a_chat_goes_to_the_nearer_of_otherwise_equal_nodes() -> None:
+    def timed(node_id: str, round_trip: float | None, **options) -> InferenceCandidate:
+        return dataclasses.replace(server(node_id, **options), round_trip_seconds=round_trip)
+
+    near, far = timed("near", 0.012), timed("far", 0.180)
+    assert route([far, near])[0] == "near"
+    # Not timed yet counts last; jitter within one step does not outweigh the load.
+    assert route([timed("new", None), far])[0] == "far"
+    same_step = [timed("a", 0.001, in_flight=0), dataclasses.replace(timed("b", 0.002), slots=2, in_flight=1)]
+    assert route(same_step)[0] == "a"  # same step: the one with fewer requests in flight
+    # A model already loaded, or on disk, outweighs a round trip: loading or fetching costs seconds.
+    loaded_far = timed("loaded-far", 0.300, loaded=[DEFAULT_MODEL])
+    assert route([near, loaded_far])[0] == "loaded-far"

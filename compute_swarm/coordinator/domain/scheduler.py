@@ -7,6 +7,7 @@ does I/O, so the rules are tested without sockets or a database.
 from __future__ import annotations
 
 import heapq
+import math
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
@@ -412,6 +413,8 @@ class InferenceCandidate:
     # Model keys that crashed its llama.cpp process, with its report (a crashed base stands for its
     # adapters): not routed there until the node says a fresh process served them.
     crashed_models: Mapping[str, str] = field(default_factory=dict)
+    # Its round trip to the coordinator as the coordinator timed it (None: not timed yet).
+    round_trip_seconds: float | None = None
 
 
 def inference_memory_bytes(model: CatalogueModel, adapter_size: int = 0) -> int:
@@ -427,6 +430,16 @@ def inference_memory_bytes(model: CatalogueModel, adapter_size: int = 0) -> int:
     return free_bytes_needed(held_bytes)
 
 
+# Round trips within one step count as equal for routing (a chat's tokens each cross the link once).
+LATENCY_STEP_SECONDS = 0.025
+
+
+def latency_step(round_trip_seconds: float | None) -> float:
+    if round_trip_seconds is None:
+        return math.inf
+    return math.floor(round_trip_seconds / LATENCY_STEP_SECONDS)
+
+
 def choose_inference_node(
     candidates: Iterable[InferenceCandidate],
     *,
@@ -440,7 +453,9 @@ def choose_inference_node(
     A node qualifies with a free slot, while it takes work (a paused node is playing a game), where the
     model has not crashed it, and with required_memory_bytes free (inference_memory_bytes) to load the
     model unless it has it loaded. Preferred, in order: the model loaded, the base model on disk, a GPU,
-    fewer requests in flight, more free memory.
+    a shorter round trip (in steps of LATENCY_STEP_SECONDS, so jitter does not outweigh the load; not
+    timed yet counts last), fewer requests in flight, more free memory. Loading a model or fetching it
+    costs seconds, and a GPU generates many times faster than a CPU: each outweighs a round trip.
     """
     best: tuple | None = None
     chosen: str | None = None
@@ -455,6 +470,7 @@ def choose_inference_node(
             loaded,
             base_model in snapshot.models,
             snapshot.best_backend in GPU_BACKENDS,
+            -latency_step(candidate.round_trip_seconds),
             -candidate.in_flight,
             snapshot.memory_bytes,
         )

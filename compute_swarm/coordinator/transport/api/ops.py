@@ -59,6 +59,8 @@ class NodeRowOut(BaseModel):
     pending_micro: int
     available_micro: int
     agent_version: str | None
+    # Its round trip to the coordinator as the coordinator timed it, while connected (None: not yet).
+    round_trip_ms: float | None = None
 
 
 class OverviewOut(BaseModel):
@@ -172,7 +174,14 @@ def _node_row(
         pending_micro=pending,
         available_micro=available,
         agent_version=description.get("agent_version"),
+        round_trip_ms=_milliseconds(connection.round_trip_seconds(time.monotonic()))
+        if connection is not None
+        else None,
     )
+
+
+def _milliseconds(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000, 1)
 
 
 class RevokedOut(BaseModel):

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import secrets
 import time
 from collections.abc import Awaitable
 
@@ -167,6 +168,7 @@ class Hub:
         self.registry.add(connection)
         await self.registry.stop_leases(revoked)
         self.dispatcher.wake()
+        await self._time_round_trip(connection)  # known before its first chat request, not 30 s later
 
     async def disconnect(self, connection: Connection, reason: str) -> None:
         if not self.registry.remove(connection):
@@ -197,6 +199,11 @@ class Hub:
                 self.dispatcher.wake()
             if self.relay is not None:
                 self.relay.capacity_changed()
+            if connection.ping_due(now):
+                await self._time_round_trip(connection)
+        elif isinstance(message, protocol.Pong):
+            if not connection.timed_pong(message.nonce, time.monotonic()):
+                logger.debug("node %s: a pong that answers no ping waiting", connection.node_id)
         elif isinstance(message, protocol.InferenceDelta | protocol.InferenceDone | protocol.InferenceFailed):
             if self.relay is not None:
                 crash = self.relay.on_message(connection.node_id, message)
@@ -233,11 +240,16 @@ class Hub:
             if acknowledgement.accepted and isinstance(message, protocol.JobResult):
                 await connection.send(await asyncio.to_thread(self.accounts.earnings, connection.node_id))
 
+    async def _time_round_trip(self, connection: Connection) -> None:
+        connection.ping_nonce, connection.pinged_at = secrets.token_urlsafe(12), time.monotonic()
+        await connection.send(protocol.Ping(nonce=connection.ping_nonce))
+
     # ---- inference
 
     def _inference_candidates(self) -> list[InferenceCandidate]:
         assert self.relay is not None
         in_flight = self.relay.in_flight_by_node()
+        now = time.monotonic()
         return [
             InferenceCandidate(
                 snapshot=connection.snapshot,
@@ -245,6 +257,7 @@ class Hub:
                 in_flight=in_flight[node_id],
                 loaded_models=connection.loaded_models,
                 crashed_models=connection.crashed_models,
+                round_trip_seconds=connection.round_trip_seconds(now),
             )
             for node_id, connection in self.registry.serving.items()
             if connection.snapshot is not None

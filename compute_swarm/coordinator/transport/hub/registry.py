@@ -53,6 +53,33 @@ class Connection:
     standing: protocol.Standing = ACTIVE
     last_message_at: float = field(default_factory=time.monotonic)
     send_lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Its round trip, timed by the coordinator (protocol.Ping): a smoothed figure, and the ping waiting
+    # for its pong with the moment (monotonic) it was sent.
+    measured_round_trip_seconds: float | None = None
+    ping_nonce: str | None = None
+    pinged_at: float = 0.0
+
+    def round_trip_seconds(self, now: float) -> float | None:
+        """The smoothed round trip, or longer while a ping waits past it: a node that stops answering
+        looks as slow as it is."""
+        waiting = now - self.pinged_at if self.ping_nonce is not None else 0.0
+        if self.measured_round_trip_seconds is None:
+            return waiting or None
+        return max(self.measured_round_trip_seconds, waiting)
+
+    def timed_pong(self, nonce: str, now: float) -> bool:
+        """Take a pong: True when it answers the ping waiting (others are stale, and ignored)."""
+        if nonce != self.ping_nonce:
+            return False
+        sample = now - self.pinged_at
+        previous = self.measured_round_trip_seconds
+        # Smoothed, so one slow answer (a busy moment) moves the figure but does not define it.
+        self.measured_round_trip_seconds = sample if previous is None else 0.7 * previous + 0.3 * sample
+        self.ping_nonce = None
+        return True
+
+    def ping_due(self, now: float) -> bool:
+        return self.ping_nonce is None and now - self.pinged_at >= protocol.PING_INTERVAL_SECONDS
 
     @property
     def barred(self) -> bool:

@@ -683,7 +683,8 @@ function setUpOps() {
           element("div", { class: "small muted" }, `re-run at ${Math.round(node.sampling_rate * 100)} %`),
           node.trusted ? element("span", { class: "state state-trusted" }, node.trusted_by_ops ? "trusted by ops" : "trusted") : null),
         element("td", { class: "number" }, credits(node.pending_micro + node.available_micro)),
-        element("td", {}, node.last_seen_at ? (node.state === "offline" || node.state === "revoked" ? ago(node.last_seen_at) : "now") : "never"),
+        element("td", {}, node.last_seen_at ? (node.state === "offline" || node.state === "revoked" ? ago(node.last_seen_at) : "now") : "never",
+          node.round_trip_ms !== null ? element("div", { class: "small muted" }, `${Math.round(node.round_trip_ms)} ms round trip`) : null),
         element("td", {}, actions(node)));
     }));
     return true;
