@@ -221,6 +221,14 @@ def test_the_locks_this_repository_ships_are_readable():
     repository = Path(__file__).resolve().parents[2]
     pins = read_lock(repository / "requirements" / "node.txt")
     assert {"transformers", "peft", "safetensors"} <= {pin.name for pin in pins}
+    # Each shipped torch lock names a build the chooser picks: macOS's is "mps".
+    from compute_swarm.desktop.runtime import this_machine
+
+    on_a_mac = this_machine.available_builds(repository / "requirements", "Darwin")
+    choice = builds.choose(
+        inventory(), on_a_mac, cuda_driver_version=None, driver_version=None, system="Darwin"
+    )
+    assert choice.build in on_a_mac
 
 
 NVIDIA = GpuInfo(
@@ -255,7 +263,7 @@ def inventory(*gpus: GpuInfo) -> DeviceInventory:
         ((NVIDIA,), (12, 8), "Linux", {"cpu"}, "cpu", "no lock for a CUDA build"),
         ((AMD,), None, "Linux", {"cpu", "rocm6.3", "rocm6.4"}, "rocm6.4", "ROCm build"),
         ((AMD,), None, "Windows", {"cpu", "rocm6.4"}, "cpu", "ROCm builds for Linux only"),
-        ((), None, "Darwin", {"cpu", "macos"}, "macos", "Apple GPU"),
+        ((), None, "Darwin", {"cpu", "mps"}, "mps", "Apple GPU"),
         ((), None, "Linux", {"cpu", "cu128"}, "cpu", "no GPU"),
     ],
 )

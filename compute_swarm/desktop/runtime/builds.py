@@ -1,5 +1,5 @@
 """Which torch build fits this machine, from what its GPU driver can run and the builds this app has a
-lock for (requirements/torch-<build>.txt: cpu, cu126, cu128, cu130, rocm6.4, macos...). The choice
+lock for (requirements/torch-<build>-<os>.txt: cpu, cu126, cu128, cu130, rocm6.4, mps...). The choice
 comes with its reason in plain words, for the window: a seller whose GPU cannot be used is told why."""
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from compute_swarm.engine.devices import DeviceInventory
 
 CPU = "cpu"
-MACOS = "macos"
+MPS = "mps"  # PyPI's torch for macOS (installers/torch-locks.sh writes torch-mps-macos.txt)
 _CUDA = re.compile(r"cu(?P<major>\d+?)(?P<minor>\d)")
 _ROCM = re.compile(r"rocm(?P<version>[\d.]+)")
 
@@ -46,9 +46,9 @@ def choose(
     builds = set(available)
     vendors = {gpu.vendor for gpu in inventory.gpus}
     if system == "Darwin":
-        if MACOS in builds:
+        if MPS in builds:
             gpu = "Apple GPU (Metal)" if machine == "arm64" else "no GPU torch can use on an Intel Mac"
-            return Choice(MACOS, f"macOS build of torch: {gpu}")
+            return Choice(MPS, f"macOS build of torch: {gpu}")
         return Choice(CPU, "this app has no lock for macOS's torch build")
     if "nvidia" in vendors:
         fits = sorted(

@@ -97,6 +97,8 @@ def engine_runtime(
         driver_version=driver_version,
         system=system,
     )
+    if choice.build not in here:  # e.g. the CPU build, on a system whose locks are all for GPUs
+        raise LockError(f"this app carries no torch lock for the build it needs here: {choice.reason}")
     llama = llama_lock(locks, choice.build, system)
     pins = read_locks([locks / "node.txt", here[choice.build], *([llama] if llama else [])])
     runtime = Runtimes(
