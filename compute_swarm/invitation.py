@@ -19,8 +19,9 @@ from urllib.parse import urlsplit
 JOIN_FILE = "join.json"
 MAX_TEXT_BYTES = 4096  # a join.json is about 150 bytes: anything much larger is not one
 MAX_COORDINATOR_CHARACTERS = 512
-MAX_INVITE_CODE_CHARACTERS = 100  # desktop.settings takes no longer code
-INVITE_CODE = re.compile(r"^[A-Za-z0-9_-]{1,100}$")
+# The longest invite code a coordinator takes (desktop.settings too); its own are about 37 characters.
+MAX_INVITE_CODE_CHARACTERS = 100
+INVITE_CODE = re.compile(rf"^[A-Za-z0-9_-]{{1,{MAX_INVITE_CODE_CHARACTERS}}}$")
 # A browser may add " (1)" before the extension of a second download of the same name.
 TAG = re.compile(r"\.join-([A-Za-z0-9_-]{8,2048})(?: ?\(\d+\))?\.[A-Za-z0-9.]+$")
 

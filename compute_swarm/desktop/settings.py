@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from compute_swarm.desktop import token_store
 from compute_swarm.desktop.guards import GuardSettings
+from compute_swarm.invitation import MAX_INVITE_CODE_CHARACTERS
 
 logger = logging.getLogger(__name__)
 
@@ -30,8 +31,6 @@ CONFIG_ENVIRONMENT_VARIABLE = "SWARM_CONFIG_DIR"
 # Runtime sources for computers whose settings name none (a fleet's image, a mirror ops hand out),
 # separated by spaces.
 RUNTIME_SOURCES_ENVIRONMENT_VARIABLE = "SWARM_RUNTIME_SOURCES"
-# The longest invite code a coordinator takes; its own codes are about 37 characters.
-MAX_INVITE_CODE_CHARACTERS = 100
 
 
 class SettingsError(Exception):

