@@ -2,17 +2,23 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
+import re
 import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from pathlib import Path
+from typing import Any
 
 import httpx
 
 from compute_swarm.coordinator.local_swarm import wait_until_healthy
+from compute_swarm.desktop.transfer import fetch_artifact
 
 REPOSITORY = Path(__file__).resolve().parent.parent
 # The console script installed beside this interpreter (the venv's `compute-swarm`).
@@ -169,3 +175,65 @@ class CheatingNode(Node):
                 start_new_session=True,
             )
         return self
+
+
+# ---- swarm transfer: what the tests and bench/transfer.py measure
+
+
+def artifact_egress(coordinator: Coordinator) -> dict[str, float]:
+    """The coordinator's artifact bytes sent so far, by route (its own /metrics)."""
+    text = httpx.get(f"{coordinator.url}/metrics", timeout=10).text
+    counted = re.findall(r'swarm_artifact_bytes_served_total\{route="(\w+)"\} (\S+)', text)
+    return {"http": 0.0, "web_seed": 0.0} | {route: float(value) for route, value in counted}
+
+
+def sha256_of(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def chat_dataset(path: Path, megabytes: int = 6) -> Path:
+    """A chat dataset of several pieces, every row different."""
+    with open(path, "w") as file:
+        row = 0
+        while file.tell() < megabytes * 10**6:
+            question = f"Question {row}: what is {row} plus {row}? " + "Explain the steps. " * 20
+            file.write(
+                json.dumps(
+                    {
+                        "messages": [
+                            {"role": "user", "content": question},
+                            {"role": "assistant", "content": f"{row} plus {row} is {2 * row}."},
+                        ]
+                    }
+                )
+                + "\n"
+            )
+            row += 1
+    return path
+
+
+def fetch_everywhere(nodes: list[tuple[Any, Any]], sha256: str, directory: Path, size: int) -> list[float]:
+    """Every node (a NodeClient, and a PeerTransfer or None for HTTP alone) fetches the artifact at
+    once, through desktop.transfer.fetch_artifact as the agent does; the seconds each took, verified."""
+    started = time.monotonic()
+    seconds: list[float] = []
+    failures: list[BaseException] = []
+
+    def fetch(index: int) -> None:
+        client, transfer = nodes[index]
+        try:
+            path = fetch_artifact(client, transfer, sha256, directory / f"node{index}" / sha256, size=size)
+            if sha256_of(path) != sha256:
+                raise AssertionError(f"node {index} fetched a file that does not hash to {sha256}")
+            seconds.append(time.monotonic() - started)
+        except BaseException as error:  # raised below, in the caller's thread
+            failures.append(error)
+
+    threads = [threading.Thread(target=fetch, args=(index,)) for index in range(len(nodes))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=300)
+    if failures or len(seconds) != len(nodes):
+        raise AssertionError(f"{len(nodes) - len(seconds)} of {len(nodes)} nodes failed: {failures[:3]}")
+    return sorted(seconds)

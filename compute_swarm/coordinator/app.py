@@ -16,6 +16,7 @@ from compute_swarm.coordinator.service.node_accounts import NodeAccounts
 from compute_swarm.coordinator.service.reports import Reports
 from compute_swarm.coordinator.service.request_limiter import RequestLimiter
 from compute_swarm.coordinator.service.submissions import Submissions
+from compute_swarm.coordinator.service.swarm_transfer import SwarmTransfer, transfer_key
 from compute_swarm.coordinator.service.tokens import TokenCounters
 from compute_swarm.coordinator.service.uploads import UploadService
 from compute_swarm.coordinator.service.verifier import Verifier
@@ -34,12 +35,13 @@ from compute_swarm.coordinator.transport.api import (
     openai_fine_tuning,
     ops,
     service,
+    swarm,
     sweeps,
 )
 from compute_swarm.coordinator.transport.api.deps import Services
 from compute_swarm.coordinator.transport.hub import Hub
 from compute_swarm.coordinator.transport.limits import RequestLimits
-from compute_swarm.coordinator.transport.metrics import Metrics
+from compute_swarm.coordinator.transport.metrics import Metrics, ServedBytes
 from compute_swarm.engine.catalogue import fetch_catalogue_model
 
 
@@ -75,6 +77,7 @@ def build_services(settings: Settings) -> Services:
         ),
         hub=hub,
         metrics=metrics,
+        swarm_transfer=SwarmTransfer(store, transfer_key(settings.transfer_secret_value)),
     )
 
 
@@ -94,7 +97,19 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     app = FastAPI(title="compute-swarm coordinator", version="0.1.0", lifespan=lifespan)
     app.state.registrations = RegistrationLimiter(settings.registrations_per_hour_per_address)
-    for module in (files, jobs, sweeps, account, keys, nodes, ops, service, openai, openai_fine_tuning):
+    for module in (
+        files,
+        jobs,
+        sweeps,
+        account,
+        keys,
+        nodes,
+        swarm,
+        ops,
+        service,
+        openai,
+        openai_fine_tuning,
+    ):
         app.include_router(module.router)
     openai_errors.install(app)
 
@@ -106,6 +121,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     web.install(app)
     app.add_middleware(RequestLimits)
+    app.add_middleware(ServedBytes)
     return app
 
 

@@ -123,6 +123,11 @@ class Settings(BaseSettings):
     # Where browsers reach the coordinator when it sits behind a proxy (e.g. https://swarm.example.com):
     # form posts must come from this origin. Empty: the origin of the request's own Host.
     public_origin: str = ""
+    # Swarm transfer (service/swarm_transfer.py): nodes fetch artifacts from each other, the coordinator
+    # being the tracker and the last-resort web seed. The secret signs the transfer tickets; replicas
+    # must share one (empty: a random one per process, and a restart voids the tickets it issued).
+    peer_transfer: bool = True
+    transfer_secret: SecretStr | None = None
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -144,6 +149,10 @@ class Settings(BaseSettings):
             if value and not _is_version(value):
                 raise ValueError(f"{name} must be a version such as 0.2.0 (PEP 440), not {value!r}")
         return self
+
+    @property
+    def transfer_secret_value(self) -> str | None:
+        return self.transfer_secret.get_secret_value() if self.transfer_secret else None
 
     @property
     def offered_agent_version(self) -> str:

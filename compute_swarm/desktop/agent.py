@@ -43,6 +43,12 @@ from compute_swarm.desktop.node_description import agent_version, cached_catalog
 from compute_swarm.desktop.registration import Registration
 from compute_swarm.desktop.serving import InferenceServing
 from compute_swarm.desktop.settings import normalize_invite_code
+from compute_swarm.desktop.transfer import (
+    PeerTransfer,
+    TransferSettings,
+    libtorrent_available,
+    share_catalogue_model,
+)
 from compute_swarm.desktop.workspace import Workspace
 from compute_swarm.engine.devices import DeviceInventory
 from compute_swarm.protocol import CloseCode, ProtocolViolation
@@ -94,10 +100,12 @@ class NodeAgent:
         # status, and registration waits for set_invite_code. False (the headless node): run() raises
         # InviteCodeRefused.
         wait_for_invite_code: bool = False,
+        transfer: TransferSettings | None = None,
     ):
         self.coordinator = token_store.normalize_coordinator_url(coordinator)
         self.data_dir = Path(data_dir)
-        self.workspace = Workspace(self.data_dir)
+        self._transfer_settings = transfer or TransferSettings()
+        self.workspace = Workspace(self.data_dir, cache_bytes=self._transfer_settings.cache_bytes)
         self.name = name or default_node_name()
         self.device = device
         rng = rng or random.Random()
@@ -207,6 +215,9 @@ class NodeAgent:
             await self._jobs.abandon()
             await asyncio.to_thread(self._serving.close)
             await self._tasks.cancel_all()
+            if self.workspace.transfer is not None:
+                await asyncio.to_thread(self.workspace.transfer.close)
+                self.workspace.transfer = None
             if self._client is not None:
                 with contextlib.suppress(Exception):
                     self._client.close()  # also ends a transfer still running in a thread
@@ -281,7 +292,35 @@ class NodeAgent:
         credentials = await self._registration.credentials()
         self._client = self._client_factory(self.coordinator, credentials.token)
         self._status.update(node_id=credentials.node_id)
+        await self._start_transfer()
         await self._connection.stay_connected(credentials.token)
+
+    async def _start_transfer(self) -> None:
+        """Swarm transfer, where the seller allows it and libtorrent is installed; then the catalogue
+        models this machine holds are served to the nodes that need them."""
+        settings = self._transfer_settings
+        if not settings.enabled or not await asyncio.to_thread(libtorrent_available):
+            logger.info("peer transfer is off: artifacts come from the coordinator alone")
+            return
+        try:
+            transfer = await asyncio.to_thread(
+                PeerTransfer,
+                listen_port=settings.port,
+                upload_bytes_per_second=settings.upload_bytes_per_second,
+                user_agent=f"compute-swarm/{agent_version()}",
+            )
+        except RuntimeError as error:  # the port is taken, say
+            logger.warning("peer transfer is off: %s", error)
+            self._status.update(problem=f"cannot share with other nodes: {error}")
+            return
+        self.workspace.transfer = transfer
+        logger.info("serving other nodes on TCP port %d", transfer.listen_port)
+        client = self._client
+        models = await asyncio.to_thread(cached_catalogue_models)
+        for name in models:
+            self._tasks.spawn(
+                asyncio.to_thread(share_catalogue_model, client, transfer, name), name=f"serve-{name}"
+            )
 
     async def _hello(self) -> protocol.Hello:
         await self._machine.refresh()
@@ -301,6 +340,8 @@ class NodeAgent:
     def _heartbeat(self) -> protocol.Heartbeat | None:
         if self._machine.telemetry is None:
             return None
+        transfer = self.workspace.transfer
+        self._status.update(served_bytes=None if transfer is None else transfer.stats().served_bytes)
         return protocol.Heartbeat(
             telemetry=self._machine.telemetry,
             running=self._jobs.running(),

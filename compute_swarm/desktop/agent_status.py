@@ -40,6 +40,8 @@ class AgentStatus:
     standing: protocol.Standing | None = None
     # The newer agent version the coordinator offers on its sell page, when this one is older.
     newer_version: str | None = None
+    # What this node has served to other nodes (swarm transfer); None while it does not share.
+    served_bytes: int | None = None
 
 
 class StatusBoard:

@@ -77,6 +77,30 @@ def register_commands(subcommands: argparse._SubParsersAction) -> None:
         metavar="START-END",
         help="work only between these hours of the day, local time, e.g. 22-8",
     )
+    sharing = node.add_argument_group(
+        "sharing",
+        "swarm transfer: fetching models and data from other nodes, and serving them what this one holds",
+    )
+    sharing.add_argument(
+        "--no-sharing",
+        action="store_true",
+        help="fetch everything from the coordinator and serve nothing to other nodes",
+    )
+    sharing.add_argument(
+        "--upload-limit",
+        type=int,
+        metavar="KIB_PER_SECOND",
+        help="send other nodes at most this many KiB/s (default: the settings file's, else no cap)",
+    )
+    sharing.add_argument(
+        "--cache-gib", type=float, metavar="GIB", help="keep at most this much data cached (default 5)"
+    )
+    sharing.add_argument(
+        "--transfer-port",
+        type=int,
+        metavar="PORT",
+        help="the TCP port other nodes reach this one on (default: any free port)",
+    )
     action = node.add_mutually_exclusive_group()
     action.add_argument(
         "--earnings", action="store_true", help="show credits earned and jobs completed, then exit"
@@ -186,8 +210,9 @@ def run_tray_command(arguments: argparse.Namespace) -> int:
     return run_tray(arguments.data_dir or default_data_directory(), minimized=arguments.minimized)
 
 
-def guard_settings(arguments: argparse.Namespace):
-    """The settings file's guards with the command line's changes; raises ValueError for a bad value."""
+def node_settings(arguments: argparse.Namespace):
+    """The settings file's guards and sharing, with the command line's changes; raises ValueError for a
+    bad value."""
     from pydantic import ValidationError
 
     from compute_swarm.desktop.settings import SettingsError, SettingsStore
@@ -198,20 +223,34 @@ def guard_settings(arguments: argparse.Namespace):
         raise ValueError(str(error)) from None
     if loaded.problem:
         _say(loaded.problem)
-    changes: dict[str, object] = {}
+    guards: dict[str, object] = {}
     if arguments.max_temperature is not None:
-        changes["temperature_limit_celsius"] = arguments.max_temperature
+        guards["temperature_limit_celsius"] = arguments.max_temperature
     if arguments.ignore_games:
-        changes.update(pause_for_games=False, pause_when_full_screen=False)
+        guards.update(pause_for_games=False, pause_when_full_screen=False)
     if arguments.only_when_idle is not None:
-        changes.update(only_when_idle=True, idle_minutes=arguments.only_when_idle)
+        guards.update(only_when_idle=True, idle_minutes=arguments.only_when_idle)
     if arguments.hours is not None:
         start, separator, end = arguments.hours.partition("-")
         if not (separator and start.strip().isdigit() and end.strip().isdigit()):
             raise ValueError(f"--hours {arguments.hours!r}: give START-END in whole hours, e.g. 22-8")
-        changes.update(schedule_enabled=True, schedule_start_hour=int(start), schedule_end_hour=int(end))
+        guards.update(schedule_enabled=True, schedule_start_hour=int(start), schedule_end_hour=int(end))
+    sharing: dict[str, object] = {}
+    if arguments.no_sharing:
+        sharing["enabled"] = False
+    for option, field in (
+        ("upload_limit", "upload_limit_kib_per_second"),
+        ("cache_gib", "cache_gib"),
+        ("transfer_port", "port"),
+    ):
+        if getattr(arguments, option) is not None:
+            sharing[field] = getattr(arguments, option)
+    settings = loaded.settings
     try:
-        return loaded.settings.guards.model_validate({**loaded.settings.guards.model_dump(), **changes})
+        return (
+            settings.guards.model_validate({**settings.guards.model_dump(), **guards}),
+            settings.sharing.model_validate({**settings.sharing.model_dump(), **sharing}),
+        )
     except ValidationError as error:
         first = error.errors()[0]
         raise ValueError(f"{'.'.join(map(str, first['loc']))}: {first['msg']}") from None
@@ -271,7 +310,7 @@ def _serve(coordinator: str, data_dir: Path, arguments: argparse.Namespace) -> i
     from compute_swarm.desktop.settings import normalize_invite_code
 
     try:
-        guards = guard_settings(arguments)
+        guards, sharing = node_settings(arguments)
     except ValueError as error:
         _say(str(error))
         return 2
@@ -291,6 +330,7 @@ def _serve(coordinator: str, data_dir: Path, arguments: argparse.Namespace) -> i
         on_change=printer,
         guards=guards,
         invite_code=invite_code,
+        transfer=sharing,
     )
     try:
         asyncio.run(_run_until_interrupted(agent))

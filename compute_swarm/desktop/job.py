@@ -29,6 +29,7 @@ from compute_swarm.desktop.job_reports import (
     result_message,
 )
 from compute_swarm.desktop.lease_spec import InvalidLease, check_lease, spec_for_lease
+from compute_swarm.desktop.transfer import share_catalogue_model
 from compute_swarm.desktop.workspace import Workspace
 from compute_swarm.engine import artifacts
 from compute_swarm.engine.jobs import InferenceJobSpec, JobSpec
@@ -216,6 +217,10 @@ class JobRun:
         """The dataset, the checkpoint unpacked to resume from, and a batch's llama.cpp adapter."""
         lease = self.lease
         await asyncio.to_thread(self._host.workspace.clear_job_directory, self.directory)
+        transfer = self._host.workspace.transfer
+        if transfer is not None:
+            # The base model from its swarm, so the engine finds it cached (or fetches it itself).
+            await asyncio.to_thread(share_catalogue_model, self._host.client, transfer, lease.spec.base_model)
         dataset = await self._download("dataset", lease.dataset_sha256, lease.dataset_size)
         adapter = (
             await self._download("adapter", lease.adapter_sha256, lease.adapter_size)
@@ -232,6 +237,7 @@ class JobRun:
             raise _GiveUp(f"could not unpack the checkpoint: {describe_error(error)}") from None
         finally:
             # Unlike a dataset, a checkpoint is never fetched twice: a later lease brings a newer one.
+            self._host.workspace.forget_artifact(lease.checkpoint_sha256)
             with contextlib.suppress(OSError):
                 archive.unlink()
         return dataset, resume_from, adapter
@@ -253,6 +259,7 @@ class JobRun:
             )
             return directory
         finally:
+            self._host.workspace.forget_artifact(self.lease.evaluate_result_sha256)
             with contextlib.suppress(OSError):
                 archive.unlink()
         return directory
@@ -270,12 +277,12 @@ class JobRun:
     def _fetch_artifact(self, sha256: str, size: int | None) -> Path:
         """Thread: the artifact from the cache, downloaded into it when it is not there."""
         keep = (self.lease.dataset_sha256, self.lease.checkpoint_sha256, self.lease.adapter_sha256)
-        client = self._host.client
+        client, space = self._host.client, self._host.workspace
 
         def download(digest: str, destination: Path) -> Path:
-            return client.download_artifact(digest, destination, size=size)
+            return space.download(client, digest, destination, size)
 
-        return self._host.workspace.fetch_artifact(sha256, download, keep)
+        return space.fetch_artifact(sha256, download, keep)
 
     async def _retrying(
         self, what: str, call: Callable[[], Any], attempts: int, *, download: bool = False

@@ -202,7 +202,7 @@ class InferenceServing:
             raise OSError("not registered with the coordinator yet")
 
         def download(digest: str, destination: Path) -> Path:
-            return client.download_artifact(digest, destination, size=size)
+            return self.workspace.download(client, digest, destination, size)
 
         return await asyncio.to_thread(self.workspace.fetch_artifact, sha256, download, [sha256])
 

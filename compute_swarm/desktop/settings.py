@@ -17,6 +17,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from compute_swarm.desktop import token_store
 from compute_swarm.desktop.guards import GuardSettings
+from compute_swarm.desktop.transfer import TransferSettings
 from compute_swarm.invitation import MAX_INVITE_CODE_CHARACTERS
 
 logger = logging.getLogger(__name__)
@@ -47,6 +48,8 @@ class Settings(BaseModel):
     autostart: bool = True
     notifications: bool = True
     guards: GuardSettings = Field(default_factory=GuardSettings)
+    # Swarm transfer: sharing with other nodes, the upload cap, the cache's size.
+    sharing: TransferSettings = Field(default_factory=TransferSettings)
     # Where the coordinator admits computers by invitation: the code its operators gave, for
     # `coordinator` only, kept until this computer has registered there (the first start, or a retry).
     invite_code: str | None = None

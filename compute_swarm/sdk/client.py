@@ -25,6 +25,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError
 
 from compute_swarm import protocol
 from compute_swarm.protocol import AUTHORIZATION_HEADER, SHA256_PATTERN, TOKEN_SCHEME
+from compute_swarm.swarm_transfer import TransferOffer
 
 FINAL_JOB_STATES = protocol.FINAL_JOB_STATES
 SUCCESSFUL_STATES = protocol.SUCCEEDED_JOB_STATES
@@ -747,6 +748,23 @@ class NodeClient(_CoordinatorSession):
 
     def me(self) -> dict:
         return self._request("GET", "/api/nodes/me")
+
+    def transfer_offer(self, sha256: str, *, holding: bool = False) -> TransferOffer:
+        """How to fetch an artifact from peers, or (`holding`) serve it to them
+        (compute_swarm.swarm_transfer). SwarmError with status_code 404 where the coordinator has peer
+        transfer off or the node may not read it."""
+        if not _is_sha256(sha256):
+            raise ValueError(f"{sha256!r} is not a sha256 hex digest")
+        answer = self._request(
+            "GET",
+            f"/api/swarm/{sha256}/offer",
+            params={"holding": "true"} if holding else None,
+            not_found=f"artifact {sha256} is not offered to this node by peer transfer",
+        )
+        try:
+            return TransferOffer.model_validate(answer)
+        except ValueError as error:
+            raise SwarmError(f"the coordinator's transfer offer is malformed: {error}") from None
 
     def receipt(self, job_id: str) -> dict:
         """The receipt of a job this node ran or re-ran: the same one its buyer reads."""

@@ -25,6 +25,7 @@ from compute_swarm.desktop.outbox import Reportable
 from compute_swarm.engine import artifacts
 from compute_swarm.engine.jobs import DEFAULT_MODEL, ChatMessage, Sampling
 from compute_swarm.engine.records import CheckpointSaved, Completed, Failed, Log, Progress, Started
+from compute_swarm.sdk.client import SwarmError
 from tests.crashing_llama import CrashingLlama
 from tests.desktop.test_messages import DATASET, DATASET_SHA256, inventory, make_lease
 
@@ -103,6 +104,10 @@ class FakeClient:
         self.downloads.append(sha256)
         Path(destination).write_bytes(DATASET)
         return Path(destination)
+
+    def transfer_offer(self, sha256: str, *, holding: bool = False):
+        """A coordinator with peer transfer off: everything comes over HTTP."""
+        raise SwarmError("peer transfer is off on this coordinator", status_code=404)
 
     def upload_artifact(self, path, *, purpose: str, job_id: str, lease_id: str) -> str:
         content = Path(path).read_bytes()

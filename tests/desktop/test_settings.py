@@ -17,6 +17,7 @@ from compute_swarm.desktop.settings import (
     normalize_invite_code,
     normalize_runtime_source,
 )
+from compute_swarm.desktop.transfer import TransferSettings
 
 
 def test_settings_round_trip_with_a_version(tmp_path: Path) -> None:
@@ -66,22 +67,41 @@ def test_defaults_come_from_the_environment(monkeypatch: pytest.MonkeyPatch, tmp
         Settings(coordinator="ftp://nope")
 
 
-def test_the_headless_node_takes_the_settings_guards_with_its_flags(
+def test_the_headless_node_takes_the_settings_guards_and_sharing_with_its_flags(
     monkeypatch: pytest.MonkeyPatch, tmp_path: Path
 ) -> None:
     import argparse
 
-    from compute_swarm.desktop.cli import guard_settings, register_commands
+    from compute_swarm.desktop.cli import node_settings, register_commands
 
     monkeypatch.setenv("SWARM_CONFIG_DIR", str(tmp_path))
     SettingsStore(tmp_path / "settings.json").save(
-        Settings(guards=GuardSettings(temperature_limit_celsius=70))
+        Settings(
+            guards=GuardSettings(temperature_limit_celsius=70),
+            sharing=TransferSettings(upload_limit_kib_per_second=512),
+        )
     )
     parser = argparse.ArgumentParser()
     register_commands(parser.add_subparsers())
 
     def guards(*flags: str) -> GuardSettings:
-        return guard_settings(parser.parse_args(["node", *flags]))
+        return node_settings(parser.parse_args(["node", *flags]))[0]
+
+    def sharing(*flags: str) -> TransferSettings:
+        return node_settings(parser.parse_args(["node", *flags]))[1]
+
+    assert sharing() == TransferSettings(upload_limit_kib_per_second=512)
+    changed_sharing = sharing("--upload-limit", "100", "--cache-gib", "20", "--transfer-port", "7000")
+    assert (changed_sharing.upload_bytes_per_second, changed_sharing.cache_bytes, changed_sharing.port) == (
+        100 * 1024,
+        20 * 2**30,
+        7000,
+    )
+    assert not sharing("--no-sharing").enabled
+    with pytest.raises(ValueError, match="port"):
+        sharing("--transfer-port", "70000")
+    with pytest.raises(ValueError, match="upload_limit"):
+        sharing("--upload-limit", "-1")
 
     assert guards() == GuardSettings(temperature_limit_celsius=70)
     changed = guards("--max-temperature", "80", "--ignore-games", "--only-when-idle", "5", "--hours", "22-8")

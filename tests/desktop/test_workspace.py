@@ -6,8 +6,6 @@ import hashlib
 import os
 from pathlib import Path
 
-import pytest
-
 from compute_swarm.desktop import workspace
 from compute_swarm.desktop.workspace import Workspace
 from compute_swarm.engine import artifacts
@@ -36,11 +34,8 @@ def test_a_tidied_job_keeps_only_its_logs_and_only_the_newest_jobs_keep_theirs(t
     assert kept == ["job_0", "job_1", "job_3", "job_4"]
 
 
-def test_the_artifact_cache_evicts_the_least_recently_used_but_spares_a_running_jobs(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
-) -> None:
-    monkeypatch.setattr(workspace, "ARTIFACT_CACHE_BYTES", 10)
-    space = Workspace(tmp_path)
+def test_the_artifact_cache_evicts_the_least_recently_used_but_spares_a_running_jobs(tmp_path: Path) -> None:
+    space = Workspace(tmp_path, cache_bytes=10)
     contents = {name: name.encode() * 4 for name in ("a", "b", "c")}  # 4 bytes each
     sha256 = {name: hashlib.sha256(content).hexdigest() for name, content in contents.items()}
     downloads = []

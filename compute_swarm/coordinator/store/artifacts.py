@@ -9,6 +9,8 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
+import shutil
 from pathlib import Path
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
@@ -34,6 +36,21 @@ class ArtifactStore:
 
     def has(self, sha256: str) -> bool:
         return self.blob_path(sha256).is_file()
+
+    def adopt(self, source: Path, sha256: str) -> None:
+        """Add a file already verified to hash to `sha256` (a catalogue model): hard-linked where the
+        file system allows, else copied."""
+        target = self.blob_path(sha256)
+        if target.is_file():
+            return
+        target.parent.mkdir(exist_ok=True)
+        scratch = self.scratch / f"adopt_{sha256[:16]}_{secrets.token_hex(8)}"
+        try:
+            os.link(source, scratch)
+        except OSError:
+            shutil.copyfile(source, scratch)
+        os.replace(scratch, target)
+        _fsync_directory(target.parent)
 
     def scratch_path(self, upload_id: str) -> Path:
         if not _UPLOAD_ID.match(upload_id):

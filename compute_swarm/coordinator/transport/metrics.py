@@ -7,6 +7,7 @@ from collections.abc import Callable, Iterator
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from compute_swarm.protocol import JOB_STATES
 
@@ -39,5 +40,46 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.artifact_bytes_served = Counter(
+            "swarm_artifact_bytes_served",
+            "Artifact bytes the coordinator sent to nodes: over plain HTTP, or as a swarm's web seed",
+            ["route"],
+            registry=self.registry,
+        )
+        self.peers_reported = Counter(
+            "swarm_peers_reported",
+            "Reports by nodes of a peer whose pieces failed their hash",
+            registry=self.registry,
+        )
+
     def count_jobs_with(self, counts: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_JobCounts(counts))
+
+
+# The routes whose bytes are the coordinator's artifact egress, by path prefix.
+ARTIFACT_ROUTES = {"/api/artifacts/": "http", "/swarm/seed/": "web_seed"}
+
+
+class ServedBytes:
+    """ASGI middleware: counts the body bytes the artifact routes send (what a Range answer really
+    sent, not the file's size), into Metrics.artifact_bytes_served."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        route = None
+        if scope["type"] == "http":
+            path = scope.get("path", "")
+            route = next((name for prefix, name in ARTIFACT_ROUTES.items() if path.startswith(prefix)), None)
+        if route is None:
+            await self.app(scope, receive, send)
+            return
+        counter = scope["app"].state.services.metrics.artifact_bytes_served.labels(route)
+
+        async def counting(message: Message) -> None:
+            if message["type"] == "http.response.body":
+                counter.inc(len(message.get("body", b"")))
+            await send(message)
+
+        await self.app(scope, receive, counting)

@@ -174,7 +174,9 @@ class TrayApp(QObject):
         self._update_view()
 
     def _start_agent(self, coordinator: str, invite_code: str | None) -> None:
-        self.bridge.start(coordinator, self.settings.guards, invite_code=invite_code)
+        self.bridge.start(
+            coordinator, self.settings.guards, invite_code=invite_code, sharing=self.settings.sharing
+        )
         self._earnings_timer.start()
 
     def _fetch_runtime(self, runtime: Runtimes, coordinator: str, invite_code: str | None) -> None:

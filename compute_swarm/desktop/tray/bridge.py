@@ -18,6 +18,7 @@ from compute_swarm.desktop.agent import NodeAgent
 from compute_swarm.desktop.guards import GuardSettings
 from compute_swarm.desktop.node_description import telemetry_from_inventory
 from compute_swarm.desktop.node_stopped import NodeStopped, UnsupportedVersion
+from compute_swarm.desktop.transfer import TransferSettings
 from compute_swarm.engine.devices import DeviceInventory
 
 logger = logging.getLogger(__name__)
@@ -54,7 +55,13 @@ class AgentBridge(QObject):
     def running(self) -> bool:
         return self._thread is not None
 
-    def start(self, coordinator: str, guards: GuardSettings, invite_code: str | None = None) -> None:
+    def start(
+        self,
+        coordinator: str,
+        guards: GuardSettings,
+        invite_code: str | None = None,
+        sharing: TransferSettings | None = None,
+    ) -> None:
         """Register (the first time, with the invite code where the coordinator wants one), connect and
         take jobs, on the agent's own thread. A registration refused for its invite code waits for
         `set_invite_code` (the agent's status says so) rather than stop."""
@@ -64,6 +71,7 @@ class AgentBridge(QObject):
             coordinator,
             self.data_dir,
             guards=guards,
+            transfer=sharing,
             on_change=self.status_changed.emit,  # a queued signal: safe from the agent's thread
             invite_code=invite_code,
             wait_for_invite_code=True,

@@ -203,6 +203,21 @@ def format_bytes(count: int | None) -> str:
     return f"{count / 1024**3:.1f} GiB"
 
 
+def format_size(count: int) -> str:
+    """A byte count as people read it: 0 B, 12 KB, 3.4 MB, 1.2 GB (powers of 1000, as file managers)."""
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("KB", 10**3)):
+        if count >= scale:
+            return f"{count / scale:.1f} {unit}" if count < 100 * scale else f"{count / scale:.0f} {unit}"
+    return f"{count} B"
+
+
+def sharing_text(status: AgentStatus | None) -> str:
+    """What this computer has served to other nodes; empty while it does not share."""
+    if status is None or status.served_bytes is None:
+        return ""
+    return f"Served to other nodes: {format_size(status.served_bytes)}"
+
+
 def runtime_fetch_text(progress: Progress) -> str:
     """The line under the engine runtime's progress bar: what is done of what, and the time left."""
     if progress.stage == "looking up":

@@ -266,6 +266,8 @@ class MainWindow(QWidget):
 
         self.connection = _label("", "muted")
         root.addWidget(self.connection)
+        self.sharing = _label("", "muted")
+        root.addWidget(self.sharing)
         self.show_status(None, state.RunState())
 
     # ---- what the app hands over
@@ -315,6 +317,9 @@ class MainWindow(QWidget):
                     f"{earnings.jobs_completed} job{'' if earnings.jobs_completed == 1 else 's'} done"
                 )
         self.connection.setText(self._connection_text(status, activity))
+        sharing = state.sharing_text(status) if activity.running else ""
+        self.sharing.setText(sharing)
+        self.sharing.setVisible(bool(sharing))
         notice = state.update_notice(status, activity)
         self.update_notice.setVisible(notice is not None)
         if notice is not None:

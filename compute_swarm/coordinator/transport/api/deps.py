@@ -16,6 +16,7 @@ from compute_swarm.coordinator.service.node_accounts import NodeAccounts
 from compute_swarm.coordinator.service.reports import Reports
 from compute_swarm.coordinator.service.request_limiter import RequestLimiter
 from compute_swarm.coordinator.service.submissions import Submissions
+from compute_swarm.coordinator.service.swarm_transfer import SwarmTransfer
 from compute_swarm.coordinator.service.uploads import Holder, UploadService
 from compute_swarm.coordinator.service.verifier import Verifier
 from compute_swarm.coordinator.settings import Settings
@@ -41,6 +42,7 @@ class Services:
     limiter: RequestLimiter
     hub: Hub
     metrics: Metrics
+    swarm_transfer: SwarmTransfer
 
 
 def get_services(request: Request) -> Services:

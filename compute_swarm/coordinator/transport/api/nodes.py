@@ -14,9 +14,9 @@ from fastapi.responses import FileResponse
 
 from compute_swarm import protocol
 from compute_swarm.coordinator.service import accounts, admission, receipts
-from compute_swarm.coordinator.store.artifacts import SHA256
 from compute_swarm.coordinator.store.database import UnstorableText
 from compute_swarm.coordinator.store.tables import Job, Node
+from compute_swarm.coordinator.transport.api import swarm
 from compute_swarm.coordinator.transport.api.deps import CurrentNode, Services, ServicesDep, bearer_token
 from compute_swarm.coordinator.transport.api.schemas import (
     EarningsHistoryOut,
@@ -97,14 +97,10 @@ def earnings_history(
 
 @router.get("/api/artifacts/{sha256}", **file_download("application/octet-stream"))
 def download(sha256: str, node: CurrentNode, services: ServicesDep) -> FileResponse:
-    if (
-        not SHA256.match(sha256)
-        or not (services.leases.may_download(node.id, sha256) or services.hub.serves_adapter(node.id, sha256))
-        or not services.store.has(sha256)
-    ):
-        raise HTTPException(
-            status.HTTP_404_NOT_FOUND, "no such artifact for a job or request this node holds"
-        )
+    """An artifact the node may read (swarm.may_read), over plain HTTP: what a node without peer
+    transfer fetches, and every node's last resort."""
+    if not swarm.readable_blob(services, node.id, sha256):
+        raise HTTPException(status.HTTP_404_NOT_FOUND, swarm.NOT_READABLE)
     return FileResponse(services.store.blob_path(sha256), media_type="application/octet-stream")
 
 

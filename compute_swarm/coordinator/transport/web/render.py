@@ -19,7 +19,18 @@ from compute_swarm.protocol import format_credits
 TEMPLATES = Path(__file__).parent / "templates"
 STATIC = Path(__file__).parent / "static"
 # Paths that answer JSON or bytes, not pages.
-NOT_PAGES = ("/api/", "/v1/", "/v1", "/node", "/healthz", "/metrics", "/static/", "/docs", "/openapi.json")
+NOT_PAGES = (
+    "/api/",
+    "/v1/",
+    "/v1",
+    "/node",
+    "/swarm/",
+    "/healthz",
+    "/metrics",
+    "/static/",
+    "/docs",
+    "/openapi.json",
+)
 
 # No inline script or style: the page runs only what this package ships.
 SECURITY_HEADERS = {
