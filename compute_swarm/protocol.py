@@ -24,7 +24,10 @@ from compute_swarm.engine.jobs import ChatMessage, InferenceJobSpec, Sampling, W
 # 7: the welcome says the oldest agent version the coordinator takes and the newest it offers (its
 #    sell page); a hello from an older agent is closed with UNSUPPORTED_VERSION.
 # 8: the coordinator times each node's round trip (`ping`, answered at once by `pong`).
-PROTOCOL_VERSION = 8
+# 9: swarm transfer: hello and heartbeats carry the node's `network` (its transfer port, its tunnel's
+#    port, its measured transfer rates); the coordinator tests the port from outside and says what it
+#    found in a `reachability` message, with the tunnel server to use when the node cannot be reached.
+PROTOCOL_VERSION = 9
 
 # Where the node token goes in the websocket handshake (and in HTTP requests from a node).
 AUTHORIZATION_HEADER = "Authorization"
@@ -77,6 +80,7 @@ Sha256 = Annotated[str, Field(pattern=SHA256_PATTERN)]
 Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 Nonce = Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
+Port = Annotated[int, Field(ge=1, le=65535)]
 # A model a node keeps loaded: a catalogue name, or "<catalogue name>+<adapter sha256>".
 ModelKey = Annotated[str, Field(min_length=1, max_length=140, pattern=r"^[A-Za-z0-9_.-]+(\+[0-9a-f]{64})?$")]
 # Generated text travels in pieces of at most this many characters (4 bytes each at most in UTF-8).
@@ -160,6 +164,18 @@ class CrashedModel(_Message):
     message: str = Field(max_length=MAX_CRASH_REPORT_CHARACTERS)
 
 
+class NetworkReport(_Message):
+    """A node's side of swarm transfer: where its peers reach it, and what its transfers measured."""
+
+    # The TCP port its BitTorrent session listens on; None: it shares nothing.
+    transfer_port: Port | None = None
+    # Its port on the coordinator's tunnel server (frps), while its tunnel is up.
+    tunnel_port: Port | None = None
+    # Payload bytes per second over its recent real transfers; None until it has measured one.
+    download_bytes_per_second: float | None = Field(default=None, ge=0, le=1e12)
+    upload_bytes_per_second: float | None = Field(default=None, ge=0, le=1e12)
+
+
 class Hello(_Message):
     """First message on every connection."""
 
@@ -173,6 +189,7 @@ class Hello(_Message):
     # Inference requests this node serves at once; 0: it does not serve inference.
     inference_slots: int = Field(default=0, ge=0, le=64)
     crashed_models: tuple[CrashedModel, ...] = Field(default=(), max_length=MAX_CRASHED_MODELS)
+    network: NetworkReport = NetworkReport()
 
 
 class Pong(_Message):
@@ -191,6 +208,7 @@ class Heartbeat(_Message):
     loaded_models: tuple[ModelKey, ...] = Field(default=(), max_length=64)  # kept loaded for inference
     # Not to be routed here until they leave this list (sent at once when it changes, not only on a tick).
     crashed_models: tuple[CrashedModel, ...] = Field(default=(), max_length=MAX_CRASHED_MODELS)
+    network: NetworkReport = NetworkReport()  # sent at once when its ports change
 
 
 class JobProgress(_Message):
@@ -329,6 +347,30 @@ class Welcome(_Message):
     latest_agent_version: str | None = Field(default=None, max_length=64)
 
 
+REACHABLE, TUNNELLED, UNREACHABLE = "reachable", "tunnelled", "unreachable"
+ReachabilityState = Literal["reachable", "tunnelled", "unreachable"]
+
+
+class TunnelServer(_Message):
+    """The frp server ops run beside the coordinator, for nodes other nodes cannot reach."""
+
+    host: str = Field(min_length=1, max_length=253)
+    port: Port
+    token: str = Field(min_length=1, max_length=256)
+
+
+class Reachability(_Message):
+    """What the coordinator found when it connected to the node's transfer port from outside: at `hello`
+    and whenever the node's address or ports change. `address` is where its peers are told to connect.
+    An unreachable node is given `tunnel` when ops run a tunnel server: it opens one and says its port
+    in its next heartbeat, and is tested again."""
+
+    type: Literal["reachability"] = "reachability"
+    state: ReachabilityState
+    address: str | None = Field(default=None, max_length=300)
+    tunnel: TunnelServer | None = None
+
+
 class Ping(_Message):
     """Answer with a `pong` of the same nonce, at once: the coordinator times the round trip."""
 
@@ -417,7 +459,16 @@ class InferenceStop(_Message):
 
 
 CoordinatorMessage = Annotated[
-    Welcome | Lease | Cancel | Acknowledged | Earnings | Standing | InferenceRequest | InferenceStop | Ping,
+    Welcome
+    | Lease
+    | Cancel
+    | Acknowledged
+    | Earnings
+    | Standing
+    | InferenceRequest
+    | InferenceStop
+    | Ping
+    | Reachability,
     Field(discriminator="type"),
 ]
 coordinator_message_adapter: TypeAdapter[CoordinatorMessage] = TypeAdapter(CoordinatorMessage)

@@ -44,6 +44,9 @@ class TransferOffer(BaseModel):
     # fetcher keeps the coordinator's egress near one copy, however many nodes want the artifact.
     web_seed_at_once: bool
     expires_at: float
+    # A public swarm (a catalogue model, where ops allow it): not private, so the node also finds
+    # peers through the DHT and peer exchange. Datasets, checkpoints and adapters are never public.
+    public: bool = False
 
     @property
     def torrent(self) -> bytes:

@@ -1,6 +1,7 @@
 #!/usr/bin/env sh
 # Installs the Debian/Ubuntu packages the tray app and its tests need (Qt's runtime libraries, fonts,
-# Xvfb for a real window, xdotool to press its buttons there, NSIS to compile the Windows installer)
+# Xvfb for a real window, xdotool to press its buttons there, NSIS to compile the Windows installer,
+# iproute2 and nftables for the NAT test's network namespaces)
 # and Chromium for the web page's browser tests (driven through Playwright, never a browser it
 # downloads), when they are missing and apt-get can run (as root, or through sudo).
 # Elsewhere it says what is missing and goes on: the tests that need a package skip with the reason.
@@ -8,7 +9,7 @@ set -eu
 PACKAGES="libegl1 libgl1 libfontconfig1 libfreetype6 libglib2.0-0 libdbus-1-3 libxkbcommon0 \
 libxkbcommon-x11-0 libx11-xcb1 libxcb-cursor0 libxcb-icccm4 libxcb-image0 libxcb-keysyms1 \
 libxcb-randr0 libxcb-render-util0 libxcb-shape0 libxcb-sync1 libxcb-xfixes0 libxcb-xkb1 \
-libx11-6 libxss1 libxtst6 fonts-dejavu-core xvfb xauth xdotool nsis"
+libx11-6 libxss1 libxtst6 fonts-dejavu-core xvfb xauth xdotool nsis iproute2 nftables"
 # The web page's browser tests. Ubuntu has Chromium only as a snap: there these fail to install, the
 # script says so, and the browser tests skip (or SWARM_CHROMIUM names a Chromium to use).
 BROWSER_PACKAGES="chromium chromium-driver firefox-esr"  # firefox-esr: tests/browser/test_firefox.py

@@ -21,13 +21,16 @@ REPOSITORY = Path(__file__).resolve().parent.parent
 PACKAGE = REPOSITORY / "compute_swarm"
 
 # Which parts of compute_swarm each part may import (besides itself). The shared light modules:
-# the wire protocol, the sweep spec, the job specs (engine.jobs, which imports nothing heavy) and
-# what a downloaded app carries to join its swarm (invitation: the sell page writes it, the app reads it).
+# the wire protocol, the sweep spec, the job specs (engine.jobs, which imports nothing heavy), what a
+# downloaded app carries to join its swarm (invitation: the sell page writes it, the app reads it),
+# the offer of an artifact's swarm (swarm_transfer) and where frp's programs are found (frp).
 SHARED = {
     "compute_swarm.protocol",
     "compute_swarm.sweeps",
     "compute_swarm.engine.jobs",
     "compute_swarm.invitation",
+    "compute_swarm.swarm_transfer",
+    "compute_swarm.frp",
 }
 ALLOWED_IMPORTS = {
     "sdk": SHARED,

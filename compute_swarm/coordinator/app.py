@@ -77,7 +77,12 @@ def build_services(settings: Settings) -> Services:
         ),
         hub=hub,
         metrics=metrics,
-        swarm_transfer=SwarmTransfer(store, transfer_key(settings.transfer_secret_value)),
+        swarm_transfer=SwarmTransfer(
+            store,
+            transfer_key(settings.transfer_secret_value),
+            peer_address=hub.peer_address,
+            public=lambda sha256: settings.transfer_dht_and_pex and sha256 in swarm.CATALOGUE_BY_SHA256,
+        ),
     )
 
 

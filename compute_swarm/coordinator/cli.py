@@ -23,6 +23,8 @@ def register_commands(subcommands: argparse._SubParsersAction) -> None:
     _data_dir_option(serve)
     serve.set_defaults(handler=_serve)
 
+    _register_tunnel_server(subcommands)
+
     admin = subcommands.add_parser("admin", help="ops commands on a coordinator's database")
     actions = admin.add_subparsers(dest="action", metavar="ACTION", required=True)
 
@@ -323,3 +325,67 @@ def _ago(moment: float | None) -> str:
         if seconds >= size:
             return f"{seconds // size}{unit} ago"
     return f"{seconds}s ago"
+
+
+def _register_tunnel_server(subcommands: argparse._SubParsersAction) -> None:
+    server = subcommands.add_parser(
+        "tunnel-server",
+        help="run frp's server (frps) for nodes behind NAT",
+        description="Run frps for the nodes other nodes cannot reach: token-authenticated, TLS only. "
+        "Give the coordinator the same address and token (SWARM_TUNNEL_SERVER=HOST:PORT, "
+        "SWARM_TUNNEL_TOKEN).",
+    )
+    server.add_argument("--host", default="0.0.0.0", help="address frpc connects to (default 0.0.0.0)")
+    server.add_argument("--port", type=int, default=7000, help="port frpc connects to (default 7000)")
+    server.add_argument(
+        "--proxy-host",
+        default="0.0.0.0",
+        help="address the nodes' ports are opened on, where their peers connect (default 0.0.0.0)",
+    )
+    server.add_argument(
+        "--ports",
+        default="20000-20999",
+        metavar="FIRST-LAST",
+        help="the ports handed to nodes, one each (default 20000-20999)",
+    )
+    server.add_argument(
+        "--token-file",
+        type=Path,
+        help="a file holding the token (default: $SWARM_TUNNEL_TOKEN); at least 24 random characters",
+    )
+    server.add_argument("--data-dir", type=Path, default=None, help="where its configuration is written")
+    server.set_defaults(handler=_tunnel_server)
+
+
+def _tunnel_server(arguments: argparse.Namespace) -> int:
+    """Write frps's configuration (service/tunnel_server.py) and become frps (exec), so a service
+    manager supervises frps itself."""
+    import os
+
+    from compute_swarm.coordinator.service.tunnel_server import configuration
+    from compute_swarm.coordinator.settings import default_data_dir
+    from compute_swarm.frp import FrpNotFound, find_program
+
+    if arguments.token_file is not None:
+        try:
+            token = arguments.token_file.read_text().strip()
+        except OSError as error:
+            print(f"--token-file: {error}", file=sys.stderr)
+            return 2
+    else:
+        token = os.environ.get("SWARM_TUNNEL_TOKEN", "").strip()
+    data_dir = arguments.data_dir or default_data_dir()
+    try:
+        text = configuration(arguments.host, arguments.port, arguments.proxy_host, arguments.ports, token)
+        frps = find_program("frps", data_dir / "bin")
+    except (ValueError, FrpNotFound) as error:
+        print(error, file=sys.stderr)
+        return 2
+    path = data_dir / "frps.toml"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.touch(mode=0o600)
+    path.chmod(0o600)  # it holds the token
+    path.write_text(text)
+    print(f"frps on {arguments.host}:{arguments.port}, nodes' ports {arguments.ports} ({frps})", flush=True)
+    os.execv(frps, [str(frps), "-c", str(path)])
+    return 0  # not reached

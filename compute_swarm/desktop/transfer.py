@@ -80,6 +80,17 @@ class TransferStats:
     served_bytes: int  # payload bytes this node sent to peers since it started
     fetched_bytes: int  # artifacts fetched through their swarms since it started
     seeding: int  # artifacts served now
+    # Smoothed over real transfers (fetches of a megabyte or more; uploads while they ran); None
+    # until measured.
+    download_bytes_per_second: float | None = None
+    upload_bytes_per_second: float | None = None
+
+
+MEASURED_FETCH_BYTES = 1 << 20  # smaller fetches are all latency: they say nothing about the line
+
+
+def _smoothed(previous: float | None, sample: float) -> float:
+    return sample if previous is None else 0.7 * previous + 0.3 * sample
 
 
 def libtorrent_available() -> bool:
@@ -139,6 +150,9 @@ class PeerTransfer:
         self._lock = threading.Lock()
         self._removed_uploads = 0
         self._fetched = 0
+        self._dht = False
+        self._download_rate: float | None = None
+        self._upload_rate: float | None = None
         self._closed = threading.Event()
         self._alerts = threading.Thread(target=self._pump_alerts, name="transfer-alerts", daemon=True)
         self._alerts.start()
@@ -164,6 +178,7 @@ class PeerTransfer:
         if max_bytes is not None and offer.size > max_bytes:
             raise TransferFailed(f"the artifact is {offer.size} bytes, more than the {max_bytes} expected")
         cancel = cancel or threading.Event()
+        started = time.monotonic()
         partial_name = destination.name + TRANSFER_SUFFIX
         fetch = self._join(offer, destination.parent, partial_name, web_seed=offer.web_seed_at_once)
         fetch.partial = destination.parent / partial_name
@@ -212,7 +227,14 @@ class PeerTransfer:
             raise
         with self._lock:
             self._fetched += offer.size
+        self.record_download(offer.size, time.monotonic() - started)
         return destination
+
+    def record_download(self, size: int, seconds: float) -> None:
+        """A finished download (from peers, or over HTTP), for the node's measured download rate."""
+        if size >= MEASURED_FETCH_BYTES and seconds > 0:
+            with self._lock:
+                self._download_rate = _smoothed(self._download_rate, size / seconds)
 
     def serve(self, offer: TransferOffer, path: Path, timeout: float = 120.0) -> bool:
         """Serve a file this node already holds (a cached model) to the artifact's swarm; False when
@@ -261,6 +283,11 @@ class PeerTransfer:
         params.trackers = [offer.tracker_url]
         if web_seed:
             params.url_seeds = [offer.web_seed_url]
+        if offer.public and not self._dht:
+            # A public swarm: the DHT finds peers the tracker does not name (peer exchange comes
+            # with any torrent that is not private).
+            self.session.apply_settings({"enable_dht": True})
+            self._dht = True
         params.flags &= ~lt.torrent_flags.auto_managed
         params.flags &= ~lt.torrent_flags.paused
         if upload_only:
@@ -286,11 +313,16 @@ class PeerTransfer:
     def stats(self) -> TransferStats:
         with self._lock:
             fetches = list(self._fetches.values())
-        served = self._removed_uploads
+        served, uploading = self._removed_uploads, 0
         for fetch in fetches:
             with contextlib.suppress(RuntimeError):
-                served += fetch.handle.status().all_time_upload
-        return TransferStats(served, self._fetched, len(fetches))
+                status = fetch.handle.status()
+                served += status.all_time_upload
+                uploading += status.upload_payload_rate
+        with self._lock:
+            if uploading > 0:
+                self._upload_rate = _smoothed(self._upload_rate, uploading)
+            return TransferStats(served, self._fetched, len(fetches), self._download_rate, self._upload_rate)
 
     def close(self) -> None:
         self._closed.set()
@@ -400,7 +432,11 @@ def fetch_artifact(
                 logger.warning(
                     "peer transfer of %s failed (%s); downloading it directly", sha256[:12], failure
                 )
-    return client.download_artifact(sha256, destination, size=size)
+    started = time.monotonic()
+    path = client.download_artifact(sha256, destination, size=size)
+    if transfer is not None:
+        transfer.record_download(path.stat().st_size, time.monotonic() - started)
+    return path
 
 
 def share_catalogue_model(client: Any, transfer: PeerTransfer, name: str) -> None:

@@ -14,6 +14,8 @@ import pytest
 
 from compute_swarm.coordinator.domain.scheduler import (
     ALL_BACKENDS,
+    LARGE_MODEL_BYTES,
+    SLOW_LINK_BYTES_PER_SECOND,
     Assignment,
     InferenceCandidate,
     NodeSnapshot,
@@ -42,6 +44,7 @@ def node(
     running_jobs: int = 0,
     capacity: int = 1,
     accepting_jobs: bool = True,
+    download_bytes_per_second: float | None = None,
 ) -> NodeSnapshot:
     return NodeSnapshot(
         node_id=node_id,
@@ -52,6 +55,7 @@ def node(
         running_jobs=running_jobs,
         capacity=capacity,
         accepting_jobs=accepting_jobs,
+        download_bytes_per_second=download_bytes_per_second,
     )
 
 
@@ -62,6 +66,7 @@ def job(
     base_model: str = DEFAULT_MODEL,
     excluded_nodes: Sequence[str] = (),
     memory_gib_16bit: float | None = None,
+    model_bytes: int = 0,
 ) -> QueuedJob:
     return QueuedJob(
         job_id=job_id,
@@ -70,6 +75,7 @@ def job(
         queued_at=queued_at,
         excluded_nodes=frozenset(excluded_nodes),
         required_memory_bytes_16bit=None if memory_gib_16bit is None else int(memory_gib_16bit * GIB),
+        model_bytes=model_bytes,
     )
 
 
@@ -122,6 +128,24 @@ def test_nodes_holding_the_model_come_first_then_gpus() -> None:
     # Holding some other model is no reason to prefer a node.
     assert placed(plan([job("j", base_model="other")], [holder_gpu, other_gpu])) == {"j": "holder-gpu"}
     assert placed(plan([job("j", base_model="third")], [holder_gpu, other_gpu])) == {"j": "other-gpu"}
+
+
+def test_a_large_model_stays_off_slow_links_unless_nothing_else_can_take_it() -> None:
+    large, small = int(LARGE_MODEL_BYTES), 100_000_000
+    slow = SLOW_LINK_BYTES_PER_SECOND / 10
+    slow_gpu = node("slow-gpu", backend="cuda", memory_gib=80, download_bytes_per_second=slow)
+    fast_cpu = node("fast-cpu", backend="cpu", memory_gib=64, download_bytes_per_second=50e6)
+    unmeasured_cpu = node("unmeasured-cpu", backend="cpu", memory_gib=32)
+    # A large model: a CPU on a fast (or not yet measured) link before a GPU that would fetch it for
+    # an hour; the slow GPU only when it is the last one left.
+    assert placed(plan([job("j", model_bytes=large)], [slow_gpu, fast_cpu])) == {"j": "fast-cpu"}
+    assert placed(plan([job("j", model_bytes=large)], [slow_gpu, unmeasured_cpu])) == {"j": "unmeasured-cpu"}
+    assert placed(plan([job("j", model_bytes=large)], [slow_gpu])) == {"j": "slow-gpu"}
+    # Holding the model, the slow link does not matter: nothing is fetched.
+    slow_holder = node("slow-holder", backend="cuda", models=[DEFAULT_MODEL], download_bytes_per_second=slow)
+    assert placed(plan([job("j", model_bytes=large)], [slow_holder, fast_cpu])) == {"j": "slow-holder"}
+    # A small model costs little to fetch even on a slow link: the GPU wins as usual.
+    assert placed(plan([job("j", model_bytes=small)], [slow_gpu, fast_cpu])) == {"j": "slow-gpu"}
 
 
 def test_load_is_spread_across_nodes() -> None:
@@ -256,8 +280,10 @@ def reference_plan(
                 or memory[node_id] < needed
             ):
                 continue
+            holds_model = queued.base_model in snapshot.models
             key = (
-                queued.base_model not in snapshot.models,
+                not holds_model,
+                queued.model_bytes >= LARGE_MODEL_BYTES and snapshot.slow_link and not holds_model,
                 snapshot.best_backend == "cpu",
                 Fraction(running[node_id], snapshot.capacity),
                 -memory[node_id],
@@ -285,6 +311,7 @@ def random_case(generator: random.Random) -> tuple[list[QueuedJob], list[NodeSna
             running_jobs=generator.randint(0, 3),
             capacity=generator.choice([0, 1, 1, 2, 3, 4, 7, 12]),
             accepting_jobs=generator.random() < 0.9,
+            download_bytes_per_second=generator.choice([None, 1e5, 1e6, 1e7, 1e8]),
         )
         for node_id in node_ids
     ]
@@ -296,6 +323,7 @@ def random_case(generator: random.Random) -> tuple[list[QueuedJob], list[NodeSna
             queued_at=generator.choice([1.0, 2.0, 3.0]),
             base_model=generator.choice(["a", "b", "c", "d"]),
             excluded_nodes=generator.sample(node_ids, min(len(node_ids), generator.randint(0, 3))),
+            model_bytes=generator.choice([0, 10**8, 2 * 10**9, 20 * 10**9]),
         )
         for number in range(generator.randint(0, 15))
     ]

@@ -3,6 +3,8 @@ fetcher, reports (tests/test_swarm_transfer.py runs it with real peers)."""
 
 from __future__ import annotations
 
+import hashlib
+
 import pytest
 
 from compute_swarm.coordinator.service.swarm_transfer import (
@@ -10,10 +12,12 @@ from compute_swarm.coordinator.service.swarm_transfer import (
     MEMBER_SECONDS,
     TICKET_SECONDS,
     Announce,
+    SwarmTransfer,
     TicketError,
     Tickets,
     Tracker,
 )
+from compute_swarm.coordinator.store.artifacts import ArtifactStore
 
 ARTIFACT = "a" * 64
 OTHER = "b" * 64
@@ -90,3 +94,21 @@ def test_a_reported_peer_is_no_longer_named_to_its_reporter_but_still_to_others(
     named = tracker.announce(ARTIFACT, "bystander", "10.0.0.2", announce(left=10, port=2), now=2)
     assert {member.node_id for member in named} == {"liar", "victim"}
     assert [(reporter, reported) for _, reporter, reported, _ in tracker.reports] == [("victim", "liar")]
+
+
+def test_swarms_are_private_unless_ops_let_an_artifact_into_the_dht(tmp_path):
+    libtorrent = pytest.importorskip("libtorrent")
+    store = ArtifactStore(tmp_path)
+    blobs = {}
+    for content in (b"a public model" * 5000, b"a private dataset" * 5000):
+        sha256 = hashlib.sha256(content).hexdigest()
+        source = tmp_path / sha256
+        source.write_bytes(content)
+        store.adopt(source, sha256)
+        blobs[content[:8]] = sha256
+    public = blobs[b"a public"]
+    transfer = SwarmTransfer(store, b"k" * 32, public=lambda sha256: sha256 == public)
+    for sha256, is_public in ((public, True), (blobs[b"a privat"], False)):
+        offer = transfer.offer("node_1", sha256, "http://coordinator")
+        assert offer.public is is_public
+        assert libtorrent.torrent_info(offer.torrent).priv() is not is_public

@@ -36,6 +36,8 @@ class QueuedJob:
     inference: bool = False
     # A verification re-run: only trusted nodes may take it.
     verification: bool = False
+    # The size of its base model's file: a node without it fetches that much first.
+    model_bytes: int = 0
 
 
 @dataclass(frozen=True)
@@ -48,6 +50,23 @@ class NodeSnapshot:
     running_jobs: int
     capacity: int = 1
     accepting_jobs: bool = True
+    # What its real transfers measured (protocol.NetworkReport); None: not measured yet.
+    download_bytes_per_second: float | None = None
+
+    @property
+    def slow_link(self) -> bool:
+        return (
+            self.download_bytes_per_second is not None
+            and self.download_bytes_per_second < SLOW_LINK_BYTES_PER_SECOND
+        )
+
+
+# A node whose measured downloads are slower than this (20 Mbit/s) is on a slow link, and a model of
+# LARGE_MODEL_BYTES or more would take it ten minutes or longer to fetch: such a job goes to a node that
+# holds its model or has a faster (or unmeasured) link, and to a slow one only when nothing else can
+# take it.
+SLOW_LINK_BYTES_PER_SECOND = 2.5e6
+LARGE_MODEL_BYTES = 1.5e9
 
 
 @dataclass(frozen=True)
@@ -66,6 +85,7 @@ def node_snapshot(
     running_jobs: int,
     accepting_jobs: bool,
     capacity: int = 1,
+    download_bytes_per_second: float | None = None,
 ) -> NodeSnapshot:
     """A node as the scheduler sees it, from its latest telemetry.
 
@@ -106,6 +126,7 @@ def node_snapshot(
         running_jobs=running_jobs,
         capacity=capacity,
         accepting_jobs=accepting_jobs,
+        download_bytes_per_second=download_bytes_per_second,
     )
 
 
@@ -167,15 +188,24 @@ def queued_job(
 # (CUDA/ROCm), MPS GPUs, CPUs.
 _HALF_GPU, _FULL_GPU, _CPU = 0, 1, 2
 _GROUP_OF_BACKEND = {"cuda": _HALF_GPU, "rocm": _HALF_GPU, "mps": _FULL_GPU, "cpu": _CPU}
-# A bucket holds the nodes of one group that hold one model (or, under None, all of them). For a job,
+# A bucket holds the nodes of one group that hold one model (under the model's name), or all the
+# group's nodes on fast (or unmeasured) links (under None) or on slow links (under _SLOW). For a job,
 # the buckets are searched tier by tier: model holders on a GPU, model holders on a CPU, any GPU, any
-# CPU. Within a tier the best node is the least loaded, then the one with the most free memory, then
-# the smallest node_id.
+# CPU; for a large model, nodes on slow links only after every other. Within a tier the best node is
+# the least loaded, then the one with the most free memory, then the smallest node_id.
+_SLOW = ""  # no model is named by the empty string
+_HOLDERS = ((("model", _HALF_GPU), ("model", _FULL_GPU)), (("model", _CPU),))
 _TIERS = (
-    ((True, _HALF_GPU), (True, _FULL_GPU)),
-    ((True, _CPU),),
-    ((False, _HALF_GPU), (False, _FULL_GPU)),
-    ((False, _CPU),),
+    *_HOLDERS,
+    ((None, _HALF_GPU), (None, _FULL_GPU), (_SLOW, _HALF_GPU), (_SLOW, _FULL_GPU)),
+    ((None, _CPU), (_SLOW, _CPU)),
+)
+_TIERS_OF_A_LARGE_MODEL = (
+    *_HOLDERS,
+    ((None, _HALF_GPU), (None, _FULL_GPU)),
+    ((None, _CPU),),
+    ((_SLOW, _HALF_GPU), (_SLOW, _FULL_GPU)),
+    ((_SLOW, _CPU),),
 )
 
 # A heap entry: (-free memory, node_id, node index, version). An entry whose version is not the node's
@@ -306,7 +336,8 @@ def plan(
     is at least the job's requirement (required_memory_bytes_16bit on CUDA/ROCm when given, else
     required_memory_bytes). Among those it prefers a node that already holds the job's base model,
     then a GPU over a CPU, then the least loaded (running / capacity), then the most free memory, then
-    the smallest node_id. Each assignment takes a slot and the job's memory from its node for the rest
+    the smallest node_id; a job whose model is large (LARGE_MODEL_BYTES) goes to a node on a slow link
+    (NodeSnapshot.slow_link) that lacks the model only when no other node can take it. Each assignment takes a slot and the job's memory from its node for the rest
     of the plan. A job that fits no node is skipped and stays queued; younger jobs are still placed.
 
     Cost: O(N + L) to group the nodes (L load levels, see _load_levels), then per job
@@ -340,14 +371,18 @@ def plan(
     capacity = [node.capacity for node in eligible]
     groups = [_GROUP_OF_BACKEND[node.best_backend] for node in eligible]
     versions = [0] * len(eligible)
-    # The buckets each node is in: its group's, and per model it holds that some job wants.
-    plain_keys: list[list[tuple[str | None, int]]] = [
-        [(None, group)] for group in (_HALF_GPU, _FULL_GPU, _CPU)
-    ]
+    # The buckets each node is in: its group's (fast or slow link), and per model it holds that some
+    # job wants.
+    plain_keys: dict[tuple[str | None, int], list[tuple[str | None, int]]] = {
+        (link, group): [(link, group)] for link in (None, _SLOW) for group in (_HALF_GPU, _FULL_GPU, _CPU)
+    }
     bucket_keys = [
-        [(None, group), *((model, group) for model in node.models & wanted_models)]
-        if node.models
-        else plain_keys[group]
+        [
+            (_SLOW if node.slow_link else None, group),
+            *((model, group) for model in node.models & wanted_models),
+        ]
+        if node.models & wanted_models
+        else plain_keys[_SLOW if node.slow_link else None, group]
         for node, group in zip(eligible, groups, strict=True)
     ]
     # Every bucket's heaps are gathered as plain lists first, then heapified once each: O(N).
@@ -372,9 +407,9 @@ def plan(
         if required_16bit is None:
             required_16bit = job.required_memory_bytes
         chosen: _Candidate | None = None
-        for tier in _TIERS:
-            for holds_model, group in tier:
-                bucket = buckets.get((job.base_model if holds_model else None, group))
+        for tier in _TIERS_OF_A_LARGE_MODEL if job.model_bytes >= LARGE_MODEL_BYTES else _TIERS:
+            for key, group in tier:
+                bucket = buckets.get((job.base_model if key == "model" else key, group))
                 required = required_16bit if group == _HALF_GPU else job.required_memory_bytes
                 if bucket is None or bucket.tree[1] < required:  # the root: no node there has enough
                     continue

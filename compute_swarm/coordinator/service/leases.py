@@ -25,7 +25,7 @@ from compute_swarm.coordinator.store.database import Database
 from compute_swarm.coordinator.store.job_changes import change
 from compute_swarm.coordinator.store.job_events import record as record_event
 from compute_swarm.coordinator.store.tables import Artifact, Job
-from compute_swarm.engine.jobs import ContentHash, InferenceJobSpec, LoraJobSpec, relocated
+from compute_swarm.engine.jobs import CATALOGUE, ContentHash, InferenceJobSpec, LoraJobSpec, relocated
 
 
 @dataclass(frozen=True)
@@ -102,6 +102,7 @@ class Leases:
                 excluded_nodes=frozenset(row.excluded_nodes or ()),
                 inference=row.kind == "inference",
                 verification=row.verifies_job_id is not None,
+                model_bytes=CATALOGUE[row.base_model].file_size_bytes if row.base_model in CATALOGUE else 0,
             )
             for row in rows
         ]

@@ -97,6 +97,15 @@ class NodeAccounts:
         with self.database.transaction() as session:
             return self.verifier.release_due(session, time.time() if now is None else now)
 
+    def record_reachability(self, node_id: str, state: str | None, address: str | None) -> None:
+        """What the coordinator found when it connected to the node from outside, into its record."""
+        with self.database.transaction() as session:
+            session.execute(
+                update(Node)
+                .where(Node.id == node_id)
+                .values(reachability=state, peer_address=address, reachability_checked_at=time.time())
+            )
+
     def standing(self) -> tuple[set[str], dict[str, protocol.Standing]]:
         """The nodes that may verify others (trusted), and those barred from work, each with why, as
         its seller is told (waiting for ops' approval, or quarantined): few, read in one query."""

@@ -22,7 +22,8 @@ import secrets
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from collections.abc import Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 from compute_swarm.coordinator.store.artifacts import SHA256, ArtifactStore
@@ -108,22 +109,24 @@ def transfer_key(configured: str | None) -> bytes:
 
 
 class Torrents:
-    """One BitTorrent v2 torrent per stored blob (private; its one file is named after the blob's
-    sha256), made once and kept beside the blobs."""
+    """One BitTorrent v2 torrent per stored blob (its one file named after the blob's sha256), made once
+    and kept beside the blobs: private, or public for an artifact ops let into the DHT (`public`)."""
 
-    def __init__(self, store: ArtifactStore):
+    def __init__(self, store: ArtifactStore, public: Callable[[str], bool] = lambda sha256: False):
         self.store = store
+        self.public = public
         self.directory = store.root / "torrents"
         self.directory.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
-        self._info_hashes: dict[str, bytes] = {}
+        self._info_hashes: dict[tuple[str, bool], bytes] = {}
 
     def torrent(self, sha256: str) -> bytes:
         """The torrent of a stored blob (blocks while it hashes the blob the first time)."""
-        path = self.directory / f"{sha256}.torrent"
+        public = self.public(sha256)
+        path = self.directory / f"{sha256}{'.public' if public else ''}.torrent"
         with self._lock:  # two nodes asking at once hash the blob once
             if not path.is_file():
-                data = make_torrent(self.store.blob_path(sha256))
+                data = make_torrent(self.store.blob_path(sha256), private=not public)
                 scratch = path.with_suffix(f".{os.getpid()}.partial")
                 scratch.write_bytes(data)
                 os.replace(scratch, path)
@@ -133,20 +136,22 @@ class Torrents:
         """The swarm's v2 info-hash (SHA-256 of the info dictionary)."""
         import libtorrent
 
-        known = self._info_hashes.get(sha256)
+        key = (sha256, self.public(sha256))
+        known = self._info_hashes.get(key)
         if known is None:
             known = bytes(libtorrent.torrent_info(self.torrent(sha256)).info_hashes().v2.to_bytes())
-            self._info_hashes[sha256] = known
+            self._info_hashes[key] = known
         return known
 
 
-def make_torrent(path: Path) -> bytes:
-    """A private BitTorrent v2 torrent of one file; libtorrent picks the piece size."""
+def make_torrent(path: Path, *, private: bool = True) -> bytes:
+    """A BitTorrent v2 torrent of one file; libtorrent picks the piece size. A private one (BEP 27)
+    keeps its peers to those its tracker names: no DHT, no peer exchange."""
     import libtorrent
 
     entries = libtorrent.list_files(str(path))
     creator = libtorrent.create_torrent(entries, 0, libtorrent.create_torrent.v2_only)
-    creator.set_priv(True)
+    creator.set_priv(private)
     creator.set_creator("compute-swarm")
     libtorrent.set_piece_hashes(creator, str(path.parent))
     data = libtorrent.bencode(creator.generate())
@@ -262,12 +267,13 @@ class Tracker:
                     return member.node_id
             return None
 
-    def served_by(self, node_id: str) -> int:
-        """What a node has said it uploaded, over the swarms it is in now (for the ops page)."""
+    def reports_against(self) -> dict[str, int]:
+        """Node id -> the reports against it still kept (the latest 1,000)."""
         with self._lock:
-            return sum(
-                swarm.members[node_id].uploaded for swarm in self._swarms.values() if node_id in swarm.members
-            )
+            counted: dict[str, int] = {}
+            for _, _, reported, _ in self.reports:
+                counted[reported] = counted.get(reported, 0) + 1
+            return counted
 
     def forget_quiet(self, now: float) -> None:
         with self._lock:
@@ -284,10 +290,19 @@ class Tracker:
 class SwarmTransfer:
     """Offers, announces, web-seed reads and reports: what the routes in transport/api/swarm.py call."""
 
-    def __init__(self, store: ArtifactStore, key: bytes):
+    def __init__(
+        self,
+        store: ArtifactStore,
+        key: bytes,
+        peer_address: Callable[[str], tuple[str, int] | None] = lambda node_id: None,
+        public: Callable[[str], bool] = lambda sha256: False,
+    ):
         self.store = store
+        # Where the coordinator reached a node from outside (its tunnel's address, when tunnelled):
+        # what the tracker names it at, rather than the address its announce came from.
+        self.peer_address = peer_address
         self.tickets = Tickets(key)
-        self.torrents = Torrents(store)
+        self.torrents = Torrents(store, public)
         self.tracker = Tracker()
 
     def offer(
@@ -306,6 +321,7 @@ class SwarmTransfer:
             web_seed_url=f"{base_url}/swarm/seed/{encoded}/",
             report_url=f"{base_url}/swarm/report/{encoded}",
             web_seed_at_once=not holding and self.tracker.choose_first_fetcher(sha256, node_id, now),
+            public=self.torrents.public(sha256),
             expires_at=ticket.expires_at,
         )
 
@@ -321,6 +337,9 @@ class SwarmTransfer:
 
         if announce.info_hash != self.torrents.info_hash(ticket.sha256)[: len(announce.info_hash)]:
             return libtorrent.bencode({b"failure reason": b"this ticket is for another torrent"})
+        tested = self.peer_address(ticket.node_id)
+        if tested is not None:
+            host, announce = tested[0], replace(announce, port=tested[1])
         peers = self.tracker.announce(ticket.sha256, ticket.node_id, host, announce, now or time.time())
         compact4, compact6 = b"", b""
         for member in peers:

@@ -101,6 +101,11 @@ class Node(Base):
     quarantined_at: Mapped[float | None] = mapped_column(Float, nullable=True)
     # When it was let in (at registration, or by ops where they approve nodes); None: waiting, no work.
     approved_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+    # Swarm transfer: whether the coordinator reached its transfer port from outside ("reachable",
+    # "tunnelled", "unreachable"; None: it shares nothing), where its peers connect, and when it was tested.
+    reachability: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    peer_address: Mapped[str | None] = mapped_column(String(300), nullable=True)
+    reachability_checked_at: Mapped[float | None] = mapped_column(Float, nullable=True)
 
 
 class NodeInvite(Base):

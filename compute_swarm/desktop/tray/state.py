@@ -211,11 +211,21 @@ def format_size(count: int) -> str:
     return f"{count} B"
 
 
+REACHABILITY_TEXT = {
+    "reachable": "other nodes reach this computer",
+    "tunnelled": "behind NAT, tunnelled",
+    "unreachable": "not reachable by other nodes",
+}
+
+
 def sharing_text(status: AgentStatus | None) -> str:
-    """What this computer has served to other nodes; empty while it does not share."""
+    """What this computer has served to other nodes, and whether they reach it; empty while it does
+    not share."""
     if status is None or status.served_bytes is None:
         return ""
-    return f"Served to other nodes: {format_size(status.served_bytes)}"
+    text = f"Served to other nodes: {format_size(status.served_bytes)}"
+    reachability = REACHABILITY_TEXT.get(status.reachability or "")
+    return f"{text} · {reachability}" if reachability else text
 
 
 def runtime_fetch_text(progress: Progress) -> str:

@@ -266,8 +266,6 @@ class MainWindow(QWidget):
 
         self.connection = _label("", "muted")
         root.addWidget(self.connection)
-        self.sharing = _label("", "muted")
-        root.addWidget(self.sharing)
         self.show_status(None, state.RunState())
 
     # ---- what the app hands over
@@ -316,10 +314,8 @@ class MainWindow(QWidget):
                     f"available {state.credits_text(earnings.available_micro)} · "
                     f"{earnings.jobs_completed} job{'' if earnings.jobs_completed == 1 else 's'} done"
                 )
-        self.connection.setText(self._connection_text(status, activity))
         sharing = state.sharing_text(status) if activity.running else ""
-        self.sharing.setText(sharing)
-        self.sharing.setVisible(bool(sharing))
+        self.connection.setText(self._connection_text(status, activity) + (f"\n{sharing}" if sharing else ""))
         notice = state.update_notice(status, activity)
         self.update_notice.setVisible(notice is not None)
         if notice is not None:

@@ -134,6 +134,8 @@ async def node_socket(websocket: WebSocket) -> None:
             hello=hello,
             telemetry=hello.telemetry,
             accepting_jobs=hello.accepting_jobs,
+            remote_host=websocket.client.host if websocket.client else "",
+            network=hello.network,
         )
         await asyncio.to_thread(_seen, services, node.id, hello)
         await services.hub.connect(connection)

@@ -61,6 +61,14 @@ class NodeRowOut(BaseModel):
     agent_version: str | None
     # Its round trip to the coordinator as the coordinator timed it, while connected (None: not yet).
     round_trip_ms: float | None = None
+    # Whether the coordinator reached its transfer port from outside: reachable, tunnelled (through
+    # the tunnel server), unreachable; None: it shares nothing. Where its peers connect.
+    reachability: str | None = None
+    peer_address: str | None = None
+    # Reports by other nodes (since the coordinator started) that pieces it served failed their hash.
+    # Evidence, not a verdict: libtorrent can also ban an honest peer that shared failed pieces with a
+    # liar, and a liar can report anyone.
+    reported_by_peers: int = 0
 
 
 class OverviewOut(BaseModel):
@@ -96,6 +104,7 @@ def _overview(services: Services, live: dict[str, Connection]) -> OverviewOut:
             ).all()
         )
         counts = dict(session.execute(select(Job.state, func.count()).group_by(Job.state)).all())
+        reported = services.swarm_transfer.tracker.reports_against()
         oldest_queued = session.scalar(select(func.min(Job.queued_at)).where(Job.state == QUEUED))
         rows = [
             _node_row(
@@ -105,6 +114,7 @@ def _overview(services: Services, live: dict[str, Connection]) -> OverviewOut:
                 ledger.balance(session, ledger.node_pending_account(node.id)),
                 ledger.balance(session, ledger.node_available_account(node.id)),
                 policy,
+                reported.get(node.id, 0),
             )
             for node in nodes
         ]
@@ -125,6 +135,7 @@ def _node_row(
     pending: int,
     available: int,
     policy: VerificationPolicy,
+    reported_by_peers: int = 0,
 ) -> NodeRowOut:
     description: dict[str, Any] = node.description or {}
     if connection is not None:
@@ -177,6 +188,9 @@ def _node_row(
         round_trip_ms=_milliseconds(connection.round_trip_seconds(time.monotonic()))
         if connection is not None
         else None,
+        reachability=node.reachability,
+        peer_address=node.peer_address,
+        reported_by_peers=reported_by_peers,
     )
 
 

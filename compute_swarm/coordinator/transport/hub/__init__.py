@@ -30,6 +30,7 @@ from compute_swarm.coordinator.service.node_accounts import NodeAccounts
 from compute_swarm.coordinator.service.reports import Reports
 from compute_swarm.coordinator.settings import Settings
 from compute_swarm.coordinator.transport.hub.dispatcher import Dispatcher
+from compute_swarm.coordinator.transport.hub.reachability import ReachabilityTests
 from compute_swarm.coordinator.transport.hub.registry import ACTIVE, Connection, Registry, has_free_slot
 from compute_swarm.coordinator.transport.hub.sweeper import LeaseSweeper
 from compute_swarm.coordinator.transport.metrics import Metrics
@@ -63,6 +64,10 @@ class Hub:
         )
         self.registry = self.dispatcher.registry
         self.sweeper = LeaseSweeper(self.registry, leases, accounts, settings)
+        self.reachability = ReachabilityTests(
+            settings,
+            lambda node_id, state, address: self.accounts.record_reachability(node_id, state, address),
+        )
         self.relay: Relay | None = None  # made on the event loop, in start()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task] = []
@@ -169,10 +174,12 @@ class Hub:
         await self.registry.stop_leases(revoked)
         self.dispatcher.wake()
         await self._time_round_trip(connection)  # known before its first chat request, not 30 s later
+        self.reachability.start(connection)
 
     async def disconnect(self, connection: Connection, reason: str) -> None:
         if not self.registry.remove(connection):
             return  # replaced by a newer connection, which now owns the node's jobs
+        self.reachability.forget(connection)
         if self.relay is not None:
             self.relay.node_left(connection.node_id)
         # Its leases stay until they expire (the sweeper stops renewing them now): a node back within
@@ -187,6 +194,11 @@ class Hub:
         if isinstance(message, protocol.Heartbeat):
             was_free = has_free_slot(connection)
             connection.telemetry, connection.accepting_jobs = message.telemetry, message.accepting_jobs
+            ports_changed = (message.network.transfer_port, message.network.tunnel_port) != (
+                connection.network.transfer_port,
+                connection.network.tunnel_port,
+            )
+            connection.network = message.network
             connection.loaded_models = frozenset(message.loaded_models)
             connection.crashed_models = _crash_reports(message.crashed_models)
             connection.resting = False
@@ -201,6 +213,8 @@ class Hub:
                 self.relay.capacity_changed()
             if connection.ping_due(now):
                 await self._time_round_trip(connection)
+            if ports_changed:
+                self.reachability.start(connection)  # tested again
         elif isinstance(message, protocol.Pong):
             if not connection.timed_pong(message.nonce, time.monotonic()):
                 logger.debug("node %s: a pong that answers no ping waiting", connection.node_id)
@@ -262,6 +276,11 @@ class Hub:
             for node_id, connection in self.registry.serving.items()
             if connection.snapshot is not None
         ]
+
+    def peer_address(self, node_id: str) -> tuple[str, int] | None:
+        """Where a connected node's peers reach it, as its reachability test found (any thread)."""
+        connection = self.connections.get(node_id)
+        return None if connection is None else connection.peer_address
 
     def serves_adapter(self, node_id: str, sha256: str) -> bool:
         """Whether the node serves a request now that needs this adapter (any thread: the HTTP download

@@ -58,6 +58,13 @@ class Connection:
     measured_round_trip_seconds: float | None = None
     ping_nonce: str | None = None
     pinged_at: float = 0.0
+    # Swarm transfer: the address its websocket came from, its latest network report, and whether the
+    # coordinator reached its transfer port from outside (hub/reachability.py), at which address.
+    remote_host: str = ""
+    network: protocol.NetworkReport = field(default_factory=protocol.NetworkReport)
+    reachability: protocol.ReachabilityState | None = None
+    peer_address: tuple[str, int] | None = None
+    reachability_checked_at: float | None = None
 
     def round_trip_seconds(self, now: float) -> float | None:
         """The smoothed round trip, or longer while a ping waits past it: a node that stops answering
@@ -138,6 +145,7 @@ class Registry:
             models=connection.hello.models,
             running_jobs=len(connection.leases) + len(connection.stopping),
             accepting_jobs=connection.accepting_jobs and not connection.barred,
+            download_bytes_per_second=connection.network.download_bytes_per_second,
         )
         if self.connections.get(connection.node_id) is connection and has_free_slot(connection):
             self.free.setdefault(connection.node_id, connection)

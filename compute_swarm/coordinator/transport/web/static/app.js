@@ -684,7 +684,9 @@ function setUpOps() {
           node.trusted ? element("span", { class: "state state-trusted" }, node.trusted_by_ops ? "trusted by ops" : "trusted") : null),
         element("td", { class: "number" }, credits(node.pending_micro + node.available_micro)),
         element("td", {}, node.last_seen_at ? (node.state === "offline" || node.state === "revoked" ? ago(node.last_seen_at) : "now") : "never",
-          node.round_trip_ms !== null ? element("div", { class: "small muted" }, `${Math.round(node.round_trip_ms)} ms round trip`) : null),
+          node.round_trip_ms !== null ? element("div", { class: "small muted" }, `${Math.round(node.round_trip_ms)} ms round trip`) : null,
+          node.reachability ? element("div", { class: "small muted", title: node.peer_address || "" }, REACHABILITY[node.reachability] || node.reachability) : null,
+          node.reported_by_peers ? element("div", { class: "small" }, `reported ${node.reported_by_peers}× for bad pieces`) : null),
         element("td", {}, actions(node)));
     }));
     return true;
@@ -693,6 +695,9 @@ function setUpOps() {
 }
 
 // ---- start
+
+// What the coordinator found when it connected to a node's transfer port from outside.
+const REACHABILITY = { reachable: "reachable", tunnelled: "behind NAT, tunnelled", unreachable: "not reachable" };
 
 const PAGES = { files: setUpFiles, jobs: setUpJobs, "new-job": setUpNewJob, job: setUpJob, playground: setUpPlayground, ops: setUpOps };
 document.addEventListener("DOMContentLoaded", () => {
