@@ -70,6 +70,16 @@ def test_the_tracker_names_only_fresh_members_of_the_same_swarm_seeds_first():
     )
 
 
+def test_the_swarms_nobody_announces_to_any_more_are_forgotten():
+    tracker = Tracker()
+    for index in range(100):
+        tracker.announce(f"{index:064x}", "node", "10.0.0.1", announce(left=0), now=0)
+    tracker.announce(
+        ARTIFACT, "node", "10.0.0.1", announce(left=0), now=FIRST_FETCHER_SECONDS + MEMBER_SECONDS
+    )
+    assert list(tracker._swarms) == [ARTIFACT]
+
+
 def test_one_first_fetcher_per_artifact_until_a_seed_exists_or_it_goes_quiet():
     tracker = Tracker()
     assert tracker.choose_first_fetcher(ARTIFACT, "first", now=0)

@@ -198,6 +198,7 @@ class Tracker:
     def __init__(self) -> None:
         self._swarms: dict[str, Swarm] = {}
         self._lock = threading.Lock()
+        self._swept_at = 0.0
         self.reports: list[tuple[float, str, str, str]] = []  # (when, reporter, reported, artifact)
 
     def choose_first_fetcher(self, sha256: str, node_id: str, now: float) -> bool:
@@ -221,6 +222,8 @@ class Tracker:
     def announce(self, sha256: str, node_id: str, host: str, announce: Announce, now: float) -> list[Member]:
         """Record an announce; the other fresh members to name to this node (seeds first)."""
         with self._lock:
+            if now - self._swept_at >= MEMBER_SECONDS:
+                self._forget_quiet(now)  # so swarms of artifacts nobody fetches any more do not pile up
             swarm = self._swarms.setdefault(sha256, Swarm())
             if announce.event == "stopped":
                 swarm.members.pop(node_id, None)
@@ -275,16 +278,19 @@ class Tracker:
                 counted[reported] = counted.get(reported, 0) + 1
             return counted
 
-    def forget_quiet(self, now: float) -> None:
-        with self._lock:
-            for sha256 in list(self._swarms):
-                swarm = self._swarms[sha256]
-                for node_id in [
-                    n for n, m in swarm.members.items() if now - m.announced_at >= MEMBER_SECONDS
-                ]:
-                    del swarm.members[node_id]
-                if not swarm.members and swarm.first_fetcher is None and not swarm.reported:
-                    del self._swarms[sha256]
+    def _forget_quiet(self, now: float) -> None:
+        """Drop the members silent for MEMBER_SECONDS, and the swarms left empty (under the lock)."""
+        for sha256 in list(self._swarms):
+            swarm = self._swarms[sha256]
+            for node_id in [
+                node_id
+                for node_id, member in swarm.members.items()
+                if now - member.announced_at >= MEMBER_SECONDS
+            ]:
+                del swarm.members[node_id]
+            if not swarm.members and now - swarm.first_fetcher_since >= FIRST_FETCHER_SECONDS:
+                del self._swarms[sha256]
+        self._swept_at = now
 
 
 class SwarmTransfer:
