@@ -122,3 +122,15 @@ def test_swarms_are_private_unless_ops_let_an_artifact_into_the_dht(tmp_path):
         offer = transfer.offer("node_1", sha256, "http://coordinator")
         assert offer.public is is_public
         assert libtorrent.torrent_info(offer.torrent).priv() is not is_public
+
+
+def test_a_node_is_named_where_the_coordinator_reached_it_even_after_its_last_announce():
+    tunnels: dict[str, tuple[str, int]] = {}
+    tracker = Tracker(peer_address=tunnels.get)
+    tracker.announce(ARTIFACT, "behind-nat", "192.168.1.20", announce(left=0, port=6881), now=0)
+    named = tracker.announce(ARTIFACT, "fetcher", "10.0.0.1", announce(left=10), now=1)
+    assert [tracker.named_address(member) for member in named] == [("192.168.1.20", 6881)]
+    tunnels["behind-nat"] = ("203.0.113.5", 21000)  # its tunnel came up; it has not announced since
+    named = tracker.announce(ARTIFACT, "fetcher", "10.0.0.1", announce(left=10), now=2)
+    assert [tracker.named_address(member) for member in named] == [("203.0.113.5", 21000)]
+    assert tracker.report(ARTIFACT, "fetcher", "203.0.113.5", 21000, now=3) == "behind-nat"

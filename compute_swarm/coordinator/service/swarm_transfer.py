@@ -23,7 +23,7 @@ import struct
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from compute_swarm.coordinator.store.artifacts import SHA256, ArtifactStore
@@ -195,7 +195,10 @@ class Announce:
 class Tracker:
     """The swarms the coordinator tracks, one per artifact, in memory."""
 
-    def __init__(self) -> None:
+    def __init__(self, peer_address: Callable[[str], tuple[str, int] | None] = lambda node_id: None):
+        # Where the coordinator reached a node from outside (its tunnel's address, when tunnelled),
+        # looked up when the node is named, so a tunnel that came up after its last announce counts.
+        self.peer_address = peer_address
         self._swarms: dict[str, Swarm] = {}
         self._lock = threading.Lock()
         self._swept_at = 0.0
@@ -255,6 +258,11 @@ class Tracker:
             others.sort(key=lambda member: (member.left != 0, member.left or 0))
             return others[:MAX_PEERS_PER_ANSWER]
 
+    def named_address(self, member: Member) -> tuple[str, int]:
+        """Where other nodes are told to connect to a member: where the coordinator reached it, else
+        the address its announce came from with the port it announced."""
+        return self.peer_address(member.node_id) or (member.host, member.port)
+
     def report(self, sha256: str, reporter: str, host: str, port: int, now: float) -> str | None:
         """A node's report of a peer (by the address the tracker named) that served bad pieces; the id
         of the node behind that address, if it is in this swarm."""
@@ -263,7 +271,8 @@ class Tracker:
             if swarm is None:
                 return None
             for member in swarm.members.values():
-                if member.host == host and member.port == port and member.node_id != reporter:
+                named = (host, port) in (self.named_address(member), (member.host, member.port))
+                if named and member.node_id != reporter:
                     swarm.reported.setdefault(reporter, set()).add(member.node_id)
                     self.reports.append((now, reporter, member.node_id, sha256))
                     del self.reports[:-1000]
@@ -304,12 +313,9 @@ class SwarmTransfer:
         public: Callable[[str], bool] = lambda sha256: False,
     ):
         self.store = store
-        # Where the coordinator reached a node from outside (its tunnel's address, when tunnelled):
-        # what the tracker names it at, rather than the address its announce came from.
-        self.peer_address = peer_address
         self.tickets = Tickets(key)
         self.torrents = Torrents(store, public)
-        self.tracker = Tracker()
+        self.tracker = Tracker(peer_address)
 
     def offer(
         self, node_id: str, sha256: str, base_url: str, *, holding: bool = False, now: float | None = None
@@ -343,17 +349,15 @@ class SwarmTransfer:
 
         if announce.info_hash != self.torrents.info_hash(ticket.sha256)[: len(announce.info_hash)]:
             return libtorrent.bencode({b"failure reason": b"this ticket is for another torrent"})
-        tested = self.peer_address(ticket.node_id)
-        if tested is not None:
-            host, announce = tested[0], replace(announce, port=tested[1])
         peers = self.tracker.announce(ticket.sha256, ticket.node_id, host, announce, now or time.time())
         compact4, compact6 = b"", b""
         for member in peers:
-            address = ipaddress.ip_address(member.host)
+            named_host, named_port = self.tracker.named_address(member)
+            address = ipaddress.ip_address(named_host)
             if address.version == 4:
-                compact4 += address.packed + struct.pack("!H", member.port)
+                compact4 += address.packed + struct.pack("!H", named_port)
             else:
-                compact6 += address.packed + struct.pack("!H", member.port)
+                compact6 += address.packed + struct.pack("!H", named_port)
         return libtorrent.bencode(
             {
                 b"interval": ANNOUNCE_INTERVAL_SECONDS,
