@@ -151,7 +151,6 @@ def test_a_node_behind_nat_is_unreachable_tunnels_and_then_serves_a_peer(namespa
 
     def start(namespace: str, arguments: list[str], log: str, environment: dict[str, str]) -> SwarmProcess:
         process = SwarmProcess(arguments, tmp_path / log, environment)
-        process.arguments = arguments
         with open(process.log_path, "ab") as output:
             process.process = subprocess.Popen(
                 in_namespace(namespace, COMMAND, *arguments),

@@ -14,7 +14,6 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,8 +77,6 @@ class _Fetch:
 @dataclass(frozen=True)
 class TransferStats:
     served_bytes: int  # payload bytes this node sent to peers since it started
-    fetched_bytes: int  # artifacts fetched through their swarms since it started
-    seeding: int  # artifacts served now
     # Smoothed over real transfers (fetches of a megabyte or more; uploads while they ran); None
     # until measured.
     download_bytes_per_second: float | None = None
@@ -149,7 +146,6 @@ class PeerTransfer:
         self._fetches: dict[str, _Fetch] = {}
         self._lock = threading.Lock()
         self._removed_uploads = 0
-        self._fetched = 0
         self._dht = False
         self._download_rate: float | None = None
         self._upload_rate: float | None = None
@@ -161,16 +157,12 @@ class PeerTransfer:
     def listen_port(self) -> int:
         return self.session.listen_port()
 
-    def set_upload_limit(self, bytes_per_second: int) -> None:
-        self.session.apply_settings({"upload_rate_limit": max(0, bytes_per_second)})
-
     def fetch(
         self,
         offer: TransferOffer,
         destination: Path,
         *,
         cancel: threading.Event | None = None,
-        progress: Callable[[int, int], None] | None = None,
         max_bytes: int | None = None,
     ) -> Path:
         """Fetch the offered artifact to `destination`, then keep serving it from there. Blocks;
@@ -193,8 +185,6 @@ class PeerTransfer:
                     raise TransferFailed(fetch.failure)
                 status = handle.status()
                 done = status.total_wanted_done
-                if progress is not None:
-                    progress(done, offer.size)
                 if status.is_seeding:
                     break
                 now = time.monotonic()
@@ -215,8 +205,7 @@ class PeerTransfer:
             handle.flush_cache()
             if not fetch.flushed.wait(RENAME_SECONDS) or fetch.failure:
                 raise TransferFailed(fetch.failure or "the finished file was not written out")
-            partial = destination.parent / partial_name
-            if sha256_of_file(partial) != offer.sha256:
+            if sha256_of_file(fetch.partial) != offer.sha256:
                 raise TransferFailed("the assembled file does not hash to the artifact's sha256")
             handle.rename_file(0, destination.name)
             if not fetch.renamed.wait(RENAME_SECONDS) or fetch.failure:
@@ -225,8 +214,6 @@ class PeerTransfer:
         except BaseException:
             self.forget(offer.sha256, delete_partial=True)
             raise
-        with self._lock:
-            self._fetched += offer.size
         self.record_download(offer.size, time.monotonic() - started)
         return destination
 
@@ -245,13 +232,14 @@ class PeerTransfer:
         except TransferFailed as failure:
             logger.warning("cannot serve %s: %s", offer.sha256[:12], failure)
             return False
-        checking = {self._lt.torrent_status.checking_files, self._lt.torrent_status.queued_for_checking}
+        states = self._lt.torrent_status
+        checking = {states.checking_files, states.queued_for_checking, states.checking_resume_data}
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and not fetch.failure:
             status = fetch.handle.status()
             if status.is_seeding:
                 return True
-            if status.state not in checking and status.state != self._lt.torrent_status.checking_resume_data:
+            if status.state not in checking:
                 break  # checked, and some pieces are not what they should be
             time.sleep(POLL_SECONDS)
         self.forget(offer.sha256)
@@ -322,7 +310,7 @@ class PeerTransfer:
         with self._lock:
             if uploading > 0:
                 self._upload_rate = _smoothed(self._upload_rate, uploading)
-            return TransferStats(served, self._fetched, len(fetches), self._download_rate, self._upload_rate)
+            return TransferStats(served, self._download_rate, self._upload_rate)
 
     def close(self) -> None:
         self._closed.set()

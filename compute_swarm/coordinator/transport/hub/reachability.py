@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from collections.abc import Callable
 
 from compute_swarm import protocol
@@ -84,7 +83,6 @@ class ReachabilityTests:
         if address is None and connection.remote_host and await accepts_connections(*direct):
             state, address = protocol.REACHABLE, direct
         connection.reachability, connection.peer_address = state, address
-        connection.reachability_checked_at = time.time()
         text = None if address is None else format_address(*address)
         logger.info("node %s: %s%s", connection.node_id, state, f" at {text}" if text else "")
         await asyncio.to_thread(self.record, connection.node_id, state, text)

@@ -64,7 +64,6 @@ class Connection:
     network: protocol.NetworkReport = field(default_factory=protocol.NetworkReport)
     reachability: protocol.ReachabilityState | None = None
     peer_address: tuple[str, int] | None = None
-    reachability_checked_at: float | None = None
 
     def round_trip_seconds(self, now: float) -> float | None:
         """The smoothed round trip, or longer while a ping waits past it: a node that stops answering
