@@ -27,7 +27,11 @@ from compute_swarm.engine.jobs import ChatMessage, InferenceJobSpec, Sampling, W
 # 9: swarm transfer: hello and heartbeats carry the node's `network` (its transfer port, its tunnel's
 #    port, its measured transfer rates); the coordinator tests the port from outside and says what it
 #    found in a `reachability` message, with the tunnel server to use when the node cannot be reached.
-PROTOCOL_VERSION = 9
+# 10: seller economics: `welcome` says what a credit is worth (`credit_value`), `earnings` carries the
+#    credit waiting to be paid out and what was paid, a lease says what it pays the node and how much
+#    work it is (`pay_micro`, `work_tokens`), and a node may decline a job for its seller's rules
+#    (failure kind "declined": no attempt is used and the job goes to another node).
+PROTOCOL_VERSION = 10
 
 # Where the node token goes in the websocket handshake (and in HTTP requests from a node).
 AUTHORIZATION_HEADER = "Authorization"
@@ -61,9 +65,10 @@ JOB_STATES = (QUEUED, LEASED, RUNNING, VERIFYING, COMPLETED, VERIFIED, FAILED, C
 FINAL_JOB_STATES = frozenset({COMPLETED, VERIFIED, FAILED, CANCELLED})
 SUCCEEDED_JOB_STATES = frozenset({COMPLETED, VERIFIED})  # a result was delivered (verified or not yet)
 
-# Why a job's run ended badly: the engine's kinds (engine.records.Failed.kind), and "released", which
-# only a node sends: it gives the job back without fault of the job (its seller paused it, a game
-# started, the agent is shutting down, it was busy).
+# Why a job's run ended badly: the engine's kinds (engine.records.Failed.kind), and two only a node
+# sends, neither the job's fault: "released" (it gives the job back: its seller paused it, a game
+# started, the agent is shutting down, it was busy) and "declined" (its seller's rules refuse this job,
+# e.g. it would pay less than its electricity; another node should take it).
 FailureKind = Literal[
     "invalid_spec",  # the spec or its dataset cannot be used: the buyer's to fix, retrying won't help
     "insufficient_memory",  # refused before start: it would not fit this device
@@ -72,6 +77,7 @@ FailureKind = Literal[
     "crashed",  # the child process died without saying why (signal, segfault, OOM killer)
     "error",  # any other exception in the job
     "released",
+    "declined",
 ]
 
 SHA256_PATTERN = r"^[0-9a-f]{64}$"
@@ -314,6 +320,16 @@ class Earnings(_Message):
     pending_micro: int  # credited for completed jobs, held until verified
     available_micro: int
     jobs_completed: int
+    payout_pending_micro: int = 0  # asked to be paid out, waiting for the swarm operator
+    paid_out_micro: int = 0  # paid out, ever
+
+
+class CreditValue(_Message):
+    """What a credit is worth in the swarm operator's currency: the rate payouts are made at, and the
+    one a seller's app weighs earnings against electricity with."""
+
+    currency: str = Field(pattern=r"^[A-Z]{3}$")
+    micro_per_credit: int = Field(ge=1, le=10**12)  # micro-units of the currency per credit
 
 
 # What the node may do: take work (active), or wait, connected, for ops to approve it
@@ -345,6 +361,7 @@ class Welcome(_Message):
     # (/sell): an older agent shows "Update available". None: no such bound.
     minimum_agent_version: str | None = Field(default=None, max_length=64)
     latest_agent_version: str | None = Field(default=None, max_length=64)
+    credit_value: CreditValue | None = None
 
 
 REACHABLE, TUNNELLED, UNREACHABLE = "reachable", "tunnelled", "unreachable"
@@ -403,6 +420,11 @@ class Lease(_Message):
     evaluate_result_sha256: Sha256 | None = None
     evaluate_result_size: int | None = Field(default=None, ge=0)
     lease_seconds: float
+    # What completing the job credits this node (the most, for a batch), and the work it is: the
+    # tokens the coordinator priced it by (an upper bound), against which a node that measured its
+    # own speed estimates how long the job will take, and so the electricity it will use.
+    pay_micro: int | None = Field(default=None, ge=0, le=2**62)
+    work_tokens: int | None = Field(default=None, ge=0, le=2**62)
 
     @model_validator(mode="after")
     def _spec_names_the_artifacts(self) -> Lease:

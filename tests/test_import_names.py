@@ -31,6 +31,7 @@ SHARED = {
     "compute_swarm.invitation",
     "compute_swarm.swarm_transfer",
     "compute_swarm.frp",
+    "compute_swarm.money",
 }
 ALLOWED_IMPORTS = {
     "sdk": SHARED,

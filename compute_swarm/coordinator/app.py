@@ -13,6 +13,7 @@ from compute_swarm.coordinator.service.admission import RegistrationLimiter
 from compute_swarm.coordinator.service.inference import InferenceService
 from compute_swarm.coordinator.service.leases import Leases
 from compute_swarm.coordinator.service.node_accounts import NodeAccounts
+from compute_swarm.coordinator.service.payouts import payouts_service
 from compute_swarm.coordinator.service.reports import Reports
 from compute_swarm.coordinator.service.request_limiter import RequestLimiter
 from compute_swarm.coordinator.service.submissions import Submissions
@@ -34,6 +35,7 @@ from compute_swarm.coordinator.transport.api import (
     openai_errors,
     openai_fine_tuning,
     ops,
+    payouts,
     service,
     swarm,
     sweeps,
@@ -83,6 +85,7 @@ def build_services(settings: Settings) -> Services:
             peer_address=hub.peer_address,
             public=lambda sha256: settings.transfer_dht_and_pex and sha256 in swarm.CATALOGUE_BY_SHA256,
         ),
+        payouts=payouts_service(settings, database),
     )
 
 
@@ -111,6 +114,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         nodes,
         swarm,
         ops,
+        payouts,
         service,
         openai,
         openai_fine_tuning,

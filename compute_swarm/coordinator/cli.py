@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from compute_swarm.coordinator.payouts_cli import register_payout_commands
+
 
 def register_commands(subcommands: argparse._SubParsersAction) -> None:
     serve = subcommands.add_parser(
@@ -92,6 +94,8 @@ def register_commands(subcommands: argparse._SubParsersAction) -> None:
     )
     invite.add_argument("--note", default="", help="what it is for (who it went to)")
     invite.set_defaults(handler=_create_invite)
+
+    register_payout_commands(actions, _data_dir_option, _settings, _database)
 
     local = subcommands.add_parser(
         "local-swarm",

@@ -11,8 +11,9 @@ from packaging.version import InvalidVersion, Version
 from pydantic import Field, SecretStr, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from compute_swarm import money
 from compute_swarm.coordinator.domain.verification import VerificationPolicy
-from compute_swarm.protocol import TunnelServer
+from compute_swarm.protocol import CreditValue, TunnelServer
 
 MIB = 1024 * 1024
 # An admin token must look random: long, and not one character or word repeated ("changeme" × 3).
@@ -63,6 +64,15 @@ class Settings(BaseSettings):
 
     # Money.
     platform_fee_basis_points: int = Field(default=1000, ge=0, le=10_000)  # 10 %
+    # What a credit is worth in ops' currency: payouts are exported at this rate (unless ops give
+    # another for a batch), and sellers' apps weigh their earnings against their electricity with it.
+    # The default makes a gaming GPU's hour of training (an RTX 4090 near 40 % of its 165 TFLOPS does
+    # about 40,000 pricing units an hour, 790 credits) worth about what renting one pays: $0.40.
+    credit_currency: str = "USD"
+    credit_value: str = "0.0005"
+    # The least a seller may ask to be paid out at once, in micro-credits (default 20,000 credits,
+    # $10 at the default value): each payout costs ops a transfer.
+    payout_minimum_micro: int = Field(default=20_000 * 10**6, ge=1)
 
     # Artifacts.
     max_dataset_bytes: int = Field(default=1024 * MIB, gt=0)
@@ -165,11 +175,24 @@ class Settings(BaseSettings):
                     "tunnel_token must be the tunnel server's token, at least 24 characters "
                     "(compute-swarm tunnel-server --token-file)"
                 )
+        try:
+            money.check_currency(self.credit_currency)
+            if money.parse_micro(self.credit_value, "credit_value") == 0:
+                raise money.MoneyError("credit_value must be more than 0")
+        except money.MoneyError as error:
+            raise ValueError(str(error)) from None
         for name in ("minimum_agent_version", "latest_agent_version"):
             value = getattr(self, name)
             if value and not _is_version(value):
                 raise ValueError(f"{name} must be a version such as 0.2.0 (PEP 440), not {value!r}")
         return self
+
+    @property
+    def credit_value_for_nodes(self) -> CreditValue:
+        """What a credit is worth, as nodes are told it in their welcome."""
+        return CreditValue(
+            currency=self.credit_currency, micro_per_credit=money.parse_micro(self.credit_value)
+        )
 
     @property
     def tunnel_server_for_nodes(self) -> TunnelServer | None:

@@ -106,6 +106,21 @@ def register_commands(subcommands: argparse._SubParsersAction) -> None:
         "--earnings", action="store_true", help="show credits earned and jobs completed, then exit"
     )
     action.add_argument(
+        "--payouts", action="store_true", help="list this node's payouts and what may be paid out, then exit"
+    )
+    action.add_argument(
+        "--payout",
+        metavar="PAYEE",
+        help="ask to be paid the available credit at PAYEE (an e-mail, account or wallet the swarm's "
+        "operator pays to), then exit",
+    )
+    node.add_argument(
+        "--payout-credits",
+        type=_credits,
+        metavar="CREDITS",
+        help="with --payout: this much, not all that is available",
+    )
+    action.add_argument(
         "--forget",
         action="store_true",
         help="forget this machine's node token for the coordinator (the next run registers again)",
@@ -276,7 +291,21 @@ def run_node_command(arguments: argparse.Namespace) -> int:
         return 0
     if arguments.earnings:
         return _show_earnings(coordinator, data_dir)
+    if arguments.payouts or arguments.payout:
+        from compute_swarm.desktop.payouts_cli import payouts_command
+
+        return payouts_command(coordinator, data_dir, arguments.payout, arguments.payout_credits)
     return _serve(coordinator, data_dir, arguments)
+
+
+def _credits(text: str) -> int:
+    """Credits as typed ("2.5") to micro-credits, exactly."""
+    from compute_swarm.money import MoneyError, parse_micro
+
+    try:
+        return parse_micro(text, "credits")
+    except MoneyError as error:
+        raise argparse.ArgumentTypeError(str(error)) from None
 
 
 def _show_earnings(coordinator: str, data_dir: Path) -> int:

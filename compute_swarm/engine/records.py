@@ -66,7 +66,7 @@ class Completed(_Record):
     delivered_eval_loss: float | None = None
 
 
-# Why a job ended badly: declared once, in the protocol (the engine's kinds are all but "released").
+# Why a job ended badly: declared once, in the protocol (the engine's kinds are all but "released" and "declined").
 
 
 class Failed(_Record):

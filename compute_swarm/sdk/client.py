@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import os
 import re
+import secrets
 import shutil
 import stat
 import tarfile
@@ -765,6 +766,23 @@ class NodeClient(_CoordinatorSession):
             return TransferOffer.model_validate(answer)
         except ValueError as error:
             raise SwarmError(f"the coordinator's transfer offer is malformed: {error}") from None
+
+    def payouts(self) -> dict:
+        """`{"earnings", "minimum_micro", "currency", "value_micro_per_credit", "payouts": [...]}`: this
+        node's payouts, newest first, and what a payout may be."""
+        return self._request("GET", "/api/nodes/me/payouts")
+
+    def request_payout(
+        self, payee: str, *, amount_micro: int | None = None, request_key: str | None = None
+    ) -> dict:
+        """Ask to be paid `amount_micro` (default: all available) at `payee`. Keep `request_key` to retry
+        a request whose answer was lost: the same key answers with the same payout, never a second one."""
+        body = {
+            "payee": payee,
+            "request_key": request_key or f"payout-{secrets.token_hex(12)}",
+            "amount_micro": amount_micro,
+        }
+        return self._request("POST", "/api/nodes/me/payouts", json=body)
 
     def receipt(self, job_id: str) -> dict:
         """The receipt of a job this node ran or re-ran: the same one its buyer reads."""

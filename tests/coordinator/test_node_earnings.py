@@ -85,6 +85,8 @@ def test_credits_are_summed_per_hour_within_the_window_for_this_node_only(coordi
         "pending_micro": 270_000 + 90_000 + 45_000 + 1_000_000,
         "available_micro": 0,
         "jobs_completed": 0,
+        "payout_pending_micro": 0,
+        "paid_out_micro": 0,
     }
     assert other.earnings_history(days=30)["hourly"] == [
         {"hour_start": earlier_hour, "credited_micro": 7_000_000}

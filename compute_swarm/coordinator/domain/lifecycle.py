@@ -470,8 +470,9 @@ def after_failure(
         # The seller paused or stopped, or the node was busy: the job did nothing wrong. A checkpoint
         # uploaded on the way out lets the next node continue.
         return Retry(QUEUED, f"handed back by the node: {message}", attempt_counts=False)
-    if kind == "insufficient_memory":
-        # Refused before it started: no work was done and another node may fit it.
+    if kind in ("insufficient_memory", "declined"):
+        # Refused before it started (it would not fit, or its seller's rules turn it down): no work
+        # was done and another node may take it.
         return Retry(QUEUED, message, exclude_node=True, attempt_counts=False)
     exclude = kind == "out_of_memory"
     if attempt >= max_attempts:

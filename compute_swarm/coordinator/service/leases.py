@@ -14,11 +14,11 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from compute_swarm import protocol
-from compute_swarm.coordinator.domain import lifecycle
+from compute_swarm.coordinator.domain import lifecycle, pricing
 from compute_swarm.coordinator.domain.effects import StopOnNode
 from compute_swarm.coordinator.domain.lifecycle import HELD_STATES, QUEUED
 from compute_swarm.coordinator.domain.scheduler import QueuedJob
-from compute_swarm.coordinator.service import provenance
+from compute_swarm.coordinator.service import batch, provenance
 from compute_swarm.coordinator.service.verifier import Verifier
 from compute_swarm.coordinator.settings import Settings
 from compute_swarm.coordinator.store.database import Database
@@ -43,6 +43,21 @@ RERUNS_PER_DISPATCH = 256
 
 def new_lease_id() -> str:
     return f"lease_{secrets.token_hex(8)}"
+
+
+def work_tokens(job: Job) -> int | None:
+    """The tokens the job was priced by (an upper bound), less the steps a checkpoint already took; None
+    where they cannot be counted (a spec an older coordinator stored without its line count)."""
+    spec = job.submitted_spec
+    try:
+        if isinstance(spec, InferenceJobSpec):
+            lines = job.dataset_lines or 0
+            return batch.prompt_token_bound(job.dataset_size, lines) + lines * spec.sampling.max_tokens
+        steps = pricing.planned_steps(spec, job.dataset_lines)
+        budget = pricing.token_budget(spec, job.dataset_lines)
+    except ValueError:
+        return None
+    return budget * max(steps - job.checkpoint_step, 0) // steps
 
 
 def wire_spec(job: Job) -> LoraJobSpec[ContentHash] | InferenceJobSpec[ContentHash]:
@@ -169,7 +184,16 @@ class Leases:
             evaluate_result_sha256=evaluate_result_sha256,
             evaluate_result_size=_artifact_size(session, evaluate_result_sha256),
             lease_seconds=self.settings.lease_seconds,
+            pay_micro=self._pay_micro(session, job),
+            work_tokens=work_tokens(job),
         )
+
+    def _pay_micro(self, session: Session, job: Job) -> int:
+        """What completing the job credits its node: its price less the fee (a batch's most), or for a
+        verification re-run what the checked job credited (pay_for_verification pays that)."""
+        priced = session.get(Job, job.verifies_job_id) if job.verifies_job_id else job
+        price = priced.price_micro if priced is not None else 0
+        return pricing.split_payment(price, self.settings.platform_fee_basis_points)[0]
 
     def renew(self, lease_ids: Iterable[str]) -> None:
         lease_ids = list(lease_ids)

@@ -14,7 +14,7 @@ from sqlalchemy.orm import Session
 from compute_swarm import protocol
 from compute_swarm.coordinator.domain.effects import NodeRevoked, StandingChanged
 from compute_swarm.coordinator.domain.verification import VerificationPolicy, is_trusted
-from compute_swarm.coordinator.service import accounts
+from compute_swarm.coordinator.service import accounts, payouts
 from compute_swarm.coordinator.service.accounts import AccountError
 from compute_swarm.coordinator.service.verifier import Verifier, node_record
 from compute_swarm.coordinator.store import ledger
@@ -145,4 +145,6 @@ def _earnings(session: Session, node_id: str) -> protocol.Earnings:
         pending_micro=ledger.balance(session, ledger.node_pending_account(node_id)),
         available_micro=ledger.balance(session, ledger.node_available_account(node_id)),
         jobs_completed=node.jobs_completed if node else 0,
+        payout_pending_micro=ledger.balance(session, ledger.node_payout_account(node_id)),
+        paid_out_micro=payouts.paid_out_micro(session, node_id),
     )

@@ -1,8 +1,9 @@
 """The double-entry ledger: integer micro-credits moving between accounts, append-only.
 
 Accounts are named, not stored: `buyer:<id>`, `escrow:<job id>`, `node:<id>:pending`,
-`node:<id>:available`, `platform:fees`, and `platform:issued` (the source of granted credits, so it
-runs negative by exactly what was ever granted). Each transaction's entries sum to zero, so all
+`node:<id>:available`, `node:<id>:payout_pending` (asked to be paid out, waiting for ops),
+`platform:fees`, `platform:issued` (the source of granted credits, so it runs negative by exactly what
+was ever granted) and `platform:paid_out` (what left the swarm as payouts to sellers). Each transaction's entries sum to zero, so all
 balances together always sum to zero; a balance is the sum of an account's entries.
 """
 
@@ -20,6 +21,7 @@ from compute_swarm.protocol import format_credits
 
 ISSUED = "platform:issued"
 FEES = "platform:fees"
+PAID_OUT = "platform:paid_out"
 
 # The transaction kinds that credit a node for work: `charge` pays both a finished job and a live
 # inference request (see `charge`), `verification` pays a trusted node for re-running a job, and
@@ -43,6 +45,10 @@ def node_pending_account(node_id: str) -> str:
 
 def node_available_account(node_id: str) -> str:
     return f"node:{node_id}:available"
+
+
+def node_payout_account(node_id: str) -> str:
+    return f"node:{node_id}:payout_pending"
 
 
 class LedgerError(Exception):
@@ -293,6 +299,68 @@ def pay_for_verification(
         memo=memo,
     )
     return posted is not None
+
+
+PAYOUT_STEPS = ("requested", "paid", "rejected")
+
+
+def payout_key(payout_id: str, step: str) -> str:
+    """The idempotency key of one step of a payout (requested, paid, rejected): each happens once."""
+    return f"payout:{payout_id}:{step}"
+
+
+def hold_for_payout(session: Session, node_id: str, payout_id: str, amount_micro: int) -> None:
+    """Move credit a seller asked to be paid from the node's available balance to its payout-pending
+    account, in the caller's transaction, or raise InsufficientCredits. Read under the balance's row
+    lock, as hold_in_escrow does, so two requests at once cannot both spend the same credit."""
+    row = _locked_balance(session, node_available_account(node_id))
+    available = row.balance_micro if row is not None else 0
+    if amount_micro <= 0:
+        raise LedgerError("a payout must be a positive amount")
+    if available < amount_micro:
+        raise InsufficientCredits(
+            f"the payout asks for {format_credits(amount_micro)} credits; "
+            f"{format_credits(available)} are available"
+        )
+    post(
+        session,
+        kind="payout_request",
+        idempotency_key=payout_key(payout_id, "requested"),
+        entries={node_available_account(node_id): -amount_micro, node_payout_account(node_id): amount_micro},
+        memo=f"payout {payout_id} requested",
+    )
+
+
+def settle_payout(
+    session: Session, node_id: str, payout_id: str, amount_micro: int, *, paid: bool, memo: str
+) -> bool:
+    """End a payout: paid (the credit leaves the swarm) or rejected (it goes back to available).
+    Once per payout, whichever comes first; returns False, changing nothing, when it had ended."""
+    if _posted(session, payout_key(payout_id, "paid")) or _posted(session, payout_key(payout_id, "rejected")):
+        return False
+    destination = PAID_OUT if paid else node_available_account(node_id)
+    posted = post(
+        session,
+        kind="payout_paid" if paid else "payout_rejected",
+        idempotency_key=payout_key(payout_id, "paid" if paid else "rejected"),
+        entries={node_payout_account(node_id): -amount_micro, destination: amount_micro},
+        memo=memo,
+    )
+    return posted is not None
+
+
+def payout_entries(session: Session, payout_id: str) -> list[tuple[LedgerTransaction, LedgerEntry]]:
+    """Every ledger entry of one payout, in the order posted: its receipt's money lines."""
+    return list(
+        session.execute(
+            select(LedgerTransaction, LedgerEntry)
+            .join(LedgerEntry, LedgerEntry.transaction_id == LedgerTransaction.id)
+            .where(
+                LedgerTransaction.idempotency_key.in_([payout_key(payout_id, step) for step in PAYOUT_STEPS])
+            )
+            .order_by(LedgerEntry.id)
+        ).tuples()
+    )
 
 
 def _posted(session: Session, key: str) -> bool:

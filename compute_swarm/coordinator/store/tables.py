@@ -360,3 +360,37 @@ class InferenceRequest(Base):
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
     created_at: Mapped[float] = mapped_column(Float)
     finished_at: Mapped[float | None] = mapped_column(Float, nullable=True)
+
+
+class PayoutBatch(Base):
+    """Payouts ops exported together, to pay outside the swarm: the rate and currency they were
+    converted at are kept, so the batch's file reads the same every time it is downloaded."""
+
+    __tablename__ = "payout_batches"
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    currency: Mapped[str] = mapped_column(String(3))
+    rate: Mapped[str] = mapped_column(String(32))  # currency per credit, exact decimal text
+    created_at: Mapped[float] = mapped_column(Float)
+
+
+class Payout(Base):
+    """A seller's request to be paid their available credit: requested → exported (in a batch) → paid,
+    or rejected (the credit goes back). Its money moves in the ledger (ledger.payout_key)."""
+
+    __tablename__ = "payouts"
+    __table_args__ = (UniqueConstraint("node_id", "request_key"),)
+
+    id: Mapped[str] = mapped_column(String(32), primary_key=True)
+    node_id: Mapped[str] = mapped_column(ForeignKey("nodes.id"), index=True)
+    # The node's own key for the request: sent again after a lost answer, it finds this payout.
+    request_key: Mapped[str] = mapped_column(String(100))
+    amount_micro: Mapped[int] = mapped_column(BigInteger)
+    payee: Mapped[str] = mapped_column(String(200))  # where the seller asked to be paid, for ops
+    state: Mapped[str] = mapped_column(String(16), index=True)  # requested, exported, paid, rejected
+    requested_at: Mapped[float] = mapped_column(Float)
+    batch_id: Mapped[str | None] = mapped_column(ForeignKey("payout_batches.id"), nullable=True, index=True)
+    amount_minor: Mapped[int | None] = mapped_column(BigInteger, nullable=True)  # in the batch's currency
+    reference: Mapped[str | None] = mapped_column(String(200), nullable=True)  # the payment's, from ops
+    reason: Mapped[str | None] = mapped_column(String(500), nullable=True)  # why ops rejected it
+    decided_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # paid or rejected

@@ -13,6 +13,7 @@ from compute_swarm.coordinator.service import accounts, sessions
 from compute_swarm.coordinator.service.inference import InferenceService
 from compute_swarm.coordinator.service.leases import Leases
 from compute_swarm.coordinator.service.node_accounts import NodeAccounts
+from compute_swarm.coordinator.service.payouts import Payouts
 from compute_swarm.coordinator.service.reports import Reports
 from compute_swarm.coordinator.service.request_limiter import RequestLimiter
 from compute_swarm.coordinator.service.submissions import Submissions
@@ -43,6 +44,7 @@ class Services:
     hub: Hub
     metrics: Metrics
     swarm_transfer: SwarmTransfer
+    payouts: Payouts
 
 
 def get_services(request: Request) -> Services:

@@ -1,5 +1,5 @@
-"""Nodes: registration, their earnings (now and hour by hour), the artifacts of the jobs they hold,
-and the `/node` websocket."""
+"""Nodes: registration, their earnings (now and hour by hour), their payouts, the artifacts of the jobs
+they hold, and the `/node` websocket."""
 
 from __future__ import annotations
 
@@ -9,11 +9,12 @@ import logging
 import time
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Query, Request, WebSocket, WebSocketDisconnect, status
+from fastapi import APIRouter, HTTPException, Query, Request, Response, WebSocket, WebSocketDisconnect, status
 from fastapi.responses import FileResponse
 
 from compute_swarm import protocol
 from compute_swarm.coordinator.service import accounts, admission, receipts
+from compute_swarm.coordinator.service.payouts import PayoutError
 from compute_swarm.coordinator.store.database import UnstorableText
 from compute_swarm.coordinator.store.tables import Job, Node
 from compute_swarm.coordinator.transport.api import swarm
@@ -23,8 +24,12 @@ from compute_swarm.coordinator.transport.api.schemas import (
     EarningsHourOut,
     EarningsOut,
     NodeOut,
+    NodePayoutsOut,
     NodeRegistrationIn,
     NodeRegistrationOut,
+    PayoutOut,
+    PayoutReceiptOut,
+    PayoutRequestIn,
     file_download,
 )
 from compute_swarm.coordinator.transport.hub import Connection
@@ -63,6 +68,44 @@ def me(node: CurrentNode, services: ServicesDep) -> NodeOut:
     return NodeOut(
         node_id=node.id, name=node.name, earnings=EarningsOut(**earnings.model_dump(exclude={"type"}))
     )
+
+
+@router.get("/api/nodes/me/payouts")
+def payouts(node: CurrentNode, services: ServicesDep) -> NodePayoutsOut:
+    """This node's payouts, newest first, with what may be paid out and the least a payout may be."""
+    earnings = services.node_accounts.earnings(node.id)
+    value = services.settings.credit_value_for_nodes
+    return NodePayoutsOut(
+        earnings=EarningsOut(**earnings.model_dump(exclude={"type"})),
+        minimum_micro=services.payouts.minimum_micro,
+        currency=value.currency,
+        value_micro_per_credit=value.micro_per_credit,
+        payouts=[PayoutOut(**payout) for payout in services.payouts.of_node(node.id)],
+    )
+
+
+@router.post("/api/nodes/me/payouts", status_code=status.HTTP_201_CREATED)
+def request_payout(
+    body: PayoutRequestIn, node: CurrentNode, services: ServicesDep, response: Response
+) -> PayoutOut:
+    """Ask to be paid this node's available credit (or `amount_micro` of it) at `payee`. 201 with the
+    new payout; 200 with the same one when its request key was sent before."""
+    try:
+        payout, new = services.payouts.request(node.id, body.request_key, body.payee, body.amount_micro)
+    except PayoutError as error:
+        raise HTTPException(error.status_code, str(error)) from None
+    if not new:
+        response.status_code = status.HTTP_200_OK
+    return PayoutOut(**payout)
+
+
+@router.get("/api/nodes/me/payouts/{payout_id}")
+def payout_receipt(payout_id: str, node: CurrentNode, services: ServicesDep) -> PayoutReceiptOut:
+    """One of this node's payouts with every ledger entry it moved."""
+    try:
+        return PayoutReceiptOut(**services.payouts.receipt(payout_id, node.id))
+    except PayoutError as error:
+        raise HTTPException(error.status_code, str(error)) from None
 
 
 @router.get("/api/nodes/me/jobs/{job_id}/receipt")

@@ -5,7 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi.responses import FileResponse
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from compute_swarm.coordinator.domain.lifecycle import result_released
 from compute_swarm.coordinator.service.inference import fine_tuned_model_id
@@ -154,6 +154,55 @@ class EarningsOut(BaseModel):
     pending_micro: int
     available_micro: int
     jobs_completed: int
+    payout_pending_micro: int = 0
+    paid_out_micro: int = 0
+
+
+class PayoutRequestIn(BaseModel):
+    """A seller's request to be paid. `request_key` is the node's own, new for each request: the same
+    key again answers with the payout it made, so a lost answer is retried without paying twice."""
+
+    model_config = ConfigDict(extra="forbid")
+    request_key: str = Field(min_length=8, max_length=100, pattern=r"^[A-Za-z0-9_.:-]+$")
+    payee: str = Field(min_length=1, max_length=200, description="where to be paid, as the operator pays")
+    amount_micro: int | None = Field(default=None, ge=1, le=2**62, description="default: all available")
+
+
+class PayoutOut(BaseModel):
+    id: str
+    node_id: str
+    node_name: str | None = None
+    amount_micro: int
+    payee: str
+    state: str  # requested, exported, paid, rejected
+    requested_at: float
+    batch_id: str | None
+    currency: str | None  # the batch's, once exported
+    rate: str | None  # currency per credit, as exported
+    amount: str | None  # in the currency, exact decimal text
+    reference: str | None  # the payment's, once paid
+    reason: str | None  # why it was rejected
+    decided_at: float | None
+
+
+class PayoutMoneyOut(BaseModel):
+    at: float
+    kind: str
+    account: str
+    amount_micro: int
+    memo: str
+
+
+class PayoutReceiptOut(PayoutOut):
+    money: list[PayoutMoneyOut]
+
+
+class NodePayoutsOut(BaseModel):
+    earnings: EarningsOut
+    minimum_micro: int
+    currency: str  # what a credit is worth, in ops' currency
+    value_micro_per_credit: int
+    payouts: list[PayoutOut]
 
 
 class NodeOut(BaseModel):

@@ -165,6 +165,7 @@ class Hub:
                 standing=connection.standing,
                 minimum_agent_version=self.settings.minimum_agent_version or None,
                 latest_agent_version=self.settings.offered_agent_version,
+                credit_value=self.settings.credit_value_for_nodes,
             )
         )
         # Registered only once welcomed: while the earnings were read (a thread, so the loop ran on), a
