@@ -32,6 +32,7 @@ SHARED = {
     "compute_swarm.swarm_transfer",
     "compute_swarm.frp",
     "compute_swarm.money",
+    "compute_swarm.market",
 }
 ALLOWED_IMPORTS = {
     "sdk": SHARED,

@@ -36,6 +36,10 @@ from compute_swarm.desktop.agent_status import AgentStatus, StatusBoard
 from compute_swarm.desktop.availability import Availability
 from compute_swarm.desktop.background_tasks import BackgroundTasks, cancel_all
 from compute_swarm.desktop.connection import ConnectionHost, CoordinatorConnection
+from compute_swarm.desktop.economics import Economics
+from compute_swarm.desktop.electricity import ElectricitySettings, default_electricity
+from compute_swarm.desktop.energy import EnergyMeter
+from compute_swarm.desktop.energy import energy_meter as economics_meter
 from compute_swarm.desktop.guards import GuardSettings
 from compute_swarm.desktop.job import StopSignal, job_runner
 from compute_swarm.desktop.leased_jobs import LeasedJobs
@@ -56,6 +60,7 @@ logger = logging.getLogger("compute_swarm.desktop.agent")
 STOP_JOB_SECONDS = 90.0  # a graceful stop waits this long for the job to checkpoint and report
 STOP_DRAIN_SECONDS = 15.0  # ... and this long for the coordinator to acknowledge what was sent
 GUARD_INTERVAL_SECONDS = 5.0  # how often the GPU and the seller's activity are read for the guards
+RECENT_JOBS_SHOWN = 200  # the jobs whose records the status carries, for the tray's list and chart
 
 
 def _probe_devices(check_torch: bool) -> DeviceInventory:
@@ -98,6 +103,8 @@ class NodeAgent:
         # InviteCodeRefused.
         wait_for_invite_code: bool = False,
         transfer: TransferSettings | None = None,
+        electricity: ElectricitySettings | None = None,
+        energy_meter: Callable[[protocol.Telemetry, float], EnergyMeter] | None = None,
     ):
         self.coordinator = token_store.normalize_coordinator_url(coordinator)
         self.data_dir = Path(data_dir)
@@ -143,9 +150,16 @@ class NodeAgent:
                 asyncio.to_thread(self._serving.release), name="release-inference"
             ),
         )
+        self._economics = Economics(
+            self.data_dir,
+            electricity or default_electricity(),
+            meter_factory=energy_meter or economics_meter,
+            on_change=self._economics_changed,
+        )
         self._machine = MachineWatch(
             self._status,
             self._availability,
+            economics=self._economics,
             probe=probe,
             activity=activity,
             guards=guards or GuardSettings(),
@@ -163,6 +177,7 @@ class NodeAgent:
             stop=self._stop,
             post=self._connection.post,
             tasks=self._tasks,
+            economics=self._economics,
         )
         self._serving = InferenceServing(
             self.workspace,
@@ -244,6 +259,10 @@ class NodeAgent:
         """New guard settings, applied at the next reading (within GUARD_INTERVAL_SECONDS)."""
         self._call_in_loop(self._machine.use_guards, guards)
 
+    def set_electricity(self, electricity: ElectricitySettings) -> None:
+        """New electricity settings: the price of jobs from now on, and the *only profitable work* guard."""
+        self._call_in_loop(self._economics.use_settings, electricity)
+
     def set_invite_code(self, code: str) -> None:
         """Register with this invite code: a registration waiting for one (`status.invite_code_wanted`)
         tries again with it at once, even with the same code as before (ops may have made it since).
@@ -254,6 +273,13 @@ class NodeAgent:
         """This node's credits per UTC hour over the last `days` days, with its earnings now (the
         coordinator's `GET /api/nodes/me/earnings`)."""
         return await self._account.earnings_history(days)
+
+    async def ask_coordinator(self, call: Callable[[Any], Any]) -> Any:
+        """call(node client) in a worker thread, for the tray's questions (payouts, a receipt)."""
+        client = self._client
+        if client is None:
+            raise RuntimeError("this computer has not registered with the coordinator yet")
+        return await asyncio.to_thread(call, client)
 
     async def earnings(self) -> protocol.Earnings:
         """Ask the coordinator for this node's earnings now (they also arrive after each result)."""
@@ -326,7 +352,18 @@ class NodeAgent:
             network=self._sharing.network_report(),
         )
 
+    def _economics_changed(self) -> None:
+        economics = self._economics
+        self._status.update(
+            credit_value=economics.credit_value,
+            electricity=economics.settings,
+            recent_jobs=economics.journal.recent(RECENT_JOBS_SHOWN),
+            electricity_by_day=tuple(sorted(economics.journal.electricity_by_day().items())),
+            energy_source=economics.meter.source if economics.meter is not None else None,
+        )
+
     def _welcomed(self, welcome: protocol.Welcome) -> None:
+        self._economics.welcomed(welcome)
         self._account.log_standing(welcome.standing)
         latest = welcome.latest_agent_version
         self._status.update(

@@ -11,7 +11,9 @@ from dataclasses import dataclass, replace
 from typing import Any, Literal
 
 from compute_swarm import protocol
+from compute_swarm.desktop.electricity import ElectricitySettings
 from compute_swarm.desktop.job import JobOutcome, JobStatus
+from compute_swarm.desktop.work_journal import JobEntry
 
 # The agent's parts log under one name, so the seller's log reads as one agent.
 logger = logging.getLogger("compute_swarm.desktop.agent")
@@ -44,6 +46,14 @@ class AgentStatus:
     served_bytes: int | None = None
     # Whether other nodes reach it, as the coordinator found (protocol.Reachability); None: not tested.
     reachability: str | None = None
+    # The seller's economics (desktop.economics): what a credit is worth (from the welcome), the
+    # electricity settings, the latest jobs' records and the electricity per local day (ISO date).
+    credit_value: protocol.CreditValue | None = None
+    electricity: ElectricitySettings | None = None
+    recent_jobs: tuple[JobEntry, ...] = ()
+    electricity_by_day: tuple[tuple[str, int], ...] = ()
+    energy_source: str | None = None
+    last_declined: str | None = None  # the last job the *only profitable work* guard turned down, and why
 
 
 class StatusBoard:

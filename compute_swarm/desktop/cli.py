@@ -101,6 +101,18 @@ def register_commands(subcommands: argparse._SubParsersAction) -> None:
         metavar="PORT",
         help="the TCP port other nodes reach this one on (default: any free port)",
     )
+    economics = node.add_argument_group(
+        "electricity", "what this computer's electricity costs, for net profit (default: the settings file's)"
+    )
+    economics.add_argument(
+        "--electricity-price", metavar="PRICE", help="per kWh, in --currency, as on your bill (e.g. 0.32)"
+    )
+    economics.add_argument("--currency", metavar="CODE", help="your electricity's currency (e.g. EUR)")
+    economics.add_argument(
+        "--only-profitable",
+        action="store_true",
+        help="decline jobs expected to cost more electricity than they pay",
+    )
     action = node.add_mutually_exclusive_group()
     action.add_argument(
         "--earnings", action="store_true", help="show credits earned and jobs completed, then exit"
@@ -226,8 +238,8 @@ def run_tray_command(arguments: argparse.Namespace) -> int:
 
 
 def node_settings(arguments: argparse.Namespace):
-    """The settings file's guards and sharing, with the command line's changes; raises ValueError for a
-    bad value."""
+    """The settings file's guards, sharing and electricity, with the command line's changes; raises
+    ValueError for a bad value."""
     from pydantic import ValidationError
 
     from compute_swarm.desktop.settings import SettingsError, SettingsStore
@@ -260,11 +272,18 @@ def node_settings(arguments: argparse.Namespace):
     ):
         if getattr(arguments, option) is not None:
             sharing[field] = getattr(arguments, option)
+    electricity: dict[str, object] = {}
+    for option, field in (("electricity_price", "price_per_kwh"), ("currency", "currency")):
+        if getattr(arguments, option) is not None:
+            electricity[field] = getattr(arguments, option)
+    if arguments.only_profitable:
+        electricity["only_profitable"] = True
     settings = loaded.settings
     try:
         return (
             settings.guards.model_validate({**settings.guards.model_dump(), **guards}),
             settings.sharing.model_validate({**settings.sharing.model_dump(), **sharing}),
+            settings.electricity.model_validate({**settings.electricity.model_dump(), **electricity}),
         )
     except ValidationError as error:
         first = error.errors()[0]
@@ -339,7 +358,7 @@ def _serve(coordinator: str, data_dir: Path, arguments: argparse.Namespace) -> i
     from compute_swarm.desktop.settings import normalize_invite_code
 
     try:
-        guards, sharing = node_settings(arguments)
+        guards, sharing, electricity = node_settings(arguments)
     except ValueError as error:
         _say(str(error))
         return 2
@@ -360,6 +379,7 @@ def _serve(coordinator: str, data_dir: Path, arguments: argparse.Namespace) -> i
         guards=guards,
         invite_code=invite_code,
         transfer=sharing,
+        electricity=electricity,
     )
     try:
         asyncio.run(_run_until_interrupted(agent))

@@ -16,7 +16,8 @@ from compute_swarm import protocol
 from compute_swarm.desktop.agent_status import StatusBoard
 from compute_swarm.desktop.availability import Availability
 from compute_swarm.desktop.background_tasks import BackgroundTasks, cancel_all, wait_until
-from compute_swarm.desktop.job import JobHost, JobRun, StopSignal
+from compute_swarm.desktop.economics import Economics, Measurement
+from compute_swarm.desktop.job import JobHost, JobOutcome, JobRun, StopSignal
 from compute_swarm.desktop.job_reports import failure_message
 from compute_swarm.desktop.workspace import Workspace
 
@@ -40,6 +41,7 @@ class LeasedJobs:
         stop: StopSignal,
         post: Callable[[protocol.NodeMessage], None],
         tasks: BackgroundTasks,
+        economics: Economics,
     ):
         self.current: JobRun | None = None  # the lease this node holds now
         self.live: set[JobRun] = set()  # with any whose child is still exiting
@@ -53,6 +55,7 @@ class LeasedJobs:
         self._stop = stop
         self._post = post
         self._tasks = tasks
+        self._economics = economics
 
     def running(self) -> tuple[protocol.LeaseReference, ...]:
         job = self.current
@@ -71,11 +74,18 @@ class LeasedJobs:
             # Released, not failed: the job did nothing wrong, so it costs the buyer no attempt.
             self._post(failure_message(lease, "released", refusal))
             return
+        unprofitable = self._economics.decline_reason(lease)
+        if unprofitable is not None:
+            logger.info("declined job %s: %s", lease.job_id, unprofitable)
+            # Declined: another node takes it, and this one is not offered it again.
+            self._post(failure_message(lease, "declined", unprofitable))
+            self._status.update(last_declined=f"job {lease.job_id}: {unprofitable}")
+            return
         resuming = f", resuming from step {lease.checkpoint_step}" if lease.checkpoint_sha256 else ""
         logger.info(
             "leased job %s (attempt %d of %d)%s", lease.job_id, lease.attempt, lease.max_attempts, resuming
         )
-        job = JobRun(lease, self._job_host(), previous=current)
+        job = JobRun(lease, self._job_host(self._economics.started(lease)), previous=current)
         self.current = job
         self.live.add(job)
         self._status.update(job=job.status)
@@ -125,7 +135,7 @@ class LeasedJobs:
             job.kill()
         await cancel_all([job.task for job in jobs if job.task is not None])
 
-    def _job_host(self) -> JobHost:
+    def _job_host(self, measurement: Measurement) -> JobHost:
         return JobHost(
             workspace=self._workspace,
             client=self._client(),
@@ -135,7 +145,7 @@ class LeasedJobs:
             stop=self._stop,
             post=self._post,
             status_changed=self._job_status_changed,
-            ended=lambda outcome: self._status.update(last_job=outcome),
+            ended=lambda outcome: self._ended(measurement, outcome),
             spawn=lambda coroutine, name: self._tasks.spawn(coroutine, name=name),
         )
 
@@ -149,6 +159,16 @@ class LeasedJobs:
                 self._status.update(job=None)
             if job.tidy_when_done:
                 self._tidy_later(job.lease.job_id)
+
+    def _ended(self, measurement: Measurement, outcome: JobOutcome) -> None:
+        entry = self._economics.ended(measurement, outcome.outcome)
+        self._status.update(last_job=outcome)
+        logger.info(
+            "job %s used %.1f Wh (%s)",
+            outcome.job_id,
+            entry.energy_millijoules / 3_600_000,
+            entry.energy_source,
+        )
 
     def _job_status_changed(self, job: JobRun) -> None:
         if self.current is job:

@@ -17,6 +17,7 @@ from compute_swarm import protocol
 from compute_swarm.desktop.activity import Activity
 from compute_swarm.desktop.agent_status import StatusBoard
 from compute_swarm.desktop.availability import Availability
+from compute_swarm.desktop.economics import Economics
 from compute_swarm.desktop.guards import GuardSettings, MachineReading, evaluate
 from compute_swarm.desktop.node_description import telemetry_from_inventory
 from compute_swarm.engine.devices import DeviceInventory
@@ -33,6 +34,7 @@ class MachineWatch:
         status: StatusBoard,
         availability: Availability,
         *,
+        economics: Economics,
         probe: Callable[[bool], DeviceInventory],  # (check_torch) -> the GPUs and the CPU
         activity: Callable[[], Activity],
         guards: GuardSettings,
@@ -43,6 +45,7 @@ class MachineWatch:
         self._backends: tuple[str, ...] | None = None  # what torch said at start-up it can use
         self._status = status
         self._availability = availability
+        self._economics = economics
         self._probe = probe
         self._activity = activity
         self._guards = guards
@@ -59,6 +62,7 @@ class MachineWatch:
         self._backends = inventory.backends
         self.telemetry = telemetry_from_inventory(inventory, self._backends)
         self._status.update(telemetry=self.telemetry)
+        self._economics.telemetry(self.telemetry)
 
     async def watch(self) -> None:
         """Read the GPUs and the seller's activity every few seconds, connected or not: the telemetry
@@ -78,6 +82,7 @@ class MachineWatch:
             logger.debug("kept the previous telemetry: %s", error)
             return
         self._status.update(telemetry=self.telemetry)
+        self._economics.telemetry(self.telemetry)
         self._availability.apply_guards(evaluate(self._guards, reading, self._availability.guard_decision))
 
     def _read_machine(self) -> MachineReading:

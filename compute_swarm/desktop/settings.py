@@ -16,6 +16,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from compute_swarm.desktop import token_store
+from compute_swarm.desktop.electricity import ElectricitySettings, default_electricity
 from compute_swarm.desktop.guards import GuardSettings
 from compute_swarm.desktop.transfer import TransferSettings
 from compute_swarm.invitation import MAX_INVITE_CODE_CHARACTERS
@@ -24,7 +25,9 @@ logger = logging.getLogger(__name__)
 
 # 2: the invite code typed for the coordinator, kept until this computer has joined it.
 # 3: where the engine runtime is fetched from (a mirror ops name), when not the build's own indexes.
-SETTINGS_VERSION = 3
+# 4: electricity: its price and currency, the exchange rate to the swarm's currency, and the *only
+#    profitable work* guard (a file without them takes the locale's typical price); the last payee.
+SETTINGS_VERSION = 4
 MAX_RUNTIME_SOURCES = 8
 # The coordinator `make run` starts; a seller joining someone else's swarm types its address once.
 DEFAULT_COORDINATOR = "http://127.0.0.1:8000"
@@ -50,6 +53,10 @@ class Settings(BaseModel):
     guards: GuardSettings = Field(default_factory=GuardSettings)
     # Swarm transfer: sharing with other nodes, the upload cap, the cache's size.
     sharing: TransferSettings = Field(default_factory=TransferSettings)
+    # What the seller pays for electricity, for net profit and the *only profitable work* guard.
+    electricity: ElectricitySettings = Field(default_factory=lambda: default_electricity())
+    # Where the seller last asked to be paid, offered again in the payout dialog.
+    payout_payee: str | None = Field(default=None, max_length=200)
     # Where the coordinator admits computers by invitation: the code its operators gave, for
     # `coordinator` only, kept until this computer has registered there (the first start, or a retry).
     invite_code: str | None = None

@@ -750,6 +750,14 @@ class NodeClient(_CoordinatorSession):
     def me(self) -> dict:
         return self._request("GET", "/api/nodes/me")
 
+    @staticmethod
+    def market_figures(
+        coordinator: str, *, timeout: float = 15.0, transport: httpx.BaseTransport | None = None
+    ) -> dict:
+        """The coordinator's market figures by hardware class (public: `compute_swarm.market`)."""
+        with _CoordinatorSession(coordinator, None, timeout=timeout, transport=transport) as session:
+            return session._request("GET", "/api/market")
+
     def transfer_offer(self, sha256: str, *, holding: bool = False) -> TransferOffer:
         """How to fetch an artifact from peers, or (`holding`) serve it to them
         (compute_swarm.swarm_transfer). SwarmError with status_code 404 where the coordinator has peer

@@ -41,8 +41,10 @@ class FakeCoordinator:
         heartbeat_interval: float = 0.2,
         close_with: tuple[int, str] | None = None,
         auto_acknowledge: bool = False,
+        credit_value: protocol.CreditValue | None = None,
     ):
         self.heartbeat_interval = heartbeat_interval
+        self.credit_value = credit_value
         self.auto_acknowledge = auto_acknowledge
         self.close_with = close_with
         self.received: asyncio.Queue = asyncio.Queue()
@@ -69,6 +71,7 @@ class FakeCoordinator:
                 lease_seconds=60.0,
                 earnings=protocol.Earnings(pending_micro=0, available_micro=0, jobs_completed=0),
                 standing=protocol.Standing(state="active"),
+                credit_value=self.credit_value,
             )
             await websocket.send(welcome.model_dump_json())
             await self.connections.put(websocket)

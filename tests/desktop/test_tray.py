@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import sys
 import threading
 import typing
@@ -175,12 +176,23 @@ def test_start_earning_runs_a_real_job_shows_it_and_its_earnings_then_stop(
     assert window.headline.text() == "Earning" and app.headline_action.text() == "Earning: running a job"
     qtbot.waitUntil(lambda: "completed" in window.last_job.text(), timeout=240_000)
     qtbot.waitUntil(lambda: buyer.job(job["id"])["state"] == "completed", timeout=30_000)
-    qtbot.waitUntil(lambda: window.earned["today"].text() not in ("—", "0"), timeout=30_000)
-    earned_today = float(window.earned["today"].text())
-    assert earned_today > 0
+
+    def credits_today() -> str:
+        found = re.search(r"\(([\d.]+) credits\)", window.earned_detail["today"].text())
+        return found.group(1) if found else "0"
+
+    # Today's net profit in the seller's money (a 3-step job on a CPU earns less than its
+    # electricity), with what it earned and what the electricity cost under it.
+    qtbot.waitUntil(lambda: float(credits_today()) > 0, timeout=30_000)
+    assert "electricity $" in window.earned_detail["today"].text()
+    assert window.earned["today"].text().lstrip("-").startswith("$")
     assert window.earned["total"].text() == window.earned["today"].text()
     assert "1 job done" in window.balances.text()
-    assert f"Today: {window.earned['today'].text()} credits" in app.tray.toolTip()
+    assert f"Today: {credits_today()} credits" in app.tray.toolTip()
+    # The job's own line: what it pays, the energy it used and what that cost.
+    qtbot.waitUntil(lambda: window.jobs.jobs.count() == 1, timeout=10_000)
+    line = window.jobs.jobs.item(0).text()
+    assert job["id"] in line and "pays" in line and "Wh" in line and re.search(r"net -?\$", line)
     assert any(f"Job finished: Job {job['id']} is done" in message for message in caplog.messages)
     qtbot.waitUntil(lambda: icon_state(app) == "idle", timeout=30_000)  # once the trainer has exited
 

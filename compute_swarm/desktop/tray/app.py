@@ -8,6 +8,7 @@ import datetime
 import getpass
 import hashlib
 import logging
+import secrets
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -24,16 +25,20 @@ from compute_swarm.desktop.runtime import this_machine
 from compute_swarm.desktop.runtime.fetch import SITE_PACKAGES, Runtimes
 from compute_swarm.desktop.runtime.pins import LockError
 from compute_swarm.desktop.settings import Settings, SettingsError, SettingsStore, normalize_invite_code
-from compute_swarm.desktop.tray import state
+from compute_swarm.desktop.tray import economy, state
 from compute_swarm.desktop.tray.bridge import AgentBridge
+from compute_swarm.desktop.tray.economy_view import PayoutDialog, ReceiptDialog
 from compute_swarm.desktop.tray.runtime_fetch import RuntimeFetch
 from compute_swarm.desktop.tray.widgets import state_icon
-from compute_swarm.desktop.tray.window import MainWindow, SettingsDialog
+from compute_swarm.desktop.tray.window import STYLE_SHEET, MainWindow, SettingsDialog
 from compute_swarm.engine import child_process
+from compute_swarm.market import MarketFigures
+from compute_swarm.protocol import format_credits
 
 logger = logging.getLogger(__name__)
 
 EARNINGS_REFRESH_MILLISECONDS = 60_000
+MARKET_REFRESH_MILLISECONDS = 10 * 60_000  # the coordinator recomputes its figures once a minute at most
 IDLE_PROBE_MILLISECONDS = 5_000  # the GPUs are read this often while not earning and the window is open
 QUIT_WAIT_SECONDS = 100.0  # a running job gets this long to checkpoint when the seller quits
 
@@ -108,6 +113,7 @@ class TrayApp(QObject):
         self.status: AgentStatus | None = None
         self.telemetry = None  # the latest reading, from the agent or (while it is stopped) a probe
         self.summary: state.EarningsSummary | None = None
+        self.market: MarketFigures | None = None
         self.temperatures = state.TemperatureHistory()
         self.bridge = AgentBridge(data_dir, agent_options=agent_options, parent=self)
         self.window = MainWindow(self.settings)
@@ -120,6 +126,10 @@ class TrayApp(QObject):
         self._probe_timer = QTimer(self, interval=IDLE_PROBE_MILLISECONDS)
         self._probe_timer.timeout.connect(self._probe_while_idle)
         self._probe_timer.start()
+        self._market_timer = QTimer(self, interval=MARKET_REFRESH_MILLISECONDS)
+        self._market_timer.timeout.connect(self._fetch_market)
+        self._market_timer.start()
+        self._fetch_market()
         self.bridge.probe_telemetry()
         if problem:
             self.window.show_coordinator_error(problem)
@@ -175,7 +185,11 @@ class TrayApp(QObject):
 
     def _start_agent(self, coordinator: str, invite_code: str | None) -> None:
         self.bridge.start(
-            coordinator, self.settings.guards, invite_code=invite_code, sharing=self.settings.sharing
+            coordinator,
+            self.settings.guards,
+            invite_code=invite_code,
+            sharing=self.settings.sharing,
+            electricity=self.settings.electricity,
         )
         self._earnings_timer.start()
 
@@ -244,10 +258,29 @@ class TrayApp(QObject):
         if dialog.exec() and dialog.result_settings is not None:
             self._save(dialog.result_settings)
             self.bridge.set_guards(self.settings.guards)
+            self.bridge.set_electricity(self.settings.electricity)
+            self._show_money()
             self.window.set_temperature_limit(self.settings.guards.temperature_limit_celsius)
+
+    def request_payout(self) -> None:
+        """Ask where to be paid and how much, then ask the coordinator; the card shows the outcome."""
+        dialog = PayoutDialog(self.settings.payout_payee or "", STYLE_SHEET, self.window)
+        if not dialog.exec() or dialog.result_payee is None:
+            return
+        payee, amount = dialog.result_payee, dialog.result_amount_micro
+        self._save(self.settings.model_copy(update={"payout_payee": payee}))
+        key = f"tray-{secrets.token_hex(12)}"  # one request: a retry of it cannot pay twice
+        self.window.payouts.show_error(None)
+        self.bridge.ask(
+            "payout", lambda client: client.request_payout(payee, amount_micro=amount, request_key=key)
+        )
+
+    def show_receipt(self, job_id: str) -> None:
+        self.bridge.ask("receipt", lambda client: client.receipt(job_id))
 
     def close(self) -> None:
         """Stop the timers and the probing thread (the agent is the caller's: see quit)."""
+        self._market_timer.stop()
         self._earnings_timer.stop()
         self._probe_timer.stop()
         self.bridge.close()
@@ -287,6 +320,8 @@ class TrayApp(QObject):
                 self.window.show_temperatures(self.temperatures)
         if earnings_changed and status.node_id is not None:
             self.bridge.request_earnings_history()
+            self.bridge.ask("payouts", lambda client: client.payouts())
+        self._show_money()
         self._update_view()
 
     def _on_telemetry(self, telemetry) -> None:
@@ -298,8 +333,66 @@ class TrayApp(QObject):
 
     def _on_earnings_history(self, history: dict) -> None:
         self.summary = state.summarize_earnings(history, datetime.datetime.now().astimezone())
-        self.window.show_earnings(self.summary)
+        self._show_money()
         self._update_view()
+
+    def _on_answered(self, what: str, answer: Any) -> None:
+        if what == "market":
+            try:
+                self.market = MarketFigures.model_validate(answer)
+            except ValueError as error:
+                self.window.forecast.show_forecast(None, f"the coordinator's figures are malformed ({error})")
+                return
+            self._show_money()
+        elif what == "payouts":
+            balances, lines = economy.payout_lines(answer)
+            self.window.payouts.show_payouts(balances, lines)
+        elif what == "payout":
+            self._notify(
+                "Payout requested",
+                f"{format_credits(answer['amount_micro'])} credits to {answer['payee']}: the swarm operator pays it",
+            )
+            self.bridge.ask("payouts", lambda client: client.payouts())
+        elif what == "receipt":
+            node_id = self.status.node_id if self.status is not None else ""
+            ReceiptDialog(economy.receipt_text(answer, node_id or ""), STYLE_SHEET, self.window).exec()
+
+    def _on_ask_failed(self, what: str, message: str) -> None:
+        logger.info("%s: %s", what, message)
+        if what == "market":
+            self.window.forecast.show_forecast(
+                None, f"the swarm's market figures could not be read ({message})"
+            )
+        elif what in ("payouts", "payout"):
+            self.window.payouts.show_error(message[:1].upper() + message[1:])
+        elif what == "receipt":
+            ReceiptDialog(f"The receipt could not be read: {message}", STYLE_SHEET, self.window).exec()
+
+    def _fetch_market(self) -> None:
+        self.bridge.fetch_market(self.settings.coordinator)
+
+    def _show_money(self) -> None:
+        """The forecast, the net profit and the jobs' pay and electricity, from what is known now."""
+        status = self.status
+        electricity = self.settings.electricity
+        credit_value = (status.credit_value if status is not None else None) or (
+            self.market.credit_value if self.market is not None else None
+        )
+        jobs = status.recent_jobs if status is not None else ()
+        if self.market is not None:
+            measured = economy.measured_watts(jobs)
+            self.window.forecast.show_forecast(
+                economy.forecast_text(self.market, self.telemetry, measured, electricity)
+            )
+        if self.summary is not None:
+            by_day = status.electricity_by_day if status is not None else ()
+            money = economy.money_summary(
+                self.summary, by_day, credit_value, electricity, datetime.date.today()
+            )
+            self.window.show_earnings(self.summary, money)
+        lines = economy.job_lines(jobs, credit_value, electricity)
+        pay, spent = economy.job_chart(jobs, credit_value, electricity)
+        self.window.jobs.show_jobs(lines, pay, spent, status.energy_source if status is not None else None)
 
     def _on_stopped(self, problem: str | None, download_page: str | None = None) -> None:
         self._earnings_timer.stop()
@@ -318,6 +411,10 @@ class TrayApp(QObject):
         self.window.settings_requested.connect(self.open_settings)
         self.window.invite_code_entered.connect(self.submit_invite_code)
         self.window.runtime_cancel_requested.connect(self.stop)
+        self.window.payout_requested.connect(self.request_payout)
+        self.window.receipt_requested.connect(self.show_receipt)
+        self.bridge.answered.connect(self._on_answered)
+        self.bridge.ask_failed.connect(self._on_ask_failed)
         self.bridge.status_changed.connect(self._on_status)
         self.bridge.telemetry_read.connect(self._on_telemetry)
         self.bridge.earnings_history_read.connect(self._on_earnings_history)

@@ -15,6 +15,7 @@ from typing import Any
 from PySide6.QtCore import QObject, Signal
 
 from compute_swarm.desktop.agent import NodeAgent
+from compute_swarm.desktop.electricity import ElectricitySettings
 from compute_swarm.desktop.guards import GuardSettings
 from compute_swarm.desktop.node_description import telemetry_from_inventory
 from compute_swarm.desktop.node_stopped import NodeStopped, UnsupportedVersion
@@ -29,6 +30,10 @@ class AgentBridge(QObject):
     telemetry_read = Signal(object)  # protocol.Telemetry, read while the agent is not running
     earnings_history_read = Signal(object)  # the coordinator's answer (dict)
     earnings_history_failed = Signal(str)
+    # What the app asked of the coordinator (`ask`, `fetch_market`): its name and the answer, or the
+    # name and why it failed, in words.
+    answered = Signal(str, object)
+    ask_failed = Signal(str, str)
     # None after a clean stop, else why the agent could not go on (str); and where the coordinator does
     # not work with this app's version, its sell page (str), which offers the version it does.
     stopped = Signal(object, object)
@@ -49,6 +54,8 @@ class AgentBridge(QObject):
         self._thread: threading.Thread | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._probe_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tray-probe")
+        # The coordinator's answers on their own thread: one slow to come must not hold up the GPUs' readings.
+        self._network_executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="tray-network")
         self._probe_pending = False
 
     @property
@@ -61,6 +68,7 @@ class AgentBridge(QObject):
         guards: GuardSettings,
         invite_code: str | None = None,
         sharing: TransferSettings | None = None,
+        electricity: ElectricitySettings | None = None,
     ) -> None:
         """Register (the first time, with the invite code where the coordinator wants one), connect and
         take jobs, on the agent's own thread. A registration refused for its invite code waits for
@@ -72,6 +80,7 @@ class AgentBridge(QObject):
             self.data_dir,
             guards=guards,
             transfer=sharing,
+            electricity=electricity,
             on_change=self.status_changed.emit,  # a queued signal: safe from the agent's thread
             invite_code=invite_code,
             wait_for_invite_code=True,
@@ -89,6 +98,29 @@ class AgentBridge(QObject):
     def set_guards(self, guards: GuardSettings) -> None:
         if self._agent is not None:
             self._agent.set_guards(guards)
+
+    def set_electricity(self, electricity: ElectricitySettings) -> None:
+        if self._agent is not None:
+            self._agent.set_electricity(electricity)
+
+    def ask(self, what: str, call: Callable[[Any], Any]) -> None:
+        """Run call(node client) on the agent's side, once it has registered; the answer comes as
+        `answered(what, answer)`, a failure as `ask_failed(what, words)`."""
+        loop, agent = self._loop, self._agent
+        if loop is None or agent is None or agent.status.node_id is None:
+            self.ask_failed.emit(what, "start earning first: this computer is not connected to a swarm")
+            return
+        future = asyncio.run_coroutine_threadsafe(agent.ask_coordinator(call), loop)
+        future.add_done_callback(lambda done: self._asked(what, done))
+
+    def fetch_market(self, coordinator: str) -> None:
+        """The coordinator's market figures (public), whether or not the agent runs: for the forecast
+        before *Start earning*."""
+        from compute_swarm.sdk.client import NodeClient
+
+        self._network_executor.submit(NodeClient.market_figures, coordinator).add_done_callback(
+            lambda done: self._asked("market", done)
+        )
 
     def set_invite_code(self, code: str) -> None:
         """Hand the running agent an invite code: a registration waiting for one tries it at once.
@@ -127,6 +159,7 @@ class AgentBridge(QObject):
 
     def close(self) -> None:
         self._probe_executor.shutdown(wait=False, cancel_futures=True)
+        self._network_executor.shutdown(wait=False, cancel_futures=True)
 
     # ---- on other threads
 
@@ -156,6 +189,12 @@ class AgentBridge(QObject):
             self.earnings_history_read.emit(future.result())
         except Exception as error:
             self.earnings_history_failed.emit(str(error))
+
+    def _asked(self, what: str, future: Future) -> None:
+        try:
+            self.answered.emit(what, future.result())
+        except Exception as error:
+            self.ask_failed.emit(what, str(error))
 
     def _probe_done(self, future: Future) -> None:
         self._probe_pending = False

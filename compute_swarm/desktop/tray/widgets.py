@@ -8,7 +8,7 @@ from collections.abc import Sequence
 
 from PySide6.QtCore import QPointF, QRectF, Qt
 from PySide6.QtGui import QColor, QFont, QIcon, QPainter, QPainterPath, QPen, QPixmap
-from PySide6.QtWidgets import QSizePolicy, QWidget
+from PySide6.QtWidgets import QFrame, QLabel, QSizePolicy, QVBoxLayout, QWidget
 
 from compute_swarm.desktop.tray.state import IconState
 
@@ -94,14 +94,19 @@ class Chart(QWidget):
         self.unit = unit
         self.values: list[float] = []
         self.labels: list[str] = []  # under the bars: first and last are drawn
+        # Bars only: a second series drawn beside each bar (electricity beside earnings), in its color.
+        self.overlay: list[float] = []
+        self.overlay_color = QColor(STATE_COLORS["error"])
         self.threshold: float | None = None  # a dashed line (the temperature limit)
         self.threshold_caption = "limit"  # written on the dashed line, with its value
         self.empty_text = "no data yet"
         self.setMinimumHeight(90)
         self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
 
-    def set_values(self, values: Sequence[float], labels: Sequence[str] = ()) -> None:
-        self.values, self.labels = list(values), list(labels)
+    def set_values(
+        self, values: Sequence[float], labels: Sequence[str] = (), overlay: Sequence[float] = ()
+    ) -> None:
+        self.values, self.labels, self.overlay = list(values), list(labels), list(overlay)
         self.update()
 
     def paintEvent(self, event) -> None:
@@ -113,12 +118,12 @@ class Chart(QWidget):
         area = QRectF(self.rect()).adjusted(4, 4, -4, -18)
         painter.setPen(QPen(QColor(GRID), 1))
         painter.drawLine(area.bottomLeft(), area.bottomRight())
-        if not self.values or (self.kind == "bars" and not any(self.values)):
+        if not self.values or (self.kind == "bars" and not any(self.values) and not any(self.overlay)):
             painter.setPen(QColor(MUTED))
             painter.drawText(area, Qt.AlignmentFlag.AlignCenter, self.empty_text)
             self._draw_labels(painter, area)
             return
-        top = max([*self.values, self.threshold or 0.0])
+        top = max([*self.values, *self.overlay, self.threshold or 0.0])
         # A line's scale starts a little under its lowest point, so a few degrees do not look like a cliff.
         bottom = 0.0 if self.kind == "bars" else max(0.0, min(self.values) - 15)
         if self.kind == "line":
@@ -144,18 +149,26 @@ class Chart(QWidget):
         painter.setPen(Qt.PenStyle.NoPen)
         if self.kind == "bars":
             slot = area.width() / len(self.values)
-            painter.setBrush(self.color)
-            for index, value in enumerate(self.values):
-                height = area.bottom() - y(value)
-                if value > 0:
-                    height = max(height, 2.0)
-                painter.drawRoundedRect(
-                    QRectF(
-                        area.left() + index * slot + slot * 0.15, area.bottom() - height, slot * 0.7, height
-                    ),
-                    2,
-                    2,
-                )
+            # With an overlay, each slot holds two bars side by side; alone, one wide bar.
+            series = [(self.values, self.color, 0.15, 0.7)]
+            if self.overlay:
+                series = [(self.values, self.color, 0.1, 0.4), (self.overlay, self.overlay_color, 0.5, 0.4)]
+            for values, color, offset, width in series:
+                painter.setBrush(color)
+                for index, value in enumerate(values):
+                    height = area.bottom() - y(max(value, 0.0))
+                    if value > 0:
+                        height = max(height, 2.0)
+                    painter.drawRoundedRect(
+                        QRectF(
+                            area.left() + index * slot + slot * offset,
+                            area.bottom() - height,
+                            slot * width,
+                            height,
+                        ),
+                        2,
+                        2,
+                    )
         else:
             step = area.width() / max(len(self.values) - 1, 1)
             line = QPainterPath(QPointF(area.left(), y(self.values[0])))
@@ -211,3 +224,25 @@ class Meter(QWidget):
         if self.fraction is not None:
             painter.setBrush(self.color)
             painter.drawRoundedRect(QRectF(0, 20, max(width * self.fraction, 6), 6), 3, 3)
+
+
+def card(title: str, frame: QFrame | None = None) -> tuple[QFrame, QVBoxLayout]:
+    """A rounded panel (a new one, or `frame` made into one) with its title; the caller adds its
+    widgets to the layout."""
+    frame = frame if frame is not None else QFrame()
+    frame.setObjectName("card")
+    layout = QVBoxLayout(frame)
+    layout.setContentsMargins(14, 12, 14, 12)
+    layout.setSpacing(6)
+    heading = QLabel(title)
+    heading.setObjectName("title")
+    layout.addWidget(heading)
+    return frame, layout
+
+
+def label(text: str = "", name: str | None = None) -> QLabel:
+    widget = QLabel(text)
+    if name:
+        widget.setObjectName(name)
+    widget.setWordWrap(True)
+    return widget

@@ -24,23 +24,39 @@ from PySide6.QtWidgets import (
     QLineEdit,
     QProgressBar,
     QPushButton,
+    QScrollArea,
     QSpinBox,
     QVBoxLayout,
     QWidget,
 )
 
 from compute_swarm.desktop.agent_status import AgentStatus
+from compute_swarm.desktop.electricity import ElectricitySettings
 from compute_swarm.desktop.guards import GuardSettings
 from compute_swarm.desktop.runtime.fetch import Progress
 from compute_swarm.desktop.settings import Settings
 from compute_swarm.desktop.tray import state
-from compute_swarm.desktop.tray.widgets import MUTED, STATE_COLORS, TEXT, Chart, Meter, state_icon
+from compute_swarm.desktop.tray.economy import MoneySummary, money_text
+from compute_swarm.desktop.tray.economy_view import ForecastCard, JobsCard, PayoutsCard
+from compute_swarm.desktop.tray.widgets import (
+    MUTED,
+    STATE_COLORS,
+    TEXT,
+    Chart,
+    Meter,
+    card,
+    label,
+    state_icon,
+)
 from compute_swarm.protocol import GpuTelemetry, Telemetry
 
 LINK = "#8ab4ff"  # readable on the window's dark cards and on the notice's amber
 STYLE_SHEET = f"""
 QWidget {{ color: {TEXT}; font-size: 10pt; }}
-MainWindow, QDialog {{ background: #12161f; }}
+MainWindow, QDialog, QScrollArea#page, QWidget#page {{ background: #12161f; }}
+QListWidget {{ background: #0d1017; border: 1px solid #2a3140; border-radius: 6px; }}
+QListWidget::item {{ padding: 3px 4px; }}
+QListWidget::item:selected {{ background: #2a3140; }}
 QLabel, QCheckBox {{ background: transparent; }}
 QFrame#card {{ background: #1b2130; border-radius: 10px; }}
 QLabel#muted {{ color: {MUTED}; }}
@@ -67,38 +83,18 @@ QProgressBar::chunk {{ background: {STATE_COLORS["idle"]}; border-radius: 4px; }
 """
 
 
-def _card(title: str) -> tuple[QFrame, QVBoxLayout]:
-    frame = QFrame()
-    frame.setObjectName("card")
-    layout = QVBoxLayout(frame)
-    layout.setContentsMargins(14, 12, 14, 12)
-    layout.setSpacing(6)
-    heading = QLabel(title)
-    heading.setObjectName("title")
-    layout.addWidget(heading)
-    return frame, layout
-
-
-def _label(text: str = "", name: str | None = None) -> QLabel:
-    label = QLabel(text)
-    if name:
-        label.setObjectName(name)
-    label.setWordWrap(True)
-    return label
-
-
 class GpuCard(QFrame):
     def __init__(self) -> None:
         super().__init__()
         self.setObjectName("card")
         layout = QGridLayout(self)
         layout.setContentsMargins(14, 12, 14, 12)
-        self.name = _label("", "title")
-        self.temperature = _label("—", "big")
+        self.name = label("", "title")
+        self.temperature = label("—", "big")
         self.temperature.setAlignment(Qt.AlignmentFlag.AlignRight | Qt.AlignmentFlag.AlignVCenter)
         self.utilization = Meter("Utilisation", STATE_COLORS["idle"])
         self.memory = Meter("VRAM", "#a78bfa")
-        self.power = _label("", "muted")
+        self.power = label("", "muted")
         layout.addWidget(self.name, 0, 0)
         layout.addWidget(self.temperature, 0, 1)
         layout.addWidget(self.utilization, 1, 0, 1, 2)
@@ -134,17 +130,30 @@ class MainWindow(QWidget):
     settings_requested = Signal()
     invite_code_entered = Signal(str)  # as typed: the app checks it
     runtime_cancel_requested = Signal()
+    payout_requested = Signal()
+    receipt_requested = Signal(str)  # a job id
 
     def __init__(self, settings: Settings) -> None:
         super().__init__()
         self.setWindowTitle("compute-swarm")
         self.setWindowIcon(state_icon("offline"))
         self.setStyleSheet(STYLE_SHEET)
-        self.setMinimumWidth(480)
-        self.resize(520, 780)
+        self.setMinimumWidth(520)
+        self.resize(560, 860)
         self._limit_celsius = settings.guards.temperature_limit_celsius
         self._running = False
-        root = QVBoxLayout(self)
+        # Everything scrolls: the money cards make the window taller than a laptop's screen.
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(0, 0, 0, 0)
+        scroll = QScrollArea()
+        scroll.setObjectName("page")
+        scroll.setWidgetResizable(True)
+        scroll.setFrameShape(QFrame.Shape.NoFrame)
+        page = QWidget()
+        page.setObjectName("page")
+        scroll.setWidget(page)
+        outer.addWidget(scroll)
+        root = QVBoxLayout(page)
         root.setContentsMargins(16, 16, 16, 16)
         root.setSpacing(12)
 
@@ -154,8 +163,8 @@ class MainWindow(QWidget):
         self.icon.setFixedSize(40, 40)
         header.addWidget(self.icon)
         headings = QVBoxLayout()
-        self.headline = _label("Not earning", "headline")
-        self.detail = _label("", "muted")
+        self.headline = label("Not earning", "headline")
+        self.detail = label("", "muted")
         headings.addWidget(self.headline)
         headings.addWidget(self.detail)
         header.addLayout(headings, 1)
@@ -165,7 +174,7 @@ class MainWindow(QWidget):
         self.start_stop.clicked.connect(self._start_or_stop)
         header.addWidget(self.start_stop, 0, Qt.AlignmentFlag.AlignTop)
         root.addLayout(header)
-        self.update_notice = _label("", "notice")
+        self.update_notice = label("", "notice")
         self.update_notice.setTextFormat(Qt.TextFormat.RichText)
         self.update_notice.setOpenExternalLinks(True)  # the coordinator's sell page, in the browser
         self.update_notice.hide()
@@ -175,7 +184,7 @@ class MainWindow(QWidget):
         # the two fields line up.
         address = QGridLayout()
         address.setHorizontalSpacing(8)
-        address.addWidget(_label("Coordinator", "muted"), 0, 0)
+        address.addWidget(label("Coordinator", "muted"), 0, 0)
         self.coordinator = QLineEdit(settings.coordinator)
         self.coordinator.setPlaceholderText("http://127.0.0.1:8000")
         self.coordinator.returnPressed.connect(self._start_or_stop)
@@ -183,7 +192,7 @@ class MainWindow(QWidget):
         self.settings_button = QPushButton("Settings")
         self.settings_button.clicked.connect(self.settings_requested.emit)
         address.addWidget(self.settings_button, 0, 2)
-        self.invite_code_label = _label("Invite code", "muted")
+        self.invite_code_label = label("Invite code", "muted")
         self.invite_code = QLineEdit(settings.invite_code or "")
         self.invite_code.setPlaceholderText("swarm-invite-…, from the swarm operator")
         self.invite_code.returnPressed.connect(self._submit_invite_code)
@@ -196,19 +205,19 @@ class MainWindow(QWidget):
             widget.hide()
         address.setColumnStretch(1, 1)
         root.addLayout(address)
-        self.coordinator_error = _label("", "error")
+        self.coordinator_error = label("", "error")
         self.coordinator_error.hide()
         root.addWidget(self.coordinator_error)
 
         # ---- the engine, fetched once by a packaged app before its first job
-        self.runtime_card, runtime_layout = _card("Getting the engine ready (once)")
-        self.runtime_reason = _label("", "muted")
+        self.runtime_card, runtime_layout = card("Getting the engine ready (once)")
+        self.runtime_reason = label("", "muted")
         self.runtime_progress = QProgressBar()
         self.runtime_progress.setRange(0, 1000)
         self.runtime_progress.setTextVisible(False)
         self.runtime_progress.setFixedHeight(8)
-        self.runtime_numbers = _label("")
-        self.runtime_detail = _label("", "muted")
+        self.runtime_numbers = label("")
+        self.runtime_detail = label("", "muted")
         self.runtime_cancel = QPushButton("Cancel")
         self.runtime_cancel.clicked.connect(self.runtime_cancel_requested.emit)
         for widget in (self.runtime_reason, self.runtime_progress, self.runtime_numbers, self.runtime_detail):
@@ -217,54 +226,74 @@ class MainWindow(QWidget):
         self.runtime_card.hide()
         root.addWidget(self.runtime_card)
 
+        # ---- the forecast: what this PC could earn, before and while it does
+        self.forecast = ForecastCard()
+        root.addWidget(self.forecast)
+
         # ---- the GPUs
         self.gpu_cards: list[GpuCard] = []
         self.gpu_area = QVBoxLayout()
         self.gpu_area.setSpacing(8)
-        self.no_gpu = _label("Looking for GPUs…", "muted")
+        self.no_gpu = label("Looking for GPUs…", "muted")
         self.gpu_area.addWidget(self.no_gpu)
         root.addLayout(self.gpu_area)
 
         # ---- the job
-        job_card, job_layout = _card("Current job")
-        self.job_title = _label("No job right now")
+        job_card, job_layout = card("Current job")
+        self.job_title = label("No job right now")
         self.job_progress = QProgressBar()
         self.job_progress.setTextVisible(False)
         self.job_progress.setFixedHeight(8)
         self.job_progress.hide()
-        self.job_details = _label("", "muted")
-        self.last_job = _label("", "muted")
+        self.job_details = label("", "muted")
+        self.last_job = label("", "muted")
         for widget in (self.job_title, self.job_progress, self.job_details, self.last_job):
             job_layout.addWidget(widget)
         root.addWidget(job_card)
 
-        # ---- the earnings
-        earnings_card, earnings_layout = _card("Earnings (credits)")
+        # ---- the earnings, the electricity they cost, and the difference
+        earnings_card, earnings_layout = card("Net profit: earnings less electricity")
         numbers = QGridLayout()
         self.earned: dict[str, QLabel] = {}
+        self.earned_detail: dict[str, QLabel] = {}
         for column, (key, caption) in enumerate(
             (("today", "Today"), ("week", "This week"), ("total", "Total"))
         ):
-            value = _label("—", "big")
+            value = label("—", "big")
             numbers.addWidget(value, 0, column)
-            numbers.addWidget(_label(caption, "muted"), 1, column)
-            self.earned[key] = value
+            numbers.addWidget(label(caption, "muted"), 1, column)
+            detail = label("", "muted")
+            numbers.addWidget(detail, 2, column, Qt.AlignmentFlag.AlignTop)
+            self.earned[key], self.earned_detail[key] = value, detail
         earnings_layout.addLayout(numbers)
-        self.balances = _label("", "muted")
+        self.money_problem = label("", "notice")
+        self.money_problem.hide()
+        earnings_layout.addWidget(self.money_problem)
+        self.balances = label("", "muted")
         earnings_layout.addWidget(self.balances)
         self.earnings_chart = Chart("bars", STATE_COLORS["earning"])
         self.earnings_chart.empty_text = "your earnings per day will show here"
         earnings_layout.addWidget(self.earnings_chart)
+        self.earnings_legend = label("", "muted")
+        earnings_layout.addWidget(self.earnings_legend)
         root.addWidget(earnings_card)
 
+        # ---- each job's pay and electricity, its receipt; the payouts
+        self.jobs = JobsCard()
+        self.jobs.receipt_requested.connect(self.receipt_requested.emit)
+        root.addWidget(self.jobs)
+        self.payouts = PayoutsCard()
+        self.payouts.payout_requested.connect(self.payout_requested.emit)
+        root.addWidget(self.payouts)
+
         # ---- the temperature
-        temperature_card, temperature_layout = _card("GPU temperature, last 30 minutes")
+        temperature_card, temperature_layout = card("GPU temperature, last 30 minutes")
         self.temperature_chart = Chart("line", "#ff9f0a", " °C")
         self.temperature_chart.threshold = self._limit_celsius
         temperature_layout.addWidget(self.temperature_chart)
         root.addWidget(temperature_card)
 
-        self.connection = _label("", "muted")
+        self.connection = label("", "muted")
         root.addWidget(self.connection)
         self.show_status(None, state.RunState())
 
@@ -343,12 +372,43 @@ class MainWindow(QWidget):
             )
             self.no_gpu.show()
 
-    def show_earnings(self, summary: state.EarningsSummary) -> None:
-        self.earned["today"].setText(state.credits_text(summary.today_micro))
-        self.earned["week"].setText(state.credits_text(summary.week_micro))
-        self.earned["total"].setText(state.credits_text(summary.total_micro))
+    def show_earnings(self, summary: state.EarningsSummary, money: MoneySummary | None) -> None:
+        """Net profit where earnings convert into the seller's money, else the credits earned; each
+        period's earnings and electricity under it; the days' earnings beside their electricity."""
+        periods = {"today": summary.today_micro, "week": summary.week_micro, "total": summary.total_micro}
         labels = [day.strftime("%a %d") for day, _ in summary.daily]
-        self.earnings_chart.set_values([amount / 1e6 for _, amount in summary.daily], labels)
+        if money is None:
+            for key, credits in periods.items():
+                self.earned[key].setText(state.credits_text(credits))
+                self.earned_detail[key].setText("credits")
+            self.earnings_chart.set_values([amount / 1e6 for _, amount in summary.daily], labels)
+            self.earnings_legend.setText("credits earned per day")
+            return
+        for key, period in (("today", money.today), ("week", money.week), ("total", money.total)):
+            net = period.net_micro
+            self.earned[key].setText(
+                money_text(net, money.currency)
+                if net is not None
+                else state.credits_text(period.credits_micro)
+            )
+            earned = money_text(period.gross_micro, money.currency) if period.gross_micro is not None else ""
+            self.earned_detail[key].setText(
+                f"earned {earned} ({state.credits_text(period.credits_micro)} credits)\n"
+                f"electricity {money_text(period.electricity_micro, money.currency)}"
+            )
+        self.money_problem.setText(
+            money.problem[:1].upper() + money.problem[1:] + "." if money.problem else ""
+        )
+        self.money_problem.setVisible(bool(money.problem))
+        if money.net_by_day:
+            electricity = dict(money.electricity_by_day)
+            earned_by_day = [(net + electricity.get(day, 0)) / 1e6 for day, net in money.net_by_day]
+            spent_by_day = [electricity.get(day, 0) / 1e6 for day, _ in money.net_by_day]
+            self.earnings_chart.set_values(earned_by_day, labels, spent_by_day)
+            self.earnings_legend.setText(f"per day, in {money.currency}: green earned · red electricity")
+        else:
+            self.earnings_chart.set_values([amount / 1e6 for _, amount in summary.daily], labels)
+            self.earnings_legend.setText("credits earned per day")
 
     def show_temperatures(self, history: state.TemperatureHistory) -> None:
         values = history.values()
@@ -470,6 +530,16 @@ class SettingsDialog(QDialog):
         self.autostart.setChecked(settings.autostart)
         self.notifications = QCheckBox("Tell me when a job finishes, work pauses or the connection drops")
         self.notifications.setChecked(settings.notifications)
+        electricity = settings.electricity
+        self.price = QLineEdit(electricity.price_per_kwh)
+        self.price.setPlaceholderText("as on your bill, e.g. 0.32")
+        self.currency = QLineEdit(electricity.currency)
+        self.currency.setMaxLength(3)
+        self.currency.setPlaceholderText("EUR")
+        self.exchange_rate = QLineEdit(electricity.exchange_rate or "")
+        self.exchange_rate.setPlaceholderText("only where the swarm pays in another currency")
+        self.only_profitable = QCheckBox("Only take jobs that pay more than their electricity")
+        self.only_profitable.setChecked(electricity.only_profitable)
 
         form.addRow("Pause above", self.temperature_limit)
         form.addRow("Resume when cooler by", self.hysteresis)
@@ -488,7 +558,15 @@ class SettingsDialog(QDialog):
         form.addRow(schedule_row)
         form.addRow(self.autostart)
         form.addRow(self.notifications)
-        self.error = _label("", "error")
+        form.addRow(label("Electricity", "title"))
+        price_row = QHBoxLayout()
+        price_row.addWidget(self.price, 1)
+        price_row.addWidget(QLabel("per kWh, in"))
+        price_row.addWidget(self.currency)
+        form.addRow("Price", price_row)
+        form.addRow("1 unit of the swarm's currency is", self.exchange_rate)
+        form.addRow(self.only_profitable)
+        self.error = label("", "error")
         self.error.hide()
         form.addRow(self.error)
         self.buttons = QDialogButtonBox(
@@ -519,13 +597,21 @@ class SettingsDialog(QDialog):
                 schedule_start_hour=self.schedule_start.value(),
                 schedule_end_hour=self.schedule_end.value(),
             )
+            electricity = ElectricitySettings(
+                price_per_kwh=self.price.text(),
+                currency=self.currency.text(),
+                exchange_rate=self.exchange_rate.text() or None,
+                only_profitable=self.only_profitable.isChecked(),
+            )
         except ValidationError as error:
-            self.error.setText(str(error.errors()[0]["msg"]))
+            message = str(error.errors()[0]["msg"]).removeprefix("Value error, ")
+            self.error.setText(message[:1].upper() + message[1:])
             self.error.show()
             return
         self.result_settings = self._settings.model_copy(
             update={
                 "guards": guards,
+                "electricity": electricity,
                 "autostart": self.autostart.isChecked(),
                 "notifications": self.notifications.isChecked(),
             }
