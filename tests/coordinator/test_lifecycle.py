@@ -120,6 +120,12 @@ def test_a_job_too_big_for_a_node_tries_elsewhere_without_using_an_attempt():
     assert step.job.state == QUEUED and step.job.excluded_nodes == ("node_a",) and step.job.attempt == 0
 
 
+def test_a_job_a_seller_declines_goes_to_another_node_without_using_an_attempt():
+    job = submitted(max_attempts=1)
+    step = transition(leased(job), lifecycle.FailureReported(3.0, "declined", "unprofitable here"))
+    assert step.job.state == QUEUED and step.job.excluded_nodes == ("node_a",) and step.job.attempt == 0
+
+
 def test_crashes_are_retried_then_given_up_and_out_of_memory_avoids_the_node():
     job = submitted(max_attempts=2)
     first = transition(leased(job), lifecycle.FailureReported(3.0, "crashed", "SIGSEGV"))

@@ -245,6 +245,12 @@ def test_a_job_runs_and_is_paid_once_even_when_the_result_is_sent_twice(coordina
 
     lease = node.receive_type("lease")
     assert lease["job_id"] == job["id"] and lease["attempt"] == 1
+    # What completing it pays this node (the price less the 10 % fee), and the work it was priced by.
+    assert lease["pay_micro"] == job["price_micro"] - job["price_micro"] // 10
+    spec = job["spec"]
+    steps = spec["max_steps"]
+    examples = spec["batch_size"] * spec.get("gradient_accumulation_steps", 1)
+    assert lease["work_tokens"] == steps * examples * spec["max_sequence_length"]
     # The node gets the dataset as an artifact, never the buyer's file id.
     assert lease["spec"]["dataset"] == lease["dataset_sha256"] != job["spec"]["dataset"]
     dataset = node.http.download_artifact(lease["dataset_sha256"], Path(tempfile.mkdtemp()) / "data.jsonl")

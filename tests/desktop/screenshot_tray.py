@@ -18,14 +18,15 @@ from pathlib import Path
 from PySide6.QtCore import QEventLoop, QTimer
 from PySide6.QtWidgets import QApplication
 
+from compute_swarm.desktop import token_store
 from compute_swarm.desktop.runtime.fetch import Runtimes
 from compute_swarm.desktop.settings import SettingsStore
 from compute_swarm.desktop.tray.app import TrayApp
 from compute_swarm.engine.jobs import DEMO_CHAT_DATASET
-from compute_swarm.sdk.client import SwarmClient
+from compute_swarm.sdk.client import NodeClient, SwarmClient
 from tests.desktop.test_tray import Machine
 from tests.desktop.wheel_index import TAGS, Index, make_wheel, pin_of
-from tests.swarm_processes import Coordinator
+from tests.swarm_processes import Coordinator, run_cli
 
 
 def wait(application: QApplication, condition, timeout: float, what: str) -> None:
@@ -38,13 +39,21 @@ def wait(application: QApplication, condition, timeout: float, what: str) -> Non
         loop.exec()
 
 
+def pause(seconds: float) -> None:
+    """Let the event loop run for this long (paint, deliver the agent's and the coordinator's answers)."""
+    loop = QEventLoop()
+    QTimer.singleShot(round(seconds * 1000), loop.quit)
+    loop.exec()
+
+
 def save(app: TrayApp, application: QApplication, path: Path) -> None:
     window = app.window
-    window.resize(520, window.sizeHint().height())
-    wait(application, lambda: True, 1.5, "")  # let the last changes paint
-    # The window as X shows it (Xvfb has no window manager, so there is no title bar to include).
-    window.grab().save(str(path))
-    print(f"wrote {path} ({window.width()}×{window.height()})")
+    window.resize(560, min(window.page.sizeHint().height(), 1000))
+    pause(1.5)  # let the last changes paint
+    # The whole scrolling page, as tall as it is (Xvfb has no window manager: no title bar to include).
+    window.page.resize(window.page.width(), window.page.sizeHint().height())
+    window.page.grab().save(str(path))
+    print(f"wrote {path} ({window.page.width()}×{window.page.height()})")
 
 
 def started_window_screenshot(
@@ -74,6 +83,32 @@ def started_window_screenshot(
         app.close()
         app.window.close()
         coordinator.kill()
+
+
+def money_screenshot(
+    app: TrayApp, application: QApplication, coordinator: Coordinator, work: Path, path: Path
+) -> None:
+    """The money cards: net profit, the jobs' pay and electricity, the forecast, and a payout the swarm
+    operator paid (asked through the tray, paid through the admin CLI)."""
+    credentials = token_store.load(coordinator.url, work / "node")
+    assert credentials is not None
+    node = NodeClient(coordinator.url, credentials.token)
+    wait(application, lambda: node.me()["earnings"]["available_micro"] > 0, 60, "released credit")
+    app.bridge.ask("payout", lambda client: client.request_payout("seller@example.com"))
+    wait(application, lambda: node.payouts()["payouts"], 30, "the payout request")
+    data_dir = ["--data-dir", str(coordinator.data_dir)]
+    assert run_cli("admin", "export-payouts", *data_dir, "--output", str(work / "batch.csv")).returncode == 0
+    payout_id = node.payouts()["payouts"][0]["id"]
+    assert run_cli("admin", "mark-paid", *data_dir, payout_id, "--reference", "PAYPAL-7Q2X").returncode == 0
+    app.bridge.ask("payouts", lambda client: client.payouts())
+    wait(application, lambda: "PAYPAL-7Q2X" in app.window.payouts.payouts.text(), 30, "the paid payout")
+    # The coordinator recomputes its figures once a minute: ask until they count this computer's jobs.
+    deadline = time.monotonic() + 150
+    while "would earn" not in app.window.forecast.headline.text() and time.monotonic() < deadline:
+        app._fetch_market()
+        pause(15)
+    assert "would earn" in app.window.forecast.headline.text(), app.window.forecast.headline.text()
+    save(app, application, path)
 
 
 def joining_screenshots(application: QApplication, output: Path, work: Path) -> None:
@@ -166,7 +201,16 @@ def main() -> int:
     if "--engine-only" in sys.argv:
         engine_download_screenshot(QApplication.instance() or QApplication([]), output, work)
         return 0
-    coordinator = Coordinator(work / "coordinator").start()
+    # Credit is released at once and a payout may be small, so the money cards have something to show.
+    coordinator = Coordinator(
+        work / "coordinator",
+        environment={
+            "SWARM_PAYOUT_MINIMUM_MICRO": "1",
+            "SWARM_VERIFICATION_BASE_RATE": "0",
+            "SWARM_VERIFICATION_MINIMUM_RATE": "0",
+            "SWARM_VERIFICATION_WINDOW_SECONDS": "1",
+        },
+    ).start()
     os.environ["SWARM_COORDINATOR"] = coordinator.url
     application = QApplication.instance() or QApplication([])
     machine = Machine()
@@ -200,6 +244,7 @@ def main() -> int:
             {**spec, "max_steps": 2}
         )  # a second job, so the chart has a bar and the count grows
         wait(application, lambda: "2 jobs done" in app.window.balances.text(), 240, "the second job")
+        money_screenshot(app, application, coordinator, work, output / "tray-4-money.png")
         machine.set(temperature=88.0)
         wait(application, lambda: app.window.headline.text() == "Paused", 30, "the temperature guard")
         save(app, application, output / "tray-3-paused-hot.png")

@@ -280,20 +280,29 @@ class Payouts:
             return output.getvalue()
 
     def mark_paid(self, payout_id: str, reference: str) -> dict:
-        """Ops paid it (outside the swarm): the credit leaves the ledger. The same reference again
-        changes nothing; another one, or paying a rejected payout, is refused (409)."""
-        reference = " ".join(reference.split())
-        if not reference:
-            raise PayoutError("give the payment's reference (the transfer's id), so it can be traced")
+        """Ops paid it (outside the swarm), with this payment reference: the credit leaves the ledger."""
+        return self._end(payout_id, PAID, reference, "give the payment's reference (the transfer's id)")
+
+    def reject(self, payout_id: str, reason: str) -> dict:
+        """Ops will not pay it: the credit goes back to the seller's available balance."""
+        return self._end(payout_id, REJECTED, reason, "say why the payout is rejected: its seller reads it")
+
+    def _end(self, payout_id: str, outcome: str, words: str, missing: str) -> dict:
+        """End a payout paid (`words`: the payment's reference) or rejected (the reason its seller
+        reads). The same end again changes nothing (a rejection keeps its first reason); another end, or
+        paying a payout not exported yet (its amount in the currency is not on record), is refused (409)."""
+        words = " ".join(words.split())
+        if not words:
+            raise PayoutError(missing)
         with self.database.transaction() as session:
             payout = self._locked(session, payout_id)
-            if payout.state == PAID:
-                if payout.reference != reference:
-                    raise PayoutError(
-                        f"payout {payout_id} was paid already, with reference {payout.reference!r}", 409
-                    )
+            said = payout.reference if payout.state == PAID else payout.reason
+            if payout.state == outcome and (outcome == REJECTED or said == words):
                 return self._described(session, payout)
-            if payout.state != EXPORTED:
+            if payout.state in (PAID, REJECTED):
+                what = "reference" if payout.state == PAID else "reason"
+                raise PayoutError(f"payout {payout_id} was {payout.state} already ({what} {said!r})", 409)
+            if outcome == PAID and payout.state != EXPORTED:
                 raise PayoutError(
                     f"payout {payout_id} is {payout.state}: only an exported payout can be marked paid "
                     f"(export it first, so its amount in the currency is on record)",
@@ -304,36 +313,14 @@ class Payouts:
                 payout.node_id,
                 payout.id,
                 payout.amount_micro,
-                paid=True,
-                memo=f"payout {payout.id} paid: {reference}"[:500],
+                paid=outcome == PAID,
+                memo=f"payout {payout.id} {outcome}: {words}"[:500],
             )
-            payout.state, payout.reference, payout.decided_at = PAID, reference, time.time()
-            return self._described(session, payout)
-
-    def reject(self, payout_id: str, reason: str) -> dict:
-        """Ops will not pay it: the credit goes back to the seller's available balance. The same
-        rejection again changes nothing; rejecting a paid payout is refused (409)."""
-        reason = " ".join(reason.split())
-        if not reason:
-            raise PayoutError("say why the payout is rejected: its seller reads it")
-        with self.database.transaction() as session:
-            payout = self._locked(session, payout_id)
-            if payout.state == REJECTED:
-                return self._described(session, payout)
-            if payout.state == PAID:
-                raise PayoutError(
-                    f"payout {payout_id} was paid (reference {payout.reference!r}); it cannot be rejected",
-                    409,
-                )
-            ledger.settle_payout(
-                session,
-                payout.node_id,
-                payout.id,
-                payout.amount_micro,
-                paid=False,
-                memo=f"payout {payout.id} rejected: {reason}"[:500],
-            )
-            payout.state, payout.reason, payout.decided_at = REJECTED, reason[:500], time.time()
+            payout.state, payout.decided_at = outcome, time.time()
+            if outcome == PAID:
+                payout.reference = words[:200]
+            else:
+                payout.reason = words[:500]
             return self._described(session, payout)
 
     def _locked(self, session: Session, payout_id: str) -> Payout:

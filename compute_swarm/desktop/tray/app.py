@@ -310,6 +310,8 @@ class TrayApp(QObject):
             for title, message in state.notifications(self.status, status):
                 self._notify(title, message)
         earnings_changed = self.status is None or status.earnings != self.status.earnings
+        if status.connected and (self.status is None or not self.status.connected):
+            self._fetch_market()  # the figures now count this computer
         self.status = status
         if status.node_id is not None and self.settings.invite_code is not None:
             # Registered: the code has done its work, and is not kept where it could be read.
@@ -392,7 +394,10 @@ class TrayApp(QObject):
             self.window.show_earnings(self.summary, money)
         lines = economy.job_lines(jobs, credit_value, electricity)
         pay, spent = economy.job_chart(jobs, credit_value, electricity)
-        self.window.jobs.show_jobs(lines, pay, spent, status.energy_source if status is not None else None)
+        unit = electricity.currency if spent else "credits"
+        self.window.jobs.show_jobs(
+            lines, pay, spent, status.energy_source if status is not None else None, unit
+        )
 
     def _on_stopped(self, problem: str | None, download_page: str | None = None) -> None:
         self._earnings_timer.stop()

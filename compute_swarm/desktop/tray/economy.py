@@ -92,7 +92,7 @@ def money_text(micro: int | None, currency: str) -> str:
     """An amount for the cards: small sums keep four decimals, so a cent's fraction still shows."""
     if micro is None:
         return "—"
-    return money.format_money(micro, currency, 4 if abs(micro) < 10_000 else None)
+    return money.format_money(micro, currency, 4 if 0 < abs(micro) < 10_000 else None)
 
 
 @dataclass(frozen=True)

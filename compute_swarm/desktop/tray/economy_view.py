@@ -50,35 +50,47 @@ class JobsCard(QFrame):
     def __init__(self) -> None:
         super().__init__()
         _, layout = card("Jobs: pay and electricity", self)
+        self.empty = label("No jobs yet: each job's pay, energy and electricity will show here.", "muted")
         self.chart = Chart("bars", STATE_COLORS["earning"])
-        self.chart.empty_text = "each job's pay and electricity will show here"
-        self.legend = label(
-            "green: what each job pays · red: the electricity it used (latest on the right)", "muted"
-        )
+        self.legend = label("", "muted")
         self.jobs = QListWidget()
-        self.jobs.setMinimumHeight(110)
         self.jobs.itemDoubleClicked.connect(self._ask_receipt)
         self.energy_source = label("", "muted")
-        buttons = QHBoxLayout()
         self.receipt_button = QPushButton("Show receipt")
-        self.receipt_button.clicked.connect(lambda: self._ask_receipt(self.jobs.currentItem()))
-        buttons.addStretch(1)
-        buttons.addWidget(self.receipt_button)
-        for widget in (self.chart, self.legend, self.jobs, self.energy_source):
+        self.receipt_button.clicked.connect(
+            lambda: self._ask_receipt(self.jobs.currentItem() or self.jobs.item(0))
+        )
+        buttons = QHBoxLayout()
+        buttons.addWidget(self.energy_source, 1)
+        buttons.addWidget(self.receipt_button, 0, Qt.AlignmentFlag.AlignTop)
+        for widget in (self.empty, self.chart, self.legend, self.jobs):
             layout.addWidget(widget)
         layout.addLayout(buttons)
+        self.show_jobs([], [], [], None, "")
 
     def show_jobs(
-        self, lines: list[JobLine], pay: list[float], electricity: list[float], source: str | None
+        self, lines: list[JobLine], pay: list[float], electricity: list[float], source: str | None, unit: str
     ) -> None:
+        """The latest jobs (newest first), and the chart of what each paid beside its electricity, in
+        `unit` (a currency, or credits when nothing converts)."""
         self.jobs.clear()
         for line in lines[:JOBS_LISTED]:
             item = QListWidgetItem(line.text)
             item.setData(Qt.ItemDataRole.UserRole, line.job_id)
             self.jobs.addItem(item)
-        self.receipt_button.setEnabled(bool(lines))
+        has_jobs = bool(lines)
+        for widget in (self.chart, self.legend, self.jobs, self.receipt_button):
+            widget.setVisible(has_jobs)
+        self.empty.setVisible(not has_jobs)
+        rows = min(max(len(lines), 1), 6)
+        self.jobs.setFixedHeight(rows * (self.jobs.fontMetrics().height() + 8) + 6)
         self.chart.set_values(pay, [], electricity)
-        self.energy_source.setText(f"Energy: {source}" if source else "")
+        self.legend.setText(
+            f"each job, latest on the right, in {unit}: green what it pays · red its electricity"
+            if electricity
+            else f"what each job pays, in {unit}, latest on the right"
+        )
+        self.energy_source.setText(f"Energy {source}" if source else "")
 
     def _ask_receipt(self, item: QListWidgetItem | None) -> None:
         if item is not None:
@@ -103,8 +115,10 @@ class PayoutsCard(QFrame):
         for widget in (self.balances, self.payouts, self.error):
             layout.addWidget(widget)
         layout.addLayout(buttons)
+        self.request_button.setEnabled(False)  # until the swarm says what may be paid out
 
     def show_payouts(self, balances: str, lines: list[str]) -> None:
+        self.request_button.setEnabled(True)
         self.balances.setText(balances)
         self.payouts.setText("\n".join(lines) if lines else "No payouts yet.")
         self.payouts.setObjectName("" if lines else "muted")

@@ -152,6 +152,7 @@ class MainWindow(QWidget):
         page = QWidget()
         page.setObjectName("page")
         scroll.setWidget(page)
+        self.page = page
         outer.addWidget(scroll)
         root = QVBoxLayout(page)
         root.setContentsMargins(16, 16, 16, 16)
@@ -393,8 +394,8 @@ class MainWindow(QWidget):
             )
             earned = money_text(period.gross_micro, money.currency) if period.gross_micro is not None else ""
             self.earned_detail[key].setText(
-                f"earned {earned} ({state.credits_text(period.credits_micro)} credits)\n"
-                f"electricity {money_text(period.electricity_micro, money.currency)}"
+                f"earned {earned}\nelectricity {money_text(period.electricity_micro, money.currency)}\n"
+                f"({state.credits_text(period.credits_micro)} credits)"
             )
         self.money_problem.setText(
             money.problem[:1].upper() + money.problem[1:] + "." if money.problem else ""
