@@ -14,16 +14,38 @@ import sys
 import tempfile
 from pathlib import Path
 
+import httpx
 from playwright.sync_api import expect, sync_playwright
 
+from compute_swarm.coordinator.store.database import Database
 from compute_swarm.engine.jobs import DEFAULT_MODEL
 from compute_swarm.engine.models import prepared_model_directory
 from tests.browser.conftest import CHROMIUM, CHROMIUM_ARGS, DESKTOP_VIEWPORT, PHONE_VIEWPORT
 from tests.browser.test_web_page import ADMIN_TOKEN, BAD_DATASET, DATASET, drop_file, sign_up, start_swarm
+from tests.coordinator.test_payouts import earning_node
 from tests.swarm_processes import Coordinator, run_cli
 
 REPOSITORY = Path(__file__).resolve().parents[2]
 LINUX_BROWSER = "Mozilla/5.0 (X11; Linux x86_64) AppleWebKit/537.36 Chrome/131.0 Safari/537.36"
+
+
+def ask_for_payouts(coordinator: Coordinator) -> None:
+    """Three sellers with verified work ask to be paid; ops export the first one's request at once."""
+    database = Database(f"sqlite:///{coordinator.data_dir / 'coordinator.sqlite3'}")
+    try:
+        sellers = [earning_node(coordinator, database, credits)[1] for credits in (64_000, 31_500, 25_000)]
+    finally:
+        database.close()
+    sellers[0].request_payout("payments@pixel-forge.example", amount_micro=60_000 * 10**6)
+    exported = httpx.post(
+        f"{coordinator.url}/api/ops/payouts/export",
+        json={"currency": "EUR", "rate": "0.00046"},
+        headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        timeout=10,
+    )
+    exported.raise_for_status()
+    sellers[1].request_payout("IBAN DE02 1203 0000 0000 2020 51")
+    sellers[2].request_payout("wallet:0x5aAeb6053F3E94C9b9A09f33669435E7Ef1BeAed")
 
 
 def sell_page_screenshots(output: Path, work: Path) -> None:
@@ -117,11 +139,36 @@ def main() -> int:
             page.goto(f"{coordinator.url}/account")
             shoot(page, "10-account")
 
+            # A sweep: priced as the form is filled, followed trial by trial, then done.
+            page.get_by_role("link", name="Sweeps", exact=True).click()
+            page.fill("#learning_rate", "0.001, 0.00001")
+            page.fill("#rank", "4, 8")
+            page.fill("#max_steps", "8")
+            page.click("#advanced summary")
+            page.fill("#batch_size", "2")
+            page.fill("#max_sequence_length", "96")
+            with page.expect_response("**/sweeps/quote"):
+                page.fill("#max_total_price", "1")
+            expect(page.locator("#quote-price")).to_have_text(re.compile(r"\d"))
+            shoot(page, "18-sweeps-new")
+            page.click("#launch-button")
+            page.wait_for_selector("#chart circle.trial-dot", timeout=240_000)
+            page.wait_for_timeout(4000)
+            shoot(page, "19-sweep-running")
+            expect(page.locator("#sweep-state")).to_have_text("completed", timeout=600_000)
+            page.wait_for_timeout(1000)
+            shoot(page, "20-sweep-completed")
+            page.get_by_role("link", name="Sweeps", exact=True).click()
+            shoot(page, "21-sweeps")
+
+            # Sellers asking to be paid: one batch exported already, two requests since.
+            ask_for_payouts(coordinator)
             ops = browser.new_context(viewport=DESKTOP_VIEWPORT).new_page()
             ops.goto(f"{coordinator.url}/ops")
             ops.fill("#admin_token", ADMIN_TOKEN)
             ops.get_by_role("button", name="Sign in").click()
             ops.wait_for_selector("#nodes tr[data-node]")
+            ops.wait_for_selector("#payout-queue tr[data-payout]")
             shoot(ops, "11-ops")
 
             # The same buyer on a phone (signed in with the key the account page does not show again).
@@ -133,6 +180,7 @@ def main() -> int:
                 ("12-phone-jobs", "/jobs"),
                 ("13-phone-new-job", "/jobs/new"),
                 ("14-phone-account", "/account"),
+                ("22-phone-sweeps", "/sweeps"),
             ]:
                 phone.goto(f"{coordinator.url}{path}")
                 shoot(phone, name)

@@ -1,5 +1,6 @@
 """The coordinator's web page, driven as a browser drives it: sign-up and sign-in, the session cookie,
-CSRF and Origin checks, ownership, API keys, the launch form, the ops page, headers and page weight.
+CSRF and Origin checks, ownership, API keys, the launch form, the ops page, headers and page weight
+(the sweep pages: test_web_sweeps.py; the account's requests and the payout queue: test_web_requests.py).
 
 Each test runs its own coordinator in-process (TestClient, lifespan included) on a fresh data dir.
 """
@@ -914,11 +915,17 @@ def page_weight(client: TestClient, page) -> int:
 def test_every_page_has_the_security_headers_and_stays_small(client):
     pages = {"/sign-in": client.get("/sign-in"), "/ops/sign-in": client.get("/ops/sign-in")}
     api_key, _ = sign_up(client)
-    job_id = submit_job(client, api_key, upload_dataset(client, api_key))
+    file_id = upload_dataset(client, api_key)
+    job_id = submit_job(client, api_key, file_id)
+    sweep_spec = {"base": spec(file_id)["spec"], "parameters": {"rank": {"values": [4, 8]}}}
+    sweep = client.post("/api/sweeps", json={"spec": sweep_spec}, headers=bearer(api_key))
+    assert sweep.status_code == 201, sweep.text
     for path in [
         "/jobs",
         "/files",
         "/jobs/new",
+        "/sweeps",
+        f"/sweeps/{sweep.json()['id']}",
         "/playground",
         "/account",
         f"/jobs/{job_id}",

@@ -42,7 +42,7 @@ def test_net_profit_by_period_and_day_in_the_sellers_money() -> None:
     unconverted = economy.money_summary(earnings, spent, VALUE, euros, TODAY)
     assert unconverted.today.net_micro is None and unconverted.net_by_day == ()
     assert "set how much 1 USD is in EUR" in unconverted.problem
-    assert economy.money_text(0, "USD") == "$0.00" and economy.money_text(-300, "USD") == "-$0.0003"
+    assert economy.money_text(0, "USD") == "$0.00" and economy.money_text(-300, "USD") == "-$0.00030"
 
 
 def test_job_lines_and_chart_show_pay_beside_electricity() -> None:
@@ -59,7 +59,7 @@ def test_job_lines_and_chart_show_pay_beside_electricity() -> None:
     )
     lines = economy.job_lines(jobs, VALUE, DOLLARS)
     assert [line.job_id for line in lines] == ["job_b", "job_a"]  # newest first
-    assert "job_a · 2 min · 1.0 Wh, $0.0002 · pays 100 credits · net $0.05" in lines[1].text
+    assert "job_a · 2 min · 1.0 Wh, $0.00020 · pays 100 credits · net $0.05" in lines[1].text
     assert "job_b · cancelled · 10 min" in lines[0].text and "(estimated)" in lines[0].text
     assert lines[1].net_micro == 50_000 - 200
     assert economy.job_chart(jobs, VALUE, DOLLARS) == ([0.05, 0.0], [0.0002, 0.001])

@@ -89,10 +89,14 @@ def money_summary(
 
 
 def money_text(micro: int | None, currency: str) -> str:
-    """An amount for the cards: small sums keep four decimals, so a cent's fraction still shows."""
+    """An amount for the cards: a sum under a cent keeps two significant digits ($0.00030), so a job's
+    electricity or a CPU's pay does not read as nothing."""
     if micro is None:
         return "—"
-    return money.format_money(micro, currency, 4 if 0 < abs(micro) < 10_000 else None)
+    places = None
+    if 0 < abs(micro) < 10_000:
+        places = min(6, 8 - len(str(abs(micro))))
+    return money.format_money(micro, currency, places)
 
 
 @dataclass(frozen=True)

@@ -13,6 +13,7 @@ from PySide6.QtWidgets import (
     QFrame,
     QHBoxLayout,
     QLineEdit,
+    QListView,
     QListWidget,
     QListWidgetItem,
     QPushButton,
@@ -24,6 +25,7 @@ from compute_swarm.desktop.tray.widgets import STATE_COLORS, Chart, card, label
 from compute_swarm.money import MoneyError, parse_micro
 
 JOBS_LISTED = 20
+VISIBLE_JOBS = 5  # the list's height; the rest scroll
 
 
 class ForecastCard(QFrame):
@@ -54,6 +56,9 @@ class JobsCard(QFrame):
         self.chart = Chart("bars", STATE_COLORS["earning"])
         self.legend = label("", "muted")
         self.jobs = QListWidget()
+        self.jobs.setWordWrap(True)  # a job's line wraps in the card, never scrolls sideways
+        self.jobs.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.jobs.setResizeMode(QListView.ResizeMode.Adjust)
         self.jobs.itemDoubleClicked.connect(self._ask_receipt)
         self.energy_source = label("", "muted")
         self.receipt_button = QPushButton("Show receipt")
@@ -82,8 +87,8 @@ class JobsCard(QFrame):
         for widget in (self.chart, self.legend, self.jobs, self.receipt_button):
             widget.setVisible(has_jobs)
         self.empty.setVisible(not has_jobs)
-        rows = min(max(len(lines), 1), 6)
-        self.jobs.setFixedHeight(rows * (self.jobs.fontMetrics().height() + 8) + 6)
+        shown = range(min(len(lines), VISIBLE_JOBS))
+        self.jobs.setFixedHeight(sum(self.jobs.sizeHintForRow(row) for row in shown) + 8)
         self.chart.set_values(pay, [], electricity)
         self.legend.setText(
             f"each job, latest on the right, in {unit}: green what it pays · red its electricity"

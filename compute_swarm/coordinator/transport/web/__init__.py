@@ -13,7 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from compute_swarm.coordinator.transport.web import buyer_pages, ops_pages, render, sell_pages
+from compute_swarm.coordinator.transport.web import buyer_pages, ops_pages, render, sell_pages, sweep_pages
 
 STATIC = Path(__file__).parent / "static"
 
@@ -21,6 +21,7 @@ STATIC = Path(__file__).parent / "static"
 def install(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     app.include_router(buyer_pages.router)
+    app.include_router(sweep_pages.router)
     app.include_router(ops_pages.router)
     app.include_router(sell_pages.router)
     # Errors on pages become pages (401: the sign-in page); the API's own handler answers the rest.

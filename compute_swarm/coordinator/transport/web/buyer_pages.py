@@ -25,6 +25,7 @@ from compute_swarm.coordinator.service.inference import fine_tuned_model_id
 from compute_swarm.coordinator.service.submissions import JobError
 from compute_swarm.coordinator.store import ledger
 from compute_swarm.coordinator.store.tables import File, Job, JobEvent, LedgerEntry, LedgerTransaction
+from compute_swarm.coordinator.transport.api.account import inference_requests
 from compute_swarm.coordinator.transport.api.deps import (
     CurrentBuyer,
     OwnedJob,
@@ -50,6 +51,7 @@ LAUNCH_FIELDS = {
     "gradient_accumulation_steps": ("1", True),
     "max_sequence_length": ("512", True),
 }
+LISTED_REQUESTS = 100  # the newest live requests on the account page; the totals count them all
 INTEGER_FIELDS = {"max_steps", "rank", "batch_size", "gradient_accumulation_steps", "max_sequence_length"}
 
 
@@ -218,7 +220,7 @@ def sign_out(buyer: CurrentBuyer, request: Request, services: ServicesDep) -> Re
 # ---- files and jobs
 
 
-def _files(services: ServicesDep, buyer_id: str, purpose: str | None = None) -> list[FileOut]:
+def files_of(services: ServicesDep, buyer_id: str, purpose: str | None = None) -> list[FileOut]:
     query = select(File).where(File.buyer_id == buyer_id).order_by(File.created_at.desc()).limit(500)
     if purpose is not None:
         query = query.where(File.purpose == purpose)
@@ -232,7 +234,7 @@ def files_page(request: Request, buyer: CurrentBuyer, services: ServicesDep) -> 
         request,
         "files.html",
         title="Datasets",
-        files=_files(services, buyer.id),
+        files=files_of(services, buyer.id),
         max_bytes=services.settings.max_dataset_bytes,
     )
 
@@ -260,7 +262,7 @@ def _launch_page(
         "new_job.html",
         status_code=status_code,
         title="New fine-tune",
-        datasets=_files(services, buyer_id, "dataset"),
+        datasets=files_of(services, buyer_id, "dataset"),
         models=sorted(CATALOGUE.values(), key=lambda model: model.parameters),
         fields=LAUNCH_FIELDS,
         values=values,
@@ -407,6 +409,7 @@ def _account_page(
     with services.database.reading() as session:
         balance = buyer_reads.balance(session, buyer_id)
         lines = buyer_reads.ledger_lines(session, buyer_id, limit=200)
+        requests = inference_requests(session, buyer_id, limit=LISTED_REQUESTS)
     return render.page(
         request,
         "account.html",
@@ -414,6 +417,7 @@ def _account_page(
         title="Account",
         balance=balance,
         lines=lines,
+        requests=requests,
         keys=list_keys(services, buyer_id),
         new_key=new_key,
         errors=errors or {},

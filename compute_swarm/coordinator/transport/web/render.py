@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+from decimal import Decimal
 from functools import cache
 from pathlib import Path
 from urllib.parse import quote
@@ -18,9 +19,10 @@ from compute_swarm.protocol import format_credits
 
 TEMPLATES = Path(__file__).parent / "templates"
 STATIC = Path(__file__).parent / "static"
-# Paths that answer JSON or bytes, not pages.
+# Paths that answer JSON or bytes, not pages (the sweep form's price is JSON for the page's script).
 NOT_PAGES = (
     "/api/",
+    "/sweeps/quote",
     "/v1/",
     "/v1",
     "/node",
@@ -57,6 +59,7 @@ def _environment() -> Environment:
     environment.filters["credits"] = format_credits
     environment.filters["when"] = _when
     environment.filters["size"] = _size
+    environment.filters["setting"] = setting_text
     environment.globals["asset"] = asset_url
     environment.globals["ledger_label"] = ledger_label
     return environment
@@ -76,6 +79,16 @@ def ledger_label(kind: str, amount_micro: int) -> str:
     if kind == "charge":
         return "unused hold returned" if amount_micro > 0 else "charged"
     return {"refund": "refunded", "grant": "credits added"}.get(kind, kind)
+
+
+def setting_text(value: float | int | None) -> str:
+    """A trial's setting as people read it, to 4 significant digits: 0.0003, 16, 0.00001 (as the
+    page's script writes it, so a refreshed table reads the same)."""
+    if value is None:
+        return ""
+    if isinstance(value, int) or float(value).is_integer():
+        return str(int(value))
+    return format(Decimal(f"{value:.4g}"), "f")
 
 
 def _when(moment: float | None) -> str:

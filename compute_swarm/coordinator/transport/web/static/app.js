@@ -32,7 +32,8 @@ async function api(path, { method = "GET", body, headers = {}, raw = false } = {
   }
   const answer = (response.headers.get("content-type") || "").includes("json") ? await response.json() : null;
   if (!response.ok) {
-    const detail = answer && (typeof answer.detail === "string" ? answer.detail : answer.error ? answer.error.message : JSON.stringify(answer.detail));
+    const detail = answer && (typeof answer.detail === "string" ? answer.detail : answer.error ? answer.error.message
+      : Array.isArray(answer.detail) ? answer.detail.map((problem) => `${problem.loc.at(-1)}: ${problem.msg}`).join("; ") : JSON.stringify(answer.detail));
     throw new ApiError(response.status, detail || response.statusText, answer && answer.fields);
   }
   return answer;
@@ -318,7 +319,8 @@ function addFileRow(file) {
   body.prepend(element("tr", { "data-file": file.id },
     element("td", {}, file.filename, element("div", { class: "muted small" }, `${file.id} · ${file.purpose}`)),
     element("td", {}, String(file.lines)), element("td", {}, size), element("td", {}, timeElement(file.created_at)),
-    element("td", {}, element("a", { href: `/jobs/new?dataset=${encodeURIComponent(file.id)}` }, "Fine-tune on it"))));
+    element("td", {}, element("a", { href: `/jobs/new?dataset=${encodeURIComponent(file.id)}` }, "Fine-tune on it"),
+      " · ", element("a", { href: `/sweeps?dataset=${encodeURIComponent(file.id)}#new-sweep` }, "Sweep on it"))));
 }
 
 // ---- Jobs: the list follows each job's state and progress
@@ -430,22 +432,9 @@ function setUpNewJob() {
   refresh();
 }
 
-// ---- A job: live loss chart, progress, attempts and log
+// ---- charts: an SVG canvas and a loss axis, shared by a job's loss chart and a sweep's trial chart
 
-function lossChart(container, points) {
-  const train = points.filter((point) => point.loss !== null);
-  const held = points.filter((point) => point.eval_loss !== null);
-  if (!train.length && !held.length) return;
-  const width = 640, height = 260, left = 46, right = 12, top = 12, bottom = 30;
-  const steps = points.map((point) => point.step);
-  const values = [...train.map((point) => point.loss), ...held.map((point) => point.eval_loss)];
-  const minStep = Math.min(...steps), maxStep = Math.max(...steps, minStep + 1);
-  let low = Math.min(...values), high = Math.max(...values);
-  if (high - low < 1e-6) { low -= 0.5; high += 0.5; }
-  const pad = (high - low) * 0.08;
-  low = Math.max(0, low - pad); high += pad;
-  const x = (step) => left + ((step - minStep) / (maxStep - minStep)) * (width - left - right);
-  const y = (value) => top + (1 - (value - low) / (high - low)) * (height - top - bottom);
+function svgCanvas(width, height) {
   const ns = "http://www.w3.org/2000/svg";
   const svg = document.createElementNS(ns, "svg");
   svg.setAttribute("viewBox", `0 0 ${width} ${height}`);
@@ -456,11 +445,41 @@ function lossChart(container, points) {
     svg.append(node);
     return node;
   };
+  return { svg, add };
+}
+
+// The span of a loss axis: the values, padded a little, never below 0.
+function lossRange(values) {
+  let low = Math.min(...values), high = Math.max(...values);
+  if (high - low < 1e-6) { low -= 0.5; high += 0.5; }
+  const pad = (high - low) * 0.08;
+  return [Math.max(0, low - pad), high + pad];
+}
+
+// Five level lines across the plot, each with its value at the left.
+function lossGrid(add, y, low, high, left, right, width) {
   for (let i = 0; i <= 4; i++) {
     const value = low + ((high - low) * i) / 4;
     add("line", { class: "grid-line", x1: left, x2: width - right, y1: y(value), y2: y(value) });
     add("text", { x: left - 6, y: y(value) + 4, "text-anchor": "end" }, value.toFixed(value < 10 ? 2 : 1));
   }
+}
+
+// ---- A job: live loss chart, progress, attempts and log
+
+function lossChart(container, points) {
+  const train = points.filter((point) => point.loss !== null);
+  const held = points.filter((point) => point.eval_loss !== null);
+  if (!train.length && !held.length) return;
+  const width = 640, height = 260, left = 46, right = 12, top = 12, bottom = 30;
+  const steps = points.map((point) => point.step);
+  const values = [...train.map((point) => point.loss), ...held.map((point) => point.eval_loss)];
+  const minStep = Math.min(...steps), maxStep = Math.max(...steps, minStep + 1);
+  const [low, high] = lossRange(values);
+  const x = (step) => left + ((step - minStep) / (maxStep - minStep)) * (width - left - right);
+  const y = (value) => top + (1 - (value - low) / (high - low)) * (height - top - bottom);
+  const { svg, add } = svgCanvas(width, height);
+  lossGrid(add, y, low, high, left, right, width);
   add("line", { class: "axis", x1: left, x2: width - right, y1: height - bottom, y2: height - bottom });
   // Whole steps at a round spacing (1, 2, 5, 10, 20, 50, ...), about six of them.
   const rough = (maxStep - minStep) / 6;
@@ -525,6 +544,189 @@ function setUpJob() {
   }
   // A finished job's chart is drawn once; an open one follows the node.
   every(2, refresh);
+}
+
+// ---- Sweeps: the launch form priced as it changes; a sweep's trials, live
+
+// A trial still running or waiting, its price held (a verifying one is charged already).
+const HELD_STATES = ["queued", "leased", "running"];
+
+// A trial's setting to 4 significant digits, written out (0.00001, not 1e-5), as the page renders it.
+function settingText(value) {
+  if (value === null || value === undefined) return "";
+  const rounded = Number(value.toPrecision(4));
+  if (Number.isInteger(rounded)) return String(rounded);
+  const decimals = Math.min(100, Math.max(0, 3 - Math.floor(Math.log10(Math.abs(rounded)))));
+  return rounded.toFixed(decimals).replace(/0+$/, "").replace(/\.$/, "");
+}
+
+function trialSettings(row, swept) {
+  return swept.map((name) => `${name}=${settingText(row[name])}`).join(", ");
+}
+
+function setUpSweeps() {
+  const form = document.getElementById("new-sweep");
+  const price = document.getElementById("quote-price");
+  const trialCount = document.getElementById("quote-trials");
+  const balance = document.getElementById("quote-balance");
+  const note = document.getElementById("quote-note");
+  const quote = document.getElementById("quote");
+  const button = document.getElementById("launch-button");
+  const trials = document.getElementById("trials");
+  const usual = note.textContent;
+  const names = [...new Set([...form.elements].map((field) => field.name).filter((name) => name && name !== "csrf_token"))];
+  let timer = null, asked = 0;
+
+  // Sent back with a problem: bring the form into view at the first field in trouble.
+  const trouble = form.querySelector('[aria-invalid="true"]') || form.querySelector(".form-error");
+  if (trouble) {
+    trouble.scrollIntoView({ block: "center" });
+    if (trouble.matches("input, select")) trouble.focus();
+  }
+
+  // The coordinator reads the form (the same reading as the launch's) and prices every trial.
+  async function refresh() {
+    const ticket = ++asked;
+    let answer;
+    try {
+      answer = await api("/sweeps/quote", { method: "POST", body: new FormData(form), raw: true });
+    } catch (error) {
+      if (ticket !== asked) return;
+      price.textContent = "–";
+      note.textContent = `No price now: ${error.message}`;
+      return;
+    }
+    if (ticket !== asked) return;
+    for (const name of names) showFieldError(name, answer.fields[name] || null);
+    if (answer.price_micro === undefined) {
+      price.textContent = "–";
+      trialCount.textContent = "";
+      quote.classList.remove("short");
+      button.disabled = !document.getElementById("dataset");
+      if (answer.fields.dataset && !document.getElementById("dataset")) note.textContent = "Upload a dataset to see the price.";
+      else note.textContent = answer.form || "Mend the fields marked in red to see the price.";
+      return;
+    }
+    price.textContent = credits(answer.price_micro);
+    trialCount.textContent = answer.trials === 1 ? "for 1 trial" : `for ${answer.trials} trials, at most ${credits(answer.most_per_trial_micro)} each`;
+    balance.textContent = credits(answer.available_micro);
+    quote.classList.toggle("short", !answer.affordable);
+    const capped = Object.keys(answer.fields).length > 0;
+    note.textContent = !answer.affordable ? "Your balance does not cover this price: fewer trials or steps, or add credits."
+      : capped ? "Above your cost cap: the sweep would be refused. Raise the cap or try fewer trials." : usual;
+    button.disabled = !answer.affordable;
+  }
+  form.addEventListener("input", () => { clearTimeout(timer); timer = setTimeout(refresh, 300); });
+  for (const choice of form.querySelectorAll('input[name="strategy"]')) {
+    choice.addEventListener("change", () => {
+      // Random search needs a count; a grid runs every combination unless capped.
+      if (choice.checked && choice.value === "random" && !trials.value.trim()) trials.value = "8";
+    });
+  }
+  form.addEventListener("submit", () => { button.disabled = true; button.textContent = "Starting…"; });
+  refresh();
+}
+
+function sweepChart(container, sweep, swept) {
+  const rows = sweep.trials;
+  const measured = rows.filter((row) => row.eval_loss !== null);
+  if (!measured.length) return;
+  const width = 640, height = 260, left = 46, right = 12, top = 18, bottom = 34;
+  const [low, high] = lossRange(measured.map((row) => row.eval_loss));
+  const slot = (width - left - right) / rows.length;
+  const x = (trial) => left + (trial - 0.5) * slot;
+  const y = (value) => top + (1 - (value - low) / (high - low)) * (height - top - bottom);
+  const { svg, add } = svgCanvas(width, height);
+  lossGrid(add, y, low, high, left, right, width);
+  add("line", { class: "axis", x1: left, x2: width - right, y1: height - bottom, y2: height - bottom });
+  // Every trial's number under its place, or every few where there are many.
+  const labelEvery = Math.ceil(rows.length / 20);
+  for (const row of rows) {
+    if (row.trial % labelEvery === 0 || row.trial === 1) add("text", { x: x(row.trial), y: height - bottom + 16, "text-anchor": "middle" }, String(row.trial));
+  }
+  add("text", { x: width - right, y: height - 2, "text-anchor": "end" }, "trial");
+  const best = sweep.best;
+  if (best && best.eval_loss !== null) {
+    add("line", { class: "best-line", x1: left, x2: width - right, y1: y(best.eval_loss), y2: y(best.eval_loss) });
+  }
+  for (const row of measured) {
+    const isBest = best && row.job_id === best.job_id;
+    const kind = isBest ? "best" : HELD_STATES.includes(row.state) ? "open" : row.state === "stopped_early" ? "stopped" : ["completed", "verified"].includes(row.state) ? "done" : "other";
+    const dot = add("circle", { class: `trial-dot trial-${kind}`, cx: x(row.trial), cy: y(row.eval_loss), r: isBest ? 7 : 5.5, "data-trial": row.trial });
+    const latest = HELD_STATES.includes(row.state) ? ` (latest, at step ${row.step})` : "";
+    const title = document.createElementNS(svg.namespaceURI, "title");
+    title.textContent = `trial ${row.trial}: ${trialSettings(row, swept)} · held-out loss ${row.eval_loss.toFixed(4)}${latest} · ${row.state.replace("_", " ")}`;
+    dot.append(title);
+    if (isBest) add("text", { class: "best-label", x: x(row.trial), y: y(row.eval_loss) - 11, "text-anchor": "middle" }, "best");
+  }
+  // The legend names the kinds of dot the chart shows.
+  const shown = new Set([...svg.querySelectorAll("circle")].map((dot) => dot.classList[1]));
+  const swatch = (kind, label) => shown.has(`trial-${kind}`) ? element("span", {}, element("span", { class: `dot-swatch trial-${kind}` }), label) : null;
+  container.replaceChildren(svg, element("div", { class: "legend" },
+    swatch("best", best ? `best: trial ${best.trial}` : "best"), swatch("done", "completed"),
+    swatch("stopped", "stopped early"), swatch("open", "running (latest)"), swatch("other", "failed or cancelled")));
+}
+
+function trialRow(row, swept, maxSteps, best) {
+  const total = row.max_steps ?? maxSteps;
+  return element("tr", { "data-job": row.job_id, class: best && best.job_id === row.job_id ? "best" : null },
+    element("td", {}, String(row.trial)),
+    element("td", {}, element("span", { class: "state state-" + row.state }, row.state.replace("_", " "))),
+    ...swept.map((name) => element("td", { class: "number" }, settingText(row[name]))),
+    element("td", {}, row.step === null || row.step === undefined ? element("span", { class: "muted" }, "–") : `${row.step}/${total}`),
+    element("td", { class: "number" }, row.eval_loss === null ? "–" : row.eval_loss.toFixed(4)),
+    element("td", { class: "number" }, row.cost_micro === null ? element("span", { class: "muted" }, `${credits(row.held_micro)} held`) : credits(row.cost_micro)),
+    element("td", {}, element("a", { href: `/jobs/${row.job_id}`, class: "mono small" }, row.job_id)));
+}
+
+function bestTrial(best, swept) {
+  const loss = best.eval_loss === null ? "–" : best.eval_loss.toFixed(4);
+  const parts = [element("h2", {}, "Best trial"),
+    element("p", {}, element("strong", {}, `Trial ${best.trial}`), ` · ${trialSettings(best, swept)} · held-out loss `, element("strong", {}, loss),
+      best.final_loss === null ? "" : element("span", { class: "muted" }, ` (training ${best.final_loss.toFixed(4)})`),
+      " · ", element("a", { href: `/jobs/${best.job_id}`, class: "mono" }, best.job_id))];
+  const downloads = element("p", { class: "downloads" },
+    element("a", { class: "button", href: `/api/jobs/${best.job_id}/result`, download: "", id: "download-peft" }, "Adapter (peft, .tar)"));
+  if (best.fine_tuned_model) {
+    downloads.append(" ", element("a", { class: "button", href: `/api/jobs/${best.job_id}/adapter.gguf`, download: "", id: "download-gguf" }, "Adapter (GGUF)"),
+      " ", element("a", { class: "button primary", href: `/playground?model=${encodeURIComponent(best.fine_tuned_model)}`, id: "chat-link" }, "Chat with it"));
+  }
+  parts.push(downloads);
+  if (best.fine_tuned_model) parts.push(element("p", { class: "muted small mono" }, best.fine_tuned_model));
+  return parts;
+}
+
+function setUpSweep() {
+  const root = document.getElementById("sweep");
+  const id = root.dataset.sweep;
+  const swept = root.dataset.swept ? root.dataset.swept.split(",") : [];
+  const maxSteps = root.dataset.maxSteps;
+  const chart = document.getElementById("chart");
+  const bestCard = document.getElementById("best");
+
+  every(3, async () => {
+    const sweep = await api(`/api/sweeps/${id}`);
+    // The API says running or completed; a sweep whose every trial was cancelled reads as that.
+    const cancelled = sweep.trials.length && sweep.trials.every((row) => row.state === "cancelled");
+    const label = sweep.state === "completed" && cancelled ? "cancelled" : sweep.state;
+    const badge = document.getElementById("sweep-state");
+    badge.textContent = label;
+    badge.className = "state state-" + label;
+    const done = sweep.trials.filter((row) => !HELD_STATES.includes(row.state)).length;
+    document.getElementById("sweep-done").textContent = `${done} of ${sweep.trials.length}`;
+    document.getElementById("sweep-cost").textContent = credits(sweep.cost_micro);
+    document.getElementById("sweep-held").textContent = credits(sweep.held_micro);
+    document.getElementById("cancel-form").hidden = sweep.state !== "running";
+    sweepChart(chart, sweep, swept);
+    document.querySelector("#trials tbody").replaceChildren(...sweep.trials.map((row) => trialRow(row, swept, maxSteps, sweep.best)));
+    const bestKey = sweep.best ? `${sweep.best.job_id} ${sweep.best.fine_tuned_model}` : "";
+    if (sweep.best && bestCard.dataset.key !== bestKey) {
+      bestCard.replaceChildren(...bestTrial(sweep.best, swept));
+      bestCard.dataset.key = bestKey;
+    }
+    // A trial being verified holds its result back until it passes: follow it too.
+    return sweep.state === "running" || sweep.trials.some((row) => row.state === "verifying");
+  });
 }
 
 // ---- Playground: chat with a model, streamed
@@ -692,6 +894,108 @@ function setUpOps() {
     return true;
   }
   every(3, refresh);
+  setUpPayouts();
+}
+
+// ---- Ops: the payout queue, exported in batches and marked paid or rejected one by one
+
+function setUpPayouts() {
+  const errorNote = document.getElementById("payouts-error");
+  const form = document.getElementById("export-form");
+  const currency = document.getElementById("export-currency");
+  const rate = document.getElementById("export-rate");
+  const button = document.getElementById("export-button");
+  const result = document.getElementById("export-result");
+  let prefilled = false;
+
+  function fail(message) {
+    errorNote.hidden = false;
+    errorNote.textContent = message;
+  }
+  async function decide(payout, what, path, body) {
+    try {
+      await api(`/api/ops/payouts/${payout.id}/${path}`, { method: "POST", body });
+      errorNote.hidden = true;
+    } catch (error) {
+      fail(`Could not ${what} ${payout.id} (${payout.node_name}): ${error.message}`);
+    }
+    await refresh();
+  }
+  // Ops type the payment's reference, or the reason its seller will read; nothing is sent without one.
+  function ask(payout, question, what, path, field) {
+    const answer = prompt(question);
+    if (answer === null) return;
+    if (!answer.trim()) return fail(`Nothing was sent: ${field === "reference" ? "a payment needs its reference" : "a rejection needs its reason"}.`);
+    decide(payout, what, path, { [field]: answer.trim() });
+  }
+  function actions(payout) {
+    const cell = element("div", { class: "actions" });
+    const amount = payout.amount === null ? `${credits(payout.amount_micro)} credits` : `${payout.amount} ${payout.currency}`;
+    if (payout.state === "exported") {
+      const paid = element("button", { class: "small", type: "button" }, "Mark paid");
+      paid.addEventListener("click", () => ask(payout, `Payment reference for ${amount} to ${payout.payee} (the transfer's id, so it can be traced):`, "mark paid", "paid", "reference"));
+      cell.append(paid);
+    }
+    const reject = element("button", { class: "danger small", type: "button" }, "Reject");
+    reject.addEventListener("click", () => ask(payout, `Why is the payout of ${amount} to ${payout.payee} rejected? Its seller reads this, and the credit goes back to them.`, "reject", "reject", "reason"));
+    cell.append(reject);
+    return cell;
+  }
+  function row(payout) {
+    const amount = payout.amount === null ? element("span", { class: "muted" }, "at export")
+      : element("span", { class: "nowrap" }, `${payout.amount} ${payout.currency}`,
+        element("div", { class: "small" }, element("a", { href: `/api/ops/payouts/batches/${payout.batch_id}.csv`, download: "" }, "batch CSV")));
+    return element("tr", { "data-payout": payout.id },
+      element("td", {}, payout.node_name, element("div", { class: "muted small mono" }, payout.node_id)),
+      element("td", { class: "payee" }, payout.payee, element("div", { class: "muted small mono" }, payout.id)),
+      element("td", { class: "number" }, credits(payout.amount_micro)),
+      element("td", { class: "number" }, amount),
+      element("td", {}, stateBadge(payout.state)),
+      element("td", {}, timeElement(payout.requested_at), element("div", { class: "muted small" }, ago(payout.requested_at))),
+      element("td", {}, actions(payout)));
+  }
+  async function refresh() {
+    let queue;
+    try {
+      queue = await api("/api/ops/payouts");
+    } catch (error) {
+      if (error.status !== 401) fail(`Could not read the payout queue: ${error.message}`);
+      return true;
+    }
+    if (!prefilled) {
+      currency.value = queue.default_rate.currency;
+      rate.value = queue.default_rate.rate;
+      prefilled = true;
+    }
+    const totals = queue.totals_micro;
+    document.getElementById("payouts-owed").textContent = credits(totals.requested + totals.exported);
+    document.getElementById("payouts-split").textContent =
+      `· ${credits(totals.requested)} waiting for export, ${credits(totals.exported)} exported and to pay · ${credits(totals.paid)} paid so far`;
+    const waiting = queue.payouts.filter((payout) => payout.state === "requested").length;
+    button.disabled = !waiting;
+    button.title = waiting ? "" : "no payout is waiting to be exported";
+    const body = document.querySelector("#payout-queue tbody");
+    body.replaceChildren(...(queue.payouts.length ? queue.payouts.map(row)
+      : [element("tr", { class: "empty" }, element("td", { colspan: 7 }, "No payout waits: sellers ask for theirs from the app."))]));
+    return true;
+  }
+  form.addEventListener("submit", async (event) => {
+    event.preventDefault();
+    button.disabled = true;
+    try {
+      const batch = await api("/api/ops/payouts/export", {
+        method: "POST", body: { currency: currency.value.trim().toUpperCase(), rate: rate.value.trim() },
+      });
+      errorNote.hidden = true;
+      result.hidden = false;
+      result.replaceChildren(element("p", {}, "Batch ", element("code", {}, batch.batch_id), " exported: ",
+        element("a", { href: batch.csv_url, download: "", id: "batch-csv" }, "download its CSV"), " and pay from it."));
+    } catch (error) {
+      fail(`Could not export: ${error.message}`);
+    }
+    await refresh();
+  });
+  every(5, refresh);
 }
 
 // ---- start
@@ -699,7 +1003,10 @@ function setUpOps() {
 // What the coordinator found when it connected to a node's transfer port from outside.
 const REACHABILITY = { reachable: "reachable", tunnelled: "behind NAT, tunnelled", unreachable: "not reachable" };
 
-const PAGES = { files: setUpFiles, jobs: setUpJobs, "new-job": setUpNewJob, job: setUpJob, playground: setUpPlayground, ops: setUpOps };
+const PAGES = {
+  files: setUpFiles, jobs: setUpJobs, "new-job": setUpNewJob, job: setUpJob, sweeps: setUpSweeps, sweep: setUpSweep,
+  playground: setUpPlayground, ops: setUpOps,
+};
 document.addEventListener("DOMContentLoaded", () => {
   setUpCommon();
   const setUp = PAGES[document.body.dataset.page];
