@@ -194,5 +194,9 @@ def test_the_market_api_answers_from_a_real_coordinator(tmp_path) -> None:
         market = MarketFigures.model_validate(answer.json())
         assert market.credit_value == VALUE and market.window_days == 7
         assert market.figures_for(RTX_4070).median_pay_per_work_hour_micro == 100_000_000
+        # The sell page shows the same figures, the pay also in money at the credit's value.
+        page = httpx.get(f"{coordinator.url}/sell", timeout=10).text
+        assert "What computers earn here" in page and RTX_4070 in page
+        assert "100 credits ($0.05)" in page
     finally:
         coordinator.stop()

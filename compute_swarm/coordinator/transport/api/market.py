@@ -5,8 +5,9 @@ into a forecast. Aggregates only, computed at most once a minute."""
 from __future__ import annotations
 
 import time
+from typing import Annotated
 
-from fastapi import APIRouter, Request
+from fastapi import APIRouter, Depends, Request
 from starlette.concurrency import run_in_threadpool
 
 from compute_swarm.coordinator.service.market import market_figures
@@ -17,16 +18,23 @@ router = APIRouter(tags=["market"])
 REFRESH_SECONDS = 60.0
 
 
-@router.get("/api/market")
-async def market(request: Request, services: ServicesDep) -> MarketFigures:
-    # The app's last answer and when it was computed (monotonic): the figures move slowly, and one
-    # computation reads a week of the ledger.
+async def current_market(request: Request, services: ServicesDep) -> MarketFigures:
+    """The market's figures, computed at most once a minute for the API and the sell page: they move
+    slowly, and one computation reads a week of the ledger."""
     cached: tuple[float, MarketFigures] | None = getattr(request.app.state, "market_figures", None)
     if cached is not None and time.monotonic() - cached[0] < REFRESH_SECONDS:
         return cached[1]
-    connected = list(services.hub.connections)
+    connected = list(services.hub.connections)  # the hub's, read here on the event loop
     figures = await run_in_threadpool(_compute, services, connected)
     request.app.state.market_figures = (time.monotonic(), figures)
+    return figures
+
+
+CurrentMarket = Annotated[MarketFigures, Depends(current_market)]
+
+
+@router.get("/api/market")
+async def market(figures: CurrentMarket) -> MarketFigures:
     return figures
 
 

@@ -9,19 +9,24 @@ from fastapi import APIRouter, Query, Request
 from fastapi.responses import FileResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException
 
+from compute_swarm import money
 from compute_swarm.coordinator.domain import pricing
 from compute_swarm.coordinator.service import admission, app_downloads
 from compute_swarm.coordinator.transport.api.deps import ServicesDep
+from compute_swarm.coordinator.transport.api.market import CurrentMarket
 from compute_swarm.coordinator.transport.web import render
 from compute_swarm.invitation import INVITE_CODE, MAX_INVITE_CODE_CHARACTERS, Invitation
-from compute_swarm.protocol import format_credits
+from compute_swarm.market import ClassFigures
+from compute_swarm.protocol import CreditValue, format_credits
 
 router = APIRouter(prefix="/sell", include_in_schema=False)
 InviteQuery = Annotated[str | None, Query(max_length=MAX_INVITE_CODE_CHARACTERS)]
 
 
 @router.get("")
-def sell_page(request: Request, services: ServicesDep, invite: InviteQuery = None) -> Response:
+def sell_page(
+    request: Request, services: ServicesDep, market: CurrentMarket, invite: InviteQuery = None
+) -> Response:
     settings = services.settings
     packages = app_downloads.offered(settings.resolved_app_downloads_dir)
     visitor = app_downloads.platform_of(request.headers.get("user-agent", ""))
@@ -48,6 +53,8 @@ def sell_page(request: Request, services: ServicesDep, invite: InviteQuery = Non
         training_rate=format_credits(pricing.DEFAULT_MICRO_PER_MILLION_TOKEN_PARAMETERS),
         inference_rate=format_credits(pricing.INFERENCE_MICRO_PER_MILLION_TOKEN_PARAMETERS),
         version=settings.offered_agent_version,
+        market=market,
+        earnings=[_class_earnings(figures, market.credit_value) for figures in market.classes],
     )
 
 
@@ -98,6 +105,24 @@ def wheel_file(services: ServicesDep, project: str, file_name: str) -> Response:
         if path.name == file_name:
             return FileResponse(path, media_type="application/octet-stream")
     raise HTTPException(404, f"no wheel {file_name[:200]} here")
+
+
+def _class_earnings(figures: ClassFigures, value: CreditValue) -> dict:
+    """One class's row of the sell page's table: its figures, with the pay also in ops' currency."""
+
+    def worth(micro: int | None) -> str:
+        if micro is None:
+            return "—"
+        in_money = money.format_money(
+            money.credits_value_micro(micro, value.micro_per_credit), value.currency
+        )
+        return f"{format_credits(micro)} credits ({in_money})"
+
+    return {
+        "figures": figures,
+        "per_hour": worth(figures.median_pay_per_work_hour_micro),
+        "per_day": worth(figures.expected_pay_per_day_micro),
+    }
 
 
 def _invite_usable(services: ServicesDep, code: str) -> bool:
