@@ -25,7 +25,7 @@ from compute_swarm.desktop.tray.widgets import STATE_COLORS, Chart, card, label
 from compute_swarm.money import MoneyError, parse_micro
 
 JOBS_LISTED = 20
-VISIBLE_JOBS = 5  # the list's height; the rest scroll
+VISIBLE_JOBS = 4  # the list's height in jobs; the rest scroll
 
 
 class ForecastCard(QFrame):
@@ -87,8 +87,9 @@ class JobsCard(QFrame):
         for widget in (self.chart, self.legend, self.jobs, self.receipt_button):
             widget.setVisible(has_jobs)
         self.empty.setVisible(not has_jobs)
-        shown = range(min(len(lines), VISIBLE_JOBS))
-        self.jobs.setFixedHeight(sum(self.jobs.sizeHintForRow(row) for row in shown) + 8)
+        # Room for each shown job's line wrapped in two (the list's width is not known before it is laid out).
+        rows = min(max(len(lines), 1), VISIBLE_JOBS)
+        self.jobs.setFixedHeight(rows * (2 * self.jobs.fontMetrics().lineSpacing() + 8) + 6)
         self.chart.set_values(pay, [], electricity)
         self.legend.setText(
             f"each job, latest on the right, in {unit}: green what it pays · red its electricity"
