@@ -11,7 +11,7 @@ import sys
 import time
 from pathlib import Path
 
-from compute_swarm.coordinator.payouts_cli import register_payout_commands
+from compute_swarm.coordinator.transport.payouts_cli import register_payout_commands
 
 
 def register_commands(subcommands: argparse._SubParsersAction) -> None:

@@ -176,7 +176,13 @@ def test_a_poisoned_checkpoint_is_charged_to_its_author_and_never_reaches_the_bu
         for message in events(swarm, buyer_key, job["id"])
     )
     # The honest node is paid and keeps a clean record; the poisoner is quarantined.
-    assert honest.http.me()["earnings"] == {"pending_micro": 0, "available_micro": share, "jobs_completed": 1}
+    assert honest.http.me()["earnings"] == {
+        "pending_micro": 0,
+        "available_micro": share,
+        "jobs_completed": 1,
+        "payout_pending_micro": 0,
+        "paid_out_micro": 0,
+    }
     honest_row, poisoner_row = node_row(swarm, honest.node_id), node_row(swarm, poisoner.node_id)
     assert honest_row["mismatches"] == 0 and not honest_row["quarantined"]
     assert poisoner_row["mismatches"] == 1 and poisoner_row["quarantined"]
@@ -206,7 +212,13 @@ def test_a_bad_result_on_a_sound_checkpoint_is_charged_to_the_node_that_delivere
     seen = buyer.job(job["id"])
     assert seen["verification"] == "mismatch"
     assert f"the bad state came after it, from node {cheat.node_id}" in seen["verification_detail"]
-    assert cheat.http.me()["earnings"] == {"pending_micro": 0, "available_micro": 0, "jobs_completed": 1}
+    assert cheat.http.me()["earnings"] == {
+        "pending_micro": 0,
+        "available_micro": 0,
+        "jobs_completed": 1,
+        "payout_pending_micro": 0,
+        "paid_out_micro": 0,
+    }
     assert node_row(swarm, cheat.node_id)["quarantined"]
     assert node_row(swarm, first.node_id)["mismatches"] == 0
     for node in (cheat, checker):

@@ -552,6 +552,8 @@ def test_stopped_trials_are_sampled_and_a_checkpoint_that_does_not_hold_up_is_cl
         "pending_micro": 0,
         "available_micro": share_of(honest_price),
         "jobs_completed": 0,
+        "payout_pending_micro": 0,
+        "paid_out_micro": 0,
     }
     # Mismatch: the cheat's credit clawed back, its charge refunded to the buyer, the cheat quarantined.
     job = scene.buyer.job(cheat_lease["job_id"])

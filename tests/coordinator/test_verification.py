@@ -568,8 +568,20 @@ def test_a_sampled_job_is_verified_by_a_trusted_node_that_ops_named(sampled, tmp
     # Passed: the job is verified, A's credit released, T paid from the platform's fees.
     finished = buyer.job(job["id"])
     assert (finished["state"], finished["verification"]) == ("verified", "passed")
-    assert node_a.http.me()["earnings"] == {"pending_micro": 0, "available_micro": share, "jobs_completed": 1}
-    assert node_t.http.me()["earnings"] == {"pending_micro": 0, "available_micro": share, "jobs_completed": 1}
+    assert node_a.http.me()["earnings"] == {
+        "pending_micro": 0,
+        "available_micro": share,
+        "jobs_completed": 1,
+        "payout_pending_micro": 0,
+        "paid_out_micro": 0,
+    }
+    assert node_t.http.me()["earnings"] == {
+        "pending_micro": 0,
+        "available_micro": share,
+        "jobs_completed": 1,
+        "payout_pending_micro": 0,
+        "paid_out_micro": 0,
+    }
     assert node_b.http.me()["earnings"]["available_micro"] == 0
     assert buyer.balance() == {"available_micro": 10_000_000 - job["price_micro"], "escrow_micro": 0}
 
@@ -764,7 +776,13 @@ def test_a_trusted_nodes_own_job_is_verified_by_another_trusted_node_never_by_it
     ack = report(second, lease, second.upload_result(lease), eval_loss=1.6, delivered_eval_loss=1.6)
     assert ack["accepted"], ack
     assert buyer.job(job["id"])["state"] == "verified"
-    assert first.http.me()["earnings"] == {"pending_micro": 0, "available_micro": share, "jobs_completed": 1}
+    assert first.http.me()["earnings"] == {
+        "pending_micro": 0,
+        "available_micro": share,
+        "jobs_completed": 1,
+        "payout_pending_micro": 0,
+        "paid_out_micro": 0,
+    }
     assert second.http.me()["earnings"]["available_micro"] == share
     assert second.http.receipt(job["id"]) == buyer.receipt(job["id"])
     for node in (first, second):
@@ -835,7 +853,13 @@ def test_a_rerun_no_trusted_node_takes_within_the_window_is_dropped_and_a_late_m
     job, _, _, share = completed_job(short_window, buyer, node, [2.0, 1.8, 1.6])
     assert buyer.job(job["id"])["verification"] == "pending"
     wait_for(lambda: buyer.job(job["id"])["verification"] == "unavailable", 10, "the window to pass")
-    assert node.http.me()["earnings"] == {"pending_micro": 0, "available_micro": share, "jobs_completed": 1}
+    assert node.http.me()["earnings"] == {
+        "pending_micro": 0,
+        "available_micro": share,
+        "jobs_completed": 1,
+        "payout_pending_micro": 0,
+        "paid_out_micro": 0,
+    }
     receipt = buyer.receipt(job["id"])
     assert [rerun["state"] for rerun in receipt["verification"]["reruns"]] == ["cancelled"]
     assert "window" in receipt["verification"]["detail"]
@@ -856,7 +880,13 @@ def test_a_rerun_no_trusted_node_takes_within_the_window_is_dropped_and_a_late_m
     ack = report(checker, lease, checker.upload_result(lease), eval_loss=1.6, delivered_eval_loss=9.0)
     assert ack["accepted"], ack
     assert buyer.job(late["id"])["verification"] == "mismatch"
-    assert node.http.me()["earnings"] == {"pending_micro": 0, "available_micro": share, "jobs_completed": 2}
+    assert node.http.me()["earnings"] == {
+        "pending_micro": 0,
+        "available_micro": share,
+        "jobs_completed": 2,
+        "payout_pending_micro": 0,
+        "paid_out_micro": 0,
+    }
     assert money(buyer.receipt(late["id"]), "clawback") == {
         f"node {node.node_id} (available)": -late_share, "platform fees": late_share
     }  # fmt: skip
