@@ -11,6 +11,8 @@ from __future__ import annotations
 import re
 from decimal import ROUND_DOWN, Decimal
 
+from compute_swarm.protocol import CreditValue, format_credits
+
 MICRO = 1_000_000
 # Joules in a kilowatt-hour, in millijoules: energy counters count millijoules (NVML) or microjoules.
 MILLIJOULES_PER_KILOWATT_HOUR = 3_600_000_000
@@ -50,16 +52,15 @@ def parse_micro(text: str, what: str = "amount") -> int:
     return int(whole) * MICRO + int(fraction.ljust(6, "0") or 0)
 
 
-def micro_text(micro: int) -> str:
-    """Micro-units as exact decimal text: 250000 → "0.25"."""
-    whole, fraction = divmod(abs(int(micro)), MICRO)
-    text = f"{whole}.{fraction:06d}".rstrip("0").rstrip(".")
-    return f"-{text}" if micro < 0 else text
-
-
 def credits_value_micro(credits_micro: int, currency_micro_per_credit: int) -> int:
     """What `credits_micro` micro-credits are worth in micro-units of the currency, rounded down."""
     return credits_micro * currency_micro_per_credit // MICRO
+
+
+def credits_worth(credits_micro: int, value: CreditValue) -> str:
+    """Credits with what they are worth at the swarm's value: "3000 credits ($1.50)"."""
+    worth = format_money(credits_value_micro(credits_micro, value.micro_per_credit), value.currency)
+    return f"{format_credits(credits_micro)} credits ({worth})"
 
 
 def payable_minor(credits_micro: int, rate: Decimal, currency: str) -> int:

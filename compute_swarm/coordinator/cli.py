@@ -120,10 +120,12 @@ def _data_dir_option(parser: argparse.ArgumentParser) -> None:
 
 def _credits(text: str) -> int:
     """Credits as typed by a person ("2.5") to micro-credits, exactly (no float rounding)."""
-    whole, _, fraction = text.strip().partition(".")
-    if not whole.isdigit() or (fraction and (not fraction.isdigit() or len(fraction) > 6)):
-        raise argparse.ArgumentTypeError(f"{text!r} is not an amount of credits like 100 or 2.5")
-    return int(whole) * 1_000_000 + int(fraction.ljust(6, "0") or 0)
+    from compute_swarm.money import MoneyError, parse_micro
+
+    try:
+        return parse_micro(text, "credits")
+    except MoneyError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an amount of credits like 100 or 2.5") from None
 
 
 def _settings(arguments: argparse.Namespace, **overrides):

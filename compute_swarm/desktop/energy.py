@@ -13,9 +13,10 @@ from __future__ import annotations
 
 import logging
 import re
+from abc import ABC, abstractmethod
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from compute_swarm.protocol import Telemetry
 
@@ -29,17 +30,17 @@ ESTIMATED_CPU_WATTS_PER_CORE = 6
 ESTIMATED_CPU_WATTS_RANGE = (15, 150)
 
 
-class EnergyMeter:
+class EnergyMeter(ABC):
     """Millijoules used since the meter was made (`read`), and where they come from (`source`, in words;
     `estimated` when nothing was measured)."""
 
     source: str = ""
     estimated: bool = False
 
-    def read(self, now: float) -> int:
-        raise NotImplementedError
+    @abstractmethod
+    def read(self, now: float) -> int: ...
 
-    def sample(self, telemetry: Telemetry | None, now: float) -> None:
+    def sample(self, telemetry: Telemetry | None, now: float) -> None:  # noqa: B027 (most meters ignore it)
         """A new telemetry reading: what a meter built on power readings integrates."""
 
     def watts(self) -> float | None:
@@ -47,14 +48,15 @@ class EnergyMeter:
         return None
 
 
+@dataclass(frozen=True)
 class Counter:
     """One hardware energy counter: its raw value, and how many millijoules one unit is."""
 
-    def __init__(self, name: str, read_raw: Any, millijoules_per_unit: float, wraps_at: int | None):
-        self.name = name
-        self.read_raw = read_raw  # () -> int
-        self.millijoules_per_unit = millijoules_per_unit
-        self.wraps_at = wraps_at
+    name: str
+    read_raw: Callable[[], int]
+    millijoules_per_unit: float
+    wraps_at: int | None
+    counts_gpu: bool  # a GPU's energy (else a CPU package's)
 
 
 class CounterMeter(EnergyMeter):
@@ -174,23 +176,24 @@ def sysfs_counters(root: Path = Path("/sys")) -> list[Counter]:
     wrapping at `max_energy_range_uj`). Sub-zones (`intel-rapl:0:0`) are parts of a package, not added."""
     counters = []
     for energy in sorted(root.glob("class/drm/card*/device/hwmon/hwmon*/energy*_input")):
-        counter = _sysfs_counter(energy, f"GPU energy counter {energy.parent.name}", None)
+        counter = _sysfs_counter(energy, f"GPU energy counter {energy.parent.name}", None, counts_gpu=True)
         if counter is not None:
             counters.append(counter)
     for zone in sorted(root.glob("class/powercap/*")):
         if not re.fullmatch(r"[a-z_]+-rapl:\d+", zone.name):
             continue
         wraps_at = _read_integer(zone / "max_energy_range_uj")
-        counter = _sysfs_counter(zone / "energy_uj", f"CPU package energy counter {zone.name}", wraps_at)
+        name = f"CPU package energy counter {zone.name}"
+        counter = _sysfs_counter(zone / "energy_uj", name, wraps_at, counts_gpu=False)
         if counter is not None:
             counters.append(counter)
     return counters
 
 
-def _sysfs_counter(path: Path, name: str, wraps_at: int | None) -> Counter | None:
+def _sysfs_counter(path: Path, name: str, wraps_at: int | None, *, counts_gpu: bool) -> Counter | None:
     if _read_integer(path) is None:
         return None  # absent, or readable only by root (RAPL on most systems since 2020)
-    return Counter(name, lambda: _read_integer(path, raising=True), 0.001, wraps_at)
+    return Counter(name, lambda: _read_integer(path, raising=True), 0.001, wraps_at, counts_gpu)
 
 
 def _read_integer(path: Path, raising: bool = False) -> int | None:
@@ -225,6 +228,7 @@ def nvml_counters() -> list[Counter]:
                 lambda handle=handle: int(pynvml.nvmlDeviceGetTotalEnergyConsumption(handle)),
                 1.0,
                 None,
+                counts_gpu=True,
             )
         )
     return counters
@@ -236,8 +240,8 @@ def energy_meter(
     """The best meter this computer allows (see the module's docstring)."""
     counters = nvml_counters() if use_nvml and any(gpu.vendor == "nvidia" for gpu in telemetry.gpus) else []
     counters += sysfs_counters(sysfs_root)
-    gpu_counted = any("GPU" in counter.name for counter in counters)
-    if counters and (gpu_counted or not telemetry.gpus):
+    # A CPU package's counter alone would miss a GPU's energy: the GPUs' power readings do better then.
+    if counters and (any(counter.counts_gpu for counter in counters) or not telemetry.gpus):
         names = ", ".join(counter.name for counter in counters)
         return CounterMeter(counters, f"measured: {names}")
     if any(gpu.power_watts is not None for gpu in telemetry.gpus):

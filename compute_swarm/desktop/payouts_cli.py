@@ -1,17 +1,18 @@
-"""`compute-swarm node --payouts` and `--payout PAYEE`: a seller's payouts from the command line."""
+"""`compute-swarm node --payouts` and `--payout PAYEE`: a seller's payouts from the command line, and
+the words for payouts that the tray shows too."""
 
 from __future__ import annotations
 
+import datetime
 import sys
-import time
 from pathlib import Path
 
-from compute_swarm.money import credits_value_micro, format_money
-from compute_swarm.protocol import format_credits
+from compute_swarm.money import credits_worth
+from compute_swarm.protocol import CreditValue, format_credits
 
-STATE_WORDS = {
-    "requested": "requested, waiting for the swarm operator",
-    "exported": "being paid by the swarm operator",
+PAYOUT_STATES = {
+    "requested": "requested: waiting for the swarm operator",
+    "exported": "being paid",
     "paid": "paid",
     "rejected": "rejected",
 }
@@ -35,36 +36,39 @@ def payouts_command(coordinator: str, data_dir: Path, payee: str | None, amount_
                 payout = client.request_payout(payee, amount_micro=amount_micro)
                 print(
                     f"Payout {payout['id']}: {format_credits(payout['amount_micro'])} credits to "
-                    f"{payout['payee']}, {STATE_WORDS[payout['state']]}."
+                    f"{payout['payee']}, {PAYOUT_STATES[payout['state']]}."
                 )
             listing = client.payouts()
     except SwarmError as error:
         print(f"compute-swarm node: {error}", file=sys.stderr)
         return 1
-    print(describe_payouts(listing))
+    balances, lines = payout_lines(listing)
+    print("\n".join([balances, *lines]))
     return 0
 
 
-def describe_payouts(listing: dict) -> str:
-    """What may be paid out and each payout's state, as lines for a terminal."""
-    earnings, currency, value = listing["earnings"], listing["currency"], listing["value_micro_per_credit"]
-
-    def worth(micro: int) -> str:
-        return f"{format_credits(micro)} credits (about {format_money(credits_value_micro(micro, value), currency)})"
-
-    lines = [
-        f"available to pay out: {worth(earnings['available_micro'])}",
-        f"waiting to be paid:   {worth(earnings['payout_pending_micro'])}",
-        f"paid out so far:      {worth(earnings['paid_out_micro'])}",
-        f"the least a payout may be: {format_credits(listing['minimum_micro'])} credits",
-    ]
+def payout_lines(listing: dict) -> tuple[str, list[str]]:
+    """The balances line, and one line per payout (newest first) with its state and its reference or
+    the reason it was rejected: what the tray shows and this command prints."""
+    earnings = listing["earnings"]
+    value = CreditValue(currency=listing["currency"], micro_per_credit=listing["value_micro_per_credit"])
+    balances = (
+        f"Available {credits_worth(earnings['available_micro'], value)} · being paid "
+        f"{credits_worth(earnings['payout_pending_micro'], value)} · paid so far "
+        f"{credits_worth(earnings['paid_out_micro'], value)}. "
+        f"A payout is at least {format_credits(listing['minimum_micro'])} credits."
+    )
+    lines = []
     for payout in listing["payouts"]:
-        when = time.strftime("%Y-%m-%d", time.localtime(payout["requested_at"]))
-        state = STATE_WORDS[payout["state"]]
-        detail = (payout["reference"] and f"reference {payout['reference']}") or payout["reason"] or ""
-        amount = f" = {payout['amount']} {payout['currency']}" if payout["amount"] else ""
+        when = datetime.datetime.fromtimestamp(payout["requested_at"]).strftime("%d %b")
+        amount = f" = {payout['amount']} {payout['currency']}" if payout.get("amount") else ""
+        detail = ""
+        if payout.get("reference"):
+            detail = f" (reference {payout['reference']})"
+        elif payout.get("reason"):
+            detail = f": {payout['reason']}"
         lines.append(
-            f"  {when}  {payout['id']}  {format_credits(payout['amount_micro'])} credits{amount}  {state}"
-            + (f": {detail}" if detail else "")
+            f"{when} · {format_credits(payout['amount_micro'])} credits{amount} to {payout['payee']} · "
+            f"{PAYOUT_STATES.get(payout['state'], payout['state'])}{detail}"
         )
-    return "\n".join(lines)
+    return balances, lines

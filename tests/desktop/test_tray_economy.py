@@ -7,6 +7,7 @@ import datetime
 import json
 
 from compute_swarm.desktop.electricity import ElectricitySettings
+from compute_swarm.desktop.payouts_cli import payout_lines
 from compute_swarm.desktop.tray import economy
 from compute_swarm.desktop.tray.state import EarningsSummary
 from compute_swarm.market import ClassFigures, MarketFigures
@@ -119,7 +120,7 @@ def test_payout_and_receipt_lines() -> None:
              "payee": "me@example.com", "state": "rejected", "reference": None, "reason": "unknown payee"},
         ],
     }  # fmt: skip
-    balances, lines = economy.payout_lines(listing)
+    balances, lines = payout_lines(listing)
     assert balances.startswith("Available 3000 credits ($1.50) · being paid 0 credits ($0.00) · paid so far")
     assert lines[0].endswith("20000 credits = 10.00 USD to me@example.com · paid (reference SEPA-1)")
     assert lines[1].endswith("· rejected: unknown payee")

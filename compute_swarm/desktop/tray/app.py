@@ -21,6 +21,7 @@ from PySide6.QtWidgets import QApplication, QMenu, QSystemTrayIcon
 
 from compute_swarm.desktop import autostart, first_run, token_store
 from compute_swarm.desktop.agent_status import AgentStatus
+from compute_swarm.desktop.payouts_cli import payout_lines
 from compute_swarm.desktop.runtime import this_machine
 from compute_swarm.desktop.runtime.fetch import SITE_PACKAGES, Runtimes
 from compute_swarm.desktop.runtime.pins import LockError
@@ -310,6 +311,7 @@ class TrayApp(QObject):
             for title, message in state.notifications(self.status, status):
                 self._notify(title, message)
         earnings_changed = self.status is None or status.earnings != self.status.earnings
+        money_changed = self.status is None or _money_inputs(status) != _money_inputs(self.status)
         if status.connected and (self.status is None or not self.status.connected):
             self._fetch_market()  # the figures now count this computer
         self.status = status
@@ -323,7 +325,8 @@ class TrayApp(QObject):
         if earnings_changed and status.node_id is not None:
             self.bridge.request_earnings_history()
             self.bridge.ask("payouts", lambda client: client.payouts())
-        self._show_money()
+        if money_changed:  # not at every telemetry reading: the jobs list would lose its selection
+            self._show_money()
         self._update_view()
 
     def _on_telemetry(self, telemetry) -> None:
@@ -347,7 +350,7 @@ class TrayApp(QObject):
                 return
             self._show_money()
         elif what == "payouts":
-            balances, lines = economy.payout_lines(answer)
+            balances, lines = payout_lines(answer)
             self.window.payouts.show_payouts(balances, lines)
         elif what == "payout":
             self._notify(
@@ -504,6 +507,17 @@ class TrayApp(QObject):
                 autostart.disable()
         except autostart.AutostartError as error:
             self.window.show_coordinator_error(f"could not change start at login: {error}")
+
+
+def _money_inputs(status: AgentStatus) -> tuple:
+    """What the money cards are drawn from, of the agent's status."""
+    return (
+        status.credit_value,
+        status.electricity,
+        status.recent_jobs,
+        status.electricity_by_day,
+        status.energy_source,
+    )
 
 
 def run_tray(data_dir: Path, *, minimized: bool = False, settings_path: Path | None = None) -> int:

@@ -1,6 +1,7 @@
 """What the tray says about money, decided without Qt: gross earnings, electricity and net profit for
 today, this week and in total (and per day and per job, for the charts), the forecast before *Start
-earning*, and the payouts' lines. Integer micro-units throughout; words only at the end.
+earning*, and a job's receipt (the payouts' words are desktop.payouts_cli's, shared with the CLI).
+Integer micro-units throughout; words only at the end.
 """
 
 from __future__ import annotations
@@ -15,13 +16,6 @@ from compute_swarm.desktop.tray.state import EarningsSummary, format_duration
 from compute_swarm.desktop.work_journal import JobEntry
 from compute_swarm.market import Forecast, MarketFigures, forecast, hardware_class
 from compute_swarm.protocol import CreditValue, Telemetry, format_credits
-
-PAYOUT_STATES = {
-    "requested": "requested: waiting for the swarm operator",
-    "exported": "being paid",
-    "paid": "paid",
-    "rejected": "rejected",
-}
 
 
 @dataclass(frozen=True)
@@ -230,39 +224,6 @@ def forecast_text(
     if gross is None:
         lines.append(conversion.missing().capitalize() + ".")
     return ForecastText(headline, " ".join(lines))
-
-
-def payout_lines(listing: dict) -> tuple[str, list[str]]:
-    """The balances line, and one line per payout (newest first) with its state and its reference or
-    the reason it was rejected."""
-    earnings = listing["earnings"]
-    value = CreditValue(currency=listing["currency"], micro_per_credit=listing["value_micro_per_credit"])
-
-    def worth(micro: int) -> str:
-        in_money = money.format_money(
-            money.credits_value_micro(micro, value.micro_per_credit), value.currency
-        )
-        return f"{format_credits(micro)} credits ({in_money})"
-
-    balances = (
-        f"Available {worth(earnings['available_micro'])} · being paid "
-        f"{worth(earnings['payout_pending_micro'])} · paid so far {worth(earnings['paid_out_micro'])}. "
-        f"A payout is at least {format_credits(listing['minimum_micro'])} credits."
-    )
-    lines = []
-    for payout in listing["payouts"]:
-        when = datetime.datetime.fromtimestamp(payout["requested_at"]).strftime("%d %b")
-        amount = f" = {payout['amount']} {payout['currency']}" if payout.get("amount") else ""
-        detail = ""
-        if payout.get("reference"):
-            detail = f" (reference {payout['reference']})"
-        elif payout.get("reason"):
-            detail = f": {payout['reason']}"
-        lines.append(
-            f"{when} · {format_credits(payout['amount_micro'])} credits{amount} to {payout['payee']} · "
-            f"{PAYOUT_STATES.get(payout['state'], payout['state'])}{detail}"
-        )
-    return balances, lines
 
 
 def receipt_text(receipt: dict, node_id: str) -> str:

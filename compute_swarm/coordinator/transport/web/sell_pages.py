@@ -111,12 +111,7 @@ def _class_earnings(figures: ClassFigures, value: CreditValue) -> dict:
     """One class's row of the sell page's table: its figures, with the pay also in ops' currency."""
 
     def worth(micro: int | None) -> str:
-        if micro is None:
-            return "—"
-        in_money = money.format_money(
-            money.credits_value_micro(micro, value.micro_per_credit), value.currency
-        )
-        return f"{format_credits(micro)} credits ({in_money})"
+        return "—" if micro is None else money.credits_worth(micro, value)
 
     return {
         "figures": figures,
