@@ -4,9 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.tiny_models import TinyModel
 
 
 def _gpu_present() -> bool:
@@ -91,3 +96,32 @@ CHAT_ROWS = [
 @pytest.fixture
 def chat_dataset(tmp_path: Path) -> Path:
     return write_jsonl(tmp_path / "chat.jsonl", CHAT_ROWS)
+
+
+@pytest.fixture(scope="session")
+def demo_tokenizer_directory(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The demo model's tokenizer as Hugging Face files, read from its GGUF once (~8 s)."""
+    from tests.tiny_models import save_demo_tokenizer
+
+    return save_demo_tokenizer(tmp_path_factory.mktemp("demo-tokenizer"))
+
+
+@pytest.fixture(scope="session")
+def tiny_models(
+    demo_tokenizer_directory: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Callable[[str], TinyModel]:
+    """Returns the tiny model of an architecture (tests/tiny_models.py), in safetensors and GGUF,
+    building it (about a second) the first time."""
+    from tests.tiny_models import build_tiny_model
+
+    built: dict[str, TinyModel] = {}
+
+    def tiny_model_of(architecture: str) -> TinyModel:
+        if architecture not in built:
+            directory = tmp_path_factory.mktemp(f"tiny-{architecture}")
+            built[architecture] = build_tiny_model(
+                architecture, directory, tokenizer_source=demo_tokenizer_directory
+            )
+        return built[architecture]
+
+    return tiny_model_of

@@ -20,9 +20,11 @@ from safetensors.torch import load_file
 from compute_swarm.engine.artifacts import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 
 # Architectures checked end to end against llama.cpp, and whether llama.cpp's converter reorders the
-# rows of their q/k projections (LlamaModel.permute). Add one only after checking both, as
-# tests/engine/test_gguf_adapter.py does: a wrong answer gives a file that loads and quietly misbehaves.
-PERMUTES_QUERY_AND_KEY_ROWS: dict[str, bool] = {"llama": True}
+# rows of their q/k projections (LlamaModel.permute; "llama" covers Mistral, which it writes as llama).
+# Qwen2 and Gemma2 rotate halves of each head in llama.cpp as in transformers, so their rows stay. Add
+# one only after checking both, as tests/engine/test_gguf_adapter.py does: a wrong answer gives a file
+# that loads and quietly misbehaves.
+PERMUTES_QUERY_AND_KEY_ROWS: dict[str, bool] = {"llama": True, "qwen2": False, "gemma2": False}
 
 # peft settings whose adapters llama.cpp would apply differently from peft, with the reason.
 UNSUPPORTED_SETTINGS: dict[str, str] = {

@@ -15,6 +15,7 @@ from safetensors.torch import save_file
 from compute_swarm.engine.artifacts import ADAPTER_CONFIG_FILE, ADAPTER_WEIGHTS_FILE
 from compute_swarm.engine.gguf_adapter import AdapterExportError, export_lora_to_gguf
 from compute_swarm.engine.models import fetch_catalogue_model, load_causal_lm, prepared_model_directory
+from tests.tiny_models import LLAMA_CPP_RELATIVE_TOLERANCE, TinyModel, llama_cpp_logits, transformers_logits
 
 MODEL = "smollm2-135m-instruct"
 PROMPTS = [
@@ -164,8 +165,8 @@ def test_rank_stabilised_lora_is_refused(base_gguf: Path, tmp_path: Path) -> Non
 
 
 def test_a_base_model_of_an_unverified_architecture_is_refused(tmp_path: Path) -> None:
-    base = tmp_path / "qwen2.gguf"
-    writer = gguf.GGUFWriter(base, "qwen2")
+    base = tmp_path / "phi3.gguf"
+    writer = gguf.GGUFWriter(base, "phi3")
     writer.add_block_count(1)
     writer.add_tensor("blk.0.attn_q.weight", np.zeros((64, 64), dtype=np.float32))
     writer.write_header_to_file()
@@ -173,7 +174,9 @@ def test_a_base_model_of_an_unverified_architecture_is_refused(tmp_path: Path) -
     writer.write_tensors_to_file()
     writer.close()
     adapter = write_adapter(tmp_path / "adapter", lora_pair("model.layers.0.self_attn.q_proj", 64, 64))
-    with pytest.raises(AdapterExportError, match=r"qwen2.gguf is a 'qwen2' model; .* only for llama models"):
+    with pytest.raises(
+        AdapterExportError, match=r"phi3.gguf is a 'phi3' model; .* only for gemma2, llama, qwen2 models"
+    ):
         export_lora_to_gguf(adapter, base, tmp_path / "adapter.gguf")
     assert not (tmp_path / "adapter.gguf").exists()
 
@@ -204,3 +207,35 @@ def test_a_module_the_base_model_lacks_is_refused(
     with pytest.raises(AdapterExportError, match=problem):
         export_lora_to_gguf(adapter, base_gguf, tmp_path / "adapter.gguf")
     assert list(tmp_path.glob("*.gguf")) == []
+
+
+TINY_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+TINY_LORA_WEIGHT_SCALE = 0.1  # the adapter moves the tiny models' logits by about a third of their range
+
+
+def test_llama_cpp_applies_an_adapter_to_each_architecture_as_peft_does(
+    tiny_model: TinyModel, tmp_path: Path
+) -> None:
+    """On f32 models and an f32 KV cache, so the comparison is tight enough to catch any misplaced row."""
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(tiny_model.directory, dtype=torch.float32)
+    config = LoraConfig(r=RANK, lora_alpha=ALPHA, target_modules=TINY_TARGET_MODULES, lora_dropout=0.0)
+    adapted = get_peft_model(model, config).eval()
+    generator = torch.Generator().manual_seed(1)
+    with torch.no_grad():
+        for name, parameter in adapted.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(TINY_LORA_WEIGHT_SCALE * torch.randn(parameter.shape, generator=generator))
+    adapted.save_pretrained(tmp_path / "adapter")
+    exported = export_lora_to_gguf(tmp_path / "adapter", tiny_model.gguf_path, tmp_path / "adapter.gguf")
+
+    token_ids = list(range(1000, 1024))  # longer than gemma2's sliding window
+    expected = transformers_logits(adapted, token_ids)
+    with adapted.disable_adapter():
+        unadapted = transformers_logits(adapted, token_ids)
+    served = llama_cpp_logits(tiny_model.gguf_path, token_ids, lora_path=exported)
+    scale = np.abs(expected).max()
+    assert np.abs(expected - unadapted).max() > 0.1 * scale  # the adapter matters
+    difference = np.abs(served - expected).max() / scale
+    assert difference < LLAMA_CPP_RELATIVE_TOLERANCE[tiny_model.architecture], difference
