@@ -13,7 +13,7 @@ from typing import Annotated, Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter, ValidationError, model_validator
 
-from compute_swarm.engine.jobs import ChatMessage, InferenceJobSpec, Sampling, WireJobSpec
+from compute_swarm.engine.jobs import CatalogueModel, ChatMessage, InferenceJobSpec, Sampling, WireJobSpec
 
 # 3: a lease may bring a llama.cpp adapter to fetch (batch inference with a fine-tuned model).
 # 4: a lease states the size of every artifact it names, and a node stops a download past it.
@@ -31,7 +31,10 @@ from compute_swarm.engine.jobs import ChatMessage, InferenceJobSpec, Sampling, W
 #    credit waiting to be paid out and what was paid, a lease says what it pays the node and how much
 #    work it is (`pay_micro`, `work_tokens`), and a node may decline a job for its seller's rules
 #    (failure kind "declined": no attempt is used and the job goes to another node).
-PROTOCOL_VERSION = 10
+# 11: an ops-curated catalogue: a lease and an inference request name the base model's files
+#    (`model`, `model_file`), which a node fetches as artifacts, never from anywhere else; model names
+#    may hold dots (qwen2.5-7b-instruct).
+PROTOCOL_VERSION = 11
 
 # Where the node token goes in the websocket handshake (and in HTTP requests from a node).
 AUTHORIZATION_HEADER = "Authorization"
@@ -87,6 +90,10 @@ Count = Annotated[int, Field(ge=0, le=2**31 - 1)]
 Identifier = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 Nonce = Annotated[str, Field(min_length=8, max_length=64, pattern=r"^[A-Za-z0-9_-]+$")]
 Port = Annotated[int, Field(ge=1, le=65535)]
+# A catalogue model's name (coordinator/service/catalogue.py: lowercase letters, digits, . _ -).
+ModelName = Annotated[str, Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
+# A file's name inside a model's directory on a node: plain, never a path, never hidden.
+FileName = Annotated[str, Field(min_length=1, max_length=128, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")]
 # A model a node keeps loaded: a catalogue name, or "<catalogue name>+<adapter sha256>".
 ModelKey = Annotated[str, Field(min_length=1, max_length=140, pattern=r"^[A-Za-z0-9_.-]+(\+[0-9a-f]{64})?$")]
 # Generated text travels in pieces of at most this many characters (4 bytes each at most in UTF-8).
@@ -395,6 +402,43 @@ class Ping(_Message):
     nonce: Nonce
 
 
+class ModelFile(_Message):
+    name: FileName
+    sha256: Sha256
+    size: int = Field(ge=0, le=2**42)
+
+
+class ModelFiles(_Message):
+    """A catalogue model's files, each an artifact a node fetches from the coordinator or its peers and
+    checks against its sha256: the GGUF llama.cpp serves, and the Hugging Face files the engine trains
+    from (none: it trains from the GGUF)."""
+
+    name: ModelName
+    gguf: ModelFile
+    weights: tuple[ModelFile, ...] = Field(default=(), max_length=128)
+
+    @model_validator(mode="after")
+    def _names_are_distinct(self) -> ModelFiles:
+        names = [file.name for file in (self.gguf, *self.weights)]
+        if len(set(names)) != len(names) or "model.json" in names:
+            raise ValueError("a model's files need distinct names, none of them model.json")
+        return self
+
+    @classmethod
+    def of(cls, model: CatalogueModel, *, with_weights: bool) -> ModelFiles:
+        """What a node fetches to run a job on `model`: its GGUF, and for a fine-tune the Hugging Face
+        files it trains from."""
+        return cls(
+            name=model.name,
+            gguf=ModelFile(name=model.gguf.name, sha256=model.gguf.sha256, size=model.gguf.size),
+            weights=tuple(
+                ModelFile(name=file.name, sha256=file.sha256, size=file.size) for file in model.weights
+            )
+            if with_weights
+            else (),
+        )
+
+
 class Lease(_Message):
     """Run this job. Its spec names its data by content hash (the artifacts to fetch, each with its
     size as the coordinator stored it: a node stops a download that goes past it) and its base model
@@ -425,9 +469,13 @@ class Lease(_Message):
     # own speed estimates how long the job will take, and so the electricity it will use.
     pay_micro: int | None = Field(default=None, ge=0, le=2**62)
     work_tokens: int | None = Field(default=None, ge=0, le=2**62)
+    # The base model's files: a node fetches models from the coordinator and its peers only.
+    model: ModelFiles
 
     @model_validator(mode="after")
     def _spec_names_the_artifacts(self) -> Lease:
+        if self.model.name != self.spec.base_model:
+            raise ValueError("the lease's model files are not the spec's base model")
         if isinstance(self.spec, InferenceJobSpec):
             named = (self.spec.dataset, self.spec.adapter, None)
         else:
@@ -465,7 +513,8 @@ class InferenceRequest(_Message):
 
     type: Literal["inference"] = "inference"
     request_id: Identifier
-    model: Identifier  # a catalogue name
+    model: ModelName  # a catalogue name
+    model_file: ModelFile  # its GGUF, fetched from the coordinator or its peers
     adapter_sha256: Sha256 | None = None
     adapter_size: int = Field(default=0, ge=0)
     messages: tuple[ChatMessage, ...] | None = Field(default=None, min_length=1, max_length=1024)

@@ -41,8 +41,17 @@ ALLOWED_IMPORTS = {
     # only to a node that will find it fits, by the node's own figure.
     # engine.artifacts: the result's file names (no torch), so a batch's completions are read by the
     # name the engine wrote them under.
+    # engine.model_facts: what ops' model files say (headers and metadata only, no torch), for the
+    # catalogue; engine.gguf_export: the GGUF of a model ops add as a directory alone (admin add-model
+    # only, where the engine is installed).
     "coordinator": SHARED
-    | {"compute_swarm.engine.catalogue", "compute_swarm.engine.memory", "compute_swarm.engine.artifacts"},
+    | {
+        "compute_swarm.engine.catalogue",
+        "compute_swarm.engine.memory",
+        "compute_swarm.engine.artifacts",
+        "compute_swarm.engine.model_facts",
+        "compute_swarm.engine.gguf_export",
+    },
     "engine": {"compute_swarm.protocol", "compute_swarm.kernels"},
     "kernels": set(),
     "desktop": SHARED | {"compute_swarm.engine", "compute_swarm.kernels", "compute_swarm.sdk"},

@@ -10,6 +10,7 @@ from fastapi.responses import JSONResponse
 
 from compute_swarm import protocol
 from compute_swarm.coordinator.service.admission import RegistrationLimiter
+from compute_swarm.coordinator.service.catalogue import Catalogue
 from compute_swarm.coordinator.service.inference import InferenceService
 from compute_swarm.coordinator.service.leases import Leases
 from compute_swarm.coordinator.service.node_accounts import NodeAccounts
@@ -45,7 +46,7 @@ from compute_swarm.coordinator.transport.api.deps import Services
 from compute_swarm.coordinator.transport.hub import Hub
 from compute_swarm.coordinator.transport.limits import RequestLimits
 from compute_swarm.coordinator.transport.metrics import Metrics, ServedBytes
-from compute_swarm.engine.catalogue import fetch_catalogue_model
+from compute_swarm.engine.jobs import CATALOGUE
 
 
 def build_services(settings: Settings) -> Services:
@@ -53,14 +54,23 @@ def build_services(settings: Settings) -> Services:
     database = Database(settings.resolved_database_url)
     database.upgrade()
     store = ArtifactStore(settings.artifacts_dir)
-    tokens = TokenCounters(fetch_catalogue_model)
+    catalogue = Catalogue(database, store)
+    tokens = TokenCounters(catalogue.gguf_path)
     verifier = Verifier(settings, store, tokens=tokens)
-    leases = Leases(database, settings, verifier)
-    reports = Reports(database, settings, store, verifier, model_file=fetch_catalogue_model, tokens=tokens)
+    leases = Leases(database, settings, verifier, catalogue)
+    reports = Reports(
+        database,
+        settings,
+        store,
+        verifier,
+        model_file=catalogue.gguf_path,
+        tokens=tokens,
+        catalogue=catalogue,
+    )
     node_accounts = NodeAccounts(database, verifier)
     metrics = Metrics()
     metrics.count_jobs_with(leases.counts)
-    inference = InferenceService(database, settings, tokens)
+    inference = InferenceService(database, settings, tokens, catalogue)
     hub = Hub(leases, reports, node_accounts, settings, metrics, inference)
     # What committed transactions decided (a job to dispatch, a node to stop) reaches the hub.
     database.on_commit = hub.carry_out
@@ -68,7 +78,7 @@ def build_services(settings: Settings) -> Services:
         settings=settings,
         database=database,
         store=store,
-        submissions=Submissions(database, settings),
+        submissions=Submissions(database, settings, catalogue),
         leases=leases,
         reports=reports,
         node_accounts=node_accounts,
@@ -84,9 +94,13 @@ def build_services(settings: Settings) -> Services:
             store,
             transfer_key(settings.transfer_secret_value),
             peer_address=hub.peer_address,
-            public=lambda sha256: settings.transfer_dht_and_pex and sha256 in swarm.CATALOGUE_BY_SHA256,
+            # Only the built-in model is public (its package is on PyPI); ops' models stay in the swarm.
+            public=lambda sha256: (
+                settings.transfer_dht_and_pex and catalogue.model_of_file(sha256) in CATALOGUE
+            ),
         ),
         payouts=payouts_service(settings, database),
+        catalogue=catalogue,
     )
 
 

@@ -11,6 +11,7 @@ import sys
 import time
 from pathlib import Path
 
+from compute_swarm.coordinator.transport.catalogue_cli import register_catalogue_commands
 from compute_swarm.coordinator.transport.payouts_cli import register_payout_commands
 
 
@@ -96,6 +97,7 @@ def register_commands(subcommands: argparse._SubParsersAction) -> None:
     invite.set_defaults(handler=_create_invite)
 
     register_payout_commands(actions, _data_dir_option, _settings, _database)
+    register_catalogue_commands(actions, _data_dir_option, _settings, _database)
 
     local = subcommands.add_parser(
         "local-swarm",

@@ -28,8 +28,8 @@ from compute_swarm.desktop.job_reports import (
     progress_message,
     result_message,
 )
-from compute_swarm.desktop.lease_spec import InvalidLease, check_lease, spec_for_lease
-from compute_swarm.desktop.transfer import share_catalogue_model
+from compute_swarm.desktop.lease_spec import spec_for_lease
+from compute_swarm.desktop.model_files import LocalModel, fetch_model
 from compute_swarm.desktop.workspace import Workspace
 from compute_swarm.engine import artifacts
 from compute_swarm.engine.jobs import InferenceJobSpec, JobSpec
@@ -166,13 +166,11 @@ class JobRun:
         lease = self.lease
         try:
             try:
-                check_lease(lease)  # refused before downloading anything
-                dataset, resume_from, adapter = await self._fetch_inputs()
+                model, dataset, resume_from, adapter = await self._fetch_inputs()
                 evaluate = await self._fetch_result_to_evaluate()
-                spec = spec_for_lease(lease, dataset, adapter if adapter is not None else evaluate)
-            except InvalidLease as error:
-                await self._report_early_failure("invalid_spec", str(error))
-                return
+                spec = spec_for_lease(
+                    lease, model.engine_reference, dataset, adapter if adapter is not None else evaluate
+                )
             except _GiveUp as error:
                 if self.cancel_reason is None:
                     await self._report_early_failure("error", str(error))
@@ -213,14 +211,22 @@ class JobRun:
 
     # ---- transfers
 
-    async def _fetch_inputs(self) -> tuple[Path, Path | None, Path | None]:
-        """The dataset, the checkpoint unpacked to resume from, and a batch's llama.cpp adapter."""
+    async def _fetch_inputs(self) -> tuple[LocalModel, Path, Path | None, Path | None]:
+        """The base model, the dataset, the checkpoint unpacked to resume from, and a batch's llama.cpp
+        adapter."""
         lease = self.lease
         await asyncio.to_thread(self._host.workspace.clear_job_directory, self.directory)
-        transfer = self._host.workspace.transfer
-        if transfer is not None:
-            # The base model from its swarm, so the engine finds it cached (or fetches it itself).
-            await asyncio.to_thread(share_catalogue_model, self._host.client, transfer, lease.spec.base_model)
+        space, client = self._host.workspace, self._host.client
+        model = await self._retrying(
+            "download the base model",
+            lambda: fetch_model(
+                lease.model,
+                lambda sha256, destination, size: space.download(client, sha256, destination, size),
+                with_weights=not isinstance(lease.spec, InferenceJobSpec),
+            ),
+            DOWNLOAD_ATTEMPTS,
+            download=True,
+        )
         dataset = await self._download("dataset", lease.dataset_sha256, lease.dataset_size)
         adapter = (
             await self._download("adapter", lease.adapter_sha256, lease.adapter_size)
@@ -228,7 +234,7 @@ class JobRun:
             else None
         )
         if lease.checkpoint_sha256 is None:
-            return dataset, None, adapter
+            return model, dataset, None, adapter
         archive = await self._download("checkpoint", lease.checkpoint_sha256, lease.checkpoint_size)
         resume_from = workspace.resume_directory(self.directory)
         try:
@@ -240,7 +246,7 @@ class JobRun:
             self._host.workspace.forget_artifact(lease.checkpoint_sha256)
             with contextlib.suppress(OSError):
                 archive.unlink()
-        return dataset, resume_from, adapter
+        return model, dataset, resume_from, adapter
 
     async def _fetch_result_to_evaluate(self) -> Path | None:
         """A verification re-run's other half: the adapter another node delivered, unpacked."""

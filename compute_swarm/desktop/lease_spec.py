@@ -1,7 +1,7 @@
-"""A lease from the coordinator turned into the job spec this node runs: the same job with its data
-named by the node's own copies of the artifacts. The lease's spec was validated when it arrived
-(protocol.Lease), so what is left to refuse is a base model this node does not have: an
-`InvalidLease`, reported as an invalid_spec failure by desktop.job.
+"""A lease from the coordinator turned into the job spec this node runs: the same job with its base
+model and data named by the node's own copies (desktop.model_files, the artifact cache). The lease's
+spec was validated when it arrived (protocol.Lease), its base model's name included: a catalogue name,
+never a path, and the one its model files describe.
 """
 
 from __future__ import annotations
@@ -9,27 +9,19 @@ from __future__ import annotations
 from pathlib import Path
 
 from compute_swarm import protocol
-from compute_swarm.engine.jobs import CATALOGUE, JobSpec, LocalPath, relocated
+from compute_swarm.engine.jobs import JobSpec, LocalPath, relocated
 
 
-class InvalidLease(Exception):
-    """A lease this node cannot run; reported as an invalid_spec failure."""
-
-
-def check_lease(lease: protocol.Lease) -> None:
-    """Refuse, before anything is downloaded, a lease whose base model is not in this node's catalogue
-    (a path or a hub name from the coordinator never is)."""
-    if lease.spec.base_model not in CATALOGUE:
-        raise InvalidLease(
-            f"base model {lease.spec.base_model!r} is not in this node's catalogue "
-            f"({', '.join(sorted(CATALOGUE))})"
-        )
-
-
-def spec_for_lease(lease: protocol.Lease, dataset: Path, adapter: Path | None = None) -> JobSpec:
-    """The job spec to run: the lease's, with `dataset` (and `adapter`: a batch's llama.cpp adapter,
-    or a verification re-run's adapter to evaluate) pointing at this node's copies of the artifacts."""
-    check_lease(lease)
+def spec_for_lease(
+    lease: protocol.Lease, base_model: str, dataset: Path, adapter: Path | None = None
+) -> JobSpec:
+    """The job spec to run: the lease's, with `base_model` (this node's copy of the model: a directory
+    or a GGUF), `dataset` and `adapter` (a batch's llama.cpp adapter, or a verification re-run's
+    adapter to evaluate) pointing at this node's copies."""
     return relocated(
-        lease.spec, LocalPath, dataset=str(dataset), adapter=None if adapter is None else str(adapter)
+        lease.spec,
+        LocalPath,
+        dataset=str(dataset),
+        adapter=None if adapter is None else str(adapter),
+        base_model=base_model,
     )

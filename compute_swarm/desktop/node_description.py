@@ -64,15 +64,17 @@ def telemetry_from_inventory(
 
 
 def cached_catalogue_models(models_directory: Path | None = None) -> tuple[str, ...]:
-    """Catalogue models already in engine.models' cache (looked up, never downloaded or hashed)."""
+    """Catalogue models already in engine.models' cache (looked up, never downloaded or hashed): those
+    desktop.model_files fetched, and the built-in model where the engine's own command fetched it."""
+    from compute_swarm.desktop import model_files
     from compute_swarm.engine import models
 
     directory = models_directory or models.models_directory()
-    found = []
+    found = list(model_files.cached_models(directory))
     for name, model in CATALOGUE.items():
         # engine.models.fetch_catalogue_model's layout: <cache>/<sha256[:16]>/<file name>.
         path = directory / model.sha256[:16] / Path(model.member).name
         with contextlib.suppress(OSError):
             if path.stat().st_size == model.file_size_bytes:
                 found.append(name)
-    return tuple(sorted(found))
+    return tuple(sorted(set(found)))

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from compute_swarm import protocol
-from compute_swarm.desktop import crashes
+from compute_swarm.desktop import crashes, model_files
 from compute_swarm.desktop.crashes import ModelCrash, ProbeBackoff
 from compute_swarm.desktop.failures import describe_error
 from compute_swarm.desktop.workspace import Workspace
@@ -39,12 +39,6 @@ def inference_available() -> bool:
     return importlib.util.find_spec("llama_cpp") is not None
 
 
-def _resolve_base_model(name: str) -> Path:
-    from compute_swarm.engine.models import fetch_catalogue_model
-
-    return fetch_catalogue_model(name)
-
-
 class InferenceServing:
     """Runs on the agent's event loop; the child's events arrive on a reader thread and are handed over."""
 
@@ -55,7 +49,8 @@ class InferenceServing:
         *,
         client: Callable[[], Any],  # the agent's current NodeClient (for adapter downloads)
         process: Any = None,  # an engine.inference_server.InferenceProcess; made on first use
-        resolve_base_model: Callable[[str], Path] = _resolve_base_model,
+        # (model name, its GGUF or None for one already here) → the GGUF's path on this machine.
+        resolve_base_model: Callable[[str, protocol.ModelFile | None], Path] | None = None,
         slots: int | None = None,
         # Called when the models this node advertises change (a crash, a model serving again): the
         # agent tells the coordinator at once instead of at its next heartbeat.
@@ -68,7 +63,7 @@ class InferenceServing:
         self._post = post
         self._client = client
         self._process = process
-        self._resolve_base_model = resolve_base_model
+        self._resolve_base_model = resolve_base_model or self._base_model_file
         self.slots = (1 if inference_available() else 0) if slots is None else slots
         self._advertisement_changed = advertisement_changed
         self._may_probe = may_probe
@@ -150,13 +145,29 @@ class InferenceServing:
         if process is not None:
             process.close()
 
+    def _base_model_file(self, name: str, file: protocol.ModelFile | None) -> Path:
+        """Thread: the model's GGUF, fetched from the coordinator (or its peers) when it is not here;
+        a probe (no file named) uses the copy already here."""
+        if file is None:
+            cached = model_files.cached_gguf(name)
+            if cached is None:
+                raise OSError(f"model {name} is not on this node")
+            return cached
+        files = protocol.ModelFiles(name=name, gguf=file)
+        client = self._client()
+        return model_files.fetch_model(
+            files,
+            lambda sha256, destination, size: self.workspace.download(client, sha256, destination, size),
+            with_weights=False,
+        ).gguf
+
     # ---- a request
 
     async def _start(self, request: protocol.InferenceRequest) -> None:
         from compute_swarm.engine.inference import GenerationRequest
 
         try:
-            model = await asyncio.to_thread(self._resolve_base_model, request.model)
+            model = await asyncio.to_thread(self._resolve_base_model, request.model, request.model_file)
             adapter = (
                 # adapter_size 0: the coordinator has no record of the file's size.
                 await self._adapter(request.adapter_sha256, request.adapter_size or None)
@@ -299,7 +310,7 @@ class InferenceServing:
 
         event: Any = None
         try:
-            model = await asyncio.to_thread(self._resolve_base_model, model_name)
+            model = await asyncio.to_thread(self._resolve_base_model, model_name, None)
             adapter = await self._adapter(adapter_sha256) if adapter_sha256 else None
             self._process_handle().submit(
                 GenerationRequest(

@@ -19,7 +19,7 @@ from compute_swarm.desktop.transfer import (
     PeerTransfer,
     TransferSettings,
     libtorrent_available,
-    share_catalogue_model,
+    share_cached_model,
 )
 from compute_swarm.desktop.tunnel import FrpTunnel
 from compute_swarm.desktop.workspace import Workspace
@@ -79,7 +79,7 @@ class Sharing:
         logger.info("sharing with other nodes on TCP port %d", transfer.listen_port)
         for name in await asyncio.to_thread(cached_catalogue_models):
             self._tasks.spawn(
-                asyncio.to_thread(share_catalogue_model, client, transfer, name), name=f"serve-{name}"
+                asyncio.to_thread(share_cached_model, client, transfer, name), name=f"serve-{name}"
             )
 
     def network_report(self) -> protocol.NetworkReport:

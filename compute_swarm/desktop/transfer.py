@@ -21,8 +21,6 @@ from typing import Any
 import httpx
 from pydantic import BaseModel, ConfigDict, Field
 
-from compute_swarm.engine.catalogue import catalogue_model_path
-from compute_swarm.engine.jobs import CATALOGUE
 from compute_swarm.sdk.client import SwarmError, sha256_of_file
 from compute_swarm.swarm_transfer import STALL_SECONDS, PeerReport, TransferOffer
 
@@ -84,6 +82,7 @@ class TransferStats:
 
 
 MEASURED_FETCH_BYTES = 1 << 20  # smaller fetches are all latency: they say nothing about the line
+MAXIMUM_RATE_BYTES_PER_SECOND = 1e12  # protocol.NetworkReport's bound
 
 
 def _smoothed(previous: float | None, sample: float) -> float:
@@ -220,8 +219,11 @@ class PeerTransfer:
     def record_download(self, size: int, seconds: float) -> None:
         """A finished download (from peers, or over HTTP), for the node's measured download rate."""
         if size >= MEASURED_FETCH_BYTES and seconds > 0:
+            # A file the cache already held (a hard link, a copy from disk) arrives faster than any
+            # line: such a sample is capped at what the protocol takes as a rate.
+            sample = min(size / seconds, MAXIMUM_RATE_BYTES_PER_SECOND)
             with self._lock:
-                self._download_rate = _smoothed(self._download_rate, size / seconds)
+                self._download_rate = _smoothed(self._download_rate, sample)
 
     def serve(self, offer: TransferOffer, path: Path, timeout: float = 120.0) -> bool:
         """Serve a file this node already holds (a cached model) to the artifact's swarm; False when
@@ -427,23 +429,27 @@ def fetch_artifact(
     return path
 
 
-def share_catalogue_model(client: Any, transfer: PeerTransfer, name: str) -> None:
-    """A catalogue model through its swarm: fetched where this machine lacks it, served where it holds
-    it. Never raises: without its swarm the engine fetches a missing model from its package itself."""
-    if name not in CATALOGUE:
+def share_cached_model(client: Any, transfer: PeerTransfer, name: str) -> None:
+    """Serve the files of a catalogue model this machine holds to the nodes that need them. Never
+    raises: sharing is a service to peers, and a node's own work does not depend on it."""
+    from compute_swarm.desktop import model_files
+
+    record = model_files.record_of(name)
+    if record is None:
         return
-    sha256 = CATALOGUE[name].sha256
-    path = catalogue_model_path(name)
-    try:
-        offer = client.transfer_offer(sha256, holding=path.is_file())
-        if path.is_file():
-            if not transfer.serve(offer, path):
-                logger.warning("the cached %s is not the catalogue's file: it is not served", name)
+    directory = model_files.model_directory(record)
+    for file in (record.gguf, *record.weights):
+        try:
+            offer = client.transfer_offer(file.sha256, holding=True)
+            if not transfer.serve(offer, directory / file.name):
+                logger.warning(
+                    "the cached %s of %s is not the catalogue's file: it is not served", file.name, name
+                )
+        except SwarmError as error:
+            level = (
+                logging.DEBUG if error.status_code == 404 else logging.WARNING
+            )  # 404: no peer transfer there
+            logger.log(level, "model %s through its swarm: %s", name, error)
             return
-        logger.info("fetching model %s from its swarm", name)
-        transfer.fetch(offer, path)
-    except SwarmError as error:
-        level = logging.DEBUG if error.status_code == 404 else logging.WARNING  # 404: no peer transfer there
-        logger.log(level, "model %s through its swarm: %s", name, error)
-    except (TransferFailed, OSError) as error:
-        logger.warning("model %s through its swarm: %s", name, error)
+        except (TransferFailed, OSError) as error:
+            logger.warning("model %s through its swarm: %s", name, error)

@@ -58,7 +58,8 @@ def sha256_of_file(path: Path) -> str:
 _verified_files: dict[Path, tuple[tuple[int, int, int], str]] = {}
 
 
-def _verified_sha256(path: Path) -> str:
+def verified_sha256(path: Path) -> str:
+    """A file's sha256, hashed once per process while its size, mtime and inode stay the same."""
     status = path.stat()
     identity = (status.st_size, status.st_mtime_ns, status.st_ino)
     known = _verified_files.get(path)
@@ -83,7 +84,7 @@ def fetch_catalogue_model(name: str, directory: Path | None = None) -> Path:
     model = CATALOGUE[name]
     target = catalogue_model_path(name, directory)
     if target.is_file():
-        if _verified_sha256(target) == model.sha256:
+        if verified_sha256(target) == model.sha256:
             return target
         logger.warning("cached %s failed its sha256 check; fetching it again", target)
         target.unlink()

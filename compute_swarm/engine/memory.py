@@ -42,6 +42,54 @@ OVERHEAD_BYTES_BY_DEVICE_KIND: dict[str, int] = {
 # Each LoRA parameter is fp32 and carries its gradient and AdamW's two moments: 4 tensors × 4 bytes.
 ADAPTER_BYTES_PER_PARAMETER = 16
 
+# Quantized bases (QLoRA), as bitsandbytes stores them. Only the linear projections inside the decoder
+# layers are quantized: transformers leaves the embeddings (nn.Embedding) and the output head
+# (llm_int8_skip_modules defaults to it) in 16 bits, and so do norms and biases.
+QUANTIZATIONS = ("none", "nf4", "fp4", "int8")
+FOUR_BIT_QUANTIZATIONS = frozenset({"nf4", "fp4"})
+# The backends (protocol telemetry's names) where the engine quantizes a base with bitsandbytes
+# (>= MINIMUM_BITSANDBYTES, checked on the node by engine.lora.quantization_problem):
+# cuda: bitsandbytes' home; NF4/FP4 need compute capability 6.0, LLM.int8() 7.5.
+# rocm: official in the PyPI wheels since 0.50 (they ship libbitsandbytes_rocm64...72); not tested
+#   here, and the node refuses, with its reason, where bitsandbytes fails to load.
+# cpu: its CPU backend quantizes and trains 4-bit and 8-bit LoRA (tested with 0.50.2 and torch
+#   2.13+cpu, tests/engine/test_qlora.py); slow, but the scheduler tries GPUs first.
+# Not mps: bitsandbytes' Apple backend is new (0.50), runs pure-PyTorch fallbacks before macOS 26 and
+#   is untested here; no wheel exists for Intel Macs at all.
+QUANTIZATION_BACKENDS: frozenset[str] = frozenset({"cuda", "rocm", "cpu"})
+MINIMUM_BITSANDBYTES = (0, 50)
+# Modules that stay unquantized: embeddings and output heads, as transformers, GPT-2 and GGUF name them.
+EMBEDDING_MODULES = frozenset({"embed_tokens", "lm_head", "wte", "token_embd", "output"})
+# bitsandbytes' 4-bit blocks: one absmax constant per 64 weights. With double quantization (which the
+# engine always turns on, as QLoRA does) each block's fp32 absmax is itself quantized to one byte, with
+# one fp32 constant per 256 blocks: 8/64 + 32/(64·256) = 0.127 bits a weight (Dettmers et al. 2023,
+# "QLoRA", §3), against 32/64 = 0.5 bits without.
+FOUR_BIT_BLOCK_SIZE = 64
+DOUBLE_QUANTIZATION_BLOCK_SIZE = 256
+
+
+def base_quantization(quantization: str, allow_16bit_fallback: bool, backend: str) -> str | None:
+    """How a job asking for `quantization` holds its base on `backend` (cuda, rocm, mps, cpu): as
+    asked where bitsandbytes runs (QUANTIZATION_BACKENDS) or where nothing is asked, "none" elsewhere
+    when the buyer allows the fallback, and None where it cannot run at all."""
+    if quantization == "none" or backend in QUANTIZATION_BACKENDS:
+        return quantization
+    return "none" if allow_16bit_fallback else None
+
+
+def quantized_weight_bytes(quantization: str, out_features: int, in_features: int) -> int:
+    """Bytes bitsandbytes holds for one (out_features × in_features) linear weight quantized as
+    `quantization` ("nf4", "fp4": two weights a byte plus the double-quantized block constants;
+    "int8": LLM.int8()'s byte a weight plus one fp32 scale per output row)."""
+    count = out_features * in_features
+    if quantization in FOUR_BIT_QUANTIZATIONS:
+        blocks = -(-count // FOUR_BIT_BLOCK_SIZE)
+        return -(-count // 2) + blocks + 4 * -(-blocks // DOUBLE_QUANTIZATION_BLOCK_SIZE)
+    if quantization == "int8":
+        return count + 4 * out_features
+    raise ResourceError(f"unknown quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}")
+
+
 # llama.cpp's compute buffers beside the weights and the cache (tens of MiB for small models).
 INFERENCE_COMPUTE_BYTES = 64 * MIB
 # The context a node serves a model with unless its owner sets another, and so the KV cache the
@@ -119,10 +167,20 @@ def decoder_shape(
     key_value_heads: int,
     vocabulary_size: int,
     tied_embeddings: bool,
+    head_dimension: int | None = None,
+    attention_bias: bool = False,
+    norms_per_layer: int = 2,
 ) -> ModelShape:
-    """The shape of a Llama-style decoder (RMSNorm, SwiGLU MLP, no biases) from its config.json
-    numbers, with the module names transformers gives it."""
-    head_dimension = hidden_size // attention_heads
+    """The shape of a Llama-style decoder (RMSNorm, SwiGLU MLP) from its config.json numbers, with the
+    module names transformers gives it.
+
+    head_dimension: config.json's head_dim where it is not hidden_size / heads (Gemma 2: 256).
+    attention_bias: q_proj, k_proj and v_proj carry biases (Qwen2: counted in `parameters`; only 2-D
+    weights are linear_weights). norms_per_layer: 2 (Llama, Qwen, Mistral), 4 (Gemma 2's pre- and
+    post-norms around attention and MLP).
+    """
+    if head_dimension is None:
+        head_dimension = hidden_size // attention_heads
     query_width = attention_heads * head_dimension
     key_value_projection_width = key_value_heads * head_dimension
     per_layer = {
@@ -138,9 +196,11 @@ def decoder_shape(
     if not tied_embeddings:
         linear_weights["lm_head"] = ((vocabulary_size, hidden_size),)
     linear_weights |= {module: (shape,) * layer_count for module, shape in per_layer.items()}
-    norm_parameters = (2 * layer_count + 1) * hidden_size  # two a layer, one after the last
+    norm_parameters = (norms_per_layer * layer_count + 1) * hidden_size  # and one after the last layer
+    bias_parameters = layer_count * (query_width + 2 * key_value_projection_width) if attention_bias else 0
     return ModelShape(
         parameters=norm_parameters
+        + bias_parameters
         + sum(math.prod(shape) for shapes in linear_weights.values() for shape in shapes),
         layer_count=layer_count,
         hidden_size=hidden_size,
@@ -167,9 +227,45 @@ CATALOGUE_SHAPES: dict[str, ModelShape] = {
 }
 
 
+# Popular 0.5-8B bases from their config.json on the Hugging Face hub, with the parameter count each
+# model card publishes (tests/engine/test_memory.py checks decoder_shape gives exactly that). What a
+# QLoRA job on each needs: bench/model_memory.py.
+PUBLISHED_SHAPES: dict[str, tuple[ModelShape, int]] = {
+    name: (decoder_shape(**config), published)
+    for name, config, published in [
+        ("Qwen2.5-0.5B", dict(layer_count=24, hidden_size=896, intermediate_size=4864, attention_heads=14,
+            key_value_heads=2, vocabulary_size=151_936, tied_embeddings=True, attention_bias=True), 494_032_768),
+        ("Qwen2.5-1.5B", dict(layer_count=28, hidden_size=1536, intermediate_size=8960, attention_heads=12,
+            key_value_heads=2, vocabulary_size=151_936, tied_embeddings=True, attention_bias=True), 1_543_714_304),
+        ("Qwen2.5-3B", dict(layer_count=36, hidden_size=2048, intermediate_size=11008, attention_heads=16,
+            key_value_heads=2, vocabulary_size=151_936, tied_embeddings=True, attention_bias=True), 3_085_938_688),
+        ("Qwen2.5-7B", dict(layer_count=28, hidden_size=3584, intermediate_size=18944, attention_heads=28,
+            key_value_heads=4, vocabulary_size=152_064, tied_embeddings=False, attention_bias=True), 7_615_616_512),
+        ("Llama-3.2-1B", dict(layer_count=16, hidden_size=2048, intermediate_size=8192, attention_heads=32,
+            key_value_heads=8, vocabulary_size=128_256, tied_embeddings=True), 1_235_814_400),
+        ("Llama-3.2-3B", dict(layer_count=28, hidden_size=3072, intermediate_size=8192, attention_heads=24,
+            key_value_heads=8, vocabulary_size=128_256, tied_embeddings=True), 3_212_749_824),
+        ("Llama-3.1-8B", dict(layer_count=32, hidden_size=4096, intermediate_size=14336, attention_heads=32,
+            key_value_heads=8, vocabulary_size=128_256, tied_embeddings=False), 8_030_261_248),
+        ("Mistral-7B-v0.3", dict(layer_count=32, hidden_size=4096, intermediate_size=14336, attention_heads=32,
+            key_value_heads=8, vocabulary_size=32_768, tied_embeddings=False), 7_248_023_552),
+        ("gemma-2-2b", dict(layer_count=26, hidden_size=2304, intermediate_size=9216, attention_heads=8,
+            key_value_heads=4, vocabulary_size=256_000, tied_embeddings=True, head_dimension=256,
+            norms_per_layer=4), 2_614_341_888),
+        ("TinyLlama-1.1B", dict(layer_count=22, hidden_size=2048, intermediate_size=5632, attention_heads=32,
+            key_value_heads=4, vocabulary_size=32_000, tied_embeddings=False), 1_100_048_384),
+    ]
+}  # fmt: skip
+
+
 def catalogue_shape(model: CatalogueModel) -> ModelShape:
-    """The recorded shape of a catalogue model. Raises ResourceError when none is recorded for it,
-    or the one recorded under its name has another parameter count (it describes another model)."""
+    """The recorded shape of a catalogue model: its own `shape` where it has one (models ops add),
+    else the one CATALOGUE_SHAPES records under its name. Raises ResourceError when none is recorded
+    for it, or the one recorded under its name has another parameter count (it describes another
+    model)."""
+    own_shape = getattr(model, "shape", None)
+    if own_shape is not None:
+        return own_shape
     shape = CATALOGUE_SHAPES.get(model.name)
     if shape is None or shape.parameters != model.parameters:
         raise ResourceError(
@@ -192,14 +288,29 @@ class MemoryEstimate:
     overhead_bytes: int
     lora_parameters: int
     model_parameters: int
+    # A quantized base: the one weight at a time bitsandbytes dequantizes to multiply by it.
+    dequantized_bytes: int = 0
+    quantization: str = "none"  # how the base is held: "none" (the compute dtype), "nf4", "fp4", "int8"
 
     @property
     def total_bytes(self) -> int:
-        return self.weights_bytes + self.adapter_bytes + self.activation_bytes + self.overhead_bytes
+        return (
+            self.weights_bytes
+            + self.dequantized_bytes
+            + self.adapter_bytes
+            + self.activation_bytes
+            + self.overhead_bytes
+        )
 
     def breakdown(self) -> str:
+        weights = f"weights {format_bytes(self.weights_bytes)}"
+        if self.quantization != "none":
+            weights = (
+                f"{self.quantization} weights {format_bytes(self.weights_bytes)}, "
+                f"dequantized {format_bytes(self.dequantized_bytes)}"
+            )
         return (
-            f"weights {format_bytes(self.weights_bytes)}, "
+            f"{weights}, "
             f"LoRA + optimizer {format_bytes(self.adapter_bytes)}, "
             f"activations {format_bytes(self.activation_bytes)}, "
             f"overhead {format_bytes(self.overhead_bytes)}"
@@ -218,7 +329,9 @@ def estimate_lora(
     spec: LoraJobSpec, shape: ModelShape, *, device_kind: str, compute_dtype_bytes: int
 ) -> MemoryEstimate:
     """The peak memory of one training micro-batch (batch_size × max_sequence_length tokens) of `spec`
-    on a device of `device_kind` (a key of OVERHEAD_BYTES_BY_DEVICE_KIND).
+    on a device of `device_kind` (a key of OVERHEAD_BYTES_BY_DEVICE_KIND), its base held as
+    spec.quantization says (a node that falls back to 16 bits estimates a copy of the spec with
+    quantization "none"; see base_quantization) and with spec.gradient_checkpointing.
 
     compute_dtype_bytes is the size of the dtype weights and activations are held in: 4 for fp32
     (the CPU and MPS), 2 for bf16/fp16 (CUDA and ROCm). Gradient accumulation does not change the
@@ -234,17 +347,53 @@ def estimate_lora(
             f"unknown device kind {device_kind!r}: expected one of {', '.join(OVERHEAD_BYTES_BY_DEVICE_KIND)}"
         )
     dtype_bytes = compute_dtype_bytes
+    quantization = spec.quantization
+    if quantization not in QUANTIZATIONS:
+        raise ResourceError(
+            f"unknown quantization {quantization!r}: expected one of {', '.join(QUANTIZATIONS)}"
+        )
+    quantized = quantization != "none"
 
     # LoRA adds A (rank × in) and B (out × rank) beside every targeted weight W (out × in).
-    targeted = [
-        weight for module in set(spec.target_modules) for weight in shape.linear_weights.get(module, ())
-    ]
+    targeted_modules = set(spec.target_modules)
+    targeted = [weight for module in targeted_modules for weight in shape.linear_weights.get(module, ())]
     if not targeted:
         raise ResourceError(
             f"target modules {spec.target_modules!r} match no weight in this model; "
             f"it has {', '.join(sorted(shape.linear_weights)) or 'no 2-D weights'}"
         )
     lora_parameters = sum(spec.rank * (in_features + out_features) for out_features, in_features in targeted)
+
+    # The base's weights. Unquantized, every parameter is held in the compute dtype. Quantized, the
+    # layers' linear weights are held as bitsandbytes stores them; the embeddings and output head stay
+    # in the compute dtype, and the norms and biases are cast to fp32 (engine.lora's preparation does
+    # what QLoRA's reference code does: peft's prepare_model_for_kbit_training would also cast the
+    # embeddings and head to fp32, 4.4 GB instead of 2.2 for Qwen2.5-7B's untied 152k vocabulary).
+    layer_linears = [
+        weight
+        for module, weights in shape.linear_weights.items()
+        if module not in EMBEDDING_MODULES
+        for weight in weights
+    ]
+    dequantized_bytes = 0
+    if quantized:
+        embedding_parameters = sum(
+            math.prod(weight)
+            for module in EMBEDDING_MODULES
+            for weight in shape.linear_weights.get(module, ())
+        )
+        layer_linear_parameters = sum(math.prod(weight) for weight in layer_linears)
+        vector_parameters = max(0, shape.parameters - embedding_parameters - layer_linear_parameters)
+        weights_bytes = (
+            sum(quantized_weight_bytes(quantization, *weight) for weight in layer_linears)
+            + embedding_parameters * dtype_bytes
+            + vector_parameters * 4
+        )
+        # bitsandbytes multiplies by a weight dequantized into the compute dtype (forward, and again
+        # for the input's gradient), one weight at a time: the largest one's copy is the peak.
+        dequantized_bytes = max((math.prod(weight) for weight in layer_linears), default=0) * dtype_bytes
+    else:
+        weights_bytes = shape.parameters * dtype_bytes
 
     hidden_size, intermediate_size = shape.hidden_size, shape.intermediate_size
     sequence_length = spec.max_sequence_length
@@ -267,13 +416,38 @@ def estimate_lora(
         11 * hidden_size + 4 * hidden_size + 2 * hidden_size + 8 * intermediate_size
     )
     per_layer_16bit_bytes += 5 * shape.attention_heads * tokens * sequence_length
-    layer_bytes = shape.layer_count * per_layer_16bit_bytes * dtype_bytes // 2
+    one_layer_bytes = per_layer_16bit_bytes * dtype_bytes // 2
+    if quantized and dtype_bytes < 4:
+        # Norm weights cast to fp32 make the two norms' outputs fp32: 2 bytes more an element each.
+        one_layer_bytes += 2 * tokens * hidden_size * 2
     # peft's LoRA branch keeps rank-wide A·x, and with dropout > 0 also the dropped-out copy of x and
     # its one-byte mask, for every targeted weight.
     dropout_bytes_per_input = dtype_bytes + 1 if spec.dropout > 0 else 0
-    adapter_activation_bytes = tokens * sum(
-        spec.rank * dtype_bytes + in_features * dropout_bytes_per_input for _, in_features in targeted
+
+    def adapter_activations(weights: Iterable[tuple[int, int]]) -> int:
+        return tokens * sum(
+            spec.rank * dtype_bytes + in_features * dropout_bytes_per_input for _, in_features in weights
+        )
+
+    in_layer_adapter_bytes = adapter_activations(
+        weight
+        for module in targeted_modules - EMBEDDING_MODULES
+        for weight in shape.linear_weights.get(module, ())
     )
+    outside_adapter_bytes = adapter_activations(
+        weight
+        for module in targeted_modules & EMBEDDING_MODULES
+        for weight in shape.linear_weights.get(module, ())
+    )
+    if spec.gradient_checkpointing:
+        # Full recomputation (Chen et al. 2016; Korthikanti et al. 2022 §2 and §5: "2sbhL" at 16
+        # bits): a decoder layer keeps only its input, s·b·h in the compute dtype, and the backward
+        # pass recomputes one layer at a time, holding that layer's full activations (LoRA's
+        # included) while it runs back through it.
+        layer_bytes = shape.layer_count * tokens * hidden_size * dtype_bytes + one_layer_bytes
+        layer_bytes += -(-in_layer_adapter_bytes // shape.layer_count)
+    else:
+        layer_bytes = shape.layer_count * one_layer_bytes + in_layer_adapter_bytes
     # The embedding output entering layer 0 and the final norm's output.
     residual_bytes = 2 * tokens * hidden_size * dtype_bytes
     # The logits dominate small models with large vocabularies: transformers' causal-LM loss upcasts
@@ -283,12 +457,14 @@ def estimate_lora(
     logits_bytes = tokens * shape.vocabulary_size * logits_bytes_per_entry
 
     return MemoryEstimate(
-        weights_bytes=shape.parameters * dtype_bytes,
+        weights_bytes=weights_bytes,
         adapter_bytes=lora_parameters * ADAPTER_BYTES_PER_PARAMETER,
-        activation_bytes=layer_bytes + adapter_activation_bytes + residual_bytes + logits_bytes,
+        activation_bytes=layer_bytes + outside_adapter_bytes + residual_bytes + logits_bytes,
         overhead_bytes=OVERHEAD_BYTES_BY_DEVICE_KIND[device_kind],
         lora_parameters=lora_parameters,
         model_parameters=shape.parameters,
+        dequantized_bytes=dequantized_bytes,
+        quantization=quantization,
     )
 
 

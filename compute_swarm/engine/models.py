@@ -8,6 +8,7 @@ later loads take a fraction of a second instead of tens of seconds.
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
 import tempfile
@@ -77,6 +78,15 @@ class ResolvedModel:
         return digest.hexdigest()
 
     @property
+    def gguf(self) -> Path | None:
+        """The GGUF llama.cpp serves this model from, which a trained adapter is exported for: the
+        source itself, or the one GGUF beside a directory's safetensors (desktop.model_files)."""
+        if self.source.suffix == ".gguf":
+            return self.source
+        found = sorted(self.source.glob("*.gguf"))
+        return found[0] if len(found) == 1 else None
+
+    @property
     def is_prepared(self) -> bool:
         return (self.directory / "config.json").is_file()
 
@@ -91,9 +101,29 @@ def resolve_model(reference: str) -> ResolvedModel:
     path = resolve_model_path(reference)
     if path.is_dir():
         return ResolvedModel(path, path)
-    # A catalogue file was just verified against its pinned hash; hashing it again would add nothing.
-    digest = CATALOGUE[reference].sha256 if reference in CATALOGUE else sha256_of_file(path)
+    # A catalogue file was just verified against its pinned hash, and a node verified the files its
+    # record lists (desktop.model_files): hashing gigabytes again would add nothing.
+    digest = (
+        CATALOGUE[reference].sha256
+        if reference in CATALOGUE
+        else _recorded_sha256(path) or sha256_of_file(path)
+    )
     return ResolvedModel(path, models_directory() / "converted" / digest)
+
+
+def _recorded_sha256(path: Path) -> str | None:
+    """The sha256 a node recorded for a model file it fetched and verified (model.json beside it),
+    while the file keeps the recorded size."""
+    try:
+        record = json.loads((path.parent / "model.json").read_text())
+        files = [record["gguf"], *record.get("weights", ())]
+        size = path.stat().st_size
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    for file in files:
+        if isinstance(file, dict) and file.get("name") == path.name and file.get("size") == size:
+            return str(file.get("sha256"))
+    return None
 
 
 def prepared_model_directory(reference: str) -> Path:
@@ -140,13 +170,29 @@ def load_tokenizer(directory: Path) -> PreTrainedTokenizerBase:
     return tokenizer
 
 
-def load_causal_lm(directory: Path, *, dtype: torch.dtype, device: str = "cpu") -> PreTrainedModel:
+def load_causal_lm(
+    directory: Path, *, dtype: torch.dtype, device: str = "cpu", quantization_config: object | None = None
+) -> PreTrainedModel:
     """Load a prepared model directory's weights (safetensors only) for training or evaluation, with
-    its attention through our kernels where one runs on `device` (kernels.attention)."""
+    its attention through our kernels where one runs on `device` (kernels.attention).
+
+    quantization_config: a transformers BitsAndBytesConfig; its layers are quantized as they are
+    placed on `device`, so the unquantized model is never whole in memory.
+    """
     from transformers import AutoModelForCausalLM
 
     from compute_swarm.kernels.attention import transformers_implementation
 
+    if quantization_config is not None:
+        # A quantized model cannot be moved once loaded: it is loaded where it runs.
+        return AutoModelForCausalLM.from_pretrained(
+            str(directory),
+            dtype=dtype,
+            use_safetensors=True,
+            attn_implementation=transformers_implementation(device),
+            quantization_config=quantization_config,
+            device_map={"": device},
+        )
     model = AutoModelForCausalLM.from_pretrained(
         str(directory),
         dtype=dtype,

@@ -28,8 +28,14 @@ from compute_swarm.coordinator.domain.scheduler import (
     queued_job,
     required_memory_bytes,
 )
-from compute_swarm.engine.jobs import CATALOGUE, DEFAULT_MODEL, LoraJobSpec
-from compute_swarm.engine.memory import catalogue_shape, estimate_inference, estimate_lora, free_bytes_needed
+from compute_swarm.engine.jobs import CATALOGUE, DEFAULT_MODEL, CatalogueModel, LoraJobSpec
+from compute_swarm.engine.memory import (
+    PUBLISHED_SHAPES,
+    catalogue_shape,
+    estimate_inference,
+    estimate_lora,
+    free_bytes_needed,
+)
 from compute_swarm.protocol import CpuTelemetry, GpuTelemetry, Telemetry
 
 GIB = 1024**3
@@ -662,3 +668,71 @@ def test_a_chat_goes_to_the_nearer_of_otherwise_equal_nodes() -> None:
     # A model already loaded, or on disk, outweighs a round trip: loading or fetching costs seconds.
     loaded_far = timed("loaded-far", 0.300, loaded=[DEFAULT_MODEL])
     assert route([near, loaded_far])[0] == "loaded-far"
+
+
+# ---- quantized bases (QLoRA)
+
+
+def qwen_7b_model() -> CatalogueModel:
+    shape, parameters = PUBLISHED_SHAPES["Qwen2.5-7B"]
+    return dataclasses.replace(DEMO_MODEL, name="qwen2.5-7b", parameters=parameters, shape=shape)
+
+
+def qlora_spec(**fields: object) -> LoraJobSpec:
+    settings: dict[str, object] = dict(
+        base_model="qwen2.5-7b",
+        dataset="data.jsonl",
+        max_steps=30,
+        rank=16,
+        target_modules=("q_proj", "k_proj", "v_proj", "o_proj"),
+        batch_size=1,
+        max_sequence_length=512,
+        gradient_checkpointing=True,
+        quantization="nf4",
+    )
+    return LoraJobSpec(**{**settings, **fields})
+
+
+# A card's free memory as its node reports it: its VRAM (a "12 GB" card has 12 GiB) less 1 GiB that the
+# desktop (compositor, browser) holds.
+TWELVE_GB_CARD_GIB = 11
+EIGHT_GB_CARD_GIB = 7
+
+
+def test_a_7b_qlora_job_goes_to_a_12_gb_card_and_not_to_an_8_gb_one() -> None:
+    queued = queued_job("7b", qlora_spec(), qwen_7b_model(), queued_at=0.0)
+
+    assert plan([queued], [node("eight", EIGHT_GB_CARD_GIB)]) == []
+    assert plan([queued], [node("eight", EIGHT_GB_CARD_GIB), node("twelve", TWELVE_GB_CARD_GIB)]) == [
+        Assignment("7b", "twelve")
+    ]
+    # Unquantized, the same job fits neither.
+    unquantized = queued_job("7b", qlora_spec(quantization="none"), qwen_7b_model(), queued_at=0.0)
+    assert plan([unquantized], [node("twelve", TWELVE_GB_CARD_GIB)]) == []
+
+
+def test_a_quantized_job_goes_only_where_bitsandbytes_runs_unless_the_buyer_allows_16_bits() -> None:
+    model = qwen_7b_model()
+    strict = queued_job("strict", qlora_spec(), model, queued_at=0.0)
+    lenient = queued_job("lenient", qlora_spec(allow_16bit_fallback=True), model, queued_at=1.0)
+    assert strict.backends == frozenset({"cuda", "rocm", "cpu"})
+    assert lenient.backends == ALL_BACKENDS
+
+    apple = node("apple", 64, backend="mps")
+    assert plan([strict], [apple]) == []
+    assert plan([lenient], [apple]) == [Assignment("lenient", "apple")]
+    # On the Mac it runs unquantized in fp32, so it needs the fp32 figure there.
+    fp32 = required_memory_bytes(qlora_spec(quantization="none"), model, backend="mps")
+    assert lenient.required_memory_bytes == fp32
+    assert plan([lenient], [node("small-apple", fp32 / GIB - 0.01, backend="mps")]) == []
+    # bitsandbytes' CPU backend runs it quantized, with the smaller figure.
+    assert strict.required_memory_bytes < fp32
+    assert plan([strict], [node("cpu", 40, backend="cpu")]) == [Assignment("strict", "cpu")]
+
+
+def test_a_quantized_jobs_figure_is_the_one_the_node_checks() -> None:
+    model = qwen_7b_model()
+    spec = qlora_spec()
+    estimate = estimate_lora(spec, catalogue_shape(model), device_kind="cuda", compute_dtype_bytes=2)
+    assert required_memory_bytes(spec, model, backend="cuda") == free_bytes_needed(estimate.total_bytes)
+    assert estimate.quantization == "nf4"

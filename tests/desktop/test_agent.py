@@ -7,6 +7,7 @@ import argparse
 import asyncio
 import hashlib
 import json
+import os
 import random
 import tarfile
 import threading
@@ -23,11 +24,15 @@ from compute_swarm.desktop.agent import NodeAgent
 from compute_swarm.desktop.node_stopped import NodeStopped
 from compute_swarm.desktop.outbox import Reportable
 from compute_swarm.engine import artifacts
-from compute_swarm.engine.jobs import DEFAULT_MODEL, ChatMessage, Sampling
+from compute_swarm.engine.catalogue import fetch_catalogue_model, models_directory
+from compute_swarm.engine.jobs import CATALOGUE, DEFAULT_MODEL, ChatMessage, Sampling
 from compute_swarm.engine.records import CheckpointSaved, Completed, Failed, Log, Progress, Started
 from compute_swarm.sdk.client import SwarmError
 from tests.crashing_llama import CrashingLlama
-from tests.desktop.test_messages import DATASET, DATASET_SHA256, inventory, make_lease
+from tests.desktop.test_messages import DATASET, DATASET_SHA256, inventory, lease_text, make_lease
+
+# The model cache shared by the test run, read before conftest points SWARM_MODELS_DIR at an empty one.
+SHARED_MODELS_DIRECTORY = models_directory()
 
 # ---- one agent against a scripted coordinator
 
@@ -103,8 +108,11 @@ class FakeClient:
         self.uploads: list[tuple[str, str, bytes]] = []
 
     def download_artifact(self, sha256: str, destination: Path, *, size: int | None = None) -> Path:
-        assert sha256 == DATASET_SHA256 and size == len(DATASET)
+        if sha256 == CATALOGUE[DEFAULT_MODEL].sha256:  # the lease's base model, once per node
+            os.link(fetch_catalogue_model(DEFAULT_MODEL, SHARED_MODELS_DIRECTORY), destination)
+            return Path(destination)
         self.downloads.append(sha256)
+        assert sha256 == DATASET_SHA256 and size == len(DATASET)
         Path(destination).write_bytes(DATASET)
         return Path(destination)
 
@@ -354,7 +362,7 @@ def test_a_cancelled_lease_stops_the_job_and_a_pause_is_told_at_once(tmp_path: P
     asyncio.run(scenario())
 
 
-def test_a_lease_for_a_model_outside_the_catalogue_is_refused_without_downloading(tmp_path: Path) -> None:
+def test_a_lease_naming_a_path_for_its_model_is_refused_without_downloading(tmp_path: Path) -> None:
     async def scenario() -> None:
         coordinator = FakeCoordinator(auto_acknowledge=True)
         server = await serve(coordinator.handle, "127.0.0.1", 0)
@@ -363,9 +371,9 @@ def test_a_lease_for_a_model_outside_the_catalogue_is_refused_without_downloadin
         try:
             await coordinator.expect(protocol.Hello)
             websocket = await coordinator.connections.get()
-            await websocket.send(make_lease(base_model="/etc/shadow").model_dump_json())
+            await websocket.send(lease_text(spec={"base_model": "/etc/shadow"}))
             failure = await coordinator.expect(protocol.JobFailure)
-            assert failure.kind == "invalid_spec" and "catalogue" in failure.message
+            assert failure.kind == "invalid_spec" and "not the spec's base model" in failure.message
             assert agent._client.downloads == [] and FakeRunner.instances == []
         finally:
             agent.stop()
@@ -614,6 +622,7 @@ def test_a_model_that_crashes_llama_cpp_is_reported_at_once_and_refused_without_
         return protocol.InferenceRequest(
             request_id=request_id,
             model=DEFAULT_MODEL,
+            model_file=protocol.ModelFiles.of(CATALOGUE[DEFAULT_MODEL], with_weights=False).gguf,
             messages=(ChatMessage(role="user", content="Hi"),),
             sampling=Sampling(max_tokens=4, temperature=0.0),
         ).model_dump_json()

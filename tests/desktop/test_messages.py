@@ -24,11 +24,11 @@ from compute_swarm.desktop.job_reports import (
     progress_message,
     result_message,
 )
-from compute_swarm.desktop.lease_spec import InvalidLease, spec_for_lease
+from compute_swarm.desktop.lease_spec import spec_for_lease
 from compute_swarm.desktop.node_description import telemetry_from_inventory
 from compute_swarm.desktop.outbox import Outbox
 from compute_swarm.engine.devices import CpuInfo, DeviceInventory, GpuInfo
-from compute_swarm.engine.jobs import DEFAULT_MODEL, LoraJobSpec
+from compute_swarm.engine.jobs import CATALOGUE, DEFAULT_MODEL, LoraJobSpec
 from compute_swarm.engine.records import Completed, Progress
 
 DATASET = b'{"prompt": "2+2?", "completion": "4"}\n'
@@ -47,6 +47,7 @@ def make_lease(job_id: str = "job_1", lease_id: str = "lease_1", **spec_changes:
         dataset_sha256=DATASET_SHA256,
         dataset_size=len(DATASET),
         lease_seconds=60.0,
+        model=protocol.ModelFiles.of(CATALOGUE[DEFAULT_MODEL], with_weights=True),
     )
 
 
@@ -134,15 +135,12 @@ def test_telemetry_from_an_inventory_uses_the_torch_checked_backends() -> None:
     assert protocol.parse_node_message(hello.model_dump_json()) == hello
 
 
-def test_a_lease_becomes_a_spec_with_the_nodes_own_dataset_path(tmp_path: Path) -> None:
+def test_a_lease_becomes_a_spec_with_the_nodes_own_model_and_dataset_paths(tmp_path: Path) -> None:
     local = tmp_path / "artifacts" / DATASET_SHA256
-    spec = spec_for_lease(make_lease(rank=4), local)
+    model = tmp_path / "models" / "b179c9523d0e6a0f" / "SmolLM2-135M-Instruct.Q4_1.gguf"
+    spec = spec_for_lease(make_lease(rank=4), str(model), local)
     assert isinstance(spec, LoraJobSpec) and spec.dataset == str(local)
-    assert (spec.base_model, spec.rank, spec.max_steps) == (DEFAULT_MODEL, 4, 4)
-
-    for base_model in ("/home/seller/.ssh/id_rsa", "some-other-model"):
-        with pytest.raises(InvalidLease, match="not in this node's catalogue"):
-            spec_for_lease(make_lease(base_model=base_model), local)
+    assert (spec.base_model, spec.rank, spec.max_steps) == (str(model), 4, 4)
 
 
 def lease_text(**changes: object) -> str:
@@ -162,6 +160,11 @@ def test_a_lease_whose_job_cannot_run_as_sent_is_refused_and_the_connection_kept
         "another dataset than the lease's": {"spec": {"dataset": "b" * 64}},
         "an adapter the lease does not name": {"spec": {"evaluate_adapter": "c" * 64}},
         "a field this node does not know": {"spec": {"new_setting": 1}},
+        "a path for the base model": {"spec": {"base_model": "/home/seller/.ssh/id_rsa"}},
+        "another model than the lease's files": {"spec": {"base_model": "some-other-model"}},
+        "a model file named like a path": {
+            "model": {"name": DEFAULT_MODEL, "gguf": {"name": "../x", "sha256": "a" * 64, "size": 1}}
+        },
     }
     for what, changes in unusable.items():
         with pytest.raises(protocol.UnusableLease) as refused:
@@ -182,7 +185,7 @@ def test_a_verification_re_run_evaluates_the_adapter_the_lease_names(tmp_path: P
             spec={"evaluate_adapter": delivered}, evaluate_result_sha256=delivered, evaluate_result_size=9
         )
     )
-    spec = spec_for_lease(lease, tmp_path / "data.jsonl", tmp_path / "delivered")
+    spec = spec_for_lease(lease, "model.gguf", tmp_path / "data.jsonl", tmp_path / "delivered")
     assert isinstance(spec, LoraJobSpec) and spec.evaluate_adapter == str(tmp_path / "delivered")
 
 

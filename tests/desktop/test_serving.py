@@ -13,7 +13,7 @@ from compute_swarm import protocol
 from compute_swarm.desktop.crashes import ProbeBackoff
 from compute_swarm.desktop.serving import InferenceServing
 from compute_swarm.desktop.workspace import Workspace
-from compute_swarm.engine.jobs import DEFAULT_MODEL, ChatMessage, Sampling
+from compute_swarm.engine.jobs import CATALOGUE, DEFAULT_MODEL, ChatMessage, Sampling
 from tests.crashing_llama import CrashingLlama
 
 pytest.importorskip("llama_cpp")
@@ -23,6 +23,7 @@ def chat(request_id: str, adapter_sha256: str | None = None) -> protocol.Inferen
     return protocol.InferenceRequest(
         request_id=request_id,
         model=DEFAULT_MODEL,
+        model_file=protocol.ModelFiles.of(CATALOGUE[DEFAULT_MODEL], with_weights=False).gguf,
         adapter_sha256=adapter_sha256,
         messages=(ChatMessage(role="user", content="What is 2 + 2?"),),
         sampling=Sampling(max_tokens=8, temperature=0.0),
@@ -53,7 +54,7 @@ def test_a_crashed_model_is_refused_reported_and_probed_until_a_fresh_child_serv
             Workspace(tmp_path / "node"),
             posted.append,
             client=lambda: None,
-            resolve_base_model=lambda name: demo_gguf,
+            resolve_base_model=lambda name, file: demo_gguf,
             slots=1,
             advertisement_changed=lambda: advertised.append((serving.loaded_models, serving.crashed_models)),
             probe_backoff=backoff,

@@ -8,6 +8,7 @@ import dataclasses
 import json
 import subprocess
 import sys
+import types
 from pathlib import Path
 
 import pytest
@@ -18,12 +19,16 @@ from compute_swarm.engine.jobs import CATALOGUE, DEFAULT_MODEL, LoraJobSpec
 from compute_swarm.engine.memory import (
     CATALOGUE_SHAPES,
     DEFAULT_CONTEXT_TOKENS,
+    GIB,
     MIB,
+    PUBLISHED_SHAPES,
     ResourceError,
+    base_quantization,
     catalogue_shape,
     decoder_shape,
     estimate_lora,
     free_bytes_needed,
+    quantized_weight_bytes,
     usable_bytes,
 )
 from compute_swarm.engine.resources import (
@@ -217,3 +222,146 @@ def test_importing_the_module_imports_nothing_heavy() -> None:
         [sys.executable, "-c", code], capture_output=True, text=True, check=True, timeout=60
     )
     assert result.stdout.strip() == "[]"
+
+
+# Quantized bases, gradient checkpointing and the published models ----------------------------------
+
+
+def qlora_spec(**fields: object) -> LoraJobSpec:
+    settings: dict[str, object] = dict(
+        rank=16, batch_size=1, max_sequence_length=512, gradient_checkpointing=True, quantization="nf4"
+    )
+    return demo_spec(**{**settings, **fields})
+
+
+def test_the_published_models_shapes_have_their_published_parameter_counts() -> None:
+    for name, (shape, published) in PUBLISHED_SHAPES.items():
+        assert shape.parameters == published, name
+
+
+def test_a_catalogue_model_with_its_own_shape_is_estimated_from_it() -> None:
+    shape, parameters = PUBLISHED_SHAPES["Qwen2.5-7B"]
+    model = types.SimpleNamespace(name="qwen2.5-7b", parameters=parameters, shape=shape)
+    assert catalogue_shape(model) is shape  # type: ignore[arg-type]
+
+
+def test_four_bit_weights_cost_what_qloras_paper_says() -> None:
+    # 4 bits a weight, plus 0.127 bits of double-quantized block constants (QLoRA §3).
+    bits = 8 * quantized_weight_bytes("nf4", 4096, 4096) / (4096 * 4096)
+    assert bits == pytest.approx(4.127, abs=0.001)
+    assert quantized_weight_bytes("fp4", 4096, 4096) == quantized_weight_bytes("nf4", 4096, 4096)
+    assert quantized_weight_bytes("int8", 4096, 4096) == 4096 * 4096 + 4 * 4096
+
+
+def test_fewer_bits_need_less_and_only_the_layers_are_quantized() -> None:
+    shape, _ = PUBLISHED_SHAPES["Qwen2.5-7B"]
+    estimates = {
+        quantization: estimate_lora(
+            qlora_spec(quantization=quantization), shape, device_kind="cuda", compute_dtype_bytes=2
+        )
+        for quantization in ("nf4", "int8", "none")
+    }
+    assert estimates["nf4"].total_bytes < estimates["int8"].total_bytes < estimates["none"].total_bytes
+    assert estimates["none"].weights_bytes == shape.parameters * 2
+    # The untied embedding and head (2 × 152,064 × 3,584) stay in bf16, norms and biases go to fp32.
+    embeddings = 2 * 152_064 * 3584
+    vectors = (2 * 28 + 1) * 3584 + 28 * (3584 + 2 * 512)
+    linears = shape.parameters - embeddings - vectors
+    assert estimates["nf4"].weights_bytes == pytest.approx(
+        linears * 4.127 / 8 + embeddings * 2 + vectors * 4, rel=1e-3
+    )
+    # The activations do not depend on how the base is held (beyond the fp32 norm outputs).
+    assert estimates["nf4"].activation_bytes - estimates["none"].activation_bytes == 2 * 512 * 3584 * 2
+
+
+@pytest.mark.parametrize("quantization", ["none", "nf4"])
+def test_checkpointing_keeps_one_layers_activations_and_length_grows_them(quantization: str) -> None:
+    shape, _ = PUBLISHED_SHAPES["Llama-3.1-8B"]
+
+    def activations(**fields: object) -> int:
+        spec = qlora_spec(quantization=quantization, **fields)
+        return estimate_lora(spec, shape, device_kind="cuda", compute_dtype_bytes=2).activation_bytes
+
+    for length in (512, 2048):
+        full = activations(gradient_checkpointing=False, max_sequence_length=length)
+        checkpointed = activations(gradient_checkpointing=True, max_sequence_length=length)
+        assert checkpointed < full / 4
+    assert activations(max_sequence_length=2048) > 3 * activations(max_sequence_length=512)
+    assert activations(gradient_checkpointing=False, max_sequence_length=2048) > 4 * activations(
+        gradient_checkpointing=False, max_sequence_length=512
+    )  # the attention scores grow with the square of the length
+
+
+def test_a_7b_qlora_job_fits_a_12_gb_card_and_not_an_8_gb_one() -> None:
+    # A card's free memory: its VRAM (12 GB cards have 12 GiB) less 1 GiB the desktop keeps.
+    for name in ("Qwen2.5-7B", "Llama-3.1-8B"):
+        shape, _ = PUBLISHED_SHAPES[name]
+        held = estimate_lora(qlora_spec(), shape, device_kind="cuda", compute_dtype_bytes=2).total_bytes
+        assert usable_bytes(7 * GIB) < held <= usable_bytes(11 * GIB), name
+        # In 16 bits it takes a 24 GB card.
+        unquantized = estimate_lora(
+            qlora_spec(quantization="none"), shape, device_kind="cuda", compute_dtype_bytes=2
+        ).total_bytes
+        assert usable_bytes(15 * GIB) < unquantized <= usable_bytes(23 * GIB), name
+
+
+def test_a_job_falls_back_to_16_bits_only_where_allowed() -> None:
+    assert base_quantization("nf4", False, "cuda") == "nf4"
+    assert base_quantization("nf4", False, "cpu") == "nf4"
+    assert base_quantization("nf4", False, "mps") is None
+    assert base_quantization("nf4", True, "mps") == "none"
+    assert base_quantization("none", False, "mps") == "none"
+
+
+def test_quantization_settings_are_checked() -> None:
+    with pytest.raises(ValueError, match="allow_16bit_fallback applies only to a quantized base"):
+        demo_spec(allow_16bit_fallback=True)
+    with pytest.raises(ValueError, match="quantization"):
+        demo_spec(quantization="nf3")
+
+
+_PEAK_SCRIPT = """
+import json, resource, sys, torch
+from compute_swarm.engine import lora
+from compute_swarm.engine.jobs import LoraJobSpec
+from compute_swarm.engine.models import DEFAULT_MODEL, load_tokenizer, prepared_model_directory
+spec = LoraJobSpec.model_validate_json(sys.argv[1])
+directory = prepared_model_directory(DEFAULT_MODEL)
+precision = lora.choose_precision("cpu")
+model = lora.build_model(spec, directory, "cpu", precision)
+model.train()
+tokens = torch.randint(0, 49152, (spec.batch_size, spec.max_sequence_length))
+batch = {"input_ids": tokens, "labels": tokens, "attention_mask": torch.ones_like(tokens)}
+lora.answer_loss_sum(model, batch, precision).backward()
+print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+"""
+
+
+def _measured_peak(spec: LoraJobSpec) -> int:
+    result = subprocess.run(
+        [sys.executable, "-c", _PEAK_SCRIPT, spec.model_dump_json()],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+    )
+    return int(result.stdout.split()[-1])
+
+
+@pytest.mark.slow
+def test_the_cpu_estimate_is_near_a_measured_peak(demo_model_directory: Path) -> None:
+    shape = CATALOGUE_SHAPES[DEFAULT_MODEL]
+    peaks, estimates = {}, {}
+    for checkpointing in (False, True):
+        spec = demo_spec(batch_size=2, max_sequence_length=256, gradient_checkpointing=checkpointing)
+        peaks[checkpointing] = _measured_peak(spec)
+        estimates[checkpointing] = estimate_lora(
+            spec, shape, device_kind="cpu", compute_dtype_bytes=4
+        ).total_bytes
+    # The resident set counts the interpreter, the libraries and allocator slack as the estimate's
+    # overhead does: within the USABLE_PERCENT reserve either way round.
+    assert 0.8 * peaks[False] < estimates[False] < 1.25 * peaks[False], (estimates, peaks)
+    # Checkpointed, the step holds less than loading the model did (safetensors' copies), which then
+    # sets the peak: the estimate stays below it, and both fall.
+    assert estimates[True] < 1.25 * peaks[True], (estimates, peaks)
+    assert peaks[True] < peaks[False] and estimates[True] < estimates[False]

@@ -148,3 +148,20 @@ def prompt_token_bound(text_bytes: int, messages: int) -> int:
     template adds its markers and a default system prompt (SmolLM2's is 20 tokens) around the messages.
     A node's own count is charged only up to this, since the coordinator has no tokenizer to check it."""
     return text_bytes + PROMPT_TEMPLATE_TOKENS + 16 * messages
+
+
+def model_rates_micro(model: CatalogueModel) -> dict[str, int]:
+    """A model's list prices, per million tokens: trained (a fine-tune's token budget) and generated or
+    read (a request's prompt and completion). What the catalogue shows buyers; jobs are priced by
+    price_micro and inference_price_micro from the same rates."""
+    million = 1_000_000
+    return {
+        "fine_tune_per_million_tokens_micro": max(
+            1,
+            _ceiling_division(
+                million * model.parameters * DEFAULT_MICRO_PER_MILLION_TOKEN_PARAMETERS,
+                TOKEN_PARAMETERS_PER_UNIT,
+            ),
+        ),
+        "inference_per_million_tokens_micro": inference_price_micro(model, million),
+    }

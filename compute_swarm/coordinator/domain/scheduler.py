@@ -12,7 +12,13 @@ from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from compute_swarm.engine.jobs import CatalogueModel, LoraJobSpec
-from compute_swarm.engine.memory import catalogue_shape, estimate_inference, estimate_lora, free_bytes_needed
+from compute_swarm.engine.memory import (
+    base_quantization,
+    catalogue_shape,
+    estimate_inference,
+    estimate_lora,
+    free_bytes_needed,
+)
 from compute_swarm.protocol import Telemetry, crash_covering
 
 ALL_BACKENDS: frozenset[str] = frozenset({"cuda", "rocm", "mps", "cpu"})
@@ -38,6 +44,9 @@ class QueuedJob:
     verification: bool = False
     # The size of its base model's file: a node without it fetches that much first.
     model_bytes: int = 0
+    # The backends that can run it (lora_job_backends): a base quantized by bitsandbytes, without
+    # the buyer's leave to fall back to 16 bits, runs only where bitsandbytes does.
+    backends: frozenset[str] = ALL_BACKENDS
 
 
 @dataclass(frozen=True)
@@ -130,15 +139,30 @@ def node_snapshot(
     )
 
 
-# The device kinds (engine.memory.OVERHEAD_BYTES_BY_DEVICE_KIND) whose process overhead a backend's
-# figure allows for: torch names ROCm GPUs "cuda", and the fp32 figure serves CPU and MPS nodes alike
-# (QueuedJob.required_memory_bytes), so it takes the larger of the two.
-_DEVICE_KINDS_OF_BACKEND: dict[str, tuple[str, ...]] = {
+# The backends whose needs a figure covers: QueuedJob.required_memory_bytes serves CPU and MPS nodes
+# alike, so it takes the larger of the two; torch names ROCm GPUs "cuda" (device kind).
+_BACKENDS_OF_FIGURE: dict[str, tuple[str, ...]] = {
     "cuda": ("cuda",),
-    "rocm": ("cuda",),
+    "rocm": ("rocm",),
     "mps": ("cpu", "mps"),
     "cpu": ("cpu", "mps"),
 }
+_DEVICE_KIND_OF_BACKEND = {"cuda": "cuda", "rocm": "cuda", "mps": "mps", "cpu": "cpu"}
+
+
+def lora_job_backends(spec: LoraJobSpec) -> frozenset[str]:
+    """The backends that can run this LoRA job: all, unless its base is quantized and the buyer does
+    not allow the 16-bit fallback (then those bitsandbytes runs on: engine.memory.QUANTIZATION_BACKENDS)."""
+    return backends_for_quantization(spec.quantization, spec.allow_16bit_fallback)
+
+
+def backends_for_quantization(quantization: str, allow_16bit_fallback: bool) -> frozenset[str]:
+    """lora_job_backends from the two spec fields that decide it (a queued job's stored spec)."""
+    return frozenset(
+        backend
+        for backend in ALL_BACKENDS
+        if base_quantization(quantization, allow_16bit_fallback, backend) is not None
+    )
 
 
 def required_memory_bytes(spec: LoraJobSpec, model: CatalogueModel, *, backend: str = "cpu") -> int:
@@ -150,17 +174,35 @@ def required_memory_bytes(spec: LoraJobSpec, model: CatalogueModel, *, backend: 
     The default, backend "cpu", gives the figure for fp32 training on the CPU and on MPS (the larger
     of the two: MPS allows 100 MiB more for its runtime), which also bounds 16-bit training on
     CUDA/ROCm; backend "cuda" or "rocm" gives the smaller 16-bit figure. For the demo job
-    (SmolLM2-135M, batch 4 × 512 tokens) it says 8.9 GiB in fp32 and 5.6 GiB in 16 bits. Raises
-    ValueError for an unknown backend or a model whose shape is not recorded (engine.memory.CATALOGUE_SHAPES).
+    (SmolLM2-135M, batch 4 × 512 tokens) it says 8.9 GiB in fp32 and 5.6 GiB in 16 bits.
+
+    A quantized base counts as the node will hold it (engine.memory.base_quantization): quantized
+    where bitsandbytes runs, unquantized where the buyer allows that fallback; a backend that cannot
+    run the job at all is left out of the figure (lora_job_backends keeps it off such nodes), and a
+    figure none of whose backends can run the job is 0. A 7B QLoRA job (Qwen2.5-7B, nf4, rank 16,
+    batch 1 × 512 tokens, gradient checkpointing) needs about 9 GiB on CUDA. Raises ValueError for
+    an unknown backend or a model whose shape is not recorded (engine.memory.CATALOGUE_SHAPES).
     """
     if backend not in ALL_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: expected one of {', '.join(sorted(ALL_BACKENDS))}")
     shape = catalogue_shape(model)
     weight_bytes = 2 if backend in HALF_PRECISION_BACKENDS else 4
-    held_bytes = max(
-        estimate_lora(spec, shape, device_kind=kind, compute_dtype_bytes=weight_bytes).total_bytes
-        for kind in _DEVICE_KINDS_OF_BACKEND[backend]
-    )
+    held_bytes = 0
+    for figure_backend in _BACKENDS_OF_FIGURE[backend]:
+        quantization = base_quantization(spec.quantization, spec.allow_16bit_fallback, figure_backend)
+        if quantization is None:
+            continue
+        held_bytes = max(
+            held_bytes,
+            estimate_lora(
+                spec
+                if quantization == spec.quantization
+                else spec.model_copy(update={"quantization": quantization}),
+                shape,
+                device_kind=_DEVICE_KIND_OF_BACKEND[figure_backend],
+                compute_dtype_bytes=weight_bytes,
+            ).total_bytes,
+        )
     return free_bytes_needed(held_bytes)
 
 
@@ -171,7 +213,8 @@ def queued_job(
     queued_at: float,
     excluded_nodes: frozenset[str] = frozenset(),
 ) -> QueuedJob:
-    """A QueuedJob with both memory figures: fp32 for MPS/CPU nodes, 16-bit for CUDA/ROCm nodes."""
+    """A QueuedJob with both memory figures (fp32 for MPS/CPU nodes, 16-bit for CUDA/ROCm nodes) and
+    the backends that can run it."""
     return QueuedJob(
         job_id=job_id,
         base_model=model.name,
@@ -179,6 +222,7 @@ def queued_job(
         queued_at=queued_at,
         excluded_nodes=excluded_nodes,
         required_memory_bytes_16bit=required_memory_bytes(spec, model, backend="cuda"),
+        backends=lora_job_backends(spec),
     )
 
 
@@ -188,6 +232,12 @@ def queued_job(
 # (CUDA/ROCm), MPS GPUs, CPUs.
 _HALF_GPU, _FULL_GPU, _CPU = 0, 1, 2
 _GROUP_OF_BACKEND = {"cuda": _HALF_GPU, "rocm": _HALF_GPU, "mps": _FULL_GPU, "cpu": _CPU}
+# A job goes to a group's nodes only when it can run on every backend of the group (QueuedJob.backends
+# are unions of groups: engine.memory.QUANTIZATION_BACKENDS holds both or neither of cuda and rocm).
+_BACKENDS_OF_GROUP = {
+    group: frozenset(backend for backend, of in _GROUP_OF_BACKEND.items() if of == group)
+    for group in (_HALF_GPU, _FULL_GPU, _CPU)
+}
 # A bucket holds the nodes of one group that hold one model (under the model's name), or all the
 # group's nodes on fast (or unmeasured) links (under None) or on slow links (under _SLOW). For a job,
 # the buckets are searched tier by tier: model holders on a GPU, model holders on a CPU, any GPU, any
@@ -332,7 +382,7 @@ def plan(
     """Assign queued jobs to nodes, oldest job first (ties by job_id); returns the assignments made.
 
     A job may go only to a node that accepts jobs, has a free slot (running_jobs < capacity), whose
-    best_backend is in allowed_backends, that is not in the job's excluded_nodes and whose free memory
+    best_backend is in allowed_backends and in the job's backends, that is not in the job's excluded_nodes and whose free memory
     is at least the job's requirement (required_memory_bytes_16bit on CUDA/ROCm when given, else
     required_memory_bytes). Among those it prefers a node that already holds the job's base model,
     then a GPU over a CPU, then the least loaded (running / capacity), then the most free memory, then
@@ -409,6 +459,8 @@ def plan(
         chosen: _Candidate | None = None
         for tier in _TIERS_OF_A_LARGE_MODEL if job.model_bytes >= LARGE_MODEL_BYTES else _TIERS:
             for key, group in tier:
+                if not _BACKENDS_OF_GROUP[group] <= job.backends:
+                    continue
                 bucket = buckets.get((job.base_model if key == "model" else key, group))
                 required = required_16bit if group == _HALF_GPU else job.required_memory_bytes
                 if bucket is None or bucket.tree[1] < required:  # the root: no node there has enough

@@ -23,12 +23,13 @@ from sqlalchemy.orm import Session
 from compute_swarm import protocol
 from compute_swarm.coordinator.domain import pricing
 from compute_swarm.coordinator.service import buyer_reads
+from compute_swarm.coordinator.service.catalogue import Catalogue
 from compute_swarm.coordinator.service.tokens import TokenCounters
 from compute_swarm.coordinator.settings import Settings
 from compute_swarm.coordinator.store import ledger
 from compute_swarm.coordinator.store.database import Database
 from compute_swarm.coordinator.store.tables import Artifact, InferenceRequest, Job
-from compute_swarm.engine.jobs import CATALOGUE, CatalogueModel
+from compute_swarm.engine.jobs import CatalogueModel
 from compute_swarm.protocol import SUCCEEDED_JOB_STATES
 
 logger = logging.getLogger("compute_swarm.coordinator.service.inference")
@@ -66,11 +67,13 @@ def fine_tuned_model_id(job: Job) -> str:
     return f"{FINE_TUNED_PREFIX}{job.base_model}:{job.model_suffix or 'swarm'}:{job.id}"
 
 
-def resolve_model(session: Session, buyer_id: str, model_id: str) -> ServedModel:
-    """The model a buyer names: a catalogue model, or one of their own fine-tuned models that has a
-    llama.cpp adapter. Raises InferenceError (404) for anything else, another buyer's model included."""
-    if model_id in CATALOGUE:
-        return ServedModel(model_id, CATALOGUE[model_id])
+def resolve_model(session: Session, buyer_id: str, model_id: str, catalogue: Catalogue) -> ServedModel:
+    """The model a buyer names: a catalogue model (listed or deprecated), or one of their own
+    fine-tuned models that has a llama.cpp adapter and a base still in the catalogue. Raises
+    InferenceError (404) for anything else, another buyer's model included."""
+    base = catalogue.for_inference(model_id)
+    if base is not None:
+        return ServedModel(model_id, base)
     unknown = InferenceError(
         f"The model '{model_id}' does not exist or you do not have access to it.", 404, "model_not_found"
     )
@@ -91,7 +94,14 @@ def resolve_model(session: Session, buyer_id: str, model_id: str) -> ServedModel
             404,
             "model_not_found",
         )
-    if job.result_gguf_sha256 is None or job.base_model not in CATALOGUE:
+    base = catalogue.for_inference(job.base_model)
+    if base is None:
+        raise InferenceError(
+            f"The model '{model_id}' cannot be served: its base model {job.base_model} was removed.",
+            404,
+            "model_not_found",
+        )
+    if job.result_gguf_sha256 is None:
         raise InferenceError(
             f"The model '{model_id}' cannot be served: its adapter has no llama.cpp (GGUF) form.",
             404,
@@ -100,7 +110,7 @@ def resolve_model(session: Session, buyer_id: str, model_id: str) -> ServedModel
     artifact = session.get(Artifact, job.result_gguf_sha256)
     return ServedModel(
         model_id,
-        CATALOGUE[job.base_model],
+        base,
         job.result_gguf_sha256,
         artifact.size if artifact is not None else 0,
         job.finished_at or 0,
@@ -121,9 +131,16 @@ class Usage:
 class InferenceService:
     """The database side of live inference."""
 
-    def __init__(self, database: Database, settings: Settings, tokens: TokenCounters | None = None):
+    def __init__(
+        self,
+        database: Database,
+        settings: Settings,
+        tokens: TokenCounters | None = None,
+        catalogue: Catalogue | None = None,
+    ):
         self.database = database
         self.settings = settings
+        self.catalogue = catalogue or Catalogue(database)
         # Each catalogue model's tokenizer, to count what requests are charged (None: bounds only).
         self.tokens = tokens
 
@@ -131,21 +148,20 @@ class InferenceService:
         """The catalogue, then the buyer's fine-tuned models that can be served, newest first."""
         with self.database.reading() as session:
             jobs = session.scalars(buyer_reads.servable_models(buyer_id)).all()
-        return [ServedModel(model.name, model) for model in CATALOGUE.values()] + [
-            ServedModel(
-                fine_tuned_model_id(job),
-                CATALOGUE[job.base_model],
-                job.result_gguf_sha256,
-                0,
-                job.finished_at or 0,
-            )
-            for job in jobs
-            if job.base_model in CATALOGUE
-        ]
+        served = [ServedModel(model.name, model) for model in self.catalogue.models()]
+        for job in jobs:
+            base = self.catalogue.for_inference(job.base_model)
+            if base is not None:
+                served.append(
+                    ServedModel(
+                        fine_tuned_model_id(job), base, job.result_gguf_sha256, 0, job.finished_at or 0
+                    )
+                )
+        return served
 
     def resolve(self, buyer_id: str, model_id: str) -> ServedModel:
         with self.database.reading() as session:
-            return resolve_model(session, buyer_id, model_id)
+            return resolve_model(session, buyer_id, model_id, self.catalogue)
 
     def open(self, buyer_id: str, model: ServedModel, *, max_tokens: int, prompt_bound: int) -> str:
         """Record the request and hold its highest price; raises InferenceError (402) without credit."""

@@ -17,15 +17,16 @@ from compute_swarm import protocol
 from compute_swarm.coordinator.domain import lifecycle, pricing
 from compute_swarm.coordinator.domain.effects import StopOnNode
 from compute_swarm.coordinator.domain.lifecycle import HELD_STATES, QUEUED
-from compute_swarm.coordinator.domain.scheduler import QueuedJob
+from compute_swarm.coordinator.domain.scheduler import ALL_BACKENDS, QueuedJob, backends_for_quantization
 from compute_swarm.coordinator.service import batch, provenance
+from compute_swarm.coordinator.service.catalogue import Catalogue
 from compute_swarm.coordinator.service.verifier import Verifier
 from compute_swarm.coordinator.settings import Settings
 from compute_swarm.coordinator.store.database import Database
 from compute_swarm.coordinator.store.job_changes import change
 from compute_swarm.coordinator.store.job_events import record as record_event
 from compute_swarm.coordinator.store.tables import Artifact, Job
-from compute_swarm.engine.jobs import CATALOGUE, ContentHash, InferenceJobSpec, LoraJobSpec, relocated
+from compute_swarm.engine.jobs import ContentHash, InferenceJobSpec, LoraJobSpec, relocated
 
 
 @dataclass(frozen=True)
@@ -74,10 +75,13 @@ def wire_spec(job: Job) -> LoraJobSpec[ContentHash] | InferenceJobSpec[ContentHa
 
 
 class Leases:
-    def __init__(self, database: Database, settings: Settings, verifier: Verifier):
+    def __init__(
+        self, database: Database, settings: Settings, verifier: Verifier, catalogue: Catalogue | None = None
+    ):
         self.database = database
         self.settings = settings
         self.verifier = verifier
+        self.catalogue = catalogue or Catalogue(database)
 
     def queued(self, limit: int = 5000) -> list[QueuedJob]:
         """The oldest queued jobs, and besides them the oldest verification re-runs: only trusted nodes
@@ -91,6 +95,7 @@ class Leases:
             Job.excluded_nodes,
             Job.kind,
             Job.verifies_job_id,
+            Job.spec,
         )
         with self.database.reading() as session:
             rows = session.execute(
@@ -117,10 +122,23 @@ class Leases:
                 excluded_nodes=frozenset(row.excluded_nodes or ()),
                 inference=row.kind == "inference",
                 verification=row.verifies_job_id is not None,
-                model_bytes=CATALOGUE[row.base_model].file_size_bytes if row.base_model in CATALOGUE else 0,
+                model_bytes=self._model_bytes(row.base_model, lora=row.kind == "lora"),
+                # A quantized base runs only where bitsandbytes does, unless the buyer allowed 16 bits.
+                backends=backends_for_quantization(
+                    str(row.spec.get("quantization", "none")), bool(row.spec.get("allow_16bit_fallback"))
+                )
+                if row.kind == "lora"
+                else ALL_BACKENDS,
             )
             for row in rows
         ]
+
+    def _model_bytes(self, name: str, *, lora: bool) -> int:
+        """What a node without the model downloads first: its GGUF, and for a fine-tune its weights."""
+        model = self.catalogue.get(name)
+        if model is None:
+            return 0
+        return sum(file.size for file in (model.files if lora else (model.gguf,)))
 
     def lease(self, assignments: Iterable[tuple[str, str]]) -> list[Grant]:
         """Lease each (job id, node id) whose job is still queued, all in one transaction."""
@@ -186,6 +204,7 @@ class Leases:
             lease_seconds=self.settings.lease_seconds,
             pay_micro=self._pay_micro(session, job),
             work_tokens=work_tokens(job),
+            model=self.catalogue.files(job.base_model, with_weights=job.kind == "lora"),
         )
 
     def _pay_micro(self, session: Session, job: Job) -> int:

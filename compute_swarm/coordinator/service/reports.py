@@ -22,6 +22,7 @@ from compute_swarm.coordinator.domain import lifecycle
 from compute_swarm.coordinator.domain.lifecycle import HELD_STATES, LEASED, STOPPED_EARLY
 from compute_swarm.coordinator.service import batch, provenance, trials
 from compute_swarm.coordinator.service.adapter_check import AdapterRejected, check_adapter
+from compute_swarm.coordinator.service.catalogue import Catalogue
 from compute_swarm.coordinator.service.leases import current_job
 from compute_swarm.coordinator.service.tokens import TokenCounter, TokenCounters
 from compute_swarm.coordinator.service.verifier import Verifier
@@ -32,7 +33,7 @@ from compute_swarm.coordinator.store.database import Database
 from compute_swarm.coordinator.store.job_changes import change
 from compute_swarm.coordinator.store.job_events import record as record_event
 from compute_swarm.coordinator.store.tables import Job, JobProgressPoint, Node, Upload
-from compute_swarm.engine.jobs import CATALOGUE, InferenceJobSpec
+from compute_swarm.engine.jobs import InferenceJobSpec
 from compute_swarm.protocol import finite_or_none
 
 logger = logging.getLogger(__name__)
@@ -59,8 +60,10 @@ class Reports:
         *,
         model_file: Callable[[str], Path],
         tokens: TokenCounters | None = None,
+        catalogue: Catalogue | None = None,
     ):
         self.database = database
+        self.catalogue = catalogue or Catalogue(database)
         self.settings = settings
         self.store = store
         self.verifier = verifier
@@ -169,7 +172,7 @@ class Reports:
             price_micro = job.price_micro
             if job.kind == "inference":
                 assert usage is not None
-                price_micro = batch.price_micro(CATALOGUE[job.base_model], usage, job.price_micro)
+                price_micro = batch.price_micro(self.catalogue.get(job.base_model), usage, job.price_micro)
                 job.metrics |= {
                     "prompt_tokens": usage.prompt_tokens,
                     "completion_tokens": usage.completion_tokens,

@@ -15,13 +15,14 @@ from sqlalchemy.orm import Session
 from compute_swarm.coordinator.domain import lifecycle, pricing
 from compute_swarm.coordinator.domain.scheduler import inference_memory_bytes, required_memory_bytes
 from compute_swarm.coordinator.service import accounts, batch, trials
+from compute_swarm.coordinator.service.catalogue import Catalogue, CatalogueError
 from compute_swarm.coordinator.service.inference import InferenceError, resolve_model
 from compute_swarm.coordinator.settings import Settings
 from compute_swarm.coordinator.store import ledger
 from compute_swarm.coordinator.store.database import Database
 from compute_swarm.coordinator.store.job_changes import change
 from compute_swarm.coordinator.store.tables import Buyer, File, Job, Sweep
-from compute_swarm.engine.jobs import CATALOGUE, InferenceJobSpec, LoraJobSpec, parse_buyer_spec
+from compute_swarm.engine.jobs import InferenceJobSpec, LoraJobSpec, parse_buyer_spec
 
 
 class JobError(Exception):
@@ -48,9 +49,10 @@ class Quote:
 
 
 class Submissions:
-    def __init__(self, database: Database, settings: Settings):
+    def __init__(self, database: Database, settings: Settings, catalogue: Catalogue | None = None):
         self.database = database
         self.settings = settings
+        self.catalogue = catalogue or Catalogue(database)
 
     def submit(
         self, buyer_id: str, spec_data: Any, max_attempts: int | None, *, model_suffix: str | None = None
@@ -84,7 +86,7 @@ class Submissions:
         # transactions side by side; SQLite's BEGIN IMMEDIATE serializes them anyway). Locked
         # first, before the job row's foreign key takes a weaker lock on it.
         session.scalar(select(Buyer.id).where(Buyer.id == buyer_id).with_for_update())
-        quote = _quote(session, buyer_id, spec)
+        quote = _quote(session, buyer_id, spec, self.catalogue)
         if price_cap_micro is not None and quote.price_micro > price_cap_micro:
             raise JobError(
                 f"this costs {ledger.format_credits(quote.price_micro)} credits, more than the "
@@ -165,7 +167,9 @@ class Submissions:
         """What submitting this spec would hold, and the buyer's available balance, changing nothing."""
         spec = parse_spec(spec_data)
         with self.database.reading() as session:
-            return _quote(session, buyer_id, spec), ledger.balance(session, ledger.buyer_account(buyer_id))
+            return _quote(session, buyer_id, spec, self.catalogue), ledger.balance(
+                session, ledger.buyer_account(buyer_id)
+            )
 
     def cancel(self, job_id: str) -> Job:
         """Cancel a job (its owner was checked by the caller) and refund its escrow; its node, if one
@@ -217,16 +221,17 @@ def parse_spec(spec_data: Any) -> LoraJobSpec | InferenceJobSpec:
             422,
             {"evaluate_adapter": "not allowed"},
         )
-    if isinstance(spec, LoraJobSpec) and spec.base_model not in CATALOGUE:
-        raise JobError(
-            f"unknown base_model {spec.base_model!r}; this coordinator offers: {', '.join(sorted(CATALOGUE))}",
-            422,
-            {"base_model": "not in this coordinator's catalogue"},
-        )
     return spec
 
 
-def _quote(session: Session, buyer_id: str, spec: LoraJobSpec | InferenceJobSpec) -> Quote:
+def _quote(
+    session: Session, buyer_id: str, spec: LoraJobSpec | InferenceJobSpec, catalogue: Catalogue
+) -> Quote:
+    if isinstance(spec, LoraJobSpec):
+        try:
+            model = catalogue.for_fine_tuning(spec.base_model)
+        except CatalogueError as error:
+            raise JobError(str(error), 422, {"base_model": "not offered for fine-tuning here"}) from None
     purpose = "prompts" if isinstance(spec, InferenceJobSpec) else "dataset"
     dataset = session.get(File, spec.dataset)
     if dataset is None or dataset.buyer_id != buyer_id or dataset.purpose != purpose:
@@ -237,7 +242,7 @@ def _quote(session: Session, buyer_id: str, spec: LoraJobSpec | InferenceJobSpec
         )
     if isinstance(spec, InferenceJobSpec):
         try:
-            served = resolve_model(session, buyer_id, spec.base_model)
+            served = resolve_model(session, buyer_id, spec.base_model, catalogue)
         except InferenceError as error:
             raise JobError(str(error), 422, {"base_model": str(error)}) from None
         memory = inference_memory_bytes(served.base, served.adapter_size)
@@ -250,7 +255,6 @@ def _quote(session: Session, buyer_id: str, spec: LoraJobSpec | InferenceJobSpec
             required_memory_bytes_16bit=memory,
             input_adapter_sha256=served.adapter_sha256,
         )
-    model = CATALOGUE[spec.base_model]
     try:
         price = pricing.price_micro(spec, model, dataset.lines)
     except ValueError as error:

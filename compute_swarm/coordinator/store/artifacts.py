@@ -52,6 +52,27 @@ class ArtifactStore:
         os.replace(scratch, target)
         _fsync_directory(target.parent)
 
+    def copy_in(self, source: Path) -> tuple[str, int]:
+        """Add a local file (ops' model files), hashing it as it is copied: the blob holds exactly the
+        bytes hashed, whatever happens to the original later. Returns its sha256 and size."""
+        scratch = self.scratch / f"copy_{secrets.token_hex(8)}"
+        digest = hashlib.sha256()
+        try:
+            with open(source, "rb") as reader, open(scratch, "wb") as writer:
+                for block in iter(lambda: reader.read(1 << 20), b""):
+                    digest.update(block)
+                    writer.write(block)
+                writer.flush()
+                os.fsync(writer.fileno())
+            sha256, size = digest.hexdigest(), scratch.stat().st_size
+            target = self.blob_path(sha256)
+            target.parent.mkdir(exist_ok=True)
+            os.replace(scratch, target)
+            _fsync_directory(target.parent)
+        finally:
+            scratch.unlink(missing_ok=True)
+        return sha256, size
+
     def scratch_path(self, upload_id: str) -> Path:
         if not _UPLOAD_ID.match(upload_id):
             raise ArtifactError("not an upload id")

@@ -394,3 +394,28 @@ class Payout(Base):
     reference: Mapped[str | None] = mapped_column(String(200), nullable=True)  # the payment's, from ops
     reason: Mapped[str | None] = mapped_column(String(500), nullable=True)  # why ops rejected it
     decided_at: Mapped[float | None] = mapped_column(Float, nullable=True)  # paid or rejected
+
+
+class CatalogueEntry(Base):
+    """A model ops added to the catalogue (service/catalogue.py); the built-in demo model has no row.
+    A row is never deleted: a removed model's jobs keep naming it."""
+
+    __tablename__ = "catalogue_models"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    state: Mapped[str] = mapped_column(String(16))  # listed, deprecated, removed
+    source: Mapped[str] = mapped_column(String(300))  # "files", or "hub:<repo>@<revision>"
+    architecture: Mapped[str] = mapped_column(String(32))
+    parameters: Mapped[int] = mapped_column(BigInteger)
+    context_length: Mapped[int] = mapped_column(Integer)
+    gguf_name: Mapped[str] = mapped_column(String(128))
+    gguf_sha256: Mapped[str] = mapped_column(String(64))
+    gguf_size: Mapped[int] = mapped_column(BigInteger)
+    # The Hugging Face directory's files, [{"name", "sha256", "size"}]; [] when trained from the GGUF.
+    weights: Mapped[list[dict[str, Any]]] = mapped_column(JSON)
+    shape: Mapped[dict[str, Any]] = mapped_column(JSON)  # engine.model_facts.shape_record
+    chat_template: Mapped[str | None] = mapped_column(Text, nullable=True)
+    licence: Mapped[str] = mapped_column(String(100))  # its SPDX identifier or title
+    licence_sha256: Mapped[str] = mapped_column(String(64))  # the licence text, an artifact
+    added_at: Mapped[float] = mapped_column(Float)
+    changed_at: Mapped[float] = mapped_column(Float)

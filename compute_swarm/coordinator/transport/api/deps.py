@@ -10,6 +10,7 @@ from fastapi import Depends, HTTPException, Request, status
 from starlette.concurrency import run_in_threadpool
 
 from compute_swarm.coordinator.service import accounts, sessions
+from compute_swarm.coordinator.service.catalogue import Catalogue
 from compute_swarm.coordinator.service.inference import InferenceService
 from compute_swarm.coordinator.service.leases import Leases
 from compute_swarm.coordinator.service.node_accounts import NodeAccounts
@@ -45,6 +46,7 @@ class Services:
     metrics: Metrics
     swarm_transfer: SwarmTransfer
     payouts: Payouts
+    catalogue: Catalogue
 
 
 def get_services(request: Request) -> Services:

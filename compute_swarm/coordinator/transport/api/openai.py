@@ -228,6 +228,7 @@ async def _serve(
             message=protocol.InferenceRequest(
                 request_id=request_id,
                 model=model.base.name,
+                model_file=services.catalogue.files(model.base.name, with_weights=False).gguf,
                 adapter_sha256=model.adapter_sha256,
                 adapter_size=model.adapter_size,
                 messages=messages,
@@ -354,9 +355,17 @@ def _usage(usage: Usage) -> dict:
 
 
 def _model_object(model: ServedModel) -> dict:
+    """OpenAI's model object, with the catalogue's facts beside its four fields (the openai client
+    keeps extra fields: `model.context_length`)."""
     return {
         "id": model.id,
         "object": "model",
         "created": int(model.created_at),
         "owned_by": "you" if model.adapter_sha256 else "compute-swarm",
+        "base_model": model.base.name,
+        "context_length": model.base.context_length,
+        "parameters": model.base.parameters,
+        "licence": model.base.licence,
+        "deprecated": model.base.state == "deprecated",
+        "inference_per_million_tokens_micro": pricing.inference_price_micro(model.base, 1_000_000),
     }

@@ -17,6 +17,7 @@ from sqlalchemy import select
 
 from compute_swarm.coordinator.domain.lifecycle import HELD_STATES, OPEN_STATES
 from compute_swarm.coordinator.service import buyer_reads
+from compute_swarm.coordinator.service.catalogue import CatalogueError
 from compute_swarm.coordinator.service.inference import fine_tuned_model_id
 from compute_swarm.coordinator.service.submissions import JobError
 from compute_swarm.coordinator.service.uploads import Holder, UploadError
@@ -24,7 +25,7 @@ from compute_swarm.coordinator.store.tables import File, Job, JobEvent
 from compute_swarm.coordinator.transport.api.deps import CurrentBuyer, OwnedFile, OwnedJob, ServicesDep
 from compute_swarm.coordinator.transport.api.openai_errors import OpenAIError
 from compute_swarm.coordinator.transport.api.schemas import MAX_ROW_ID, file_download
-from compute_swarm.engine.jobs import CATALOGUE, LoraJobSpec
+from compute_swarm.engine.jobs import LoraJobSpec
 from compute_swarm.protocol import SUCCEEDED_JOB_STATES
 
 router = APIRouter(prefix="/v1", tags=["openai"])
@@ -160,13 +161,16 @@ class FineTuningJobIn(BaseModel):
 
 @router.post("/fine_tuning/jobs")
 def create_fine_tuning_job(body: FineTuningJobIn, buyer: CurrentBuyer, services: ServicesDep) -> dict:
-    if body.model not in CATALOGUE:
+    try:
+        services.catalogue.for_fine_tuning(body.model)
+    except CatalogueError:
         raise OpenAIError(
             404,
-            f"The model '{body.model}' cannot be fine-tuned here; choose one of: {', '.join(CATALOGUE)}",
+            f"The model '{body.model}' cannot be fine-tuned here; choose one of: "
+            f"{', '.join(services.catalogue.names())}",
             code="model_not_found",
             param="model",
-        )
+        ) from None
     if body.validation_file is not None:
         raise OpenAIError(
             400,

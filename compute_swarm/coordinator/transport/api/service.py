@@ -7,8 +7,9 @@ from fastapi.responses import PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from compute_swarm.coordinator.domain import pricing
 from compute_swarm.coordinator.transport.api.deps import ServicesDep
-from compute_swarm.engine.jobs import CATALOGUE
+from compute_swarm.engine.jobs import CatalogueModel
 
 router = APIRouter(tags=["service"])
 
@@ -36,8 +37,20 @@ def metrics(services: ServicesDep) -> Response:
 
 
 @router.get("/api/models")
-def models() -> list[dict]:
-    return [
-        {"name": model.name, "parameters": model.parameters, "licence": model.licence}
-        for model in CATALOGUE.values()
-    ]
+def models(services: ServicesDep) -> list[dict]:
+    """The catalogue: every model offered (listed) or still served (deprecated), with its prices."""
+    return [catalogue_entry(model) for model in services.catalogue.models()]
+
+
+def catalogue_entry(model: CatalogueModel) -> dict:
+    return {
+        "name": model.name,
+        "state": model.state,
+        "architecture": model.architecture,
+        "parameters": model.parameters,
+        "context_length": model.context_length,
+        "licence": model.licence,
+        "gguf_bytes": model.file_size_bytes,
+        "weights_bytes": sum(file.size for file in model.weights),
+        **pricing.model_rates_micro(model),
+    }

@@ -15,35 +15,27 @@ from compute_swarm.coordinator.service.swarm_transfer import Announce, Ticket, T
 from compute_swarm.coordinator.store.artifacts import SHA256
 from compute_swarm.coordinator.transport.api.deps import CurrentNode, Services, ServicesDep
 from compute_swarm.coordinator.transport.api.schemas import file_download
-from compute_swarm.engine.jobs import CATALOGUE
 from compute_swarm.swarm_transfer import PeerReport, TransferOffer
 
 logger = logging.getLogger("compute_swarm.coordinator.swarm")
 router = APIRouter(tags=["swarm transfer"])
 
-CATALOGUE_BY_SHA256 = {model.sha256: name for name, model in CATALOGUE.items()}
 BENCODED = "text/plain"  # what BitTorrent trackers answer with
 
 
 def may_read(services: Services, node_id: str, sha256: str) -> bool:
     """What a node may fetch: the inputs of a job it holds, the adapter of a live request it serves,
-    or a catalogue model (public: its package is on PyPI)."""
+    or a catalogue model's files (any node may run any catalogue model)."""
     return (
-        sha256 in CATALOGUE_BY_SHA256
+        services.catalogue.model_of_file(sha256) is not None
         or services.leases.may_download(node_id, sha256)
         or services.hub.serves_adapter(node_id, sha256)
     )
 
 
 def stored(services: Services, sha256: str) -> bool:
-    """Whether the coordinator holds the blob, adopting a catalogue model into its store first."""
-    if services.store.has(sha256):
-        return True
-    name = CATALOGUE_BY_SHA256.get(sha256)
-    if name is None:
-        return False
-    services.store.adopt(services.reports.model_file(name), sha256)
-    return True
+    """Whether the coordinator holds the blob, adopting the built-in model into its store first."""
+    return services.catalogue.stored(sha256)
 
 
 def readable_blob(services: Services, node_id: str, sha256: str) -> bool:

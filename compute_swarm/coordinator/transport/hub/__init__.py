@@ -35,7 +35,6 @@ from compute_swarm.coordinator.transport.hub.registry import ACTIVE, Connection,
 from compute_swarm.coordinator.transport.hub.sweeper import LeaseSweeper
 from compute_swarm.coordinator.transport.metrics import Metrics
 from compute_swarm.coordinator.transport.relay import Relay
-from compute_swarm.engine.jobs import CATALOGUE
 from compute_swarm.protocol import CloseCode
 
 logger = logging.getLogger("compute_swarm.coordinator.transport.hub")
@@ -97,7 +96,8 @@ class Hub:
         if self.inference.tokens is not None:
             self._tasks.append(
                 asyncio.create_task(
-                    asyncio.to_thread(self.inference.tokens.preload, list(CATALOGUE)), name="tokenizers"
+                    asyncio.to_thread(self.inference.tokens.preload, self.inference.catalogue.names()),
+                    name="tokenizers",
                 )
             )
         self.dispatcher.wake()

@@ -36,7 +36,7 @@ from compute_swarm.coordinator.transport.api.keys import list_keys
 from compute_swarm.coordinator.transport.api.openai_fine_tuning import SUFFIX
 from compute_swarm.coordinator.transport.api.schemas import FileOut, JobOut
 from compute_swarm.coordinator.transport.web import render
-from compute_swarm.engine.jobs import CATALOGUE, DEFAULT_MODEL
+from compute_swarm.engine.jobs import DEFAULT_MODEL
 from compute_swarm.protocol import SUCCEEDED_JOB_STATES
 
 router = APIRouter(include_in_schema=False)
@@ -263,7 +263,7 @@ def _launch_page(
         status_code=status_code,
         title="New fine-tune",
         datasets=files_of(services, buyer_id, "dataset"),
-        models=sorted(CATALOGUE.values(), key=lambda model: model.parameters),
+        models=services.catalogue.models(states=("listed",)),
         fields=LAUNCH_FIELDS,
         values=values,
         errors=errors,
@@ -391,7 +391,7 @@ def playground(request: Request, buyer: CurrentBuyer, services: ServicesDep, mod
         request,
         "playground.html",
         title="Playground",
-        base_models=sorted(CATALOGUE),
+        base_models=[model.name for model in services.catalogue.models()],
         fine_tuned=fine_tuned,
         chosen=model or (fine_tuned[0] if fine_tuned else DEFAULT_MODEL),
         max_tokens=min(256, services.settings.inference_default_max_tokens),

@@ -26,7 +26,7 @@ from compute_swarm.coordinator.transport.api.deps import CurrentBuyer, Services,
 from compute_swarm.coordinator.transport.api.sweeps import OwnedSweep, SweepQuote, TrialRefused, quote_sweep
 from compute_swarm.coordinator.transport.web import render
 from compute_swarm.coordinator.transport.web.buyer_pages import files_of
-from compute_swarm.engine.jobs import CATALOGUE, DEFAULT_MODEL
+from compute_swarm.engine.jobs import DEFAULT_MODEL
 from compute_swarm.protocol import format_credits
 from compute_swarm.sweeps import MAX_TRIALS, SWEEPABLE
 
@@ -338,7 +338,7 @@ def _sweeps_page(
         title="Sweeps",
         sweeps=summaries,
         datasets=files_of(services, buyer_id, "dataset"),
-        models=sorted(CATALOGUE.values(), key=lambda model: model.parameters),
+        models=services.catalogue.models(states=("listed",)),
         settings=SETTINGS,
         values=values,
         errors=errors,
