@@ -32,10 +32,9 @@ from compute_swarm.engine.memory import (
     decoder_shape,
     estimate_lora,
     free_bytes_needed,
+    smallest_card_gb,
 )
 
-CARDS_GB = (8, 12, 16, 24, 48, 80)
-DESKTOP_BYTES = 1 * GIB
 ALL_LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 # LLaMA-65B's config (Touvron et al. 2023): 65,285,660,672 parameters.
 LLAMA_65B = decoder_shape(
@@ -50,10 +49,8 @@ LLAMA_65B = decoder_shape(
 
 
 def smallest_card(needed_bytes: int) -> str:
-    for card in CARDS_GB:
-        if needed_bytes <= card * GIB - DESKTOP_BYTES:
-            return f"{card} GB"
-    return "none"
+    card = smallest_card_gb(needed_bytes)
+    return f"{card} GB" if card is not None else "none"
 
 
 def main() -> None:

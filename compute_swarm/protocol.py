@@ -264,6 +264,7 @@ class JobResult(_Message):
     delivered_eval_loss: float | None = None
     train_tokens: int = Field(default=0, ge=0, le=2**62)
     seconds: float = Field(default=0.0, ge=0, le=1e9)
+    offload: Offload | None = None  # a batch: where its model had its layers
 
 
 class JobFailure(_Message):
@@ -283,12 +284,28 @@ class InferenceDelta(_Message):
     tokens: Count
 
 
+class Offload(_Message):
+    """Where the model that did the work had its layers: `gpu_layers` of `layers` on the GPU, in
+    llama.cpp's count (the repeating blocks and 1 for the output layer). The node's report."""
+
+    gpu_layers: int = Field(ge=0, le=100_000)
+    layers: int = Field(ge=1, le=100_000)
+
+    def describe(self) -> str:
+        if self.gpu_layers == 0:
+            return "CPU only"
+        if self.gpu_layers >= self.layers:
+            return f"all {self.layers} layers on the GPU"
+        return f"{self.gpu_layers} of {self.layers} layers on the GPU"
+
+
 class InferenceDone(_Message):
     type: Literal["inference_done"] = "inference_done"
     request_id: Identifier
     finish_reason: Literal["stop", "length"]
     prompt_tokens: Count
     completion_tokens: Count
+    offload: Offload | None = None
 
 
 class InferenceFailed(_Message):

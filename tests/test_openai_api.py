@@ -81,6 +81,9 @@ def test_a_buyer_serves_and_fine_tunes_with_the_official_client(swarm):
         model=MODEL, prompt="The capital of France is", max_tokens=8, temperature=0
     )
     assert completion.choices[0].text and completion.usage.completion_tokens <= 8
+    # Beside OpenAI's fields, where the node had the model: the demo model's 30 blocks and its output
+    # layer, on this machine's CPU build of llama.cpp.
+    assert completion.model_extra["offload"] == {"gpu_layers": 0, "layers": 31, "description": "CPU only"}
 
     # Fine-tune: upload, run to success on the node, then chat with the ft: model.
     uploaded = client.files.create(file=DEMO_CHAT_DATASET.open("rb"), purpose="fine-tune")
@@ -233,6 +236,7 @@ def test_a_batch_of_prompts_is_answered_on_the_swarm_and_charged_by_its_tokens(s
     assert job["state"] == "completed" and job["metrics"]["completion_tokens"] == sum(
         answer["completion_tokens"] for answer in answers
     )
+    assert job["metrics"]["offload"] == {"gpu_layers": 0, "layers": 31, "description": "CPU only"}
     charges = [entry for entry in account.ledger() if entry["job_id"] == job_id]
     held = -sum(entry["amount_micro"] for entry in charges if entry["kind"] == "escrow")
     returned = sum(entry["amount_micro"] for entry in charges if entry["kind"] == "charge")

@@ -44,6 +44,7 @@ def result_message(
         delivered_eval_loss=finite_or_none(record.delivered_eval_loss),
         train_tokens=max(record.train_tokens, 0),
         seconds=max(finite_or_none(record.seconds) or 0.0, 0.0),
+        offload=record.offload,
     )
 
 

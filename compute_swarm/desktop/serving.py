@@ -250,6 +250,7 @@ class InferenceServing:
                     finish_reason=event.finish_reason,
                     prompt_tokens=event.prompt_tokens,
                     completion_tokens=event.completion_tokens,
+                    offload=event.offload,
                 )
             )
         elif event.kind == "crashed" and key is not None:

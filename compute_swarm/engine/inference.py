@@ -14,6 +14,7 @@ import os
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Literal
 
@@ -27,8 +28,16 @@ from compute_swarm.engine.jobs import (
     Sampling,
     parse_prompt_line,
 )
-from compute_swarm.engine.memory import DEFAULT_CONTEXT_TOKENS
-from compute_swarm.engine.records import Completed, Progress, Record, Started
+from compute_swarm.engine.memory import DEFAULT_CONTEXT_TOKENS, USABLE_PERCENT, format_bytes
+from compute_swarm.engine.offload import (
+    GPU_RUNTIME_BYTES,
+    Footprint,
+    GgufLayout,
+    Offload,
+    make_room,
+    plan_offload,
+)
+from compute_swarm.engine.records import Completed, Log, Progress, Record, Started
 
 if TYPE_CHECKING:
     from llama_cpp import Llama
@@ -69,6 +78,7 @@ class GenerationDone(_Message):
     finish_reason: FinishReason
     prompt_tokens: int
     completion_tokens: int
+    offload: Offload | None = None  # where the model that answered has its layers
 
 
 class GenerationFailed(_Message):
@@ -109,7 +119,13 @@ def default_threads() -> int:
 
 
 def free_memory_bytes(on_gpu: bool) -> int:
-    """Memory free now where llama.cpp puts a model: the roomiest GPU's when it offloads, else RAM."""
+    """Memory free now where llama.cpp puts a model: the roomiest GPU's when it offloads, else RAM.
+
+    RAM counts what the kernel could give without taking this process's own pages: the available
+    figure (MemAvailable) counts page cache as free, and a loaded model's weights are page cache (it
+    is mmapped); a new model planned on them would push the loaded one's weights out to be read
+    back from disk at every token. On Linux this process's file-backed resident pages are taken off.
+    """
     from compute_swarm.engine import devices
 
     inventory = devices.probe(check_torch=False)
@@ -117,13 +133,61 @@ def free_memory_bytes(on_gpu: bool) -> int:
         free = [gpu.memory_free_bytes for gpu in inventory.gpus if gpu.memory_free_bytes is not None]
         if free:
             return max(free)
-    return inventory.cpu.memory_available_bytes
+    available = inventory.cpu.memory_available_bytes
+    try:
+        import psutil
+
+        # Linux's "shared" is RssFile + RssShmem; other systems have no such field.
+        available -= getattr(psutil.Process().memory_info(), "shared", 0)
+    except ImportError:
+        pass
+    return max(0, available)
+
+
+@dataclass(frozen=True)
+class MemoryInUse:
+    ram_bytes: int  # this process's resident set
+    gpu_bytes: int  # used on all GPUs together, by every process; 0 where no GPU reports it
+
+
+def memory_in_use(on_gpu: bool) -> MemoryInUse:
+    """What this process holds in RAM and, when `on_gpu`, what the GPUs hold (NVML, amdsmi). Apple's
+    GPUs share RAM and report no use of their own: their models count in RAM only."""
+    import psutil
+
+    from compute_swarm.engine import devices
+
+    gpu_bytes = 0
+    if on_gpu:
+        gpu_bytes = sum(
+            gpu.memory_total_bytes - gpu.memory_free_bytes
+            for gpu in devices.probe(check_torch=False).gpus
+            if gpu.vendor != "apple"
+            and gpu.memory_total_bytes is not None
+            and gpu.memory_free_bytes is not None
+        )
+    return MemoryInUse(ram_bytes=psutil.Process().memory_info().rss, gpu_bytes=gpu_bytes)
+
+
+ModelKey = tuple[str, str | None]  # (base model file, adapter file)
+
+
+@dataclass
+class _Loaded:
+    llm: Llama
+    offload: Offload
+    footprint: Footprint
 
 
 class ModelPool:
     """Loaded models, keyed by (base file, adapter file), least recently used evicted first: when
-    there are max_models of them, and when the next one would not fit the memory free (estimated by
-    engine.resources.estimate_inference_memory, against its USABLE_PERCENT of what is free).
+    there are max_models of them, and when the next one would not fit the memory free.
+
+    Where llama.cpp can offload, a model gets as many layers on the GPU as fit the roomiest GPU's
+    free memory (engine.offload.plan_offload), the rest on the CPU; an owner's `gpu_layers` wins.
+    After each load the pool measures what the model holds (RSS growth, and the GPUs' used memory
+    where it offloads) and counts evicting a model as giving that back; a model loaded before in
+    this process is planned with what it was measured to hold rather than the estimate.
 
     llama.cpp applies a LoRA adapter when the model loads, so a fine-tuned model is its own entry.
     A Llama object is not safe to use from two threads: callers serialize generation (the inference
@@ -138,102 +202,203 @@ class ModelPool:
         gpu_layers: int | None = None,
         threads: int | None = None,
         free_memory: Callable[[bool], int] = free_memory_bytes,
+        measure: Callable[[bool], MemoryInUse] = memory_in_use,
+        gpu_offload: Callable[[], bool] = gpu_offload_available,
     ):
         self.max_models = max(1, max_models)
         self.context_tokens = context_tokens
-        self._gpu_layers = gpu_layers
+        self._gpu_layers = gpu_layers  # None: as many as fit
         self.threads = threads or default_threads()
         self._free_memory = free_memory
-        self._models: OrderedDict[tuple[str, str | None], Llama] = OrderedDict()
+        self._measure = measure
+        self._gpu_offload = gpu_offload
+        self._offload_possible: bool | None = None
+        self._models: OrderedDict[ModelKey, _Loaded] = OrderedDict()
+        # What each model held when last loaded (and grew to while serving), kept after eviction.
+        self._footprints: dict[ModelKey, Footprint] = {}
+        # Parsed GGUF headers by file, size and modification time: gguf's reader takes seconds on a
+        # large vocabulary, and a model is planned again at every load.
+        self._layouts: dict[tuple, GgufLayout] = {}
+        self._gpu_runtime_started = False
+        self._resident_mark = 0  # RSS after the last load, eviction or generation
 
     @property
-    def loaded(self) -> list[tuple[str, str | None]]:
+    def loaded(self) -> list[ModelKey]:
         return list(self._models)
 
     @property
-    def gpu_layers(self) -> int:
-        if self._gpu_layers is None:
-            self._gpu_layers = -1 if gpu_offload_available() else 0
-        return self._gpu_layers
+    def offload_possible(self) -> bool:
+        if self._offload_possible is None:
+            self._offload_possible = self._gpu_offload()
+        return self._offload_possible
+
+    def offload(self, model: str, adapter: str | None = None) -> Offload | None:
+        """The offload a loaded model was loaded with; None when it is not loaded."""
+        entry = self._models.get(_key(model, adapter))
+        return entry.offload if entry is not None else None
+
+    def footprint(self, model: str, adapter: str | None = None) -> Footprint | None:
+        """What the model was measured to hold, loaded now or earlier in this process."""
+        entry = self._models.get(_key(model, adapter))
+        return entry.footprint if entry is not None else self._footprints.get(_key(model, adapter))
 
     def get(self, model: str, adapter: str | None = None) -> Llama:
-        key = (str(model), str(adapter) if adapter else None)
-        llm = self._models.get(key)
-        if llm is not None:
+        key = _key(model, adapter)
+        entry = self._models.get(key)
+        if entry is not None:
             self._models.move_to_end(key)
-            return llm
+            return entry.llm
         for path, what in ((model, "model"), (adapter, "adapter")):
             if path is not None and not Path(path).is_file():
                 raise GenerationError("unavailable", f"the {what} file {path} is not on this machine")
         while len(self._models) >= self.max_models:
             self._evict_oldest()
-        self._make_room(*key)
-        llm = self._load(*key)
-        self._models[key] = llm
-        return llm
+        offload = self._make_room(key)
+        entry = self._load(key, offload)
+        self._models[key] = entry
+        return entry.llm
+
+    def settle(self, model: str, adapter: str | None = None) -> None:
+        """After a generation: what RAM the process grew by since the last mark belongs to the model
+        that generated (llama.cpp's compute buffers and the KV cache become resident as they are
+        first written, mmapped weights as they are first read)."""
+        key = _key(model, adapter)
+        entry = self._models.get(key)
+        if entry is None:
+            return
+        resident = self._measure(False).ram_bytes
+        if resident > self._resident_mark:
+            grown = resident - self._resident_mark
+            entry.footprint = replace(entry.footprint, ram_bytes=entry.footprint.ram_bytes + grown)
+            self._footprints[key] = entry.footprint
+            self._resident_mark = resident
 
     def _evict_oldest(self) -> None:
         (model, adapter), evicted = self._models.popitem(last=False)
-        evicted.close()
+        evicted.llm.close()
+        self._resident_mark = self._measure(False).ram_bytes
         logger.info(
             "unloaded %s%s", Path(model).name, f" with adapter {Path(adapter).name}" if adapter else ""
         )
 
-    def _make_room(self, model: str, adapter: str | None) -> None:
-        from compute_swarm.engine.resources import (
-            USABLE_PERCENT,
-            ResourceError,
-            estimate_inference_memory,
-            format_bytes,
-        )
+    def _make_room(self, key: ModelKey) -> Offload:
+        """Evict what must go for the model to fit and say how to load it. Measured footprints are
+        lower bounds of what evicting gives back (a model keeps growing into its buffers while it
+        serves): when they say it cannot fit, every model goes and the free memory is read again."""
+        from compute_swarm.engine.resources import ResourceError, read_gguf_layout
 
+        model, adapter = key
         try:
-            needed = estimate_inference_memory(model, adapter, self.context_tokens)
+            version = tuple((os.stat(path).st_size, os.stat(path).st_mtime_ns) for path in key if path)
+            layout = self._layouts.get((key, version))
+            if layout is None:
+                layout = self._layouts[(key, version)] = read_gguf_layout(model, adapter)
         except (ResourceError, OSError) as error:
             raise GenerationError("unavailable", f"could not read {Path(model).name}: {error}") from None
-        on_gpu = self.gpu_layers != 0
-        while True:
-            free = self._free_memory(on_gpu)
-            if needed <= free * USABLE_PERCENT // 100:
-                return
-            if not self._models:
-                raise GenerationError(
-                    "unavailable",
-                    f"{Path(model).name} needs about {format_bytes(needed)} and "
-                    f"{format_bytes(free)} is free here ({USABLE_PERCENT}% of it usable)",
-                )
-            self._evict_oldest()
+        on_gpu = self.offload_possible
+        gpu_layers = self._gpu_layers if on_gpu else 0
+        reserve = 0 if self._gpu_runtime_started or not on_gpu else GPU_RUNTIME_BYTES
 
-    def _load(self, model: str, adapter: str | None) -> Llama:
+        def decide(loaded: list[Footprint]):
+            free_ram = self._free_memory(False)
+            free_gpu = self._free_memory(True) if on_gpu else None
+            room = make_room(
+                layout,
+                context_tokens=self.context_tokens,
+                free_ram_bytes=free_ram,
+                free_gpu_bytes=free_gpu,
+                loaded=loaded,
+                known=self._footprints.get(key),
+                reserve_bytes=reserve,
+                gpu_layers=gpu_layers,
+            )
+            return room, free_ram, free_gpu
+
+        room, free_ram, free_gpu = decide([entry.footprint for entry in self._models.values()])
+        if room is None and self._models:
+            while self._models:
+                self._evict_oldest()
+            room, free_ram, free_gpu = decide([])
+        if room is None:
+            plan = plan_offload(
+                layout,
+                free_gpu_bytes=free_gpu or 0,
+                context_tokens=self.context_tokens,
+                reserve_bytes=reserve,
+                gpu_layers=gpu_layers,
+            )
+            where = f"{format_bytes(free_ram)} of RAM"
+            if free_gpu is not None:
+                where += f" and {format_bytes(free_gpu)} of GPU memory"
+            raise GenerationError(
+                "unavailable",
+                f"{Path(model).name} needs about {format_bytes(plan.ram_bytes)} of RAM"
+                + (f" and {format_bytes(plan.gpu_bytes)} of GPU memory" if plan.gpu_bytes else "")
+                + f" ({plan.offload.describe()}) and {where} is free here "
+                f"({USABLE_PERCENT}% of it usable)",
+            )
+        for _ in range(room.evict):
+            self._evict_oldest()
+        return room.plan.offload
+
+    def _load(self, key: ModelKey, offload: Offload) -> _Loaded:
         from llama_cpp import Llama
 
-        gpu_layers = self.gpu_layers
+        model, adapter = key
+        on_gpu = offload.gpu_layers > 0
+        before = self._measure(on_gpu)
         started = time.monotonic()
         try:
             llm = Llama(
                 model_path=model,
                 lora_path=adapter,
                 n_ctx=self.context_tokens,
-                n_gpu_layers=gpu_layers,
+                n_gpu_layers=offload.gpu_layers,
                 n_threads=self.threads,
                 verbose=False,
             )
+            # One token through every layer: the weights llama.cpp reads through its memory map
+            # become resident, so they are in what is measured below.
+            token = llm.token_bos()
+            llm.eval([token if token >= 0 else 0])
+            llm.reset()
         except (ValueError, RuntimeError) as error:
             kind = "invalid" if adapter else "unavailable"
             raise GenerationError(kind, f"could not load {Path(model).name}: {error}") from None
+        after = self._measure(on_gpu)
+        # RSS counts the weights' mmapped pages as well as llama.cpp's own buffers (KV cache, compute
+        # buffers): unmapped on eviction, the pages stay in the page cache, which free_memory_bytes
+        # does not count against this process any more, so evicting gives back about all of it. The
+        # GPU figure is the devices' whole used memory, so another program's use in the meantime
+        # counts too; the first load with GPU layers also holds the GPU runtime (GPU_RUNTIME_BYTES),
+        # which stays after its model goes.
+        footprint = Footprint(
+            gpu_layers=offload.gpu_layers,
+            ram_bytes=max(0, after.ram_bytes - before.ram_bytes),
+            gpu_bytes=max(0, after.gpu_bytes - before.gpu_bytes),
+        )
+        self._footprints[key] = footprint
+        self._resident_mark = after.ram_bytes
+        self._gpu_runtime_started |= on_gpu
         logger.info(
-            "loaded %s%s in %.1f s (%s)",
+            "loaded %s%s in %.1f s (%s); it holds %s in RAM%s",
             Path(model).name,
             f" with adapter {Path(adapter).name}" if adapter else "",
             time.monotonic() - started,
-            f"{gpu_layers} layers on the GPU" if gpu_layers else "CPU",
+            offload.describe(),
+            format_bytes(footprint.ram_bytes),
+            f" and {format_bytes(footprint.gpu_bytes)} on the GPU" if on_gpu else "",
         )
-        return llm
+        return _Loaded(llm, offload, footprint)
 
     def close(self) -> None:
         while self._models:
-            _, llm = self._models.popitem()
-            llm.close()
+            _, entry = self._models.popitem()
+            entry.llm.close()
+
+
+def _key(model: str, adapter: str | None) -> ModelKey:
+    return (str(model), str(adapter) if adapter else None)
 
 
 class _TokenCounter:
@@ -296,11 +461,13 @@ def generate(
     prompt_tokens = counter.prompt_tokens
     if prompt_tokens is None:  # nothing was generated: count the prompt the model was given
         prompt_tokens = llm.n_tokens
+    pool.settle(request.model, request.adapter)
     yield GenerationDone(
         request_id=request.request_id,
         finish_reason=finish_reason,
         prompt_tokens=prompt_tokens,
         completion_tokens=counter.generated,
+        offload=pool.offload(request.model, request.adapter),
     )
 
 
@@ -371,16 +538,19 @@ def run_batch(
         if error.kind == "invalid":
             raise InvalidJobError(str(error)) from None
         raise
+    offload = pool.offload(spec.base_model, spec.adapter)
+    assert offload is not None
     started_at = time.monotonic()
     report(
         Started(
             process_id=os.getpid(),
-            device="gpu" if gpu_offload_available() else "cpu",
+            device="gpu" if offload.gpu_layers else "cpu",
             total_steps=len(lines),
             train_examples=len(lines),
             eval_examples=0,
         )
     )
+    report(Log(level="info", message=f"{Path(spec.base_model).name}: {offload.describe()}"))
     generated = 0
     scratch = output_dir / (COMPLETIONS_FILE + ".partial")
     with open(scratch, "w", encoding="utf-8") as output:
@@ -434,4 +604,5 @@ def run_batch(
         eval_loss=None,
         train_tokens=generated,
         seconds=time.monotonic() - started_at,
+        offload=offload,
     )

@@ -49,7 +49,9 @@ class ServerOptions(BaseModel):
 
     context_tokens: int = Field(default=DEFAULT_CONTEXT_TOKENS, ge=256, le=1 << 20)
     max_models: int = Field(default=DEFAULT_MAX_LOADED_MODELS, ge=1, le=64)
-    gpu_layers: int | None = None  # None: all layers on the GPU when llama.cpp can offload, else none
+    # None: as many layers on the GPU as fit its free memory (engine.offload), none where llama.cpp
+    # cannot offload; a number (-1: all) is taken as it is. Each GenerationDone says what was used.
+    gpu_layers: int | None = None
     threads: int | None = Field(default=None, ge=1, le=1024)
     # Text generated within this long leaves in one delta (engine.inference.coalesce); 0: every piece.
     delta_interval_seconds: float = Field(default=0.05, ge=0.0, le=1.0)

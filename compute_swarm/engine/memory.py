@@ -128,6 +128,35 @@ def free_bytes_needed(held_bytes: int) -> int:
     return -(-held_bytes * 100 // USABLE_PERCENT)
 
 
+# Graphics cards as sellers have them, in GB of VRAM (an "N GB" card reports N GiB: an RTX 3060 12 GB
+# shows 12288 MiB), less what the desktop itself holds of one (compositor, browser, the game launcher).
+CARD_SIZES_GB = (8, 12, 16, 24, 48, 80)
+DESKTOP_BYTES = GIB
+
+
+def smallest_card_gb(needed_free_bytes: int) -> int | None:
+    """The smallest common card whose free memory (its size less DESKTOP_BYTES) is at least
+    `needed_free_bytes` (a figure from free_bytes_needed); None when not even the largest has it."""
+    return next((card for card in CARD_SIZES_GB if needed_free_bytes <= card * GIB - DESKTOP_BYTES), None)
+
+
+def reference_lora_spec(quantization: str, base_model: str = "reference") -> LoraJobSpec:
+    """The job the catalogue quotes each model's memory for: rank 16 on q/k/v/o, batch 1 × 512 tokens,
+    gradient checkpointing on (QLoRA's settings, and what a buyer sets to fit a gaming card)."""
+    from compute_swarm.engine.jobs import LoraJobSpec
+
+    return LoraJobSpec(
+        base_model=base_model,
+        dataset="reference.jsonl",
+        max_steps=1,
+        rank=16,
+        batch_size=1,
+        max_sequence_length=512,
+        gradient_checkpointing=True,
+        quantization=quantization,
+    )
+
+
 # Shapes ----------------------------------------------------------------------------------------------
 
 

@@ -10,7 +10,7 @@ from typing import Annotated, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, TypeAdapter
 
-from compute_swarm.protocol import FailureKind
+from compute_swarm.protocol import FailureKind, Offload
 
 
 class _Record(BaseModel):
@@ -64,6 +64,7 @@ class Completed(_Record):
     seconds: float
     # With spec.evaluate_adapter: that adapter's held-out loss; None when it does not fit the model.
     delivered_eval_loss: float | None = None
+    offload: Offload | None = None  # a batch: where its model had its layers
 
 
 # Why a job ended badly: declared once, in the protocol (the engine's kinds are all but "released" and "declined").

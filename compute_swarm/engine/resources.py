@@ -27,6 +27,7 @@ from compute_swarm.engine.memory import (
     key_value_width,
     usable_bytes,
 )
+from compute_swarm.engine.offload import KV_CACHE_BYTES_PER_ELEMENT, GgufLayout
 
 if TYPE_CHECKING:
     from compute_swarm.engine.jobs import LoraJobSpec
@@ -367,3 +368,86 @@ def estimate_inference_memory(
         key_value_width=key_value_width(_linear_weights(read_weight_shapes(model_path))),
         context_tokens=context_tokens,
     )
+
+
+def read_gguf_layout(model_path: str | Path, adapter_path: str | Path | None = None) -> GgufLayout:
+    """The bytes of each part of a GGUF model as llama.cpp places them (engine.offload.GgufLayout),
+    from its header: tensor sizes by block, the KV cache's width from the head counts, and the sizes
+    the compute buffers depend on. A llama.cpp LoRA adapter's tensors (blk.N....lora_a/b) count with
+    the blocks they change. Raises ResourceError when the file is not a GGUF model llama.cpp could
+    load."""
+    reader = _gguf_reader(Path(model_path))
+    architecture = _gguf_value(reader, "general.architecture")
+    if not isinstance(architecture, str):
+        raise ResourceError(f"{str(model_path)!r} names no general.architecture")
+
+    def number(key: str, default: int | None = None, *, block: int | None = None) -> int:
+        value = _gguf_value(reader, f"{architecture}.{key}")
+        if isinstance(value, list):  # per-block values (head counts of OpenELM, say)
+            value = value[block or 0] if value else None
+        if value is None:
+            if default is None:
+                raise ResourceError(f"{str(model_path)!r} lacks {architecture}.{key}")
+            return default
+        return int(value)
+
+    block_count = number("block_count")
+    block_bytes = [0] * block_count
+    tensor_bytes: dict[str, int] = {}
+    shapes: dict[str, list[int]] = {}
+    readers = [reader] + ([_gguf_reader(Path(adapter_path))] if adapter_path is not None else [])
+    outside = 0
+    for source in readers:
+        for tensor in source.tensors:
+            match = re.match(r"blk\.(\d+)\.", tensor.name)
+            if match and int(match.group(1)) < block_count:
+                block_bytes[int(match.group(1))] += int(tensor.n_bytes)
+            elif source is reader:
+                tensor_bytes[tensor.name] = int(tensor.n_bytes)
+                shapes[tensor.name] = [int(size) for size in tensor.shape.tolist()]
+            else:
+                outside += int(tensor.n_bytes)  # an adapter of the embedding or head: kept in RAM
+    if "token_embd.weight" not in tensor_bytes:
+        raise ResourceError(f"{str(model_path)!r} has no token_embd.weight")
+    embedding_bytes = tensor_bytes.pop("token_embd.weight")
+    embedding_length, vocabulary_size = shapes["token_embd.weight"][:2]  # GGUF: innermost first
+    output_norm = sum(tensor_bytes.pop(name, 0) for name in ("output_norm.weight", "output_norm.bias"))
+    head = sum(tensor_bytes.pop(name, 0) for name in ("output.weight", "output.bias"))
+    tied = "output.weight" not in shapes
+    heads = number("attention.head_count")
+    head_dimension = number("embedding_length", embedding_length) // heads
+    kv_bytes = []
+    for block in range(block_count):
+        kv_heads = number("attention.head_count_kv", heads, block=block)
+        key_length = number("attention.key_length", head_dimension)
+        value_length = number("attention.value_length", head_dimension)
+        kv_bytes.append(kv_heads * (key_length + value_length) * KV_CACHE_BYTES_PER_ELEMENT)
+    return GgufLayout(
+        block_weight_bytes=tuple(block_bytes),
+        block_kv_bytes_per_token=tuple(kv_bytes),
+        input_bytes=embedding_bytes + sum(tensor_bytes.values()) + outside,
+        output_gpu_bytes=output_norm + (embedding_bytes if tied else head),
+        output_cpu_bytes=output_norm + (0 if tied else head),
+        vocabulary_size=vocabulary_size,
+        embedding_length=embedding_length,
+        feed_forward_length=number("feed_forward_length", 4 * embedding_length),
+        attention_heads=heads,
+    )
+
+
+def _gguf_reader(path: Path):
+    try:
+        import gguf
+    except ImportError as error:
+        raise ResourceError("reading a .gguf file needs the gguf package (compute-swarm[engine])") from error
+    try:
+        return gguf.GGUFReader(path, "r")
+    except OSError as error:
+        raise ResourceError(f"cannot read {str(path)!r}: {error.strerror or error}") from error
+    except Exception as error:  # the reader raises ValueError, IndexError, struct errors...
+        raise ResourceError(f"{str(path)!r} is not a readable GGUF file: {error}") from error
+
+
+def _gguf_value(reader, key: str):
+    field = reader.fields.get(key)
+    return field.contents() if field is not None else None

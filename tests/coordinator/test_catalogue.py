@@ -101,6 +101,10 @@ def test_ops_add_a_model_from_a_gguf_and_buyers_and_nodes_see_it(coordinator, de
     assert listed["fine_tune_per_million_tokens_micro"] == rates["fine_tune_per_million_tokens_micro"]
     assert listed["inference_per_million_tokens_micro"] == copy["inference_per_million_tokens_micro"]
 
+    # The public models page shows it with its licence and prices.
+    page = httpx.get(f"{coordinator.url}/models").text
+    assert "smollm2-copy" in page and "Apache-2.0" in page and "8,192" in page
+
     # Any node may fetch a catalogue model's files from the coordinator, and gets exactly its bytes.
     _, token = NodeClient.register(coordinator.url, "catalogue-node")
     fetched = NodeClient(coordinator.url, token).download_artifact(

@@ -228,3 +228,104 @@ def test_the_request_that_crashes_llama_cpp_is_told_so_and_those_queued_behind_i
         assert len(llama.starts()) == 2 and len(llama.crashes()) == 1
     finally:
         server.close()
+
+
+# ---- offload and measured memory (engine.offload plans; the pool measures)
+
+
+def test_a_loaded_model_is_measured_and_its_answers_and_batches_say_where_it_runs(gguf, tmp_path):
+    from compute_swarm.engine.offload import Offload
+    from compute_swarm.engine.records import Log
+
+    pool = ModelPool(context_tokens=512, gpu_offload=lambda: False)
+    try:
+        _, done = inference.complete(pool, chat(gguf, "Say hi.", max_tokens=4))
+        assert done.offload == Offload(gpu_layers=0, layers=31)
+        footprint = pool.footprint(str(gguf))
+        # The weights are mmapped: once read they are resident, with the KV cache and buffers.
+        size = gguf.stat().st_size
+        assert size / 2 < footprint.ram_bytes < 3 * size and footprint.gpu_bytes == 0
+        prompts = tmp_path / "prompts.jsonl"
+        prompts.write_text(json.dumps({"prompt": "One, two,"}) + "\n")
+        spec = InferenceJobSpec(base_model=str(gguf), dataset=str(prompts), sampling=Sampling(max_tokens=2))
+        records = []
+        inference.run_batch(spec, tmp_path / "out", pool=pool, report=records.append)
+        assert records[0].device == "cpu"
+        assert any(isinstance(record, Log) and record.message.endswith("CPU only") for record in records)
+    finally:
+        pool.close()
+
+
+def test_a_gpu_build_takes_the_layers_that_fit_its_free_memory(gguf):
+    from compute_swarm.engine.offload import GPU_RUNTIME_BYTES, split
+    from compute_swarm.engine.resources import read_gguf_layout
+
+    # llama.cpp without a GPU ignores n_gpu_layers: the plan is what is tested here.
+    ten_layers = split(read_gguf_layout(gguf), 10, 512).gpu_bytes + GPU_RUNTIME_BYTES
+    pool = ModelPool(
+        context_tokens=512,
+        gpu_offload=lambda: True,
+        free_memory=lambda on_gpu: -(-ten_layers * 100 // 90) if on_gpu else 1 << 40,
+        measure=lambda on_gpu: inference.MemoryInUse(ram_bytes=0, gpu_bytes=0),
+    )
+    try:
+        _, done = inference.complete(pool, chat(gguf, "Say hi.", max_tokens=2))
+        assert done.offload is not None and done.offload.describe() == "10 of 31 layers on the GPU"
+    finally:
+        pool.close()
+
+
+def test_the_pool_evicts_by_what_models_were_measured_to_hold(gguf, tmp_path, monkeypatch):
+    from compute_swarm.engine.offload import split
+    from compute_swarm.engine.resources import read_gguf_layout, usable_bytes
+
+    copies = []
+    for name in "abc":
+        copies.append(str(tmp_path / f"{name}.gguf"))
+        shutil.copyfile(gguf, copies[-1])
+    # What each file holds once loaded, as the fake measurement sees it: RSS is the live models' sum.
+    holds: dict[str, int] = {}
+    live: list[str] = []
+
+    class Tracked(llama_cpp.Llama):
+        def __init__(self, model_path: str, **options):
+            super().__init__(model_path=model_path, **options)
+            live.append(model_path)
+
+        def close(self):
+            if self.model_path in live:
+                live.remove(self.model_path)
+            super().close()
+
+    monkeypatch.setattr(llama_cpp, "Llama", Tracked)
+    estimate = split(read_gguf_layout(gguf), 0, 512).ram_bytes
+    free = [1 << 40]
+    pool = ModelPool(
+        max_models=4,
+        context_tokens=512,
+        gpu_offload=lambda: False,
+        # The free figure lags: it does not rise when a model goes, so only the measurements tell.
+        free_memory=lambda on_gpu: free[0],
+        measure=lambda on_gpu: inference.MemoryInUse(sum(holds[path] for path in live), 0),
+    )
+    a, b, c = copies
+    try:
+        for big_first in (True, False):
+            holds.update({a: 400 << 20 if big_first else 5 << 20, b: 5 << 20 if big_first else 400 << 20})
+            free[0] = 1 << 40
+            pool.get(a)
+            pool.get(b)
+            assert pool.footprint(a).ram_bytes == holds[a]
+            # Short of c's estimate by 100 MiB of usable memory: a's measured 400 MiB make room, 5 do not.
+            free[0] = -(-(estimate - (100 << 20)) * 100 // 90)
+            holds[c] = estimate
+            pool.get(c)
+            assert pool.loaded == ([(b, None), (c, None)] if big_first else [(c, None)])
+            pool.close()
+        # Loaded before and measured at 5 MiB: a loads again where its estimate would not fit.
+        free[0] = -(-(5 << 20) * 100 // 90) + 1
+        assert usable_bytes(free[0]) < estimate
+        pool.get(a)
+        assert pool.loaded == [(a, None)]
+    finally:
+        pool.close()

@@ -15,24 +15,13 @@ from compute_swarm.engine import artifacts, lora, resources
 from compute_swarm.engine.jobs import LoraJobSpec
 from compute_swarm.engine.memory import MINIMUM_BITSANDBYTES, estimate_lora
 from compute_swarm.engine.records import Log, Record
+from tests.engine.test_lora import tiny_spec
 
 BITSANDBYTES_VERSION = ".".join(map(str, MINIMUM_BITSANDBYTES))
 
 
 def qlora_spec(model: Path, data: Path, **changes: object) -> LoraJobSpec:
-    settings: dict[str, object] = dict(
-        base_model=str(model),
-        dataset=str(data),
-        max_steps=6,
-        batch_size=2,
-        max_sequence_length=48,
-        learning_rate=5e-3,
-        dropout=0.1,
-        eval_fraction=0.2,
-        seed=3,
-        quantization="nf4",
-    )
-    return LoraJobSpec(**{**settings, **changes})
+    return tiny_spec(model, data, **{"quantization": "nf4", **changes})
 
 
 @pytest.fixture

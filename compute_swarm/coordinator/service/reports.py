@@ -169,6 +169,10 @@ class Reports:
                 "train_tokens": report.train_tokens,
                 "seconds": report.seconds,
             }
+            if report.offload is not None:  # the node's report of where a batch's model ran
+                job.metrics["offload"] = report.offload.model_dump() | {
+                    "description": report.offload.describe()
+                }
             price_micro = job.price_micro
             if job.kind == "inference":
                 assert usage is not None

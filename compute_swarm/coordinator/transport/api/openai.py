@@ -256,7 +256,7 @@ async def _serve(
                 parts.append(event.text)
             elif isinstance(event, protocol.InferenceDone):
                 usage = await relay.settle(pending, event)
-                return JSONResponse(shape.whole("".join(parts), event.finish_reason, usage))
+                return JSONResponse(shape.whole("".join(parts), event, usage))
             else:
                 await relay.refund(pending, event)
                 raise OpenAIError(event.status_code, event.message, code=event.code)
@@ -288,7 +288,7 @@ async def _stream(
             elif isinstance(event, protocol.InferenceDone):
                 finished = True
                 usage = await relay.settle(pending, event)
-                yield _sse(shape.chunk("" if not shape.chat else {}, event.finish_reason))
+                yield _sse(shape.last_chunk(event))
                 if include_usage:
                     yield _sse(shape.usage_chunk(usage))
                 break
@@ -323,16 +323,20 @@ class _Shape:
         kind = "chat.completion" if self.chat else "text_completion"
         return {"id": self.id, "object": kind + suffix, "created": self.created, "model": self.model}
 
-    def whole(self, text: str, finish_reason: str, usage: Usage) -> dict:
+    def whole(self, text: str, done: protocol.InferenceDone, usage: Usage) -> dict:
         if self.chat:
             choice = {"index": 0, "message": {"role": "assistant", "content": text}, "logprobs": None}
         else:
             choice = {"index": 0, "text": text, "logprobs": None}
         return {
             **self._head(),
-            "choices": [{**choice, "finish_reason": finish_reason}],
+            "choices": [{**choice, "finish_reason": done.finish_reason}],
             "usage": _usage(usage),
+            **_offload(done),
         }
+
+    def last_chunk(self, done: protocol.InferenceDone) -> dict:
+        return {**self.chunk("" if not self.chat else {}, done.finish_reason), **_offload(done)}
 
     def chunk(self, content: str | dict, finish_reason: str | None) -> dict:
         if self.chat:
@@ -344,6 +348,13 @@ class _Shape:
 
     def usage_chunk(self, usage: Usage) -> dict:
         return {**self._head(".chunk" if self.chat else ""), "choices": [], "usage": _usage(usage)}
+
+
+def _offload(done: protocol.InferenceDone) -> dict:
+    """Beside OpenAI's fields: where the node that answered had the model's layers, as it reports."""
+    if done.offload is None:
+        return {}
+    return {"offload": done.offload.model_dump() | {"description": done.offload.describe()}}
 
 
 def _usage(usage: Usage) -> dict:

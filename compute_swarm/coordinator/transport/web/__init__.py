@@ -13,7 +13,14 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from compute_swarm.coordinator.transport.web import buyer_pages, ops_pages, render, sell_pages, sweep_pages
+from compute_swarm.coordinator.transport.web import (
+    buyer_pages,
+    catalogue_pages,
+    ops_pages,
+    render,
+    sell_pages,
+    sweep_pages,
+)
 
 STATIC = Path(__file__).parent / "static"
 
@@ -24,6 +31,7 @@ def install(app: FastAPI) -> None:
     app.include_router(sweep_pages.router)
     app.include_router(ops_pages.router)
     app.include_router(sell_pages.router)
+    app.include_router(catalogue_pages.router)
     # Errors on pages become pages (401: the sign-in page); the API's own handler answers the rest.
     api_handler = app.exception_handlers[StarletteHTTPException]
 
