@@ -23,6 +23,7 @@ from pydantic import ValidationError
 
 from compute_swarm import protocol
 from compute_swarm.engine.catalogue import models_directory, verified_sha256
+from compute_swarm.engine.jobs import CATALOGUE
 from compute_swarm.sdk.client import SwarmError
 
 logger = logging.getLogger(__name__)
@@ -97,23 +98,31 @@ def _read_record(directory: Path) -> protocol.ModelFiles | None:
         return None
 
 
-def cached_models(models: Path | None = None) -> dict[str, LocalModel]:
-    """The models this machine holds whole, by name (looked up, never hashed: a job hashes what it
-    uses). A model fetched without its Hugging Face files counts, for serving."""
-    found: dict[str, LocalModel] = {}
-    root = models or models_directory()
+def _records(root: Path) -> dict[str, protocol.ModelFiles]:
+    """The record of every model in the cache, by name: those fetched here, and the built-in model
+    where the engine's own command fetched it from its package (no record: its files are the pinned ones)."""
+    records: dict[str, protocol.ModelFiles] = {}
     with contextlib.suppress(OSError):
-        for record_path in root.glob(f"*/{RECORD_FILE}"):
+        for record_path in sorted(root.glob(f"*/{RECORD_FILE}")):
             record = _read_record(record_path.parent)
-            if record is None or record.name in found:
-                continue
-            present = all(
-                _has_size(record_path.parent / file.name, file.size)
-                for file in (record.gguf, *record.weights)
+            if record is not None:
+                records.setdefault(record.name, record)
+    for name, model in CATALOGUE.items():
+        records.setdefault(name, protocol.ModelFiles.of(model, with_weights=False))
+    return records
+
+
+def cached_models(models: Path | None = None) -> dict[str, LocalModel]:
+    """The models this machine holds whole, by name (looked up by size, never hashed: a job hashes
+    what it uses). A model fetched without its Hugging Face files counts, for serving."""
+    root = models or models_directory()
+    found: dict[str, LocalModel] = {}
+    for name, record in _records(root).items():
+        directory = model_directory(record, root)
+        if all(_has_size(directory / file.name, file.size) for file in (record.gguf, *record.weights)):
+            found[name] = LocalModel(
+                name, directory / record.gguf.name, directory if record.weights else None
             )
-            if present:
-                directory = record_path.parent if record.weights else None
-                found[record.name] = LocalModel(record.name, record_path.parent / record.gguf.name, directory)
     return found
 
 
@@ -131,5 +140,5 @@ def _has_size(path: Path, size: int) -> bool:
 
 def record_of(name: str, models: Path | None = None) -> protocol.ModelFiles | None:
     """The catalogue's record of a cached model's files (for serving them to peers)."""
-    model = cached_models(models).get(name)
-    return _read_record(model.gguf.parent) if model is not None else None
+    root = models or models_directory()
+    return _records(root).get(name) if name in cached_models(root) else None

@@ -5,14 +5,12 @@ default name. Plain functions; desktop.machine_watch and desktop.connection send
 
 from __future__ import annotations
 
-import contextlib
 import socket
 from importlib import metadata
 from pathlib import Path
 
 from compute_swarm import protocol
 from compute_swarm.engine.devices import DeviceInventory
-from compute_swarm.engine.jobs import CATALOGUE
 from compute_swarm.protocol import finite_or_none
 
 _TELEMETRY_BACKENDS = ("cuda", "rocm", "mps", "cpu")
@@ -67,14 +65,5 @@ def cached_catalogue_models(models_directory: Path | None = None) -> tuple[str, 
     """Catalogue models already in engine.models' cache (looked up, never downloaded or hashed): those
     desktop.model_files fetched, and the built-in model where the engine's own command fetched it."""
     from compute_swarm.desktop import model_files
-    from compute_swarm.engine import models
 
-    directory = models_directory or models.models_directory()
-    found = list(model_files.cached_models(directory))
-    for name, model in CATALOGUE.items():
-        # engine.models.fetch_catalogue_model's layout: <cache>/<sha256[:16]>/<file name>.
-        path = directory / model.sha256[:16] / Path(model.member).name
-        with contextlib.suppress(OSError):
-            if path.stat().st_size == model.file_size_bytes:
-                found.append(name)
-    return tuple(sorted(set(found)))
+    return tuple(sorted(model_files.cached_models(models_directory)))

@@ -364,4 +364,5 @@ def test_the_cpu_estimate_is_near_a_measured_peak(demo_model_directory: Path) ->
     # Checkpointed, the step holds less than loading the model did (safetensors' copies), which then
     # sets the peak: the estimate stays below it, and both fall.
     assert estimates[True] < 1.25 * peaks[True], (estimates, peaks)
-    assert peaks[True] < peaks[False] and estimates[True] < estimates[False]
+    # Loading may set both peaks alike; the step itself never holds more with checkpointing.
+    assert peaks[True] <= peaks[False] and estimates[True] < estimates[False]
