@@ -104,6 +104,9 @@ def test_ops_add_a_model_from_a_gguf_and_buyers_and_nodes_see_it(coordinator, de
     # The public models page shows it with its licence and prices.
     page = httpx.get(f"{coordinator.url}/models").text
     assert "smollm2-copy" in page and "Apache-2.0" in page and "8,192" in page
+    assert '<a href="/api/models/smollm2-copy/licence">' in page
+    assert httpx.get(f"{coordinator.url}/api/models/smollm2-copy/licence").text == licence.read_text()
+    assert httpx.get(f"{coordinator.url}/api/models/nothing-here/licence").status_code == 404
 
     # Any node may fetch a catalogue model's files from the coordinator, and gets exactly its bytes.
     _, token = NodeClient.register(coordinator.url, "catalogue-node")

@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Response
-from fastapi.responses import PlainTextResponse
+from fastapi import APIRouter, HTTPException, Response
+from fastapi.responses import FileResponse, PlainTextResponse
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
@@ -40,6 +40,15 @@ def metrics(services: ServicesDep) -> Response:
 def models(services: ServicesDep) -> list[dict]:
     """The catalogue: every model offered (listed) or still served (deprecated), with its prices."""
     return [catalogue_entry(model) for model in services.catalogue.models()]
+
+
+@router.get("/api/models/{name}/licence", response_class=PlainTextResponse)
+def licence(name: str, services: ServicesDep) -> Response:
+    """The licence text ops added a model with (the built-in model's is its package's: Apache-2.0)."""
+    sha256 = services.catalogue.licence_sha256(name)
+    if sha256 is None or not services.store.has(sha256):
+        raise HTTPException(404, f"no licence text is stored for a model named {name[:64]!r}")
+    return FileResponse(services.store.blob_path(sha256), media_type="text/plain; charset=utf-8")
 
 
 def catalogue_entry(model: CatalogueModel) -> dict:
