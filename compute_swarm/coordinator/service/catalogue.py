@@ -32,7 +32,6 @@ from compute_swarm.engine.jobs import CATALOGUE, MODEL_STATES, CatalogueModel, M
 CACHE_SECONDS = 2.0
 MODEL_NAME = re.compile(r"^[a-z0-9][a-z0-9._-]{0,63}$")
 MAX_LICENCE_BYTES = 1 << 20
-HUB_SOURCE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*/[A-Za-z0-9][A-Za-z0-9._-]*@[0-9a-f]{40}$")
 
 
 class CatalogueError(ValueError):
@@ -175,11 +174,11 @@ class Catalogue:
             raise CatalogueError(
                 f"model name {name!r} must be lowercase letters, digits, '.', '_' or '-', at most 64 characters"
             )
-        if self.get(name) is not None:
-            model = self.get(name)
+        existing = self.get(name)
+        if existing is not None:
             raise CatalogueError(
                 f"the catalogue already has a model named {name!r}"
-                + (" (removed: its jobs keep the name)" if model.state == "removed" else "")
+                + (" (removed: its jobs keep the name)" if existing.state == "removed" else "")
             )
         licence = licence.strip()
         if not licence or len(licence) > 100:
@@ -251,11 +250,6 @@ class Catalogue:
         """What a node fetches to run a job on the model: its GGUF, and for a fine-tune the Hugging
         Face files it trains from. Raises KeyError for a model not in the catalogue."""
         return protocol.ModelFiles.of(self._current()[name], with_weights=with_weights)
-
-    def chat_template(self, name: str) -> str | None:
-        with self.database.reading() as session:
-            entry = session.get(CatalogueEntry, name)
-            return entry.chat_template if entry is not None else None
 
     def licence_sha256(self, name: str) -> str | None:
         with self.database.reading() as session:
