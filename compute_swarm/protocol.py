@@ -247,6 +247,21 @@ class CheckpointUploaded(_Message):
     sha256: Sha256
 
 
+class Offload(_Message):
+    """Where the model that did the work had its layers: `gpu_layers` of `layers` on the GPU, in
+    llama.cpp's count (the repeating blocks and 1 for the output layer). The node's report."""
+
+    gpu_layers: int = Field(ge=0, le=100_000)
+    layers: int = Field(ge=1, le=100_000)
+
+    def describe(self) -> str:
+        if self.gpu_layers == 0:
+            return "CPU only"
+        if self.gpu_layers >= self.layers:
+            return f"all {self.layers} layers on the GPU"
+        return f"{self.gpu_layers} of {self.layers} layers on the GPU"
+
+
 class JobResult(_Message):
     """The job finished; its adapter (a tar of the adapter directory) is stored as an artifact."""
 
@@ -282,21 +297,6 @@ class InferenceDelta(_Message):
     request_id: Identifier
     text: str = Field(max_length=MAX_DELTA_CHARACTERS)
     tokens: Count
-
-
-class Offload(_Message):
-    """Where the model that did the work had its layers: `gpu_layers` of `layers` on the GPU, in
-    llama.cpp's count (the repeating blocks and 1 for the output layer). The node's report."""
-
-    gpu_layers: int = Field(ge=0, le=100_000)
-    layers: int = Field(ge=1, le=100_000)
-
-    def describe(self) -> str:
-        if self.gpu_layers == 0:
-            return "CPU only"
-        if self.gpu_layers >= self.layers:
-            return f"all {self.layers} layers on the GPU"
-        return f"{self.gpu_layers} of {self.layers} layers on the GPU"
 
 
 class InferenceDone(_Message):
