@@ -581,6 +581,7 @@ async def scrape_metrics(url: str) -> dict:
         text = (await client.get(f"{url}/metrics")).text
     buckets: dict[float, float] = {}
     values: dict[str, float] = {}
+    collections: dict[str, dict[str, float]] = {}
     for line in text.splitlines():
         if line.startswith("swarm_dispatch_latency_seconds_bucket"):
             bound = line.split('le="', 1)[1].split('"', 1)[0]
@@ -594,7 +595,40 @@ async def scrape_metrics(url: str) -> dict:
         ):
             name, value = line.rsplit(" ", 1)
             values[name] = float(value)
-    return {"buckets": buckets, **values}
+        elif line.startswith("swarm_garbage_collection_pause_seconds_"):
+            # Per generation: how many collections, their total pause, and the bucket counts.
+            name, value = line.rsplit(" ", 1)
+            generation = name.split('generation="', 1)[1].split('"', 1)[0]
+            field = name.removeprefix("swarm_garbage_collection_pause_seconds_").split("{", 1)[0]
+            if field == "bucket":
+                bound = name.split('le="', 1)[1].split('"', 1)[0]
+                field = f"le {bound}"
+            collections.setdefault(generation, {})[field] = float(value)
+    return {"buckets": buckets, "garbage_collections": collections, **values}
+
+
+def garbage_collection_summary(before: dict, after: dict) -> dict:
+    """Per generation, the collections between two scrapes: how many, their total pause and the longest
+    (as the upper bound of the highest bucket any reached)."""
+    summary = {}
+    for generation, fields in sorted(after.get("garbage_collections", {}).items()):
+        earlier = before.get("garbage_collections", {}).get(generation, {})
+        count = int(fields.get("count", 0) - earlier.get("count", 0))
+        if not count:
+            continue
+        # Cumulative bucket counts: the first bound every collection fell under bounds the longest.
+        cumulative = sorted(
+            (float(field.removeprefix("le ")), value - earlier.get(field, 0))
+            for field, value in fields.items()
+            if field.startswith("le ")
+        )
+        longest = next(bound for bound, under in cumulative if under >= count)
+        summary[f"generation {generation}"] = {
+            "collections": count,
+            "total_ms": round(1000 * (fields.get("sum", 0) - earlier.get("sum", 0)), 1),
+            "longest_ms_at_most": None if math.isinf(longest) else round(1000 * longest, 1),
+        }
+    return summary
 
 
 def histogram_summary(before: dict, after: dict) -> dict:
@@ -1013,6 +1047,7 @@ class Bench:
             "lease_latency_after_answer": percentiles_ms([received - s.answered for s, received in leased]),
             "lease_latency_after_send": percentiles_ms([received - s.sent for s, received in leased]),
             "coordinator_histogram": histogram_summary(metrics_before, metrics_after),
+            "garbage_collections": garbage_collection_summary(metrics_before, metrics_after),
             "cpu_share_of_a_core": cpu,
             "coordinator_memory": self.coordinator_memory(),
         }
@@ -1137,6 +1172,7 @@ def print_report(results: dict) -> None:
             f"mean {histogram.get('mean_ms')} ms ({histogram.get('observations')} observations)"
         )
         print(f"  CPU, share of a core: {get(phase + '.cpu_share_of_a_core')}")
+        print(f"  garbage collections: {get(phase + '.garbage_collections')}")
     print("-- baselines (same run, in this process)")
     planner, sqlite = get("baseline.planner", {}), get("baseline.sqlite", {})
     print(

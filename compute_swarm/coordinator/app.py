@@ -9,6 +9,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
 
 from compute_swarm import protocol
+from compute_swarm.coordinator.service.accounts import BuyerKeys
 from compute_swarm.coordinator.service.admission import RegistrationLimiter
 from compute_swarm.coordinator.service.catalogue import Catalogue
 from compute_swarm.coordinator.service.inference import InferenceService
@@ -100,6 +101,7 @@ def build_services(settings: Settings) -> Services:
             ),
         ),
         payouts=payouts_service(settings, database),
+        buyer_keys=BuyerKeys(database),
         catalogue=catalogue,
     )
 
@@ -111,12 +113,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         services = build_services(settings)
         app.state.services = services
+        stop_watching = services.metrics.watch_garbage_collector()
         await services.hub.start()
         try:
             yield
         finally:
             await services.hub.stop()
             services.database.close()
+            stop_watching()
 
     app = FastAPI(title="compute-swarm coordinator", version="0.1.0", lifespan=lifespan)
     app.state.registrations = RegistrationLimiter(settings.registrations_per_hour_per_address)

@@ -8,12 +8,16 @@ from __future__ import annotations
 
 import hashlib
 import secrets
+import threading
 import time
+from collections import OrderedDict
+from collections.abc import Callable
 
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from compute_swarm.coordinator.store import ledger
+from compute_swarm.coordinator.store.database import Database
 from compute_swarm.coordinator.store.tables import ApiKey, Buyer, Node
 
 BUYER_KEY_PREFIX = "swarm-buyer-"
@@ -131,3 +135,45 @@ def revoke_node(session: Session, node_id: str) -> Node:
     if node.revoked_at is None:
         node.revoked_at = time.time()
     return node
+
+
+class BuyerKeys:
+    """Buyers by API key, each answer remembered for at most KEPT_SECONDS: a busy buyer's requests skip
+    the database (each asks twice: before its body is read and again as the route's dependency), and
+    a key revoked on any replica stops working within that time. One revoked here stops at once."""
+
+    KEPT_SECONDS = 1.0
+    MOST_KEPT = 10_000  # keys; a buyer's request with a key not kept is one indexed read
+
+    def __init__(self, database: Database, clock: Callable[[], float] = time.monotonic):
+        self.database = database
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._kept: OrderedDict[str, tuple[Buyer, float]] = OrderedDict()  # key hash → (buyer, until)
+
+    def buyer(self, api_key: str) -> Buyer | None:
+        """The buyer whose live key this is (None for a wrong or revoked key, which is never kept)."""
+        digest, now = hash_secret(api_key), self._clock()
+        with self._lock:
+            kept = self._kept.get(digest)
+        if kept is not None and kept[1] > now:
+            return kept[0]
+        with self.database.reading() as session:
+            buyer = buyer_for_key(session, api_key)
+        with self._lock:
+            if buyer is None:
+                self._kept.pop(digest, None)
+                return None
+            self._kept[digest] = (buyer, now + self.KEPT_SECONDS)
+            self._kept.move_to_end(digest)
+            while len(self._kept) > self.MOST_KEPT:
+                self._kept.popitem(last=False)
+        return buyer
+
+    def revoke(self, buyer_id: str, key_id: str) -> ApiKey:
+        """Revoke one of the buyer's keys; on this replica it stops working at once."""
+        with self.database.transaction() as session:
+            key = revoke_api_key(session, buyer_id, key_id)
+        with self._lock:
+            self._kept.pop(key.key_hash, None)
+        return key

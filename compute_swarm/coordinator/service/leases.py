@@ -142,42 +142,44 @@ class Leases:
 
     def lease(self, assignments: Iterable[tuple[str, str]]) -> list[Grant]:
         """Lease each (job id, node id) whose job is still queued, all in one transaction."""
+        assignments = list(assignments)
+        # Committed with the submissions of the moment: a busy swarm's leases and submissions share
+        # their fsyncs.
+        return self.database.grouped(lambda session: self._lease_in(session, assignments))
+
+    def _lease_in(self, session: Session, assignments: list[tuple[str, str]]) -> list[Grant]:
         now = time.time()
         grants = []
-        assignments = list(assignments)
-        with self.database.transaction() as session:
-            jobs = {
-                job.id: job
-                for job in session.scalars(
-                    select(Job).where(Job.id.in_([job_id for job_id, _ in assignments])).with_for_update()
+        jobs = {
+            job.id: job
+            for job in session.scalars(
+                select(Job).where(Job.id.in_([job_id for job_id, _ in assignments])).with_for_update()
+            )
+        }
+        for job_id, node_id in assignments:
+            job = jobs.get(job_id)
+            if job is None or job.state != QUEUED:
+                continue
+            try:
+                spec = wire_spec(job)
+            except ValidationError as error:
+                # Validated when it was submitted: only a spec an older coordinator stored can fail.
+                reason = f"its spec can no longer be sent to a node: {error.errors()[0]['msg']}"
+                change(session, job, lifecycle.Unsendable(now, reason))
+                continue
+            change(session, job, lifecycle.Leased(now, node_id, new_lease_id(), self.settings.lease_seconds))
+            start_over = provenance.reason_to_start_over(session, job, node_id)
+            if start_over is not None:
+                job.checkpoint_sha256, job.checkpoint_step = None, 0
+                record_event(session, job, start_over)
+            job.resumed_from_sha256 = job.checkpoint_sha256
+            grants.append(
+                Grant(
+                    node_id=node_id,
+                    message=self._lease_message(session, job, spec),
+                    queued_at=job.queued_at,
                 )
-            }
-            for job_id, node_id in assignments:
-                job = jobs.get(job_id)
-                if job is None or job.state != QUEUED:
-                    continue
-                try:
-                    spec = wire_spec(job)
-                except ValidationError as error:
-                    # Validated when it was submitted: only a spec an older coordinator stored can fail.
-                    reason = f"its spec can no longer be sent to a node: {error.errors()[0]['msg']}"
-                    change(session, job, lifecycle.Unsendable(now, reason))
-                    continue
-                change(
-                    session, job, lifecycle.Leased(now, node_id, new_lease_id(), self.settings.lease_seconds)
-                )
-                start_over = provenance.reason_to_start_over(session, job, node_id)
-                if start_over is not None:
-                    job.checkpoint_sha256, job.checkpoint_step = None, 0
-                    record_event(session, job, start_over)
-                job.resumed_from_sha256 = job.checkpoint_sha256
-                grants.append(
-                    Grant(
-                        node_id=node_id,
-                        message=self._lease_message(session, job, spec),
-                        queued_at=job.queued_at,
-                    )
-                )
+            )
         return grants
 
     def _lease_message(
@@ -253,41 +255,38 @@ class Leases:
             return len(jobs)
 
     def adopt(
-        self, node_id: str, running: Iterable[protocol.LeaseReference]
+        self, session: Session, node_id: str, running: Iterable[protocol.LeaseReference]
     ) -> tuple[list[str], list[StopOnNode]]:
         """A node (re)connected saying what it is running. Returns the leases it may keep, and the ones
         it must stop (for the caller to tell it, once it is connected). Jobs leased to it that it does
-        not mention are queued again."""
+        not mention are queued again. In the caller's transaction (NodeAccounts.greet)."""
         claimed = {reference.lease_id: reference.job_id for reference in running}
         kept, revoked = [], []
-        with self.database.transaction() as session:
-            for lease_id, job_id in claimed.items():
-                job = locked_job(session, job_id)
-                if (
-                    job is not None
-                    and job.lease_id == lease_id
-                    and job.node_id == node_id
-                    and job.state in HELD_STATES
-                ):
-                    if job.updated_at > time.time() - self.settings.lease_progress_seconds:
-                        job.lease_expires_at = time.time() + self.settings.lease_seconds
-                    kept.append(lease_id)
-                else:
-                    revoked.append(StopOnNode(node_id, job_id, lease_id, "this lease is no longer valid"))
-            forgotten = session.scalars(
-                select(Job)
-                .where(
-                    Job.node_id == node_id,
-                    Job.state.in_(HELD_STATES),
-                    Job.lease_id.not_in(list(claimed) or [""]),
-                )
-                .with_for_update()
-            ).all()
-            for job in forgotten:
-                lost = lifecycle.LeaseLost(
-                    time.time(), "the node reconnected without it", node_may_run_it=False
-                )
-                self._end_attempt(session, job, lost)
+        for lease_id, job_id in claimed.items():
+            job = locked_job(session, job_id)
+            if (
+                job is not None
+                and job.lease_id == lease_id
+                and job.node_id == node_id
+                and job.state in HELD_STATES
+            ):
+                if job.updated_at > time.time() - self.settings.lease_progress_seconds:
+                    job.lease_expires_at = time.time() + self.settings.lease_seconds
+                kept.append(lease_id)
+            else:
+                revoked.append(StopOnNode(node_id, job_id, lease_id, "this lease is no longer valid"))
+        forgotten = session.scalars(
+            select(Job)
+            .where(
+                Job.node_id == node_id,
+                Job.state.in_(HELD_STATES),
+                Job.lease_id.not_in(list(claimed) or [""]),
+            )
+            .with_for_update()
+        ).all()
+        for job in forgotten:
+            lost = lifecycle.LeaseLost(time.time(), "the node reconnected without it", node_may_run_it=False)
+            self._end_attempt(session, job, lost)
         return kept, revoked
 
     def return_lease(self, job_id: str, lease_id: str) -> None:

@@ -12,10 +12,11 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from compute_swarm import protocol
-from compute_swarm.coordinator.domain.effects import NodeRevoked, StandingChanged
+from compute_swarm.coordinator.domain.effects import NodeRevoked, StandingChanged, StopOnNode
 from compute_swarm.coordinator.domain.verification import VerificationPolicy, is_trusted
 from compute_swarm.coordinator.service import accounts, payouts
 from compute_swarm.coordinator.service.accounts import AccountError
+from compute_swarm.coordinator.service.leases import Leases
 from compute_swarm.coordinator.service.verifier import Verifier, node_record
 from compute_swarm.coordinator.store import ledger
 from compute_swarm.coordinator.store.database import Database, after_commit
@@ -111,7 +112,6 @@ class NodeAccounts:
         its seller is told (waiting for ops' approval, or quarantined): few, read in one query."""
         trusted: set[str] = set()
         barred: dict[str, protocol.Standing] = {}
-        policy = self.verifier.policy
         with self.database.reading() as session:
             for node in session.scalars(
                 select(Node).where(
@@ -119,24 +119,61 @@ class NodeAccounts:
                     Node.trusted | Node.quarantined_at.is_not(None) | Node.approved_at.is_(None),
                 )
             ):
-                record = node_record(node, policy)
-                if node.approved_at is None:
-                    barred[node.id] = protocol.Standing(
-                        state="awaiting_approval",
-                        reason="the swarm operator approves each new computer before it gets work; it "
-                        "stays connected and takes jobs as soon as they do",
-                    )
-                elif record.quarantined:
-                    times = f" ({node.mismatches} times)" if node.mismatches > 1 else ""
-                    barred[node.id] = protocol.Standing(
-                        state="quarantined",
-                        reason=f"this computer's results did not match trusted re-runs of the same "
-                        f"jobs{times}; it gets no work until the swarm operator looks into it and lifts "
-                        f"the quarantine",
-                    )
-                elif is_trusted(record, policy):
+                is_trusted_node, barred_standing = _standing(node, self.verifier.policy)
+                if is_trusted_node:
                     trusted.add(node.id)
+                if barred_standing is not None:
+                    barred[node.id] = barred_standing
         return trusted, barred
+
+    def greet(self, node_id: str, hello: protocol.Hello, leases: Leases) -> Greeting:
+        """A node said hello: note it, settle the jobs it says it runs (Leases.adopt), and read what
+        its welcome tells it, all in one transaction, committed with others' (a reconnect storm is
+        thousands of hellos)."""
+
+        def work(session: Session) -> Greeting:
+            node = session.get(Node, node_id)
+            if node is None:
+                raise AccountError(f"no node {node_id!r}")
+            node.last_seen_at = time.time()
+            node.description = hello.model_dump(mode="json", exclude={"running"})
+            kept, revoked = leases.adopt(session, node_id, hello.running)
+            trusted, barred = _standing(node, self.verifier.policy)
+            return Greeting(kept, revoked, trusted, barred, _earnings(session, node_id))
+
+        return self.database.grouped(work)
+
+
+@dataclass(frozen=True)
+class Greeting:
+    """What a node's hello settled: the leases it keeps, those it must stop, and its standing and
+    earnings for its welcome."""
+
+    kept: list[str]
+    revoked: list[StopOnNode]
+    trusted: bool
+    barred: protocol.Standing | None  # None: it may take work
+    earnings: protocol.Earnings
+
+
+def _standing(node: Node, policy: VerificationPolicy) -> tuple[bool, protocol.Standing | None]:
+    """Whether the node may verify others, and why it may not work (None when it may)."""
+    record = node_record(node, policy)
+    if node.approved_at is None:
+        return False, protocol.Standing(
+            state="awaiting_approval",
+            reason="the swarm operator approves each new computer before it gets work; it "
+            "stays connected and takes jobs as soon as they do",
+        )
+    if record.quarantined:
+        times = f" ({node.mismatches} times)" if node.mismatches > 1 else ""
+        return False, protocol.Standing(
+            state="quarantined",
+            reason=f"this computer's results did not match trusted re-runs of the same "
+            f"jobs{times}; it gets no work until the swarm operator looks into it and lifts "
+            f"the quarantine",
+        )
+    return is_trusted(record, policy), None
 
 
 def _earnings(session: Session, node_id: str) -> protocol.Earnings:

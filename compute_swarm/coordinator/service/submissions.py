@@ -60,8 +60,11 @@ class Submissions:
         """Queue a LoRA fine-tune (the default type) or a batch inference job, holding its price."""
         attempts = self.attempts(max_attempts)
         spec = parse_spec(spec_data)
-        with self.database.transaction() as session:
-            return self.queue_in(session, buyer_id, spec, attempts, model_suffix=model_suffix)
+        # Committed with the other submissions of the moment (one fsync for all): the job is durable
+        # when this returns, as with a transaction of its own.
+        return self.database.grouped(
+            lambda session: self.queue_in(session, buyer_id, spec, attempts, model_suffix=model_suffix)
+        )
 
     def attempts(self, max_attempts: int | None) -> int:
         attempts = max_attempts if max_attempts is not None else self.settings.default_max_attempts

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import gc
+import time
 from collections.abc import Callable, Iterator
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
@@ -52,8 +54,32 @@ class Metrics:
             registry=self.registry,
         )
 
+        self.garbage_collection_pauses = Histogram(
+            "swarm_garbage_collection_pause_seconds",
+            "Python's cyclic garbage collector stopping the event loop, by generation collected",
+            ["generation"],
+            buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5),
+            registry=self.registry,
+        )
+        self._collection_started = 0.0
+
     def count_jobs_with(self, counts: Callable[[], dict[str, int]]) -> None:
         self.registry.register(_JobCounts(counts))
+
+    def watch_garbage_collector(self) -> Callable[[], None]:
+        """Time each collection (the collector is the process's: watch from one app at a time). Returns
+        what stops watching."""
+
+        def observe(phase: str, info: dict) -> None:
+            if phase == "start":
+                self._collection_started = time.perf_counter()
+            else:
+                self.garbage_collection_pauses.labels(str(info["generation"])).observe(
+                    time.perf_counter() - self._collection_started
+                )
+
+        gc.callbacks.append(observe)
+        return lambda: gc.callbacks.remove(observe)
 
 
 # The routes whose bytes are the coordinator's artifact egress, by path prefix.

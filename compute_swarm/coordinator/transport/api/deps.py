@@ -47,6 +47,7 @@ class Services:
     swarm_transfer: SwarmTransfer
     payouts: Payouts
     catalogue: Catalogue
+    buyer_keys: accounts.BuyerKeys
 
 
 def get_services(request: Request) -> Services:
@@ -145,7 +146,10 @@ def identify_buyer(request: Request, services: Services) -> tuple[Buyer, session
     signed_in = _browser_session(request, services, sessions.BUYER)
     if signed_in is not None and signed_in.buyer is not None:
         return signed_in.buyer, signed_in
-    return _identify(request, services, accounts.buyer_for_key, "this API key is not valid"), None
+    buyer = services.buyer_keys.buyer(_token(request))
+    if buyer is None:
+        raise _unauthorized("this API key is not valid")
+    return buyer, None
 
 
 def identify_node(request: Request, services: Services) -> Node:

@@ -38,8 +38,7 @@ def create(body: ApiKeyIn, buyer: CurrentBuyer, services: ServicesDep) -> NewApi
 def revoke(key_id: str, buyer: CurrentBuyer, services: ServicesDep) -> ApiKeyOut:
     """Revoke a key: it stops working at once, and browsers signed in with it are signed out."""
     try:
-        with services.database.transaction() as session:
-            key = accounts.revoke_api_key(session, buyer.id, key_id)
+        key = services.buyer_keys.revoke(buyer.id, key_id)
     except accounts.AccountError as error:
         raise HTTPException(status.HTTP_404_NOT_FOUND, str(error)) from None
     return ApiKeyOut.of(key)

@@ -6,7 +6,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import time
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response, WebSocket, WebSocketDisconnect, status
@@ -180,7 +179,6 @@ async def node_socket(websocket: WebSocket) -> None:
             remote_host=websocket.client.host if websocket.client else "",
             network=hello.network,
         )
-        await asyncio.to_thread(_seen, services, node.id, hello)
         await services.hub.connect(connection)
         while True:
             message = session.receive(await _next_frame(websocket))
@@ -228,11 +226,3 @@ async def _close(websocket: WebSocket, code: int, reason: str) -> None:
 def _authenticate(services: Services, token: str) -> Node | None:
     with services.database.reading() as session:
         return accounts.node_for_token(session, token)
-
-
-def _seen(services: Services, node_id: str, hello: protocol.Hello) -> None:
-    with services.database.transaction() as session:
-        node = session.get(Node, node_id)
-        if node is not None:
-            node.last_seen_at = time.time()
-            node.description = hello.model_dump(mode="json", exclude={"running"})

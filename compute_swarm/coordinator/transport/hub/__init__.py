@@ -142,37 +142,35 @@ class Hub:
         if previous is not None:
             self.registry.remove(previous)
             await previous.close_quietly(CloseCode.REPLACED, "the node connected again")
-        kept, revoked = await asyncio.to_thread(
-            self.leases.adopt, connection.node_id, connection.hello.running
+        greeting = await asyncio.to_thread(
+            self.accounts.greet, connection.node_id, connection.hello, self.leases
         )
         connection.leases = {
             reference.lease_id: reference.job_id
             for reference in connection.hello.running
-            if reference.lease_id in kept
+            if reference.lease_id in greeting.kept
         }
-        trusted, barred = await asyncio.to_thread(self.accounts.standing)
-        connection.trusted = connection.node_id in trusted
-        connection.standing = barred.get(connection.node_id, ACTIVE)
+        connection.trusted = greeting.trusted
+        connection.standing = greeting.barred or ACTIVE
         connection.crashed_models = _crash_reports(connection.hello.crashed_models)
-        earnings = await asyncio.to_thread(self.accounts.earnings, connection.node_id)
         await connection.send(
             protocol.Welcome(
                 protocol_version=protocol.PROTOCOL_VERSION,
                 node_id=connection.node_id,
                 heartbeat_interval_seconds=protocol.HEARTBEAT_INTERVAL_SECONDS,
                 lease_seconds=self.settings.lease_seconds,
-                earnings=earnings,
+                earnings=greeting.earnings,
                 standing=connection.standing,
                 minimum_agent_version=self.settings.minimum_agent_version or None,
                 latest_agent_version=self.settings.offered_agent_version,
                 credit_value=self.settings.credit_value_for_nodes,
             )
         )
-        # Registered only once welcomed: while the earnings were read (a thread, so the loop ran on), a
+        # Registered only once welcomed: while the greeting committed (a thread, so the loop ran on), a
         # registered connection could be handed a lease or a chat request before its welcome, which
         # the node refuses as out of order (seen once in a full run under load).
         self.registry.add(connection)
-        await self.registry.stop_leases(revoked)
+        await self.registry.stop_leases(greeting.revoked)
         self.dispatcher.wake()
         await self._time_round_trip(connection)  # known before its first chat request, not 30 s later
         self.reachability.start(connection)

@@ -446,10 +446,7 @@ def create_key(
 
 @router.post("/account/keys/{key_id}/revoke")
 def revoke_key(key_id: str, buyer: CurrentBuyer, services: ServicesDep) -> Response:
-    try:
-        with services.database.transaction() as session:
-            accounts.revoke_api_key(session, buyer.id, key_id)
-    except accounts.AccountError:
-        pass  # not theirs, or gone: the list shows what there is
+    with contextlib.suppress(accounts.AccountError):  # not theirs, or gone: the list shows what there is
+        services.buyer_keys.revoke(buyer.id, key_id)
     # Revoking the key this browser signed in with ends its session: the next page asks to sign in.
     return render.redirect("/account")
