@@ -9,11 +9,14 @@ balances together always sum to zero; a balance is the sum of an account's entri
 
 from __future__ import annotations
 
+import functools
 import time
 from collections.abc import Iterable
+from dataclasses import dataclass
 
-from sqlalchemy import func, select
-from sqlalchemy.exc import IntegrityError
+import sqlalchemy
+from sqlalchemy import Executable, bindparam, func, select
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.orm import Session
 
 from compute_swarm.coordinator.store.tables import AccountBalance, LedgerEntry, LedgerTransaction
@@ -67,61 +70,82 @@ def post(
     entries: dict[str, int],
     job_id: str | None = None,
     memo: str = "",
-) -> LedgerTransaction | None:
-    """Record one transaction, in the caller's database transaction. Returns None, changing nothing,
-    when a transaction with this idempotency key exists already."""
+) -> int | None:
+    """Record one transaction, in the caller's database transaction, and return its id. Returns None,
+    changing nothing, when a transaction with this idempotency key exists already.
+
+    Written as plain statements, not ORM objects: this runs for every submission, lease settlement and
+    chat request, and the ORM's unit of work was most of a submission's time."""
     if any(not isinstance(amount, int) for amount in entries.values()):
         raise LedgerError("ledger amounts are whole micro-credits")
     if sum(entries.values()) != 0:
         raise LedgerError(f"a {kind} transaction must sum to zero, not {sum(entries.values())}")
-    existing = session.scalar(
-        select(LedgerTransaction.id).where(LedgerTransaction.idempotency_key == idempotency_key)
-    )
-    if existing is not None:
+    statements = _statements(session.get_bind().dialect.name)
+    connection = session.connection()
+    # A concurrent transaction (on PostgreSQL) may post the same key first: this one then waits for
+    # it and, once it committed, is the harmless repeat it is meant to be, not an error.
+    transaction_id = connection.execute(
+        statements.open_transaction,
+        {"kind": kind, "idempotency_key": idempotency_key, "job_id": job_id, "memo": memo,
+         "created_at": time.time()},
+    ).scalar()  # fmt: skip
+    if transaction_id is None:
         return None
-    transaction = LedgerTransaction(
-        kind=kind, idempotency_key=idempotency_key, job_id=job_id, memo=memo, created_at=time.time()
+    moved = [
+        {"transaction_id": transaction_id, "account": account, "amount_micro": amount}
+        for account, amount in entries.items()
+        if amount != 0
+    ]
+    if moved:
+        connection.execute(statements.add_entry, moved)
+        # Added in the database, under the row's lock: never a value read earlier and written back.
+        connection.execute(
+            statements.add_to_balance,
+            [{"account": entry["account"], "balance_micro": entry["amount_micro"]} for entry in moved],
+        )
+    return transaction_id
+
+
+@dataclass(frozen=True)
+class _Statements:
+    open_transaction: Executable  # a new transaction's id, or none for a key posted before
+    add_entry: Executable
+    add_to_balance: Executable  # opens the account's balance row, or adds to it
+    locked_balance: Executable
+
+
+@functools.cache
+def _statements(dialect: str) -> _Statements:
+    """The ledger's statements, built once per database kind (building one costs more than running
+    it), with the database's own INSERT, which knows ON CONFLICT (SQLite and PostgreSQL both do)."""
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    opened = insert(AccountBalance)
+    return _Statements(
+        open_transaction=insert(LedgerTransaction)
+        .on_conflict_do_nothing(index_elements=[LedgerTransaction.idempotency_key])
+        .returning(LedgerTransaction.id),
+        add_entry=sqlalchemy.insert(LedgerEntry),
+        add_to_balance=opened.on_conflict_do_update(
+            index_elements=[AccountBalance.account],
+            set_={"balance_micro": AccountBalance.balance_micro + opened.excluded.balance_micro},
+        ),
+        locked_balance=select(AccountBalance.balance_micro)
+        .where(AccountBalance.account == bindparam("account"))
+        .with_for_update(),
     )
-    try:
-        # A concurrent transaction (on PostgreSQL) may post the same key first: then this one is the
-        # harmless repeat it is meant to be, not an error.
-        with session.begin_nested():
-            session.add(transaction)
-            session.flush()
-    except IntegrityError:
-        return None
-    for account, amount in entries.items():
-        if amount != 0:
-            session.add(LedgerEntry(transaction_id=transaction.id, account=account, amount_micro=amount))
-            _add_to_balance(session, account, amount)
-    return transaction
 
 
-def _add_to_balance(session: Session, account: str, amount: int) -> None:
-    row = _locked_balance(session, account)
-    if row is None:
-        try:
-            with session.begin_nested():
-                session.add(AccountBalance(account=account, balance_micro=amount))
-                session.flush()
-            return
-        except IntegrityError:  # another transaction opened the account first (PostgreSQL)
-            row = _locked_balance(session, account)
-            assert row is not None
-    row.balance_micro += amount
-
-
-def _locked_balance(session: Session, account: str) -> AccountBalance | None:
-    """An account's balance row, locked to the end of the transaction (PostgreSQL; SQLite's BEGIN
-    IMMEDIATE holds the whole database already), with the value as it is now: a row this session read
-    earlier keeps its old value unless it is loaded again, and adding to that would undo whatever a
-    transaction committed in between."""
-    return session.get(AccountBalance, account, with_for_update=True, populate_existing=True)
+def _locked_balance(session: Session, account: str) -> int:
+    """An account's balance as committed now, its row locked to the end of the transaction (PostgreSQL;
+    SQLite's BEGIN IMMEDIATE holds the whole database already): a check against it (enough credit for
+    a hold) stays true until the caller commits."""
+    statement = _statements(session.get_bind().dialect.name).locked_balance
+    return session.connection().execute(statement, {"account": account}).scalar() or 0
 
 
 def balance(session: Session, account: str) -> int:
-    row = session.get(AccountBalance, account)
-    return row.balance_micro if row is not None else 0
+    # A column, not an AccountBalance object: the session's identity map would keep an old value.
+    return session.scalar(select(AccountBalance.balance_micro).where(AccountBalance.account == account)) or 0
 
 
 def balances(session: Session, accounts: list[str]) -> int:
@@ -159,8 +183,7 @@ def hold_in_escrow(
     trials, batches, live requests) comes here: the balance is read under its row lock, kept until the
     caller commits, so two holds at once on PostgreSQL take turns and the second sees what the first
     spent, instead of both passing the check against the same balance."""
-    row = _locked_balance(session, buyer_account(buyer_id))
-    available = row.balance_micro if row is not None else 0
+    available = _locked_balance(session, buyer_account(buyer_id))
     if available < amount_micro:
         raise InsufficientCredits(
             f"{what} {format_credits(amount_micro)} credits; the balance is {format_credits(available)}"
@@ -313,8 +336,7 @@ def hold_for_payout(session: Session, node_id: str, payout_id: str, amount_micro
     """Move credit a seller asked to be paid from the node's available balance to its payout-pending
     account, in the caller's transaction, or raise InsufficientCredits. Read under the balance's row
     lock, as hold_in_escrow does, so two requests at once cannot both spend the same credit."""
-    row = _locked_balance(session, node_available_account(node_id))
-    available = row.balance_micro if row is not None else 0
+    available = _locked_balance(session, node_available_account(node_id))
     if amount_micro <= 0:
         raise LedgerError("a payout must be a positive amount")
     if available < amount_micro:
