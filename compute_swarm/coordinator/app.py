@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
@@ -44,6 +45,7 @@ from compute_swarm.coordinator.transport.api import (
     sweeps,
 )
 from compute_swarm.coordinator.transport.api.deps import Services
+from compute_swarm.coordinator.transport.collector import keep_collections_short
 from compute_swarm.coordinator.transport.hub import Hub
 from compute_swarm.coordinator.transport.limits import RequestLimits
 from compute_swarm.coordinator.transport.metrics import Metrics, ServedBytes
@@ -115,9 +117,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.services = services
         stop_watching = services.metrics.watch_garbage_collector()
         await services.hub.start()
+        collector = asyncio.create_task(
+            keep_collections_short(settings.collector_freeze_seconds, settings.collector_full_seconds)
+        )
         try:
             yield
         finally:
+            collector.cancel()
             await services.hub.stop()
             services.database.close()
             stop_watching()
