@@ -87,7 +87,7 @@ class Settings(BaseSettings):
     # How often the objects that lived through the last period (connected nodes, mostly) are moved out
     # of the garbage collector's sight (transport/collector.py), and how often it looks at everything
     # once, for cycles among them. 0: Python's own collector only.
-    collector_freeze_seconds: float = Field(default=60.0, ge=0)
+    collector_freeze_seconds: float = Field(default=10.0, ge=0)
     collector_full_seconds: float = Field(default=3600.0, gt=0)
     # How machines join: "open" (anyone registers and works at once: `local-swarm`'s choice), "invite"
     # (registration needs an invite code from ops), "approval" (anyone registers; no work until ops
