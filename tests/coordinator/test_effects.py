@@ -15,21 +15,10 @@ from compute_swarm.coordinator.service.verifier import Verifier
 from compute_swarm.coordinator.settings import Settings
 from compute_swarm.coordinator.store import ledger
 from compute_swarm.coordinator.store.artifacts import ArtifactStore
-from compute_swarm.coordinator.store.database import Database, after_commit
+from compute_swarm.coordinator.store.database import after_commit
 from compute_swarm.coordinator.store.tables import Artifact, File
 
 SPEC = {"base_model": "smollm2-135m-instruct", "dataset": "file_effects", "max_steps": 2}
-
-
-@pytest.fixture
-def database(tmp_path):
-    database = Database(f"sqlite:///{tmp_path / 'swarm.db'}")
-    database.upgrade()
-    carried: list = []
-    database.on_commit = carried.extend
-    database.carried = carried  # type: ignore[attr-defined]
-    yield database
-    database.close()
 
 
 def test_what_a_transaction_queues_is_carried_out_after_its_commit_and_dropped_with_a_rollback(database):

@@ -4,13 +4,11 @@ a node's hello in one transaction, and API keys kept in memory for at most a sec
 
 from __future__ import annotations
 
-import hashlib
 import json
 import sqlite3
 import threading
 import time
 
-import pytest
 from sqlalchemy import event, func, select
 
 from compute_swarm import protocol
@@ -24,33 +22,11 @@ from compute_swarm.coordinator.service.verifier import Verifier
 from compute_swarm.coordinator.settings import Settings
 from compute_swarm.coordinator.store.artifacts import ArtifactStore
 from compute_swarm.coordinator.store.database import Database, after_commit
-from compute_swarm.coordinator.store.tables import ApiKey, Artifact, File, Job, Node
+from compute_swarm.coordinator.store.tables import ApiKey, Artifact, Job, Node
+from tests.coordinator.test_effects import buyer_with_a_dataset
 
 SPEC = {"base_model": "smollm2-135m-instruct", "dataset": "file_{name}", "max_steps": 2}
 CALLERS = 24
-
-
-@pytest.fixture
-def database(tmp_path):
-    database = Database(f"sqlite:///{tmp_path / 'swarm.db'}")
-    database.upgrade()
-    carried: list = []
-    database.on_commit = carried.extend
-    database.carried = carried  # type: ignore[attr-defined]
-    yield database
-    database.close()
-
-
-def buyer_with_a_dataset(database: Database, name: str, credits: int) -> str:
-    sha256 = hashlib.sha256(b"group commit").hexdigest()
-    with database.transaction() as session:
-        buyer, _ = accounts.create_buyer(session, name, credits)
-        if session.get(Artifact, sha256) is None:
-            session.add(Artifact(sha256=sha256, size=7, created_at=0.0))
-            session.flush()
-        session.add(File(id=f"file_{name}", buyer_id=buyer.id, sha256=sha256, filename="d.jsonl", size=7,
-                         purpose="dataset", lines=10, created_at=0.0))  # fmt: skip
-        return buyer.id
 
 
 def spec_for(name: str) -> dict:
