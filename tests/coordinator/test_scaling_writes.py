@@ -29,6 +29,19 @@ SPEC = {"base_model": "smollm2-135m-instruct", "dataset": "file_{name}", "max_st
 CALLERS = 24
 
 
+def write_commits(database: Database) -> list:
+    """A list that gains an item with each commit of a writing transaction from now on (reads, which
+    also end in a commit, are not counted)."""
+    commits: list = []
+
+    def count(connection) -> None:
+        if not connection.get_execution_options().get("read_only"):
+            commits.append(1)
+
+    event.listen(database.engine, "commit", count)
+    return commits
+
+
 def spec_for(name: str) -> dict:
     return {**SPEC, "dataset": f"file_{name}"}
 
@@ -39,10 +52,7 @@ def run_together(database: Database, callers: list) -> list:
     outcomes: list = [None] * len(callers)
 
     def call(index: int) -> None:
-        try:
-            outcomes[index] = callers[index]()
-        except Exception as error:
-            outcomes[index] = error
+        outcomes[index] = _outcome(callers[index])
 
     threads = [threading.Thread(target=call, args=(index,)) for index in range(len(callers))]
     with database._write_lock:
@@ -66,13 +76,7 @@ def test_submissions_that_arrive_together_commit_together_and_each_is_durable_wh
     submissions = Submissions(database, Settings(data_dir=tmp_path))
     names = [f"buyer{index}" for index in range(CALLERS)]
     buyers = {name: buyer_with_a_dataset(database, name, 10_000 * 10**6) for name in names}
-    commits = []
-
-    def count_writes(connection) -> None:
-        if not connection.get_execution_options().get("read_only"):
-            commits.append(1)
-
-    event.listen(database.engine, "commit", count_writes)
+    commits = write_commits(database)
 
     jobs = run_together(
         database,
@@ -157,12 +161,7 @@ def test_a_nodes_hello_is_one_transaction_that_keeps_its_job_and_stops_a_stale_o
         node, _ = accounts.register_node(session, "greeted")
     job = submissions.submit(buyer, spec_for("buyer"), None)
     (grant,) = leases.lease([(job.id, node.id)])
-    writes = []
-    event.listen(
-        database.engine,
-        "commit",
-        lambda connection: None if connection.get_execution_options().get("read_only") else writes.append(1),
-    )
+    writes = write_commits(database)
 
     held = protocol.LeaseReference(job_id=job.id, lease_id=grant.message.lease_id)
     stale = protocol.LeaseReference(job_id=job.id, lease_id="lease_0000000000000000")

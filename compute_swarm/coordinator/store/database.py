@@ -114,10 +114,11 @@ class Database:
             self._group_waiting.append(member)
             while self._group_committing and not member.finished:
                 self._group_changed.wait()
-            if not member.finished:
+            leading = not member.finished  # nobody committed it: this caller commits all that wait
+            if leading:
                 group, self._group_waiting = self._group_waiting, []
                 self._group_committing = True
-        if not member.finished:
+        if leading:
             try:
                 self._commit_group(group)
             finally:
