@@ -87,14 +87,21 @@ class SwarmProcess:
 
 
 class Coordinator(SwarmProcess):
-    def __init__(self, data_dir: Path, *, port: int | None = None, environment: dict[str, str] | None = None):
+    def __init__(
+        self,
+        data_dir: Path,
+        *,
+        port: int | None = None,
+        environment: dict[str, str] | None = None,
+        log_name: str = "coordinator.log",
+    ):
         self.data_dir = data_dir
         self.port = port or free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         data_dir.mkdir(parents=True, exist_ok=True)
         super().__init__(
             ["coordinator", "--port", str(self.port), "--data-dir", str(data_dir)],
-            data_dir / "coordinator.log",
+            data_dir / log_name,  # replicas sharing a data directory (its artifacts) log apart
             {
                 "SWARM_LEASE_SECONDS": "6",
                 "SWARM_SWEEP_INTERVAL_SECONDS": "0.5",

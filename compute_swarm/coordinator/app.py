@@ -49,6 +49,7 @@ from compute_swarm.coordinator.transport.collector import keep_collections_short
 from compute_swarm.coordinator.transport.hub import Hub
 from compute_swarm.coordinator.transport.limits import RequestLimits
 from compute_swarm.coordinator.transport.metrics import Metrics, ServedBytes
+from compute_swarm.coordinator.transport.replicas import Replicas
 from compute_swarm.engine.jobs import CATALOGUE
 
 
@@ -74,7 +75,8 @@ def build_services(settings: Settings) -> Services:
     metrics = Metrics()
     metrics.count_jobs_with(leases.counts)
     inference = InferenceService(database, settings, tokens, catalogue)
-    hub = Hub(leases, reports, node_accounts, settings, metrics, inference)
+    replicas = Replicas(database, settings.replica_name)
+    hub = Hub(leases, reports, node_accounts, settings, metrics, inference, leading=lambda: replicas.leading)
     # What committed transactions decided (a job to dispatch, a node to stop) reaches the hub.
     database.on_commit = hub.carry_out
     return Services(
@@ -105,6 +107,7 @@ def build_services(settings: Settings) -> Services:
         payouts=payouts_service(settings, database),
         buyer_keys=BuyerKeys(database),
         catalogue=catalogue,
+        replicas=replicas,
     )
 
 
@@ -117,6 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.services = services
         stop_watching = services.metrics.watch_garbage_collector()
         await services.hub.start()
+        services.replicas.start(services.hub.carry_out)
         collector = asyncio.create_task(
             keep_collections_short(settings.collector_freeze_seconds, settings.collector_full_seconds)
         )
@@ -124,6 +128,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             collector.cancel()
+            await asyncio.to_thread(services.replicas.stop)
             await services.hub.stop()
             services.database.close()
             stop_watching()

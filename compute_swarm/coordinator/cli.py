@@ -7,6 +7,7 @@ until a command runs, so `compute-swarm --help` works on a buyer's install.
 from __future__ import annotations
 
 import argparse
+import secrets
 import sys
 import time
 from pathlib import Path
@@ -151,6 +152,10 @@ def _database(arguments: argparse.Namespace):
     settings = _settings(arguments)
     database = Database(settings.resolved_database_url)
     database.upgrade()
+    if not database.is_sqlite:
+        from compute_swarm.coordinator.transport.replicas import effects_sender
+
+        database.before_commit = effects_sender(f"admin-{secrets.token_hex(4)}")
     return database
 
 
@@ -253,12 +258,16 @@ def _nodes(arguments: argparse.Namespace) -> int:
 
 
 def _revoke(arguments: argparse.Namespace) -> int:
+    from compute_swarm.coordinator.domain.effects import NodeRevoked
     from compute_swarm.coordinator.service import accounts
+    from compute_swarm.coordinator.store.database import after_commit
 
     database = _database(arguments)
     try:
         with database.transaction() as session:
             node = accounts.revoke_node(session, arguments.node_id)
+            # On PostgreSQL its coordinator hears of it at once; on SQLite at its next sweep.
+            after_commit(session, NodeRevoked(node.id))
     except accounts.AccountError as error:
         print(f"compute-swarm admin: {error}", file=sys.stderr)
         return 1
@@ -267,6 +276,8 @@ def _revoke(arguments: argparse.Namespace) -> int:
 
 
 def _change_node(arguments: argparse.Namespace, change, done: str) -> int:
+    from compute_swarm.coordinator.domain.effects import StandingChanged
+    from compute_swarm.coordinator.store.database import after_commit
     from compute_swarm.coordinator.store.tables import Node
 
     settings = _settings(arguments)
@@ -277,6 +288,7 @@ def _change_node(arguments: argparse.Namespace, change, done: str) -> int:
             print(f"compute-swarm admin: no node {arguments.node_id!r}", file=sys.stderr)
             return 1
         change(node, settings.verification_policy())
+        after_commit(session, StandingChanged())
         print(done.format(node=node))
     return 0
 

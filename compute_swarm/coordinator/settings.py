@@ -49,6 +49,9 @@ class Settings(BaseSettings):
     database_url: str = ""
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    # What this coordinator calls itself among the replicas on one PostgreSQL database (health
+    # checks name it); empty: its host name and process id.
+    replica_name: str = Field(default="", max_length=100)
 
     # Jobs.
     lease_seconds: float = Field(default=60.0, gt=0)

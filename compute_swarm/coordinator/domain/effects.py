@@ -8,6 +8,8 @@ told to stop a job whose cancellation did not happen.
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from dataclasses import dataclass
 
 
@@ -40,3 +42,32 @@ class NodeRevoked:
 
 
 Effect = WakeDispatcher | StopOnNode | StandingChanged | NodeRevoked
+_BY_NAME: dict[str, type] = {
+    kind.__name__: kind for kind in (WakeDispatcher, StopOnNode, StandingChanged, NodeRevoked)
+}
+
+
+def encode(effects: list[Effect]) -> list[dict]:
+    """Effects as JSON values, for the coordinators that share a PostgreSQL database (each carries out
+    those that concern its own nodes)."""
+    return [{"effect": type(effect).__name__, **dataclasses.asdict(effect)} for effect in effects]
+
+
+def decode(values: object) -> list[Effect]:
+    """The effects another coordinator encoded; ValueError for anything else (a newer coordinator's
+    effect this one does not know, during a rolling upgrade, is skipped)."""
+    if not isinstance(values, list):
+        raise ValueError("effects come as a JSON list")
+    effects = []
+    for value in values:
+        if not isinstance(value, dict) or not isinstance(value.get("effect"), str):
+            raise ValueError(f"not an effect: {json.dumps(value)[:200]}")
+        kind = _BY_NAME.get(value["effect"])
+        if kind is None:
+            continue
+        fields = {field.name for field in dataclasses.fields(kind)}
+        arguments = {name: value[name] for name in fields if name in value}
+        if set(arguments) != fields or not all(isinstance(item, str) for item in arguments.values()):
+            raise ValueError(f"not a {kind.__name__}: {json.dumps(value)[:200]}")
+        effects.append(kind(**arguments))
+    return effects

@@ -153,7 +153,10 @@ class Leases:
         jobs = {
             job.id: job
             for job in session.scalars(
-                select(Job).where(Job.id.in_([job_id for job_id, _ in assignments])).with_for_update()
+                # Another replica leasing the same job now holds its row: skip it, it is taken.
+                select(Job)
+                .where(Job.id.in_([job_id for job_id, _ in assignments]))
+                .with_for_update(skip_locked=True)
             )
         }
         for job_id, node_id in assignments:

@@ -58,6 +58,10 @@ class Database:
         # Given what each committed transaction queued under AFTER_COMMIT (the coordinator wires its hub
         # here); a rolled-back transaction's queue is dropped.
         self.on_commit: Callable[[list[Any]], None] = lambda _queued: None
+        # Given the same queue inside the transaction, just before it commits: on PostgreSQL the
+        # coordinator's replicas link (transport.replicas) sends it to the other coordinators with
+        # NOTIFY, which PostgreSQL delivers if and when the transaction commits.
+        self.before_commit: Callable[[Session, list[Any]], None] | None = None
         self.is_sqlite = url.startswith("sqlite")
         if self.is_sqlite:
             path = url.removeprefix("sqlite:///")
@@ -93,6 +97,8 @@ class Database:
         with self._write_lock, self._sessions() as session:
             with session.begin():
                 yield session
+                if self.before_commit is not None and session.info.get(AFTER_COMMIT):
+                    self.before_commit(session, session.info[AFTER_COMMIT])
             queued = session.info.pop(AFTER_COMMIT, [])
         if queued:
             self.on_commit(queued)

@@ -27,6 +27,7 @@ from compute_swarm.coordinator.store.database import Database
 from compute_swarm.coordinator.store.tables import Buyer, File, Job, Node, Sweep
 from compute_swarm.coordinator.transport.hub import Hub
 from compute_swarm.coordinator.transport.metrics import Metrics
+from compute_swarm.coordinator.transport.replicas import Replicas
 
 
 @dataclass
@@ -48,6 +49,7 @@ class Services:
     payouts: Payouts
     catalogue: Catalogue
     buyer_keys: accounts.BuyerKeys
+    replicas: Replicas
 
 
 def get_services(request: Request) -> Services:

@@ -26,6 +26,10 @@ def health(services: ServicesDep, response: Response) -> dict:
     return {
         "status": "ok" if database == "ok" else "degraded",
         "database": database,
+        # Which replica answered (several may serve one swarm behind a load balancer), and whether it
+        # runs the swarm-wide duties.
+        "replica": services.replicas.name,
+        "leader": services.replicas.leading,
         "nodes_connected": len(services.hub.connections),
     }
 

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Awaitable
+from collections.abc import Awaitable, Callable
 
 from compute_swarm import protocol
 from compute_swarm.coordinator.domain.effects import (
@@ -51,6 +51,8 @@ class Hub:
         settings: Settings,
         metrics: Metrics,
         inference: InferenceService,
+        *,
+        leading: Callable[[], bool] = lambda: True,
     ):
         self.leases = leases
         self.reports = reports
@@ -62,7 +64,7 @@ class Hub:
             Registry(metrics, slot_freed=lambda: self.dispatcher.wake()), leases, accounts, settings, metrics
         )
         self.registry = self.dispatcher.registry
-        self.sweeper = LeaseSweeper(self.registry, leases, accounts, settings)
+        self.sweeper = LeaseSweeper(self.registry, leases, accounts, settings, leading)
         self.reachability = ReachabilityTests(
             settings,
             lambda node_id, state, address: self.accounts.record_reachability(node_id, state, address),

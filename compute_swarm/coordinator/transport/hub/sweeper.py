@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections.abc import Callable
 
 from compute_swarm import protocol
 from compute_swarm.coordinator.service.leases import Leases
@@ -21,11 +22,21 @@ logger = logging.getLogger("compute_swarm.coordinator.transport.hub")
 
 
 class LeaseSweeper:
-    def __init__(self, registry: Registry, leases: Leases, accounts: NodeAccounts, settings: Settings):
+    def __init__(
+        self,
+        registry: Registry,
+        leases: Leases,
+        accounts: NodeAccounts,
+        settings: Settings,
+        leading: Callable[[], bool] = lambda: True,
+    ):
         self.registry = registry
         self.leases = leases
         self.accounts = accounts
         self.settings = settings
+        # Whether this coordinator runs the swarm-wide duties (transport.replicas): with several
+        # replicas on one database, each renews its own nodes' leases and one ends those that ran out.
+        self.leading = leading
 
     async def run_forever(self) -> None:
         last_seen_written = 0.0
@@ -57,6 +68,9 @@ class LeaseSweeper:
             if connection is not None:
                 await connection.close_quietly(CloseCode.UNAUTHORIZED, "this node's token was revoked")
         await self.registry.refresh_standing(self.accounts)
+        if not self.leading():
+            return
         await asyncio.to_thread(self.accounts.release_due_credits)
-        # The nodes of leases that ran out are told to stop, and the dispatcher woken (effects).
+        # The nodes of leases that ran out are told to stop, and the dispatcher woken (effects): on
+        # whichever replica holds them.
         await asyncio.to_thread(self.leases.expire_leases)

@@ -1,0 +1,183 @@
+"""This coordinator among the others that share its PostgreSQL database: several replicas behind one
+load balancer serve one swarm, each holding the websockets of the nodes that landed on it.
+
+- What a transaction decided for the hubs (coordinator.domain.effects: wake the dispatcher, stop a
+  job on its node, close a revoked node's socket) reaches every replica. The transaction sends it
+  with NOTIFY, which PostgreSQL delivers to every listening replica when, and only if, the
+  transaction commits; each replica carries out what concerns its own nodes.
+- The duties that must run once across the swarm (ending leases that ran out, releasing credit
+  whose verification window passed) run on the leader: the replica that holds a session-level
+  advisory lock. The lock lives with the connection that took it, so when a replica dies or loses
+  the database, PostgreSQL frees it and another replica takes it within a second of noticing.
+  The duties are transactions that check each row's state under its lock, so a leader that has not
+  yet noticed it lost the lock does no harm by running them once more.
+
+On SQLite the coordinator is alone: it leads, and its effects stay in the process.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import secrets
+import socket
+import threading
+from collections.abc import Callable
+from typing import Any
+
+from sqlalchemy import text
+from sqlalchemy.orm import Session
+
+from compute_swarm.coordinator.domain import effects as effect_types
+from compute_swarm.coordinator.domain.effects import Effect, StandingChanged, WakeDispatcher
+from compute_swarm.coordinator.store.database import Database
+
+logger = logging.getLogger("compute_swarm.coordinator.replicas")
+
+CHANNEL = "swarm_effects"
+LEADER_LOCK = 0x5357_4152_4D01  # the advisory lock key the leader holds ("SWARM" and a version)
+NOTIFY_BYTES = 7_900  # PostgreSQL refuses a NOTIFY payload of 8000 bytes or more
+LISTEN_SECONDS = 1.0  # how often the listener looks up from waiting: leadership, stopping
+RECONNECT_SECONDS = (0.5, 1, 2, 5)
+
+
+def default_replica_name() -> str:
+    return f"{socket.gethostname()}-{os.getpid()}"
+
+
+class Replicas:
+    def __init__(self, database: Database, name: str = ""):
+        self.database = database
+        self.name = name or default_replica_name()
+        # Tells this process's notifications from the others' (names are ops' to choose, and may clash).
+        self.instance = secrets.token_hex(8)
+        self.shared = not database.is_sqlite
+        self._leading = not self.shared
+        self._carry_out: Callable[[list[Effect]], None] = lambda _effects: None
+        self._stopped = threading.Event()
+        self._listener: threading.Thread | None = None
+        self.connected = threading.Event()  # the listener is listening (tests wait for it)
+
+    @property
+    def leading(self) -> bool:
+        """Whether this replica runs the swarm-wide duties now (any thread)."""
+        return self._leading
+
+    def start(self, carry_out: Callable[[list[Effect]], None]) -> None:
+        """Send this replica's effects to the others, and carry out theirs with `carry_out`."""
+        if not self.shared:
+            return
+        self._carry_out = carry_out
+        self.database.before_commit = effects_sender(self.instance)
+        self._listener = threading.Thread(target=self._listen_forever, name="replicas", daemon=True)
+        self._listener.start()
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self._listener is not None:
+            self._listener.join(timeout=2 * LISTEN_SECONDS + 5)
+        self.database.before_commit = None
+        self._leading = not self.shared
+
+    # ---- receiving, and leading
+
+    def _listen_forever(self) -> None:
+        import psycopg
+
+        attempt = 0
+        while not self._stopped.is_set():
+            try:
+                with psycopg.connect(
+                    _libpq_url(self.database), autocommit=True, connect_timeout=10
+                ) as connection:
+                    connection.execute(f"LISTEN {CHANNEL}")
+                    self.connected.set()
+                    attempt = 0
+                    # Notifications sent while this replica was not listening are lost: look again at
+                    # the queue and at the nodes' standing.
+                    self._carry_out([WakeDispatcher(), StandingChanged()])
+                    while not self._stopped.is_set():
+                        self._lead(connection)
+                        for notification in connection.notifies(timeout=LISTEN_SECONDS):
+                            self._receive(notification.payload)
+            except psycopg.Error as error:
+                self.connected.clear()
+                if self._leading:
+                    logger.warning("replica %s no longer leads: %s", self.name, error)
+                self._leading = False
+                delay = RECONNECT_SECONDS[min(attempt, len(RECONNECT_SECONDS) - 1)]
+                attempt += 1
+                logger.warning(
+                    "replica %s lost the database's notifications (%s); again in %s s",
+                    self.name,
+                    error,
+                    delay,
+                )
+                self._stopped.wait(delay)
+        self.connected.clear()
+        self._leading = False
+
+    def _lead(self, connection: Any) -> None:
+        if self._leading:
+            connection.execute("SELECT 1")  # the lock is as alive as this connection
+            return
+        (taken,) = connection.execute("SELECT pg_try_advisory_lock(%s)", (LEADER_LOCK,)).fetchone()
+        if taken:
+            logger.info("replica %s leads the swarm's background duties", self.name)
+            self._leading = True
+
+    def _receive(self, payload: str) -> None:
+        try:
+            message = json.loads(payload)
+            if not isinstance(message, dict) or not isinstance(message.get("instance"), str):
+                raise ValueError("not an effects message")
+            if message["instance"] == self.instance:
+                return  # carried out here already, as it committed
+            received = effect_types.decode(message.get("effects"))
+        except ValueError as error:
+            logger.warning("a notification on %s that is not effects: %s", CHANNEL, error)
+            return
+        if received:
+            self._carry_out(received)
+
+
+def effects_sender(instance: str) -> Callable[[Session, list[Any]], None]:
+    """What sends a transaction's effects to the replicas (`Database.before_commit`): the coordinator's
+    own, and an admin command's (a node revoked from the command line is dropped at once)."""
+
+    def send(session: Session, queued: list[Any]) -> None:
+        effects = [item for item in queued if isinstance(item, Effect)]
+        for payload in payloads(instance, effects):
+            session.execute(
+                text("SELECT pg_notify(:channel, :payload)"), {"channel": CHANNEL, "payload": payload}
+            )
+
+    return send
+
+
+def payloads(instance: str, effects: list[Effect]) -> list[str]:
+    """The effects as NOTIFY payloads, each under PostgreSQL's limit (a payload over it would fail
+    the transaction that sends it)."""
+    envelope = len(json.dumps({"instance": instance, "effects": []}))
+    messages, batch, size = [], [], envelope
+    for value in effect_types.encode(effects):
+        encoded = json.dumps(value)
+        if len(encoded.encode()) > NOTIFY_BYTES - envelope - 1:
+            # Only a reason is free text: the node is told a shorter one.
+            value["reason"] = value.get("reason", "")[:500]
+            encoded = json.dumps(value)
+        if batch and size + len(encoded.encode()) + 1 > NOTIFY_BYTES:
+            messages.append(json.dumps({"instance": instance, "effects": batch}))
+            batch, size = [], envelope
+        batch.append(value)
+        size += len(encoded.encode()) + 2  # and its separator
+    if batch:
+        messages.append(json.dumps({"instance": instance, "effects": batch}))
+    return messages
+
+
+def _libpq_url(database: Database) -> str:
+    """The database URL as libpq takes it (without SQLAlchemy's driver name)."""
+    url = database.engine.url.set(drivername="postgresql")
+    return url.render_as_string(hide_password=False)

@@ -1,0 +1,133 @@
+"""Two coordinator processes on one PostgreSQL database serve one swarm: a job submitted on one replica
+reaches a node on the other at once, a cancel and a revocation follow the node to its replica, a job is
+leased once whichever replica leases it, and when the leader dies the other replica leads.
+
+The replicas sweep only every 20 s here, so what arrives within a second or two arrived through
+PostgreSQL's notifications, not through a sweep or the dispatcher's idle poll (every 5 s)."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from compute_swarm import protocol
+from compute_swarm.coordinator.domain.effects import StopOnNode, WakeDispatcher, decode
+from compute_swarm.coordinator.transport.replicas import payloads
+from tests.coordinator.test_node_socket import ScriptedNode, closed_with, new_buyer, submit
+from tests.swarm_processes import Coordinator, run_cli, wait_for
+
+pgserver = pytest.importorskip("pgserver", reason="PostgreSQL tests need the pgserver wheel (the dev extra)")
+pytest.importorskip("psycopg", reason="PostgreSQL tests need psycopg (the dev extra)")
+pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager")
+
+PROMPTLY = 2.0  # seconds: well under the sweep interval and the dispatcher's idle poll
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory):
+    server = pgserver.get_server(tmp_path_factory.mktemp("postgres"), cleanup_mode="stop")
+    url = server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
+    shared = tmp_path_factory.mktemp("shared")  # the artifacts both replicas serve
+    started = []
+    try:
+        for name in ("replica-a", "replica-b"):
+            environment = {
+                "SWARM_DATABASE_URL": url,
+                "SWARM_REPLICA_NAME": name,
+                "SWARM_SWEEP_INTERVAL_SECONDS": "20",
+                "SWARM_LEASE_SECONDS": "90",
+            }
+            started.append(Coordinator(shared, environment=environment, log_name=f"{name}.log").start())
+        # Both listen (and one leads) within a second or two of starting.
+        wait_for(lambda: sum(replica.health()["leader"] for replica in started) == 1, 15, "a leader")
+        yield started
+    finally:
+        for replica in started:
+            replica.stop()
+        server.cleanup()
+
+
+def test_effects_travel_in_payloads_under_postgresql_limit():
+    stops = [
+        StopOnNode(f"node_{index}", f"job_{index}", f"lease_{index}", "cancelled by its buyer")
+        for index in range(300)
+    ]
+    long = StopOnNode("node_x", "job_x", "lease_x", "é" * 10_000)
+    messages = payloads("instance", [WakeDispatcher(), *stops, long])
+    assert len(messages) > 1 and all(len(message.encode()) < 8000 for message in messages)
+    import json
+
+    received = [effect for message in messages for effect in decode(json.loads(message)["effects"])]
+    assert received[:301] == [WakeDispatcher(), *stops]
+    assert received[301].node_id == "node_x" and len(received[301].reason) == 500
+    with pytest.raises(ValueError):
+        decode([{"effect": "StopOnNode", "node_id": "n"}])  # fields missing
+    assert decode([{"effect": "SomethingNewer", "detail": 1}]) == []  # from a newer replica: skipped
+
+
+def test_each_replica_names_itself_and_one_leads(replicas):
+    first, second = (replica.health() for replica in replicas)
+    assert (first["replica"], second["replica"]) == ("replica-a", "replica-b")
+    assert first["leader"] != second["leader"]
+
+
+def test_a_job_submitted_on_one_replica_reaches_a_node_on_the_other_and_so_does_its_cancel(replicas):
+    on_a, on_b = replicas
+    node = ScriptedNode(on_b, "on-replica-b")
+    node.connect()
+    buyer = new_buyer(on_a, "buyer-on-a")
+    started = time.monotonic()
+    job = submit(buyer)
+    lease = node.receive_type("lease", timeout=10)
+    assert lease["job_id"] == job["id"]
+    assert time.monotonic() - started < PROMPTLY
+    started = time.monotonic()
+    buyer.cancel(job["id"])
+    cancel = node.receive_type("cancel", timeout=10)
+    assert (cancel["job_id"], cancel["lease_id"]) == (job["id"], lease["lease_id"])
+    assert time.monotonic() - started < PROMPTLY
+    node.disconnect()
+
+
+def test_a_node_revoked_from_the_command_line_is_dropped_by_its_replica_at_once(replicas):
+    on_a, on_b = replicas
+    node = ScriptedNode(on_b, "to-revoke")
+    node.connect()
+    started = time.monotonic()
+    result = run_cli(
+        "admin", "revoke-node", "--data-dir", str(on_a.data_dir), node.node_id,
+        environment=on_a.database_environment(),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert node.socket is not None
+    code, reason = closed_with(node.socket)
+    assert code == protocol.CloseCode.UNAUTHORIZED and "revoked" in reason
+    assert time.monotonic() - started < PROMPTLY + 3  # the command starts Python and migrates first
+
+
+def test_jobs_are_leased_once_whichever_replica_leases_them(replicas):
+    nodes = [ScriptedNode(replica, f"busy-{index}") for index in range(3) for replica in replicas]
+    for node in nodes:
+        node.connect()
+    buyers = [new_buyer(replica, f"many-on-{replica.port}", credits="100") for replica in replicas]
+    jobs = [submit(buyers[index % 2]) for index in range(12)]
+    # Each node has one slot: six leases, of six different jobs, the other six still queued.
+    leases = [node.receive_type("lease", timeout=15) for node in nodes]
+    leased = {lease["job_id"] for lease in leases}
+    assert len(leased) == len(nodes) and leased <= {job["id"] for job in jobs}
+    states = [buyers[index % 2].job(job["id"])["state"] for index, job in enumerate(jobs)]
+    assert sorted(states).count("queued") == len(jobs) - len(nodes)
+    for node in nodes:
+        node.disconnect()
+    for index, job in enumerate(jobs):
+        buyers[index % 2].cancel(job["id"])
+
+
+def test_when_the_leader_dies_the_other_replica_leads(replicas):
+    leader = next(replica for replica in replicas if replica.health()["leader"])
+    other = next(replica for replica in replicas if replica is not leader)
+    leader.kill()  # SIGKILL: no goodbye; PostgreSQL sees its connections close
+    started = time.monotonic()
+    wait_for(lambda: other.health()["leader"], 10, "the surviving replica to lead")
+    assert time.monotonic() - started < 5
