@@ -74,9 +74,9 @@ def build_services(settings: Settings) -> Services:
     node_accounts = NodeAccounts(database, verifier)
     metrics = Metrics()
     metrics.count_jobs_with(leases.counts)
-    inference = InferenceService(database, settings, tokens, catalogue)
     replicas = Replicas(database, settings.replica_name)
-    hub = Hub(leases, reports, node_accounts, settings, metrics, inference, leading=lambda: replicas.leading)
+    inference = InferenceService(database, settings, tokens, catalogue, replica=replicas.instance)
+    hub = Hub(leases, reports, node_accounts, settings, metrics, inference, replicas)
     # What committed transactions decided (a job to dispatch, a node to stop) reaches the hub.
     database.on_commit = hub.carry_out
     return Services(
@@ -120,7 +120,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.services = services
         stop_watching = services.metrics.watch_garbage_collector()
         await services.hub.start()
-        services.replicas.start(services.hub.carry_out)
         collector = asyncio.create_task(
             keep_collections_short(settings.collector_freeze_seconds, settings.collector_full_seconds)
         )
@@ -128,7 +127,6 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             collector.cancel()
-            await asyncio.to_thread(services.replicas.stop)
             await services.hub.stop()
             services.database.close()
             stop_watching()

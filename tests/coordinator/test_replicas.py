@@ -7,13 +7,19 @@ PostgreSQL's notifications, not through a sweep or the dispatcher's idle poll (e
 
 from __future__ import annotations
 
+import contextlib
+import json
 import time
+from concurrent.futures import ThreadPoolExecutor
 
+import httpx
 import pytest
 
 from compute_swarm import protocol
 from compute_swarm.coordinator.domain.effects import StopOnNode, WakeDispatcher, decode
 from compute_swarm.coordinator.transport.replicas import payloads
+from compute_swarm.engine.jobs import DEFAULT_MODEL
+from compute_swarm.sdk.client import SwarmClient
 from tests.coordinator.test_node_socket import ScriptedNode, closed_with, new_buyer, submit
 from tests.swarm_processes import Coordinator, run_cli, wait_for
 
@@ -56,8 +62,6 @@ def test_effects_travel_in_payloads_under_postgresql_limit():
     long = StopOnNode("node_x", "job_x", "lease_x", "é" * 10_000)
     messages = payloads("instance", [WakeDispatcher(), *stops, long])
     assert len(messages) > 1 and all(len(message.encode()) < 8000 for message in messages)
-    import json
-
     received = [effect for message in messages for effect in decode(json.loads(message)["effects"])]
     assert received[:301] == [WakeDispatcher(), *stops]
     assert received[301].node_id == "node_x" and len(received[301].reason) == 500
@@ -122,6 +126,45 @@ def test_jobs_are_leased_once_whichever_replica_leases_them(replicas):
         node.disconnect()
     for index, job in enumerate(jobs):
         buyers[index % 2].cancel(job["id"])
+
+
+def test_a_replica_killed_mid_stream_leaves_its_buyer_refunded_by_the_leader(replicas):
+    leader = next(replica for replica in replicas if replica.health()["leader"])
+    relaying = next(replica for replica in replicas if replica is not leader)
+    api_key = relaying.create_buyer("streaming buyer", "5")
+    buyer = SwarmClient(leader.url, api_key)
+    before = buyer.balance()["available_micro"]
+    node = ScriptedNode(relaying, "serving")
+    node.connect(models=[DEFAULT_MODEL], inference_slots=1)
+
+    def stream() -> list[str]:
+        lines = []
+        with contextlib.suppress(httpx.HTTPError), httpx.stream(
+            "POST",
+            f"{relaying.url}/v1/chat/completions",
+            headers={"Authorization": f"Bearer {api_key}"},
+            json={"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Hi"}],
+                  "max_tokens": 32, "stream": True},
+            timeout=30,
+        ) as response:  # fmt: skip
+            lines += [line for line in response.iter_lines() if line]
+        return lines
+
+    with ThreadPoolExecutor(1) as pool:
+        asked = pool.submit(stream)
+        request = node.receive_type("inference")
+        node.send(
+            {"type": "inference_delta", "request_id": request["request_id"], "text": "Hel", "tokens": 1}
+        )
+        wait_for(lambda: buyer.balance()["available_micro"] < before, 10, "the request's hold")
+        relaying.kill()  # mid-stream: the buyer's answer is cut off and never finished
+        lines = asked.result(30)
+    assert "data: [DONE]" not in lines
+    # The leader finds the request's replica gone (its lock is free) at its next sweep, and refunds it.
+    wait_for(lambda: buyer.balance()["available_micro"] == before, 30, "the refund", interval=0.5)
+    assert buyer.balance() == {"available_micro": before, "escrow_micro": 0}
+    relaying.start()  # back, as ops' supervisor would bring it, for the next test
+    wait_for(lambda: sum(replica.health()["leader"] for replica in replicas) == 1, 15, "one leader")
 
 
 def test_when_the_leader_dies_the_other_replica_leads(replicas):

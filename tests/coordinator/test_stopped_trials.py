@@ -123,7 +123,7 @@ def test_a_progress_report_the_coordinator_fails_on_is_dropped_without_closing_t
         accepting_jobs=True,
     )
     settings = Settings(data_dir=tmp_path)
-    hub = Hub(None, FailingService(), None, settings, Metrics(), None)  # type: ignore[arg-type]
+    hub = Hub(None, FailingService(), None, settings, Metrics(), None, None)  # type: ignore[arg-type]
     report = protocol.JobProgress(job_id="job_1", lease_id="lease_1", step=4, total_steps=8, eval_loss=1.0)
     asyncio.run(hub.handle(connection, report))  # raises nothing: the socket's handler would close with 1011
     assert sent == [] and closed == []

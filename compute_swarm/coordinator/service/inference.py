@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from sqlalchemy import select
@@ -137,10 +138,14 @@ class InferenceService:
         settings: Settings,
         tokens: TokenCounters | None = None,
         catalogue: Catalogue | None = None,
+        *,
+        replica: str = "",
     ):
         self.database = database
         self.settings = settings
         self.catalogue = catalogue or Catalogue(database)
+        # This coordinator's instance id (transport.replicas), kept with each request it relays.
+        self.replica = replica
         # Each catalogue model's tokenizer, to count what requests are charged (None: bounds only).
         self.tokens = tokens
 
@@ -174,6 +179,7 @@ class InferenceService:
                     buyer_id=buyer_id,
                     model=model.id[:200],
                     state=OPEN,
+                    replica=self.replica,
                     held_micro=held,
                     price_micro=0,
                     prompt_tokens=0,
@@ -229,12 +235,19 @@ class InferenceService:
             ledger.refund(session, request_id, request.buyer_id, memo=f"request failed: {message}"[:500])
             request.state, request.error, request.finished_at = FAILED, message[:2000], time.time()
 
-    def recover_after_restart(self) -> int:
-        """Requests open when the coordinator stopped lost their connection with it: refund them."""
+    def fail_orphaned(self, alive: Callable[[str], bool]) -> int:
+        """Refund the open requests whose coordinator is gone (stopped, restarted, killed): their
+        buyers' streams ended with it. `alive` says whether another replica's instance still runs."""
         with self.database.reading() as session:
-            open_ids = session.scalars(
-                select(InferenceRequest.id).where(InferenceRequest.state == OPEN)
+            rows = session.execute(
+                select(InferenceRequest.id, InferenceRequest.replica).where(
+                    InferenceRequest.state == OPEN,
+                    InferenceRequest.replica.is_(None) | (InferenceRequest.replica != self.replica),
+                )
             ).all()
-        for request_id in open_ids:
-            self.fail(request_id, "the coordinator restarted while the request was served")
-        return len(open_ids)
+        replicas = {row.replica for row in rows}
+        gone = {replica for replica in replicas if replica is None or not alive(replica)}
+        orphans = [row.id for row in rows if row.replica in gone]
+        for request_id in orphans:
+            self.fail(request_id, "the coordinator relaying the request stopped while it was served")
+        return len(orphans)

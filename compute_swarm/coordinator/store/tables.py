@@ -353,6 +353,9 @@ class InferenceRequest(Base):
     model: Mapped[str] = mapped_column(String(200))
     state: Mapped[str] = mapped_column(String(16), index=True)  # open, completed, failed
     node_id: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    # The coordinator process that relays it (transport.replicas: an instance id): when that one is
+    # gone, so is the buyer's stream, and the request is refunded.
+    replica: Mapped[str | None] = mapped_column(String(16), nullable=True)
     held_micro: Mapped[int] = mapped_column(BigInteger)
     price_micro: Mapped[int] = mapped_column(BigInteger, default=0)
     prompt_tokens: Mapped[int] = mapped_column(Integer, default=0)

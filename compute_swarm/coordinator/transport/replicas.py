@@ -11,6 +11,10 @@ load balancer serve one swarm, each holding the websockets of the nodes that lan
   the database, PostgreSQL frees it and another replica takes it within a second of noticing.
   The duties are transactions that check each row's state under its lock, so a leader that has not
   yet noticed it lost the lock does no harm by running them once more.
+- Each replica also holds an advisory lock of its own instance for as long as it listens: a lock
+  another session can take is a replica gone, whose buyers' live requests are refunded. (A replica
+  that loses the database for a moment looks gone too: its requests are refunded, and the answers it
+  still relays are not charged. A buyer is never charged twice.)
 
 On SQLite the coordinator is alone: it leads, and its effects stay in the process.
 """
@@ -23,6 +27,7 @@ import os
 import secrets
 import socket
 import threading
+import zlib
 from collections.abc import Callable
 from typing import Any
 
@@ -37,6 +42,7 @@ logger = logging.getLogger("compute_swarm.coordinator.replicas")
 
 CHANNEL = "swarm_effects"
 LEADER_LOCK = 0x5357_4152_4D01  # the advisory lock key the leader holds ("SWARM" and a version)
+REPLICA_LOCKS = 0x5357  # the class of the two-key advisory locks each replica holds on its instance
 NOTIFY_BYTES = 7_900  # PostgreSQL refuses a NOTIFY payload of 8000 bytes or more
 LISTEN_SECONDS = 1.0  # how often the listener looks up from waiting: leadership, stopping
 RECONNECT_SECONDS = (0.5, 1, 2, 5)
@@ -64,6 +70,20 @@ class Replicas:
         """Whether this replica runs the swarm-wide duties now (any thread)."""
         return self._leading
 
+    def alive(self, instance: str) -> bool:
+        """Whether the replica of that instance id still runs (any thread; a database round trip)."""
+        if instance == self.instance:
+            return True
+        if not self.shared:
+            return False  # on SQLite a coordinator is alone: any other instance is a former run
+        lock = {"space": REPLICA_LOCKS, "key": _instance_key(instance)}
+        with self.database.engine.connect() as connection:
+            taken = connection.execute(text("SELECT pg_try_advisory_lock(:space, :key)"), lock).scalar()
+            if taken:
+                connection.execute(text("SELECT pg_advisory_unlock(:space, :key)"), lock)
+            connection.commit()
+        return not taken
+
     def start(self, carry_out: Callable[[list[Effect]], None]) -> None:
         """Send this replica's effects to the others, and carry out theirs with `carry_out`."""
         if not self.shared:
@@ -72,6 +92,9 @@ class Replicas:
         self.database.before_commit = effects_sender(self.instance)
         self._listener = threading.Thread(target=self._listen_forever, name="replicas", daemon=True)
         self._listener.start()
+        # Until it listens, this replica would miss effects and look gone to the others.
+        if not self.connected.wait(15):
+            logger.warning("replica %s is not listening to the database yet; it keeps trying", self.name)
 
     def stop(self) -> None:
         self._stopped.set()
@@ -91,6 +114,9 @@ class Replicas:
                 with psycopg.connect(
                     _libpq_url(self.database), autocommit=True, connect_timeout=10
                 ) as connection:
+                    connection.execute(
+                        "SELECT pg_advisory_lock(%s, %s)", (REPLICA_LOCKS, _instance_key(self.instance))
+                    )
                     connection.execute(f"LISTEN {CHANNEL}")
                     self.connected.set()
                     attempt = 0
@@ -175,6 +201,11 @@ def payloads(instance: str, effects: list[Effect]) -> list[str]:
     if batch:
         messages.append(json.dumps({"instance": instance, "effects": batch}))
     return messages
+
+
+def _instance_key(instance: str) -> int:
+    """An instance id as the second key of a two-key advisory lock (a signed 32-bit integer)."""
+    return zlib.crc32(instance.encode()) - 2**31
 
 
 def _libpq_url(database: Database) -> str:

@@ -13,7 +13,7 @@ import asyncio
 import logging
 import secrets
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable
 
 from compute_swarm import protocol
 from compute_swarm.coordinator.domain.effects import (
@@ -35,6 +35,7 @@ from compute_swarm.coordinator.transport.hub.registry import ACTIVE, Connection,
 from compute_swarm.coordinator.transport.hub.sweeper import LeaseSweeper
 from compute_swarm.coordinator.transport.metrics import Metrics
 from compute_swarm.coordinator.transport.relay import Relay
+from compute_swarm.coordinator.transport.replicas import Replicas
 from compute_swarm.protocol import CloseCode
 
 logger = logging.getLogger("compute_swarm.coordinator.transport.hub")
@@ -51,8 +52,7 @@ class Hub:
         settings: Settings,
         metrics: Metrics,
         inference: InferenceService,
-        *,
-        leading: Callable[[], bool] = lambda: True,
+        replicas: Replicas,
     ):
         self.leases = leases
         self.reports = reports
@@ -60,11 +60,12 @@ class Hub:
         self.settings = settings
         self.metrics = metrics
         self.inference = inference
+        self.replicas = replicas
         self.dispatcher = Dispatcher(
             Registry(metrics, slot_freed=lambda: self.dispatcher.wake()), leases, accounts, settings, metrics
         )
         self.registry = self.dispatcher.registry
-        self.sweeper = LeaseSweeper(self.registry, leases, accounts, settings, leading)
+        self.sweeper = LeaseSweeper(self.registry, leases, accounts, inference, settings, replicas)
         self.reachability = ReachabilityTests(
             settings,
             lambda node_id, state, address: self.accounts.record_reachability(node_id, state, address),
@@ -83,9 +84,11 @@ class Hub:
     async def start(self) -> None:
         self._loop = asyncio.get_running_loop()
         self.relay = Relay(self.inference, self.settings, self._inference_candidates, self._send_to)
-        refunded = await asyncio.to_thread(self.inference.recover_after_restart)
+        # Listening to the other replicas (and holding its own liveness lock) before anything else.
+        await asyncio.to_thread(self.replicas.start, self.carry_out)
+        refunded = await asyncio.to_thread(self.inference.fail_orphaned, self.replicas.alive)
         if refunded:
-            logger.warning("refunded %d inference requests cut off by the restart", refunded)
+            logger.warning("refunded %d inference requests cut off by a coordinator's stop", refunded)
         recovered = await asyncio.to_thread(self.leases.recover_after_restart)
         if recovered:
             logger.warning(
@@ -108,6 +111,7 @@ class Hub:
         for task in self._tasks:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
+        await asyncio.to_thread(self.replicas.stop)
         for connection in list(self.connections.values()):
             await connection.close_quietly(CloseCode.GOING_AWAY, "the coordinator is shutting down")
 

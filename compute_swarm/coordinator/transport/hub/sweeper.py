@@ -1,7 +1,9 @@
 """The lease sweeper: every few seconds it renews the leases of nodes that are alive, drops nodes whose
-token ops revoked from another process, follows the nodes' standing, releases credit whose
-verification window passed and ends leases that ran out (their nodes are told to stop through the
-effects the services commit). Runs on the event loop; database work goes to threads.
+token ops revoked from another process, and follows the nodes' standing. On the leading replica
+(transport.replicas) it also releases credit whose verification window passed, ends leases that ran
+out (their nodes are told to stop through the effects the services commit, on whichever replica
+holds them) and refunds the live requests of replicas that are gone. Runs on the event loop;
+database work goes to threads.
 """
 
 from __future__ import annotations
@@ -9,13 +11,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
 
 from compute_swarm import protocol
+from compute_swarm.coordinator.service.inference import InferenceService
 from compute_swarm.coordinator.service.leases import Leases
 from compute_swarm.coordinator.service.node_accounts import NodeAccounts
 from compute_swarm.coordinator.settings import Settings
 from compute_swarm.coordinator.transport.hub.registry import Registry
+from compute_swarm.coordinator.transport.replicas import Replicas
 from compute_swarm.protocol import CloseCode
 
 logger = logging.getLogger("compute_swarm.coordinator.transport.hub")
@@ -27,16 +30,16 @@ class LeaseSweeper:
         registry: Registry,
         leases: Leases,
         accounts: NodeAccounts,
+        inference: InferenceService,
         settings: Settings,
-        leading: Callable[[], bool] = lambda: True,
+        replicas: Replicas,
     ):
         self.registry = registry
         self.leases = leases
         self.accounts = accounts
+        self.inference = inference
         self.settings = settings
-        # Whether this coordinator runs the swarm-wide duties (transport.replicas): with several
-        # replicas on one database, each renews its own nodes' leases and one ends those that ran out.
-        self.leading = leading
+        self.replicas = replicas
 
     async def run_forever(self) -> None:
         last_seen_written = 0.0
@@ -68,9 +71,10 @@ class LeaseSweeper:
             if connection is not None:
                 await connection.close_quietly(CloseCode.UNAUTHORIZED, "this node's token was revoked")
         await self.registry.refresh_standing(self.accounts)
-        if not self.leading():
-            return
+        if not self.replicas.leading:
+            return  # each replica renews its own nodes' leases; the leader does the rest, once
         await asyncio.to_thread(self.accounts.release_due_credits)
-        # The nodes of leases that ran out are told to stop, and the dispatcher woken (effects): on
-        # whichever replica holds them.
+        # The nodes of leases that ran out are told to stop, and the dispatcher woken (effects).
         await asyncio.to_thread(self.leases.expire_leases)
+        if self.replicas.shared:
+            await asyncio.to_thread(self.inference.fail_orphaned, self.replicas.alive)
