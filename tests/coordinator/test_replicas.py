@@ -8,6 +8,7 @@ PostgreSQL's notifications, not through a sweep or the dispatcher's idle poll (e
 from __future__ import annotations
 
 import contextlib
+import copy
 import json
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -16,7 +17,7 @@ import httpx
 import pytest
 
 from compute_swarm import protocol
-from compute_swarm.coordinator.domain.effects import StopOnNode, WakeDispatcher, decode
+from compute_swarm.coordinator.domain.effects import NodeConnected, StopOnNode, WakeDispatcher, decode
 from compute_swarm.coordinator.transport.replicas import payloads
 from compute_swarm.engine.jobs import DEFAULT_MODEL
 from compute_swarm.sdk.client import SwarmClient
@@ -60,11 +61,13 @@ def test_effects_travel_in_payloads_under_postgresql_limit():
         for index in range(300)
     ]
     long = StopOnNode("node_x", "job_x", "lease_x", "é" * 10_000)
-    messages = payloads("instance", [WakeDispatcher(), *stops, long])
+    connected = NodeConnected("node_y", "0123abcd", 1765100000.25)
+    messages = payloads("instance", [WakeDispatcher(), *stops, long, connected])
     assert len(messages) > 1 and all(len(message.encode()) < 8000 for message in messages)
     received = [effect for message in messages for effect in decode(json.loads(message)["effects"])]
     assert received[:301] == [WakeDispatcher(), *stops]
     assert received[301].node_id == "node_x" and len(received[301].reason) == 500
+    assert received[302] == connected
     with pytest.raises(ValueError):
         decode([{"effect": "StopOnNode", "node_id": "n"}])  # fields missing
     assert decode([{"effect": "SomethingNewer", "detail": 1}]) == []  # from a newer replica: skipped
@@ -108,6 +111,26 @@ def test_a_node_revoked_from_the_command_line_is_dropped_by_its_replica_at_once(
     code, reason = closed_with(node.socket)
     assert code == protocol.CloseCode.UNAUTHORIZED and "revoked" in reason
     assert time.monotonic() - started < PROMPTLY + 3  # the command starts Python and migrates first
+
+
+def test_a_node_that_connects_again_through_the_other_replica_is_dropped_by_the_first(replicas):
+    on_a, on_b = replicas
+    first = ScriptedNode(on_a, "moving")
+    first.connect()
+    again = copy.copy(first)  # the same node (its token), its socket given up on, through replica b
+    again.coordinator = on_b
+    started = time.monotonic()
+    again.connect()
+    assert first.socket is not None
+    code, reason = closed_with(first.socket)
+    assert code == protocol.CloseCode.REPLACED and "connected again" in reason
+    assert time.monotonic() - started < PROMPTLY
+    # Its work now goes through replica b, whichever replica takes the job.
+    buyer = new_buyer(on_a, "buyer-of-a-moved-node")
+    job = submit(buyer)
+    assert again.receive_type("lease", timeout=10)["job_id"] == job["id"]
+    buyer.cancel(job["id"])
+    again.disconnect()
 
 
 def test_jobs_are_leased_once_whichever_replica_leases_them(replicas):

@@ -41,9 +41,19 @@ class NodeRevoked:
     node_id: str
 
 
-Effect = WakeDispatcher | StopOnNode | StandingChanged | NodeRevoked
+@dataclass(frozen=True)
+class NodeConnected:
+    """A node's new connection was greeted (on this coordinator or another replica): any other
+    connection of the node is stale, a socket its computer gave up on, and is closed."""
+
+    node_id: str
+    connection: str  # the new connection's token
+    greeted_at: float  # wall-clock seconds: a connection greeted after this one is newer, and stays
+
+
+Effect = WakeDispatcher | StopOnNode | StandingChanged | NodeRevoked | NodeConnected
 _BY_NAME: dict[str, type] = {
-    kind.__name__: kind for kind in (WakeDispatcher, StopOnNode, StandingChanged, NodeRevoked)
+    kind.__name__: kind for kind in (WakeDispatcher, StopOnNode, StandingChanged, NodeRevoked, NodeConnected)
 }
 
 
@@ -67,7 +77,9 @@ def decode(values: object) -> list[Effect]:
             continue
         fields = {field.name for field in dataclasses.fields(kind)}
         arguments = {name: value[name] for name in fields if name in value}
-        if set(arguments) != fields or not all(isinstance(item, str) for item in arguments.values()):
+        if set(arguments) != fields or not all(
+            isinstance(item, str | float | int) and not isinstance(item, bool) for item in arguments.values()
+        ):
             raise ValueError(f"not a {kind.__name__}: {json.dumps(value)[:200]}")
         effects.append(kind(**arguments))
     return effects

@@ -12,7 +12,7 @@ from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from compute_swarm import protocol
-from compute_swarm.coordinator.domain.effects import NodeRevoked, StandingChanged, StopOnNode
+from compute_swarm.coordinator.domain.effects import NodeConnected, NodeRevoked, StandingChanged, StopOnNode
 from compute_swarm.coordinator.domain.verification import VerificationPolicy, is_trusted
 from compute_swarm.coordinator.service import accounts, payouts
 from compute_swarm.coordinator.service.accounts import AccountError
@@ -126,10 +126,13 @@ class NodeAccounts:
                     barred[node.id] = barred_standing
         return trusted, barred
 
-    def greet(self, node_id: str, hello: protocol.Hello, leases: Leases) -> Greeting:
+    def greet(
+        self, node_id: str, hello: protocol.Hello, leases: Leases, connected: NodeConnected | None = None
+    ) -> Greeting:
         """A node said hello: note it, settle the jobs it says it runs (Leases.adopt), and read what
         its welcome tells it, all in one transaction, committed with others' (a reconnect storm is
-        thousands of hellos)."""
+        thousands of hellos). Once it commits, `connected` closes the node's older connections, on
+        whichever replica they are."""
 
         def work(session: Session) -> Greeting:
             node = session.get(Node, node_id)
@@ -138,6 +141,8 @@ class NodeAccounts:
             node.last_seen_at = time.time()
             node.description = hello.model_dump(mode="json", exclude={"running"})
             kept, revoked = leases.adopt(session, node_id, hello.running)
+            if connected is not None:
+                after_commit(session, connected)
             trusted, barred = _standing(node, self.verifier.policy)
             return Greeting(kept, revoked, trusted, barred, _earnings(session, node_id))
 

@@ -18,6 +18,7 @@ from collections.abc import Awaitable
 from compute_swarm import protocol
 from compute_swarm.coordinator.domain.effects import (
     Effect,
+    NodeConnected,
     NodeRevoked,
     StandingChanged,
     StopOnNode,
@@ -132,6 +133,16 @@ class Hub:
             elif isinstance(effect, NodeRevoked) and effect.node_id in self.connections:
                 connection = self.connections[effect.node_id]
                 self._spawn(connection.close_quietly(CloseCode.UNAUTHORIZED, "this node's token was revoked"))
+            elif isinstance(effect, NodeConnected):
+                connection = self.connections.get(effect.node_id)
+                if (
+                    connection is not None
+                    and connection.token != effect.connection
+                    and connection.greeted_at < effect.greeted_at
+                ):
+                    # It connected again (through another replica): this socket is one it gave up on.
+                    self.registry.remove(connection)
+                    self._spawn(connection.close_quietly(CloseCode.REPLACED, "the node connected again"))
         if any(isinstance(effect, WakeDispatcher | StandingChanged) for effect in effects):
             self.dispatcher.wake()
 
@@ -148,8 +159,13 @@ class Hub:
         if previous is not None:
             self.registry.remove(previous)
             await previous.close_quietly(CloseCode.REPLACED, "the node connected again")
+        connection.greeted_at = time.time()
         greeting = await asyncio.to_thread(
-            self.accounts.greet, connection.node_id, connection.hello, self.leases
+            self.accounts.greet,
+            connection.node_id,
+            connection.hello,
+            self.leases,
+            NodeConnected(connection.node_id, connection.token, connection.greeted_at),
         )
         connection.leases = {
             reference.lease_id: reference.job_id

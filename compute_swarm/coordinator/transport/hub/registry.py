@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, field
@@ -32,6 +33,9 @@ class Connection:
     hello: protocol.Hello
     telemetry: protocol.Telemetry
     accepting_jobs: bool
+    # Tells this connection from the node's others, on this replica or another (effects.NodeConnected).
+    token: str = field(default_factory=lambda: secrets.token_hex(8))
+    greeted_at: float = 0.0  # wall-clock seconds
     snapshot: NodeSnapshot | None = None
     leases: dict[str, str] = field(default_factory=dict)  # lease id → job id
     # Leases told to stop whose job may still be winding down (saving a checkpoint): each keeps the
