@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
+from sqlalchemy.exc import DBAPIError, InterfaceError, OperationalError
 
 from compute_swarm import protocol
 from compute_swarm.coordinator.service.accounts import BuyerKeys
@@ -44,13 +46,15 @@ from compute_swarm.coordinator.transport.api import (
     swarm,
     sweeps,
 )
-from compute_swarm.coordinator.transport.api.deps import Services
+from compute_swarm.coordinator.transport.api.deps import Services, database_unavailable
 from compute_swarm.coordinator.transport.collector import keep_collections_short
 from compute_swarm.coordinator.transport.hub import Hub
 from compute_swarm.coordinator.transport.limits import RequestLimits
 from compute_swarm.coordinator.transport.metrics import Metrics, ServedBytes
 from compute_swarm.coordinator.transport.replicas import Replicas
 from compute_swarm.engine.jobs import CATALOGUE
+
+logger = logging.getLogger("compute_swarm.coordinator")
 
 
 def build_services(settings: Settings) -> Services:
@@ -150,6 +154,18 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     ):
         app.include_router(module.router)
     openai_errors.install(app)
+
+    @app.exception_handler(OperationalError)
+    @app.exception_handler(InterfaceError)
+    async def database_is_unavailable(request: Request, error: DBAPIError) -> JSONResponse:
+        logger.warning("%s %s: the database is unavailable: %s", request.method, request.url.path, error.orig)
+        refusal = database_unavailable()
+        body = (
+            openai_errors.error_body(refusal.status_code, refusal.detail)
+            if request.url.path.startswith(openai_errors.OPENAI_PREFIX)
+            else {"detail": refusal.detail}
+        )
+        return JSONResponse(body, status_code=refusal.status_code, headers=refusal.headers)
 
     @app.exception_handler(UnstorableText)
     async def unstorable_text(request: Request, error: UnstorableText) -> JSONResponse:

@@ -10,7 +10,9 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import threading
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx
@@ -19,7 +21,7 @@ import pytest
 from compute_swarm import protocol
 from compute_swarm.coordinator.domain.effects import NodeConnected, StopOnNode, WakeDispatcher, decode
 from compute_swarm.coordinator.transport.replicas import payloads
-from compute_swarm.engine.jobs import DEFAULT_MODEL
+from compute_swarm.engine.jobs import DEFAULT_MODEL, DEMO_CHAT_DATASET
 from compute_swarm.sdk.client import SwarmClient
 from tests.coordinator.test_node_socket import ScriptedNode, closed_with, new_buyer, submit
 from tests.swarm_processes import Coordinator, run_cli, wait_for
@@ -32,9 +34,17 @@ PROMPTLY = 2.0  # seconds: well under the sweep interval and the dispatcher's id
 
 
 @pytest.fixture(scope="module")
-def replicas(tmp_path_factory):
-    server = pgserver.get_server(tmp_path_factory.mktemp("postgres"), cleanup_mode="stop")
-    url = server.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
+def postgres(tmp_path_factory):
+    """The PostgreSQL server's data directory (a test restarts the server on it)."""
+    data = tmp_path_factory.mktemp("postgres")
+    pgserver.get_server(data, cleanup_mode="stop")
+    yield data
+    pgserver.get_server(data, cleanup_mode="stop").cleanup()
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory, postgres):
+    url = pgserver.get_server(postgres).get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
     shared = tmp_path_factory.mktemp("shared")  # the artifacts both replicas serve
     started = []
     try:
@@ -52,7 +62,6 @@ def replicas(tmp_path_factory):
     finally:
         for replica in started:
             replica.stop()
-        server.cleanup()
 
 
 def test_effects_travel_in_payloads_under_postgresql_limit():
@@ -149,6 +158,59 @@ def test_jobs_are_leased_once_whichever_replica_leases_them(replicas):
         node.disconnect()
     for index, job in enumerate(jobs):
         buyers[index % 2].cancel(job["id"])
+
+
+def test_postgresql_restarted_under_load_is_answered_503_with_retry_after_and_nothing_is_lost(
+    replicas, postgres
+):
+    api_key = replicas[0].create_buyer("through-a-restart", "1000")
+    buyer = SwarmClient(replicas[0].url, api_key)
+    dataset = buyer.upload_file(DEMO_CHAT_DATASET)["id"]
+    spec = {"spec": {"type": "lora", "base_model": DEFAULT_MODEL, "dataset": dataset, "max_steps": 3}}
+    before = buyer.balance()["available_micro"]
+    answers: list[tuple[int, str | None, dict]] = []
+    stop = threading.Event()
+
+    def submit_forever(replica: Coordinator) -> None:
+        with httpx.Client(headers={"Authorization": f"Bearer {api_key}"}, timeout=30) as client:
+            while not stop.is_set():
+                response = client.post(f"{replica.url}/api/jobs", json=spec)
+                answers.append((response.status_code, response.headers.get("retry-after"), response.json()))
+                time.sleep(0.05)
+
+    threads = [threading.Thread(target=submit_forever, args=(replica,)) for replica in replicas]
+    for thread in threads:
+        thread.start()
+    try:
+        time.sleep(1)
+        pgserver.get_server(postgres).cleanup()  # stopped: every connection of both replicas dropped
+        time.sleep(3)
+        server = pgserver.get_server(postgres, cleanup_mode="stop")  # started again, same socket
+        back = len(answers)
+        wait_for(lambda: any(status == 201 for status, _, _ in answers[back:]), 30, "submissions again")
+        time.sleep(1)
+    finally:
+        stop.set()
+        for thread in threads:
+            thread.join(60)
+    assert server.get_uri()
+    statuses = Counter(status for status, _, _ in answers)
+    print(f"\nsubmissions through a PostgreSQL restart: {dict(statuses)}")
+    assert set(statuses) <= {201, 503}, [body for status, _, body in answers if status not in (201, 503)][:3]
+    assert statuses[503] > 0 and statuses[201] > 0
+    assert all(retry == "2" for status, retry, _ in answers if status == 503)
+    # Every job answered 201 is there, and the buyer paid exactly for those.
+    accepted = [body for status, _, body in answers if status == 201]
+    for job in accepted:
+        assert buyer.job(job["id"])["state"] == "queued"
+    wait_for(lambda: all(replica.health()["status"] == "ok" for replica in replicas), 15, "healthy replicas")
+    balance = buyer.balance()
+    assert balance["available_micro"] + balance["escrow_micro"] == before
+    assert balance["escrow_micro"] == sum(job["price_micro"] for job in accepted)
+    for job in accepted:
+        buyer.cancel(job["id"])
+    # Both replicas listen again, and one of them leads.
+    wait_for(lambda: sum(replica.health()["leader"] for replica in replicas) == 1, 15, "a leader again")
 
 
 def test_a_replica_killed_mid_stream_leaves_its_buyer_refunded_by_the_leader(replicas):

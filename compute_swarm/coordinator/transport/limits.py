@@ -20,7 +20,12 @@ from starlette.datastructures import Headers
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from compute_swarm.coordinator.transport.api.deps import CHECKS_BEFORE_BODY, Services
+from compute_swarm.coordinator.transport.api.deps import (
+    CHECKS_BEFORE_BODY,
+    DATABASE_UNAVAILABLE,
+    Services,
+    database_unavailable,
+)
 from compute_swarm.coordinator.transport.api.openai_fine_tuning import PURPOSES as OPENAI_FILE_PURPOSES
 
 # A multipart body holds its file and, around it, part headers, boundaries and the purpose field.
@@ -151,7 +156,12 @@ class _BodyGate:
             # A caller who passes is looked up again by the route's dependency (which then checks a
             # browser's CSRF token, perhaps in the form): one indexed read more, against reading a
             # body of any size from anyone.
-            await run_in_threadpool(CHECKS_BEFORE_BODY[dependency], request, services)
+            try:
+                await run_in_threadpool(CHECKS_BEFORE_BODY[dependency], request, services)
+            except DATABASE_UNAVAILABLE as error:
+                # Raised from here, anything but an HTTPException becomes FastAPI's 400 "error parsing
+                # the body".
+                raise database_unavailable() from error
         path = getattr(route, "path", self.scope["path"])
         limit = body_limit(services, self.scope["method"], path)
         declared = request.headers.get("content-length", "")

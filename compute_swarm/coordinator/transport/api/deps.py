@@ -7,6 +7,7 @@ from dataclasses import dataclass
 from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request, status
+from sqlalchemy.exc import InterfaceError, OperationalError
 from starlette.concurrency import run_in_threadpool
 
 from compute_swarm.coordinator.service import accounts, sessions
@@ -50,6 +51,21 @@ class Services:
     catalogue: Catalogue
     buyer_keys: accounts.BuyerKeys
     replicas: Replicas
+
+
+# The database went away (PostgreSQL restarting, a failover, the network): a request that needed it is
+# answered 503 with Retry-After, never a 500 or a 400 (the app's handler, and the body gate's check).
+# Its transaction rolled back, unless the database went in the middle of its commit.
+DATABASE_UNAVAILABLE = (OperationalError, InterfaceError)
+DATABASE_RETRY_AFTER_SECONDS = 2
+
+
+def database_unavailable() -> HTTPException:
+    return HTTPException(
+        status.HTTP_503_SERVICE_UNAVAILABLE,
+        "the database is unavailable for a moment; nothing was done, try again shortly",
+        headers={"Retry-After": str(DATABASE_RETRY_AFTER_SECONDS)},
+    )
 
 
 def get_services(request: Request) -> Services:
