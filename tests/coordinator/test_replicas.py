@@ -142,6 +142,61 @@ def test_a_node_that_connects_again_through_the_other_replica_is_dropped_by_the_
     again.disconnect()
 
 
+def chat(replica: Coordinator, api_key: str, *, stream: bool = False, max_tokens: int = 16) -> httpx.Response:
+    return httpx.post(
+        f"{replica.url}/v1/chat/completions",
+        headers={"Authorization": f"Bearer {api_key}"},
+        json={"model": DEFAULT_MODEL, "messages": [{"role": "user", "content": "Hi " * 3000}],
+              "max_tokens": max_tokens, "stream": stream},
+        timeout=60,
+    )  # fmt: skip
+
+
+def test_a_chat_on_one_replica_is_answered_by_a_node_on_the_other_and_charged_once(replicas):
+    on_a, on_b = replicas
+    node = ScriptedNode(on_b, "serving-on-b")
+    node.connect(models=[DEFAULT_MODEL], inference_slots=1)
+    api_key = on_a.create_buyer("chatting-on-a", "5")
+    buyer = SwarmClient(on_a.url, api_key)
+    before = buyer.balance()["available_micro"]
+    with ThreadPoolExecutor(1) as pool:
+        # Replica a hears of the node within a second (replica b tells its capacity each second).
+        asked = pool.submit(chat, on_a, api_key)
+        request = node.receive_type("inference", timeout=15)
+        # The prompt (3000 words, over PostgreSQL's 8000-byte payload) came whole, in parts.
+        assert request["messages"][0]["content"] == "Hi " * 3000
+        for word in ("Ahoy", " there"):
+            node.send(
+                {"type": "inference_delta", "request_id": request["request_id"], "text": word, "tokens": 1}
+            )
+        node.send({"type": "inference_done", "request_id": request["request_id"], "finish_reason": "stop",
+                   "prompt_tokens": 3010, "completion_tokens": 2})  # fmt: skip
+        answer = asked.result(30)
+    assert answer.status_code == 200, answer.text[:300]
+    body = answer.json()
+    assert body["choices"][0]["message"]["content"] == "Ahoy there"
+    # Counted by replica a with SmolLM2's tokenizer (three tokens), not the node's claim of two.
+    assert body["usage"]["completion_tokens"] == 3
+    charged = before - buyer.balance()["available_micro"]
+    assert charged > 0
+    time.sleep(1.5)  # nothing else is charged for it, by either replica
+    assert before - buyer.balance()["available_micro"] == charged
+    # The node's replica answers a stream the same way, and a node that leaves mid-answer ends it
+    # with an error and no charge.
+    with ThreadPoolExecutor(1) as pool:
+        asked = pool.submit(chat, on_a, api_key, stream=True)
+        request = node.receive_type("inference", timeout=15)
+        node.send({"type": "inference_delta", "request_id": request["request_id"], "text": "Ah", "tokens": 1})
+        time.sleep(0.5)
+        node.disconnect()
+        streamed = asked.result(30)
+    assert streamed.status_code == 200
+    assert '"Ah"' in streamed.text and "disconnected while answering" in streamed.text
+    wait_for(
+        lambda: buyer.balance()["available_micro"] == before - charged, 10, "the refund of the cut answer"
+    )
+
+
 def test_jobs_are_leased_once_whichever_replica_leases_them(replicas):
     nodes = [ScriptedNode(replica, f"busy-{index}") for index in range(3) for replica in replicas]
     for node in nodes:

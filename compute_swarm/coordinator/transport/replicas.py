@@ -11,6 +11,10 @@ load balancer serve one swarm, each holding the websockets of the nodes that lan
   the database, PostgreSQL frees it and another replica takes it within a second of noticing.
   The duties are transactions that check each row's state under its lock, so a leader that has not
   yet noticed it lost the lock does no harm by running them once more.
+- Messages for one replica, or for all (`send`), go the same way outside transactions: the live
+  requests one replica's buyers send to nodes another replica holds, their tokens coming back, and
+  each replica's serving capacity once a second (transport.hub.remote). One sending connection keeps
+  them in order; a message over PostgreSQL's payload limit travels in parts.
 - Each replica also holds an advisory lock of its own instance for as long as it listens: a lock
   another session can take is a replica gone, whose buyers' live requests are refunded. (A replica
   that loses the database for a moment looks gone too: its requests are refunded, and the answers it
@@ -24,6 +28,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import queue
 import secrets
 import socket
 import threading
@@ -41,6 +46,9 @@ from compute_swarm.coordinator.store.database import Database
 logger = logging.getLogger("compute_swarm.coordinator.replicas")
 
 CHANNEL = "swarm_effects"
+BROADCAST_CHANNEL = "swarm_replicas"  # messages for every replica
+PART_CHARACTERS = 3_000  # of a long message's ASCII JSON: escaped, a part stays under NOTIFY_BYTES
+INCOMPLETE_MOST = 256  # long messages being put together at once; the oldest is dropped past this
 LEADER_LOCK = 0x5357_4152_4D01  # the advisory lock key the leader holds ("SWARM" and a version)
 REPLICA_LOCKS = 0x5357  # the class of the two-key advisory locks each replica holds on its instance
 NOTIFY_BYTES = 7_900  # PostgreSQL refuses a NOTIFY payload of 8000 bytes or more
@@ -61,8 +69,12 @@ class Replicas:
         self.shared = not database.is_sqlite
         self._leading = not self.shared
         self._carry_out: Callable[[list[Effect]], None] = lambda _effects: None
+        self._on_message: Callable[[str, dict], None] = lambda _sender, _message: None
         self._stopped = threading.Event()
         self._listener: threading.Thread | None = None
+        self._sender: threading.Thread | None = None
+        self._outbox: queue.SimpleQueue[tuple[str, str]] = queue.SimpleQueue()
+        self._incomplete: dict[str, list[str]] = {}  # a long message's id → the parts received so far
         self.connected = threading.Event()  # the listener is listening (tests wait for it)
 
     @property
@@ -84,24 +96,111 @@ class Replicas:
             connection.commit()
         return not taken
 
-    def start(self, carry_out: Callable[[list[Effect]], None]) -> None:
-        """Send this replica's effects to the others, and carry out theirs with `carry_out`."""
+    def start(
+        self,
+        carry_out: Callable[[list[Effect]], None],
+        on_message: Callable[[str, dict], None] = lambda _sender, _message: None,
+    ) -> None:
+        """Send this replica's effects to the others, and carry out theirs with `carry_out`; hand the
+        messages other replicas `send` here to `on_message(sender instance, message)`. Both are called
+        from the listening thread."""
         if not self.shared:
             return
-        self._carry_out = carry_out
+        self._carry_out, self._on_message = carry_out, on_message
         self.database.before_commit = effects_sender(self.instance)
         self._listener = threading.Thread(target=self._listen_forever, name="replicas", daemon=True)
         self._listener.start()
+        self._sender = threading.Thread(target=self._send_forever, name="replicas-send", daemon=True)
+        self._sender.start()
         # Until it listens, this replica would miss effects and look gone to the others.
         if not self.connected.wait(15):
             logger.warning("replica %s is not listening to the database yet; it keeps trying", self.name)
 
     def stop(self) -> None:
         self._stopped.set()
-        if self._listener is not None:
-            self._listener.join(timeout=2 * LISTEN_SECONDS + 5)
+        for thread in (self._listener, self._sender):
+            if thread is not None:
+                thread.join(timeout=2 * LISTEN_SECONDS + 5)
         self.database.before_commit = None
         self._leading = not self.shared
+
+    # ---- messages between replicas
+
+    def send(self, instance: str | None, message: dict) -> None:
+        """Send a JSON message to the replica of that instance id, or to every other one (None). Any
+        thread; messages arrive in the order sent, or (the database gone a moment) not at all."""
+        channel = BROADCAST_CHANNEL if instance is None else _replica_channel(instance)
+        for payload in _message_parts(self.instance, message):
+            self._outbox.put((channel, payload))
+
+    def _send_forever(self) -> None:
+        import psycopg
+
+        attempt = 0
+        while not self._stopped.is_set():
+            try:
+                with psycopg.connect(
+                    _libpq_url(self.database), autocommit=True, connect_timeout=10
+                ) as connection:
+                    attempt = 0
+                    while not self._stopped.is_set():
+                        try:
+                            waiting = [self._outbox.get(timeout=LISTEN_SECONDS)]
+                        except queue.Empty:
+                            continue
+                        while len(waiting) < 256:
+                            try:
+                                waiting.append(self._outbox.get_nowait())
+                            except queue.Empty:
+                                break
+                        # One round trip for what waited, in order.
+                        with connection.pipeline():
+                            for channel, payload in waiting:
+                                connection.execute("SELECT pg_notify(%s, %s)", (channel, payload))
+            except psycopg.Error as error:
+                delay = RECONNECT_SECONDS[min(attempt, len(RECONNECT_SECONDS) - 1)]
+                attempt += 1
+                logger.warning(
+                    "replica %s could not send to the others (%s); again in %s s", self.name, error, delay
+                )
+                self._stopped.wait(delay)
+
+    def _receive_message(self, payload: str) -> None:
+        try:
+            envelope = json.loads(payload)
+            if not isinstance(envelope, dict) or not isinstance(envelope.get("from"), str):
+                raise ValueError("no sender")
+            if envelope["from"] == self.instance:
+                return  # its own broadcast
+            message = self._assembled(envelope)
+            if message is None:
+                return  # more parts to come
+            if not isinstance(message, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as error:
+            logger.warning("a message from another replica that cannot be read: %s", error)
+            return
+        self._on_message(envelope["from"], message)
+
+    def _assembled(self, envelope: dict) -> object | None:
+        if "message" in envelope:
+            return envelope["message"]
+        identifier, part, parts, data = (envelope.get(key) for key in ("id", "part", "parts", "data"))
+        if not (isinstance(identifier, str) and isinstance(part, int) and isinstance(parts, int)):
+            raise ValueError("neither a message nor a part of one")
+        if not isinstance(data, str) or not 0 <= part < parts <= 10_000:
+            raise ValueError("a part out of range")
+        received = self._incomplete.setdefault(identifier, [])
+        if len(received) != part:
+            del self._incomplete[identifier]
+            raise ValueError(f"part {part} of {identifier} out of order (a part was lost)")
+        received.append(data)
+        if len(self._incomplete) > INCOMPLETE_MOST:
+            self._incomplete.pop(next(iter(self._incomplete)))
+        if len(received) < parts:
+            return None
+        del self._incomplete[identifier]
+        return json.loads("".join(received))
 
     # ---- receiving, and leading
 
@@ -118,6 +217,8 @@ class Replicas:
                         "SELECT pg_advisory_lock(%s, %s)", (REPLICA_LOCKS, _instance_key(self.instance))
                     )
                     connection.execute(f"LISTEN {CHANNEL}")
+                    connection.execute(f"LISTEN {BROADCAST_CHANNEL}")
+                    connection.execute(f"LISTEN {_replica_channel(self.instance)}")
                     self.connected.set()
                     attempt = 0
                     # Notifications sent while this replica was not listening are lost: look again at
@@ -126,7 +227,10 @@ class Replicas:
                     while not self._stopped.is_set():
                         self._lead(connection)
                         for notification in connection.notifies(timeout=LISTEN_SECONDS):
-                            self._receive(notification.payload)
+                            if notification.channel == CHANNEL:
+                                self._receive(notification.payload)
+                            else:
+                                self._receive_message(notification.payload)
             except psycopg.Error as error:
                 self.connected.clear()
                 if self._leading:
@@ -201,6 +305,24 @@ def payloads(instance: str, effects: list[Effect]) -> list[str]:
     if batch:
         messages.append(json.dumps({"instance": instance, "effects": batch}))
     return messages
+
+
+def _message_parts(instance: str, message: dict) -> list[str]:
+    """A message as NOTIFY payloads: whole when it fits, else in numbered parts of its ASCII JSON."""
+    whole = json.dumps({"from": instance, "message": message})
+    if len(whole.encode()) <= NOTIFY_BYTES:
+        return [whole]
+    text = json.dumps(message)  # ASCII: every character is one byte, and escaping at most doubles it
+    chunks = [text[start : start + PART_CHARACTERS] for start in range(0, len(text), PART_CHARACTERS)]
+    identifier = secrets.token_hex(8)
+    return [
+        json.dumps({"from": instance, "id": identifier, "part": index, "parts": len(chunks), "data": chunk})
+        for index, chunk in enumerate(chunks)
+    ]
+
+
+def _replica_channel(instance: str) -> str:
+    return f"swarm_replica_{instance}"  # an instance id is hex: a valid channel name
 
 
 def _instance_key(instance: str) -> int:

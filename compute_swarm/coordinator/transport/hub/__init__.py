@@ -33,6 +33,7 @@ from compute_swarm.coordinator.settings import Settings
 from compute_swarm.coordinator.transport.hub.dispatcher import Dispatcher
 from compute_swarm.coordinator.transport.hub.reachability import ReachabilityTests
 from compute_swarm.coordinator.transport.hub.registry import ACTIVE, Connection, Registry, has_free_slot
+from compute_swarm.coordinator.transport.hub.remote import RemoteNodes
 from compute_swarm.coordinator.transport.hub.sweeper import LeaseSweeper
 from compute_swarm.coordinator.transport.metrics import Metrics
 from compute_swarm.coordinator.transport.relay import Relay
@@ -72,6 +73,12 @@ class Hub:
             lambda node_id, state, address: self.accounts.record_reachability(node_id, state, address),
         )
         self.relay: Relay | None = None  # made on the event loop, in start()
+        # Nodes on the other replicas sharing this one's PostgreSQL database, for live inference.
+        self.remote = (
+            RemoteNodes(replicas, self.registry, self._local_candidates)
+            if replicas is not None and replicas.shared
+            else None
+        )
         self._loop: asyncio.AbstractEventLoop | None = None
         self._tasks: list[asyncio.Task] = []
         self._background: set[asyncio.Future] = set()  # effects under way (kept from the collector)
@@ -86,7 +93,11 @@ class Hub:
         self._loop = asyncio.get_running_loop()
         self.relay = Relay(self.inference, self.settings, self._inference_candidates, self._send_to)
         # Listening to the other replicas (and holding its own liveness lock) before anything else.
-        await asyncio.to_thread(self.replicas.start, self.carry_out)
+        if self.remote is not None:
+            self.remote.attach(self.relay, self._loop)
+            await asyncio.to_thread(self.replicas.start, self.carry_out, self.remote.receive)
+        else:
+            await asyncio.to_thread(self.replicas.start, self.carry_out)
         refunded = await asyncio.to_thread(self.inference.fail_orphaned, self.replicas.alive)
         if refunded:
             logger.warning("refunded %d inference requests cut off by a coordinator's stop", refunded)
@@ -99,6 +110,8 @@ class Hub:
             asyncio.create_task(self.dispatcher.run_forever(), name="dispatch"),
             asyncio.create_task(self.sweeper.run_forever(), name="sweep"),
         ]
+        if self.remote is not None:
+            self._tasks.append(asyncio.create_task(self.remote.tell_capacity_forever(), name="capacity"))
         if self.inference.tokens is not None:
             self._tasks.append(
                 asyncio.create_task(
@@ -203,6 +216,8 @@ class Hub:
         self.reachability.forget(connection)
         if self.relay is not None:
             self.relay.node_left(connection.node_id)
+        if self.remote is not None:
+            self.remote.node_left(connection.node_id)
         # Its leases stay until they expire (the sweeper stops renewing them now): a node back within
         # the lease period, after a network blip, claims them in its hello and loses no work.
         if connection.leases:
@@ -240,6 +255,8 @@ class Hub:
             if not connection.timed_pong(message.nonce, time.monotonic()):
                 logger.debug("node %s: a pong that answers no ping waiting", connection.node_id)
         elif isinstance(message, protocol.InferenceDelta | protocol.InferenceDone | protocol.InferenceFailed):
+            if self.remote is not None and self.remote.forward(connection.node_id, message):
+                return  # another replica's buyer asked: the bounds and the charge are that replica's
             if self.relay is not None:
                 crash = self.relay.on_message(connection.node_id, message)
                 if crash is not None:
@@ -282,8 +299,18 @@ class Hub:
     # ---- inference
 
     def _inference_candidates(self) -> list[InferenceCandidate]:
+        """The nodes the relay may route a request to: this replica's, and the other replicas'."""
+        local = self._local_candidates()
+        if self.remote is None:
+            return local
+        assert self.relay is not None
+        return local + self.remote.candidates(self.relay.in_flight_by_node())
+
+    def _local_candidates(self) -> list[InferenceCandidate]:
         assert self.relay is not None
         in_flight = self.relay.in_flight_by_node()
+        if self.remote is not None:
+            in_flight += self.remote.carried_by_node()  # other replicas' requests on nodes here
         now = time.monotonic()
         return [
             InferenceCandidate(
@@ -306,12 +333,16 @@ class Hub:
     def serves_adapter(self, node_id: str, sha256: str) -> bool:
         """Whether the node serves a request now that needs this adapter (any thread: the HTTP download
         handler asks from a worker thread; the relay keeps the answer in an immutable set)."""
-        relay = self.relay
-        return relay is not None and (node_id, sha256) in relay.adapters_in_use
+        relay, remote = self.relay, self.remote
+        return (relay is not None and (node_id, sha256) in relay.adapters_in_use) or (
+            remote is not None and (node_id, sha256) in remote.adapters_in_use
+        )
 
     async def _send_to(self, node_id: str, message: protocol.CoordinatorMessage) -> bool:
         connection = self.connections.get(node_id)
-        return connection is not None and await connection.send(message)
+        if connection is not None:
+            return await connection.send(message)
+        return self.remote is not None and self.remote.send(node_id, message)
 
 
 def _crash_reports(crashed: tuple[protocol.CrashedModel, ...]) -> dict[str, str]:
