@@ -61,7 +61,9 @@ def build_services(settings: Settings) -> Services:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     database = Database(settings.resolved_database_url)
     database.upgrade()
-    store = ArtifactStore(settings.artifacts_dir)
+    store = ArtifactStore.configured(
+        settings.artifacts_dir, settings.artifact_bucket, settings.artifact_bucket_endpoint
+    )
     catalogue = Catalogue(database, store)
     tokens = TokenCounters(catalogue.gguf_path)
     verifier = Verifier(settings, store, tokens=tokens)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 from importlib import metadata
 from pathlib import Path
 from typing import Literal
@@ -47,6 +48,12 @@ class Settings(BaseSettings):
     # Empty: SQLite at <data_dir>/coordinator.sqlite3. For a large swarm, e.g.
     # postgresql+psycopg://user:password@host/compute_swarm (same code, same migrations).
     database_url: str = ""
+    # Where replicas share their artifacts: an S3-compatible bucket, s3://bucket or s3://bucket/prefix
+    # (credentials as boto3 reads them: AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY). Empty: the data
+    # directory alone, for one coordinator (or replicas sharing that directory, e.g. over NFS).
+    artifact_bucket: str = ""
+    # The bucket's server, for a store other than AWS (MinIO, SeaweedFS): e.g. http://10.0.0.5:8333.
+    artifact_bucket_endpoint: str = ""
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
     # What this coordinator calls itself among the replicas on one PostgreSQL database (health
@@ -162,6 +169,14 @@ class Settings(BaseSettings):
     def _check(self) -> Settings:
         if self.database_url and not self.database_url.startswith(("sqlite", "postgresql")):
             raise ValueError("database_url must be a sqlite:// or postgresql:// URL")
+        if self.artifact_bucket and not re.match(
+            r"^s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/[^\s]*)?$", self.artifact_bucket
+        ):
+            raise ValueError("artifact_bucket must be s3://bucket or s3://bucket/prefix")
+        if self.artifact_bucket_endpoint and not self.artifact_bucket_endpoint.startswith(
+            ("http://", "https://")
+        ):
+            raise ValueError("artifact_bucket_endpoint must be an http:// or https:// URL")
         if self.admin_token is not None:
             token = self.admin_token.get_secret_value()
             if len(token) < MINIMUM_SECRET_LENGTH or len(set(token)) < MINIMUM_DISTINCT_CHARACTERS:

@@ -196,7 +196,7 @@ class UploadService:
     def _discard_unregistered(self, sha256: str) -> None:
         with self.database.transaction() as session:
             if session.get(Artifact, sha256) is None:
-                self.store.blob_path(sha256).unlink(missing_ok=True)
+                self.store.delete(sha256)
 
     def _complete(self, session: Session, upload: Upload, holder: Holder, *, lines: int) -> None:
         now = time.time()

@@ -36,7 +36,11 @@ def register_catalogue_commands(
         from compute_swarm.coordinator.service.catalogue import Catalogue
         from compute_swarm.coordinator.store.artifacts import ArtifactStore
 
-        return Catalogue(database(arguments), ArtifactStore(settings(arguments).artifacts_dir))
+        configured = settings(arguments)
+        store = ArtifactStore.configured(
+            configured.artifacts_dir, configured.artifact_bucket, configured.artifact_bucket_endpoint
+        )
+        return Catalogue(database(arguments), store)
 
     add = actions.add_parser(
         "add-model",

@@ -125,7 +125,7 @@ def delete_file(file: OwnedFile, services: ServicesDep) -> dict:
             select(Job.id).where(Job.dataset_sha256 == file.sha256, Job.state.in_(OPEN_STATES)).limit(1)
         )
     if not still_used:
-        services.store.blob_path(file.sha256).unlink(missing_ok=True)
+        services.store.delete(file.sha256)
     return {"id": file.id, "object": "file", "deleted": True}
 
 
