@@ -103,7 +103,7 @@ def build_services(settings: Settings) -> Services:
         metrics=metrics,
         swarm_transfer=SwarmTransfer(
             store,
-            transfer_key(settings.transfer_secret_value),
+            transfer_key(settings.transfer_secret_value, database),
             peer_address=hub.peer_address,
             # Only the built-in model is public (its package is on PyPI); ops' models stay in the swarm.
             public=lambda sha256: (

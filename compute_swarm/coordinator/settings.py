@@ -150,8 +150,8 @@ class Settings(BaseSettings):
     # form posts must come from this origin. Empty: the origin of the request's own Host.
     public_origin: str = ""
     # Swarm transfer (service/swarm_transfer.py): nodes fetch artifacts from each other, the coordinator
-    # being the tracker and the last-resort web seed. The secret signs the transfer tickets; replicas
-    # must share one (empty: a random one per process, and a restart voids the tickets it issued).
+    # being the tracker and the last-resort web seed. The secret signs the transfer tickets (empty: one
+    # made up once and kept in the database, which every replica shares).
     peer_transfer: bool = True
     transfer_secret: SecretStr | None = None
     # The catalogue models are public (their packages are on PyPI): with this on, their swarms are

@@ -21,7 +21,7 @@ import pytest
 from compute_swarm import protocol
 from compute_swarm.coordinator.domain.effects import NodeConnected, StopOnNode, WakeDispatcher, decode
 from compute_swarm.coordinator.transport.replicas import payloads
-from compute_swarm.engine.jobs import DEFAULT_MODEL, DEMO_CHAT_DATASET
+from compute_swarm.engine.jobs import CATALOGUE, DEFAULT_MODEL, DEMO_CHAT_DATASET
 from compute_swarm.sdk.client import SwarmClient
 from tests.coordinator.test_node_socket import ScriptedNode, closed_with, new_buyer, submit
 from tests.swarm_processes import Coordinator, run_cli, wait_for
@@ -195,6 +195,19 @@ def test_a_chat_on_one_replica_is_answered_by_a_node_on_the_other_and_charged_on
     wait_for(
         lambda: buyer.balance()["available_micro"] == before - charged, 10, "the refund of the cut answer"
     )
+
+
+def test_a_transfer_ticket_from_one_replica_is_good_at_the_other(replicas):
+    on_a, on_b = replicas
+    node = ScriptedNode(on_a, "fetching")
+    model = CATALOGUE[DEFAULT_MODEL]
+    offer = node.http.transfer_offer(model.sha256)
+    assert offer.web_seed_url.startswith(on_a.url)
+    # The load balancer sends the node's next request to the other replica: the ticket still opens it.
+    through_b = offer.web_seed_url.replace(on_a.url, on_b.url, 1).rstrip("/") + f"/{model.sha256}"
+    answer = httpx.get(through_b, headers={"Range": "bytes=0-3"}, timeout=30)
+    assert answer.status_code == 206, answer.text[:200]
+    assert answer.content == b"GGUF"
 
 
 def test_jobs_are_leased_once_whichever_replica_leases_them(replicas):

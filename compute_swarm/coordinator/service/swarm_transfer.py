@@ -18,7 +18,6 @@ import hmac
 import ipaddress
 import logging
 import os
-import secrets
 import struct
 import threading
 import time
@@ -27,6 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from compute_swarm.coordinator.store.artifacts import SHA256, ArtifactStore
+from compute_swarm.coordinator.store.database import Database
 from compute_swarm.swarm_transfer import (
     ANNOUNCE_INTERVAL_SECONDS,
     MAX_PEERS_PER_ANSWER,
@@ -100,12 +100,11 @@ def _unb64(text: str) -> bytes:
         raise ValueError(str(error)) from None
 
 
-def transfer_key(configured: str | None) -> bytes:
-    """The tickets' key: the configured secret (replicas must share one), else a random one for this
-    process (a restart then voids the tickets, and nodes ask for new offers)."""
-    if configured:
-        return hashlib.sha256(configured.encode()).digest()
-    return secrets.token_bytes(32)
+def transfer_key(configured: str | None, database: Database) -> bytes:
+    """The tickets' key: the configured secret, else one the database keeps for every replica (so a
+    ticket from one replica is good at another, and after a restart)."""
+    secret = configured or database.shared_secret("transfer_tickets")
+    return hashlib.sha256(secret.encode()).digest()
 
 
 class Torrents:

@@ -13,7 +13,9 @@ is committed, and one caller's failure rolls back its own work only.
 from __future__ import annotations
 
 import contextlib
+import secrets
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -21,6 +23,8 @@ from pathlib import Path
 from typing import Any, TypeVar
 
 from sqlalchemy import Engine, create_engine, event
+from sqlalchemy.dialects.postgresql import insert as postgresql_insert
+from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session, sessionmaker
 
 MIGRATIONS = Path(__file__).parent / "migrations"
@@ -164,6 +168,21 @@ class Database:
         """A session for reads only: it never waits for writers (and must not write)."""
         with self._read_sessions() as session, session.begin():
             yield session
+
+    def shared_secret(self, name: str) -> str:
+        """A random secret made up the first time any coordinator on this database asks for it, and the
+        same for every replica after (tables.CoordinatorSecret)."""
+        from compute_swarm.coordinator.store.tables import CoordinatorSecret
+
+        insert = (sqlite_insert if self.is_sqlite else postgresql_insert)(CoordinatorSecret)
+        with self.transaction() as session:
+            # Two replicas starting together: one insert wins, and both read what it wrote.
+            session.execute(
+                insert.values(
+                    name=name, value=secrets.token_urlsafe(48), created_at=time.time()
+                ).on_conflict_do_nothing(index_elements=["name"])
+            )
+            return session.get_one(CoordinatorSecret, name).value
 
     def upgrade(self) -> None:
         """Bring the schema to the newest migration (a no-op when it is there already)."""

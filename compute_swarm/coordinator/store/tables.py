@@ -422,3 +422,15 @@ class CatalogueEntry(Base):
     licence_sha256: Mapped[str] = mapped_column(String(64))  # the licence text, an artifact
     added_at: Mapped[float] = mapped_column(Float)
     changed_at: Mapped[float] = mapped_column(Float)
+
+
+class CoordinatorSecret(Base):
+    """A secret the coordinator makes up once and every replica shares (the swarm-transfer tickets'
+    key, unless ops configured one): kept in the database they all read, so a ticket one replica
+    signed is good at the others, and after a restart."""
+
+    __tablename__ = "coordinator_secrets"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    value: Mapped[str] = mapped_column(String(128))
+    created_at: Mapped[float] = mapped_column(Float)
