@@ -253,10 +253,15 @@ def test_a_request_whose_node_drops_before_the_first_token_is_answered_by_anothe
     client = client_for(swarm, api_key, timeout=120)
     expected = ask(client, MODEL, "What is 2 + 2?")  # served by the real node, which loads the model
 
-    # A node that claims the model loaded is preferred, takes the request, and vanishes.
+    # A node that claims the model loaded on a GPU is preferred, takes the request, and vanishes. (The
+    # GPU decides it: by now the real node may report the model loaded too, and its round trip is
+    # timed while the flaky node's is not.)
+    gpu = {"index": 0, "vendor": "nvidia", "name": "test gpu", "backend": "cuda",
+           "memory_total_bytes": 24 << 30, "memory_free_bytes": 22 << 30}  # fmt: skip
+    telemetry = {**TELEMETRY, "gpus": [gpu], "backends": ["cuda", "cpu"]}
     flaky = ScriptedNode(swarm, "flaky")
-    flaky.connect(models=[MODEL], inference_slots=1)
-    flaky.send({"type": "heartbeat", "telemetry": TELEMETRY, "loaded_models": [MODEL]})
+    flaky.connect(models=[MODEL], inference_slots=1, telemetry=telemetry)
+    flaky.send({"type": "heartbeat", "telemetry": telemetry, "loaded_models": [MODEL]})
     wait_for(lambda: swarm.health()["nodes_connected"] == 2, 20, "the flaky node")
     answer = {}
     asking = threading.Thread(target=lambda: answer.setdefault("text", ask(client, MODEL, "What is 2 + 2?")))
