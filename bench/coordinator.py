@@ -24,6 +24,12 @@ for the coordinator, its event-loop thread alone, each client process and this p
 
     python bench/coordinator.py [--nodes 10000] [--jobs 5000] [--backlog B] [--submit-rate 500]
                                 [--client-processes 2] [--duration-limit 300]
+                                [--postgres | --database-url URL] [--replicas N]
+
+On PostgreSQL (`--postgres` starts a throwaway server from the pgserver wheel, which refuses to run as
+root; or `--database-url postgresql+psycopg://...`), `--replicas N` runs N coordinators on that one
+database: client process i connects its nodes to replica i mod N, submitter k submits through replica
+k mod N, and the coordinators' metrics and CPU are summed (each replica's CPU is given too).
 
 Everything is bounded: at most --nodes sockets, --jobs + --backlog jobs, and --duration-limit seconds,
 after which the results so far are written. At 10,000 nodes on 2 cores a whole run takes 5 to 8
@@ -140,12 +146,13 @@ class CpuWindow:
 
 
 class CoordinatorProcess:
-    def __init__(self, data_dir: Path, port: int):
+    def __init__(self, data_dir: Path, port: int, environment: dict[str, str] | None = None):
         self.data_dir = data_dir
         self.port = port
         self.url = f"http://127.0.0.1:{port}"
         self.log_path = data_dir / "coordinator.log"
         self.process: subprocess.Popen | None = None
+        self.environment = environment or {}  # the database and replica name, for replicas
 
     def start(self, timeout: float = 60.0) -> None:
 
@@ -162,6 +169,7 @@ class CoordinatorProcess:
                     "PYTHONUNBUFFERED": "1",
                     "SWARM_NODE_ADMISSION": "open",
                     "SWARM_REGISTRATIONS_PER_HOUR_PER_ADDRESS": "0",
+                    **self.environment,
                 },
                 preexec_fn=raise_fd_limit,
                 start_new_session=True,
@@ -188,6 +196,7 @@ class CoordinatorProcess:
             timeout=120,
             cwd=REPOSITORY,
             check=False,
+            env={**os.environ, **self.environment},
         )
         if completed.returncode != 0:
             raise RuntimeError(f"create-buyer failed:\n{completed.stderr}")
@@ -536,9 +545,10 @@ class Submission:
 
 
 async def submit_jobs(
-    url: str, api_key: str, file_id: str, count: int, rate: float | None, concurrency: int
+    urls: list[str], api_key: str, file_id: str, count: int, rate: float | None, concurrency: int
 ) -> tuple[list[Submission], dict[str, int]]:
-    """Submit `count` jobs, job i due at start + i/rate (open loop; as fast as possible without a rate)."""
+    """Submit `count` jobs, job i due at start + i/rate (open loop; as fast as possible without a rate);
+    submitter k through coordinator k mod len(urls)."""
     import httpx
 
     body = {"spec": {**JOB_SPEC, "dataset": file_id}}
@@ -547,10 +557,16 @@ async def submit_jobs(
     indices = iter(range(count))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
     headers = {"Authorization": f"Bearer {api_key}"}
-    async with httpx.AsyncClient(base_url=url, headers=headers, timeout=120, limits=limits) as client:
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(
+                httpx.AsyncClient(base_url=url, headers=headers, timeout=120, limits=limits)
+            )
+            for url in urls
+        ]
         started = time.monotonic()
 
-        async def submit() -> None:
+        async def submit(client: httpx.AsyncClient) -> None:
             for index in indices:
                 if rate:
                     await asyncio.sleep(max(0.0, started + index / rate - time.monotonic()))
@@ -566,11 +582,30 @@ async def submit_jobs(
                 else:
                     errors[f"HTTP {response.status_code}: {response.text[:100]}"] += 1
 
-        await asyncio.gather(*(submit() for _ in range(concurrency)))
+        await asyncio.gather(*(submit(clients[number % len(clients)]) for number in range(concurrency)))
     return submissions, dict(errors)
 
 
 # ---- the coordinator's own metrics
+
+
+async def scrape_all(urls: list[str]) -> dict:
+    """The coordinators' metrics summed (counters and histogram buckets add up across replicas)."""
+    scraped = await asyncio.gather(*(scrape_metrics(url) for url in urls))
+    total: dict = {"buckets": Counter(), "garbage_collections": {}}
+    for metrics in scraped:
+        total["buckets"].update(metrics["buckets"])
+        for generation, fields in metrics["garbage_collections"].items():
+            summed = total["garbage_collections"].setdefault(generation, Counter())
+            summed.update(fields)
+        for name, value in metrics.items():
+            if name not in ("buckets", "garbage_collections"):
+                total[name] = total.get(name, 0.0) + value
+    total["buckets"] = dict(total["buckets"])
+    total["garbage_collections"] = {
+        name: dict(fields) for name, fields in total["garbage_collections"].items()
+    }
+    return total
 
 
 async def scrape_metrics(url: str) -> dict:
@@ -776,10 +811,21 @@ def split_jobs(nodes: int, stream: int, backlog: int) -> tuple[int, int, str | N
 
 
 class Bench:
-    def __init__(self, arguments: argparse.Namespace, data_dir: Path):
+    def __init__(self, arguments: argparse.Namespace, data_dir: Path, database_url: str = ""):
         self.arguments = arguments
         self.data_dir = data_dir
-        self.coordinator = CoordinatorProcess(data_dir / "coordinator", free_port())
+        self.replicas = [
+            CoordinatorProcess(
+                data_dir / f"coordinator-{number}",
+                free_port(),
+                {"SWARM_DATABASE_URL": database_url, "SWARM_REPLICA_NAME": f"replica-{number}"}
+                if database_url
+                else {},
+            )
+            for number in range(arguments.replicas)
+        ]
+        self.coordinator = self.replicas[0]  # buyers and files are made through the first
+        self.urls = [replica.url for replica in self.replicas]
         self.workers: list[Worker] = []
         self.results: dict = {}
         self.phase = "starting"
@@ -788,6 +834,11 @@ class Bench:
     def stats(self) -> dict[str, ProcessStats]:
         pid = self.coordinator.process.pid
         stats = {"coordinator": ProcessStats(pid), "coordinator_event_loop": ProcessStats(pid, thread_id=pid)}
+        for number, replica in enumerate(self.replicas[1:], start=1):
+            stats[f"replica_{number}"] = ProcessStats(replica.process.pid)
+            stats[f"replica_{number}_event_loop"] = ProcessStats(
+                replica.process.pid, thread_id=replica.process.pid
+            )
         for number, worker in enumerate(self.workers):
             stats[f"client_{number}"] = ProcessStats(worker.process.pid)
         stats["bench"] = ProcessStats(os.getpid())
@@ -802,10 +853,12 @@ class Bench:
         }
 
     async def health(self) -> dict:
+        """The first replica's health, with the nodes connected to every replica."""
         import httpx
 
         async with httpx.AsyncClient(timeout=30) as client:
-            return (await client.get(f"{self.coordinator.url}/healthz")).json()
+            answers = [(await client.get(f"{url}/healthz")).json() for url in self.urls]
+        return {**answers[0], "nodes_connected": sum(answer.get("nodes_connected", 0) for answer in answers)}
 
     async def lease_count(self) -> tuple[int, int]:
         answers = await asyncio.gather(*(worker.request("count") for worker in self.workers))
@@ -839,7 +892,8 @@ class Bench:
 
         self.phase = "coordinator start"
         started = time.monotonic()
-        await asyncio.to_thread(self.coordinator.start)
+        for replica in self.replicas:
+            await asyncio.to_thread(replica.start)
         self.results["coordinator_start_seconds"] = round(time.monotonic() - started, 2)
         api_key = await asyncio.to_thread(self.coordinator.create_buyer, "bench", "1000000")
         from compute_swarm.sdk.client import SwarmClient
@@ -890,15 +944,18 @@ class Bench:
         per_process_concurrency = max(1, arguments.connect_concurrency // processes)
         print(f"connecting {len(credentials)} nodes from {processes} client processes ...", file=sys.stderr)
         started = time.monotonic()
-        pid = self.coordinator.process.pid
         window = CpuWindow(
-            {"coordinator": ProcessStats(pid), "coordinator_event_loop": ProcessStats(pid, thread_id=pid)}
+            {
+                name: stats
+                for name, stats in self.stats().items()
+                if name.startswith(("coordinator", "replica"))
+            }
         )
         for number in range(processes):
             self.workers.append(
                 Worker(
                     context,
-                    self.coordinator.url,
+                    self.urls[number % len(self.urls)],
                     credentials[number::processes],
                     {
                         "seed": number,
@@ -948,17 +1005,17 @@ class Bench:
         arguments = self.arguments
         print(f"stream: {count} jobs at {arguments.submit_rate or 'max'}/s ...", file=sys.stderr)
         leased_before, _ = await self.lease_count()
-        metrics_before = await scrape_metrics(self.coordinator.url)
+        metrics_before = await scrape_all(self.urls)
         window = CpuWindow(self.stats())
         started = time.time()
         submissions, errors = await submit_jobs(
-            self.coordinator.url, api_key, file_id, count, arguments.submit_rate, arguments.submit_concurrency
+            self.urls, api_key, file_id, count, arguments.submit_rate, arguments.submit_concurrency
         )
         submit_seconds = time.time() - started
         submit_cpu = window.shares()
         await self.wait_for_leases(leased_before + len(submissions), SETTLE_TIMEOUT_SECONDS)
         cpu = window.shares()
-        metrics_after = await scrape_metrics(self.coordinator.url)
+        metrics_after = await scrape_all(self.urls)
         leases = await self.lease_times()
         self.results["stream"] = self.summarize(
             submissions,
@@ -979,11 +1036,11 @@ class Bench:
         paused = await asyncio.gather(*(worker.request("pause") for worker in self.workers))
         await asyncio.sleep(3.0)  # the pause heartbeats reach the hub
         leased_before, _ = await self.lease_count()
-        metrics_before = await scrape_metrics(self.coordinator.url)
+        metrics_before = await scrape_all(self.urls)
         submit_window = CpuWindow(self.stats())
         started = time.time()
         submissions, errors = await submit_jobs(
-            self.coordinator.url, api_key, file_id, count, None, arguments.submit_concurrency
+            self.urls, api_key, file_id, count, None, arguments.submit_concurrency
         )
         submit_seconds = time.time() - started
         submit_cpu = submit_window.shares()
@@ -993,7 +1050,7 @@ class Bench:
         resume_sent = min(answer[2] for answer in resumed)
         await self.wait_for_leases(leased_before + len(submissions), SETTLE_TIMEOUT_SECONDS)
         cpu = window.shares()
-        metrics_after = await scrape_metrics(self.coordinator.url)
+        metrics_after = await scrape_all(self.urls)
         leases = await self.lease_times()
         summary = self.summarize(
             submissions,
@@ -1085,7 +1142,8 @@ class Bench:
     def cleanup(self) -> None:
         for worker in self.workers:
             worker.stop()
-        self.coordinator.kill()
+        for replica in self.replicas:
+            replica.kill()
 
 
 def connect_rate_by_fifth(timeline: list[tuple[float, int]], connected: int) -> list[float]:
@@ -1123,7 +1181,8 @@ def print_report(results: dict) -> None:
 
     goal = results["goal"]
     print(
-        f"\nCoordinator at scale: {results['nodes_requested']} nodes from {results['client_processes']} client "
+        f"\nCoordinator at scale: {results['replicas']} coordinator(s) on {results['database']}, "
+        f"{results['nodes_requested']} nodes from {results['client_processes']} client "
         f"processes ({results['compression']} compression), {results['cpu_count']} CPUs, "
         f"load average at start {results['load_average_at_start']}"
     )
@@ -1258,11 +1317,22 @@ def main() -> None:
         default="deflate",
         help="websocket permessage-deflate as the agent offers it (default) or none",
     )
+    parser.add_argument("--postgres", action="store_true", help="a throwaway PostgreSQL (pgserver)")
+    parser.add_argument("--database-url", default="", help="a PostgreSQL database for the coordinators")
+    parser.add_argument("--replicas", type=int, default=1, help="coordinators on the one PostgreSQL database")
     parser.add_argument("--duration-limit", type=float, default=300.0, help="hard stop, seconds")
     parser.add_argument("--output", type=Path, default=RESULTS)
     arguments = parser.parse_args()
     if arguments.backlog is None:
         arguments.backlog = arguments.jobs
+    if arguments.replicas < 1 or (
+        arguments.replicas > 1 and not (arguments.postgres or arguments.database_url)
+    ):
+        parser.error("--replicas N needs PostgreSQL: --postgres or --database-url")
+    if arguments.postgres and os.geteuid() == 0:
+        parser.error(
+            "--postgres: pgserver's PostgreSQL refuses to run as root; run the bench as another user"
+        )
     if (
         min(arguments.nodes, arguments.client_processes, arguments.submit_concurrency) < 1
         or min(arguments.jobs, arguments.backlog) < 0
@@ -1276,10 +1346,18 @@ def main() -> None:
 
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="swarm-bench-") as temporary:
-        bench = Bench(arguments, Path(temporary))
+        database_url, postgres = arguments.database_url, None
+        if arguments.postgres:
+            import pgserver
+
+            postgres = pgserver.get_server(Path(temporary) / "postgres", cleanup_mode="stop")
+            database_url = postgres.get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
+        bench = Bench(arguments, Path(temporary), database_url)
         results = bench.results
         results.update(
             {
+                "database": "postgresql" if database_url else "sqlite",
+                "replicas": arguments.replicas,
                 "nodes_requested": arguments.nodes,
                 "client_processes": arguments.client_processes,
                 "compression": arguments.compression,
@@ -1324,6 +1402,8 @@ def main() -> None:
         finally:
             signal.signal(signal.SIGTERM, previous_handler)
             bench.cleanup()
+            if postgres is not None:
+                postgres.cleanup()
         results["seconds"] = round(time.monotonic() - started, 1)
         results["load_average_at_end"] = [round(value, 2) for value in os.getloadavg()]
         ratios_and_goal(results)

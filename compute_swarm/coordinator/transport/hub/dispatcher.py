@@ -95,6 +95,10 @@ class Dispatcher:
             )
             await asyncio.gather(*(self._deliver(grant) for grant in grants))
             granted += len(grants)
+        if granted < len(assignments):
+            # Some planned jobs were gone when leased: another replica leased them (or a buyer
+            # cancelled). The queue behind them may still fit the nodes left free: plan again.
+            self.wake()
         return granted
 
     def _available(
