@@ -545,34 +545,34 @@ class Submission:
 
 
 async def submit_jobs(
-    urls: list[str], api_key: str, file_id: str, count: int, rate: float | None, concurrency: int
+    urls: list[str], buyers: list[tuple[str, str]], count: int, rate: float | None, concurrency: int
 ) -> tuple[list[Submission], dict[str, int]]:
     """Submit `count` jobs, job i due at start + i/rate (open loop; as fast as possible without a rate);
-    submitter k through coordinator k mod len(urls)."""
+    submitter k through coordinator k mod len(urls), as buyer k mod len(buyers) (api key, dataset)."""
     import httpx
 
-    body = {"spec": {**JOB_SPEC, "dataset": file_id}}
     submissions: list[Submission] = []
     errors: Counter[str] = Counter()
     indices = iter(range(count))
     limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    headers = {"Authorization": f"Bearer {api_key}"}
     async with contextlib.AsyncExitStack() as stack:
         clients = [
-            await stack.enter_async_context(
-                httpx.AsyncClient(base_url=url, headers=headers, timeout=120, limits=limits)
-            )
+            await stack.enter_async_context(httpx.AsyncClient(base_url=url, timeout=120, limits=limits))
             for url in urls
         ]
         started = time.monotonic()
 
-        async def submit(client: httpx.AsyncClient) -> None:
+        async def submit(number: int) -> None:
+            client = clients[number % len(clients)]
+            api_key, file_id = buyers[number % len(buyers)]
+            body = {"spec": {**JOB_SPEC, "dataset": file_id}}
+            headers = {"Authorization": f"Bearer {api_key}"}
             for index in indices:
                 if rate:
                     await asyncio.sleep(max(0.0, started + index / rate - time.monotonic()))
                 sent = time.time()
                 try:
-                    response = await client.post("/api/jobs", json=body)
+                    response = await client.post("/api/jobs", json=body, headers=headers)
                 except httpx.HTTPError as error:
                     errors[type(error).__name__] += 1
                     continue
@@ -582,7 +582,7 @@ async def submit_jobs(
                 else:
                     errors[f"HTTP {response.status_code}: {response.text[:100]}"] += 1
 
-        await asyncio.gather(*(submit(clients[number % len(clients)]) for number in range(concurrency)))
+        await asyncio.gather(*(submit(number) for number in range(concurrency)))
     return submissions, dict(errors)
 
 
@@ -895,14 +895,14 @@ class Bench:
         for replica in self.replicas:
             await asyncio.to_thread(replica.start)
         self.results["coordinator_start_seconds"] = round(time.monotonic() - started, 2)
-        api_key = await asyncio.to_thread(self.coordinator.create_buyer, "bench", "1000000")
         from compute_swarm.sdk.client import SwarmClient
 
-        def upload() -> str:
+        def new_buyer(number: int) -> tuple[str, str]:
+            api_key = self.coordinator.create_buyer(f"bench-{number}", "1000000")
             with SwarmClient(self.coordinator.url, api_key) as client:
-                return client.upload_file(DEMO_CHAT_DATASET)["id"]
+                return api_key, client.upload_file(DEMO_CHAT_DATASET)["id"]
 
-        file_id = await asyncio.to_thread(upload)
+        buyers = [await asyncio.to_thread(new_buyer, number) for number in range(arguments.buyers)]
 
         self.phase = "registration"
         print(f"registering {arguments.nodes} nodes ...", file=sys.stderr)
@@ -926,10 +926,10 @@ class Bench:
 
         if stream_jobs:
             self.phase = "stream"
-            await self.stream(api_key, file_id, stream_jobs)
+            await self.stream(buyers, stream_jobs)
         if backlog_jobs:
             self.phase = "backlog"
-            await self.backlog(api_key, file_id, backlog_jobs)
+            await self.backlog(buyers, backlog_jobs)
         # Others share this disk: its commit rate is measured again, beside the idle coordinator.
         self.phase = "baselines again"
         self.results["baseline"]["sqlite_at_end"] = await asyncio.to_thread(
@@ -1001,7 +1001,7 @@ class Bench:
         }
         print(f"  {self.results['connect']}", file=sys.stderr)
 
-    async def stream(self, api_key: str, file_id: str, count: int) -> None:
+    async def stream(self, buyers: list[tuple[str, str]], count: int) -> None:
         arguments = self.arguments
         print(f"stream: {count} jobs at {arguments.submit_rate or 'max'}/s ...", file=sys.stderr)
         leased_before, _ = await self.lease_count()
@@ -1009,7 +1009,7 @@ class Bench:
         window = CpuWindow(self.stats())
         started = time.time()
         submissions, errors = await submit_jobs(
-            self.urls, api_key, file_id, count, arguments.submit_rate, arguments.submit_concurrency
+            self.urls, buyers, count, arguments.submit_rate, arguments.submit_concurrency
         )
         submit_seconds = time.time() - started
         submit_cpu = window.shares()
@@ -1030,7 +1030,7 @@ class Bench:
         self.results["stream"]["target_submit_rate"] = arguments.submit_rate
         print(f"  {short(self.results['stream'])}", file=sys.stderr)
 
-    async def backlog(self, api_key: str, file_id: str, count: int) -> None:
+    async def backlog(self, buyers: list[tuple[str, str]], count: int) -> None:
         arguments = self.arguments
         print(f"backlog: {count} jobs queued while the idle nodes pause, then released ...", file=sys.stderr)
         paused = await asyncio.gather(*(worker.request("pause") for worker in self.workers))
@@ -1039,9 +1039,7 @@ class Bench:
         metrics_before = await scrape_all(self.urls)
         submit_window = CpuWindow(self.stats())
         started = time.time()
-        submissions, errors = await submit_jobs(
-            self.urls, api_key, file_id, count, None, arguments.submit_concurrency
-        )
+        submissions, errors = await submit_jobs(self.urls, buyers, count, None, arguments.submit_concurrency)
         submit_seconds = time.time() - started
         submit_cpu = submit_window.shares()
         leased_while_paused = (await self.lease_count())[0] - leased_before
@@ -1182,6 +1180,7 @@ def print_report(results: dict) -> None:
     goal = results["goal"]
     print(
         f"\nCoordinator at scale: {results['replicas']} coordinator(s) on {results['database']}, "
+        f"{results['buyers']} buyer(s), "
         f"{results['nodes_requested']} nodes from {results['client_processes']} client "
         f"processes ({results['compression']} compression), {results['cpu_count']} CPUs, "
         f"load average at start {results['load_average_at_start']}"
@@ -1303,6 +1302,12 @@ def main() -> None:
         "--submit-rate", type=float, default=500.0, help="stream jobs per second (0: as fast as possible)"
     )
     parser.add_argument("--submit-concurrency", type=int, default=16, help="concurrent HTTP submitters")
+    parser.add_argument(
+        "--buyers",
+        type=int,
+        default=1,
+        help="buyers the submitters take turns as (each holds its own balance)",
+    )
     parser.add_argument("--client-processes", type=int, default=2)
     parser.add_argument(
         "--connect-concurrency", type=int, default=64, help="handshakes in flight, all processes"
@@ -1334,7 +1339,7 @@ def main() -> None:
             "--postgres: pgserver's PostgreSQL refuses to run as root; run the bench as another user"
         )
     if (
-        min(arguments.nodes, arguments.client_processes, arguments.submit_concurrency) < 1
+        min(arguments.nodes, arguments.client_processes, arguments.submit_concurrency, arguments.buyers) < 1
         or min(arguments.jobs, arguments.backlog) < 0
     ):
         parser.error("--nodes, --client-processes and --submit-concurrency must be >= 1, job counts >= 0")
@@ -1358,6 +1363,7 @@ def main() -> None:
             {
                 "database": "postgresql" if database_url else "sqlite",
                 "replicas": arguments.replicas,
+                "buyers": arguments.buyers,
                 "nodes_requested": arguments.nodes,
                 "client_processes": arguments.client_processes,
                 "compression": arguments.compression,
