@@ -134,36 +134,23 @@ class Replicas:
             self._outbox.put((channel, payload))
 
     def _send_forever(self) -> None:
-        import psycopg
+        self._keep_connected(self._send_waiting, "could not send to the others")
 
-        attempt = 0
+    def _send_waiting(self, connection: Any) -> None:
         while not self._stopped.is_set():
             try:
-                with psycopg.connect(
-                    _libpq_url(self.database), autocommit=True, connect_timeout=10
-                ) as connection:
-                    attempt = 0
-                    while not self._stopped.is_set():
-                        try:
-                            waiting = [self._outbox.get(timeout=LISTEN_SECONDS)]
-                        except queue.Empty:
-                            continue
-                        while len(waiting) < 256:
-                            try:
-                                waiting.append(self._outbox.get_nowait())
-                            except queue.Empty:
-                                break
-                        # One round trip for what waited, in order.
-                        with connection.pipeline():
-                            for channel, payload in waiting:
-                                connection.execute("SELECT pg_notify(%s, %s)", (channel, payload))
-            except psycopg.Error as error:
-                delay = RECONNECT_SECONDS[min(attempt, len(RECONNECT_SECONDS) - 1)]
-                attempt += 1
-                logger.warning(
-                    "replica %s could not send to the others (%s); again in %s s", self.name, error, delay
-                )
-                self._stopped.wait(delay)
+                waiting = [self._outbox.get(timeout=LISTEN_SECONDS)]
+            except queue.Empty:
+                continue
+            while len(waiting) < 256:
+                try:
+                    waiting.append(self._outbox.get_nowait())
+                except queue.Empty:
+                    break
+            # One round trip for what waited, in order.
+            with connection.pipeline():
+                for channel, payload in waiting:
+                    connection.execute("SELECT pg_notify(%s, %s)", (channel, payload))
 
     def _receive_message(self, payload: str) -> None:
         try:
@@ -205,6 +192,35 @@ class Replicas:
     # ---- receiving, and leading
 
     def _listen_forever(self) -> None:
+        self._keep_connected(self._listen, "lost the database's notifications")
+        self.connected.clear()
+        self._leading = False
+
+    def _listen(self, connection: Any) -> None:
+        connection.execute("SELECT pg_advisory_lock(%s, %s)", (REPLICA_LOCKS, _instance_key(self.instance)))
+        for channel in (CHANNEL, BROADCAST_CHANNEL, _replica_channel(self.instance)):
+            connection.execute(f"LISTEN {channel}")
+        self.connected.set()
+        # Notifications sent while this replica was not listening are lost: look again at the queue
+        # and at the nodes' standing.
+        self._carry_out([WakeDispatcher(), StandingChanged()])
+        try:
+            while not self._stopped.is_set():
+                self._lead(connection)
+                for notification in connection.notifies(timeout=LISTEN_SECONDS):
+                    if notification.channel == CHANNEL:
+                        self._receive(notification.payload)
+                    else:
+                        self._receive_message(notification.payload)
+        finally:
+            self.connected.clear()
+            if self._leading and not self._stopped.is_set():
+                logger.warning("replica %s no longer leads: its listening connection ended", self.name)
+            self._leading = False
+
+    def _keep_connected(self, work: Callable[[Any], None], trouble: str) -> None:
+        """Run `work` on a connection of its own until this replica stops, connecting again (backing
+        off) each time the connection is lost."""
         import psycopg
 
         attempt = 0
@@ -213,40 +229,13 @@ class Replicas:
                 with psycopg.connect(
                     _libpq_url(self.database), autocommit=True, connect_timeout=10
                 ) as connection:
-                    connection.execute(
-                        "SELECT pg_advisory_lock(%s, %s)", (REPLICA_LOCKS, _instance_key(self.instance))
-                    )
-                    connection.execute(f"LISTEN {CHANNEL}")
-                    connection.execute(f"LISTEN {BROADCAST_CHANNEL}")
-                    connection.execute(f"LISTEN {_replica_channel(self.instance)}")
-                    self.connected.set()
                     attempt = 0
-                    # Notifications sent while this replica was not listening are lost: look again at
-                    # the queue and at the nodes' standing.
-                    self._carry_out([WakeDispatcher(), StandingChanged()])
-                    while not self._stopped.is_set():
-                        self._lead(connection)
-                        for notification in connection.notifies(timeout=LISTEN_SECONDS):
-                            if notification.channel == CHANNEL:
-                                self._receive(notification.payload)
-                            else:
-                                self._receive_message(notification.payload)
+                    work(connection)
             except psycopg.Error as error:
-                self.connected.clear()
-                if self._leading:
-                    logger.warning("replica %s no longer leads: %s", self.name, error)
-                self._leading = False
                 delay = RECONNECT_SECONDS[min(attempt, len(RECONNECT_SECONDS) - 1)]
                 attempt += 1
-                logger.warning(
-                    "replica %s lost the database's notifications (%s); again in %s s",
-                    self.name,
-                    error,
-                    delay,
-                )
+                logger.warning("replica %s %s (%s); again in %s s", self.name, trouble, error, delay)
                 self._stopped.wait(delay)
-        self.connected.clear()
-        self._leading = False
 
     def _lead(self, connection: Any) -> None:
         if self._leading:
