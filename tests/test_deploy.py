@@ -4,11 +4,7 @@ answer health checks, hold a node's websocket, lease it a buyer's job, stream an
 generated and take uploads larger than nginx's default body limit.
 
 The nginx tests need nginx (installers/debian-packages.sh installs it). The replicas run on a throwaway
-PostgreSQL server from the pgserver wheel, which refuses to run as root: as root those tests skip. Run
-them as an unprivileged user, e.g. as root from the repository's root, where the interpreter lives
-under /root (mkdir /tmp/nobodyhome, owned by nobody, first):
-    chmod 711 /root && su -s /bin/bash nobody -c "HOME=/tmp/nobodyhome .venv/bin/python -m pytest \
-        tests/test_deploy.py -p no:cacheprovider --basetemp=/tmp/nobodyhome/pytest"; chmod 700 /root
+PostgreSQL server from the pgserver wheel (which, started by root, runs PostgreSQL as a user of its own).
 """
 
 from __future__ import annotations
@@ -16,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import datetime
 import json
-import os
 import queue
 import re
 import shlex
@@ -237,11 +232,6 @@ class Front:
 
 @pytest.fixture(scope="module")
 def front(tmp_path_factory):
-    if os.geteuid() == 0:
-        pytest.skip(
-            "pgserver's PostgreSQL refuses to run as root: run this file as an unprivileged user "
-            "(the module's docstring says how)"
-        )
     pgserver = pytest.importorskip(
         "pgserver", reason="PostgreSQL tests need the pgserver wheel (the dev extra)"
     )
