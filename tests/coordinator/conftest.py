@@ -1,10 +1,12 @@
-"""Fixtures for the coordinator's in-process tests (a module may define its own `database` instead)."""
+"""Fixtures for the coordinator's tests (a module may define its own `database` or `coordinator` instead)."""
 
 from __future__ import annotations
 
 import pytest
 
 from compute_swarm.coordinator.store.database import Database
+from tests.coordinator.test_node_socket import check_ledger
+from tests.swarm_processes import Coordinator
 
 
 @pytest.fixture
@@ -17,3 +19,12 @@ def database(tmp_path):
     database.carried = carried  # type: ignore[attr-defined]
     yield database
     database.close()
+
+
+@pytest.fixture
+def coordinator(tmp_path):
+    """A coordinator process of the test's own, whose ledger must balance when the test ends."""
+    server = Coordinator(tmp_path / "coordinator").start()
+    yield server
+    server.stop()
+    check_ledger(server.data_dir)

@@ -14,7 +14,7 @@ from websockets.exceptions import ConnectionClosed
 
 from compute_swarm.engine.jobs import DEFAULT_MODEL
 from compute_swarm.sdk.client import SwarmClient
-from tests.coordinator.test_node_socket import ScriptedNode, check_ledger
+from tests.coordinator.test_node_socket import ScriptedNode
 from tests.swarm_processes import Coordinator
 
 pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager")
@@ -22,14 +22,6 @@ pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a 
 # What the review measured: 6,400 deltas of 16 KB (105 MB), each claiming no token.
 FLOOD_DELTAS = 6400
 FLOOD_TEXT = "x" * (16 * 1024)
-
-
-@pytest.fixture
-def coordinator(tmp_path):
-    server = Coordinator(tmp_path / "coordinator").start()
-    yield server
-    server.stop()
-    check_ledger(server.data_dir)
 
 
 def peak_memory_bytes(process_id: int) -> int:

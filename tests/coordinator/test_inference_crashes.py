@@ -12,20 +12,12 @@ import pytest
 from compute_swarm.coordinator.domain import pricing
 from compute_swarm.engine.jobs import CATALOGUE, DEFAULT_MODEL
 from compute_swarm.sdk.client import SwarmClient
-from tests.coordinator.test_node_socket import TELEMETRY, ScriptedNode, check_ledger
+from tests.coordinator.test_node_socket import TELEMETRY, ScriptedNode
 from tests.swarm_processes import Coordinator, wait_for
 
 pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager")
 
 CRASH = f"the node's llama.cpp crashed (killed by SIGSEGV) while serving {DEFAULT_MODEL}"
-
-
-@pytest.fixture
-def coordinator(tmp_path):
-    server = Coordinator(tmp_path / "coordinator").start()
-    yield server
-    server.stop()
-    check_ledger(server.data_dir)
 
 
 def applied(node: ScriptedNode) -> None:

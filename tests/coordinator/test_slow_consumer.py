@@ -14,21 +14,13 @@ import httpx
 import pytest
 
 from compute_swarm.engine.jobs import DEFAULT_MODEL
-from tests.coordinator.test_node_socket import ScriptedNode, check_ledger
+from tests.coordinator.test_node_socket import ScriptedNode
 from tests.swarm_processes import Coordinator
 
 pytestmark = pytest.mark.filterwarnings("ignore:connect\\(\\) must be used as a context manager")
 
 PIECES = 1500
 PIECE = "y" * 99 + " "  # 100 bytes, one token each: 150 KB of text, over 300 KB as server-sent events
-
-
-@pytest.fixture
-def coordinator(tmp_path):
-    server = Coordinator(tmp_path / "coordinator").start()
-    yield server
-    server.stop()
-    check_ledger(server.data_dir)
 
 
 def slow_stream(coordinator: Coordinator, api_key: str, reading: threading.Event) -> bytes:

@@ -19,6 +19,7 @@ import shutil
 from pathlib import Path
 
 from compute_swarm.coordinator.store.bucket import Bucket
+from compute_swarm.engine.catalogue import sha256_of_file
 
 SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _UPLOAD_ID = re.compile(r"^upload_[0-9a-f]{16}$")
@@ -135,7 +136,7 @@ class ArtifactStore:
         chunks = self._chunks(upload_id) if self.bucket is not None else []
         if self.bucket is not None:
             self._assemble(chunks, path)
-        actual = _sha256_of(path)
+        actual = sha256_of_file(path)
         if actual != sha256:
             self.discard(upload_id)
             raise ArtifactError(f"the uploaded bytes hash to {actual}, not {sha256}")
@@ -179,7 +180,7 @@ class ArtifactStore:
         scratch = self.scratch / f"fetch_{sha256[:16]}_{secrets.token_hex(8)}"
         try:
             self.bucket.download(key, scratch)
-            actual = _sha256_of(scratch)
+            actual = sha256_of_file(scratch)
             if actual != sha256:
                 raise ArtifactError(f"the bucket's copy of {sha256} hashes to {actual}: not served")
             local.parent.mkdir(exist_ok=True)
@@ -213,14 +214,6 @@ class ArtifactStore:
                 os.fsync(whole.fileno())
         finally:
             part.unlink(missing_ok=True)
-
-
-def _sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _fsync_directory(directory: Path) -> None:
