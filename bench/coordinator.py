@@ -289,6 +289,9 @@ class NodeFleet:
         self.closed: Counter[str] = Counter()  # close codes of connections that ended
         self.received: Counter[str] = Counter()  # message types other than leases
         self.leases: list[tuple[str, float]] = []  # (job id, time.time() when received)
+        # The storm's reconnections: (time.time() when the handshake began, when the welcome came).
+        self.reconnections: list[tuple[float, float]] = []
+        self.hello_fields = json.loads(self.hello)
 
     async def run(self) -> None:
         loop = asyncio.get_running_loop()
@@ -304,7 +307,19 @@ class NodeFleet:
         reporter = asyncio.create_task(self._report_connecting())
         while True:
             command = await commands.get()
-            if command == "count":
+            if isinstance(command, tuple) and command[0] == "storm":
+                # A network outage: every connection drops with no closing handshake, and each node
+                # comes back at a random moment within the spread, claiming the jobs it holds.
+                spread = command[1]
+                dropped = [node for node in self.nodes if node.websocket is not None]
+                dropped_at = time.time()
+                for node in dropped:
+                    node.websocket.transport.abort()
+                for node in dropped:
+                    delay = self.random.uniform(0, spread)
+                    tasks.append(asyncio.create_task(self._run_node(node, gate, delay)))
+                self.pipe.send(("storm", len(dropped), dropped_at))
+            elif command == "count":
                 self.pipe.send(("count", len(self.leases), self.connected))
             elif command in ("pause", "resume"):
                 idle = [node for node in self.nodes if node.websocket is not None and not node.running]
@@ -322,6 +337,13 @@ class NodeFleet:
                             "closed": dict(self.closed),
                             "connect_errors": dict(self.connect_errors),
                             "received": dict(self.received),
+                            "reconnections": self.reconnections,
+                            # What each node holds now: (node id, job id, lease id).
+                            "holding": [
+                                (node.node_id, lease["job_id"], lease["lease_id"])
+                                for node in self.nodes
+                                for lease in node.running
+                            ],
                         },
                     )
                 )
@@ -339,15 +361,24 @@ class NodeFleet:
             ("connected", self.connected, self.attempted - self.connected, dict(self.connect_errors))
         )
 
-    async def _run_node(self, node: SimulatedNode, gate: asyncio.Semaphore) -> None:
+    async def _run_node(
+        self, node: SimulatedNode, gate: asyncio.Semaphore, delay: float | None = None
+    ) -> None:
+        """Connect (after `delay` seconds, when this is a reconnection), say hello, then receive until
+        the connection ends."""
         from websockets.asyncio.client import connect
         from websockets.exceptions import ConnectionClosed
 
         from compute_swarm import protocol
 
+        reconnecting = delay is not None
+        if reconnecting:
+            await asyncio.sleep(delay)
+        hello = json.dumps({**self.hello_fields, "running": node.running}) if node.running else self.hello
         websocket = None
         for attempt in range(CONNECT_ATTEMPTS):
             async with gate:
+                began = time.time()
                 try:
                     websocket = await connect(
                         self.websocket_url,
@@ -363,10 +394,12 @@ class NodeFleet:
                         close_timeout=1,
                         compression="deflate" if self.options["compression"] else None,
                     )
-                    await websocket.send(self.hello)
+                    await websocket.send(hello)
                     first = await asyncio.wait_for(websocket.recv(), OPEN_TIMEOUT_SECONDS)
                     if not first.startswith('{"type":"welcome"'):
                         raise RuntimeError(f"expected a welcome, got {first[:60]}")
+                    if reconnecting:
+                        self.reconnections.append((began, time.time()))
                     break
                 except Exception as error:
                     self.connect_errors[type(error).__name__] += 1
@@ -374,7 +407,8 @@ class NodeFleet:
                         websocket.transport.abort()
                         websocket = None
             await asyncio.sleep(0.5 * (attempt + 1))
-        self.attempted += 1
+        if not reconnecting:
+            self.attempted += 1
         if websocket is None:
             return
         node.websocket = websocket
@@ -399,6 +433,8 @@ class NodeFleet:
             heartbeats.cancel()
             self.connected -= 1
             self.closed[str(websocket.close_code)] += 1
+            if node.websocket is websocket:
+                node.websocket = None
 
     async def _heartbeats(self, node: SimulatedNode) -> None:
         from compute_swarm import protocol
@@ -412,6 +448,8 @@ class NodeFleet:
     async def _send_heartbeat(self, node: SimulatedNode) -> None:
         from websockets.exceptions import ConnectionClosed
 
+        if node.websocket is None:
+            return  # dropped by the storm, not back yet
         if not node.running and node.accepting:
             text = self.idle_heartbeat
         else:
@@ -467,9 +505,12 @@ class Worker:
                 continue
             self.events.put(event)
 
-    async def request(self, command: str, timeout: float = 60.0) -> tuple:
+    async def request(self, command: str | tuple, timeout: float = 60.0) -> tuple:
+        """Send a command (a name, or a tuple of the name and its arguments) and wait for its answer."""
         with self._lock:
             self.pipe.send(command)
+        if isinstance(command, tuple):
+            command = command[0]
         deadline = time.monotonic() + timeout
         while True:
             remaining = deadline - time.monotonic()
@@ -825,6 +866,9 @@ class Bench:
             for number in range(arguments.replicas)
         ]
         self.coordinator = self.replicas[0]  # buyers and files are made through the first
+        # Where the bench reads the jobs back to audit the storm (the first replica's own on SQLite).
+        self.database_url = database_url or f"sqlite:///{data_dir / 'coordinator-0' / 'coordinator.sqlite3'}"
+        self.accepted: list[str] = []  # every job answered 201, in every phase
         self.urls = [replica.url for replica in self.replicas]
         self.workers: list[Worker] = []
         self.results: dict = {}
@@ -878,7 +922,11 @@ class Bench:
 
     async def run(self) -> None:
         arguments = self.arguments
-        stream_jobs, backlog_jobs, note = split_jobs(arguments.nodes, arguments.jobs, arguments.backlog)
+        # The storm's jobs go to nodes kept free for them.
+        storm_nodes = min(arguments.storm_jobs, arguments.nodes // 2) if arguments.storm_spread > 0 else 0
+        stream_jobs, backlog_jobs, note = split_jobs(
+            arguments.nodes - storm_nodes, arguments.jobs, arguments.backlog
+        )
         self.results["jobs_plan"] = {"stream": stream_jobs, "backlog": backlog_jobs, "note": note}
         if note:
             print(f"note: {note}", file=sys.stderr)
@@ -930,6 +978,9 @@ class Bench:
         if backlog_jobs:
             self.phase = "backlog"
             await self.backlog(buyers, backlog_jobs)
+        if arguments.storm_spread > 0:
+            self.phase = "storm"
+            await self.storm(buyers)
         # Others share this disk: its commit rate is measured again, beside the idle coordinator.
         self.phase = "baselines again"
         self.results["baseline"]["sqlite_at_end"] = await asyncio.to_thread(
@@ -1071,6 +1122,65 @@ class Bench:
         self.results["backlog"] = summary
         print(f"  {short(summary)}", file=sys.stderr)
 
+    async def storm(self, buyers: list[tuple[str, str]]) -> None:
+        """Every connection drops at once; each node reconnects at a random moment within the spread and
+        claims the job it holds, while new jobs keep coming. Then the jobs are audited against what
+        the nodes hold: none lost, none held by two nodes."""
+        arguments = self.arguments
+        spread, count = arguments.storm_spread, arguments.storm_jobs
+        print(
+            f"storm: all nodes drop and reconnect within {spread:.0f} s, {count} jobs arrive ...",
+            file=sys.stderr,
+        )
+        leased_before, connected_before = await self.lease_count()
+        metrics_before = await scrape_all(self.urls)
+        window = CpuWindow(self.stats())
+        dropped = await asyncio.gather(*(worker.request(("storm", spread)) for worker in self.workers))
+        dropped_at = min(answer[2] for answer in dropped)
+        submitting = asyncio.create_task(
+            submit_jobs(
+                self.urls, buyers, count, count / spread if count else None, arguments.submit_concurrency
+            )
+        )
+        timeline: list[tuple[float, int]] = []
+        deadline = time.monotonic() + spread + 60.0
+        while True:
+            _, connected = await self.lease_count()
+            timeline.append((round(time.time() - dropped_at, 1), connected))
+            if connected >= connected_before or time.monotonic() > deadline:
+                break
+            await asyncio.sleep(0.5)
+        all_back_seconds = time.time() - dropped_at if connected >= connected_before else None
+        submissions, errors = await submitting
+        await self.wait_for_leases(leased_before + len(submissions), SETTLE_TIMEOUT_SECONDS)
+        await asyncio.sleep(3.0)  # stale claims' cancels reach their nodes
+        cpu = window.shares()
+        metrics_after = await scrape_all(self.urls)
+        reports = await asyncio.gather(*(worker.request("report") for worker in self.workers))
+        reconnections = [pair for report in reports for pair in report[1]["reconnections"]]
+        holding = [tuple(held) for report in reports for held in report[1]["holding"]]
+        leases = {job_id: received for report in reports for job_id, received in report[1]["leases"]}
+        summary = self.summarize(
+            submissions, errors, leases, time.time() - dropped_at, dropped_at, metrics_before, metrics_after,
+            {"whole_phase": cpu},
+        )  # fmt: skip
+        summary.update(
+            {
+                "spread_seconds": spread,
+                "dropped": sum(answer[1] for answer in dropped),
+                "reconnected": len(reconnections),
+                "connected_after": connected,
+                "all_back_seconds": round(all_back_seconds, 2) if all_back_seconds is not None else None,
+                "reconnect_handshake_to_welcome": percentiles_ms(
+                    [end - begin for begin, end in reconnections]
+                ),
+                "audit": await asyncio.to_thread(audit_jobs, self.database_url, self.accepted, holding),
+            }
+        )
+        self.results["storm"] = summary
+        print(f"  {short(summary)}", file=sys.stderr)
+        print(f"  audit: {summary['audit']}", file=sys.stderr)
+
     def summarize(
         self,
         submissions: list[Submission],
@@ -1082,6 +1192,7 @@ class Bench:
         metrics_after: dict,
         cpu: dict,
     ) -> dict:
+        self.accepted += [submission.job_id for submission in submissions]
         leased = [
             (submission, leases[submission.job_id])
             for submission in submissions
@@ -1142,6 +1253,55 @@ class Bench:
             worker.stop()
         for replica in self.replicas:
             replica.kill()
+
+
+def audit_jobs(database_url: str, accepted: list[str], holding: list[tuple[str, str, str]]) -> dict:
+    """Every accepted job against the database and against what the nodes hold (node, job, lease):
+    lost (missing, or ended without a result), held by two nodes at once, run by a node on a lease the
+    coordinator does not know, or leased to a node that does not hold it (stranded until it expires)."""
+    from sqlalchemy import select
+
+    from compute_swarm.coordinator.domain.lifecycle import HELD_STATES
+    from compute_swarm.coordinator.store.database import Database
+    from compute_swarm.coordinator.store.tables import Job
+
+    database = Database(database_url)
+    try:
+        with database.reading() as session:
+            rows = {
+                row.id: row
+                for row in session.execute(select(Job.id, Job.state, Job.node_id, Job.lease_id, Job.attempt))
+            }
+    finally:
+        database.close()
+    holders = Counter(job_id for _, job_id, _ in holding)
+    held = {(node_id, job_id, lease_id) for node_id, job_id, lease_id in holding}
+    states = Counter(rows[job_id].state for job_id in accepted if job_id in rows)
+    return {
+        "jobs_accepted": len(accepted),
+        "states": dict(states),
+        "lost": sum(
+            1
+            for job_id in accepted
+            if job_id not in rows or rows[job_id].state not in (*HELD_STATES, "queued")
+        ),
+        "held_by_two_nodes": sum(1 for count in holders.values() if count > 1),
+        "held_on_unknown_lease": sum(
+            1
+            for node_id, job_id, lease_id in held
+            if job_id not in rows
+            or (rows[job_id].node_id, rows[job_id].lease_id) != (node_id, lease_id)
+            or rows[job_id].state not in HELD_STATES
+        ),
+        "leased_but_not_held": sum(
+            1
+            for job_id in accepted
+            if job_id in rows
+            and rows[job_id].state in HELD_STATES
+            and (rows[job_id].node_id, job_id, rows[job_id].lease_id) not in held
+        ),
+        "leased_again": sum(1 for job_id in accepted if job_id in rows and rows[job_id].attempt > 1),
+    }
 
 
 def connect_rate_by_fifth(timeline: list[tuple[float, int]], connected: int) -> list[float]:
@@ -1231,6 +1391,26 @@ def print_report(results: dict) -> None:
         )
         print(f"  CPU, share of a core: {get(phase + '.cpu_share_of_a_core')}")
         print(f"  garbage collections: {get(phase + '.garbage_collections')}")
+    if "storm" in results:
+        audit = get("storm.audit", {})
+        print(
+            f"-- storm: {get('storm.dropped')} connections dropped at once, back within "
+            f"{get('storm.spread_seconds')} s (random): {get('storm.reconnected')} reconnected, all back after "
+            f"{get('storm.all_back_seconds')} s; hello to welcome p50/p99 "
+            f"{get('storm.reconnect_handshake_to_welcome.p50_ms')}/{get('storm.reconnect_handshake_to_welcome.p99_ms')} ms"
+        )
+        latency = get("storm.lease_latency_after_answer", {})
+        print(
+            f"  {get('storm.submitted')} jobs submitted meanwhile (errors {get('storm.submit_errors')}), "
+            f"{get('storm.leased')} leased, lease latency p50/p99 {latency.get('p50_ms')}/{latency.get('p99_ms')} ms"
+        )
+        print(
+            f"  audit of all {audit.get('jobs_accepted')} jobs: lost {audit.get('lost')}, held by two nodes "
+            f"{audit.get('held_by_two_nodes')}, run on an unknown lease {audit.get('held_on_unknown_lease')}, "
+            f"leased but not held {audit.get('leased_but_not_held')}, leased again {audit.get('leased_again')}; "
+            f"states {audit.get('states')}"
+        )
+        print(f"  CPU, share of a core: {get('storm.cpu_share_of_a_core')}")
     print("-- baselines (same run, in this process)")
     planner, sqlite = get("baseline.planner", {}), get("baseline.sqlite", {})
     print(
@@ -1250,6 +1430,10 @@ def print_report(results: dict) -> None:
         f"{goal['dispatches_met_in_stream']} in the stream, {goal['dispatches_met_draining_backlog']} draining the "
         f"backlog; stream lease p99 <= {goal['p99_ms']} ms: {goal['p99_met']}"
     )
+    if "storm_met" in goal:
+        print(
+            f"goal: every node back within 60 s of the storm, no job lost or held twice: {goal['storm_met']}"
+        )
 
 
 def ratios_and_goal(results: dict) -> None:
@@ -1289,6 +1473,17 @@ def ratios_and_goal(results: dict) -> None:
         "p99_ms": 50,
         "p99_met": p99 is not None and p99 <= 50,
     }
+    storm = results.get("storm")
+    if storm:
+        audit = storm["audit"]
+        results["goal"]["storm_met"] = (
+            storm["all_back_seconds"] is not None
+            and storm["all_back_seconds"] <= 60
+            and audit["lost"] == 0
+            and audit["held_by_two_nodes"] == 0
+            and audit["held_on_unknown_lease"] == 0
+            and audit["leased_but_not_held"] == 0
+        )
 
 
 def main() -> None:
@@ -1322,6 +1517,13 @@ def main() -> None:
         default="deflate",
         help="websocket permessage-deflate as the agent offers it (default) or none",
     )
+    parser.add_argument(
+        "--storm-spread",
+        type=float,
+        default=30.0,
+        help="the reconnect storm: every node drops and reconnects within this many seconds (0: none)",
+    )
+    parser.add_argument("--storm-jobs", type=int, default=1000, help="jobs submitted during the storm")
     parser.add_argument("--postgres", action="store_true", help="a throwaway PostgreSQL (pgserver)")
     parser.add_argument("--database-url", default="", help="a PostgreSQL database for the coordinators")
     parser.add_argument("--replicas", type=int, default=1, help="coordinators on the one PostgreSQL database")
@@ -1334,10 +1536,6 @@ def main() -> None:
         arguments.replicas > 1 and not (arguments.postgres or arguments.database_url)
     ):
         parser.error("--replicas N needs PostgreSQL: --postgres or --database-url")
-    if arguments.postgres and os.geteuid() == 0:
-        parser.error(
-            "--postgres: pgserver's PostgreSQL refuses to run as root; run the bench as another user"
-        )
     if (
         min(arguments.nodes, arguments.client_processes, arguments.submit_concurrency, arguments.buyers) < 1
         or min(arguments.jobs, arguments.backlog) < 0

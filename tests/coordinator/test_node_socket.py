@@ -51,10 +51,15 @@ def ledger_balances(coordinator):
 
 
 def check_ledger(data_dir: Path, file_name: str = "coordinator.sqlite3") -> None:
-    """Every transaction's entries sum to zero, so all of them do."""
+    """Every transaction's entries sum to zero, so all of them do (a coordinator's own SQLite file)."""
+    check_ledger_at(f"sqlite:///{data_dir / file_name}")
+
+
+def check_ledger_at(database_url: str) -> None:
+    """Every transaction's entries sum to zero, so all of them do, and the kept balances agree."""
     from sqlalchemy import func, select
 
-    database = Database(f"sqlite:///{data_dir / file_name}")
+    database = Database(database_url)
     try:
         with database.transaction() as session:
             assert ledger.total(session) == 0
@@ -102,6 +107,12 @@ class ScriptedNode:
         welcome = self.receive()
         assert welcome["type"] == "welcome" and welcome["node_id"] == self.node_id
         return welcome
+
+    def move_to(self, coordinator: Coordinator) -> None:
+        """Talk to another replica from now on (as behind a load balancer, when the first one died)."""
+        self.disconnect()
+        self.coordinator = coordinator
+        self.http = NodeClient(coordinator.url, self.token)
 
     def send(self, message: dict) -> None:
         assert self.socket is not None

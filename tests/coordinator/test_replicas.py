@@ -23,7 +23,7 @@ from compute_swarm.coordinator.domain.effects import NodeConnected, StopOnNode, 
 from compute_swarm.coordinator.transport.replicas import payloads
 from compute_swarm.engine.jobs import CATALOGUE, DEFAULT_MODEL, DEMO_CHAT_DATASET
 from compute_swarm.sdk.client import SwarmClient
-from tests.coordinator.test_node_socket import ScriptedNode, closed_with, new_buyer, submit
+from tests.coordinator.test_node_socket import ScriptedNode, check_ledger_at, closed_with, new_buyer, submit
 from tests.swarm_processes import Coordinator, run_cli, wait_for
 
 pgserver = pytest.importorskip("pgserver", reason="PostgreSQL tests need the pgserver wheel (the dev extra)")
@@ -43,8 +43,21 @@ def postgres(tmp_path_factory):
 
 
 @pytest.fixture(scope="module")
-def replicas(tmp_path_factory, postgres):
-    url = pgserver.get_server(postgres).get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
+def database_url(postgres):
+    return pgserver.get_server(postgres).get_uri().replace("postgresql://", "postgresql+psycopg://", 1)
+
+
+@pytest.fixture(autouse=True)
+def ledger_balances(request):
+    """After each test that ran replicas, the swarm's one ledger balances."""
+    yield
+    if "replicas" in request.fixturenames:
+        check_ledger_at(request.getfixturevalue("database_url"))
+
+
+@pytest.fixture(scope="module")
+def replicas(tmp_path_factory, database_url):
+    url = database_url
     shared = tmp_path_factory.mktemp("shared")  # the artifacts both replicas serve
     started = []
     try:
@@ -317,6 +330,61 @@ def test_a_replica_killed_mid_stream_leaves_its_buyer_refunded_by_the_leader(rep
     wait_for(lambda: buyer.balance()["available_micro"] == before, 30, "the refund", interval=0.5)
     assert buyer.balance() == {"available_micro": before, "escrow_micro": 0}
     relaying.start()  # back, as ops' supervisor would bring it, for the next test
+    wait_for(lambda: sum(replica.health()["leader"] for replica in replicas) == 1, 15, "one leader")
+
+
+def test_a_replica_killed_mid_dispatch_hands_its_nodes_and_their_jobs_to_the_other(replicas):
+    survivor = next(replica for replica in replicas if replica.health()["leader"])
+    doomed = next(replica for replica in replicas if replica is not survivor)
+    buyer = new_buyer(survivor, "buyer-through-a-crash", "100")
+    before = buyer.balance()["available_micro"]
+    nodes = [ScriptedNode(doomed, f"on-the-doomed-replica-{number}") for number in range(3)]
+    for node in nodes:
+        node.connect()
+    dataset = buyer.upload_file(DEMO_CHAT_DATASET)["id"]
+    spec = {"base_model": DEFAULT_MODEL, "dataset": dataset, "max_steps": 3}
+    with ThreadPoolExecutor(6) as pool:  # a burst: the doomed replica is still dispatching when it dies
+        jobs = list(pool.map(lambda _: buyer.submit_lora(spec), range(6)))
+    holding = {nodes[0].node_id: nodes[0].receive_type("lease", timeout=10)}
+    doomed.kill()
+    # What else reached a node before the end (a lease committed but never sent is not held).
+    for node in nodes[1:]:
+        with contextlib.suppress(Exception):
+            holding[node.node_id] = node.receive_type("lease", timeout=0.5)
+    before_the_crash = list(holding.values())
+
+    # The nodes come back through the other replica, claiming what they hold, and finish every job.
+    for node in nodes:
+        node.move_to(survivor)
+        lease = holding.get(node.node_id)
+        node.connect(running=[{"job_id": lease["job_id"], "lease_id": lease["lease_id"]}] if lease else [])
+    completed: dict[str, dict] = {}
+    deadline = time.monotonic() + 60
+    while len(completed) < len(jobs) and time.monotonic() < deadline:
+        for node in nodes:
+            lease = holding.pop(node.node_id, None)
+            if lease is None:
+                with contextlib.suppress(TimeoutError):
+                    lease = node.receive_type("lease", timeout=0.5)
+            if lease is not None:
+                answer = node.report_result(lease, node.upload_result(lease))
+                assert answer["accepted"], answer
+                assert lease["job_id"] not in completed  # never run twice
+                completed[lease["job_id"]] = lease
+    assert set(completed) == {job["id"] for job in jobs}
+    for job in jobs:
+        assert buyer.job(job["id"])["state"] == "completed"
+    # The jobs whose leases reached a node before the crash went on under those leases: one attempt.
+    for lease in before_the_crash:
+        assert completed[lease["job_id"]]["lease_id"] == lease["lease_id"]
+    # Each job was paid for once, and its node paid once.
+    spent = sum(job["price_micro"] for job in jobs)
+    assert buyer.balance() == {"available_micro": before - spent, "escrow_micro": 0}
+    earned = sum(node.http.me()["earnings"]["pending_micro"] for node in nodes)
+    assert earned == sum(job["price_micro"] - job["price_micro"] // 10 for job in jobs)
+    for node in nodes:
+        node.disconnect()
+    doomed.start()  # back, as ops' supervisor would bring it, for the next test
     wait_for(lambda: sum(replica.health()["leader"] for replica in replicas) == 1, 15, "one leader")
 
 
