@@ -302,6 +302,9 @@ class NodeFleet:
                 commands.put_nowait(self.pipe.recv())
 
         loop.add_reader(self.pipe.fileno(), read_commands)
+        # The loop made the pipe non-blocking: a report bigger than the pipe's buffer (thousands of
+        # leases) must wait for the bench to read it, not fail half-written.
+        os.set_blocking(self.pipe.fileno(), True)
         gate = asyncio.Semaphore(self.options["connect_concurrency"])
         tasks = [asyncio.create_task(self._run_node(node, gate)) for node in self.nodes]
         reporter = asyncio.create_task(self._report_connecting())

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import re
 from importlib import metadata
 from pathlib import Path
@@ -22,6 +23,7 @@ MINIMUM_SECRET_LENGTH = 24
 MINIMUM_DISTINCT_CHARACTERS = 10
 
 
+@functools.cache  # read from the package's metadata files: every node's welcome carries it
 def coordinator_version() -> str:
     try:
         return metadata.version("compute-swarm")

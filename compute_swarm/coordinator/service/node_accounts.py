@@ -183,10 +183,16 @@ def _standing(node: Node, policy: VerificationPolicy) -> tuple[bool, protocol.St
 
 def _earnings(session: Session, node_id: str) -> protocol.Earnings:
     node = session.get(Node, node_id)
+    pending, available, payout = (
+        ledger.node_pending_account(node_id),
+        ledger.node_available_account(node_id),
+        ledger.node_payout_account(node_id),
+    )
+    balances = ledger.balance_by_account(session, [pending, available, payout])
     return protocol.Earnings(
-        pending_micro=ledger.balance(session, ledger.node_pending_account(node_id)),
-        available_micro=ledger.balance(session, ledger.node_available_account(node_id)),
+        pending_micro=balances[pending],
+        available_micro=balances[available],
         jobs_completed=node.jobs_completed if node else 0,
-        payout_pending_micro=ledger.balance(session, ledger.node_payout_account(node_id)),
+        payout_pending_micro=balances[payout],
         paid_out_micro=payouts.paid_out_micro(session, node_id),
     )
