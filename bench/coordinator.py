@@ -1163,6 +1163,7 @@ class Bench:
         reconnections = [pair for report in reports for pair in report[1]["reconnections"]]
         holding = [tuple(held) for report in reports for held in report[1]["holding"]]
         leases = {job_id: received for report in reports for job_id, received in report[1]["leases"]}
+        received = [job_id for report in reports for job_id, _ in report[1]["leases"]]
         summary = self.summarize(
             submissions, errors, leases, time.time() - dropped_at, dropped_at, metrics_before, metrics_after,
             {"whole_phase": cpu},
@@ -1177,7 +1178,9 @@ class Bench:
                 "reconnect_handshake_to_welcome": percentiles_ms(
                     [end - begin for begin, end in reconnections]
                 ),
-                "audit": await asyncio.to_thread(audit_jobs, self.database_url, self.accepted, holding),
+                "audit": await asyncio.to_thread(
+                    audit_jobs, self.database_url, self.accepted, holding, received
+                ),
             }
         )
         self.results["storm"] = summary
@@ -1258,10 +1261,14 @@ class Bench:
             replica.kill()
 
 
-def audit_jobs(database_url: str, accepted: list[str], holding: list[tuple[str, str, str]]) -> dict:
-    """Every accepted job against the database and against what the nodes hold (node, job, lease):
-    lost (missing, or ended without a result), held by two nodes at once, run by a node on a lease the
-    coordinator does not know, or leased to a node that does not hold it (stranded until it expires)."""
+def audit_jobs(
+    database_url: str, accepted: list[str], holding: list[tuple[str, str, str]], received: list[str]
+) -> dict:
+    """Every accepted job against the database, against what the nodes hold (node, job, lease) and
+    against the leases they received (a job id each): lost (missing, or ended without a result), held
+    by two nodes at once, run by a node on a lease the coordinator does not know, leased to a node that
+    does not hold it (stranded until it expires), or leased more than once (while every node came
+    back within its lease, nothing had to be leased again)."""
     from sqlalchemy import select
 
     from compute_swarm.coordinator.domain.lifecycle import HELD_STATES
@@ -1304,6 +1311,7 @@ def audit_jobs(database_url: str, accepted: list[str], holding: list[tuple[str, 
             and (rows[job_id].node_id, job_id, rows[job_id].lease_id) not in held
         ),
         "leased_again": sum(1 for job_id in accepted if job_id in rows and rows[job_id].attempt > 1),
+        "lease_received_twice": sum(1 for count in Counter(received).values() if count > 1),
     }
 
 
@@ -1410,7 +1418,8 @@ def print_report(results: dict) -> None:
         print(
             f"  audit of all {audit.get('jobs_accepted')} jobs: lost {audit.get('lost')}, held by two nodes "
             f"{audit.get('held_by_two_nodes')}, run on an unknown lease {audit.get('held_on_unknown_lease')}, "
-            f"leased but not held {audit.get('leased_but_not_held')}, leased again {audit.get('leased_again')}; "
+            f"leased but not held {audit.get('leased_but_not_held')}, leased again {audit.get('leased_again')} "
+            f"(a lease received twice: {audit.get('lease_received_twice')}); "
             f"states {audit.get('states')}"
         )
         print(f"  CPU, share of a core: {get('storm.cpu_share_of_a_core')}")
