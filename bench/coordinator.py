@@ -1268,22 +1268,40 @@ def audit_jobs(
     against the leases they received (a job id each): lost (missing, or ended without a result), held
     by two nodes at once, run by a node on a lease the coordinator does not know, leased to a node that
     does not hold it (stranded until it expires), or leased more than once (while every node came
-    back within its lease, nothing had to be leased again)."""
-    from sqlalchemy import select
+    back within its lease, nothing had to be leased again); and the money: the ledger's sum, and the
+    credits each job's escrow holds short of its price (lost) or beyond it (doubled)."""
+    from sqlalchemy import func, select
 
     from compute_swarm.coordinator.domain.lifecycle import HELD_STATES
+    from compute_swarm.coordinator.store import ledger
     from compute_swarm.coordinator.store.database import Database
-    from compute_swarm.coordinator.store.tables import Job
+    from compute_swarm.coordinator.store.tables import AccountBalance, Job, LedgerEntry
 
     database = Database(database_url)
     try:
         with database.reading() as session:
             rows = {
                 row.id: row
-                for row in session.execute(select(Job.id, Job.state, Job.node_id, Job.lease_id, Job.attempt))
+                for row in session.execute(
+                    select(Job.id, Job.state, Job.node_id, Job.lease_id, Job.attempt, Job.price_micro)
+                )
             }
+            ledger_total = session.scalar(select(func.coalesce(func.sum(LedgerEntry.amount_micro), 0)))
+            escrow = dict(
+                session.execute(
+                    select(AccountBalance.account, AccountBalance.balance_micro).where(
+                        AccountBalance.account.like("escrow:%")
+                    )
+                ).all()
+            )
     finally:
         database.close()
+    # No job here has ended: each holds exactly its price in escrow, neither less (credits lost) nor more.
+    escrow_off = [
+        escrow.get(ledger.escrow_account(job_id), 0) - rows[job_id].price_micro
+        for job_id in accepted
+        if job_id in rows
+    ]
     holders = Counter(job_id for _, job_id, _ in holding)
     held = {(node_id, job_id, lease_id) for node_id, job_id, lease_id in holding}
     states = Counter(rows[job_id].state for job_id in accepted if job_id in rows)
@@ -1312,6 +1330,9 @@ def audit_jobs(
         ),
         "leased_again": sum(1 for job_id in accepted if job_id in rows and rows[job_id].attempt > 1),
         "lease_received_twice": sum(1 for count in Counter(received).values() if count > 1),
+        "ledger_total_micro": int(ledger_total),  # every entry summed: 0
+        "escrow_lost_micro": -sum(off for off in escrow_off if off < 0),
+        "escrow_doubled_micro": sum(off for off in escrow_off if off > 0),
     }
 
 
@@ -1419,7 +1440,9 @@ def print_report(results: dict) -> None:
             f"  audit of all {audit.get('jobs_accepted')} jobs: lost {audit.get('lost')}, held by two nodes "
             f"{audit.get('held_by_two_nodes')}, run on an unknown lease {audit.get('held_on_unknown_lease')}, "
             f"leased but not held {audit.get('leased_but_not_held')}, leased again {audit.get('leased_again')} "
-            f"(a lease received twice: {audit.get('lease_received_twice')}); "
+            f"(a lease received twice: {audit.get('lease_received_twice')}); ledger sum "
+            f"{audit.get('ledger_total_micro')}, escrow lost {audit.get('escrow_lost_micro')} and doubled "
+            f"{audit.get('escrow_doubled_micro')} micro-credits; "
             f"states {audit.get('states')}"
         )
         print(f"  CPU, share of a core: {get('storm.cpu_share_of_a_core')}")
@@ -1495,6 +1518,10 @@ def ratios_and_goal(results: dict) -> None:
             and audit["held_by_two_nodes"] == 0
             and audit["held_on_unknown_lease"] == 0
             and audit["leased_but_not_held"] == 0
+            and audit["ledger_total_micro"]
+            == audit["escrow_lost_micro"]
+            == audit["escrow_doubled_micro"]
+            == 0
         )
 
 

@@ -51,6 +51,8 @@ def check(results: dict) -> None:
     assert audit["held_on_unknown_lease"] == audit["leased_but_not_held"] == 0, audit
     # Every node came back well within its lease (60 s): no job had to be leased to another.
     assert audit["leased_again"] == audit["lease_received_twice"] == 0, audit
+    # Each job holds its price in escrow, no more and no less, and the ledger sums to zero.
+    assert audit["ledger_total_micro"] == audit["escrow_lost_micro"] == audit["escrow_doubled_micro"] == 0
     assert results["goal"]["storm_met"]
     assert results["final"]["nodes_connected_healthz"] == results["final"]["client_connected"] == 400
     assert results["final"]["coordinator_log"]["Traceback"] == 0
