@@ -6,7 +6,7 @@ holding its share of the nodes as asyncio websocket clients: hello, welcome, the
 10 s (jittered). A node that receives a lease records the receive time and keeps the job (capacity 1,
 never finished), so every job is dispatched exactly once and each job uses up one node.
 
-Two measurements, on separate nodes:
+Three measurements, the first two on separate nodes:
 - stream: `--jobs` jobs submitted over REST at `--submit-rate` by `--submit-concurrency` HTTP clients
   while the nodes are idle. Lease latency = lease received at the node - submit answered (also given
   from submit sent), and the coordinator's own `swarm_dispatch_latency_seconds` histogram (from the
@@ -14,6 +14,11 @@ Two measurements, on separate nodes:
 - backlog: the remaining idle nodes say accepting_jobs=False, `--backlog` jobs are submitted, then all
   those nodes say accepting_jobs=True at once. Dispatches/s = backlog / (last lease - resume): what the
   dispatch loop can do when submission is not the limit.
+- storm (`--storm-spread S`, 0: none): every connection drops at once (aborted, as in a network outage)
+  and each node reconnects at a random moment within S seconds, claiming the job it holds, while
+  `--storm-jobs` more jobs arrive. Then every job accepted in any phase is audited against the
+  database and against what the nodes hold: none lost, held by two nodes, run on a lease the
+  coordinator does not know or stranded; the ledger sums to zero and each job's escrow is its price.
 
 Baselines from the same run, with the ratio printed: the pure scheduler (`coordinator.domain.scheduler.plan`
 on the same node and job counts, in this process) and the raw SQLite commit rate on the same disk with
@@ -23,17 +28,18 @@ shared, so it is measured at the start and at the end. CPU is given per phase as
 for the coordinator, its event-loop thread alone, each client process and this process.
 
     python bench/coordinator.py [--nodes 10000] [--jobs 5000] [--backlog B] [--submit-rate 500]
+                                [--storm-spread 30] [--storm-jobs 1000]
                                 [--client-processes 2] [--duration-limit 300]
                                 [--postgres | --database-url URL] [--replicas N]
 
-On PostgreSQL (`--postgres` starts a throwaway server from the pgserver wheel, which refuses to run as
-root; or `--database-url postgresql+psycopg://...`), `--replicas N` runs N coordinators on that one
+On PostgreSQL (`--postgres` starts a throwaway server from the pgserver wheel, which runs it as a user
+of its own when started by root; or `--database-url postgresql+psycopg://...`), `--replicas N` runs N coordinators on that one
 database: client process i connects its nodes to replica i mod N, submitter k submits through replica
 k mod N, and the coordinators' metrics and CPU are summed (each replica's CPU is given too).
 
 Everything is bounded: at most --nodes sockets, --jobs + --backlog jobs, and --duration-limit seconds,
-after which the results so far are written. At 10,000 nodes on 2 cores a whole run takes 5 to 8
-minutes (give --duration-limit 600); `--nodes 200 --jobs 500` takes half a minute.
+after which the results so far are written. At 10,000 nodes on 2 cores a whole run takes 8 to 12
+minutes (give --duration-limit 1200); `--nodes 200 --jobs 500` takes half a minute.
 """
 
 from __future__ import annotations

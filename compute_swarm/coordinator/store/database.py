@@ -87,7 +87,7 @@ class Database:
         self._group_changed = threading.Condition()
         self._group_waiting: list[_GroupMember] = []
         self._group_committing = False
-        self.groups_committed = 0  # read by tests and the benchmark: commits that served grouped work
+        self.groups_committed = 0  # read by tests: commits that served grouped work
         # Reads take no write lock: in WAL mode they see the last commit while writers go on.
         self._read_sessions = sessionmaker(
             self.engine.execution_options(read_only=True), expire_on_commit=False
