@@ -1151,11 +1151,9 @@ class Bench:
                 self.urls, buyers, count, count / spread if count else None, arguments.submit_concurrency
             )
         )
-        timeline: list[tuple[float, int]] = []
         deadline = time.monotonic() + spread + 60.0
         while True:
             _, connected = await self.lease_count()
-            timeline.append((round(time.time() - dropped_at, 1), connected))
             if connected >= connected_before or time.monotonic() > deadline:
                 break
             await asyncio.sleep(0.5)
@@ -1276,12 +1274,12 @@ def audit_jobs(
     does not hold it (stranded until it expires), or leased more than once (while every node came
     back within its lease, nothing had to be leased again); and the money: the ledger's sum, and the
     credits each job's escrow holds short of its price (lost) or beyond it (doubled)."""
-    from sqlalchemy import func, select
+    from sqlalchemy import select
 
     from compute_swarm.coordinator.domain.lifecycle import HELD_STATES
     from compute_swarm.coordinator.store import ledger
     from compute_swarm.coordinator.store.database import Database
-    from compute_swarm.coordinator.store.tables import AccountBalance, Job, LedgerEntry
+    from compute_swarm.coordinator.store.tables import AccountBalance, Job
 
     database = Database(database_url)
     try:
@@ -1292,7 +1290,7 @@ def audit_jobs(
                     select(Job.id, Job.state, Job.node_id, Job.lease_id, Job.attempt, Job.price_micro)
                 )
             }
-            ledger_total = session.scalar(select(func.coalesce(func.sum(LedgerEntry.amount_micro), 0)))
+            ledger_total = ledger.total(session)
             escrow = dict(
                 session.execute(
                     select(AccountBalance.account, AccountBalance.balance_micro).where(
@@ -1336,7 +1334,7 @@ def audit_jobs(
         ),
         "leased_again": sum(1 for job_id in accepted if job_id in rows and rows[job_id].attempt > 1),
         "lease_received_twice": sum(1 for count in Counter(received).values() if count > 1),
-        "ledger_total_micro": int(ledger_total),  # every entry summed: 0
+        "ledger_total_micro": ledger_total,  # every entry summed: 0
         "escrow_lost_micro": -sum(off for off in escrow_off if off < 0),
         "escrow_doubled_micro": sum(off for off in escrow_off if off > 0),
     }

@@ -57,13 +57,12 @@ def ledger_balances(request):
 
 @pytest.fixture(scope="module")
 def replicas(tmp_path_factory, database_url):
-    url = database_url
     shared = tmp_path_factory.mktemp("shared")  # the artifacts both replicas serve
     started = []
     try:
         for name in ("replica-a", "replica-b"):
             environment = {
-                "SWARM_DATABASE_URL": url,
+                "SWARM_DATABASE_URL": database_url,
                 "SWARM_REPLICA_NAME": name,
                 "SWARM_SWEEP_INTERVAL_SECONDS": "20",
                 "SWARM_LEASE_SECONDS": "90",
