@@ -178,6 +178,14 @@ class ModelShape:
     def key_value_width(self) -> int:
         return key_value_width(self.linear_weights)
 
+    def __hash__(self) -> int:
+        # Frozen, so usable as a key (the coordinator remembers estimates by shape), though its weights
+        # come as a mapping, which Python does not hash.
+        return hash(
+            (self.parameters, self.layer_count, self.hidden_size, self.intermediate_size,
+             self.vocabulary_size, self.attention_heads, tuple(sorted(self.linear_weights.items())))
+        )  # fmt: skip
+
 
 def key_value_width(linear_weights: Mapping[str, Iterable[tuple[int, int]]]) -> int:
     """Elements one token adds to the KV cache: the k_proj and v_proj widths of every layer, from 2-D

@@ -3,6 +3,7 @@ transport hears of them once it committed (coordinator.domain.effects), never fr
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 import pytest
@@ -55,7 +56,7 @@ def test_a_submission_wakes_the_dispatcher_and_a_cancellation_stops_the_node_run
 
     job = submissions.submit(buyer_id, SPEC, None)
     assert database.carried == [WakeDispatcher()]
-    (grant,) = leases.lease([(job.id, node.id)])
+    (grant,) = asyncio.run(leases.lease([(job.id, node.id)]))
     submissions.cancel(job.id)
     assert database.carried[-1] == StopOnNode(
         node.id, job.id, grant.message.lease_id, "the buyer cancelled the job"

@@ -3,6 +3,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 import pytest
@@ -60,7 +61,7 @@ def test_a_job_is_submitted_leased_completed_and_paid_once(database, tmp_path):
     job = submissions.submit(
         buyer.id, {"base_model": "smollm2-135m-instruct", "dataset": "file_pg", "max_steps": 2}, None
     )
-    (grant,) = leases.lease([(job.id, node.id)])
+    (grant,) = asyncio.run(leases.lease([(job.id, node.id)]))
     result_sha256 = "ab" * 32
     with database.transaction() as session:  # what a finished upload of the node's result leaves
         session.add(Artifact(sha256=result_sha256, size=3, created_at=0.0))

@@ -4,6 +4,7 @@ a node's hello in one transaction, and API keys kept in memory for at most a sec
 
 from __future__ import annotations
 
+import asyncio
 import json
 import sqlite3
 import threading
@@ -160,7 +161,7 @@ def test_a_nodes_hello_is_one_transaction_that_keeps_its_job_and_stops_a_stale_o
     with database.transaction() as session:
         node, _ = accounts.register_node(session, "greeted")
     job = submissions.submit(buyer, spec_for("buyer"), None)
-    (grant,) = leases.lease([(job.id, node.id)])
+    (grant,) = asyncio.run(leases.lease([(job.id, node.id)]))
     writes = write_commits(database)
 
     held = protocol.LeaseReference(job_id=job.id, lease_id=grant.message.lease_id)
@@ -181,7 +182,7 @@ def test_a_nodes_hello_is_one_transaction_that_keeps_its_job_and_stops_a_stale_o
             }
         )
     )
-    greeting = node_accounts.greet(node.id, hello, leases)
+    greeting = asyncio.run(node_accounts.greet(node.id, hello, leases))
 
     assert writes == [1], "one committed transaction"
     assert greeting.kept == [held.lease_id]

@@ -3,6 +3,7 @@ sees the buyer's file id, and a stored spec that no longer validates is refunded
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
 
 import pytest
@@ -43,7 +44,7 @@ def services(tmp_path):
 def test_a_lease_names_the_data_by_content_hash_never_by_the_buyers_file_id(services):
     submissions, leases, buyer_id, node_id, _ = services
     job = submissions.submit(buyer_id, SPEC, None)
-    (grant,) = leases.lease([(job.id, node_id)])
+    (grant,) = asyncio.run(leases.lease([(job.id, node_id)]))
     spec = grant.message.spec
     assert isinstance(spec, LoraJobSpec) and spec.dataset == DATASET_SHA256 == grant.message.dataset_sha256
     assert (spec.base_model, spec.rank, spec.max_steps, spec.evaluate_adapter) == (
@@ -61,7 +62,7 @@ def test_a_stored_spec_that_no_longer_validates_is_refunded_and_the_others_still
         session.execute(
             update(Job).where(Job.id == stale.id).values(spec={**stale.spec, "retired_setting": 1})
         )
-    grants = leases.lease([(stale.id, node_id), (sound.id, node_id)])
+    grants = asyncio.run(leases.lease([(stale.id, node_id), (sound.id, node_id)]))
     assert [grant.message.job_id for grant in grants] == [sound.id]
     with database.reading() as session:
         refused = session.get(Job, stale.id)

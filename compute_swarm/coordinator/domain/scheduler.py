@@ -6,6 +6,7 @@ does I/O, so the rules are tested without sockets or a database.
 
 from __future__ import annotations
 
+import functools
 import heapq
 import math
 from collections.abc import Iterable, Mapping, Sequence
@@ -13,6 +14,7 @@ from dataclasses import dataclass, field
 
 from compute_swarm.engine.jobs import CatalogueModel, LoraJobSpec
 from compute_swarm.engine.memory import (
+    ModelShape,
     base_quantization,
     catalogue_shape,
     estimate_inference,
@@ -185,7 +187,15 @@ def required_memory_bytes(spec: LoraJobSpec, model: CatalogueModel, *, backend: 
     """
     if backend not in ALL_BACKENDS:
         raise ValueError(f"unknown backend {backend!r}: expected one of {', '.join(sorted(ALL_BACKENDS))}")
-    shape = catalogue_shape(model)
+    # The figure depends on the spec's training settings and the model's shape only: a spec that
+    # differs in its dataset alone asks the same question.
+    return _required_memory_bytes(spec.model_copy(update={"dataset": ""}), catalogue_shape(model), backend)
+
+
+# Remembered: every submission asks twice, each estimate costs about 0.1 ms, and buyers send the same
+# recipe again and again (the spec and the shape are frozen, so they can be the key).
+@functools.lru_cache(maxsize=4096)
+def _required_memory_bytes(spec: LoraJobSpec, shape: ModelShape, backend: str) -> int:
     weight_bytes = 2 if backend in HALF_PRECISION_BACKENDS else 4
     held_bytes = 0
     for figure_backend in _BACKENDS_OF_FIGURE[backend]:

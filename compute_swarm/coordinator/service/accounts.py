@@ -153,11 +153,10 @@ class BuyerKeys:
 
     def buyer(self, api_key: str) -> Buyer | None:
         """The buyer whose live key this is (None for a wrong or revoked key, which is never kept)."""
+        kept = self.kept(api_key)
+        if kept is not None:
+            return kept
         digest, now = hash_secret(api_key), self._clock()
-        with self._lock:
-            kept = self._kept.get(digest)
-        if kept is not None and kept[1] > now:
-            return kept[0]
         with self.database.reading() as session:
             buyer = buyer_for_key(session, api_key)
         with self._lock:
@@ -169,6 +168,14 @@ class BuyerKeys:
             while len(self._kept) > self.MOST_KEPT:
                 self._kept.popitem(last=False)
         return buyer
+
+    def kept(self, api_key: str) -> Buyer | None:
+        """The buyer of a key looked up within KEPT_SECONDS, from memory alone (None: not kept, ask
+        `buyer`). It never blocks, so the event loop may ask."""
+        digest = hash_secret(api_key)
+        with self._lock:
+            kept = self._kept.get(digest)
+        return kept[0] if kept is not None and kept[1] > self._clock() else None
 
     def revoke(self, buyer_id: str, key_id: str) -> ApiKey:
         """Revoke one of the buyer's keys; on this replica it stops working at once."""

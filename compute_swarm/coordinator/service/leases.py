@@ -140,12 +140,12 @@ class Leases:
             return 0
         return sum(file.size for file in (model.files if lora else (model.gguf,)))
 
-    def lease(self, assignments: Iterable[tuple[str, str]]) -> list[Grant]:
+    async def lease(self, assignments: Iterable[tuple[str, str]]) -> list[Grant]:
         """Lease each (job id, node id) whose job is still queued, all in one transaction."""
         assignments = list(assignments)
         # Committed with the submissions of the moment: a busy swarm's leases and submissions share
         # their fsyncs.
-        return self.database.grouped(lambda session: self._lease_in(session, assignments))
+        return await self.database.grouped_async(lambda session: self._lease_in(session, assignments))
 
     def _lease_in(self, session: Session, assignments: list[tuple[str, str]]) -> list[Grant]:
         now = time.time()

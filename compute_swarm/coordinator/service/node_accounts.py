@@ -126,7 +126,7 @@ class NodeAccounts:
                     barred[node.id] = barred_standing
         return trusted, barred
 
-    def greet(
+    async def greet(
         self, node_id: str, hello: protocol.Hello, leases: Leases, connected: NodeConnected | None = None
     ) -> Greeting:
         """A node said hello: note it, settle the jobs it says it runs (Leases.adopt), and read what
@@ -146,7 +146,7 @@ class NodeAccounts:
             trusted, barred = _standing(node, self.verifier.policy)
             return Greeting(kept, revoked, trusted, barred, _earnings(session, node_id))
 
-        return self.database.grouped(work)
+        return await self.database.grouped_async(work)
 
 
 @dataclass(frozen=True)

@@ -5,6 +5,7 @@ cancellation. Each submission holds the job's price in escrow in the same transa
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -58,13 +59,25 @@ class Submissions:
         self, buyer_id: str, spec_data: Any, max_attempts: int | None, *, model_suffix: str | None = None
     ) -> Job:
         """Queue a LoRA fine-tune (the default type) or a batch inference job, holding its price."""
-        attempts = self.attempts(max_attempts)
-        spec = parse_spec(spec_data)
         # Committed with the other submissions of the moment (one fsync for all): the job is durable
         # when this returns, as with a transaction of its own.
-        return self.database.grouped(
-            lambda session: self.queue_in(session, buyer_id, spec, attempts, model_suffix=model_suffix)
+        return self.database.grouped(self._queueing(buyer_id, spec_data, max_attempts, model_suffix))
+
+    async def submit_async(
+        self, buyer_id: str, spec_data: Any, max_attempts: int | None, *, model_suffix: str | None = None
+    ) -> Job:
+        """`submit` for the event loop, which runs on while the job waits for its group's commit."""
+        return await self.database.grouped_async(
+            self._queueing(buyer_id, spec_data, max_attempts, model_suffix)
         )
+
+    def _queueing(
+        self, buyer_id: str, spec_data: Any, max_attempts: int | None, model_suffix: str | None
+    ) -> Callable[[Session], Job]:
+        """The work of queueing one job, its request checked first (a refusal raises here)."""
+        attempts = self.attempts(max_attempts)
+        spec = parse_spec(spec_data)
+        return lambda session: self.queue_in(session, buyer_id, spec, attempts, model_suffix=model_suffix)
 
     def attempts(self, max_attempts: int | None) -> int:
         attempts = max_attempts if max_attempts is not None else self.settings.default_max_attempts
@@ -85,10 +98,11 @@ class Submissions:
         price_cap_micro: int | None = None,
     ) -> Job:
         """Queue one job in the caller's transaction, holding its price (at most price_cap_micro)."""
-        # One submission at a time per buyer reads and spends the balance (PostgreSQL runs
-        # transactions side by side; SQLite's BEGIN IMMEDIATE serializes them anyway). Locked
-        # first, before the job row's foreign key takes a weaker lock on it.
-        session.scalar(select(Buyer.id).where(Buyer.id == buyer_id).with_for_update())
+        # One submission at a time per buyer reads and spends the balance. PostgreSQL runs transactions
+        # side by side: the buyer's row is locked first, before the job row's foreign key takes a
+        # weaker lock on it. SQLite's BEGIN IMMEDIATE serializes them already.
+        if not self.database.is_sqlite:
+            session.scalar(select(Buyer.id).where(Buyer.id == buyer_id).with_for_update())
         quote = _quote(session, buyer_id, spec, self.catalogue)
         if price_cap_micro is not None and quote.price_micro > price_cap_micro:
             raise JobError(
@@ -236,7 +250,7 @@ def _quote(
         except CatalogueError as error:
             raise JobError(str(error), 422, {"base_model": "not offered for fine-tuning here"}) from None
     purpose = "prompts" if isinstance(spec, InferenceJobSpec) else "dataset"
-    dataset = session.get(File, spec.dataset)
+    dataset = _file(session, spec.dataset)
     if dataset is None or dataset.buyer_id != buyer_id or dataset.purpose != purpose:
         raise JobError(
             f"no {purpose} file {spec.dataset!r}: upload it with purpose {purpose!r} first and give its file id",
@@ -271,6 +285,17 @@ def _quote(
         required_memory_bytes_16bit=required_memory_bytes(spec, model, backend="cuda"),
         input_adapter_sha256=None,
     )
+
+
+def _file(session: Session, file_id: str) -> File | None:
+    """A file, read once per transaction: a group commit's submissions often name the same dataset."""
+    files = session.info.setdefault(_FILES_READ, {})
+    if file_id not in files:
+        files[file_id] = session.get(File, file_id)
+    return files[file_id]
+
+
+_FILES_READ = "compute_swarm.files_read"  # Session.info key
 
 
 def _fields(error: ValidationError) -> dict[str, str]:

@@ -5,13 +5,16 @@ power cut, and every transaction takes the write lock up front (BEGIN IMMEDIATE)
 steps such as settling a job are serialized and never fail half-way on a lock upgrade.
 
 Small writes that arrive together (submissions, a dispatch round's leases, nodes' hellos) commit in
-groups (`Database.grouped`): on SQLite each commit is an fsync, and one fsync for many keeps the rate
-of accepted work from being the disk's rate of fsyncs. Each caller still returns only once its work
-is committed, and one caller's failure rolls back its own work only.
+groups (`Database.grouped`, and `grouped_async` for the event loop): on SQLite each commit is an fsync,
+and one fsync for many keeps the rate of accepted work from being the disk's rate of fsyncs. One
+writer thread commits the groups, so a request on the event loop waits for its commit without a
+thread of its own. Each caller still returns only once its work is committed, and one caller's
+failure rolls back its own work only.
 """
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import secrets
 import threading
@@ -48,12 +51,20 @@ def after_commit(session: Session, *items: Any) -> None:
 
 @dataclass
 class _GroupMember:
-    """One caller's work waiting for a group commit, and, once the group committed, its outcome."""
+    """One caller's work waiting for a group commit, and, once the group committed, its outcome: a
+    thread waits on `done`, a coroutine on `future` (of `loop`)."""
 
     work: Callable[[Session], Any]
-    finished: bool = False
+    done: threading.Event | None = None
+    loop: asyncio.AbstractEventLoop | None = None
+    future: asyncio.Future | None = None
     result: Any = None
     error: BaseException | None = None
+
+    def outcome(self) -> Any:
+        if self.error is not None:
+            raise self.error
+        return self.result
 
 
 class Database:
@@ -82,11 +93,12 @@ class Database:
         event.listen(self.engine, "before_cursor_execute", _refuse_nul_characters)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._write_lock = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
-        # Group commit: callers queue here; one of them (the leader) commits all that queued while the
-        # previous group committed, and wakes the rest.
+        # Group commit: callers queue here, and the writer thread commits all that queued while it
+        # committed the group before, then wakes them.
         self._group_changed = threading.Condition()
         self._group_waiting: list[_GroupMember] = []
-        self._group_committing = False
+        self._writer: threading.Thread | None = None
+        self._closing = False
         self.groups_committed = 0  # read by tests: commits that served grouped work
         # Reads take no write lock: in WAL mode they see the last commit while writers go on.
         self._read_sessions = sessionmaker(
@@ -114,30 +126,53 @@ class Database:
         On SQLite the waiting callers' work runs in one transaction, each in its own savepoint, and
         commits with one fsync. PostgreSQL already flushes concurrent commits together, and one long
         transaction would hold each caller's row locks for the whole group: there each work commits
-        in a transaction of its own. Work runs on whichever caller's thread leads the group, so it must
-        use only the session it is given (never `transaction()` itself)."""
+        in a transaction of its own. Work runs on the writer thread, so it must use only the session
+        it is given (never `transaction()` itself)."""
         if not self.is_sqlite:
-            with self.transaction() as session:
-                return work(session)
-        member = _GroupMember(work)
+            return self._alone(work)
+        member = _GroupMember(work, done=threading.Event())
+        self._queue(member)
+        member.done.wait()
+        return member.outcome()
+
+    async def grouped_async(self, work: Callable[[Session], Result]) -> Result:
+        """`grouped` for a coroutine: the event loop runs on while the work waits for its commit. A
+        caller cancelled meanwhile (its client went away) does not stop the work: it commits or not
+        with its group, as it would have."""
+        if not self.is_sqlite:
+            return await asyncio.to_thread(self._alone, work)
+        loop = asyncio.get_running_loop()
+        member = _GroupMember(work, loop=loop, future=loop.create_future())
+        self._queue(member)
+        await asyncio.shield(member.future)
+        return member.outcome()
+
+    def _alone(self, work: Callable[[Session], Result]) -> Result:
+        with self.transaction() as session:
+            return work(session)
+
+    def _queue(self, member: _GroupMember) -> None:
         with self._group_changed:
+            if self._closing:
+                raise RuntimeError("the database is closed")
+            if self._writer is None:
+                self._writer = threading.Thread(target=self._write_groups, name="group-commit", daemon=True)
+                self._writer.start()
             self._group_waiting.append(member)
-            while self._group_committing and not member.finished:
-                self._group_changed.wait()
-            leading = not member.finished  # nobody committed it: this caller commits all that wait
-            if leading:
+            self._group_changed.notify()
+
+    def _write_groups(self) -> None:
+        while True:
+            with self._group_changed:
+                while not self._group_waiting and not self._closing:
+                    self._group_changed.wait()
+                if not self._group_waiting:
+                    return
                 group, self._group_waiting = self._group_waiting, []
-                self._group_committing = True
-        if leading:
             try:
                 self._commit_group(group)
             finally:
-                with self._group_changed:
-                    self._group_committing = False
-                    self._group_changed.notify_all()
-        if member.error is not None:
-            raise member.error
-        return member.result
+                _wake(group)
 
     def _commit_group(self, group: list[_GroupMember]) -> None:
         try:
@@ -159,9 +194,6 @@ class Database:
                     member.result, member.error = None, error
             if not isinstance(error, Exception):
                 raise
-        finally:
-            for member in group:
-                member.finished = True
 
     @contextmanager
     def reading(self) -> Iterator[Session]:
@@ -195,7 +227,33 @@ class Database:
         command.upgrade(config, "head")
 
     def close(self) -> None:
+        with self._group_changed:
+            self._closing = True
+            self._group_changed.notify()
+            writer = self._writer
+        if writer is not None and writer is not threading.current_thread():
+            writer.join(30)  # the groups queued before are committed first
         self.engine.dispose()
+
+
+def _wake(group: list[_GroupMember]) -> None:
+    """Hand each member of a committed (or failed) group its outcome: threads at once, coroutines with
+    one call into each event loop."""
+    waiting_on_loops: dict[asyncio.AbstractEventLoop, list[_GroupMember]] = {}
+    for member in group:
+        if member.done is not None:
+            member.done.set()
+        elif member.loop is not None:
+            waiting_on_loops.setdefault(member.loop, []).append(member)
+    for loop, members in waiting_on_loops.items():
+        with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits any more
+            loop.call_soon_threadsafe(_resolve, members)
+
+
+def _resolve(members: list[_GroupMember]) -> None:
+    for member in members:
+        if member.future is not None and not member.future.done():
+            member.future.set_result(None)
 
 
 def _configure_sqlite(connection, _record) -> None:

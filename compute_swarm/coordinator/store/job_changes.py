@@ -8,7 +8,8 @@ from __future__ import annotations
 
 from typing import Any
 
-from sqlalchemy.orm import Session
+from sqlalchemy import ColumnDefault, insert, inspect
+from sqlalchemy.orm import Session, make_transient_to_detached
 
 from compute_swarm.coordinator.domain import lifecycle
 from compute_swarm.coordinator.domain.lifecycle import Charge, Hold, JobFacts, Move, Refund, ReturnCharge
@@ -70,14 +71,38 @@ def change(session: Session, job: Job, event: lifecycle.Event) -> lifecycle.Tran
     if list(job.excluded_nodes or ()) != list(after.excluded_nodes):
         job.excluded_nodes = list(after.excluded_nodes)
     if job not in session:
-        session.add(job)
-    if transition.moves:
-        session.flush()  # the ledger's rows name the job
+        _insert(session, job)
+    elif transition.moves:
+        session.flush()  # the ledger's rows name the job as it is now
     for move in transition.moves:
         _post(session, job, move)
     record_event(session, job, transition.message)
     after_commit(session, *transition.effects)
     return transition
+
+
+def _insert(session: Session, job: Job) -> None:
+    """Write a new job's row with one plain statement (the ORM's unit of work for it was most of a
+    submission's time), then hand the job to the session as a row it loaded, so what changes it
+    later in the transaction is written as the ORM writes any change."""
+    row = {}
+    for attribute in _JOB_COLUMNS:
+        if attribute.key not in job.__dict__:  # not given: the column's default, as an insert gives it
+            setattr(job, attribute.key, _default(attribute.columns[0].default))
+        row[attribute.key] = getattr(job, attribute.key)
+    session.connection().execute(_INSERT_JOB, row)
+    make_transient_to_detached(job)
+    session.add(job)
+
+
+def _default(default: ColumnDefault | None) -> Any:
+    if default is None:
+        return None
+    return default.arg({}) if default.is_callable else default.arg  # a callable's argument: its context
+
+
+_JOB_COLUMNS = list(inspect(Job).column_attrs)
+_INSERT_JOB = insert(Job)
 
 
 def _post(session: Session, job: Job, move: Move) -> None:

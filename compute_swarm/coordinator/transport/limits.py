@@ -15,7 +15,6 @@ from dataclasses import dataclass
 
 from fastapi import HTTPException, Request, status
 from fastapi.dependencies.models import Dependant
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import Headers
 from starlette.routing import BaseRoute
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -157,7 +156,7 @@ class _BodyGate:
             # browser's CSRF token, perhaps in the form): one indexed read more, against reading a
             # body of any size from anyone.
             try:
-                await run_in_threadpool(CHECKS_BEFORE_BODY[dependency], request, services)
+                await CHECKS_BEFORE_BODY[dependency](request, services)
             except DATABASE_UNAVAILABLE as error:
                 # Raised from here, anything but an HTTPException becomes FastAPI's 400 "error parsing
                 # the body".

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated
 
@@ -68,7 +68,8 @@ def database_unavailable() -> HTTPException:
     )
 
 
-def get_services(request: Request) -> Services:
+async def get_services(request: Request) -> Services:
+    # A coroutine: FastAPI runs a plain function dependency in a thread, a hop for every request.
     return request.app.state.services
 
 
@@ -204,8 +205,18 @@ def identify_operator(request: Request, services: Services) -> sessions.SignedIn
 # The dependencies routes declare. The API and the web page both ask here, so both check the same things.
 
 
+def kept_buyer(request: Request, services: Services) -> Buyer | None:
+    """The buyer of the request's API key if this replica looked the key up within the last second
+    (BuyerKeys.kept): found on the event loop, with no thread and no database. None: ask identify_buyer."""
+    token = bearer_token(request.headers.get("authorization"))
+    return services.buyer_keys.kept(token) if token is not None else None
+
+
 async def current_buyer(request: Request, services: ServicesDep) -> Buyer:
     """The buyer calling: by the API key in the Authorization header, or by their browser session."""
+    buyer = kept_buyer(request, services)
+    if buyer is not None:
+        return buyer
     buyer, signed_in = await run_in_threadpool(identify_buyer, request, services)
     if signed_in is not None:
         await _check_from_our_page(request, services, signed_in)
@@ -232,11 +243,26 @@ async def current_operator(request: Request, services: ServicesDep) -> None:
 # What each dependency above checks before it needs the body. FastAPI reads a route's body before it
 # solves the route's dependencies, so coordinator/limits.py runs these first: a caller without valid
 # credentials is answered before a byte of the body is read, whatever its size.
-CHECKS_BEFORE_BODY: dict[Callable[..., object], Callable[[Request, Services], object]] = {
-    current_buyer: identify_buyer,
-    current_node: identify_node,
-    current_holder: identify_holder,
-    current_operator: identify_operator,
+# Each check is a coroutine: the database's checks run in a thread.
+
+
+def _in_a_thread(check: Callable[[Request, Services], object]) -> Callable[[Request, Services], Awaitable]:
+    async def checked(request: Request, services: Services) -> None:
+        await run_in_threadpool(check, request, services)
+
+    return checked
+
+
+async def _check_buyer(request: Request, services: Services) -> None:
+    if kept_buyer(request, services) is None:
+        await run_in_threadpool(identify_buyer, request, services)
+
+
+CHECKS_BEFORE_BODY: dict[Callable[..., object], Callable[[Request, Services], Awaitable]] = {
+    current_buyer: _check_buyer,
+    current_node: _in_a_thread(identify_node),
+    current_holder: _in_a_thread(identify_holder),
+    current_operator: _in_a_thread(identify_operator),
 }
 
 CurrentBuyer = Annotated[Buyer, Depends(current_buyer)]

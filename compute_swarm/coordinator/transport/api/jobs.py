@@ -29,9 +29,10 @@ router = APIRouter(prefix="/api/jobs", tags=["jobs"])
 
 
 @router.post("", status_code=status.HTTP_201_CREATED)
-def submit(body: JobIn, buyer: CurrentBuyer, services: ServicesDep) -> JobOut:
+async def submit(body: JobIn, buyer: CurrentBuyer, services: ServicesDep) -> JobOut:
+    # On the event loop, not in a thread: the submission waits for its group's commit without one.
     try:
-        job = services.submissions.submit(buyer.id, body.spec, body.max_attempts)
+        job = await services.submissions.submit_async(buyer.id, body.spec, body.max_attempts)
     except JobError as error:
         return refusal(error)
     return JobOut.of(job)

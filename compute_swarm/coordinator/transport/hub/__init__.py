@@ -173,8 +173,7 @@ class Hub:
             self.registry.remove(previous)
             await previous.close_quietly(CloseCode.REPLACED, "the node connected again")
         connection.greeted_at = time.time()
-        greeting = await asyncio.to_thread(
-            self.accounts.greet,
+        greeting = await self.accounts.greet(
             connection.node_id,
             connection.hello,
             self.leases,

@@ -64,34 +64,26 @@ class Dispatcher:
         queued = await asyncio.to_thread(self.leases.queued, min(len(self.registry.free) + 64, 5000))
         if not queued:
             return 0
-        free = [
-            connection.snapshot
-            for connection in self.registry.free.values()
-            if connection.snapshot is not None
-        ]
         # Re-runs that verify others' jobs go to trusted nodes first, then the swarm's jobs to any node.
         checks = [job for job in queued if job.verification]
-        assignments = []
+        assignments: list[Assignment] = []
         if checks:
-            trusted = [snapshot for snapshot in free if self.registry.connections[snapshot.node_id].trusted]
-            assignments += self._plan([job for job in checks if not job.inference], trusted)
+            assignments += self._plan([job for job in checks if not job.inference], assignments, trusted=True)
             assignments += self._plan(
-                [job for job in checks if job.inference],
-                self._available(trusted, assignments, serving_only=True),
+                [job for job in checks if job.inference], assignments, trusted=True, serving=True
             )
         assignments += self._plan(
-            [job for job in queued if not job.inference and not job.verification],
-            self._available(free, assignments),
+            [job for job in queued if not job.inference and not job.verification], assignments
         )
         batches = [job for job in queued if job.inference and not job.verification]
         if batches:
-            assignments += self._plan(batches, self._available(free, assignments, serving_only=True))
+            assignments += self._plan(batches, assignments, serving=True)
         # Leased and sent in batches: the first nodes get their jobs while later batches commit.
         granted = 0
         for start in range(0, len(assignments), LEASE_BATCH):
             batch = assignments[start : start + LEASE_BATCH]
-            grants = await asyncio.to_thread(
-                self.leases.lease, [(assignment.job_id, assignment.node_id) for assignment in batch]
+            grants = await self.leases.lease(
+                [(assignment.job_id, assignment.node_id) for assignment in batch]
             )
             await asyncio.gather(*(self._deliver(grant) for grant in grants))
             granted += len(grants)
@@ -101,31 +93,50 @@ class Dispatcher:
             self.wake()
         return granted
 
-    def _available(
-        self, free: list[NodeSnapshot], taken: list[Assignment], *, serving_only: bool = False
+    def _free(
+        self, taken: set[str], *, trusted: bool, serving: bool, most: int | None = None
     ) -> list[NodeSnapshot]:
-        """The free nodes no assignment of this round took (and that serve inference, if asked)."""
-        busy = {assignment.node_id for assignment in taken}
-        return [
-            snapshot
-            for snapshot in free
-            if snapshot.node_id not in busy
-            and (not serving_only or snapshot.node_id in self.registry.serving)
-        ]
+        """Free nodes' snapshots, longest free first, but those in `taken` (and, if asked, only trusted
+        nodes or nodes that serve inference); at most `most`, so a round looks at as many nodes as
+        its jobs need, not at the whole swarm."""
+        found = []
+        for connection in self.registry.free.values():
+            snapshot = connection.snapshot
+            if (
+                snapshot is None
+                or snapshot.node_id in taken
+                or (trusted and not connection.trusted)
+                or (serving and snapshot.node_id not in self.registry.serving)
+            ):
+                continue
+            found.append(snapshot)
+            if most is not None and len(found) >= most:
+                break
+        return found
 
-    def _plan(self, queued: list[QueuedJob], free: list[NodeSnapshot]) -> list[Assignment]:
-        """Plan over a sample of the free nodes first (the longest free, a few per job), then over all
-        of them for the jobs the sample could not place (large jobs wanting a particular node)."""
-        if not queued or not free:
+    def _plan(
+        self,
+        queued: list[QueuedJob],
+        taken: list[Assignment],
+        *,
+        trusted: bool = False,
+        serving: bool = False,
+    ) -> list[Assignment]:
+        """Plan over a sample of the free nodes no assignment took yet (the longest free, a few per job),
+        then over all of them for the jobs the sample could not place (large jobs wanting a particular
+        node)."""
+        if not queued:
             return []
-        sample = free[: max(256, 4 * len(queued))]
+        busy = {assignment.node_id for assignment in taken}
+        most = max(256, 4 * len(queued))
+        sample = self._free(busy, trusted=trusted, serving=serving, most=most)
         assignments = plan(queued, sample, allowed_backends=self.settings.allowed_backends)
-        if len(assignments) < len(queued) and len(sample) < len(free):
+        if len(assignments) < len(queued) and len(sample) == most:
             placed = {assignment.job_id for assignment in assignments}
-            busy = {assignment.node_id for assignment in assignments}
+            busy |= {assignment.node_id for assignment in assignments}
             assignments += plan(
                 [job for job in queued if job.job_id not in placed],
-                [snapshot for snapshot in free if snapshot.node_id not in busy],
+                self._free(busy, trusted=trusted, serving=serving),
                 allowed_backends=self.settings.allowed_backends,
             )
         return assignments
