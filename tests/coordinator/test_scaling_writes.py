@@ -49,24 +49,40 @@ def spec_for(name: str) -> dict:
 
 def run_together(database: Database, callers: list) -> list:
     """Start every caller while the write lock is held, so they all queue, then let the database go:
-    the first caller leads a group of its own, and the rest commit in the group after it."""
+    the first caller's work is a group of its own, and the rest commit in the group after it."""
     outcomes: list = [None] * len(callers)
 
     def call(index: int) -> None:
         outcomes[index] = _outcome(callers[index])
 
+    def wait_for(condition) -> None:
+        deadline = time.monotonic() + 10
+        while not condition() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert condition()
+
+    taken: list = []  # the groups the writer took
+    commit_group = database._commit_group
+
+    def taking(group) -> None:
+        taken.append(len(group))
+        commit_group(group)
+
     threads = [threading.Thread(target=call, args=(index,)) for index in range(len(callers))]
+    database._commit_group = taking
     with database._write_lock:
         groups_before = database.groups_committed
-        for thread in threads:
+        # The writer takes the first caller's work as a group of one and waits for the lock with it;
+        # the others queue behind it.
+        threads[0].start()
+        wait_for(lambda: taken == [1])
+        for thread in threads[1:]:
             thread.start()
-        deadline = time.monotonic() + 10
-        # One caller leads and waits for the lock with its group of one; the others queue behind it.
-        while len(database._group_waiting) < len(callers) - 1 and time.monotonic() < deadline:
-            time.sleep(0.01)
-        assert len(database._group_waiting) == len(callers) - 1
+        wait_for(lambda: len(database._group_waiting) == len(callers) - 1)
     for thread in threads:
         thread.join(10)
+    del database._commit_group
+    assert taken == [1, len(callers) - 1]
     assert database.groups_committed - groups_before == 2
     return outcomes
 
@@ -120,6 +136,32 @@ def test_one_callers_failure_rolls_back_its_own_work_and_its_effects_only(databa
         assert session.scalar(select(func.count()).select_from(Job).where(Job.buyer_id == poor)) == 0
         assert session.scalar(select(func.count()).select_from(Job).where(Job.buyer_id == rich)) == 2
     assert "an effect of rolled-back work" not in database.carried
+
+
+def test_a_refused_submission_is_refused_before_it_writes_so_its_group_is_not_run_twice(database, tmp_path):
+    # A refusal that wrote first would roll back its whole group and run the others again: a buyer
+    # with no credit could then make every group of the moment run twice.
+    submissions = Submissions(database, Settings(data_dir=tmp_path))
+    rich = buyer_with_a_dataset(database, "rich", 10_000 * 10**6)
+    poor = buyer_with_a_dataset(database, "poor", 0)
+    rollbacks: list = []
+    event.listen(database.engine, "rollback", lambda _connection: rollbacks.append(1))
+
+    outcomes = run_together(
+        database,
+        [
+            lambda: submissions.submit(rich, spec_for("rich"), None),
+            lambda: submissions.submit(poor, spec_for("poor"), None),
+            lambda: submissions.submit(poor, {**spec_for("poor"), "dataset": "file_nothing"}, None),
+            lambda: submissions.submit(rich, spec_for("rich"), None),
+        ],
+    )
+
+    assert [type(outcome) for outcome in outcomes] == [Job, JobError, JobError, Job]
+    assert [outcome.status_code for outcome in outcomes[1:3]] == [402, 422]
+    assert rollbacks == [], "no group was rolled back"
+    with database.reading() as session:
+        assert session.scalar(select(func.count()).select_from(Job).where(Job.buyer_id == rich)) == 2
 
 
 def test_a_failed_commit_fails_every_caller_of_its_group(database, tmp_path):

@@ -91,6 +91,8 @@ class Database:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
         # The same text is refused on both databases, before it reaches either (see UnstorableText).
         event.listen(self.engine, "before_cursor_execute", _refuse_nul_characters)
+        # After the check above: a statement it refused never ran, so wrote nothing.
+        event.listen(self.engine, "before_cursor_execute", _count_writes)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._write_lock = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
         # Group commit: callers queue here, and the writer thread commits all that queued while it
@@ -123,8 +125,8 @@ class Database:
         """Run `work` in a transaction shared with other callers' work, and return what it returned once
         that transaction committed (or raise what it raised, its own changes rolled back).
 
-        On SQLite the waiting callers' work runs in one transaction, each in its own savepoint, and
-        commits with one fsync. PostgreSQL already flushes concurrent commits together, and one long
+        On SQLite the waiting callers' work runs in one transaction and commits with one fsync
+        (`_commit_group` tells how one caller's failure is kept from the others). PostgreSQL already flushes concurrent commits together, and one long
         transaction would hold each caller's row locks for the whole group: there each work commits
         in a transaction of its own. Work runs on the writer thread, so it must use only the session
         it is given (never `transaction()` itself)."""
@@ -175,25 +177,52 @@ class Database:
                 _wake(group)
 
     def _commit_group(self, group: list[_GroupMember]) -> None:
+        """Commit the group's work in one transaction. A savepoint per member would cost more than most
+        members' work, so there is none: a member that fails before it wrote anything (a refusal: a
+        submission its buyer cannot pay for) just fails, and one that fails after writing rolls the
+        transaction back, and the others run again without it."""
+        running = group
         try:
-            with self.transaction() as session:
-                for member in group:
-                    effects = session.info.setdefault(AFTER_COMMIT, [])
-                    queued_before = len(effects)
-                    try:
-                        with session.begin_nested():
-                            member.result = member.work(session)
-                    except Exception as error:
-                        del effects[queued_before:]  # its effects go with its rolled-back changes
-                        member.error = error
-            self.groups_committed += 1
+            while running:
+                for member in running:
+                    member.result, member.error = None, None
+                failed_after_writing = self._try_group(running)
+                if failed_after_writing is None:
+                    self.groups_committed += 1
+                    return
+                running = [member for member in running if member is not failed_after_writing]
         except BaseException as error:
             # The commit itself failed (a full disk, a lost connection): nobody's work is durable.
-            for member in group:
+            for member in running:
                 if member.error is None:
                     member.result, member.error = None, error
             if not isinstance(error, Exception):
                 raise
+
+    def _try_group(self, group: list[_GroupMember]) -> _GroupMember | None:
+        """Run the group's work in one transaction and commit it; or, when a member failed after it
+        wrote, roll back and return that member (its error kept)."""
+        failed_after_writing: _GroupMember | None = None
+        with contextlib.suppress(_RollBack), self.transaction() as session:
+            connection = session.connection()
+            effects = session.info.setdefault(AFTER_COMMIT, [])
+            for member in group:
+                effects_before, writes_before = len(effects), connection.info.get(_WRITES, 0)
+                try:
+                    member.result = member.work(session)
+                    session.flush()  # what it left pending is written as its own, not as the next member's
+                except Exception as error:
+                    member.error = error
+                    del effects[effects_before:]  # its effects go with its work
+                    if (
+                        connection.info.get(_WRITES, 0) != writes_before
+                        or session.new
+                        or session.dirty
+                        or session.deleted
+                    ):
+                        failed_after_writing = member
+                        raise _RollBack from None
+        return failed_after_writing
 
     @contextmanager
     def reading(self) -> Iterator[Session]:
@@ -271,6 +300,19 @@ def _configure_sqlite(connection, _record) -> None:
 def _begin_immediate(connection) -> None:
     read_only = connection.get_execution_options().get("read_only", False)
     connection.exec_driver_sql("BEGIN" if read_only else "BEGIN IMMEDIATE")
+
+
+class _RollBack(Exception):
+    """Raised inside a group's transaction to roll it back (Database._try_group)."""
+
+
+# Connection.info key: how many statements other than reads the connection ran (Database._try_group).
+_WRITES = "compute_swarm.writes"
+
+
+def _count_writes(connection, _cursor, statement, _parameters, _context, _executemany) -> None:
+    if not statement.startswith("SELECT"):
+        connection.info[_WRITES] = connection.info.get(_WRITES, 0) + 1
 
 
 def _refuse_nul_characters(_connection, _cursor, _statement, parameters, _context, _executemany) -> None:

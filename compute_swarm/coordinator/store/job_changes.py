@@ -71,6 +71,11 @@ def change(session: Session, job: Job, event: lifecycle.Event) -> lifecycle.Tran
     if list(job.excluded_nodes or ()) != list(after.excluded_nodes):
         job.excluded_nodes = list(after.excluded_nodes)
     if job not in session:
+        # What can refuse a new job refuses it before anything is written (its text, checked as its
+        # row is, and its buyer's balance), so a refusal in a group commit needs no rollback.
+        for move in transition.moves:
+            if isinstance(move, Hold):
+                ledger.check_balance(session, job.buyer_id, move.amount_micro)
         _insert(session, job)
     elif transition.moves:
         session.flush()  # the ledger's rows name the job as it is now

@@ -185,6 +185,18 @@ def grant(
     return posted is not None
 
 
+def check_balance(
+    session: Session, buyer_id: str, amount_micro: int, *, what: str = "this job costs"
+) -> None:
+    """Raise InsufficientCredits unless the buyer's balance covers `amount_micro`; read under the
+    balance's row lock (see hold_in_escrow)."""
+    available = _locked_balance(session, buyer_account(buyer_id))
+    if available < amount_micro:
+        raise InsufficientCredits(
+            f"{what} {format_credits(amount_micro)} credits; the balance is {format_credits(available)}"
+        )
+
+
 def hold_in_escrow(
     session: Session, buyer_id: str, job_id: str, amount_micro: int, *, what: str = "this job costs"
 ) -> None:
@@ -193,11 +205,7 @@ def hold_in_escrow(
     trials, batches, live requests) comes here: the balance is read under its row lock, kept until the
     caller commits, so two holds at once on PostgreSQL take turns and the second sees what the first
     spent, instead of both passing the check against the same balance."""
-    available = _locked_balance(session, buyer_account(buyer_id))
-    if available < amount_micro:
-        raise InsufficientCredits(
-            f"{what} {format_credits(amount_micro)} credits; the balance is {format_credits(available)}"
-        )
+    check_balance(session, buyer_id, amount_micro, what=what)
     post(
         session,
         kind="escrow",
