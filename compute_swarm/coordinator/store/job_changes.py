@@ -70,12 +70,13 @@ def change(session: Session, job: Job, event: lifecycle.Event) -> lifecycle.Tran
             setattr(job, name, value)
     if list(job.excluded_nodes or ()) != list(after.excluded_nodes):
         job.excluded_nodes = list(after.excluded_nodes)
+    # What can refuse the change refuses it before anything is written (a buyer's balance short of a
+    # hold; a new job's text, checked as its row is written), so a refusal in a group commit needs no
+    # rollback (Database._commit_group).
+    for move in transition.moves:
+        if isinstance(move, Hold):
+            ledger.check_balance(session, job.buyer_id, move.amount_micro)
     if job not in session:
-        # What can refuse a new job refuses it before anything is written (its text, checked as its
-        # row is, and its buyer's balance), so a refusal in a group commit needs no rollback.
-        for move in transition.moves:
-            if isinstance(move, Hold):
-                ledger.check_balance(session, job.buyer_id, move.amount_micro)
         _insert(session, job)
     elif transition.moves:
         session.flush()  # the ledger's rows name the job as it is now
@@ -112,8 +113,8 @@ _INSERT_JOB = insert(Job)
 
 def _post(session: Session, job: Job, move: Move) -> None:
     match move:
-        case Hold():
-            ledger.hold_in_escrow(session, job.buyer_id, job.id, move.amount_micro)
+        case Hold():  # its balance checked by change(), under the balance's lock
+            ledger.move_to_escrow(session, job.buyer_id, job.id, move.amount_micro)
         case Charge():
             ledger.charge(
                 session,

@@ -206,6 +206,12 @@ def hold_in_escrow(
     caller commits, so two holds at once on PostgreSQL take turns and the second sees what the first
     spent, instead of both passing the check against the same balance."""
     check_balance(session, buyer_id, amount_micro, what=what)
+    move_to_escrow(session, buyer_id, job_id, amount_micro)
+
+
+def move_to_escrow(session: Session, buyer_id: str, job_id: str, amount_micro: int) -> None:
+    """The posting of hold_in_escrow, for a caller that checked the balance (check_balance) in this
+    transaction already."""
     post(
         session,
         kind="escrow",
