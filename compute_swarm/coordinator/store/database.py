@@ -91,8 +91,9 @@ class Database:
             self.engine = create_engine(url, pool_pre_ping=True, pool_size=10, max_overflow=20)
         # The same text is refused on both databases, before it reaches either (see UnstorableText).
         event.listen(self.engine, "before_cursor_execute", _refuse_nul_characters)
-        # After the check above: a statement it refused never ran, so wrote nothing.
-        event.listen(self.engine, "before_cursor_execute", _count_writes)
+        if self.is_sqlite:
+            # After the check above: a statement it refused never ran, so wrote nothing.
+            event.listen(self.engine, "before_cursor_execute", _count_writes)
         self._sessions = sessionmaker(self.engine, expire_on_commit=False)
         self._write_lock = threading.Lock() if self.is_sqlite else contextlib.nullcontext()
         # Group commit: callers queue here, and the writer thread commits all that queued while it
@@ -126,9 +127,9 @@ class Database:
         that transaction committed (or raise what it raised, its own changes rolled back).
 
         On SQLite the waiting callers' work runs in one transaction and commits with one fsync
-        (`_commit_group` tells how one caller's failure is kept from the others). PostgreSQL already flushes concurrent commits together, and one long
-        transaction would hold each caller's row locks for the whole group: there each work commits
-        in a transaction of its own. Work runs on the writer thread, so it must use only the session
+        (`_commit_group` tells how one caller's failure is kept from the others). PostgreSQL already
+        flushes concurrent commits together, and one long transaction would hold each caller's row
+        locks for the whole group: there each work commits in a transaction of its own. Work runs on the writer thread, so it must use only the session
         it is given (never `transaction()` itself)."""
         if not self.is_sqlite:
             return self._alone(work)
@@ -192,12 +193,11 @@ class Database:
                     return
                 running = [member for member in running if member is not failed_after_writing]
         except BaseException as error:
-            # The commit itself failed (a full disk, a lost connection): nobody's work is durable.
+            # The commit itself failed (a full disk, a lost connection): nobody's work is durable. Each
+            # caller raises it on its own thread; the writer thread goes on with the next group.
             for member in running:
                 if member.error is None:
                     member.result, member.error = None, error
-            if not isinstance(error, Exception):
-                raise
 
     def _try_group(self, group: list[_GroupMember]) -> _GroupMember | None:
         """Run the group's work in one transaction and commit it; or, when a member failed after it
