@@ -1,6 +1,7 @@
 """The coordinator's garbage-collector policy (transport/collector.py): what lived through a period is
-frozen out of the collector's walks, cycles among frozen objects are still freed by the periodic full
-collection, and cancelling gives the process its ordinary collector back."""
+frozen out of the collector's walks, the youngest generation is collected less often, cycles among
+frozen objects are still freed by the periodic full collection, and cancelling gives the process its
+ordinary collector back."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ import asyncio
 import gc
 import weakref
 
-from compute_swarm.coordinator.transport.collector import keep_collections_short
+from compute_swarm.coordinator.transport.collector import YOUNG_THRESHOLD, keep_collections_short
 
 
 class Node:
@@ -25,6 +26,7 @@ def test_survivors_are_frozen_and_a_frozen_cycle_is_freed_by_the_full_collection
         gone = weakref.ref(node)
         await asyncio.sleep(0.12)
         assert gc.get_freeze_count() > 0, "what lived through a period is frozen"
+        assert gc.get_threshold()[0] == YOUNG_THRESHOLD, "the youngest generation is collected less often"
         del node  # now garbage, in a cycle, frozen: only a full collection finds it
         gc.collect()
         assert gone() is not None, "an ordinary collection does not walk frozen objects"
@@ -36,8 +38,10 @@ def test_survivors_are_frozen_and_a_frozen_cycle_is_freed_by_the_full_collection
         policy.cancel()
         await asyncio.gather(policy, return_exceptions=True)
         assert gc.get_freeze_count() == 0
+        assert gc.get_threshold() == thresholds, "the process has its own thresholds back"
 
     gc.unfreeze()
+    thresholds = gc.get_threshold()
     asyncio.run(scenario())
 
 
