@@ -153,10 +153,10 @@ class BuyerKeys:
 
     def buyer(self, api_key: str) -> Buyer | None:
         """The buyer whose live key this is (None for a wrong or revoked key, which is never kept)."""
-        kept = self.kept(api_key)
+        digest, now = hash_secret(api_key), self._clock()
+        kept = self._kept_buyer(digest, now)
         if kept is not None:
             return kept
-        digest, now = hash_secret(api_key), self._clock()
         with self.database.reading() as session:
             buyer = buyer_for_key(session, api_key)
         with self._lock:
@@ -172,10 +172,12 @@ class BuyerKeys:
     def kept(self, api_key: str) -> Buyer | None:
         """The buyer of a key looked up within KEPT_SECONDS, from memory alone (None: not kept, ask
         `buyer`). It never blocks, so the event loop may ask."""
-        digest = hash_secret(api_key)
+        return self._kept_buyer(hash_secret(api_key), self._clock())
+
+    def _kept_buyer(self, digest: str, now: float) -> Buyer | None:
         with self._lock:
             kept = self._kept.get(digest)
-        return kept[0] if kept is not None and kept[1] > self._clock() else None
+        return kept[0] if kept is not None and kept[1] > now else None
 
     def revoke(self, buyer_id: str, key_id: str) -> ApiKey:
         """Revoke one of the buyer's keys; on this replica it stops working at once."""

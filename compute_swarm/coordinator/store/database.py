@@ -52,11 +52,10 @@ def after_commit(session: Session, *items: Any) -> None:
 @dataclass
 class _GroupMember:
     """One caller's work waiting for a group commit, and, once the group committed, its outcome: a
-    thread waits on `done`, a coroutine on `future` (of `loop`)."""
+    thread waits on `done`, a coroutine on `future`."""
 
     work: Callable[[Session], Any]
     done: threading.Event | None = None
-    loop: asyncio.AbstractEventLoop | None = None
     future: asyncio.Future | None = None
     result: Any = None
     error: BaseException | None = None
@@ -144,8 +143,7 @@ class Database:
         with its group, as it would have."""
         if not self.is_sqlite:
             return await asyncio.to_thread(self._alone, work)
-        loop = asyncio.get_running_loop()
-        member = _GroupMember(work, loop=loop, future=loop.create_future())
+        member = _GroupMember(work, future=asyncio.get_running_loop().create_future())
         self._queue(member)
         await asyncio.shield(member.future)
         return member.outcome()
@@ -272,8 +270,8 @@ def _wake(group: list[_GroupMember]) -> None:
     for member in group:
         if member.done is not None:
             member.done.set()
-        elif member.loop is not None:
-            waiting_on_loops.setdefault(member.loop, []).append(member)
+        elif member.future is not None:
+            waiting_on_loops.setdefault(member.future.get_loop(), []).append(member)
     for loop, members in waiting_on_loops.items():
         with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits any more
             loop.call_soon_threadsafe(_resolve, members)
