@@ -89,7 +89,7 @@ def build_services(settings: Settings) -> Services:
         settings=settings,
         database=database,
         store=store,
-        submissions=Submissions(database, settings, catalogue),
+        submissions=Submissions(database, settings, catalogue, leases=leases, placement=hub.dispatcher),
         leases=leases,
         reports=reports,
         node_accounts=node_accounts,

@@ -538,6 +538,7 @@ def test_queued_job_carries_both_memory_figures() -> None:
         queued_at=5.0,
         excluded_nodes=frozenset({"x"}),
         required_memory_bytes_16bit=required_memory_bytes(demo_spec(), DEMO_MODEL, backend="cuda"),
+        model_bytes=sum(file.size for file in DEMO_MODEL.files),
     )
     # The demo job fits an 8 GiB gaming card (about 7 GiB free) but not a laptop with 8 GiB of RAM.
     card = node("card", memory_gib=7, backend="cuda")

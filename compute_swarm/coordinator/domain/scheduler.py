@@ -232,8 +232,16 @@ def queued_job(
         queued_at=queued_at,
         excluded_nodes=excluded_nodes,
         required_memory_bytes_16bit=required_memory_bytes(spec, model, backend="cuda"),
+        model_bytes=download_bytes(model, lora=True),
         backends=lora_job_backends(spec),
     )
+
+
+def download_bytes(model: CatalogueModel | None, *, lora: bool) -> int:
+    """What a node without the model downloads first: its GGUF, and for a fine-tune its weights."""
+    if model is None:
+        return 0
+    return sum(file.size for file in (model.files if lora else (model.gguf,)))
 
 
 # ---- planning

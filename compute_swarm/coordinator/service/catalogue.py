@@ -95,6 +95,11 @@ class Catalogue:
         """A model by name in any state: a removed model's jobs still need its figures."""
         return self._current().get(name)
 
+    def cached(self, name: str) -> CatalogueModel | None:
+        """A model as the catalogue was last read, without reading it again: the event loop may ask."""
+        with self._lock:
+            return self._models.get(name)
+
     def models(self, *, states: tuple[str, ...] = ("listed", "deprecated")) -> list[CatalogueModel]:
         """The models in `states`, smallest first."""
         return sorted(

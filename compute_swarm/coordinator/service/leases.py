@@ -10,19 +10,26 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pydantic import ValidationError
-from sqlalchemy import func, select, update
+from sqlalchemy import Row, func, select, update
 from sqlalchemy.orm import Session
 
 from compute_swarm import protocol
 from compute_swarm.coordinator.domain import lifecycle, pricing
-from compute_swarm.coordinator.domain.effects import StopOnNode
+from compute_swarm.coordinator.domain.effects import StopOnNode, WakeDispatcher
 from compute_swarm.coordinator.domain.lifecycle import HELD_STATES, QUEUED
-from compute_swarm.coordinator.domain.scheduler import ALL_BACKENDS, QueuedJob, backends_for_quantization
+from compute_swarm.coordinator.domain.scheduler import (
+    ALL_BACKENDS,
+    NodeSnapshot,
+    QueuedJob,
+    backends_for_quantization,
+    download_bytes,
+    plan,
+)
 from compute_swarm.coordinator.service import batch, provenance
 from compute_swarm.coordinator.service.catalogue import Catalogue
 from compute_swarm.coordinator.service.verifier import Verifier
 from compute_swarm.coordinator.settings import Settings
-from compute_swarm.coordinator.store.database import Database
+from compute_swarm.coordinator.store.database import Database, withdraw_after_commit
 from compute_swarm.coordinator.store.job_changes import change
 from compute_swarm.coordinator.store.job_events import record as record_event
 from compute_swarm.coordinator.store.tables import Artifact, Job
@@ -112,33 +119,27 @@ class Leases:
                 ).all()
                 if row.id not in seen
             ]
-        return [
-            QueuedJob(
-                job_id=row.id,
-                base_model=row.base_model,
-                required_memory_bytes=row.required_memory_bytes,
-                required_memory_bytes_16bit=row.required_memory_bytes_16bit,
-                queued_at=row.queued_at,
-                excluded_nodes=frozenset(row.excluded_nodes or ()),
-                inference=row.kind == "inference",
-                verification=row.verifies_job_id is not None,
-                model_bytes=self._model_bytes(row.base_model, lora=row.kind == "lora"),
-                # A quantized base runs only where bitsandbytes does, unless the buyer allowed 16 bits.
-                backends=backends_for_quantization(
-                    str(row.spec.get("quantization", "none")), bool(row.spec.get("allow_16bit_fallback"))
-                )
-                if row.kind == "lora"
-                else ALL_BACKENDS,
-            )
-            for row in rows
-        ]
+        return [self.queued_job(row) for row in rows]
 
-    def _model_bytes(self, name: str, *, lora: bool) -> int:
-        """What a node without the model downloads first: its GGUF, and for a fine-tune its weights."""
-        model = self.catalogue.get(name)
-        if model is None:
-            return 0
-        return sum(file.size for file in (model.files if lora else (model.gguf,)))
+    def queued_job(self, job: Job | Row) -> QueuedJob:
+        """A queued job (its row, or the columns `queued` reads) as the scheduler sees it."""
+        return QueuedJob(
+            job_id=job.id,
+            base_model=job.base_model,
+            required_memory_bytes=job.required_memory_bytes,
+            required_memory_bytes_16bit=job.required_memory_bytes_16bit,
+            queued_at=job.queued_at,
+            excluded_nodes=frozenset(job.excluded_nodes or ()),
+            inference=job.kind == "inference",
+            verification=job.verifies_job_id is not None,
+            model_bytes=download_bytes(self.catalogue.get(job.base_model), lora=job.kind == "lora"),
+            # A quantized base runs only where bitsandbytes does, unless the buyer allowed 16 bits.
+            backends=backends_for_quantization(
+                str(job.spec.get("quantization", "none")), bool(job.spec.get("allow_16bit_fallback"))
+            )
+            if job.kind == "lora"
+            else ALL_BACKENDS,
+        )
 
     async def lease(self, assignments: Iterable[tuple[str, str]]) -> list[Grant]:
         """Lease each (job id, node id) whose job is still queued, all in one transaction."""
@@ -149,7 +150,6 @@ class Leases:
 
     def _lease_in(self, session: Session, assignments: list[tuple[str, str]]) -> list[Grant]:
         now = time.time()
-        grants = []
         jobs = {
             job.id: job
             for job in session.scalars(
@@ -159,31 +159,45 @@ class Leases:
                 .with_for_update(skip_locked=True)
             )
         }
+        grants = []
         for job_id, node_id in assignments:
             job = jobs.get(job_id)
-            if job is None or job.state != QUEUED:
-                continue
-            try:
-                spec = wire_spec(job)
-            except ValidationError as error:
-                # Validated when it was submitted: only a spec an older coordinator stored can fail.
-                reason = f"its spec can no longer be sent to a node: {error.errors()[0]['msg']}"
-                change(session, job, lifecycle.Unsendable(now, reason))
-                continue
-            change(session, job, lifecycle.Leased(now, node_id, new_lease_id(), self.settings.lease_seconds))
-            start_over = provenance.reason_to_start_over(session, job, node_id)
-            if start_over is not None:
-                job.checkpoint_sha256, job.checkpoint_step = None, 0
-                record_event(session, job, start_over)
-            job.resumed_from_sha256 = job.checkpoint_sha256
-            grants.append(
-                Grant(
-                    node_id=node_id,
-                    message=self._lease_message(session, job, spec),
-                    queued_at=job.queued_at,
-                )
-            )
+            if job is not None and job.state == QUEUED:
+                grant = self._lease_one(session, job, node_id, now)
+                if grant is not None:
+                    grants.append(grant)
         return grants
+
+    def lease_on_submission(self, session: Session, job: Job, node: NodeSnapshot) -> Grant | None:
+        """Lease a job just queued, in the transaction that queues it, to the node reserved for it (as
+        the node was then), if the job's figures fit it; else it stays queued for the dispatcher."""
+        if not plan([self.queued_job(job)], [node], allowed_backends=self.settings.allowed_backends):
+            return None
+        grant = self._lease_one(session, job, node.node_id, time.time())
+        if grant is not None:
+            # It starts at once: the dispatcher has nothing to do for it.
+            withdraw_after_commit(session, WakeDispatcher())
+        return grant
+
+    def _lease_one(self, session: Session, job: Job, node_id: str, now: float) -> Grant | None:
+        """Lease a queued job (its row locked, or just made) to a node; None when its spec can no longer
+        be sent to any (it fails)."""
+        try:
+            spec = wire_spec(job)
+        except ValidationError as error:
+            # Validated when it was submitted: only a spec an older coordinator stored can fail.
+            reason = f"its spec can no longer be sent to a node: {error.errors()[0]['msg']}"
+            change(session, job, lifecycle.Unsendable(now, reason))
+            return None
+        change(session, job, lifecycle.Leased(now, node_id, new_lease_id(), self.settings.lease_seconds))
+        start_over = provenance.reason_to_start_over(session, job, node_id)
+        if start_over is not None:
+            job.checkpoint_sha256, job.checkpoint_step = None, 0
+            record_event(session, job, start_over)
+        job.resumed_from_sha256 = job.checkpoint_sha256
+        return Grant(
+            node_id=node_id, message=self._lease_message(session, job, spec), queued_at=job.queued_at
+        )
 
     def _lease_message(
         self, session: Session, job: Job, spec: LoraJobSpec[ContentHash] | InferenceJobSpec[ContentHash]

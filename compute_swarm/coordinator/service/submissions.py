@@ -5,19 +5,26 @@ cancellation. Each submission holds the job's price in escrow in the same transa
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from pydantic import ValidationError
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from compute_swarm.coordinator.domain import lifecycle, pricing
-from compute_swarm.coordinator.domain.scheduler import inference_memory_bytes, required_memory_bytes
+from compute_swarm.coordinator.domain.scheduler import (
+    NodeSnapshot,
+    QueuedJob,
+    download_bytes,
+    inference_memory_bytes,
+    queued_job,
+    required_memory_bytes,
+)
 from compute_swarm.coordinator.service import accounts, batch, trials
 from compute_swarm.coordinator.service.catalogue import Catalogue, CatalogueError
 from compute_swarm.coordinator.service.inference import InferenceError, resolve_model
+from compute_swarm.coordinator.service.leases import Grant, Leases
 from compute_swarm.coordinator.settings import Settings
 from compute_swarm.coordinator.store import ledger
 from compute_swarm.coordinator.store.database import Database
@@ -49,11 +56,38 @@ class Quote:
     input_adapter_sha256: str | None
 
 
+class Reservation(Protocol):
+    """A free node's slot set aside for a job being submitted."""
+
+    snapshot: NodeSnapshot  # the node as it was when reserved
+
+
+class Placement(Protocol):
+    """Where a job being submitted may start at once (the hub's dispatcher), on the event loop."""
+
+    def reserve(self, job: QueuedJob) -> Reservation | None:
+        """A free node's slot for a job with these needs, or None: it waits in the queue."""
+
+    def hand_over(self, reservation: Reservation, grant: Grant | None) -> None:
+        """The submission committed with this lease, or without one (or failed): free the slot, send
+        the lease."""
+
+
 class Submissions:
-    def __init__(self, database: Database, settings: Settings, catalogue: Catalogue | None = None):
+    def __init__(
+        self,
+        database: Database,
+        settings: Settings,
+        catalogue: Catalogue | None = None,
+        *,
+        leases: Leases | None = None,
+        placement: Placement | None = None,
+    ):
         self.database = database
         self.settings = settings
         self.catalogue = catalogue or Catalogue(database)
+        self.leases = leases
+        self.placement = placement
 
     def submit(
         self, buyer_id: str, spec_data: Any, max_attempts: int | None, *, model_suffix: str | None = None
@@ -66,18 +100,64 @@ class Submissions:
     async def submit_async(
         self, buyer_id: str, spec_data: Any, max_attempts: int | None, *, model_suffix: str | None = None
     ) -> Job:
-        """`submit` for the event loop, which runs on while the job waits for its group's commit."""
+        """`submit` for the event loop, which runs on while the job waits for its group's commit. When
+        nothing queued waits before it and a free node takes it, the job is leased to that node in the
+        same transaction, and the lease is sent as that commits: no dispatch round, no second commit."""
+        queueing = self._queueing(buyer_id, spec_data, max_attempts, model_suffix)
+        reservation = self._reserve(queueing.spec)
+        if reservation is None:
+            return await self.database.grouped_async(queueing)
+        placement, leases = self.placement, self.leases
+        assert placement is not None and leases is not None
+        granted: list[Grant] = []  # the lease the work's last run wrote (a group may run it twice)
+
+        def queue_and_lease(session: Session) -> Job:
+            granted.clear()
+            job = queueing(session)
+            grant = leases.lease_on_submission(session, job, reservation.snapshot)
+            granted.extend([grant] if grant is not None else [])
+            return job
+
         return await self.database.grouped_async(
-            self._queueing(buyer_id, spec_data, max_attempts, model_suffix)
+            queue_and_lease,
+            when_done=lambda committed: placement.hand_over(
+                reservation, granted[0] if committed and granted else None
+            ),
+        )
+
+    def _reserve(self, spec: LoraJobSpec | InferenceJobSpec) -> Reservation | None:
+        if self.placement is None or self.leases is None:
+            return None
+        needs = self._needs(spec)
+        return None if needs is None else self.placement.reserve(needs)
+
+    def _needs(self, spec: LoraJobSpec | InferenceJobSpec) -> QueuedJob | None:
+        """What the job will ask of a node, from the catalogue as it was last read (so the event loop
+        may ask): the guess a node is reserved by, checked against the job's real figures as it is
+        leased. None for a model the catalogue cannot tell (an ft: model)."""
+        model = self.catalogue.cached(spec.base_model)
+        if model is None:
+            return None
+        if isinstance(spec, LoraJobSpec):
+            return queued_job("", spec, model, queued_at=time.time())
+        memory = inference_memory_bytes(model)
+        return QueuedJob(
+            job_id="",
+            base_model=model.name,
+            required_memory_bytes=memory,
+            required_memory_bytes_16bit=memory,
+            queued_at=time.time(),
+            inference=True,
+            model_bytes=download_bytes(model, lora=False),
         )
 
     def _queueing(
         self, buyer_id: str, spec_data: Any, max_attempts: int | None, model_suffix: str | None
-    ) -> Callable[[Session], Job]:
+    ) -> _Queueing:
         """The work of queueing one job, its request checked first (a refusal raises here)."""
         attempts = self.attempts(max_attempts)
         spec = parse_spec(spec_data)
-        return lambda session: self.queue_in(session, buyer_id, spec, attempts, model_suffix=model_suffix)
+        return _Queueing(self, buyer_id, spec, attempts, model_suffix)
 
     def attempts(self, max_attempts: int | None) -> int:
         attempts = max_attempts if max_attempts is not None else self.settings.default_max_attempts
@@ -216,6 +296,22 @@ class Submissions:
             except JobError:
                 pass  # it finished meanwhile
         return cancelled
+
+
+@dataclass(frozen=True)
+class _Queueing:
+    """The work of queueing one checked job request, in the session it is given."""
+
+    submissions: Submissions
+    buyer_id: str
+    spec: LoraJobSpec | InferenceJobSpec
+    attempts: int
+    model_suffix: str | None
+
+    def __call__(self, session: Session) -> Job:
+        return self.submissions.queue_in(
+            session, self.buyer_id, self.spec, self.attempts, model_suffix=self.model_suffix
+        )
 
 
 def parse_spec(spec_data: Any) -> LoraJobSpec | InferenceJobSpec:

@@ -49,6 +49,13 @@ def after_commit(session: Session, *items: Any) -> None:
     session.info.setdefault(AFTER_COMMIT, []).extend(items)
 
 
+def withdraw_after_commit(session: Session, item: Any) -> None:
+    """Take back one item queued with after_commit (one equal to `item`), if it is queued."""
+    queued = session.info.get(AFTER_COMMIT, [])
+    if item in queued:
+        queued.remove(item)
+
+
 @dataclass
 class _GroupMember:
     """One caller's work waiting for a group commit, and, once the group committed, its outcome: a
@@ -137,16 +144,24 @@ class Database:
         member.done.wait()
         return member.outcome()
 
-    async def grouped_async(self, work: Callable[[Session], Result]) -> Result:
+    async def grouped_async(
+        self, work: Callable[[Session], Result], when_done: Callable[[bool], None] | None = None
+    ) -> Result:
         """`grouped` for a coroutine: the event loop runs on while the work waits for its commit. A
         caller cancelled meanwhile (its client went away) does not stop the work: it commits or not
-        with its group, as it would have."""
-        if not self.is_sqlite:
-            return await asyncio.to_thread(self._alone, work)
-        member = _GroupMember(work, future=asyncio.get_running_loop().create_future())
-        self._queue(member)
-        await asyncio.shield(member.future)
-        return member.outcome()
+        with its group, as it would have, and `when_done` is called on the event loop then, with
+        whether it committed, cancelled caller or not."""
+        if self.is_sqlite:
+            member = _GroupMember(work, future=asyncio.get_running_loop().create_future())
+            self._queue(member)
+            finished, outcome = member.future, member.outcome
+        else:
+            finished = asyncio.ensure_future(asyncio.to_thread(self._alone, work))
+            outcome = finished.result
+        if when_done is not None:
+            finished.add_done_callback(lambda _: when_done(_succeeds(outcome)))
+        await asyncio.shield(finished)
+        return outcome()
 
     def _alone(self, work: Callable[[Session], Result]) -> Result:
         with self.transaction() as session:
@@ -275,6 +290,14 @@ def _wake(group: list[_GroupMember]) -> None:
     for loop, members in waiting_on_loops.items():
         with contextlib.suppress(RuntimeError):  # that loop has closed: nobody waits any more
             loop.call_soon_threadsafe(_resolve, members)
+
+
+def _succeeds(outcome: Callable[[], Any]) -> bool:
+    try:
+        outcome()
+    except BaseException:
+        return False
+    return True
 
 
 def _resolve(members: list[_GroupMember]) -> None:

@@ -35,6 +35,11 @@ class Metrics:
             "swarm_nodes_connected", "Nodes with an open websocket", registry=self.registry
         )
         self.leases_granted = Counter("swarm_leases_granted", "Leases sent to nodes", registry=self.registry)
+        self.leases_on_submission = Counter(
+            "swarm_leases_on_submission",
+            "Leases written in the transaction that queued their job",
+            registry=self.registry,
+        )
         self.dispatch_latency = Histogram(
             "swarm_dispatch_latency_seconds",
             "From a job entering the queue to its lease being sent to a node",

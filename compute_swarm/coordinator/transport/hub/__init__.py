@@ -156,7 +156,9 @@ class Hub:
                     # It connected again (through another replica): this socket is one it gave up on.
                     self.registry.remove(connection)
                     self._spawn(connection.close_quietly(CloseCode.REPLACED, "the node connected again"))
-        if any(isinstance(effect, WakeDispatcher | StandingChanged) for effect in effects):
+        if any(isinstance(effect, WakeDispatcher) for effect in effects):
+            self.dispatcher.job_queued()
+        elif any(isinstance(effect, StandingChanged) for effect in effects):
             self.dispatcher.wake()
 
     def _spawn(self, work: Awaitable[None]) -> None:

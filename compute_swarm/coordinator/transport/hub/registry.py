@@ -38,6 +38,9 @@ class Connection:
     greeted_at: float = 0.0  # wall-clock seconds
     snapshot: NodeSnapshot | None = None
     leases: dict[str, str] = field(default_factory=dict)  # lease id → job id
+    # Slots set aside for jobs whose lease is being written (Dispatcher.reserve, and a round's plan
+    # while it commits): taken, so nothing else is planned onto them meanwhile.
+    reserved: int = 0
     # Leases told to stop whose job may still be winding down (saving a checkpoint): each keeps the
     # node's slot until the node reports how it ended, or until its deadline (monotonic seconds).
     stopping: dict[str, float] = field(default_factory=dict)
@@ -141,12 +144,20 @@ class Registry:
             self.refresh_snapshot(connection)
             self.slot_freed()
 
+    def reserve(self, connection: Connection) -> None:
+        connection.reserved += 1
+        self.refresh_snapshot(connection)
+
+    def release(self, connection: Connection) -> None:
+        connection.reserved -= 1
+        self.refresh_snapshot(connection)
+
     def refresh_snapshot(self, connection: Connection) -> None:
         connection.snapshot = node_snapshot(
             connection.node_id,
             connection.telemetry,
             models=connection.hello.models,
-            running_jobs=len(connection.leases) + len(connection.stopping),
+            running_jobs=len(connection.leases) + len(connection.stopping) + connection.reserved,
             accepting_jobs=connection.accepting_jobs and not connection.barred,
             download_bytes_per_second=connection.network.download_bytes_per_second,
         )
