@@ -10,8 +10,9 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 
 from pydantic import ValidationError
-from sqlalchemy import Row, func, select, update
+from sqlalchemy import Row, bindparam, func, select, update
 from sqlalchemy.orm import Session
+from sqlalchemy.orm.attributes import set_committed_value
 
 from compute_swarm import protocol
 from compute_swarm.coordinator.domain import lifecycle, pricing
@@ -288,20 +289,12 @@ class Leases:
                 and job.state in HELD_STATES
             ):
                 if job.updated_at > time.time() - self.settings.lease_progress_seconds:
-                    job.lease_expires_at = time.time() + self.settings.lease_seconds
+                    _extend_lease(session, job, time.time() + self.settings.lease_seconds)
                 kept.append(lease_id)
             else:
                 revoked.append(StopOnNode(node_id, job_id, lease_id, "this lease is no longer valid"))
-        forgotten = session.scalars(
-            select(Job)
-            .where(
-                Job.node_id == node_id,
-                Job.state.in_(HELD_STATES),
-                Job.lease_id.not_in(list(claimed) or [""]),
-            )
-            .with_for_update()
-        ).all()
-        for job in forgotten:
+        held = session.scalars(_HELD_BY_NODE, {"node_id": node_id}).all()
+        for job in (job for job in held if job.lease_id not in claimed):
             lost = lifecycle.LeaseLost(time.time(), "the node reconnected without it", node_may_run_it=False)
             self._end_attempt(session, job, lost)
         return kept, revoked
@@ -365,7 +358,23 @@ def current_job(session: Session, node_id: str, job_id: str, lease_id: str) -> J
 
 
 def locked_job(session: Session, job_id: str) -> Job | None:
-    return session.scalar(select(Job).where(Job.id == job_id).with_for_update())
+    return session.scalar(_LOCKED_JOB, {"job_id": job_id})
+
+
+def _extend_lease(session: Session, job: Job, until: float) -> None:
+    """A held job's lease runs until `until`: one plain statement (the ORM's flush of the change cost
+    more), and the row's object told the value written."""
+    session.connection().execute(_EXTEND_LEASE, {"job_id": job.id, "until": until})
+    set_committed_value(job, "lease_expires_at", until)
+
+
+# Statements every hello (thousands in a reconnect storm) and every report run, built once: building
+# one cost more than running it.
+_LOCKED_JOB = select(Job).where(Job.id == bindparam("job_id")).with_for_update()
+_EXTEND_LEASE = update(Job).where(Job.id == bindparam("job_id")).values(lease_expires_at=bindparam("until"))
+_HELD_BY_NODE = (
+    select(Job).where(Job.node_id == bindparam("node_id"), Job.state.in_(HELD_STATES)).with_for_update()
+)
 
 
 def _artifact_size(session: Session, sha256: str | None) -> int | None:

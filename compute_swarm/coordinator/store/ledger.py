@@ -150,12 +150,13 @@ def balance(session: Session, account: str) -> int:
 
 def balance_by_account(session: Session, accounts: list[str]) -> dict[str, int]:
     """Each of a few accounts' balance, read in one statement (0 for an account with no entries)."""
-    found = session.execute(
-        select(AccountBalance.account, AccountBalance.balance_micro).where(
-            AccountBalance.account.in_(accounts)
-        )
-    ).all()
+    found = session.connection().execute(_BALANCES, {"accounts": accounts}).all()
     return {account: 0 for account in accounts} | {account: int(amount) for account, amount in found}
+
+
+_BALANCES = select(AccountBalance.account, AccountBalance.balance_micro).where(
+    AccountBalance.account.in_(bindparam("accounts", expanding=True))
+)
 
 
 def balances(session: Session, accounts: list[str]) -> int:
