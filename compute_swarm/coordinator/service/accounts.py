@@ -13,7 +13,7 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 from sqlalchemy.orm import Session
 
 from compute_swarm.coordinator.store import ledger
@@ -124,8 +124,12 @@ def node_for_token(session: Session, token: str) -> Node | None:
     """The node a token belongs to, unless it was revoked."""
     if not token.startswith(NODE_TOKEN_PREFIX):
         return None
-    node = session.scalar(select(Node).where(Node.token_hash == hash_secret(token)))
+    node = session.scalar(_NODE_BY_TOKEN, {"token_hash": hash_secret(token)})
     return node if node is not None and node.revoked_at is None else None
+
+
+# Built once: every node's connection and request asks it (a reconnect storm, thousands at once).
+_NODE_BY_TOKEN = select(Node).where(Node.token_hash == bindparam("token_hash"))
 
 
 def revoke_node(session: Session, node_id: str) -> Node:

@@ -195,7 +195,8 @@ class Leases:
         if start_over is not None:
             job.checkpoint_sha256, job.checkpoint_step = None, 0
             record_event(session, job, start_over)
-        job.resumed_from_sha256 = job.checkpoint_sha256
+        if job.resumed_from_sha256 != job.checkpoint_sha256:  # set only when it moves: a flush costs
+            job.resumed_from_sha256 = job.checkpoint_sha256
         return Grant(
             node_id=node_id, message=self._lease_message(session, job, spec), queued_at=job.queued_at
         )
