@@ -109,20 +109,18 @@ class Submissions:
             return await self.database.grouped_async(queueing)
         placement, leases = self.placement, self.leases
         assert placement is not None and leases is not None
-        granted: list[Grant] = []  # the lease the work's last run wrote (a group may run it twice)
+        granted: Grant | None = None  # the lease the work's last run wrote (a group may run it twice)
 
         def queue_and_lease(session: Session) -> Job:
-            granted.clear()
+            nonlocal granted
+            granted = None
             job = queueing(session)
-            grant = leases.lease_on_submission(session, job, reservation.snapshot)
-            granted.extend([grant] if grant is not None else [])
+            granted = leases.lease_on_submission(session, job, reservation.snapshot)
             return job
 
         return await self.database.grouped_async(
             queue_and_lease,
-            when_done=lambda committed: placement.hand_over(
-                reservation, granted[0] if committed and granted else None
-            ),
+            when_done=lambda committed: placement.hand_over(reservation, granted if committed else None),
         )
 
     def _reserve(self, spec: LoraJobSpec | InferenceJobSpec) -> Reservation | None:
